@@ -1,0 +1,111 @@
+"""Convert an upstream STARFlow ``.pth`` checkpoint into an MLX model folder.
+
+Tensors stream one at a time from the checkpoint into ``model.safetensors``,
+so a 7B checkpoint converts without holding it twice in memory. The folder is
+built under a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from mlx.utils import tree_flatten
+
+from starflow_mlx.config import ConfigError, FlowConfig
+from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
+from starflow_mlx.convert.torch_pickle import TensorRef, open_checkpoint
+from starflow_mlx.convert.upstream_config import read_arguments, resolve
+from starflow_mlx.models.starflow import STARFlow
+
+WRAPPER_SEGMENTS = re.compile(r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.)")
+DEPRECATED = re.compile(r"^(var|feat_rope(_gen)?\..*|blocks\.\d+\.attn_mask|learnable_self_denoiser\.attn_mask)$")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConversionError(ValueError):
+    """The checkpoint and config cannot make a valid model folder."""
+
+
+def clean_name(name: str) -> str:
+    """Strip wrapper prefixes (DDP, torch.compile, FSDP), wherever they sit in the key."""
+    return WRAPPER_SEGMENTS.sub(lambda m: m.group(1), name).lstrip(".")
+
+
+def flow_tensors(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
+    """The checkpoint's flow tensors under clean names, deprecated buffers dropped."""
+    out: dict[str, TensorRef] = {}
+    for raw, ref in refs.items():
+        name = clean_name(raw)
+        if DEPRECATED.match(name):
+            continue
+        if name in out:
+            raise ConversionError(f"checkpoint holds {name} twice (as {raw} and another wrapped name)")
+        out[name] = ref
+    return out
+
+
+def text_width(tensors: dict[str, TensorRef], num_blocks: int) -> int:
+    ref = tensors.get(f"blocks.{num_blocks - 1}.proj_txt.weight")
+    return int(ref.shape[1]) if ref is not None else 0
+
+
+def expected_shapes(config: FlowConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the MLX model (built lazily: nothing is allocated)."""
+    return {name: tuple(arr.shape) for name, arr in tree_flatten(STARFlow(config).parameters())}
+
+
+def check_tensors(tensors: dict[str, TensorRef], shapes: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise ConversionError(f"checkpoint lacks {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + ": the config describes a different model")
+    unknown = sorted(set(tensors) - set(shapes))
+    if unknown:
+        raise ConversionError(f"checkpoint has unexpected tensor {unknown[0]}"
+                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                              + ": the config describes a different model")
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ConversionError(f"{name} has shape {tuple(tensors[name].shape)} but the config needs {shape}")
+
+
+def convert_checkpoint(checkpoint: str | Path, config_yaml: str | Path, output: str | Path,
+                       dtype: str = "float16", vae_factor: int | None = None) -> FlowConfig:
+    """Write ``output/config.json`` and ``output/model.safetensors``; return the resolved config."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConversionError(f"output {output} already exists and is not empty: choose a new folder or delete it")
+    args = read_arguments(config_yaml)
+    with open_checkpoint(checkpoint) as ckpt:
+        tensors = flow_tensors(ckpt.tensors)
+        layers = args.get("layers_per_block")
+        n_blocks = len(str(layers).split()) if layers is not None and len(str(layers).split()) > 1 else int(args.get("blocks", 4))
+        try:
+            config = resolve(args, text_width(tensors, n_blocks), vae_factor)
+        except ConfigError as exc:
+            raise ConversionError(str(exc)) from None
+        config.dtype = dtype
+        shapes = expected_shapes(config)
+        check_tensors(tensors, shapes)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        try:
+            entries = [
+                (name, dtype if tensors[name].dtype in DTYPES else tensors[name].dtype, shapes[name],
+                 lambda ref=tensors[name]: to_dtype(ref.read(), dtype if ref.dtype in DTYPES else ref.dtype, ref.dtype))
+                for name in sorted(shapes)
+            ]
+            write_safetensors(staging / "model.safetensors", entries, metadata={"format": "mlx"})
+            config.save(staging / "config.json")
+            if output.exists():
+                output.rmdir()
+            staging.rename(output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return config

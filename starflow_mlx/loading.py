@@ -1,0 +1,74 @@
+"""Load a converted flow folder (``config.json`` + ``model.safetensors``) into an MLX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+
+from starflow_mlx.config import ConfigError, FlowConfig
+from starflow_mlx.models.starflow import STARFlow
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class ModelLoadError(ValueError):
+    """A model folder is missing, incomplete or does not match its config."""
+
+
+def parse_dtype(name: str | None):
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cast_floats(model, dtype) -> None:
+    """Cast floating-point parameters (not quantized integers) to ``dtype``."""
+    model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+
+
+def load_weights_strict(model, path: Path) -> None:
+    """Load safetensors into ``model``, naming the first missing, extra or misshapen tensor."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found: the model folder is incomplete (re-run starflow convert)")
+    try:
+        weights = mx.load(str(path))
+    except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise ModelLoadError(f"{path} lacks {missing[0]} ({len(missing)} missing): it does not match its config.json")
+    if extra:
+        raise ModelLoadError(f"{path} has unexpected {extra[0]} ({len(extra)} extra): it does not match its config.json")
+    for name, arr in expected.items():
+        if tuple(weights[name].shape) != tuple(arr.shape):
+            raise ModelLoadError(f"{path}: {name} has shape {tuple(weights[name].shape)}, config.json needs {tuple(arr.shape)}")
+    model.load_weights(list(weights.items()), strict=True)
+
+
+def load_flow(path: str | Path, dtype: str | None = None) -> STARFlow:
+    """Load the flow of a converted model folder; ``dtype`` casts the float weights."""
+    from starflow_mlx.quantize.policy import apply_quantization
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {folder} not found: convert a checkpoint first (starflow convert)")
+    try:
+        config = FlowConfig.load(folder / "config.json")
+    except ConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
+    model = STARFlow(config)
+    if config.quantization:
+        apply_quantization(model, config.quantization)
+    load_weights_strict(model, folder / "model.safetensors")
+    target = parse_dtype(dtype)
+    if target is not None:
+        cast_floats(model, target)
+    mx.eval(model.parameters())
+    model.eval()
+    return model

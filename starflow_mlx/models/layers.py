@@ -1,0 +1,142 @@
+"""Transformer layers of a TARFlow block: norms, attention with RoPE and KV cache, MLP.
+
+Parameter names follow the upstream PyTorch modules so that converting a
+checkpoint is a matter of stripping wrapper prefixes.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from starflow_mlx.models.kv_cache import LayerCache
+from starflow_mlx.models.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """Gemma-style RMSNorm: weight starts at zero and scales by ``1 + weight``, in float32."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.zeros((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        scale = 1.0 + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
+
+
+def make_norm(kind: str, dims: int) -> nn.Module:
+    if kind == "layer_norm":
+        return nn.LayerNorm(dims, eps=1e-5)
+    if kind == "rms_norm":
+        return RMSNorm(dims)
+    return nn.Identity()
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        norm_type: str = "layer_norm",
+        use_qk_norm: bool = False,
+        use_post_norm: bool = False,
+        use_bias: bool = True,
+    ):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.scale = head_dim**-0.5
+        self.norm = make_norm(norm_type, channels)
+        self.qkv = nn.Linear(channels, (num_heads + 2 * num_kv_heads) * head_dim, bias=use_bias)
+        self.proj = nn.Linear(num_heads * head_dim, channels, bias=use_bias)
+        if use_qk_norm:
+            self.query_norm = RMSNorm(head_dim)
+            self.key_norm = RMSNorm(head_dim)
+        if use_post_norm:
+            self.post_norm = RMSNorm(channels)
+
+    def __call__(
+        self,
+        x: mx.array,
+        rope: tuple[mx.array, mx.array] | None,
+        mask: mx.array | str | None = "causal",
+        cache: LayerCache | None = None,
+    ) -> mx.array:
+        """``rope`` holds the cos/sin rows of the tokens in ``x``.
+
+        With a cache, the new keys/values are written at the cache offset and the
+        queries attend to the whole buffer; ``mask`` then hides what lies ahead.
+        """
+        B, T, _ = x.shape
+        qkv = self.qkv(self.norm(x))
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[..., :q_size].reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = qkv[..., q_size : q_size + kv_size].reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = qkv[..., q_size + kv_size :].reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if "query_norm" in self:
+            q, k = self.query_norm(q), self.key_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.write(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = self.proj(out.transpose(0, 2, 1, 3).reshape(B, T, q_size))
+        if "post_norm" in self:
+            out = self.post_norm(out)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        expansion: float = 4.0,
+        use_swiglu: bool = False,
+        norm_type: str = "layer_norm",
+        use_post_norm: bool = False,
+        use_bias: bool = True,
+    ):
+        super().__init__()
+        hidden = int(channels * expansion)
+        self.norm = make_norm(norm_type, channels)
+        self.use_swiglu = use_swiglu
+        if use_swiglu:
+            self.gate_proj = nn.Linear(channels, hidden, bias=use_bias)
+            self.up_proj = nn.Linear(channels, hidden, bias=use_bias)
+            self.down_proj = nn.Linear(hidden, channels, bias=use_bias)
+        else:
+            # A list keeps upstream's Sequential names: main.0 and main.2 (GELU sits at 1).
+            self.main = [nn.Linear(channels, hidden, bias=use_bias), nn.GELU(), nn.Linear(hidden, channels, bias=use_bias)]
+        if use_post_norm:
+            self.post_norm = RMSNorm(channels)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.norm(x)
+        if self.use_swiglu:
+            x = self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            for layer in self.main:
+                x = layer(x)
+        if "post_norm" in self:
+            x = self.post_norm(x)
+        return x
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer layer: ``h + Attn(norm(h))`` then ``h + MLP(norm(h))``."""
+
+    def __init__(self, channels: int, head_dim: int, num_heads: int, num_kv_heads: int, *, expansion: float,
+                 use_swiglu: bool, norm_type: str, use_qk_norm: bool, use_post_norm: bool, use_bias: bool):
+        super().__init__()
+        self.attention = Attention(channels, head_dim, num_heads, num_kv_heads, norm_type, use_qk_norm,
+                                   use_post_norm, use_bias)
+        self.mlp = MLP(channels, expansion, use_swiglu, norm_type, use_post_norm, use_bias)
+
+    def __call__(self, x, rope, mask="causal", cache=None):
+        x = x + self.attention(x, rope, mask, cache)
+        return x + self.mlp(x)

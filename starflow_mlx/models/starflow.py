@@ -1,0 +1,247 @@
+"""The STARFlow / STARFlow-V normalizing flow: shallow TARFlow blocks, a deep top block, a denoiser.
+
+Inputs are channels-last latents, (B, H, W, c) for images and (B, T, H, W, c)
+for videos. Blocks run in index order for the likelihood (shallow first, deep
+last) and in reverse order for sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from starflow_mlx.config import FlowConfig
+from starflow_mlx.models.denoiser import Denoiser
+from starflow_mlx.models.rope import rope_tables
+from starflow_mlx.models.tarflow import IdentityBlock, MetaBlock
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a latent tensor is viewed as token sequences by one block."""
+
+    batch: int
+    frames: int  # 0 for images
+    height: int
+    width: int
+    channels: int
+    local: bool  # every frame its own sequence (shallow blocks of a frame-local video model)
+
+    @property
+    def frame_size(self) -> int:
+        return self.height * self.width
+
+    @property
+    def seq_frames(self) -> int:
+        """Frames inside one sequence: 1 when frame-local, 0 for images."""
+        return 1 if self.local else self.frames
+
+    def to_sequence(self, x: mx.array) -> mx.array:
+        rows = self.batch * self.frames if self.local else self.batch
+        return x.reshape(rows, -1, self.channels)
+
+    def to_grid(self, seq: mx.array) -> mx.array:
+        if self.frames:
+            return seq.reshape(self.batch, self.frames, self.height, self.width, self.channels)
+        return seq.reshape(self.batch, self.height, self.width, self.channels)
+
+    def permute(self, seq: mx.array, flip: bool, in_frame: bool) -> mx.array:
+        """Block token order; flipping is an involution, so this also un-permutes."""
+        if not flip:
+            return seq
+        if in_frame and self.seq_frames > 1:
+            rows = seq.shape[0]
+            return seq.reshape(rows, self.seq_frames, self.frame_size, -1)[:, :, ::-1].reshape(seq.shape)
+        return seq[:, ::-1]
+
+
+class RopeTables:
+    """Rotary tables per sequence shape; a plain holder so they never count as parameters."""
+
+    def __init__(self):
+        self.tables: dict[tuple, tuple[mx.array, mx.array]] = {}
+
+
+class STARFlow(nn.Module):
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        n = config.num_blocks
+        self.blocks = [
+            IdentityBlock() if (config.layers_per_block[i] == 0 and i < n - 1) else MetaBlock(config, i)
+            for i in range(n)
+        ]
+        if config.learnable_self_denoiser:
+            self.learnable_self_denoiser = Denoiser(config)
+        self._ropes = RopeTables()
+
+    # -- shapes --------------------------------------------------------------------------
+    def _patchify(self, x: mx.array) -> mx.array:
+        p = self.config.patch_size
+        if p == 1:
+            return x
+        *lead, h, w, c = x.shape
+        x = x.reshape(*lead, h // p, p, w // p, p, c)
+        x = mx.moveaxis(x, -4, -3)  # (..., h/p, w/p, p1, p2, c)
+        return x.reshape(*lead, h // p, w // p, p * p * c)
+
+    def _unpatchify(self, x: mx.array) -> mx.array:
+        p = self.config.patch_size
+        if p == 1:
+            return x
+        *lead, h, w, pc = x.shape
+        c = pc // (p * p)
+        x = x.reshape(*lead, h, w, p, p, c)
+        x = mx.moveaxis(x, -3, -4)
+        return x.reshape(*lead, h * p, w * p, c)
+
+    def _check_input(self, x: mx.array, name: str) -> None:
+        c, p = self.config.in_channels, self.config.patch_size
+        if x.ndim not in (4, 5) or x.shape[-1] != c:
+            raise ValueError(f"{name} must be channels-last (B, H, W, {c}) or (B, T, H, W, {c}), got {tuple(x.shape)}")
+        if x.shape[-3] % p or x.shape[-2] % p:
+            raise ValueError(f"{name} height and width must be multiples of the patch size {p}, got {tuple(x.shape)}")
+
+    def _layout(self, x: mx.array, block_index: int) -> Layout:
+        frames = x.shape[1] if x.ndim == 5 else 0
+        top = block_index == self.config.num_blocks - 1
+        local = bool(frames) and self.config.shallow_block_local and not top
+        return Layout(x.shape[0], frames, x.shape[-3], x.shape[-2], x.shape[-1], local)
+
+    def rope(self, layout: Layout, text_len: int, pad: int = 0) -> tuple[mx.array, mx.array]:
+        """cos/sin tables for ``[text; tokens]`` of one sequence (+ ``pad`` zero-angle rows)."""
+        cfg = self.config
+        frames = layout.seq_frames
+        three_d = cfg.txt_size > 0 or frames > 0
+        if frames and cfg.txt_size == 0:
+            raise ValueError("video input needs a model with text rotary dims (txt_size > 0)")
+        key = (layout.height, layout.width, frames, text_len, pad)
+        if key not in self._ropes.tables:
+            cos, sin = rope_tables(layout.height, layout.width, frames, text_len, cfg.pt_seq_len, cfg.head_dim, three_d)
+            if pad:
+                cos = mx.concatenate([cos, mx.ones((pad, cos.shape[1]))])
+                sin = mx.concatenate([sin, mx.zeros((pad, sin.shape[1]))])
+            self._ropes.tables[key] = (cos, sin)
+        return self._ropes.tables[key]
+
+    def _text_for(self, block: MetaBlock, y: mx.array | None) -> tuple[mx.array | None, int]:
+        if not block.sees_text:
+            return None, 0
+        if y is None:
+            raise ValueError(f"block {block.index} is text-conditioned: pass y (B, L, {self.config.txt_dim})")
+        if y.ndim != 3 or y.shape[-1] != self.config.txt_dim:
+            raise ValueError(f"y must be (B, L, {self.config.txt_dim}) text features, got {tuple(y.shape)}")
+        return y, y.shape[1]
+
+    @property
+    def _in_frame(self) -> bool:
+        return self.config.temporal_causal > 0
+
+    # -- likelihood ----------------------------------------------------------------------
+    def forward(self, x: mx.array, y: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """Map data to noise: ``z`` with ``x``'s shape and log|det dz/dx| per sample (B,)."""
+        self._check_input(x, "x")
+        x = self._patchify(x.astype(mx.float32))
+        logdet = mx.zeros((x.shape[0],), dtype=mx.float32)
+        for block in self.blocks:
+            if block.is_identity:
+                continue
+            layout = self._layout(x, block.index)
+            y_block, text_len = self._text_for(block, y)
+            seq = layout.permute(layout.to_sequence(x), block.flips, self._in_frame)
+            z, ld = block.forward(seq, y_block, self.rope(layout, text_len))
+            x = layout.to_grid(layout.permute(z, block.flips, self._in_frame))
+            logdet = logdet + ld.reshape(layout.batch, -1).sum(axis=1)
+        return self._unpatchify(x), logdet
+
+    __call__ = forward
+
+    def log_prob(self, x: mx.array, y: mx.array | None = None) -> mx.array:
+        """Exact log-density of ``x`` in nats per sample, Gaussian constant included."""
+        z, logdet = self.forward(x, y)
+        z = z.reshape(z.shape[0], -1)
+        dims = z.shape[1]
+        return -0.5 * mx.sum(z * z, axis=1) - 0.5 * dims * math.log(2 * math.pi) + logdet
+
+    # -- sampling ------------------------------------------------------------------------
+    def reverse(
+        self,
+        z: mx.array,
+        y: mx.array | None = None,
+        *,
+        y_uncond: mx.array | None = None,
+        cfg: float = 0.0,
+        jacobi: bool = False,
+        jacobi_block_size: int = 64,
+        jacobi_threshold: float = 0.005,
+        jacobi_max_iter: int = 32,
+        jacobi_check_every: int = 1,
+        context_frames: int | None = None,
+        stats=None,
+        progress: Callable[..., None] | None = None,
+    ) -> mx.array:
+        """Map noise to data: the deep block first, then the shallow ones.
+
+        ``cfg > 0`` applies guidance on every text-conditioned block using
+        ``y_uncond`` for the unconditional half; with text on the top block only,
+        the shallow blocks run unguided on ``y``. ``jacobi=True`` solves chunks of
+        tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); a video longer
+        than the training length is generated with a sliding window of
+        ``context_frames`` re-encoded frames. ``stats`` (a ``JacobiStats``) collects
+        iterations and residuals per chunk; ``progress(label, done, total, **info)``
+        is called as tokens are produced.
+        """
+        from starflow_mlx.sampling.sequential import invert_sequential
+
+        self._check_input(z, "z")
+        if cfg > 0 and y_uncond is None:
+            raise ValueError("cfg > 0 needs y_uncond (the features of the empty prompt)")
+        if jacobi and not self.config.sos:
+            raise ValueError("Jacobi sampling needs a model with a start-of-sequence token (sos)")
+        x = self._patchify(z.astype(mx.float32))
+        for block in reversed(self.blocks):
+            if block.is_identity:
+                continue
+            layout = self._layout(x, block.index)
+            y_block, text_len = self._text_for(block, y)
+            guided = cfg > 0 and y_block is not None
+            if guided:
+                y_block = mx.concatenate([y_block, y_uncond.astype(y_block.dtype)], axis=0)
+            seq = layout.permute(layout.to_sequence(x), block.flips, self._in_frame)
+            label = f"block {block.index}" + (" (deep)" if block.index == self.config.num_blocks - 1 else "")
+            report = (lambda done, total, label=label, **info: progress(label, done, total, **info)) if progress else None
+            if jacobi:
+                from starflow_mlx.sampling.jacobi import invert_jacobi
+
+                out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0,
+                                    block_size=jacobi_block_size, threshold=jacobi_threshold,
+                                    max_iter=jacobi_max_iter, check_every=jacobi_check_every,
+                                    context_frames=context_frames, stats=stats, on_chunk=report)
+            else:
+                cos, sin = self.rope(layout, text_len)
+                out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report)
+            x = layout.to_grid(layout.permute(out, block.flips, self._in_frame))
+        return self._unpatchify(x)
+
+    # -- denoising -----------------------------------------------------------------------
+    def denoiser(self, x: mx.array, y: mx.array | None = None) -> mx.array:
+        """Raw output of the learnable denoiser (same shape as ``x``)."""
+        if "learnable_self_denoiser" not in self:
+            raise ValueError("this model has no learnable denoiser (learnable_self_denoiser is off)")
+        self._check_input(x, "x")
+        net = self.learnable_self_denoiser
+        x = self._patchify(x.astype(mx.float32))
+        frames = x.shape[1] if x.ndim == 5 else 0
+        layout = Layout(x.shape[0], frames, x.shape[-3], x.shape[-2], x.shape[-1], False)
+        text_len = 0
+        if net.sees_text:
+            if y is None:
+                raise ValueError("this denoiser is text-conditioned: pass y")
+            text_len = y.shape[1]
+        out = net(layout.to_sequence(x), y if net.sees_text else None, self.rope(layout, text_len),
+                  frames, layout.frame_size)
+        return self._unpatchify(layout.to_grid(out))

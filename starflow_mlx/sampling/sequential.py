@@ -1,0 +1,47 @@
+"""Sequential inversion of one TARFlow block: one token per step through a KV cache."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+
+from starflow_mlx.models.tarflow import MetaBlock
+from starflow_mlx.sampling.stepper import ChunkStepper
+
+
+def invert_sequential(
+    block: MetaBlock,
+    z: mx.array,
+    y: mx.array | None,
+    cos: mx.array,
+    sin: mx.array,
+    cfg: float = 0.0,
+    on_token: Callable[..., None] | None = None,
+) -> mx.array:
+    """Solve ``x`` from ``z`` (B, N, c) token by token.
+
+    With ``cfg > 0``, ``y`` stacks [cond; uncond] text, the batch is doubled and
+    every step is guided. ``cos``/``sin`` cover ``[text; tokens]``.
+    """
+    zz = mx.concatenate([z, z], axis=0) if cfg > 0 else z
+    batch, n = zz.shape[0], zz.shape[1]
+    text_len = y.shape[1] if (block.sees_text and y is not None) else 0
+    cache = block.new_cache(batch, text_len + n)
+    if text_len:
+        block.encode_text(y, cache, cos, sin)
+    step = ChunkStepper(block, cache, cos, sin, cfg)
+    if block.use_sos:
+        tokens, prev, first = [], block.start_token(batch), 0
+    else:
+        # Token 0 passes through; step t then predicts token t + 1 from token t.
+        tokens, prev, first = [zz[:, :1]], zz[:, :1], 1
+    for t in range(first, n):
+        z_t = zz[:, t : t + 1]
+        prev, _ = step(prev, z_t, z_t, text_len + t - first, 1)
+        tokens.append(prev)
+        mx.async_eval(prev, *cache.state())
+        if on_token is not None and (t + 1 == n or (t + 1) % 64 == 0):
+            on_token(t + 1, n)
+    x = mx.concatenate(tokens, axis=1)
+    return x[: z.shape[0]]
