@@ -1,0 +1,46 @@
+"""The ``starflow`` command line.
+
+Each command lives in its own module and registers itself here. User mistakes
+(bad paths, wrong options, damaged files) print one line and exit non-zero;
+set STARFLOW_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="starflow",
+    help="Run Apple's STARFlow flows with MLX: generate, convert, quantize, export, bench, score.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Keeps ``starflow`` a group of commands even while only one is registered."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error and exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    from starflow_mlx.apps import commands
+
+    commands.register(app)
+    try:
+        app()
+    except (ValueError, OSError, MemoryError) as exc:
+        if os.environ.get("STARFLOW_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(1)

@@ -1,0 +1,44 @@
+"""``starflow convert``: upstream checkpoint (+ text encoder and VAE) -> MLX model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def convert(
+    checkpoint: Path = typer.Argument(..., help="Upstream STARFlow checkpoint (.pth, a torch.save zip)."),
+    config: Path = typer.Option(..., "--config", "-c", help="Upstream YAML config of that checkpoint."),
+    output: Path = typer.Option(..., "--output", "-o", help="New folder to write."),
+    dtype: str = typer.Option("float16", help="Weight dtype: float32, float16 or bfloat16."),
+    vae_factor: Optional[int] = typer.Option(None, help="VAE downsampling, if the config's VAE is not a known one."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="T5 folder or Hugging Face repo id to include."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="SD-VAE (diffusers) folder or repo id to include."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="Fine-tuned VAE decoder weights (file or folder)."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", help="Quantize the result to 4 or 8 bits."),
+    group_size: int = typer.Option(64, "--group-size", help="Quantization group size (32, 64, 128)."),
+) -> None:
+    """Convert an upstream checkpoint into an MLX model folder (streams tensors; never runs pickled code)."""
+    from starflow_mlx.convert.flow_checkpoint import convert_checkpoint
+
+    if (text_encoder is None) != (vae is None):
+        raise ValueError("pass both --text-encoder and --vae for a full model folder, or neither for a flow-only one")
+    if quantize is not None:
+        from starflow_mlx.quantize.policy import check_setting
+
+        check_setting(quantize, group_size)
+    flow_dtype = "float16" if quantize is not None else dtype
+    cfg = convert_checkpoint(checkpoint, config, output, dtype=flow_dtype, vae_factor=vae_factor)
+    typer.echo(f"flow: {sum(cfg.layers_per_block)} layers in {cfg.num_blocks} blocks, {cfg.channels} channels -> {output}")
+    if text_encoder is not None:
+        from starflow_mlx.convert.full_model import add_components
+
+        add_components(output, text_encoder=text_encoder, vae=vae, decoder=decoder, dtype=dtype)
+        typer.echo(f"added text encoder ({text_encoder}) and VAE ({vae})")
+    if quantize is not None:
+        from starflow_mlx.quantize.quantize_folder import quantize_in_place
+
+        summary = quantize_in_place(output, bits=quantize, group_size=group_size)
+        typer.echo(f"quantized: {summary}")

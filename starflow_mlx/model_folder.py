@@ -1,0 +1,71 @@
+"""A complete model folder: the flow plus what turns prompts into features and latents into pixels.
+
+Layout::
+
+    MODEL/config.json, MODEL/model.safetensors   the flow (what ``load_flow`` reads)
+    MODEL/text_encoder/                           T5 encoder + tokenizer/ (text models)
+    MODEL/vae/                                    SD-VAE (latent models)
+    MODEL/starflow.json                           this manifest
+
+A flow-only folder (just the first two files) is valid for ``load_flow``; the
+pipeline needs the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from starflow_mlx.config import ConfigError
+
+MANIFEST = "starflow.json"
+KINDS = ("text-to-image", "class-to-image", "text-to-video")
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+@dataclass
+class Manifest:
+    kind: str
+    text_encoder: str | None = None  # sub-folder, for text models
+    vae: str | None = None  # sub-folder; None means the flow works in pixel space
+    classes: list[str] = field(default_factory=list)  # class names; the unconditional class comes last
+    pixel_scale: float = 1.0  # pixel-space models: data = pixels in [-1, 1] times this
+    source: dict = field(default_factory=dict)  # where each part came from (repo ids, files)
+    format: int = 1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown model kind {self.kind!r} in {MANIFEST}: expected one of {', '.join(KINDS)}")
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Manifest":
+        path = Path(folder, MANIFEST)
+        if not path.is_file():
+            raise ConfigError(f"{folder} has no {MANIFEST}: build a full model folder with starflow convert "
+                              "--text-encoder/--vae, or use --model demo")
+        try:
+            data = json.loads(path.read_text())
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"{path} is damaged ({exc})") from None
+
+
+def resolve_model(name: str | Path) -> Path:
+    """A model folder from a path, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if str(name) == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise ConfigError("the built-in demo model is missing from this install: reinstall starflow-mlx")
+        return DEMO_DIR
+    if "/" in str(name) and not path.exists() and not str(name).startswith((".", "/", "~")):
+        from starflow_mlx.hub import ensure_model
+
+        return ensure_model(str(name))
+    raise ConfigError(f"model {name!r} not found: pass a model folder, 'demo', or a Hugging Face repo id like apple/starflow")

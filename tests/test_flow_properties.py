@@ -1,0 +1,159 @@
+"""Properties of the MLX flow that need no upstream reference."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, random_flow, save_flow
+from starflow_mlx.loading import ModelLoadError, load_flow
+from starflow_mlx.models.kv_cache import position_mask
+from starflow_mlx.sampling.jacobi import JacobiStats
+
+
+def inputs(flow, batch=2, frames=0, seed=1):
+    cfg = flow.config
+    mx.random.seed(seed)
+    shape = (batch, frames, cfg.latent_size, cfg.latent_size, cfg.in_channels) if frames else \
+        (batch, cfg.latent_size, cfg.latent_size, cfg.in_channels)
+    y = mx.random.normal((batch, cfg.txt_size, cfg.txt_dim)) if cfg.txt_dim else None
+    y_u = mx.random.normal((batch, cfg.txt_size, cfg.txt_dim)) if cfg.txt_dim else None
+    return mx.random.normal(shape), y, y_u
+
+
+def rel(a, b):
+    a, b = np.array(a), np.array(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.mark.parametrize("fields,frames", [(IMAGE, 0), (OPTIONS, 0), (NOTEXT, 0), (VIDEO, 3)])
+def test_forward_inverts_reverse(fields, frames):
+    flow = random_flow(**fields)
+    z, y, _ = inputs(flow, frames=frames)
+    x = flow.reverse(z, y)
+    z_back, _ = flow.forward(x, y)
+    assert rel(z_back, z) < 1e-4
+
+
+def test_logdet_matches_numerical_jacobian():
+    flow = random_flow(**NOTEXT, scale=0.08)
+    x = mx.random.normal((1, 4, 4, 1))
+    _, logdet = flow.forward(x)
+    jac = mx.vmap(mx.grad(lambda v, i: flow.forward(v.reshape(1, 4, 4, 1))[0].reshape(-1)[i]),
+                  in_axes=(None, 0))(x.reshape(-1), mx.arange(16))
+    sign, expected = np.linalg.slogdet(np.array(jac, dtype=np.float64))
+    assert sign > 0
+    assert abs(float(logdet[0]) - expected) < 1e-3
+
+
+def test_log_prob_includes_gaussian_constant():
+    flow = random_flow(**NOTEXT)
+    x = mx.random.normal((2, 4, 4, 1))
+    z, logdet = flow.forward(x)
+    zf = np.array(z).reshape(2, -1)
+    expected = -0.5 * (zf**2).sum(1) - 0.5 * 16 * np.log(2 * np.pi) + np.array(logdet)
+    assert np.allclose(np.array(flow.log_prob(x)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fields", [IMAGE, OPTIONS])
+def test_kv_cache_step_equals_full_recomputation(fields):
+    """Running tokens one at a time through the cache gives the same (a, b) as one causal pass."""
+    flow = random_flow(**fields)
+    block = flow.blocks[-1]
+    x, y, _ = inputs(flow, batch=1)
+    layout = flow._layout(x, block.index)
+    seq = layout.to_sequence(x)
+    n, text_len = seq.shape[1], y.shape[1]
+    cos, sin = flow.rope(layout, text_len)
+    z_full, _ = block.forward(seq, y, (cos, sin))
+
+    cache = block.new_cache(1, text_len + n)
+    block.encode_text(y, cache, cos, sin)
+    inp = mx.concatenate([block.start_token(1), seq[:, :-1]], 1) if block.use_sos else seq
+    rows = []
+    for t in range(n):
+        a, b = block.step(inp[:, t : t + 1], cache, mx.array([text_len + t], dtype=mx.int32), cos, sin)
+        rows.append((a, b))
+    a = mx.concatenate([r[0] for r in rows], 1)
+    b = mx.concatenate([r[1] for r in rows], 1)
+    if not block.use_sos:
+        a = mx.concatenate([mx.ones_like(a[:, :1]), a[:, :-1]], 1)
+        b = mx.concatenate([mx.zeros_like(b[:, :1]), b[:, :-1]], 1)
+    assert rel((seq - b) / a, z_full) < 1e-5
+
+
+def test_position_mask_hides_future_and_stale_entries():
+    m = np.array(position_mask(mx.array([2], dtype=mx.int32), 3, 7))
+    assert m.tolist() == [[True, True, True, False, False, False, False],
+                          [True, True, True, True, False, False, False],
+                          [True, True, True, True, True, False, False]]
+
+
+def test_float16_weights_stay_close_to_float32(tmp_path):
+    flow = random_flow(**IMAGE)
+    save_flow(flow, tmp_path / "m")
+    f32, f16 = load_flow(tmp_path / "m"), load_flow(tmp_path / "m", dtype="float16")
+    x, y, y_u = inputs(flow)
+    z32, ld32 = f32.forward(x, y)
+    z16, ld16 = f16.forward(x, y)
+    assert z16.dtype == mx.float32  # flow arithmetic stays float32 whatever the weights
+    assert rel(z16, z32) < 2e-2
+    assert rel(ld16, ld32) < 2e-2
+    zn = mx.random.normal(x.shape)
+    assert rel(f16.reverse(zn, y, y_uncond=y_u, cfg=1.5), f32.reverse(zn, y, y_uncond=y_u, cfg=1.5)) < 5e-2
+
+
+@pytest.mark.parametrize("fields,frames", [(IMAGE, 0), (VIDEO, 3), (NOTEXT, 0)])
+def test_jacobi_equals_sequential_at_tiny_threshold(fields, frames):
+    flow = random_flow(**fields)
+    z, y, y_u = inputs(flow, frames=frames)
+    cfg = 2.0 if y is not None else 0.0
+    seq = flow.reverse(z, y, y_uncond=y_u, cfg=cfg)
+    jac = flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=True, jacobi_block_size=3, jacobi_threshold=1e-14,
+                       jacobi_max_iter=64)
+    assert rel(jac, seq) < 1e-4
+
+
+def test_jacobi_traces_each_chunk_shape_once():
+    flow = random_flow(**IMAGE)
+    z, y, y_u = inputs(flow)
+    stats = JacobiStats()
+    flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=3, stats=stats)
+    # 16 tokens in chunks of 3: six chunks per block (the last padded), one trace per block.
+    assert all(v == 1 for v in stats.traces.values())
+    assert len(stats.chunks) == 6 * 3
+    assert all(1 <= c.iterations <= 32 for c in stats.chunks)
+
+
+def test_jacobi_check_every_still_converges():
+    flow = random_flow(**IMAGE)
+    z, y, _ = inputs(flow)
+    ref = flow.reverse(z, y)
+    got = flow.reverse(z, y, jacobi=True, jacobi_block_size=4, jacobi_threshold=1e-12, jacobi_max_iter=64,
+                       jacobi_check_every=4)
+    assert rel(got, ref) < 1e-4
+
+
+def test_long_video_past_training_length():
+    flow = random_flow(**VIDEO)
+    z, y, y_u = inputs(flow, batch=1, frames=5)  # trained on 3 latent frames
+    stats = JacobiStats()
+    x = flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=2, context_frames=1, stats=stats)
+    assert x.shape == z.shape
+    assert stats.reencodes >= 1
+    assert np.isfinite(np.array(x)).all()
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    flow = random_flow(**IMAGE)
+    with pytest.raises(ValueError, match="channels-last"):
+        flow.forward(mx.zeros((1, 4, 4, 3)))
+    with pytest.raises(ValueError, match="pass y"):
+        flow.forward(mx.zeros((1, 4, 4, 4)))
+    with pytest.raises(ValueError, match="y_uncond"):
+        flow.reverse(mx.zeros((1, 4, 4, 4)), mx.zeros((1, 6, 24)), cfg=1.0)
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_flow(tmp_path / "nothing")
+    save_flow(flow, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+        load_flow(tmp_path / "m")
