@@ -1,0 +1,47 @@
+"""``starflow quantize``: write an INT8 / 4-bit copy of a model folder, or measure what it costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def quantize(
+    model: str = typer.Argument(..., help="Model folder or name ('demo')."),
+    bits: int = typer.Option(4, "--bits", "-b", help="4 or 8."),
+    group_size: int = typer.Option(64, "--group-size", help="32, 64 or 128 weights share one scale and bias."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="New folder for the quantized model."),
+    deep_bits: Optional[int] = typer.Option(None, help="Bits for the deep block (overrides --bits there)."),
+    shallow_bits: Optional[int] = typer.Option(None, help="Bits for the shallow blocks."),
+    override: List[str] = typer.Option([], "--override", help="PATTERN=BITS for matching layers; 0 keeps float16."),
+    text_bits: int = typer.Option(8, help="Bits for the T5 encoder of a full model folder (0: keep float16)."),
+    report: bool = typer.Option(False, "--report", help="Measure float16, 8-bit, 4-bit and mixed instead of writing."),
+    json_out: bool = typer.Option(False, "--json", help="With --report: print JSON."),
+    samples: int = typer.Option(64, help="With --report: images sampled per variant."),
+) -> None:
+    """Quantize the linear layers group-wise (input/output projections and norms stay float16)."""
+    from starflow_mlx.model_folder import resolve_model
+    from starflow_mlx.quantize.quantize_folder import block_overrides, parse_overrides, quantize_model_folder
+
+    folder = resolve_model(model)
+    if report:
+        from starflow_mlx.benchmarks.quantization import format_table, measure_variants
+
+        rows = measure_variants(folder, group_size=group_size, samples=samples)
+        if json_out:
+            import json
+
+            typer.echo(json.dumps(rows, indent=2))
+        else:
+            typer.echo(format_table(rows))
+        return
+    if output is None:
+        raise ValueError("pass --output DIR for the quantized model (or --report to measure)")
+    from starflow_mlx.config import FlowConfig
+
+    num_blocks = FlowConfig.load(folder / "config.json").num_blocks
+    overrides = {**block_overrides(num_blocks, deep_bits, shallow_bits), **parse_overrides(override)}
+    summary = quantize_model_folder(folder, output, bits, group_size, overrides, text_bits or None)
+    typer.echo(f"{output}: {summary}")

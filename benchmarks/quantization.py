@@ -1,0 +1,159 @@
+"""What quantization costs: size, memory, speed and accuracy of float16, 8-bit, 4-bit and mixed flows.
+
+Everything is measured against the float32 model on the same inputs and noise:
+forward ``z`` and ``log_prob`` errors on the float32 model's own samples, and
+the difference of samples drawn from the same noise. For the class-conditional
+digits demo it adds test bits/dim and the digit classifier's accuracy.
+
+    python -m starflow_mlx.benchmarks.quantization --model demo
+    starflow quantize demo --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from starflow_mlx.loading import load_flow
+from starflow_mlx.model_folder import MANIFEST, Manifest, resolve_model
+from starflow_mlx.quantize.quantize_folder import block_overrides, quantize_flow, save_flow
+
+VARIANTS = (
+    ("float16", None, None),
+    ("int8", 8, None),
+    ("int4", 4, None),
+    ("mixed (deep 4 / shallow 8)", 4, "mixed"),
+)
+
+
+def conditioning(flow, batch: int, seed: int = 0):
+    """Features and unconditional features for a batch: class one-hots, or random text features."""
+    cfg = flow.config
+    if not cfg.txt_dim:
+        return None, None
+    if cfg.num_classes:
+        labels = np.arange(batch) % cfg.num_classes
+        y = np.eye(cfg.txt_dim, dtype=np.float32)[labels][:, None, :]
+        y_u = np.broadcast_to(np.eye(cfg.txt_dim, dtype=np.float32)[cfg.txt_dim - 1], y.shape)
+        return mx.array(y), mx.array(np.ascontiguousarray(y_u))
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((batch, cfg.txt_size, cfg.txt_dim)).astype(np.float32)
+    return mx.array(y), mx.zeros_like(mx.array(y))
+
+
+def noise(flow, batch: int, seed: int = 0) -> mx.array:
+    cfg = flow.config
+    size = cfg.latent_size
+    shape = (batch, cfg.num_frames, size, size, cfg.in_channels) if cfg.num_frames else (batch, size, size, cfg.in_channels)
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+def timed(fn):
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    out = fn()
+    mx.eval(out)
+    return out, time.perf_counter() - start, mx.get_peak_memory()
+
+
+def measure_flow(flow, reference: dict, z, y, y_u, cfg_weight: float) -> dict:
+    """Speed, memory and errors of one variant against the float32 reference."""
+    x_seq, t_seq, _ = timed(lambda: flow.reverse(z, y, y_uncond=y_u, cfg=cfg_weight))
+    x_jac, t_jac, peak = timed(lambda: flow.reverse(z, y, y_uncond=y_u, cfg=cfg_weight, jacobi=True))
+    z_q, _ = flow.forward(reference["x"], y)
+    lp = flow.log_prob(reference["x"], y)
+    dims = math.prod(z.shape[1:])
+    z_ref, lp_ref = np.array(reference["z"]), np.array(reference["log_prob"])
+    return {
+        "seconds_sequential": t_seq,
+        "seconds_jacobi": t_jac,
+        "peak_memory_mb": peak / 2**20,
+        "z_rel_error": float(np.abs(np.array(z_q) - z_ref).max() / np.abs(z_ref).max()),
+        "log_prob_bpd_error": float(np.abs(np.array(lp) - lp_ref).mean() / (dims * math.log(2))),
+        "sample_mean_abs_diff": float(np.abs(np.array(x_jac) - np.array(reference["samples"])).mean()),
+        "sequential_vs_jacobi": float(np.abs(np.array(x_seq) - np.array(x_jac)).max()),
+    }
+
+
+def demo_metrics(folder: Path, per_class: int) -> dict:
+    """Classifier accuracy and test bits/dim for class-conditional pixel models (the digits demo)."""
+    from starflow_mlx.benchmarks.demo_quality import measure
+
+    result = measure(folder, per_class=per_class)
+    return {"accuracy": result["accuracy"], "test_bits_per_dim": result["bits_per_dim"]}
+
+
+def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64, seed: int = 0,
+                     per_class: int = 20) -> list[dict]:
+    folder = resolve_model(model)
+    ref = load_flow(folder, dtype="float32")
+    if ref.config.quantization:
+        raise ValueError(f"{folder} is already quantized: report on the float model")
+    is_demo = (folder / MANIFEST).is_file() and Manifest.load(folder).kind == "class-to-image"
+    z = noise(ref, samples, seed)
+    y, y_u = conditioning(ref, samples, seed)
+    cfg_weight = ref.config.cfg if y is not None else 0.0
+    x_ref = ref.reverse(z, y, y_uncond=y_u, cfg=cfg_weight, jacobi=True)
+    z_ref, _ = ref.forward(x_ref, y)
+    reference = {"x": x_ref, "z": z_ref, "log_prob": ref.log_prob(x_ref, y), "samples": x_ref}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, bits, mode in VARIANTS:
+            out = Path(tmp, name.split()[0])
+            out.mkdir()
+            if bits is None:
+                flow = load_flow(folder, dtype="float16")
+            else:
+                overrides = block_overrides(ref.config.num_blocks, 4, 8) if mode == "mixed" else None
+                flow, _ = quantize_flow(folder, bits, group_size, overrides)
+            save_flow(flow, out)
+            for extra in folder.iterdir():
+                if extra.name not in ("config.json", "model.safetensors"):
+                    (out / extra.name).symlink_to(extra.resolve())
+            row = {"variant": name, "file_mb": (out / "model.safetensors").stat().st_size / 2**20}
+            row.update(measure_flow(load_flow(out), reference, z, y, y_u, cfg_weight))
+            if is_demo:
+                row.update(demo_metrics(out, per_class))
+            rows.append(row)
+            mx.clear_cache()
+    return rows
+
+
+COLUMNS = (
+    ("variant", "variant", "{}"), ("file_mb", "file MB", "{:.2f}"), ("peak_memory_mb", "peak MB", "{:.1f}"),
+    ("seconds_sequential", "seq s", "{:.2f}"), ("seconds_jacobi", "jacobi s", "{:.2f}"),
+    ("z_rel_error", "z rel err", "{:.2e}"), ("log_prob_bpd_error", "log p err (bpd)", "{:.4f}"),
+    ("sample_mean_abs_diff", "sample diff", "{:.4f}"), ("accuracy", "accuracy", "{:.1%}"),
+    ("test_bits_per_dim", "test bpd", "{:.3f}"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(c[2].format(r[c[0]]) if c[0] in r else "" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = measure_variants(args.model, args.group_size, args.samples, per_class=args.per_class)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
