@@ -52,13 +52,12 @@ def load_weights_strict(model, path: Path) -> None:
 
 
 def load_flow(path: str | Path, dtype: str | None = None) -> STARFlow:
-    """Load the flow of a converted model folder; ``dtype`` casts the float weights."""
+    """Load the flow of a model folder (or 'demo', or a repo id); ``dtype`` casts the float weights."""
+    from starflow_mlx.model_folder import resolve_model
     from starflow_mlx.quantize.policy import apply_quantization
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} not found: convert a checkpoint first (starflow convert)")
     try:
+        folder = resolve_model(path)
         config = FlowConfig.load(folder / "config.json")
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from None
