@@ -1,0 +1,77 @@
+"""Pixels <-> STARFlow latents through a converted SD-VAE folder (``config.json`` + ``model.safetensors``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from starflow_mlx.config import ConfigError
+from starflow_mlx.loading import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
+from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
+
+
+class VAE:
+    """Channels-last images in [-1, 1] <-> scaled latents, as the flow sees them."""
+
+    def __init__(self, model: AutoencoderKL):
+        self.model = model
+        self.config = model.config
+
+    @property
+    def factor(self) -> int:
+        return self.config.factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def dtype(self):
+        return self.model.encoder.conv_in.weight.dtype
+
+    def _check(self, x, channels: int, what: str, multiple: int) -> mx.array:
+        x = mx.array(x)
+        if x.ndim != 4 or x.shape[-1] != channels:
+            raise ValueError(f"{what} must be channels-last (B, H, W, {channels}), got shape {tuple(x.shape)}")
+        if x.shape[1] % multiple or x.shape[2] % multiple:
+            raise ValueError(f"{what} height and width must be multiples of {multiple}, got {x.shape[1]}x{x.shape[2]}")
+        return x.astype(self.dtype)
+
+    def encode(self, images) -> mx.array:
+        """(B, H, W, 3) images in [-1, 1] -> (B, H/8, W/8, 4) posterior mean, scaled (float32)."""
+        x = self._check(images, self.config.in_channels, "images", self.factor)
+        z = self.model.encode(x).astype(mx.float32)
+        if self.config.shift_factor is not None:
+            z = z - self.config.shift_factor
+        return z * self.config.scaling_factor
+
+    def decode(self, latents) -> mx.array:
+        """(B, h, w, 4) scaled latents -> (B, 8h, 8w, 3) images, about [-1, 1] and not clipped (float32)."""
+        z = mx.array(latents).astype(mx.float32) / self.config.scaling_factor
+        if self.config.shift_factor is not None:
+            z = z + self.config.shift_factor
+        z = self._check(z, self.config.latent_channels, "latents", 1)
+        return self.model.decode(z).astype(mx.float32)
+
+
+def load_vae(path: str | Path, dtype: str | None = None) -> VAE:
+    """Load a folder written by ``convert_vae``; ``dtype`` casts the stored float weights."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelLoadError(f"VAE folder {folder} not found")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"VAE folder {folder} has no config.json: convert the VAE with convert_vae")
+    try:
+        config = VAEConfig.load(folder / "config.json")
+    except ConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
+    model = AutoencoderKL(config)
+    load_weights_strict(model, folder / "model.safetensors")
+    target = parse_dtype(dtype)
+    if target is not None:
+        cast_floats(model, target)
+        config.dtype = dtype
+    mx.eval(model.parameters())
+    model.eval()
+    return VAE(model)
