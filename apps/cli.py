@@ -7,8 +7,8 @@ set STARFLOW_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 
 import typer
 
@@ -32,15 +32,24 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def user_errors(command):
+    """Wrap a command so a user mistake prints one line and exits 1 instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, OSError, MemoryError) as exc:
+            if os.environ.get("STARFLOW_DEBUG"):
+                raise
+            text = str(exc).strip()
+            fail(text.splitlines()[0] if text else type(exc).__name__)
+
+    return wrapper
+
+
 def main() -> None:
     from starflow_mlx.apps import commands
 
     commands.register(app)
-    try:
-        app()
-    except (ValueError, OSError, MemoryError) as exc:
-        if os.environ.get("STARFLOW_DEBUG"):
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        typer.echo(f"error: {message}", err=True)
-        sys.exit(1)
+    app()

@@ -1,13 +1,20 @@
-"""Registers every ``starflow`` sub-command on the typer app (one line per command)."""
+"""Registers every ``starflow`` sub-command on the typer app (one line per command).
+
+Each command is wrapped by ``user_errors`` so bad input ends in a one-line error.
+"""
 
 from __future__ import annotations
 
+from starflow_mlx.apps.cli import user_errors
+
 
 def register(app) -> None:
+    if app.registered_commands:
+        return
     from starflow_mlx.apps import convert_cmd
 
-    app.command("convert")(convert_cmd.convert)
+    app.command("convert")(user_errors(convert_cmd.convert))
 
     from starflow_mlx.apps import quantize_cmd
 
-    app.command("quantize")(quantize_cmd.quantize)
+    app.command("quantize")(user_errors(quantize_cmd.quantize))

@@ -20,7 +20,7 @@ from starflow_mlx.convert.torch_pickle import TensorRef, open_checkpoint
 from starflow_mlx.convert.upstream_config import read_arguments, resolve
 from starflow_mlx.models.starflow import STARFlow
 
-WRAPPER_SEGMENTS = re.compile(r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)(?=\.)")
+WRAPPER_SEGMENTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 DEPRECATED = re.compile(r"^(var|feat_rope(_gen)?\..*|blocks\.\d+\.attn_mask|learnable_self_denoiser\.attn_mask)$")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -31,7 +31,7 @@ class ConversionError(ValueError):
 
 def clean_name(name: str) -> str:
     """Strip wrapper prefixes (DDP, torch.compile, FSDP), wherever they sit in the key."""
-    return WRAPPER_SEGMENTS.sub(lambda m: m.group(1), name).lstrip(".")
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 def flow_tensors(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
