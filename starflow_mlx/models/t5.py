@@ -1,0 +1,264 @@
+"""T5 encoder (T5 v1.1 / flan-t5, and original T5) in MLX.
+
+Parameter names are Hugging Face's encoder names (``encoder.block.0.layer.0.SelfAttention.q.weight``),
+so converting a checkpoint is dropping the decoder and renaming the shared embedding.
+
+The residual stream and every norm stay in float32 whatever the weights' dtype:
+flan-t5's activations outgrow float16 (Hugging Face keeps ``wo`` in float32 for the same reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from starflow_mlx.config import ConfigError
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
+# Hugging Face's T5Config defaults, applied when a config.json omits a key.
+HF_DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                   layer_norm_epsilon=1e-6, feed_forward_proj="relu")
+# mT5 is T5 v1.1 under another name; umT5 (a bias per layer) is not.
+HF_MODEL_TYPES = ("t5", "mt5")
+NORM_SUFFIX = "layer_norm.weight"
+
+
+@dataclass
+class T5Config:
+    """Shape of a T5 encoder; the defaults are google/flan-t5-xl's."""
+
+    vocab_size: int = 32128
+    d_model: int = 2048
+    d_kv: int = 64
+    d_ff: int = 5120
+    num_layers: int = 24
+    num_heads: int = 32
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    dtype: str = "float32"  # how the weights (all but the norms) are stored
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"T5 {name} must be positive, got {getattr(self, name)}")
+        if self.relative_attention_num_buckets < 4:
+            raise ConfigError("T5 relative_attention_num_buckets must be at least 4 (2 directions x exact + log)")
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.activation not in ACTIVATIONS:
+            raise ConfigError(f"T5 feed_forward_proj {self.feed_forward_proj!r} is not supported: "
+                              f"use one of {', '.join(ACTIVATIONS)}, optionally as gated-<act>")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        # Hugging Face maps "gated-gelu" to the tanh approximation, as T5 v1.1 was trained with it.
+        if self.feed_forward_proj == "gated-gelu":
+            return "gelu_new"
+        return self.feed_forward_proj.split("-")[-1]
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> "T5Config":
+        """Read a Hugging Face T5 config.json (of a T5 model, T5EncoderModel or T5ForConditionalGeneration)."""
+        model_type = data.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ConfigError(f"config.json describes a {model_type or 'model without model_type'}, not a T5 model")
+        return cls(**{**HF_DEFAULTS, **{k: v for k, v in data.items() if k in HF_DEFAULTS}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "T5Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"T5 config has unknown key {unknown[0]!r}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "T5Config":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path} is unreadable ({exc})") from None
+        if "model_type" in data:
+            raise ConfigError(f"{path} is a Hugging Face config: convert the folder with convert_t5 first")
+        try:
+            return cls.from_dict(data)
+        except TypeError as exc:
+            raise ConfigError(f"{path} is damaged ({exc})") from None
+
+
+def relative_position_bucket(relative_position: mx.array, num_buckets: int, max_distance: int) -> mx.array:
+    """Bidirectional T5 buckets: half per direction, each half exact up to a point and logarithmic beyond."""
+    half = num_buckets // 2
+    buckets = (relative_position > 0).astype(mx.int32) * half
+    distance = mx.abs(relative_position)
+    max_exact = half // 2
+    # The log is taken only where it is used, so distances below max_exact are clamped to keep it finite.
+    # Same float32 operation order as Hugging Face, so bucket edges that fall on exact integers agree.
+    scaled = mx.log(mx.maximum(distance, max_exact).astype(mx.float32) / max_exact)
+    scaled = scaled / math.log(max_distance / max_exact) * (half - max_exact)
+    large = mx.minimum(max_exact + scaled.astype(mx.int32), half - 1)
+    return buckets + mx.where(distance < max_exact, distance, large)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without mean subtraction or bias, computed and returned in float32."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+
+
+class T5Attention(nn.Module):
+    """Multi-head self-attention without score scaling (T5 folds it into the initialisation)."""
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        inner = config.num_heads * config.d_kv
+        self.num_heads = config.num_heads
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(self.num_buckets, config.num_heads)
+
+    def compute_bias(self, length: int) -> mx.array:
+        """(1, heads, length, length) float32 bias from each key's offset to each query."""
+        positions = mx.arange(length)
+        buckets = relative_position_bucket(positions[None, :] - positions[:, None], self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(buckets).astype(mx.float32).transpose(2, 0, 1)[None]
+
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        batch, length, _ = x.shape
+
+        def heads(t: mx.array) -> mx.array:
+            return t.reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+
+        out = mx.fast.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
+                                                   scale=1.0, mask=bias)
+        return self.o(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_attention_bias)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        h = self.layer_norm(x).astype(bias.dtype)
+        return x + self.SelfAttention(h, bias).astype(mx.float32)
+
+
+class T5DenseActDense(nn.Module):
+    """Original T5's feed-forward: wo(act(wi(x)))."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = ACTIVATIONS[config.activation]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # float32 into wo promotes its matmul to float32, where the outputs cannot overflow.
+        return self.wo(self.act(self.wi(x)).astype(mx.float32))
+
+
+class T5DenseGatedActDense(nn.Module):
+    """T5 v1.1's gated feed-forward: wo(act(wi_0(x)) * wi_1(x))."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = ACTIVATIONS[config.activation]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # The gate product and wo run in float32, where flan-t5's large activations cannot overflow.
+        return self.wo(self.act(self.wi_0(x)).astype(mx.float32) * self.wi_1(x).astype(mx.float32))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5DenseGatedActDense(config) if config.is_gated else T5DenseActDense(config)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def __call__(self, x: mx.array, dtype: mx.Dtype) -> mx.array:
+        return x + self.DenseReluDense(self.layer_norm(x).astype(dtype)).astype(mx.float32)
+
+
+class T5Block(nn.Module):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.layer = [T5LayerSelfAttention(config, has_relative_attention_bias), T5LayerFF(config)]
+
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        return self.layer[1](self.layer[0](x, bias), bias.dtype)
+
+
+class T5Stack(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        # Only the first block owns a relative position bias; every block reuses it.
+        self.block = [T5Block(config, i == 0) for i in range(config.num_layers)]
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        dtype = self.embed_tokens.weight.dtype
+        x = self.embed_tokens(input_ids).astype(mx.float32)
+        bias = self.block[0].layer[0].SelfAttention.compute_bias(input_ids.shape[1]).astype(dtype)
+        if attention_mask is not None:
+            # Masking by replacement, not addition, so float16 scores cannot overflow to -inf (and NaN).
+            keep = attention_mask.astype(mx.bool_)[:, None, None, :]
+            bias = mx.where(keep, bias, mx.array(mx.finfo(dtype).min, dtype))
+        for block in self.block:
+            x = block(x, bias)
+        return self.final_layer_norm(x)
+
+
+class T5Encoder(nn.Module):
+    """Token ids (B, L) and an optional 1/0 padding mask (B, L) -> last hidden state (B, L, d_model), float32."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.encoder = T5Stack(config)
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        return self.encoder(input_ids, attention_mask)
+
+    def cast(self, dtype: mx.Dtype) -> None:
+        """Cast every weight but the norms (kept in float32) to ``dtype``."""
+        self.update(tree_unflatten([(name, w if name.endswith(NORM_SUFFIX) else w.astype(dtype))
+                                    for name, w in tree_flatten(self.parameters())]))
