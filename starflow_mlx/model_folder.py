@@ -29,7 +29,7 @@ class Manifest:
     kind: str
     text_encoder: str | None = None  # sub-folder, for text models
     vae: str | None = None  # sub-folder; None means the flow works in pixel space
-    classes: list[str] = field(default_factory=list)  # class names; the unconditional class comes last
+    classes: list[str] = field(default_factory=list)  # class names; index len(classes) is the empty class
     pixel_scale: float = 1.0  # pixel-space models: data = pixels in [-1, 1] times this
     source: dict = field(default_factory=dict)  # where each part came from (repo ids, files)
     format: int = 1

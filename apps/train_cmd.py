@@ -1,0 +1,65 @@
+"""``starflow train``: train a class-conditional STARFlow with MLX into an ordinary model folder."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def train(
+    data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of <class>/<images>."),
+    output: Path = typer.Option(..., "--output", "-o", help="Model folder to write (replaced only when done)."),
+    steps: int = typer.Option(2000, help="Optimizer steps."),
+    batch_size: int = typer.Option(64, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
+    warmup: int = typer.Option(100, help="Linear warm-up steps before the cosine decay."),
+    channels: int = typer.Option(64, help="Transformer width."),
+    layers: str = typer.Option("2 2 4", help="Layers per flow block, shallow first, deep last."),
+    noise_std: float = typer.Option(0.1, help="Gaussian noise added to the data (in [-1, 1] units)."),
+    drop_label: float = typer.Option(0.1, help="Probability of training on the empty class (for guidance)."),
+    cfg: float = typer.Option(2.0, help="Default guidance weight stored with the model."),
+    image_size: int = typer.Option(16, help="Image size for folder datasets."),
+    image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
+    checkpoint_every: int = typer.Option(250, help="Steps between checkpoints (0: none)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
+    seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
+) -> None:
+    """Train with the upstream objective (noise + exact NLL), AdamW, warm-up + cosine, clipping, label dropout."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from starflow_mlx.training.data import load_digits_split, load_image_folder
+    from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim
+
+    layer_list = [int(v) for v in layers.split()] if layers.strip() else []
+    if len(layer_list) < 2 or any(v < 1 for v in layer_list):
+        raise ValueError(f"--layers {layers!r}: give at least two positive counts, e.g. '2 2 4'")
+    if data == "digits":
+        train_set, test_set = load_digits_split(seed=seed)
+    else:
+        train_set, test_set = load_image_folder(data, image_size, image_channels, seed=seed)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
+                         layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
+                         checkpoint_every=checkpoint_every, seed=seed)
+    trainer = Trainer(config, train_set, checkpoint_dir or output.with_name(output.name + ".checkpoints"))
+    if resume:
+        trainer.load_checkpoint()
+    start = time.perf_counter()
+    columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[bpd]:.3f} bits/dim"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("train", total=steps, completed=trainer.step, loss=float("nan"), bpd=float("nan"))
+        trainer.run(on_step=lambda step, loss: progress.update(task, completed=step, loss=loss,
+                                                               bpd=bits_per_dim(loss)))
+    seconds = time.perf_counter() - start
+    test_bpd = trainer.evaluate(test_set)
+    source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
+              "channels": channels, "layers": layer_list, "noise_std": noise_std, "seconds": round(seconds, 1),
+              "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
+    trainer.export(output, source)
+    typer.echo(f"{output}: {steps} steps in {seconds / 60:.1f} min, test {test_bpd:.3f} bits/dim")
