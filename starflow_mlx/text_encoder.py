@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
 from starflow_mlx.loading import ModelLoadError, load_weights_strict, parse_dtype
 from starflow_mlx.models.t5 import T5Config, T5Encoder
+from starflow_mlx.quantize.policy import apply_quantization, describe, plan_quantization
 
 
 class TextEncoder:
@@ -72,6 +75,8 @@ def load_text_encoder(path: str | Path, dtype: str | None = None) -> TextEncoder
         raise ModelLoadError(f"text encoder folder {folder} has no tokenizer/: it is incomplete (re-run convert_t5)")
     target = parse_dtype(dtype)
     model = T5Encoder(config)
+    if config.quantization:
+        apply_quantization(model, config.quantization)
     load_weights_strict(model, folder / "model.safetensors")
     tokenizer = load_tokenizer(folder / "tokenizer")
     if len(tokenizer) > config.vocab_size:
@@ -83,3 +88,18 @@ def load_text_encoder(path: str | Path, dtype: str | None = None) -> TextEncoder
     mx.eval(model.parameters())
     model.eval()
     return TextEncoder(model, tokenizer)
+
+
+def quantize_text_encoder(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 64) -> str:
+    """Write a quantized copy of a converted T5 folder (norms and relative position bias stay float)."""
+    src, dst = Path(src), Path(dst)
+    encoder = load_text_encoder(src, dtype="float16")
+    model = encoder.model
+    plan = plan_quantization(model, bits, group_size)
+    apply_quantization(model, plan)
+    model.config.quantization = plan
+    dst.mkdir(parents=True)
+    model.config.save(dst / "config.json")
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    return describe(plan)

@@ -122,3 +122,16 @@ def test_cli_quantize_and_report(float_folder, tmp_path):
     f16, i8, i4 = rows[:3]
     assert i4["file_mb"] < i8["file_mb"] < f16["file_mb"]
     assert i8["z_rel_error"] <= i4["z_rel_error"]
+
+
+def test_text_encoder_quantizes_to_8_bit(tmp_path):
+    from fixtures_t5 import make_tiny_mlx_t5
+
+    from starflow_mlx.text_encoder import load_text_encoder, quantize_text_encoder
+
+    src = make_tiny_mlx_t5(tmp_path / "t5")
+    quantize_text_encoder(src, tmp_path / "q", bits=8, group_size=32)
+    ref, q = load_text_encoder(src), load_text_encoder(tmp_path / "q")
+    assert isinstance(q.model.encoder.block[0].layer[0].SelfAttention.q, nn.QuantizedLinear)
+    prompts = ["a cat playing piano", "hello"]
+    assert rel(q.encode(prompts, 8), ref.encode(prompts, 8)) < 5e-2

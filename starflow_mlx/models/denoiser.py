@@ -7,8 +7,8 @@ import mlx.nn as nn
 import numpy as np
 
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.models.layers import RMSNorm
-from starflow_mlx.models.tarflow import compute_dtype, make_layers
+from starflow_mlx.models.layers import RMSNorm, compute_dtype
+from starflow_mlx.models.tarflow import make_layers
 
 DENOISER_LAYERS = 8
 

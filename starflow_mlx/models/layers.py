@@ -26,6 +26,13 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x.astype(mx.float32), scale, self.eps).astype(x.dtype)
 
 
+def compute_dtype(linear: nn.Module) -> mx.Dtype:
+    """Activation dtype of a layer: its weight dtype, or its scales' for quantized layers."""
+    if "scales" in linear:
+        return linear.scales.dtype
+    return linear.weight.dtype
+
+
 def make_norm(kind: str, dims: int) -> nn.Module:
     if kind == "layer_norm":
         return nn.LayerNorm(dims, eps=1e-5)

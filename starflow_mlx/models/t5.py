@@ -21,6 +21,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from starflow_mlx.config import ConfigError
+from starflow_mlx.models.layers import compute_dtype
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
 # Hugging Face's T5Config defaults, applied when a config.json omits a key.
@@ -47,6 +48,7 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
     dtype: str = "float32"  # how the weights (all but the norms) are stored
+    quantization: dict[str, Any] | None = None  # which layers are quantized (see starflow_mlx.quantize.policy)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
@@ -235,7 +237,7 @@ class T5Stack(nn.Module):
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
-        dtype = self.embed_tokens.weight.dtype
+        dtype = compute_dtype(self.embed_tokens)
         x = self.embed_tokens(input_ids).astype(mx.float32)
         bias = self.block[0].layer[0].SelfAttention.compute_bias(input_ids.shape[1]).astype(dtype)
         if attention_mask is not None:
@@ -260,5 +262,6 @@ class T5Encoder(nn.Module):
 
     def cast(self, dtype: mx.Dtype) -> None:
         """Cast every weight but the norms (kept in float32) to ``dtype``."""
-        self.update(tree_unflatten([(name, w if name.endswith(NORM_SUFFIX) else w.astype(dtype))
+        self.update(tree_unflatten([(name, w if name.endswith(NORM_SUFFIX) or not mx.issubdtype(w.dtype, mx.floating)
+                                     else w.astype(dtype))
                                     for name, w in tree_flatten(self.parameters())]))

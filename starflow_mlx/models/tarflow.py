@@ -13,16 +13,9 @@ import mlx.nn as nn
 
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.models.kv_cache import KVCache, position_mask
-from starflow_mlx.models.layers import AttentionBlock, RMSNorm
+from starflow_mlx.models.layers import AttentionBlock, RMSNorm, compute_dtype
 
 INV_SOFTPLUS_1 = 0.541324854612918  # log(e - 1): the scale is exactly 1 when the network outputs 0
-
-
-def compute_dtype(linear: nn.Module) -> mx.Dtype:
-    """Activation dtype of a layer: its weight dtype, or its scales' for quantized layers."""
-    if "scales" in linear:
-        return linear.scales.dtype
-    return linear.weight.dtype
 
 
 def make_layers(config: FlowConfig, channels: int, heads: int, kv_heads: int, count: int) -> list[AttentionBlock]:
