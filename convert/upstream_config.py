@@ -59,7 +59,10 @@ def _int_list(value: Any) -> list[int]:
 
 
 def vae_factor(vae: str | None) -> int:
-    name = (vae or "").split(":")[0]
+    """Spatial downsampling of a VAE by name; a model without a VAE works on pixels (factor 1)."""
+    if not vae:
+        return 1
+    name = vae.split(":")[0]
     for prefix, factor in VAE_FACTORS.items():
         if name.startswith(prefix):
             return factor
