@@ -21,24 +21,12 @@ def convert(
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size (32, 64, 128)."),
 ) -> None:
     """Convert an upstream checkpoint into an MLX model folder (streams tensors; never runs pickled code)."""
-    from starflow_mlx.convert.flow_checkpoint import convert_checkpoint
+    from starflow_mlx.convert.full_model import build_model_folder
 
-    if (text_encoder is None) != (vae is None):
-        raise ValueError("pass both --text-encoder and --vae for a full model folder, or neither for a flow-only one")
     if quantize is not None:
         from starflow_mlx.quantize.policy import check_setting
 
         check_setting(quantize, group_size)
-    flow_dtype = "float16" if quantize is not None else dtype
-    cfg = convert_checkpoint(checkpoint, config, output, dtype=flow_dtype, vae_factor=vae_factor)
-    typer.echo(f"flow: {sum(cfg.layers_per_block)} layers in {cfg.num_blocks} blocks, {cfg.channels} channels -> {output}")
-    if text_encoder is not None:
-        from starflow_mlx.convert.full_model import add_components
-
-        add_components(output, text_encoder=text_encoder, vae=vae, decoder=decoder, dtype=dtype)
-        typer.echo(f"added text encoder ({text_encoder}) and VAE ({vae})")
-    if quantize is not None:
-        from starflow_mlx.quantize.quantize_folder import quantize_in_place
-
-        summary = quantize_in_place(output, bits=quantize, group_size=group_size)
-        typer.echo(f"quantized: {summary}")
+    summary = build_model_folder(checkpoint, config, output, text_encoder=text_encoder, vae=vae, decoder=decoder,
+                                 dtype=dtype, vae_factor=vae_factor, quantize=quantize, group_size=group_size)
+    typer.echo(f"{output}: {summary}")

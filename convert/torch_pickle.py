@@ -15,7 +15,7 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,66 +24,82 @@ class CheckpointError(ValueError):
     """The file is not a checkpoint this reader can load safely."""
 
 
-# Storage classes by name -> (dtype name, numpy dtype). bfloat16 has no numpy dtype: its bits come back as uint16.
+# dtype name -> numpy dtype holding its values. Formats numpy lacks come back as same-size unsigned bit patterns.
+NUMPY = {name: np.dtype(dt) for name, dt in {
+    "float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16,
+    "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8, "complex64": np.complex64, "complex128": np.complex128,
+    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8,
+    "uint64": np.uint64, "uint32": np.uint32, "uint16": np.uint16, "uint8": np.uint8, "bool": np.bool_,
+}.items()}
+
+# Typed storage classes, as torch pickles them for the classic dtypes.
 STORAGES = {
-    "FloatStorage": ("float32", np.float32), "DoubleStorage": ("float64", np.float64),
-    "HalfStorage": ("float16", np.float16), "BFloat16Storage": ("bfloat16", np.uint16),
-    "LongStorage": ("int64", np.int64), "IntStorage": ("int32", np.int32), "ShortStorage": ("int16", np.int16),
-    "CharStorage": ("int8", np.int8), "ByteStorage": ("uint8", np.uint8), "BoolStorage": ("bool", np.bool_),
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128", "LongStorage": "int64",
+    "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
-NUMPY = {name: dt for name, dt in STORAGES.values()}
 
 
-@dataclass(frozen=True)
-class StorageType:
-    dtype: str
+# The stand-ins are tuples: pickle's BUILD opcode cannot mutate them, so a hostile pickle cannot retarget one.
+class TorchType(NamedTuple):
+    """A torch storage class or dtype referenced by the pickle; ``dtype`` is None for untyped (byte) storage."""
+
+    kind: str  # "storage" or "dtype"
+    dtype: str | None
 
 
-@dataclass
-class Storage:
+class Storage(NamedTuple):
     key: str
+    dtype: str | None
+    nbytes: int
+
+
+class _Tensor(NamedTuple):
+    storage: Storage
     dtype: str
-    numel: int
-
-
-@dataclass
-class TensorRef:
-    """A tensor in a checkpoint, read on demand."""
-
-    name: str
-    dtype: str
+    offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    offset: int
-    storage: Storage
-    archive: "TorchCheckpoint" = field(repr=False, default=None)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(NUMPY[self.dtype]).itemsize
-
-    def read(self) -> np.ndarray:
-        """The tensor's values (bfloat16 as uint16 bit patterns), contiguous."""
-        return self.archive.read_tensor(self)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
+def _ints(values: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(values, tuple) or not all(isinstance(v, int) and v >= 0 for v in values):
+        raise CheckpointError(f"checkpoint rebuilds a tensor with a bad {what}: {values!r:.80}")
+    return tuple(int(v) for v in values)
+
+
+def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None) -> _Tensor:
     if not isinstance(storage, Storage):
         raise CheckpointError("checkpoint rebuilds a tensor from something that is not a storage")
-    return TensorRef("", storage.dtype, tuple(int(s) for s in size), tuple(int(s) for s in stride),
-                     int(storage_offset), storage)
+    dtype = dtype or storage.dtype
+    if dtype is None or (storage.dtype is not None and storage.dtype != dtype):
+        raise CheckpointError(f"checkpoint rebuilds a {dtype} tensor from a {storage.dtype or 'untyped'} storage")
+    shape, stride = _ints(size, "shape"), _ints(stride, "stride")
+    if len(shape) != len(stride):
+        raise CheckpointError(f"checkpoint rebuilds a tensor whose shape {shape} and stride {stride} disagree")
+    return _Tensor(storage, dtype, _ints((offset,), "storage offset")[0], shape, stride)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *_unused):
-    return _rebuild_tensor(storage, storage_offset, size, stride)
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
+    return _tensor(storage, storage_offset, size, stride, None)
 
 
-def _rebuild_parameter(data, *_unused):
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *_ignored):
+    if not (isinstance(dtype, TorchType) and dtype.kind == "dtype"):
+        raise CheckpointError(f"checkpoint rebuilds a tensor with an unknown dtype {dtype!r:.80}")
+    return _tensor(storage, storage_offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data, *_ignored):
     return data
 
 
-def _ordered_dict(*args):
-    return collections.OrderedDict(*args)
+def _encode(text, encoding="utf-8"):
+    """Protocol 2 pickles bytes as ``_codecs.encode(text, "latin1")``; no other codec is needed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError(f"refusing to load checkpoint: it encodes data with the {encoding!r:.40} codec")
+    return text.encode("latin1")
 
 
 SAFE_GLOBALS: dict[tuple[str, str], Any] = {
@@ -92,17 +108,27 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("collections", "OrderedDict"): _ordered_dict,
-    **{("torch", name): StorageType(dtype) for name, (dtype, _) in STORAGES.items()},
+    ("torch.storage", "UntypedStorage"): TorchType("storage", None),
+    ("torch", "UntypedStorage"): TorchType("storage", None),
+    ("torch", "Size"): tuple,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("_codecs", "encode"): _encode,
+    **{("torch", name): TorchType("storage", dtype) for name, dtype in STORAGES.items()},
+    **{("torch", name): TorchType("dtype", name) for name in NUMPY},
 }
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, stream, storages: dict[str, int]):
+    def __init__(self, stream, storages: dict[str, zipfile.ZipInfo]):
         super().__init__(stream)
         self._storages = storages
 
     def find_class(self, module: str, name: str):
+        if module == "__builtin__":  # protocol 2, which torch.save uses, writes Python 2's module name
+            module = "builtins"
         try:
             return SAFE_GLOBALS[(module, name)]
         except KeyError:
@@ -110,32 +136,70 @@ class _SafeUnpickler(pickle.Unpickler):
                                   "which is not a tensor or plain container") from None
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], TorchType) and pid[1].kind == "storage"):
             raise CheckpointError(f"refusing to load checkpoint: unexpected persistent reference {pid!r:.80}")
         _, kind, key, _location, numel = pid
-        if str(key) not in self._storages:
-            raise CheckpointError(f"checkpoint references storage {key}, which the archive does not contain")
-        return Storage(str(key), kind.dtype, int(numel))
+        if not isinstance(key, (str, int)) or str(key) not in self._storages:
+            raise CheckpointError(f"checkpoint references storage {key!r:.40}, which the archive does not contain")
+        if not isinstance(numel, int) or numel < 0:
+            raise CheckpointError(f"checkpoint gives storage {key} a bad size {numel!r:.40}")
+        itemsize = NUMPY[kind.dtype].itemsize if kind.dtype else 1
+        return Storage(str(key), kind.dtype, numel * itemsize)
 
 
-def _flatten(obj: Any, prefix: str, tensors: dict, extras: dict) -> None:
-    if isinstance(obj, TensorRef):
-        obj.name = prefix
-        tensors[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors, extras)
-    else:
-        extras[prefix] = obj
+@dataclass
+class TensorRef:
+    """A tensor in a checkpoint, read on demand. ``stride`` and ``storage_offset`` count elements."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_key: str
+    storage_offset: int
+    storage_nbytes: int = field(repr=False)
+    archive: TorchCheckpoint = field(repr=False, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * NUMPY[self.dtype].itemsize
+
+    def read(self) -> np.ndarray:
+        """The tensor's values as a new contiguous array (bfloat16 and float8 as unsigned bit patterns)."""
+        return self.archive.read_tensor(self)
 
 
 class TorchCheckpoint:
-    """Open with a ``with`` block; ``tensors`` maps flat names to :class:`TensorRef`."""
+    """Open with a ``with`` block; ``tensors`` maps flat names to :class:`TensorRef`, ``extras`` holds the rest."""
 
     WRAPPERS = ("model", "state_dict", "module", "ema")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._file = None
+        root = self._load_index()
+        self.tensors: dict[str, TensorRef] = {}
+        self.extras: dict[str, Any] = {}
+        if isinstance(root, dict) and not any(isinstance(v, _Tensor) for v in root.values()):
+            wrapped = [k for k in self.WRAPPERS if isinstance(root.get(k), dict)]
+            if len(wrapped) == 1:
+                self.extras.update((str(k), v) for k, v in root.items() if k != wrapped[0])
+                root = root[wrapped[0]]
+        if not isinstance(root, dict):
+            self.close()
+            raise CheckpointError(f"{self.path} does not hold a state dict (found {type(root).__name__})")
+        try:
+            self._flatten(root, "", set())
+        except RecursionError:
+            self.close()
+            raise CheckpointError(f"{self.path}: the state dict is nested too deeply") from None
+        except CheckpointError:
+            self.close()
+            raise
+
+    def _load_index(self) -> Any:
+        """Check the archive, keep its storage entries, and unpickle data.pkl into stand-ins."""
         if not self.path.is_file():
             raise CheckpointError(f"checkpoint {self.path} not found")
         with open(self.path, "rb") as f:
@@ -143,85 +207,97 @@ class TorchCheckpoint:
         if not head:
             raise CheckpointError(f"{self.path} is empty")
         if not zipfile.is_zipfile(self.path):
-            if head[:1] == b"\x80":
+            if head[:1] == b"\x80":  # a bare pickle: what torch.save wrote before its zip format
                 raise CheckpointError(f"{self.path} uses torch's legacy format: re-save it with "
                                       "torch.save(state, path, _use_new_zipfile_serialization=True)")
-            raise CheckpointError(f"{self.path} is not a PyTorch checkpoint (not a zip archive), or it is truncated")
+            if head == b"PK\x03\x04":
+                raise CheckpointError(f"{self.path} is a truncated or corrupt zip archive")
+            raise CheckpointError(f"{self.path} is not a PyTorch checkpoint (not a zip archive)")
         try:
-            self._zip = zipfile.ZipFile(self.path)
-            names = self._zip.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise CheckpointError(f"{self.path} is a corrupt zip archive ({exc})") from None
-        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pkl) != 1:
-            self._zip.close()
-            raise CheckpointError(f"{self.path} is a zip archive but not a torch.save checkpoint (no data.pkl)")
-        self._prefix = pkl[0][: -len("data.pkl")]
-        self._members = {n[len(self._prefix) + len("data/"):]: n for n in names
-                         if n.startswith(self._prefix + "data/")}
-        self._file = open(self.path, "rb")
-        try:
-            with self._zip.open(pkl[0]) as stream:
-                root = _SafeUnpickler(stream, self._members).load()
+            with zipfile.ZipFile(self.path) as archive:
+                infos = archive.infolist()
+                pkl = [i.filename for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+                if len(pkl) != 1:
+                    raise CheckpointError(f"{self.path} is a zip archive but not a torch.save checkpoint "
+                                          f"({'no' if not pkl else 'more than one'} data.pkl)")
+                prefix = pkl[0][: -len("data.pkl")]
+                self._members = {i.filename[len(prefix) + 5:]: i for i in infos
+                                 if i.filename.startswith(prefix + "data/")}
+                names = {i.filename for i in infos}
+                order = archive.read(prefix + "byteorder") if prefix + "byteorder" in names else b"little"
+                self._swap = order.strip() == b"big"
+                with archive.open(pkl[0]) as stream:
+                    root = _SafeUnpickler(stream, self._members).load()
         except CheckpointError:
-            self.close()
             raise
-        except Exception as exc:  # truncated or malformed pickles raise many kinds of errors
-            self.close()
-            raise CheckpointError(f"{self.path}: cannot read data.pkl ({type(exc).__name__}: {exc})") from None
-        if isinstance(root, dict):
-            inner = [k for k in self.WRAPPERS if isinstance(root.get(k), dict)]
-            if len(inner) == 1 and not any(isinstance(v, TensorRef) for v in root.values()):
-                root = root[inner[0]]
-        if not isinstance(root, dict):
-            self.close()
-            raise CheckpointError(f"{self.path} does not hold a state dict (found {type(root).__name__})")
-        self.tensors: dict[str, TensorRef] = {}
-        self.extras: dict[str, Any] = {}
-        _flatten(root, "", self.tensors, self.extras)
-        for ref in self.tensors.values():
-            ref.archive = self
+        except Exception as exc:  # damaged archives and malformed pickles raise many kinds of errors
+            raise CheckpointError(f"{self.path}: cannot read the checkpoint index ({type(exc).__name__}: {exc})"
+                                  ) from None
+        self._file = open(self.path, "rb")
+        self._starts: dict[str, int] = {}
+        return root
 
-    def _data_offset(self, member: str) -> tuple[int, int]:
-        """Byte offset and size of a stored (uncompressed) member's data in the file."""
-        info = self._zip.getinfo(member)
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{self.path}: storage {member} is compressed, which torch.save never does")
-        self._file.seek(info.header_offset)
-        header = self._file.read(30)
-        if len(header) < 30 or header[:4] != b"PK\x03\x04":
-            raise CheckpointError(f"{self.path}: damaged zip entry for {member}")
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        return info.header_offset + 30 + name_len + extra_len, info.file_size
+    def _flatten(self, obj: dict, prefix: str, active: set[int]) -> None:
+        if id(obj) in active:
+            raise CheckpointError(f"{self.path}: the state dict contains itself")
+        active.add(id(obj))
+        for key, value in obj.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, _Tensor):
+                # torch memoizes tensors, so tied weights arrive as one object under two names: one handle each.
+                self.tensors[name] = TensorRef(name, value.dtype, value.shape, value.stride, value.storage.key,
+                                               value.offset, value.storage.nbytes, self)
+            elif isinstance(value, dict):
+                self._flatten(value, name, active)
+            else:
+                self.extras[name] = value
+        active.discard(id(obj))
+
+    def _data_start(self, key: str) -> int:
+        """Byte offset of a stored (uncompressed) storage entry's data in the file."""
+        if key not in self._starts:
+            info = self._members[key]
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+                raise CheckpointError(f"{self.path}: storage {key} is compressed or encrypted, "
+                                      "which torch.save never does")
+            self._file.seek(info.header_offset)
+            header = self._file.read(30)
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{self.path}: damaged zip entry for storage {key}")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])  # the local extra field pads for alignment
+            self._starts[key] = info.header_offset + 30 + name_len + extra_len
+        return self._starts[key]
 
     def read_tensor(self, ref: TensorRef) -> np.ndarray:
-        dtype = np.dtype(NUMPY[ref.dtype])
-        start, size = self._data_offset(self._members[ref.storage.key])
-        if not ref.shape:
-            extent = 1
-        elif 0 in ref.shape:
+        if self._file is None or self._file.closed:
+            raise CheckpointError(f"{self.path} is closed: read tensors inside the `with` block")
+        dtype = NUMPY[ref.dtype]
+        if 0 in ref.shape:
             return np.zeros(ref.shape, dtype)
-        else:
-            extent = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
-        first, count = ref.offset * dtype.itemsize, extent * dtype.itemsize
-        if first + count > size:
-            raise CheckpointError(f"{self.path}: tensor {ref.name} lies outside its storage (file truncated?)")
-        self._file.seek(start + first)
-        raw = self._file.read(count)
-        if len(raw) != count:
-            raise CheckpointError(f"{self.path}: tensor {ref.name} is truncated")
-        flat = np.frombuffer(raw, dtype=dtype)
-        if not ref.shape:
-            return flat[0:1].reshape(()).copy()
-        strided = np.lib.stride_tricks.as_strided(flat, ref.shape, [s * dtype.itemsize for s in ref.stride])
-        return np.ascontiguousarray(strided)
+        extent = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))  # elements from first to last
+        first, count = ref.storage_offset * dtype.itemsize, extent * dtype.itemsize
+        stored = min(self._members[ref.storage_key].file_size, ref.storage_nbytes)
+        if first + count > stored:
+            raise CheckpointError(f"{self.path}: tensor {ref.name} needs bytes {first}..{first + count} of storage "
+                                  f"{ref.storage_key}, which holds {stored} (truncated checkpoint?)")
+        buf = np.empty(extent, dtype)
+        view, got = memoryview(buf.view(np.uint8)), 0
+        self._file.seek(self._data_start(ref.storage_key) + first)
+        while got < count:
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise CheckpointError(f"{self.path}: tensor {ref.name} is truncated (file ends early)")
+            got += n
+        if self._swap:
+            buf.byteswap(inplace=True)
+        strided = np.lib.stride_tricks.as_strided(buf, ref.shape, [s * dtype.itemsize for s in ref.stride])
+        return strided if strided.flags.c_contiguous else strided.copy()  # copy only non-contiguous views
 
     def close(self) -> None:
-        for handle in ("_file", "_zip"):
-            if hasattr(self, handle):
-                getattr(self, handle).close()
+        if self._file is not None:
+            self._file.close()
 
-    def __enter__(self) -> "TorchCheckpoint":
+    def __enter__(self) -> TorchCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:
