@@ -97,7 +97,7 @@ class Pipeline:
         h, w = latent_size(self.config, aspect_ratio)
         return (count, h, w, self.config.in_channels)
 
-    def generate(
+    def sample(
         self,
         prompt: str,
         *,
@@ -110,8 +110,8 @@ class Pipeline:
         jacobi_threshold: float = 0.005,
         jacobi_max_iter: int = 32,
         progress: Callable[..., None] | None = None,
-    ) -> list[Image.Image]:
-        """Images for ``prompt`` (a class name for class models); same arguments, same pixels."""
+    ) -> mx.array:
+        """Denoised samples in the flow's data space (latents, or pixels in [-1, 1] x pixel_scale)."""
         if num_images < 1:
             raise ValueError("num_images must be at least 1")
         cfg = self.config.cfg if cfg is None else cfg
@@ -124,15 +124,25 @@ class Pipeline:
         z = mx.random.normal(shape, key=mx.random.key(seed))
         x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                               jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, progress=progress)
+        if not self.manifest.source.get("finetuned_decoder"):
+            x = score_denoise(self.flow, x, y, self.config.noise_std)
+        return x
+
+    def generate(self, prompt: str, *, progress: Callable[..., None] | None = None, **options) -> list[Image.Image]:
+        """Images for ``prompt`` (a class name for class models); same arguments, same pixels.
+
+        Options are those of :meth:`sample`: seed, cfg, aspect_ratio, num_images, jacobi,
+        jacobi_block_size, jacobi_threshold, jacobi_max_iter.
+        """
+        x = self.sample(prompt, progress=progress, **options)
+        report = progress or (lambda *a, **k: None)
         report("decode", 0, 1)
-        images = self.decode(x, y)
+        images = self.decode(x)
         report("decode", 1, 1)
         return images
 
-    def decode(self, x: mx.array, y: mx.array) -> list[Image.Image]:
-        """Denoise the flow's noisy samples and turn them into 8-bit images."""
-        if not self.manifest.source.get("finetuned_decoder"):
-            x = score_denoise(self.flow, x, y, self.config.noise_std)
+    def decode(self, x: mx.array) -> list[Image.Image]:
+        """Samples in the flow's data space -> 8-bit images."""
         if self.vae is not None:
             pixels = self.vae.decode(x)
         else:
