@@ -93,17 +93,18 @@ class Trainer:
     def _compile(self) -> None:
         train, n_classes = self.train, len(self.data.classes)
         empty = mx.array(np.eye(n_classes + 1, dtype=np.float32)[n_classes])
-        state = [self.model.state, self.optimizer.state, mx.random.state]
+        state = [self.model.state, self.optimizer.state]
 
-        def loss_fn(model, x, y):
-            x = x + train.noise_std * mx.random.normal(x.shape)
-            drop = mx.random.uniform(shape=(x.shape[0], 1, 1)) < train.drop_label
+        def loss_fn(model, x, y, key):
+            k_noise, k_drop = mx.random.split(key)
+            x = x + train.noise_std * mx.random.normal(x.shape, key=k_noise)
+            drop = mx.random.uniform(shape=(x.shape[0], 1, 1), key=k_drop) < train.drop_label
             y = mx.where(drop, empty, y)
             return mx.mean(nll_per_dim(model, x, y))
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(x, y):
-            loss, grads = nn.value_and_grad(self.model, loss_fn)(self.model, x, y)
+        def step(x, y, key):
+            loss, grads = nn.value_and_grad(self.model, loss_fn)(self.model, x, y, key)
             grads, norm = optim.clip_grad_norm(grads, train.grad_clip)
             self.optimizer.update(self.model, grads)
             return loss, norm
@@ -111,19 +112,20 @@ class Trainer:
         self._step = step
         self._state = state
 
-    def batch(self, step: int) -> tuple[mx.array, mx.array]:
-        """Batch for a given step: fixed by the seed, so a resumed run sees the same data."""
+    def batch(self, step: int) -> tuple[mx.array, mx.array, mx.array]:
+        """Data and random key for a given step: fixed by the seed, so a resumed run is identical."""
         rng = np.random.default_rng((self.train.seed, step))
         idx = rng.choice(len(self.data), size=self.train.batch_size, replace=len(self.data) < self.train.batch_size)
-        return mx.array(self.data.images[idx]), mx.array(self.y_all[idx])
+        key = mx.random.key(int(rng.integers(2**31)))
+        return mx.array(self.data.images[idx]), mx.array(self.y_all[idx]), key
 
     def run(self, steps: int | None = None, on_step: Callable[[int, float], None] | None = None) -> list[float]:
         """Train until ``steps`` (default: the configured total); returns the losses of this call."""
         losses = []
         end = self.train.steps if steps is None else min(self.train.steps, steps)
         while self.step < end:
-            x, y = self.batch(self.step)
-            loss, _ = self._step(x, y)
+            x, y, key = self.batch(self.step)
+            loss, _ = self._step(x, y, key)
             mx.eval(self._state, loss)
             self.step += 1
             losses.append(loss.item())
@@ -135,13 +137,12 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Model, optimizer, RNG and step, written atomically to ``checkpoints/latest``."""
+        """Model, optimizer and step (the data order and noise follow from it), written atomically to ``checkpoints/latest``."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=self.checkpoint_dir))
         mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
         opt = dict(tree_flatten(self.optimizer.state))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), {k: v for k, v in opt.items()})
-        mx.save_safetensors(str(tmp / "rng.safetensors"), {"key": mx.random.state[0]})
         (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "train": asdict(self.train)}, indent=2))
         final = self.checkpoint_dir / "latest"
         if final.exists():
@@ -159,7 +160,6 @@ class Trainer:
             raise ValueError(f"checkpoint {folder} is for another model shape: resume with its settings")
         self.model.load_weights(str(folder / "model.safetensors"))
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-        mx.random.state[0] = mx.load(str(folder / "rng.safetensors"))["key"]
         self.step = int(meta["step"])
         self._compile()
 
