@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from starflow_mlx.apps.cli import user_errors
 
-
 def register(app) -> None:
     if app.registered_commands:
         return
@@ -18,3 +17,12 @@ def register(app) -> None:
     from starflow_mlx.apps import quantize_cmd
 
     app.command("quantize")(user_errors(quantize_cmd.quantize))
+
+    from starflow_mlx.apps import train_cmd
+
+    app.command("train")(user_errors(train_cmd.train))
+
+    from starflow_mlx.apps import generate_cmd
+
+    app.command("generate")(user_errors(generate_cmd.generate))
+    app.command("score")(user_errors(generate_cmd.score))
