@@ -1,7 +1,7 @@
 """Build a complete model folder: the converted flow plus the T5 encoder, the SD-VAE and a manifest.
 
-Everything is assembled in a temporary folder beside the output and renamed
-into place at the end, so a failure never leaves a half-written model.
+Everything is assembled in a temporary folder and renamed into place at the end, so
+a failure never leaves a half-written model; the manifest is the last file to appear.
 """
 
 from __future__ import annotations
@@ -14,51 +14,94 @@ from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.flow_checkpoint import ConversionError, convert_checkpoint
 from starflow_mlx.convert.t5_weights import convert_t5
 from starflow_mlx.convert.vae_weights import convert_vae
-from starflow_mlx.model_folder import Manifest
+from starflow_mlx.model_folder import MANIFEST, Manifest
 
 TEXT_ENCODER_DIR, VAE_DIR = "text_encoder", "vae"
 
 
+def is_repo_id(source: str | Path) -> bool:
+    text = str(source)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
 def local_component(source: str | Path, role: str) -> Path:
-    """A component as a local folder: an existing path, or a Hugging Face repo fetched through the hub cache."""
+    """A component as a local path: an existing file or folder, or a Hugging Face repo fetched into its cache."""
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if "/" in str(source) and not str(source).startswith((".", "/", "~")):
+    if is_repo_id(source):
         from starflow_mlx.hub import fetch_component
 
         return fetch_component(str(source), role)
     raise ConversionError(f"{role} {source} not found: pass a local folder or a Hugging Face repo id")
 
 
+def check_fit(config: FlowConfig, text_width: int, vae) -> None:
+    """The text encoder and VAE must produce what the flow was trained on."""
+    if text_width != config.txt_dim:
+        raise ConversionError(f"the text encoder makes {text_width}-wide features but the flow reads {config.txt_dim}: "
+                              "it is not the encoder this checkpoint was trained with")
+    if vae.latent_channels != config.in_channels or vae.factor != config.vae_factor:
+        raise ConversionError(f"the VAE makes {vae.latent_channels}-channel latents at 1/{vae.factor} scale but the flow "
+                              f"models {config.in_channels} channels at 1/{config.vae_factor}: wrong VAE")
+
+
 def add_components(folder: str | Path, text_encoder: str | Path, vae: str | Path, decoder: str | Path | None = None,
-                   dtype: str = "float16") -> Manifest:
-    """Convert the text encoder and VAE into ``folder`` (a converted flow) and write its manifest."""
+                   dtype: str = "float16", source: dict | None = None) -> Manifest:
+    """Convert the text encoder and VAE into ``folder`` (a converted flow) and write its manifest.
+
+    ``text_encoder`` and ``vae`` are Hugging Face folders or repo ids; ``decoder`` a fine-tuned
+    VAE decoder (file, folder or repo id). ``source`` adds to what the manifest records about
+    where the parts came from.
+    """
     folder = Path(folder)
     config = FlowConfig.load(folder / "config.json")
-    convert_t5(local_component(text_encoder, "text encoder"), folder / TEXT_ENCODER_DIR, dtype=dtype)
-    convert_vae(local_component(vae, "VAE"), folder / VAE_DIR, dtype=dtype, decoder_src=decoder)
-    manifest = Manifest(
-        kind="text-to-video" if config.num_frames else "text-to-image",
-        text_encoder=TEXT_ENCODER_DIR,
-        vae=VAE_DIR,
-        source={"text_encoder": str(text_encoder), "vae": str(vae),
-                "finetuned_decoder": str(decoder) if decoder else None},
-    )
-    manifest.save(folder)
+    taken = [name for name in (TEXT_ENCODER_DIR, VAE_DIR, MANIFEST) if (folder / name).exists()]
+    if taken:
+        raise ConversionError(f"{folder} already has {taken[0]}: add components to a flow-only folder")
+    staging = Path(tempfile.mkdtemp(prefix=".components.", dir=folder))
+    try:
+        t5 = convert_t5(local_component(text_encoder, "text encoder"), staging / TEXT_ENCODER_DIR, dtype=dtype)
+        decoder_src = local_component(decoder, "fine-tuned decoder") if decoder is not None else None
+        vae_config = convert_vae(local_component(vae, "VAE"), staging / VAE_DIR, dtype=dtype, decoder_src=decoder_src)
+        check_fit(config, t5.d_model, vae_config)
+        manifest = Manifest(
+            kind="text-to-video" if config.num_frames else "text-to-image",
+            text_encoder=TEXT_ENCODER_DIR,
+            vae=VAE_DIR,
+            source={"text_encoder": str(text_encoder), "vae": str(vae),
+                    "finetuned_decoder": str(decoder) if decoder is not None else None, **(source or {})},
+        )
+        manifest.save(staging)
+        moved: list[str] = []
+        try:
+            for name in (TEXT_ENCODER_DIR, VAE_DIR, MANIFEST):
+                (staging / name).rename(folder / name)
+                moved.append(name)
+        except BaseException:
+            for name in moved:
+                (folder / name).rename(staging / name)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
 def build_model_folder(checkpoint: str | Path, config_yaml: str | Path, output: str | Path, *,
                        text_encoder: str | Path | None = None, vae: str | Path | None = None,
                        decoder: str | Path | None = None, dtype: str = "float16", vae_factor: int | None = None,
-                       quantize: int | None = None, group_size: int = 64) -> str:
-    """Convert everything into ``output`` atomically; returns a one-line summary."""
+                       quantize: int | None = None, group_size: int = 64, source: dict | None = None) -> str:
+    """Convert everything into ``output`` atomically; returns a one-line summary.
+
+    ``source`` adds to the manifest's record of where the parts came from.
+    """
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConversionError(f"output {output} already exists and is not empty: choose a new folder or delete it")
     if (text_encoder is None) != (vae is None):
         raise ConversionError("pass both a text encoder and a VAE for a full model folder, or neither")
+    if decoder is not None and vae is None:
+        raise ConversionError("a fine-tuned decoder needs a VAE (--vae) to go with it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -67,7 +110,8 @@ def build_model_folder(checkpoint: str | Path, config_yaml: str | Path, output: 
                                  vae_factor=vae_factor)
         summary = f"flow: {sum(cfg.layers_per_block)} layers in {cfg.num_blocks} blocks, {cfg.channels} channels"
         if text_encoder is not None:
-            add_components(model, text_encoder, vae, decoder, dtype)
+            origin = {"checkpoint": str(checkpoint), "config": str(config_yaml), **(source or {})}
+            add_components(model, text_encoder, vae, decoder, dtype, source=origin)
             summary += f"; text encoder {text_encoder}; VAE {vae}" + (f" with decoder {decoder}" if decoder else "")
         if quantize:
             from starflow_mlx.quantize.quantize_folder import quantize_in_place

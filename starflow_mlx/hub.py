@@ -1,94 +1,234 @@
 """Models by Hugging Face repo id: download once (cached, resumable), convert once, reuse.
 
-Which files make a model, and where each comes from, is listed in one file,
-``registry.json`` beside this module (``STARFLOW_MLX_REGISTRY`` points to
-another). Converted folders live in ``~/.cache/starflow-mlx`` (or
-``STARFLOW_MLX_CACHE``). Offline (``HF_HUB_OFFLINE=1`` or no network), every
-file missing from the Hugging Face cache is listed in one message.
+Which files make a model, and which repo each comes from, is listed in one file,
+``registry.json`` beside this module; a JSON file named by ``STARFLOW_MLX_REGISTRY``
+(same layout) adds or replaces entries; a model's ``revision`` pins its flow repo.
+Downloads go through ``huggingface_hub`` into its cache (``HF_HUB_CACHE``), which
+resumes interrupted files and shows progress.
+Converted folders live in ``~/.cache/starflow-mlx/<org>--<name>--<revision>`` (or under
+``STARFLOW_MLX_CACHE``) and are reused as they are once complete. Offline
+(``HF_HUB_OFFLINE=1``, or no network), every file missing from the Hugging Face cache
+is listed in one message that says how to get it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from starflow_mlx.model_folder import MANIFEST
+
 REGISTRY = Path(__file__).with_name("registry.json")
+REGISTRY_ENV, CACHE_ENV = "STARFLOW_MLX_REGISTRY", "STARFLOW_MLX_CACHE"
+TRUE = {"1", "on", "yes", "true"}
 
 
 class HubError(OSError):
-    """Files a model needs could not be found or downloaded."""
+    """Files a model needs could not be found or downloaded, or the registry is unusable."""
 
 
-def registry() -> dict:
-    path = Path(os.environ.get("STARFLOW_MLX_REGISTRY", REGISTRY))
+@dataclass(frozen=True)
+class HubFile:
+    repo: str
+    filename: str
+    revision: str = "main"
+
+
+# -- registry ------------------------------------------------------------------------------
+def _read_registry(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise HubError(f"model registry {path} cannot be read ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict) \
+            or not isinstance(data.get("components", {}), dict):
+        raise HubError(f"model registry {path} needs 'models' and 'components' objects")
+    return data
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("STARFLOW_MLX_CACHE", "~/.cache/starflow-mlx")).expanduser()
+def load_registry(path: str | Path | None = None) -> dict:
+    """The built-in registry with the entries of ``path`` (or ``$STARFLOW_MLX_REGISTRY``) added on top."""
+    data = _read_registry(REGISTRY)
+    extra = path if path is not None else os.environ.get(REGISTRY_ENV)
+    if extra:
+        more = _read_registry(Path(extra))
+        for key in ("models", "components"):
+            data[key] = {**data.get(key, {}), **more.get(key, {})}
+    return data
 
 
-def download(files: list[tuple[str, str]]) -> dict[tuple[str, str], Path]:
-    """Fetch (repo, filename) pairs into the Hugging Face cache; list every one that cannot be had."""
-    from huggingface_hub import hf_hub_download
-
-    found, missing = {}, []
-    for repo, filename in files:
-        try:
-            found[(repo, filename)] = Path(hf_hub_download(repo, filename))
-        except Exception:  # offline, not found, auth, network: all end in "missing", listed together below
-            missing.append((repo, filename))
-    if missing:
-        listing = ", ".join(f"{r}/{f}" for r, f in missing)
-        commands = "; ".join(f"huggingface-cli download {r} {' '.join(f for rr, f in missing if rr == r)}"
-                             for r in dict.fromkeys(r for r, _ in missing))
-        offline = " (offline mode is on)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
-        raise HubError(f"{len(missing)} file(s) missing from the Hugging Face cache{offline}: {listing}. "
-                       f"Get them on a connected machine with: {commands}; or convert a local checkpoint "
-                       "with starflow convert")
-    return found
-
-
-def _component_files(repo: str) -> list[str]:
-    files = registry().get("components", {}).get(repo)
+def component_files(registry: dict, repo: str, role: str = "component") -> list[HubFile]:
+    files = registry.get("components", {}).get(repo)
     if not files:
-        raise HubError(f"no file list for {repo} in the model registry: download it yourself and pass the folder")
+        raise HubError(f"{role} {repo} is not a local folder and the model registry has no file list for it: "
+                       f"download it ({cli_name()} download {repo}) and pass its folder")
+    return [HubFile(repo, name) for name in files]
+
+
+def model_files(registry: dict, repo_id: str) -> dict[str, list[HubFile]]:
+    """Every file a registry model needs, by role: checkpoint, config, text_encoder, vae, decoder."""
+    models = registry.get("models", {})
+    if repo_id not in models:
+        raise HubError(f"unknown model {repo_id!r}: it is neither a folder here nor a registered Hugging Face model "
+                       f"(known models are {', '.join(sorted(models)) or 'none'}, plus 'demo')")
+    entry = models[repo_id]
+    try:
+        flow, revision = entry["flow"], entry.get("revision", "main")
+        files = {"checkpoint": [HubFile(flow["repo"], flow["checkpoint"], revision)],
+                 "config": [HubFile(flow["repo"], flow["config"], revision)],
+                 "text_encoder": component_files(registry, entry["text_encoder"], "text encoder"),
+                 "vae": component_files(registry, entry["vae"], "VAE"),
+                 "decoder": [HubFile(entry["decoder"]["repo"], entry["decoder"]["file"])] if entry.get("decoder") else []}
+    except (KeyError, TypeError) as exc:
+        raise HubError(f"model registry entry {repo_id} is incomplete (no {exc})") from None
     return files
 
 
-def fetch_component(repo: str, role: str) -> Path:
-    """The local snapshot folder of a text encoder or VAE repo, downloading what it lacks."""
-    paths = download([(repo, f) for f in _component_files(repo)])
-    return paths[(repo, "config.json")].parent
+# -- Hugging Face cache ----------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/starflow-mlx").expanduser()
 
 
-def ensure_model(repo_id: str) -> Path:
-    """A converted model folder for ``repo_id``, built on first use."""
-    models = registry().get("models", {})
-    if repo_id not in models:
-        raise HubError(f"unknown model {repo_id!r}: known models are {', '.join(sorted(models)) or 'none'}, "
-                       "plus 'demo' and local folders")
-    target = cache_root() / repo_id.replace("/", "--")
-    if (target / "starflow.json").is_file():
+def hf_cache_dir() -> Path:
+    """The Hugging Face cache as the environment names it now (huggingface_hub reads it once, at import)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def cli_name() -> str:
+    import huggingface_hub
+
+    major, minor = (int(part) for part in huggingface_hub.__version__.split(".")[:2])
+    return "hf" if (major, minor) >= (0, 34) else "huggingface-cli"
+
+
+def failure_reason(exc: Exception, file: HubFile) -> str:
+    """Why a file could not be had, from huggingface_hub's error classes (named, to work across versions)."""
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    if "GatedRepoError" in kinds:
+        return f"gated: accept its licence on huggingface.co/{file.repo} and run {cli_name()} auth login"
+    if "RepositoryNotFoundError" in kinds:
+        return "no such repo (or it is private)"
+    if "RevisionNotFoundError" in kinds:
+        return f"no revision {file.revision}"
+    if "LocalEntryNotFoundError" in kinds:
+        return ""  # simply not cached: the usual offline case
+    if "EntryNotFoundError" in kinds:
+        return "not in the repo"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def missing_message(missing: list[tuple[HubFile, str]], offline: bool, cache: Path) -> str:
+    """One line: every missing file by repo, and the commands that fetch them."""
+    by_repo: dict[tuple[str, str], list[str]] = {}
+    for file, reason in missing:
+        by_repo.setdefault((file.repo, file.revision), []).append(file.filename + (f" ({reason})" if reason else ""))
+    listing = "; ".join(f"{repo}: {', '.join(names)}" for (repo, _), names in by_repo.items())
+    commands = " && ".join(
+        f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "") + " "
+        + " ".join(f.filename for f, _ in missing if (f.repo, f.revision) == (repo, rev))
+        for repo, rev in by_repo)
+    state = "offline mode is on" if offline else "they could not be downloaded"
+    return (f"{len(missing)} file(s) missing from the Hugging Face cache {cache} ({state}): {listing}. "
+            f"Get them on a connected machine with `{commands}` and copy that cache here, "
+            "or convert a local checkpoint with `starflow convert CKPT --config YAML --text-encoder T5_DIR "
+            "--vae VAE_DIR -o MODEL` and pass --model MODEL")
+
+
+def download(files: list[HubFile]) -> dict[HubFile, Path]:
+    """Local paths of ``files``, fetched into the Hugging Face cache as needed; all failures in one error."""
+    from huggingface_hub import hf_hub_download
+
+    offline, cache = hub_offline(), hf_cache_dir()
+    found: dict[HubFile, Path] = {}
+    missing: list[tuple[HubFile, str]] = []
+    for file in dict.fromkeys(files):
+        try:
+            found[file] = Path(hf_hub_download(file.repo, file.filename, revision=file.revision, cache_dir=cache,
+                                               local_files_only=offline))
+        except (OSError, ValueError) as exc:  # all of huggingface_hub's download errors derive from these
+            missing.append((file, failure_reason(exc, file)))
+    if missing:
+        raise HubError(missing_message(missing, offline, cache))
+    return found
+
+
+def snapshot_dir(path: Path, filename: str) -> Path:
+    """The snapshot folder a cached file sits in (filenames may contain sub-folders)."""
+    for _ in Path(filename).parts:
+        path = path.parent
+    return path
+
+
+# -- public entry points -------------------------------------------------------------------
+def fetch_component(repo: str, role: str, registry: str | Path | None = None) -> Path:
+    """The local snapshot folder of a registered text encoder or VAE repo, downloading what it lacks."""
+    files = component_files(load_registry(registry), repo, role)
+    paths = download(files)
+    return snapshot_dir(paths[files[0]], files[0].filename)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ensure_model(repo_id: str, registry: str | Path | None = None) -> Path:
+    """A converted model folder for a registered repo id: downloaded and converted on first use, then reused."""
+    reg = load_registry(registry)
+    files = model_files(reg, repo_id)
+    entry = reg["models"][repo_id]
+    revision = entry.get("revision", "main")
+    root = cache_root()
+    target = root / f"{repo_id.replace('/', '--')}--{revision}"
+    if (target / MANIFEST).is_file():
         return target
-    entry = models[repo_id]
-    flow = entry["flow"]
-    wanted = [(flow["repo"], flow["checkpoint"]), (flow["repo"], flow["config"])]
-    for role in ("text_encoder", "vae"):
-        wanted += [(entry[role], f) for f in _component_files(entry[role])]
-    if entry.get("decoder"):
-        wanted.append((entry["decoder"]["repo"], entry["decoder"]["file"]))
-    paths = download(wanted)
+    if target.exists():
+        raise HubError(f"{target} holds an incomplete conversion: delete it and run again")
+    paths = download([f for group in files.values() for f in group])
+
+    def origin(role: str) -> str:
+        file = files[role][0]
+        where = snapshot_dir(paths[file], file.filename)
+        return f"{file.repo}@{where.name}" + (f"/{file.filename}" if role in ("checkpoint", "config", "decoder") else "")
 
     from starflow_mlx.convert.full_model import build_model_folder
 
-    decoder = paths[(entry["decoder"]["repo"], entry["decoder"]["file"])] if entry.get("decoder") else None
-    build_model_folder(paths[(flow["repo"], flow["checkpoint"])], paths[(flow["repo"], flow["config"])], target,
-                       text_encoder=paths[(entry["text_encoder"], "config.json")].parent,
-                       vae=paths[(entry["vae"], "config.json")].parent, decoder=decoder,
-                       dtype=entry.get("dtype", "float16"))
+    _log(f"converting {repo_id} into {target} (once; later runs reuse it)")
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        first = {role: group[0] for role, group in files.items() if group}
+        build_model_folder(
+            paths[first["checkpoint"]], paths[first["config"]], staging / "model",
+            text_encoder=snapshot_dir(paths[first["text_encoder"]], first["text_encoder"].filename),
+            vae=snapshot_dir(paths[first["vae"]], first["vae"].filename),
+            decoder=paths[first["decoder"]] if "decoder" in first else None,
+            dtype=entry.get("dtype", "float16"),
+            source={"repo": repo_id, "revision": revision, "checkpoint": origin("checkpoint"),
+                    "config": origin("config"), "text_encoder": origin("text_encoder"), "vae": origin("vae"),
+                    "finetuned_decoder": origin("decoder") if "decoder" in first else None})
+        try:
+            (staging / "model").rename(target)
+        except OSError:
+            if not (target / MANIFEST).is_file():  # not another process that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,4 +1,8 @@
-"""The Hugging Face path, offline: a fake hub cache, converted once, reused; missing files listed in one message."""
+"""Models by Hugging Face repo id, offline against a fake hub cache: converted once, reused; gaps listed at once.
+
+Nothing here reaches the network: HF_HUB_OFFLINE=1 and HF_HUB_CACHE points at a cache
+laid out as huggingface_hub lays it out, holding tiny fake repos.
+"""
 
 import json
 import os
@@ -6,17 +10,27 @@ import shutil
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
 
-from fixtures_model import make_upstream_sources
+from starflow_mlx import hub
+from starflow_mlx.apps.cli import app
+from starflow_mlx.apps.commands import register
+from starflow_mlx.convert.flow_checkpoint import ConversionError
+from starflow_mlx.loading import load_flow
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+register(app)
+runner = CliRunner()
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-CLI = [sys.executable, "-c", "from starflow_mlx.apps.cli import main; main()"]
+VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def add_to_cache(cache, repo, files):
-    """Lay files out the way huggingface_hub caches a repo snapshot."""
+    """Lay files out the way huggingface_hub caches a snapshot of ``repo``'s main branch."""
     root = cache / f"models--{repo.replace('/', '--')}"
     snap = root / "snapshots" / COMMIT
     snap.mkdir(parents=True)
@@ -27,58 +41,118 @@ def add_to_cache(cache, repo, files):
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def fake_hub(tmp_path_factory):
+    from fixtures_model import make_upstream_sources
+
     tmp = tmp_path_factory.mktemp("hub")
     src = make_upstream_sources(tmp / "src")
     cache = tmp / "hf-cache"
     add_to_cache(cache, "fake/starflow", {"model.pth": src["checkpoint"], "config.yaml": src["config"]})
     t5_files = sorted(p.name for p in src["text_encoder"].iterdir())
     add_to_cache(cache, "fake/t5", {n: src["text_encoder"] / n for n in t5_files})
-    add_to_cache(cache, "fake/vae", {n: src["vae"] / n for n in ("config.json", "diffusion_pytorch_model.safetensors")})
+    add_to_cache(cache, "fake/vae", {n: src["vae"] / n for n in VAE_FILES})
     registry = {
-        "models": {"fake/starflow": {"flow": {"repo": "fake/starflow", "checkpoint": "model.pth", "config": "config.yaml"},
-                                     "text_encoder": "fake/t5", "vae": "fake/vae", "decoder": None, "dtype": "float32"},
-                   "fake/incomplete": {"flow": {"repo": "fake/starflow", "checkpoint": "model.pth",
-                                                "config": "missing.yaml"},
-                                       "text_encoder": "fake/t5", "vae": "fake/absent", "decoder": None}},
-        "components": {"fake/t5": t5_files, "fake/vae": ["config.json", "diffusion_pytorch_model.safetensors"],
-                       "fake/absent": ["config.json"]},
+        "models": {
+            "fake/starflow": {"flow": {"repo": "fake/starflow", "checkpoint": "model.pth", "config": "config.yaml"},
+                              "text_encoder": "fake/t5", "vae": "fake/vae", "decoder": None, "dtype": "float32"},
+            "fake/incomplete": {"flow": {"repo": "fake/starflow", "checkpoint": "model.pth", "config": "missing.yaml"},
+                                "text_encoder": "fake/t5", "vae": "fake/absent"},
+        },
+        "components": {"fake/t5": t5_files, "fake/vae": VAE_FILES, "fake/absent": VAE_FILES},
     }
     (tmp / "registry.json").write_text(json.dumps(registry))
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", STARFLOW_MLX_REGISTRY=str(tmp / "registry.json"),
-               STARFLOW_MLX_CACHE=str(tmp / "converted"))
-    return tmp, env
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "STARFLOW_MLX_REGISTRY": str(tmp / "registry.json"),
+           "STARFLOW_MLX_CACHE": str(tmp / "converted")}
+    return tmp, src, env
 
 
-def run(env, *args):
-    return subprocess.run([*CLI, *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def offline(fake_hub, monkeypatch):
+    tmp, src, env = fake_hub
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return tmp, src
 
 
-def test_offline_download_converts_once_then_reuses(hub):
-    tmp, env = hub
-    first = run(env, "generate", "a cat", "--model", "fake/starflow", "-o", tmp / "a.png")
-    assert first.returncode == 0, first.stderr
-    folder = tmp / "converted" / "fake--starflow"
-    assert (folder / "starflow.json").is_file()
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    second = run(env, "generate", "a cat", "--model", "fake/starflow", "-o", tmp / "b.png")
-    assert second.returncode == 0, second.stderr
-    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not converted again
-    assert (tmp / "a.png").read_bytes() == (tmp / "b.png").read_bytes()
+def test_registry_names_real_files_for_apple_starflow():
+    entry = hub.load_registry()["models"]["apple/starflow"]
+    files = hub.model_files(hub.load_registry(), "apple/starflow")
+    assert entry["flow"]["checkpoint"] == "starflow_3B_t2i_256x256.pth"
+    assert {f.repo for f in files["text_encoder"]} == {"google/flan-t5-xl"}
+    assert {f.filename for f in files["vae"]} == {"config.json", "diffusion_pytorch_model.safetensors"}
 
 
-def test_offline_missing_files_are_listed_in_one_message(hub):
-    tmp, env = hub
-    res = run(env, "generate", "a cat", "--model", "fake/incomplete", "-o", tmp / "c.png")
+def test_converts_once_then_reuses(offline, monkeypatch, tmp_path):
+    tmp, src = offline
+    folder = hub.ensure_model("fake/starflow")
+    assert folder == tmp / "converted" / "fake--starflow--main"
+    manifest = json.loads((folder / "starflow.json").read_text())
+    assert manifest["kind"] == "text-to-image"
+    assert manifest["source"]["checkpoint"] == f"fake/starflow@{COMMIT}/model.pth"
+    assert manifest["source"]["text_encoder"] == f"fake/t5@{COMMIT}"
+    # The converted flow holds exactly the checkpoint's weights.
+    from fixtures_model import FLOW
+    from flow_factory import random_flow
+
+    ours = dict(tree_flatten(load_flow(folder).parameters()))
+    assert all(mx.array_equal(ours[k], v) for k, v in tree_flatten(random_flow(0, **FLOW).parameters()))
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr("starflow_mlx.convert.full_model.build_model_folder", no_second_conversion)
+    assert hub.ensure_model("fake/starflow") == folder
+    res = runner.invoke(app, ["generate", "a cat", "--model", "fake/starflow", "-o", str(tmp_path / "cat.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cat.png").is_file()
+
+
+def test_missing_files_are_listed_in_one_message(fake_hub, tmp_path):
+    tmp, _, env = fake_hub
+    out = tmp_path / "c.png"
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "starflow"), "generate", "a cat",
+                          "--model", "fake/incomplete", "-o", str(out)],
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
-    assert "fake/starflow/missing.yaml" in lines[0] and "fake/absent/config.json" in lines[0]
-    assert "huggingface-cli download" in lines[0] and "offline" in lines[0]
-    assert not (tmp / "c.png").exists() and not (tmp / "converted" / "fake--incomplete").exists()
+    line = lines[0]
+    assert line.startswith("error: 3 file(s) missing from the Hugging Face cache") and "offline mode is on" in line
+    assert "fake/starflow: missing.yaml; fake/absent: config.json, diffusion_pytorch_model.safetensors" in line
+    assert f"{hub.cli_name()} download fake/starflow missing.yaml" in line
+    assert f"{hub.cli_name()} download fake/absent config.json diffusion_pytorch_model.safetensors" in line
+    assert "starflow convert" in line
+    assert not out.exists() and not (tmp / "converted" / "fake--incomplete--main").exists()
 
 
-def test_unknown_repo_names_the_known_ones(hub):
-    tmp, env = hub
-    res = run(env, "generate", "a cat", "--model", "nobody/nothing", "-o", tmp / "d.png")
-    assert res.returncode == 1 and "known models are fake/incomplete, fake/starflow" in res.stderr
+def test_unknown_repo_names_the_known_ones(offline):
+    with pytest.raises(hub.HubError, match="known models are apple/starflow, fake/incomplete, fake/starflow"):
+        hub.ensure_model("nobody/nothing")
+
+
+def test_convert_takes_repo_ids_for_the_components(offline, tmp_path):
+    _, src = offline
+    res = runner.invoke(app, ["convert", str(src["checkpoint"]), "--config", str(src["config"]), "--text-encoder",
+                              "fake/t5", "--vae", "fake/vae", "--dtype", "float32", "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "m" / "starflow.json").read_text())
+    assert manifest["source"]["text_encoder"] == "fake/t5" and manifest["source"]["finetuned_decoder"] is None
+
+
+def test_add_components_leaves_nothing_behind_on_failure(offline, tmp_path):
+    from fixtures_vae import make_tiny_vae
+
+    from starflow_mlx.convert.full_model import add_components
+    from starflow_mlx.convert.flow_checkpoint import convert_checkpoint
+
+    _, src = offline
+    folder = tmp_path / "flow"
+    convert_checkpoint(src["checkpoint"], src["config"], folder, dtype="float32")
+    wrong_vae = make_tiny_vae(tmp_path / "vae2x")  # 2x downsampling; the flow was trained on an 8x VAE
+    with pytest.raises(ConversionError, match="wrong VAE"):
+        add_components(folder, src["text_encoder"], wrong_vae, dtype="float32")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    manifest = add_components(folder, "fake/t5", "fake/vae", dtype="float32")
+    assert manifest.kind == "text-to-image" and (folder / "starflow.json").is_file()
+    with pytest.raises(ConversionError, match="already has text_encoder"):
+        add_components(folder, "fake/t5", "fake/vae")

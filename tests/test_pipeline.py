@@ -1,117 +1,152 @@
-"""The image pipeline and `starflow generate` / `starflow score` on a tiny complete model folder."""
+"""The image pipeline on tiny complete models: text prep and sizes as upstream, sampling, denoising, scoring."""
 
+import dataclasses
 import json
+import math
+import shutil
 
+import mlx.core as mx
 import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
 
-from fixtures_model import make_model_folder
-from starflow_mlx.apps.cli import app
-from starflow_mlx.apps.commands import register
-from starflow_mlx.pipelines.image import Pipeline
-from starflow_mlx.pipelines.png import METADATA_KEY
+from starflow_mlx.config import FlowConfig
+from starflow_mlx.pipelines import image as image_module
+from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline
+from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio, prepare_prompt
+from starflow_mlx.sampling.denoise import score_denoise
 
-torch = pytest.importorskip("torch")
-register(app)
-runner = CliRunner()
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
+    from fixtures_model import make_model_folder
+
     return make_model_folder(tmp_path_factory.mktemp("tiny"))
 
 
-def generate(*args):
-    return runner.invoke(app, ["generate", *map(str, args)])
+@pytest.fixture(scope="module")
+def pipe(model):
+    return Pipeline.from_pretrained(model)
 
 
-def test_model_folder_layout(model):
-    manifest = json.loads((model / "starflow.json").read_text())
-    assert manifest["kind"] == "text-to-image"
-    assert (model / "text_encoder" / "tokenizer").is_dir() and (model / "vae" / "model.safetensors").is_file()
+@pytest.fixture(scope="module")
+def class_model(tmp_path_factory):
+    from fixtures_model import make_class_model_folder
+
+    return make_class_model_folder(tmp_path_factory.mktemp("classes") / "model")
 
 
-def test_generate_writes_png_with_metadata_and_is_deterministic(model, tmp_path):
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    for out in (a, b):
-        res = generate("a cat playing piano", "--model", model, "--seed", 3, "-o", out, "--jacobi-block-size", 8)
-        assert res.exit_code == 0, res.output
-    assert a.read_bytes() == b.read_bytes()
-    with Image.open(a) as img:
-        assert img.size == (32, 32)
-        meta = json.loads(img.text[METADATA_KEY])
-    assert meta["prompt"] == "a cat playing piano" and meta["seed"] == 3 and meta["cfg"] == 2.0
-    res = generate("a cat playing piano", "--model", model, "--seed", 4, "-o", tmp_path / "c.png")
-    assert (tmp_path / "c.png").read_bytes() != a.read_bytes()
+def config(**fields):
+    return FlowConfig(in_channels=4, channels=64, layers_per_block=[1], latent_size=32, head_dim=32, **fields)
 
 
-def test_from_metadata_regenerates_exactly(model, tmp_path):
-    res = generate("a red bicycle", "--model", model, "-n", 3, "--output-dir", tmp_path / "many", "--no-jacobi")
-    assert res.exit_code == 0, res.output
-    files = sorted((tmp_path / "many").glob("*.png"))
-    assert len(files) == 3
-    res = generate("--from-metadata", files[1], "-o", tmp_path / "again.png")
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "again.png").read_bytes() == files[1].read_bytes()
+def test_prompt_templates_only_when_the_config_asks():
+    assert prepare_prompt("a cat", config(), "16:9") == "a cat"
+    assert prepare_prompt("a cat", config(fps_cond=True), None) == "An image:\na cat\n"
+    assert prepare_prompt("a cat", config(fps_cond=True), None, fps=16) == "A video with 16 fps:\na cat\n"
+    assert prepare_prompt("a cat", config(mix_aspect=True), "16:9") == "a cat\n in a 16:9 aspect ratio.\n"
+    every = config(fps_cond=True, cond_noise_level=True, mix_aspect=True, noise_std=0.3)
+    assert prepare_prompt("", every, "1:1") == "Noise Level 300:\nAn image:\n\n\n in a 1:1 aspect ratio.\n"
 
 
-def test_grid_and_aspect_ratio(model, tmp_path):
-    res = generate("x", "--model", model, "-n", 4, "-o", tmp_path / "grid.png", "-a", "2:3")
-    assert res.exit_code == 0, res.output
-    with Image.open(tmp_path / "grid.png") as img:
-        # 2:3 at 32x32 pixels keeps the area: 40 high, 24 wide (multiples of 8), tiled 2x2 with 2 px gaps
-        assert img.size == (2 * 24 + 2, 2 * 40 + 2)
+def test_aspect_ratio_sizes_follow_upstream():
+    cfg = config(mix_aspect=True)  # 256 pixels through an 8x VAE, patch 1: sizes are multiples of 8 pixels
+    for ratio in ASPECT_RATIOS:
+        rw, rh = map(int, ratio.split(":"))
+        h, w = latent_size(cfg, ratio)
+        assert h == round(math.sqrt(256**2 * rh / rw) / 8) and w == round(math.sqrt(256**2 * rw / rh) / 8)
+    assert latent_size(cfg, "1:1") == (32, 32) and latent_size(cfg, "16:9") == (24, 43)
+    assert nearest_aspect_ratio(cfg, 344, 192) == "16:9" and nearest_aspect_ratio(config(), 344, 192) == "1:1"
+    with pytest.raises(ValueError, match="unknown aspect ratio '7:5': use one of 1:1, 2:3"):
+        latent_size(cfg, "7:5")
+    assert latent_size(config(), "1:1") == (32, 32)
+    with pytest.raises(ValueError, match="trained on square images only"):
+        latent_size(config(), "16:9")
 
 
-def test_score_is_the_flow_likelihood(model, tmp_path):
-    pipe = Pipeline.from_pretrained(model)
-    image = pipe.generate("a dog", seed=1, num_images=1)[0]
+def test_generate_is_deterministic_per_seed(pipe):
+    a = pipe.generate("a red bicycle", seed=7, num_images=2, jacobi_block_size=4)
+    b = pipe.generate("a red bicycle", seed=7, num_images=2, jacobi_block_size=4)
+    c = pipe.generate("a red bicycle", seed=8, num_images=2, jacobi_block_size=4)
+    assert [img.size for img in a] == [(32, 32)] * 2 and a[0].mode == "RGB"
+    assert all(np.array_equal(np.array(x), np.array(y)) for x, y in zip(a, b))
+    assert not np.array_equal(np.array(a[0]), np.array(c[0]))
+    assert not np.array_equal(np.array(a[0]), np.array(a[1]))
+
+
+def test_aspect_ratio_changes_the_canvas(pipe):
+    (wide,) = pipe.generate("a beach", aspect_ratio="16:9")
+    assert wide.size == (40, 24)  # 32x32 pixels of area at 16:9, in multiples of 8
+
+
+def test_samples_are_denoised_by_one_score_step(model, pipe):
+    z = mx.random.normal(pipe.noise_shape(1, "1:1"), key=mx.random.key(3))
+    y, y_u = pipe.conditioning("a dog", 1, "1:1")
+    raw = pipe.flow.reverse(z, y, y_uncond=y_u, cfg=2.0)
+    sampled = pipe.sample("a dog", seed=3, jacobi=False)
+    assert mx.allclose(sampled, score_denoise(pipe.flow, raw, y, pipe.config.noise_std), atol=1e-5)
+    manifest = dataclasses.replace(pipe.manifest, source={"finetuned_decoder": "decoder.safetensors"})
+    tuned = Pipeline(model, pipe.flow, manifest, pipe.text_encoder, pipe.vae)
+    assert mx.allclose(tuned.sample("a dog", seed=3, jacobi=False), raw, atol=1e-5)  # the decoder expects noisy latents
+
+
+def test_score_is_the_flows_likelihood_in_bits_per_dim(pipe, tmp_path):
+    (image,) = pipe.generate("a dog", seed=1)
     image.save(tmp_path / "dog.png")
-    res = runner.invoke(app, ["score", str(tmp_path / "dog.png"), "--prompt", "a dog", "--model", str(model)])
-    assert res.exit_code == 0, res.output
-    bpd = float(res.output.split()[0])
-    x = pipe.to_model_input(image)
-    y, _ = pipe.conditioning("a dog", 1, None)
-    expected = -float(pipe.flow.log_prob(x, y)[0].item()) / (np.prod(x.shape[1:]) * np.log(2))
-    assert abs(bpd - expected) < 1e-3
+    x, y = pipe.prepare_score(image, "a dog")
+    assert x.shape == (1, 4, 4, 4)
+    expected = -pipe.flow.log_prob(x, y)[0].item() / (x.size * math.log(2))
+    assert pipe.score(tmp_path / "dog.png", "a dog") == pytest.approx(expected, rel=1e-5)
+    # Any other size is scored at the generation size of the nearest aspect ratio.
+    x_wide, _ = pipe.prepare_score(image.resize((90, 50)), "a dog")
+    assert x_wide.shape == (1, 3, 5, 4)
+    with pytest.raises(ValueError, match="cannot read image"):
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        pipe.score(tmp_path / "broken.png", "a dog")
 
 
-def test_long_prompt_is_truncated_with_a_warning(model):
-    pipe = Pipeline.from_pretrained(model)
-    with pytest.warns(UserWarning, match="cut off"):
-        pipe.generate("word " * 40, num_images=1)
+def test_long_prompt_is_truncated_with_a_warning(pipe):
+    with pytest.warns(UserWarning, match="the rest is cut off"):
+        pipe.generate("a very long prompt about many things " * 8)
 
 
-@pytest.mark.parametrize("args,words", [
-    (["x", "-a", "7:5"], "unknown aspect ratio"),
-    (["x", "--model", "/nonexistent/model"], "not found"),
-    (["x"], "exactly one of"),
-])
-def test_bad_inputs_fail_in_one_line(model, tmp_path, args, words):
-    extra = [] if "--model" in args else ["--model", str(model)]
-    out = [] if args == ["x"] else ["-o", str(tmp_path / "out.png")]
-    res = generate(*args, *extra, *out)
-    assert res.exit_code == 1
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0], res.output
-    assert not list(tmp_path.glob("*.png"))
+def test_bad_options_are_refused(pipe):
+    for options, words in (({"seed": -1}, "seed"), ({"cfg": -1.0}, "cfg"), ({"num_images": 0}, "num_images"),
+                           ({"jacobi_block_size": 0}, "jacobi_block_size")):
+        with pytest.raises(ValueError, match=words):
+            pipe.generate("x", **options)
 
 
-def test_from_metadata_rejects_foreign_images(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
-    for name, words in (("plain.png", "no starflow-mlx generation metadata"), ("broken.png", "cannot read")):
-        res = generate("--from-metadata", tmp_path / name, "-o", tmp_path / "o.png")
-        assert res.exit_code == 1 and words in res.output
-    assert not (tmp_path / "o.png").exists()
+def test_class_models_take_class_names(class_model):
+    pipe = Pipeline.from_pretrained(class_model)
+    images = pipe.generate("1", seed=2, num_images=2)
+    assert [(img.size, img.mode) for img in images] == [((64, 64), "L")] * 2  # 8x8 digits, enlarged to be seen
+    assert pipe.generate("", seed=2)[0].size == (64, 64)  # the empty prompt is the unconditional class
+    y, y_u = pipe.conditioning("2", 1, None)
+    assert y.tolist() == [[[0, 0, 1, 0]]] and y_u.tolist() == [[[0, 0, 0, 1]]]
+    with pytest.raises(ValueError, match="unknown class '9': this model generates 0, 1, 2"):
+        pipe.generate("9")
+    x, _ = pipe.prepare_score(images[0], "1")
+    assert np.allclose(np.array(x)[0, ..., 0], np.array(images[0])[::8, ::8] / 127.5 - 1.0, atol=1e-6)
+    assert math.isfinite(pipe.score(images[0], "1"))
 
 
-def test_manifest_required_for_pipeline(model, tmp_path):
-    flow_only = tmp_path / "flow"
-    flow_only.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (flow_only / name).write_bytes((model / name).read_bytes())
-    res = generate("x", "--model", flow_only, "-o", tmp_path / "o.png")
-    assert res.exit_code == 1 and "starflow.json" in res.output
+def test_not_enough_memory_is_one_line_with_the_numbers(model, monkeypatch):
+    monkeypatch.setattr(image_module, "physical_memory", lambda: 2**20)
+    with pytest.raises(InsufficientMemoryError) as err:
+        Pipeline.from_pretrained(model)
+    message = str(err.value)
+    assert "\n" not in message and "GB of memory but the machine has 0.0 GB" in message
+    assert "starflow quantize" in message
+
+
+def test_video_models_are_refused(class_model, tmp_path):
+    folder = tmp_path / "video"
+    shutil.copytree(class_model, folder)
+    manifest = json.loads((folder / "starflow.json").read_text())
+    (folder / "starflow.json").write_text(json.dumps({**manifest, "kind": "text-to-video"}))
+    with pytest.raises(ValueError, match="text-to-video model"):
+        Pipeline.from_pretrained(folder)
+

@@ -1,4 +1,4 @@
-"""PNG output: generation parameters in text chunks, grids, deterministic atomic writes."""
+"""PNG output: generation parameters in a text chunk, grids, deterministic atomic writes."""
 
 from __future__ import annotations
 
@@ -13,42 +13,66 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 METADATA_KEY = "starflow-mlx"
 
 
-def save_png(image: Image.Image, path: str | Path, params: dict) -> None:
-    """Write ``image`` with ``params`` as JSON metadata; same inputs give the same bytes."""
-    path = Path(path)
-    info = PngImagePlugin.PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(params, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+def _file_mode() -> int:
+    """Permissions a newly created file gets here (mkstemp's are owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_pngs(items: list[tuple[Image.Image, Path, dict]]) -> None:
+    """Write each (image, path, params) with ``params`` as JSON metadata; same inputs give the same bytes.
+
+    Every file is written to a temporary name first and renamed only when all are written,
+    so a failure leaves none of them behind.
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for image, path, params in items:
+            path = Path(path)
+            info = PngImagePlugin.PngInfo()
+            info.add_text(METADATA_KEY, json.dumps(params, sort_keys=True))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            image.save(tmp, format="PNG", pnginfo=info)
+            os.chmod(tmp, _file_mode())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def save_png(image: Image.Image, path: str | Path, params: dict) -> None:
+    save_pngs([(image, Path(path), params)])
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The generation parameters stored by :func:`save_png`."""
+    """The generation parameters stored by :func:`save_pngs`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found")
     try:
         with Image.open(path) as img:
-            text = img.text.get(METADATA_KEY) if hasattr(img, "text") else None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            img.load()
+            text = getattr(img, "text", {}).get(METADATA_KEY)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read {path} as a PNG ({exc})") from None
     if text is None:
         raise ValueError(f"{path} carries no starflow-mlx generation metadata")
     try:
-        return json.loads(text)
+        params = json.loads(text)
     except json.JSONDecodeError:
-        raise ValueError(f"{path} has damaged starflow-mlx metadata") from None
+        params = None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} has damaged starflow-mlx metadata")
+    return params
 
 
 def grid(images: list[Image.Image], pad: int = 2) -> Image.Image:
-    """Tile images in a near-square grid."""
+    """Tile images in a near-square grid, row by row."""
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size

@@ -1,6 +1,8 @@
-"""Text preparation exactly as upstream: templates, aspect-ratio sizes."""
+"""Text and size preparation exactly as upstream samples: prompt templates, aspect ratio -> latent size."""
 
 from __future__ import annotations
+
+import math
 
 from starflow_mlx.config import FlowConfig
 
@@ -8,7 +10,7 @@ ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:2
 
 
 def prepare_prompt(prompt: str, config: FlowConfig, aspect_ratio: str | None, fps: int = 0) -> str:
-    """Apply the templates the model was trained with (fps, noise level, aspect ratio)."""
+    """Apply the templates the model was trained with: only those its config switches on."""
     text = prompt
     if config.fps_cond:
         text = f"A video with {fps} fps:\n{text}\n" if fps > 0 else f"An image:\n{text}\n"
@@ -19,19 +21,44 @@ def prepare_prompt(prompt: str, config: FlowConfig, aspect_ratio: str | None, fp
     return text
 
 
+def check_aspect_ratio(aspect_ratio: str) -> None:
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"unknown aspect ratio {aspect_ratio!r}: use one of {', '.join(ASPECT_RATIOS)}")
+
+
 def nearest_multiple(value: float, base: int) -> int:
     return int(round(value / base)) * base
 
 
 def latent_size(config: FlowConfig, aspect_ratio: str) -> tuple[int, int]:
-    """(height, width) in latent tokens for an aspect ratio, keeping the trained area."""
-    if aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"unknown aspect ratio {aspect_ratio!r}: use one of {', '.join(ASPECT_RATIOS)}")
+    """(height, width) in latent cells for an aspect ratio, keeping the trained pixel area.
+
+    Upstream honours the ratio only for models trained with mixed aspect ratios and
+    samples every other model square; asking such a model for another ratio is an error
+    here rather than being ignored.
+    """
+    check_aspect_ratio(aspect_ratio)
+    if not config.mix_aspect:
+        if aspect_ratio != "1:1":
+            raise ValueError(f"aspect ratio {aspect_ratio}: this model was trained on square images only (use 1:1)")
+        return config.latent_size, config.latent_size
+    factor = max(config.vae_factor, 1)
+    side = config.latent_size * factor
+    multiple = factor * config.patch_size
     rw, rh = map(int, aspect_ratio.split(":"))
     ratio = rw / rh
-    factor = max(config.vae_factor, 1)
-    pixels = config.latent_size * factor
-    multiple = factor * config.patch_size
-    h = nearest_multiple((pixels**2 / ratio) ** 0.5, multiple)
-    w = nearest_multiple((pixels**2 * ratio) ** 0.5, multiple)
+    h = nearest_multiple(math.sqrt(side**2 / ratio), multiple)
+    w = nearest_multiple(math.sqrt(side**2 * ratio), multiple)
     return h // factor, w // factor
+
+
+def nearest_aspect_ratio(config: FlowConfig, width: int, height: int) -> str:
+    """The generation aspect ratio closest to an image's shape (always 1:1 for square-only models)."""
+    if not config.mix_aspect:
+        return "1:1"
+
+    def distance(name: str) -> float:
+        rw, rh = map(int, name.split(":"))
+        return abs(math.log((rw / rh) / (width / height)))
+
+    return min(ASPECT_RATIOS, key=distance)
