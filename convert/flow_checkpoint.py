@@ -8,8 +8,6 @@ built under a temporary name and renamed into place only when complete.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from mlx.utils import tree_flatten
@@ -19,6 +17,7 @@ from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import TensorRef, open_checkpoint
 from starflow_mlx.convert.upstream_config import read_arguments, resolve
 from starflow_mlx.models.starflow import STARFlow
+from starflow_mlx.staging import check_new_folder, staged_folder
 
 WRAPPER_SEGMENTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 DEPRECATED = re.compile(r"^(var|feat_rope(_gen)?\..*|blocks\.\d+\.attn_mask|learnable_self_denoiser\.attn_mask)$")
@@ -78,8 +77,7 @@ def convert_checkpoint(checkpoint: str | Path, config_yaml: str | Path, output: 
     if dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ConversionError(f"output {output} already exists and is not empty: choose a new folder or delete it")
+    check_new_folder(output, ConversionError)
     args = read_arguments(config_yaml)
     with open_checkpoint(checkpoint) as ckpt:
         tensors = flow_tensors(ckpt.tensors)
@@ -92,9 +90,7 @@ def convert_checkpoint(checkpoint: str | Path, config_yaml: str | Path, output: 
         config.dtype = dtype
         shapes = expected_shapes(config)
         check_tensors(tensors, shapes)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-        try:
+        with staged_folder(output, error=ConversionError) as staging:
             entries = [
                 (name, dtype if tensors[name].dtype in DTYPES else tensors[name].dtype, shapes[name],
                  lambda ref=tensors[name]: to_dtype(ref.read(), dtype if ref.dtype in DTYPES else ref.dtype, ref.dtype))
@@ -102,10 +98,4 @@ def convert_checkpoint(checkpoint: str | Path, config_yaml: str | Path, output: 
             ]
             write_safetensors(staging / "model.safetensors", entries, metadata={"format": "mlx"})
             config.save(staging / "config.json")
-            if output.exists():
-                output.rmdir()
-            staging.rename(output)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return config

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,7 @@ from starflow_mlx.config import ConfigError
 from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.models.t5 import NORM_SUFFIX, T5Config, T5Encoder
+from starflow_mlx.staging import check_new_folder, staged_folder
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Single-file and sharded layouts, in the order they are preferred.
@@ -144,8 +144,7 @@ def convert_t5(src_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
     src, out_dir = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise T5ConversionError(f"T5 folder {src} not found")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise T5ConversionError(f"output {out_dir} already exists and is not empty: choose a new folder or delete it")
+    check_new_folder(out_dir, T5ConversionError)
     config = read_config(src)
     config.dtype = dtype
     tok_dir = Path(tokenizer_src) if tokenizer_src is not None else src
@@ -153,7 +152,6 @@ def convert_t5(src_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
     files = weight_files(src)
     where = files[0] if len(files) == 1 else src
     shapes = {name: tuple(arr.shape) for name, arr in tree_flatten(T5Encoder(config).parameters())}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         sources = encoder_sources(files, stack)
         check_sources(sources, shapes, where)
@@ -164,21 +162,14 @@ def convert_t5(src_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
             target = "float32" if name.endswith(NORM_SUFFIX) else dtype
             return name, target, shape, lambda: to_dtype(read(), target, source_dtype)
 
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            write_safetensors(staging / "model.safetensors", [entry(name) for name in sorted(shapes)],
-                              metadata={"format": "mlx"})
-            config.save(staging / "config.json")
-            (staging / "tokenizer").mkdir()
-            for path in tokenizers:
-                shutil.copyfile(path, staging / "tokenizer" / path.name)
-            if out_dir.exists():
-                out_dir.rmdir()
-            staging.rename(out_dir)
+            with staged_folder(out_dir, error=T5ConversionError) as staging:
+                write_safetensors(staging / "model.safetensors", [entry(name) for name in sorted(shapes)],
+                                  metadata={"format": "mlx"})
+                config.save(staging / "config.json")
+                (staging / "tokenizer").mkdir()
+                for path in tokenizers:
+                    shutil.copyfile(path, staging / "tokenizer" / path.name)
         except CheckpointError as exc:  # a tensor the pickle reader finds damaged only when reading it
-            shutil.rmtree(staging, ignore_errors=True)
             raise T5ConversionError(str(exc)) from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return config

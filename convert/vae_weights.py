@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
+from starflow_mlx.staging import check_new_folder, staged_folder
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -145,8 +144,7 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
     if dtype not in DTYPES:
         raise VAEConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise VAEConversionError(f"output {out_dir} already exists and is not empty: choose a new folder or delete it")
+    check_new_folder(out_dir, VAEConversionError)
     config_path, weights_path = diffusers_folder(Path(src))
     config = read_config(config_path)
     config.dtype = dtype
@@ -160,15 +158,7 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
         state.update(decoder)
         check_names(state, shapes, Path(decoder_src))
     weights = {name: to_mlx(name, state[name], shape).astype(DTYPES[dtype]) for name, shape in shapes.items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, error=VAEConversionError) as staging:
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         config.save(staging / "config.json")
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return config

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,6 +17,7 @@ from mlx.utils import tree_flatten
 
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST
+from starflow_mlx.staging import staged_folder
 from starflow_mlx.quantize.policy import (DEFAULT_KEEP, QuantizationError, apply_quantization, check_setting,
                                           describe, plan_quantization)
 
@@ -97,30 +97,12 @@ def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_
                           overrides: dict[str, int] | None = None, text_bits: int | None = 8) -> str:
     """Write a quantized copy of ``src`` to ``output``; returns a one-line summary."""
     check_setting(bits, group_size)
-    src, output = Path(src), Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise QuantizationError(f"output {output} already exists and is not empty: choose a new folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        summary = _write_quantized(src, staging, bits, group_size, overrides, text_bits)
-        if output.exists():
-            output.rmdir()
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return summary
+    with staged_folder(output, error=QuantizationError) as staging:
+        return _write_quantized(Path(src), staging, bits, group_size, overrides, text_bits)
 
 
 def quantize_in_place(folder: str | Path, bits: int, group_size: int = 64,
                       overrides: dict[str, int] | None = None, text_bits: int | None = 8) -> str:
     """Replace a freshly converted folder by its quantized version (used by ``convert --quantize``)."""
-    folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.quantized")
-    summary = quantize_model_folder(folder, staging, bits, group_size, overrides, text_bits)
-    backup = folder.with_name(f".{folder.name}.float")
-    folder.rename(backup)
-    staging.rename(folder)
-    shutil.rmtree(backup)
-    return summary
+    with staged_folder(folder, replace=True) as staging:
+        return _write_quantized(Path(folder), staging, bits, group_size, overrides, text_bits)
