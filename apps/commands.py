@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from starflow_mlx.apps.cli import user_errors
 
+
 def register(app) -> None:
     if app.registered_commands:
         return
@@ -17,6 +18,8 @@ def register(app) -> None:
     from starflow_mlx.apps import quantize_cmd
 
     app.command("quantize")(user_errors(quantize_cmd.quantize))
+
+    from starflow_mlx.apps import export_cmd; app.command("export-coreml")(user_errors(export_cmd.export_coreml))
 
     from starflow_mlx.apps import train_cmd
 

@@ -1,0 +1,158 @@
+"""``manifest.json`` of a Core ML export: what each package is, its shapes, and how to drive them.
+
+The packages only compute; the host owns the loop. The manifest records
+everything the host needs: the sampling order, token order per block, the
+start token, the chunk size, and each function's inputs, outputs and states.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = 1
+COMPUTE_UNITS_KEY = "com.starflow.compute_units"  # also stored in each package's metadata
+ROLE_KEY = "com.starflow.role"
+
+
+class ManifestError(ValueError):
+    """A Core ML export folder is missing its manifest or the manifest is damaged."""
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: list[int]
+    dtype: str  # float16 | float32 | int32
+
+
+@dataclass
+class FunctionInfo:
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    states: list[TensorInfo] = field(default_factory=list)
+
+    def input(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+
+@dataclass
+class PackageInfo:
+    name: str
+    file: str
+    role: str  # deep_block | shallow_block | text_encoder | vae_decoder
+    compute_units: str  # coremltools ComputeUnit name the package is shaped for
+    layout: str  # channels_last (B, S, C) | channels_first (B, C, 1, S) | image
+    functions: dict[str, FunctionInfo]
+    block: int | None = None
+    flip: bool = False  # reverse the token order before the package, and back after
+    sees_text: bool = False
+    guided: bool = False  # batch doubled internally, [cond; uncond] text, 'guidance' input
+    quantized_layers: int = 0  # linears stored as constexpr_blockwise_shift_scale constants
+
+
+@dataclass
+class ExportManifest:
+    source: str
+    kind: str | None
+    batch: int
+    latent_shape: list[int]  # (H, W, C) of one latent, channels-last
+    patch_size: int
+    token_grid: list[int]  # (h, w) tokens
+    token_channels: int
+    text_length: int
+    text_dim: int
+    guided: bool
+    default_cfg: float
+    chunk: int
+    sos: bool
+    start_token: list[float] | None
+    order: list[str]  # flow packages in sampling order: deep first
+    packages: list[PackageInfo]
+    jacobi_threshold: float = 0.005
+    jacobi_max_iter: int = 32
+    classes: list[str] = field(default_factory=list)
+    pixel_scale: float = 1.0
+    drive: list[str] = field(default_factory=list)
+    format: int = FORMAT
+
+    @property
+    def tokens(self) -> int:
+        return self.token_grid[0] * self.token_grid[1]
+
+    def package(self, name: str) -> PackageInfo:
+        for p in self.packages:
+            if p.name == name:
+                return p
+        raise ManifestError(f"manifest has no package {name!r}")
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ExportManifest":
+        path = Path(folder, MANIFEST_FILE)
+        if not path.is_file():
+            raise ManifestError(f"{folder} has no {MANIFEST_FILE}: export it with starflow export-coreml")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT:
+                raise ManifestError(f"{path} has format {data.get('format')}, this version reads {FORMAT}: re-export")
+            data["packages"] = [_package(p) for p in data["packages"]]
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ManifestError(f"{path} is damaged ({exc}): re-export the model") from None
+
+
+def _package(data: dict) -> PackageInfo:
+    functions = {
+        name: FunctionInfo(**{k: [TensorInfo(**t) for t in v] for k, v in spec.items()})
+        for name, spec in data["functions"].items()
+    }
+    return PackageInfo(**{**data, "functions": functions})
+
+
+def drive_steps(m: ExportManifest) -> list[str]:
+    """The sampling loop in words, written into the manifest for other hosts (Swift, C++)."""
+    deep = m.package(m.order[0])
+    names = {p.name for p in m.packages}
+    steps = []
+    if "text_encoder" in names:
+        rows = "[prompts; empty prompts]" if m.guided else "prompts"
+        steps.append(f"text_encoder: tokenize {rows} with tokenizer/ (pad and truncate to {m.text_length}) -> "
+                     "input_ids, attention_mask (int32) -> features, the 'text' of the flow packages.")
+    steps += [
+        f"z: Gaussian latents (batch {m.batch}, {m.latent_shape[0]}, {m.latent_shape[1]}, {m.latent_shape[2]}), "
+        f"channels-last; cut into {m.patch_size}x{m.patch_size} patches -> tokens (batch, {m.tokens}, "
+        f"{m.token_channels}) in row-major (h, w) order, patch pixels ordered (p_row, p_col, channel).",
+        "For each package in 'order': reverse the token axis first when its 'flip' is true, and back afterwards.",
+        f"{deep.name}: state = make_state() (the KV cache, zeros, updated in place by every call).",
+    ]
+    if deep.sees_text:
+        rows = "[cond; uncond] stacked on the batch axis" if deep.guided else "one row per image"
+        steps.append(f"{deep.name}.encode_text(text: features ({rows}, {m.text_length}, {m.text_dim}), state) "
+                     f"fills cache positions 0..{m.text_length - 1}; its 'hidden' output is not needed.")
+    guidance = ", guidance: [cfg]" if deep.guided else ""
+    if m.sos:
+        steps.append(f"x = [start_token; z] (length {m.tokens + 1}). For chunk starts s = 0, {m.chunk}, ...: "
+                     f"repeat {{a, b = {deep.name}.step(tokens: x[:, s:s+{m.chunk}] zero-padded to {m.chunk}, "
+                     f"position: [{m.text_length} + s]{guidance}, state); x[:, s+1:s+1+{m.chunk}] = b + a * z[:, s:s+{m.chunk}]}} "
+                     "until mean((new-old)^2)/mean(new^2) < jacobi_threshold or jacobi_max_iter calls "
+                     "(chunk 1: exactly one call per token, sequential); the result is x[:, 1:].")
+    else:
+        steps.append(f"x[:, 0] = z[:, 0]; for t = 1..N-1: a, b = {deep.name}.step(tokens: x[:, t-1:t], "
+                     f"position: [{m.text_length} + t - 1]{guidance}, state); x[:, t] = b + a * z[:, t].")
+    steps.append("Shallow packages (stateless, channels-first x: (batch, channels, 1, tokens) float16; where "
+                 "declared also text: (rows, text_dim, 1, text_length) and guidance: [cfg]): x = z; repeat "
+                 "{a, b = package(x); x = b + a * z} until the residual is below jacobi_threshold "
+                 "(at most 'tokens' iterations give the exact inverse).")
+    steps.append("Undo the patching: tokens -> latents (batch, H, W, C).")
+    if "vae_decoder" in names:
+        steps.append("vae_decoder: latents -> image (batch, H', W', 3) in about [-1, 1]. The MLX pipeline's "
+                     "score-based denoising (a gradient of the flow) is not part of the export.")
+    else:
+        steps.append(f"Pixel space: image = latents / {m.pixel_scale}, in about [-1, 1].")
+    return steps
