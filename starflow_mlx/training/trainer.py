@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
+from starflow_mlx.staging import staged_folder
 from starflow_mlx.training.data import Dataset, one_hot_labels
 
 LOG2 = math.log(2.0)
@@ -137,17 +136,12 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Model, optimizer and step (the data order and noise follow from it), written atomically to ``checkpoints/latest``."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=self.checkpoint_dir))
-        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
-        opt = dict(tree_flatten(self.optimizer.state))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), {k: v for k, v in opt.items()})
-        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "train": asdict(self.train)}, indent=2))
+        """Model, optimizer and step (the data order and noise follow from it), written atomically to ``latest``."""
         final = self.checkpoint_dir / "latest"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with staged_folder(final, replace=True) as tmp:
+            mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "train": asdict(self.train)}, indent=2))
         return final
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
@@ -170,24 +164,11 @@ class Trainer:
 
     def export(self, output: Path, source: dict | None = None) -> None:
         """Write a model folder (config, weights, manifest), replacing ``output`` only once complete."""
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-        try:
+        with staged_folder(output, replace=True) as tmp:
             self.config.save(tmp / "config.json")
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())),
                                 metadata={"format": "mlx"})
             Manifest(kind="class-to-image", classes=list(self.data.classes), source=source or {}).save(tmp)
-            if output.exists():
-                old = output.with_name(f".{output.name}.old")
-                output.rename(old)
-                tmp.rename(output)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(output)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def evaluate_bits_per_dim(flow: STARFlow, data: Dataset, noise_std: float, batch: int = 256, seed: int = 1) -> float:
