@@ -1,0 +1,95 @@
+"""`starflow bench`: the documented report fields, error lines, and the side-by-side run against upstream."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from starflow_mlx.apps.cli import app
+from starflow_mlx.apps.commands import register
+from starflow_mlx.benchmarks.configs import NAMED
+from starflow_mlx.config import FlowConfig
+
+register(app)
+runner = CliRunner()
+UPSTREAM = Path("/tmp/upstream")
+QUICK = ["--repeats", "1", "--bandwidth-mb", "16", "--json"]
+NO_UPSTREAM = {"STARFLOW_UPSTREAM": ""}
+
+
+def bench(*args, env=NO_UPSTREAM):
+    res = runner.invoke(app, ["bench", *args], env=env)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_tiny_report_fields():
+    result = bench("--config", "tiny", *QUICK)
+    shape = FlowConfig(**NAMED["tiny"])
+    assert result["tokens_per_sample"] == shape.latent_size**2
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert result["bandwidth"]["gb_per_s"] > 0
+    assert result["params_bytes"] == sum(result["block_params_bytes"].values())
+    runs = {r["sampler"]: r for r in result["runs"]}
+    assert set(runs) == {"sequential", "jacobi"}
+    for run in runs.values():
+        assert run["seconds"] > 0 and run["warmup_seconds"] > 0 and len(run["all_seconds"]) == 1
+        assert run["tokens_per_s"] == pytest.approx(result["tokens_per_sample"] / run["seconds"])
+        assert run["peak_memory_bytes"] > 0 and run["rss_peak_bytes"] > run["peak_memory_bytes"]
+        assert [b["block"] for b in run["blocks"]] == [1, 0]  # sampling order: deep block first
+        assert [b["deep"] for b in run["blocks"]] == [True, False]
+        assert sum(b["seconds"] for b in run["blocks"]) <= run["seconds"]
+        for row in run["blocks"]:
+            assert row["bytes_per_step"] == result["block_params_bytes"][str(row["block"])]
+            assert row["bound_seconds"] > 0 and row["bandwidth_fraction"] > 0
+        assert "upstream" not in run
+    assert all(b["steps"] == result["tokens_per_sample"] for b in runs["sequential"]["blocks"])
+    jac = runs["jacobi"]["jacobi"]
+    for row in runs["jacobi"]["blocks"]:
+        per_block = jac["per_block"][str(row["block"])]
+        assert per_block["chunks"] == 1  # 16 tokens fit in one 64-token chunk
+        assert 1 <= per_block["total"] <= 32 and row["steps"] == per_block["total"]
+        assert per_block["traces"] == 1
+    assert jac["total_iterations"] == sum(v["total"] for v in jac["per_block"].values())
+
+
+def test_config_file_and_text_report(tmp_path):
+    path = tmp_path / "config.json"
+    FlowConfig(**{**NAMED["tiny"], "sos": False}).save(path)
+    res = runner.invoke(app, ["bench", "--config", str(path), "--sampler", "sequential", "--repeats", "1",
+                              "--bandwidth-mb", "16"], env=NO_UPSTREAM)
+    assert res.exit_code == 0, res.output
+    assert "sequential:" in res.stdout and "tokens/s" in res.stdout and "jacobi:" not in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope"], "unknown config 'nope'"),
+    (["--config", "tiny", "--sampler", "fast"], "unknown sampler 'fast'"),
+    (["--config", "tiny", "--repeats", "0"], "at least 1"),
+    (["--config", "tiny", "--upstream", "/nonexistent"], "has no transformer_flow.py"),
+])
+def test_bad_options_fail_in_one_line(args, message):
+    res = runner.invoke(app, ["bench", *args], env=NO_UPSTREAM)
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines()[-1].startswith("error: ") and message in res.output
+
+
+def test_jacobi_needs_sos(tmp_path):
+    path = tmp_path / "config.json"
+    FlowConfig(**{**NAMED["tiny"], "sos": False}).save(path)
+    res = runner.invoke(app, ["bench", "--config", str(path)], env=NO_UPSTREAM)
+    assert res.exit_code == 1 and "start-of-sequence" in res.output
+
+
+@pytest.mark.skipif(not (UPSTREAM / "transformer_flow.py").is_file(), reason="no upstream checkout at /tmp/upstream")
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (test extra)")
+def test_side_by_side_with_upstream():
+    result = bench("--config", "tiny", "--cfg", "1.5", *QUICK, env={"STARFLOW_UPSTREAM": str(UPSTREAM)})
+    for run in result["runs"]:
+        up = run["upstream"]
+        assert up["match"], (run["sampler"], up["max_abs_diff"])
+        assert up["max_abs_diff"] < 1e-4
+        assert up["seconds"] > 0 and up["ratio"] == pytest.approx(run["seconds"] / up["seconds"])
+        assert set(up["block_seconds"]) == {"0", "1"} and up["threads"] >= 1
