@@ -48,8 +48,8 @@ def gaussian_baseline_bits(train, test, noise_std: float, seed: int = 1) -> floa
 
 
 def measure(model: str | Path = "demo", per_class: int = 20, jacobi: bool = True, seed: int = 0,
-            grid: Path | None = None) -> dict:
-    pipe = Pipeline.from_pretrained(model)
+            grid: Path | None = None, dtype: str | None = None) -> dict:
+    pipe = Pipeline.from_pretrained(model, dtype=dtype)
     train, test = load_digits_split()
     clf = digit_classifier(train)
     correct, rows = 0, []

@@ -82,11 +82,11 @@ def measure_flow(flow, reference: dict, z, y, y_u, cfg_weight: float) -> dict:
     }
 
 
-def demo_metrics(folder: Path, per_class: int) -> dict:
+def demo_metrics(folder: Path, per_class: int, dtype: str | None) -> dict:
     """Classifier accuracy and test bits/dim for class-conditional pixel models (the digits demo)."""
     from starflow_mlx.benchmarks.demo_quality import measure
 
-    result = measure(folder, per_class=per_class)
+    result = measure(folder, per_class=per_class, dtype=dtype)
     return {"accuracy": result["accuracy"], "test_bits_per_dim": result["bits_per_dim"]}
 
 
@@ -103,6 +103,9 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
     x_ref = ref.reverse(z, y, y_uncond=y_u, cfg=cfg_weight, jacobi=True)
     z_ref, _ = ref.forward(x_ref, y)
     reference = {"x": x_ref, "z": z_ref, "log_prob": ref.log_prob(x_ref, y), "samples": x_ref}
+    # MLX's CPU kernels for quantized products are far slower with float16 scales, so on a CPU the
+    # float parts (scales, biases, kept layers) run in float32; on a GPU they stay as stored.
+    compute = "float32" if mx.default_device() == mx.cpu else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, bits, mode in VARIANTS:
@@ -118,9 +121,9 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
                 if extra.name not in ("config.json", "model.safetensors"):
                     (out / extra.name).symlink_to(extra.resolve())
             row = {"variant": name, "file_mb": (out / "model.safetensors").stat().st_size / 2**20}
-            row.update(measure_flow(load_flow(out), reference, z, y, y_u, cfg_weight))
+            row.update(measure_flow(load_flow(out, dtype=compute), reference, z, y, y_u, cfg_weight))
             if is_demo:
-                row.update(demo_metrics(out, per_class))
+                row.update(demo_metrics(out, per_class, compute))
             rows.append(row)
             mx.clear_cache()
     return rows

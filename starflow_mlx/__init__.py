@@ -7,6 +7,10 @@
 
 __version__ = "0.1.0"
 
+from starflow_mlx.blas import use_system_openblas
+
+use_system_openblas()
+
 # Imported on first use so that `starflow --help` and light imports stay fast.
 _EXPORTS = {
     "load_flow": ("starflow_mlx.loading", "load_flow"),
