@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig
 
-class ConfigError(ValueError):
-    """A config file is missing, unreadable or inconsistent."""
+__all__ = ["ConfigError", "FlowConfig"]
+
+POSITIVE = {"min": 1}
+COUNT = {"min": 0}
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(JSONConfig):
     """Everything the flow needs at inference, with every default already applied.
 
     Sizes are in latent tokens: ``latent_size`` is ``img_size / vae_factor``.
     """
 
-    in_channels: int
-    channels: int
-    layers_per_block: list[int]
-    latent_size: int
-    patch_size: int = 1
-    head_dim: int = 64
-    num_heads: int | None = None
-    num_kv_heads: int | None = None
-    top_block_channels: int | None = None
-    pt_seq_len: int | None = None
-    txt_size: int = 0
-    txt_dim: int = 0
+    LABEL = "model config"
+
+    in_channels: int = field(metadata=POSITIVE)
+    channels: int = field(metadata=POSITIVE)
+    layers_per_block: list[int] = field(metadata={"min": 0, "max_len": 64})
+    latent_size: int = field(metadata=POSITIVE)
+    patch_size: int = field(default=1, metadata=POSITIVE)
+    head_dim: int = field(default=64, metadata=POSITIVE)
+    num_heads: int | None = field(default=None, metadata=POSITIVE)
+    num_kv_heads: int | None = field(default=None, metadata=POSITIVE)
+    top_block_channels: int | None = field(default=None, metadata=POSITIVE)
+    pt_seq_len: int | None = field(default=None, metadata=POSITIVE)
+    txt_size: int = field(default=0, metadata=COUNT)
+    txt_dim: int = field(default=0, metadata=COUNT)
     sos: bool = False
     seq_order: str = "R2L"
     use_softplus: bool = False
@@ -51,17 +53,17 @@ class FlowConfig:
     denoiser_window: int | None = None
     local_attn_window: int | None = None
     # Everything below describes how the model is used rather than its shape.
-    noise_std: float = 0.3
-    cfg: float = 0.0
+    noise_std: float = field(default=0.3, metadata=COUNT)
+    cfg: float = field(default=0.0, metadata=COUNT)
     text_encoder: str | None = None
     vae: str | None = None
-    vae_factor: int = 8
-    num_frames: int = 0
+    vae_factor: int = field(default=8, metadata=POSITIVE)
+    num_frames: int = field(default=0, metadata=COUNT)
     fps_cond: bool = False
     cond_noise_level: bool = False
     mix_aspect: bool = False
-    vae_temporal_scale: float | None = None
-    num_classes: int = 0
+    vae_temporal_scale: float | None = field(default=None, metadata={"min": 1e-3})
+    num_classes: int = field(default=0, metadata=COUNT)
     dtype: str = "float32"
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -125,33 +127,3 @@ class FlowConfig:
         if self.seq_order == "L2R":
             return bool(n % 2) if top else bool((index + 1) % 2)
         return bool((n - 1) % 2) if top else bool(index % 2)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FlowConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: is this a starflow-mlx config.json?")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"incomplete config: {exc}") from None
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FlowConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path} not found: expected the config.json of a converted model folder")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)

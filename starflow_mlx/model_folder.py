@@ -13,11 +13,11 @@ pipeline needs the manifest.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from starflow_mlx.config import ConfigError
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 
 MANIFEST = "starflow.json"
 KINDS = ("text-to-image", "class-to-image", "text-to-video")
@@ -25,13 +25,15 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo"
 
 
 @dataclass
-class Manifest:
+class Manifest(JSONConfig):
+    LABEL = "model manifest"
+
     kind: str
     text_encoder: str | None = None  # sub-folder, for text models
     vae: str | None = None  # sub-folder; None means the flow works in pixel space
     classes: list[str] = field(default_factory=list)  # class names; index len(classes) is the empty class
-    pixel_scale: float = 1.0  # pixel-space models: data = pixels in [-1, 1] times this
-    source: dict = field(default_factory=dict)  # where each part came from (repo ids, files)
+    pixel_scale: float = field(default=1.0, metadata={"min": 1e-3})  # pixel-space models: data = pixels in [-1, 1] times this
+    source: dict[str, Any] = field(default_factory=dict)  # where each part came from (repo ids, files)
     format: int = 1
 
     def __post_init__(self):
@@ -39,7 +41,7 @@ class Manifest:
             raise ConfigError(f"unknown model kind {self.kind!r} in {MANIFEST}: expected one of {', '.join(KINDS)}")
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_json(Path(folder, MANIFEST), asdict(self))
 
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
@@ -47,12 +49,10 @@ class Manifest:
         if not path.is_file():
             raise ConfigError(f"{folder} has no {MANIFEST}: build a full model folder with starflow convert "
                               "--text-encoder/--vae, or use --model demo")
-        try:
-            data = json.loads(path.read_text())
-            known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ConfigError(f"{path} is damaged ({exc})") from None
+        data = read_json(path, "model manifest")
+        if isinstance(data, dict):  # fields added by later versions are ignored, not refused
+            data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        return cls.from_dict(data, str(path))
 
 
 def resolve_model(name: str | Path) -> Path:

@@ -6,8 +6,6 @@ old attention keys and transposing conv kernels (OIHW -> OHWI).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from starflow_mlx.config import ConfigError
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -27,8 +25,10 @@ DIFFUSERS_DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=[64]
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(JSONConfig):
     """Shape and latent scaling of an AutoencoderKL; the defaults are stabilityai/sd-vae-ft-ema's."""
+
+    LABEL = "VAE config"
 
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
     layers_per_block: int = 2
@@ -70,35 +70,14 @@ class VAEConfig:
             types = list(data.get(key, [kind] * blocks))
             if len(types) != blocks or any(t != kind for t in types):
                 raise ConfigError(f"VAE {key} {types} is not supported: expected {blocks} x {kind}")
-        return cls(**merged)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"VAE config has unknown key {unknown[0]!r}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return cls.from_dict(merged)
 
     @classmethod
     def load(cls, path: str | Path) -> "VAEConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path} is unreadable ({exc})") from None
-        if "_class_name" in data:
+        data = read_json(path, cls.LABEL)
+        if isinstance(data, dict) and "_class_name" in data:
             raise ConfigError(f"{path} is a diffusers config: convert the folder with convert_vae first")
-        try:
-            return cls.from_dict(data)
-        except TypeError as exc:
-            raise ConfigError(f"{path} is damaged ({exc})") from None
+        return cls.from_dict(data, str(path))
 
 
 class GroupNorm(nn.GroupNorm):

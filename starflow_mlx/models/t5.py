@@ -9,8 +9,6 @@ flan-t5's activations outgrow float16 (Hugging Face keeps ``wo`` in float32 for 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from starflow_mlx.config import ConfigError
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json
 from starflow_mlx.models.layers import compute_dtype
 
 ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
@@ -34,8 +32,10 @@ NORM_SUFFIX = "layer_norm.weight"
 
 
 @dataclass
-class T5Config:
+class T5Config(JSONConfig):
     """Shape of a T5 encoder; the defaults are google/flan-t5-xl's."""
+
+    LABEL = "T5 config"
 
     vocab_size: int = 32128
     d_model: int = 2048
@@ -79,35 +79,14 @@ class T5Config:
         model_type = data.get("model_type")
         if model_type not in HF_MODEL_TYPES:
             raise ConfigError(f"config.json describes a {model_type or 'model without model_type'}, not a T5 model")
-        return cls(**{**HF_DEFAULTS, **{k: v for k, v in data.items() if k in HF_DEFAULTS}})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "T5Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"T5 config has unknown key {unknown[0]!r}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return cls.from_dict({**HF_DEFAULTS, **{k: v for k, v in data.items() if k in HF_DEFAULTS}})
 
     @classmethod
     def load(cls, path: str | Path) -> "T5Config":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path} is unreadable ({exc})") from None
-        if "model_type" in data:
+        data = read_json(path, cls.LABEL)
+        if isinstance(data, dict) and "model_type" in data:
             raise ConfigError(f"{path} is a Hugging Face config: convert the folder with convert_t5 first")
-        try:
-            return cls.from_dict(data)
-        except TypeError as exc:
-            raise ConfigError(f"{path} is damaged ({exc})") from None
+        return cls.from_dict(data, str(path))
 
 
 def relative_position_bucket(relative_position: mx.array, num_buckets: int, max_distance: int) -> mx.array:
