@@ -145,9 +145,12 @@ class STARFlow(nn.Module):
     def forward(self, x: mx.array, y: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """Map data to noise: ``z`` with ``x``'s shape and log|det dz/dx| per sample (B,)."""
         self._check_input(x, "x")
-        x = self._patchify(x.astype(mx.float32))
+        z, logdet = self._forward_blocks(self._patchify(x.astype(mx.float32)), y, self.blocks)
+        return self._unpatchify(z), logdet
+
+    def _forward_blocks(self, x: mx.array, y: mx.array | None, blocks) -> tuple[mx.array, mx.array]:
         logdet = mx.zeros((x.shape[0],), dtype=mx.float32)
-        for block in self.blocks:
+        for block in blocks:
             if block.is_identity:
                 continue
             layout = self._layout(x, block.index)
@@ -156,7 +159,23 @@ class STARFlow(nn.Module):
             z, ld = block.forward(seq, y_block, self.rope(layout, text_len))
             x = layout.to_grid(layout.permute(z, block.flips, self._in_frame))
             logdet = logdet + ld.reshape(layout.batch, -1).sum(axis=1)
-        return self._unpatchify(x), logdet
+        return x, logdet
+
+    def _context_tokens(self, context: mx.array, z: mx.array, y: mx.array | None) -> mx.array:
+        """Known first frames as the deep block sees them (through the frame-local shallow blocks)."""
+        cfg = self.config
+        self._check_input(context, "context")
+        if z.ndim != 5 or context.ndim != 5:
+            raise ValueError("context frames need a video model and video noise (B, T, H, W, c)")
+        if context.shape[0] != z.shape[0] or context.shape[2:] != z.shape[2:] or not 0 < context.shape[1] < z.shape[1]:
+            raise ValueError(f"context {tuple(context.shape)} must match the noise {tuple(z.shape)} in batch and frame "
+                             "size and hold fewer frames")
+        top = self.blocks[-1]
+        if (cfg.num_blocks > 1 and not cfg.shallow_block_local) or (top.flips and not self._in_frame):
+            raise ValueError("context frames need frame-local shallow blocks and a deep block in frame order")
+        x, _ = self._forward_blocks(self._patchify(context.astype(mx.float32)), y, self.blocks[:-1])
+        layout = self._layout(x, top.index)
+        return layout.permute(layout.to_sequence(x), top.flips, self._in_frame)
 
     __call__ = forward
 
@@ -181,6 +200,7 @@ class STARFlow(nn.Module):
         jacobi_max_iter: int = 32,
         jacobi_check_every: int = 1,
         context_frames: int | None = None,
+        context: mx.array | None = None,
         stats=None,
         progress: Callable[..., None] | None = None,
     ) -> mx.array:
@@ -191,7 +211,9 @@ class STARFlow(nn.Module):
         the shallow blocks run unguided on ``y``. ``jacobi=True`` solves chunks of
         tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); a video longer
         than the training length is generated with a sliding window of
-        ``context_frames`` re-encoded frames. ``stats`` (a ``JacobiStats``) collects
+        ``context_frames`` re-encoded frames. ``context`` (B, P, H, W, c) holds known first
+        frames in data space (an encoded image or clip): they condition the deep block
+        through its cache, and the result starts with them. ``stats`` (a ``JacobiStats``) collects
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
         is called as tokens are produced.
         """
@@ -203,6 +225,7 @@ class STARFlow(nn.Module):
         if jacobi and not self.config.sos:
             raise ValueError("Jacobi sampling needs a model with a start-of-sequence token (sos)")
         x = self._patchify(z.astype(mx.float32))
+        prefix = self._context_tokens(context, z, y) if context is not None else None
         for block in reversed(self.blocks):
             if block.is_identity:
                 continue
@@ -212,6 +235,7 @@ class STARFlow(nn.Module):
             if guided:
                 y_block = mx.concatenate([y_block, y_uncond.astype(y_block.dtype)], axis=0)
             seq = layout.permute(layout.to_sequence(x), block.flips, self._in_frame)
+            known = prefix if block.index == self.config.num_blocks - 1 else None
             label = f"block {block.index}" + (" (deep)" if block.index == self.config.num_blocks - 1 else "")
             report = (lambda done, total, label=label, **info: progress(label, done, total, **info)) if progress else None
             if jacobi:
@@ -220,10 +244,10 @@ class STARFlow(nn.Module):
                 out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0,
                                     block_size=jacobi_block_size, threshold=jacobi_threshold,
                                     max_iter=jacobi_max_iter, check_every=jacobi_check_every,
-                                    context_frames=context_frames, stats=stats, on_chunk=report)
+                                    context_frames=context_frames, prefix=known, stats=stats, on_chunk=report)
             else:
                 cos, sin = self.rope(layout, text_len)
-                out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report)
+                out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report, prefix=known)
             x = layout.to_grid(layout.permute(out, block.flips, self._in_frame))
         return self._unpatchify(x)
 

@@ -70,11 +70,17 @@ def invert_jacobi(
     max_iter: int = 32,
     check_every: int = 1,
     context_frames: int | None = None,
+    prefix: mx.array | None = None,
     stats: JacobiStats | None = None,
     on_chunk: Callable[..., None] | None = None,
     compile: bool = True,
 ) -> mx.array:
-    """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``."""
+    """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``.
+
+    ``prefix`` (B, P, c): tokens already known (the conditioning frames of image- or
+    video-to-video); they are encoded into the cache as context, kept as they are in the
+    output, and sampling continues after them (the matching rows of ``z`` are ignored).
+    """
     if not block.use_sos:
         raise ValueError("Jacobi sampling needs a start-of-sequence token")
     if block_size < 1 or max_iter < 1 or check_every < 1:
@@ -108,9 +114,28 @@ def invert_jacobi(
         if text_len:
             block.encode_text(y, cache, cos, sin)
 
-    encode_prefix()
+    def encode_context(start: int, keep: int) -> None:
+        """Text, then tokens start-keep .. start-1 as a fresh sequence: cache and RoPE restart at 0."""
+        encode_prefix()
+        if keep:
+            context = mx.concatenate([block.start_token(batch), x_full[:, start + 1 - keep : start]], axis=1)
+            block._run_cached(block.proj_in(context.astype(block.dtype)), cache,
+                              mx.array([text_len], dtype=mx.int32), cos, sin)
+        mx.eval(*cache.state())
+
     x_full = mx.concatenate([block.start_token(batch), zz], axis=1)
-    start, base, target = 0, 0, span
+    start = 0
+    if prefix is not None:
+        known = prefix.shape[1]
+        if known % frame or not 0 < known < n:
+            raise ValueError(f"context must be whole frames and shorter than the video, got {known} of {n} tokens")
+        x_full[:, 1 : known + 1] = mx.concatenate([prefix, prefix], axis=0) if cfg > 0 else prefix
+        start = known
+    # The cache keeps the whole known part while at least a frame still fits after it.
+    keep = start if (window is None or start + frame <= span) else context_frames * frame
+    encode_context(start, keep)
+    base = start - keep
+    target = min(base + span, n)
     while True:
         while start < target:
             size = block_size if start <= frame else big
@@ -138,13 +163,9 @@ def invert_jacobi(
             break
         # Window full: restart the cache from the text and the last context frames.
         ctx = context_frames * frame
-        target = min(target + span - ctx, n)
         base = start - ctx
-        encode_prefix()
-        context = mx.concatenate([block.start_token(batch), x_full[:, start + 1 - ctx : start]], axis=1)
-        block._run_cached(block.proj_in(context.astype(block.dtype)), cache,
-                          mx.array([text_len], dtype=mx.int32), cos, sin)
-        mx.eval(*cache.state())
+        target = min(base + span, n)
+        encode_context(start, ctx)
         if stats is not None:
             stats.reencodes += 1
     if stats is not None:

@@ -18,11 +18,13 @@ def invert_sequential(
     sin: mx.array,
     cfg: float = 0.0,
     on_token: Callable[..., None] | None = None,
+    prefix: mx.array | None = None,
 ) -> mx.array:
     """Solve ``x`` from ``z`` (B, N, c) token by token.
 
     With ``cfg > 0``, ``y`` stacks [cond; uncond] text, the batch is doubled and
-    every step is guided. ``cos``/``sin`` cover ``[text; tokens]``.
+    every step is guided. ``cos``/``sin`` cover ``[text; tokens]``. ``prefix`` (B, P, c)
+    holds tokens already known: they are encoded in one pass and kept as they are.
     """
     zz = mx.concatenate([z, z], axis=0) if cfg > 0 else z
     batch, n = zz.shape[0], zz.shape[1]
@@ -31,14 +33,22 @@ def invert_sequential(
     if text_len:
         block.encode_text(y, cache, cos, sin)
     step = ChunkStepper(block, cache, cos, sin, cfg)
-    if block.use_sos:
-        tokens, prev, first = [], block.start_token(batch), 0
+    if prefix is not None:
+        if not block.use_sos or not 0 < prefix.shape[1] < n:
+            raise ValueError("context needs a start-of-sequence token and must be shorter than the sequence")
+        known = mx.concatenate([prefix, prefix], axis=0) if cfg > 0 else prefix
+        shifted = mx.concatenate([block.start_token(batch), known[:, :-1]], axis=1)
+        block._run_cached(block.proj_in(shifted.astype(block.dtype)), cache,
+                          mx.array([text_len], dtype=mx.int32), cos, sin)
+        tokens, prev, first, shift = [known], known[:, -1:], known.shape[1], 0
+    elif block.use_sos:
+        tokens, prev, first, shift = [], block.start_token(batch), 0, 0
     else:
         # Token 0 passes through; step t then predicts token t + 1 from token t.
-        tokens, prev, first = [zz[:, :1]], zz[:, :1], 1
+        tokens, prev, first, shift = [zz[:, :1]], zz[:, :1], 1, 1
     for t in range(first, n):
         z_t = zz[:, t : t + 1]
-        prev, _ = step(prev, z_t, z_t, text_len + t - first, 1)
+        prev, _ = step(prev, z_t, z_t, text_len + t - shift, 1)
         tokens.append(prev)
         mx.async_eval(prev, *cache.state())
         if on_token is not None and (t + 1 == n or (t + 1) % 64 == 0):

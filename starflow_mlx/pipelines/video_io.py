@@ -1,0 +1,166 @@
+"""mp4 in and out with PyAV (a wheel that ships its own FFmpeg): H.264 yuv420p, parameters in the metadata.
+
+Frames are written as they arrive, into a hidden temporary file beside the target that
+is renamed into place only when the video is complete, so a failure or an interrupt
+never leaves a half-written mp4 under the requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+METADATA_KEY = "comment"  # the mp4 muxer keeps this tag; it holds the generation parameters as JSON
+# H.264 first (what every player reads); the others only where an FFmpeg build lacks libx264.
+CODECS = (("libx264", {"crf": "10", "preset": "medium"}), ("h264_videotoolbox", {"q:v": "65"}),
+          ("mpeg4", {"q:v": "2"}))
+
+
+def _av():
+    try:
+        import av
+    except ImportError:  # pragma: no cover - av is a dependency; this names the fix if it was removed
+        raise OSError("writing mp4 needs PyAV: pip install av") from None
+    return av
+
+
+def pick_codec() -> tuple[str, dict]:
+    """The first available encoder of CODECS; a one-line warning when it is not libx264."""
+    av = _av()
+    for name, options in CODECS:
+        try:
+            av.codec.Codec(name, "w")
+        except Exception:  # av raises its own UnknownCodecError, absent from older versions
+            continue
+        if name != CODECS[0][0]:
+            warnings.warn(f"libx264 is missing from this FFmpeg build: writing {name} instead", stacklevel=3)
+        return name, options
+    raise OSError("this FFmpeg build has no H.264 or MPEG-4 encoder: reinstall PyAV (pip install --force-reinstall av)")
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class Mp4Writer:
+    """``with Mp4Writer(path, fps, params) as w: w.write(frames)``; ``frames`` uint8 (n, H, W, 3)."""
+
+    def __init__(self, path: str | Path, fps: int, params: dict | None = None):
+        self.path, self.fps, self.params = Path(path), int(fps), params or {}
+        if self.fps < 1:
+            raise ValueError(f"fps must be at least 1, got {fps}")
+        self.frames = 0
+        self._container = self._stream = self._tmp = None
+
+    def __enter__(self) -> "Mp4Writer":
+        av = _av()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".mp4", dir=self.path.parent)
+        os.close(fd)
+        self.codec, options = pick_codec()
+        self._container = av.open(self._tmp, "w", format="mp4")
+        self._stream = self._container.add_stream(self.codec, rate=Fraction(self.fps), options=options)
+        self._stream.pix_fmt = "yuv420p"
+        if self.params:
+            self._container.metadata[METADATA_KEY] = json.dumps(self.params, sort_keys=True)
+        return self
+
+    def write(self, frames: np.ndarray) -> None:
+        av = _av()
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 (n, H, W, 3), got {frames.dtype} {frames.shape}")
+        if self.frames == 0:
+            h, w = frames.shape[1:3]
+            if h % 2 or w % 2:
+                raise ValueError(f"yuv420p needs even frame sides, got {h}x{w}")
+            self._stream.height, self._stream.width = h, w
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+            self.frames += 1
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+            self._container.close()
+            if kind is None:
+                os.chmod(self._tmp, _file_mode())
+                os.replace(self._tmp, self.path)
+        finally:
+            Path(self._tmp).unlink(missing_ok=True)
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int, params: dict | None = None) -> None:
+    with Mp4Writer(path, fps, params) as writer:
+        writer.write(frames)
+
+
+def _open(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video {path} not found")
+    try:
+        return _av().open(str(path))
+    except Exception as exc:  # av.error.* for damaged or foreign files
+        raise ValueError(f"cannot read {path} as a video ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                         ) from None
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The generation parameters an mp4 written here carries."""
+    with _open(path) as container:
+        text = container.metadata.get(METADATA_KEY)
+    if text is None:
+        raise ValueError(f"{path} carries no starflow-mlx generation metadata")
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError:
+        params = None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} has damaged starflow-mlx metadata")
+    return params
+
+
+def read_video(path: str | Path, fps: int | None = None, max_frames: int = 10_000) -> tuple[np.ndarray, float]:
+    """Decode a clip to uint8 (T, H, W, 3) and its frame rate; with ``fps``, frames are picked at that rate.
+
+    Resampling keeps, for every output time step, the last source frame shown at that time
+    (nearest earlier frame), which is how a player would display the clip at ``fps``.
+    """
+    with _open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        frames, times = [], []
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(float(frame.time) if frame.time is not None else len(times) / (rate or 1))
+                if len(frames) > max_frames:
+                    raise ValueError(f"{path} has more than {max_frames} frames: trim it first")
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path} is damaged ({type(exc).__name__})") from None
+    if not frames:
+        raise ValueError(f"{path} holds no frames")
+    source_rate = rate or (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+    video = np.stack(frames)
+    if fps is None or abs(source_rate - fps) < 1e-3:
+        return video, source_rate
+    start = times[0]
+    steps = int(np.floor((times[-1] - start) * fps + 1e-6)) + 1
+    picks = np.searchsorted(np.asarray(times) - start, np.arange(steps) / fps + 1e-6, side="right") - 1
+    return video[np.clip(picks, 0, len(frames) - 1)], float(fps)
