@@ -36,6 +36,24 @@ def local_component(source: str | Path, role: str) -> Path:
     raise ConversionError(f"{role} {source} not found: pass a local folder or a Hugging Face repo id")
 
 
+def is_video_vae(config: FlowConfig) -> bool:
+    """Video flows on 16x latents take the Wan2.2 VAE; image flows the SD-VAE."""
+    return config.is_video and config.vae_factor == 16
+
+
+def convert_any_vae(config: FlowConfig, source: Path, out_dir: Path, dtype: str, decoder_src: Path | None):
+    """Convert the VAE that ``config``'s flow was trained on; returns its config (latent_channels, factor)."""
+    if is_video_vae(config):
+        if decoder_src is not None:
+            raise ConversionError("a fine-tuned decoder is for SD-VAE image models: video models use the learnable "
+                                  "denoiser")
+        from starflow_mlx.convert.wan_vae_weights import convert_wan_vae
+
+        # The VAE is small next to the flow and upstream runs it in float32: it is kept so.
+        return convert_wan_vae(source, out_dir, dtype="float32")
+    return convert_vae(source, out_dir, dtype=dtype, decoder_src=decoder_src)
+
+
 def check_fit(config: FlowConfig, text_width: int, vae) -> None:
     """The text encoder and VAE must produce what the flow was trained on."""
     if text_width != config.txt_dim:
@@ -63,7 +81,7 @@ def add_components(folder: str | Path, text_encoder: str | Path, vae: str | Path
     try:
         t5 = convert_t5(local_component(text_encoder, "text encoder"), staging / TEXT_ENCODER_DIR, dtype=dtype)
         decoder_src = local_component(decoder, "fine-tuned decoder") if decoder is not None else None
-        vae_config = convert_vae(local_component(vae, "VAE"), staging / VAE_DIR, dtype=dtype, decoder_src=decoder_src)
+        vae_config = convert_any_vae(config, local_component(vae, "VAE"), staging / VAE_DIR, dtype, decoder_src)
         check_fit(config, t5.d_model, vae_config)
         manifest = Manifest(
             kind="text-to-video" if config.num_frames else "text-to-image",

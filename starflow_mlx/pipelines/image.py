@@ -79,6 +79,7 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
 
 
 class Pipeline:
+    VIDEO = False  # which manifest kind this class runs; from_pretrained hands video models to VideoPipeline
     def __init__(self, folder: Path, flow, manifest: Manifest, text_encoder=None, vae=None):
         self.folder, self.flow, self.manifest = folder, flow, manifest
         self.text_encoder, self.vae = text_encoder, vae
@@ -89,8 +90,12 @@ class Pipeline:
         """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
         folder = resolve_model(name)
         manifest = Manifest.load(folder)
-        if manifest.kind == "text-to-video":
-            raise ValueError(f"{name} is a text-to-video model: this pipeline generates images")
+        if (manifest.kind == "text-to-video") != cls.VIDEO:
+            if cls.VIDEO:
+                raise ValueError(f"{name} is a {manifest.kind} model: use starflow_mlx.Pipeline for images")
+            from starflow_mlx.pipelines.video import VideoPipeline
+
+            return VideoPipeline.from_pretrained(folder, dtype=dtype)
         check_memory(folder, FlowConfig.load(folder / "config.json"))
         flow = load_flow(folder, dtype=dtype)
         text_encoder = vae = None
@@ -99,10 +104,14 @@ class Pipeline:
 
             text_encoder = load_text_encoder(folder / manifest.text_encoder, dtype=dtype)
         if manifest.vae:
-            from starflow_mlx.vae import load_vae
-
-            vae = load_vae(folder / manifest.vae, dtype=dtype)
+            vae = cls.load_vae(folder / manifest.vae, dtype)
         return cls(folder, flow, manifest, text_encoder, vae)
+
+    @classmethod
+    def load_vae(cls, path: Path, dtype: str | None):
+        from starflow_mlx.vae import load_vae
+
+        return load_vae(path, dtype=dtype)
 
     # -- conditioning --------------------------------------------------------------------
     @property
@@ -122,19 +131,19 @@ class Pipeline:
             raise ValueError(f"unknown class {prompt!r}: this model generates {', '.join(classes)}")
         return classes.index(prompt)
 
-    def conditioning(self, prompt: str, count: int, aspect_ratio: str | None) -> tuple[mx.array, mx.array]:
-        """(y, y_uncond), each (count, L, D): the prompt's features and the empty prompt's."""
+    def conditioning(self, prompt: str, count: int, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:
+        """(y, y_uncond), each (count, L, D): the prompt's features and the empty prompt's (``fps`` for video)."""
         if self.is_class_model:
             eye = np.eye(len(self.manifest.classes) + 1, dtype=np.float32)
             y = np.repeat(eye[self.class_index(prompt)][None, None], count, axis=0)
             y_u = np.repeat(eye[-1][None, None], count, axis=0)
             return mx.array(y), mx.array(y_u)
         length = self.config.txt_size
-        text = prepare_prompt(prompt, self.config, aspect_ratio)
+        text = prepare_prompt(prompt, self.config, aspect_ratio, fps)
         tokens = self.text_encoder.count_tokens(text)
         if tokens > length:
             warnings.warn(f"prompt is {tokens} tokens; the model reads {length}, the rest is cut off", stacklevel=3)
-        feats = self.text_encoder.encode([text, prepare_prompt("", self.config, aspect_ratio)], length)
+        feats = self.text_encoder.encode([text, prepare_prompt("", self.config, aspect_ratio, fps)], length)
         return mx.repeat(feats[:1], count, axis=0), mx.repeat(feats[1:], count, axis=0)
 
     # -- generation ----------------------------------------------------------------------

@@ -7,12 +7,15 @@ never leaves a half-written mp4 under the requested name.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
 import warnings
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -164,3 +167,32 @@ def read_video(path: str | Path, fps: int | None = None, max_frames: int = 10_00
     steps = int(np.floor((times[-1] - start) * fps + 1e-6)) + 1
     picks = np.searchsorted(np.asarray(times) - start, np.arange(steps) / fps + 1e-6, side="right") - 1
     return video[np.clip(picks, 0, len(frames) - 1)], float(fps)
+
+
+def frame_grid(frames: np.ndarray, pad: int = 2) -> np.ndarray:
+    """(B, H, W, 3) frames tiled row by row in a near-square grid (even-sized, as yuv420p needs)."""
+    count, h, w, _ = frames.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    canvas = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
+    for i, frame in enumerate(frames):
+        r, c = divmod(i, cols)
+        canvas[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = frame
+    return canvas
+
+
+def write_videos(chunks: Iterable[np.ndarray], items: list[tuple[Path, dict, int | None]], fps: int) -> int:
+    """Stream decoded chunks (B, n, H, W, 3) into one mp4 per item as they arrive; returns the frame count.
+
+    Each item is (path, params, index): ``index`` picks one video of the batch, ``None``
+    tiles the whole batch in a grid. Every file appears only when all are complete.
+    """
+    with contextlib.ExitStack() as stack:
+        writers = [(stack.enter_context(Mp4Writer(path, fps, params)), index) for path, params, index in items]
+        frames = 0
+        for chunk in chunks:
+            for writer, index in writers:
+                writer.write(chunk[index] if index is not None else
+                             np.stack([frame_grid(chunk[:, t]) for t in range(chunk.shape[1])]))
+            frames += chunk.shape[1]
+    return frames

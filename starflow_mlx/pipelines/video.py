@@ -1,0 +1,291 @@
+"""Prompt (and optionally an image or a clip) in, video frames out: STARFlow-V in MLX.
+
+The spine is the image pipeline's (text features, noise, flow sampling, denoising,
+decoding); what differs for video lives here:
+
+- sizes: ``frames`` must be 1 + 4k (the Wan2.2 VAE's causal 4x time compression);
+  other counts are rounded up, with a warning;
+- the prompt template carries the frame rate (``A video with 16 fps:``);
+- conditioning frames (an image, or a clip to continue) are encoded, noised with the
+  training noise, and fed to the flow's deep block as context;
+- the learnable denoiser runs in overlapping chunks of the training length;
+- flow latents are "temporally scaled": latent frames after the first are multiplied
+  by ``vae_temporal_scale`` (0.6) in flow space, undone before the VAE decode.
+
+Defaults are those of upstream's video script (cfg 3.5, Jacobi block 32 and threshold
+0.001, 81 frames at 16 fps, 16:9), not ``sample.py``'s overriding CLI defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, physical_memory, weight_bytes
+from starflow_mlx.pipelines.prompts import latent_size, nearest_aspect_ratio
+from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
+
+VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=True, jacobi_block_size=32,
+                      jacobi_threshold=0.001, jacobi_max_iter=32)
+MAX_FRAMES = 2001  # ~2 minutes at 16 fps: far beyond what the model was trained for
+# Streaming VAE decode of one latent frame at 480x848 peaks near 6-8 GB in float32 (shared/reference estimate,
+# checked by benchmarks/wan_vae.py); it scales with the frame area.
+VAE_BYTES_PER_PIXEL = (8 << 30) // (480 * 848)
+
+
+def frame_count(frames: int) -> int:
+    """``frames`` rounded up to 1 + 4k (what the VAE can produce), with a warning when it changes."""
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"frames must be a whole number from 1 to {MAX_FRAMES}, got {frames!r}")
+    rounded = 1 + 4 * math.ceil((frames - 1) / 4)
+    if rounded != frames:
+        warnings.warn(f"{frames} frames is not 1 + 4k: generating {rounded} (the VAE decodes 1 frame, then 4 per "
+                      "latent)", stacklevel=3)
+    return rounded
+
+
+def cover_crop(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, bool]:
+    """RGB ``image`` resized to cover (height, width) and centre-cropped: float32 [-1, 1] and whether it changed.
+
+    Sides are rounded up, never truncated, so the crop never pads a row or column.
+    """
+    rgb = image.convert("RGB")
+    changed = rgb.size != (width, height)
+    if changed:
+        scale = max(height / rgb.height, width / rgb.width)
+        size = (max(width, math.ceil(rgb.width * scale - 1e-6)), max(height, math.ceil(rgb.height * scale - 1e-6)))
+        rgb = rgb.resize(size, Image.BILINEAR)
+        left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
+        rgb = rgb.crop((left, top, left + width, top + height))
+    return np.asarray(rgb, np.float32) / 127.5 - 1.0, changed
+
+
+def open_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {path} ({exc})") from None
+
+
+def to_uint8(frames: mx.array) -> np.ndarray:
+    """Frames in [-1, 1] (clamped) as uint8."""
+    return np.array(mx.clip((frames.astype(mx.float32) + 1.0) * 127.5, 0, 255).round().astype(mx.uint8))
+
+
+class VideoPipeline(Pipeline):
+    """``VideoPipeline.from_pretrained(folder)``, then ``generate(prompt, frames=81, image=..., video=...)``."""
+
+    VIDEO = True
+
+    @classmethod
+    def load_vae(cls, path: Path, dtype: str | None):
+        """The Wan2.2 VAE keeps its own precision whatever ``dtype`` the flow is cast to."""
+        from starflow_mlx.video_vae import load_video_vae
+
+        return load_video_vae(path)
+
+    # -- sizes and memory ---------------------------------------------------------------
+    @property
+    def temporal_scale(self) -> float:
+        return self.config.vae_temporal_scale or 1.0
+
+    @property
+    def training_latent_frames(self) -> int:
+        return self.config.local_attn_window or self.config.num_frames or 1
+
+    def size(self, aspect_ratio: str) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        h, w = latent_size(self.config, aspect_ratio)
+        return h * self.vae.factor, w * self.vae.factor
+
+    def needed_bytes(self, latent_frames: int, count: int, aspect_ratio: str) -> int:
+        """Weights, the guided deep-block KV cache of its attention window, and the VAE's streaming decode."""
+        cfg = self.config
+        h, w = latent_size(cfg, aspect_ratio)
+        tokens = min(latent_frames, self.training_latent_frames) * h * w + cfg.txt_size
+        deep = cfg.num_blocks - 1
+        kv = cfg.layers_per_block[deep] * 2 * 2 * count * tokens * cfg.block_kv_heads(deep) * cfg.head_dim * 4
+        frames = 4 * latent_frames - 3
+        pixels = h * w * self.vae.factor**2
+        return weight_bytes(self.folder) + kv + pixels * VAE_BYTES_PER_PIXEL + count * frames * pixels * 3
+
+    def check_memory(self, latent_frames: int, count: int, aspect_ratio: str) -> None:
+        total, needed = physical_memory(), self.needed_bytes(latent_frames, count, aspect_ratio)
+        if total is not None and needed > total:
+            raise InsufficientMemoryError(
+                f"{count} video(s) of {4 * latent_frames - 3} frames need about {needed / 2**30:.1f} GB but the "
+                f"machine has {total / 2**30:.1f} GB: use fewer frames or a 4-bit model (starflow quantize)")
+
+    # -- conditioning frames --------------------------------------------------------------
+    def encode(self, frames) -> mx.array:
+        """Frames (B, T, H, W, 3), uint8 or floats in [-1, 1], -> flow-space latents (temporally scaled)."""
+        frames = np.asarray(frames)
+        if frames.dtype == np.uint8:
+            frames = frames.astype(np.float32) / 127.5 - 1.0
+        if not self.vae.has_encoder:
+            raise ValueError(f"the video VAE of {self.folder} has no encoder: image and video conditioning need the "
+                             "full Wan2.2_VAE.pth (convert it with its encoder)")
+        latents = self.vae.encode(mx.array(frames, dtype=mx.float32))
+        return mx.concatenate([latents[:, :1], latents[:, 1:] * self.temporal_scale], axis=1)
+
+    def _context(self, image, video, height: int, width: int, fps: int, count: int, key) -> mx.array | None:
+        """Noised flow-space latents of the conditioning image or clip, repeated ``count`` times."""
+        if image is None and video is None:
+            return None
+        if image is not None and video is not None:
+            raise ValueError("give an image or a video to start from, not both")
+        if image is not None:
+            picture = image if isinstance(image, Image.Image) else open_image(image)
+            pixels, changed = cover_crop(picture, height, width)
+            if changed:
+                warnings.warn(f"the image is {picture.width}x{picture.height}: resized to cover {width}x{height} and "
+                              "centre-cropped", stacklevel=4)
+            clip = pixels[None]
+        else:
+            from starflow_mlx.pipelines.video_io import read_video
+
+            frames, rate = read_video(video, fps=fps) if not isinstance(video, np.ndarray) else (video, fps)
+            if isinstance(video, (str, Path)) and abs(rate - fps) > 1e-3:
+                warnings.warn(f"the clip is not at {fps} fps: resampled to {fps}", stacklevel=4)
+            usable = 1 + 4 * ((len(frames) - 1) // 4)
+            if usable != len(frames):
+                warnings.warn(f"the clip's last {len(frames) - usable} frame(s) are dropped to make 1 + 4k frames",
+                              stacklevel=4)
+            converted = [cover_crop(Image.fromarray(np.asarray(f, np.uint8)), height, width) for f in frames[:usable]]
+            if converted[0][1]:
+                warnings.warn(f"the clip is {frames.shape[2]}x{frames.shape[1]}: resized to cover {width}x{height} and "
+                              "centre-cropped", stacklevel=4)
+            clip = np.stack([c[0] for c in converted])
+        latents = self.encode(clip[None])
+        # As upstream: the conditioning latents carry the training noise, like everything the flow models.
+        noisy = latents + self.config.noise_std * mx.random.normal(latents.shape, key=key)
+        return mx.repeat(noisy, count, axis=0)
+
+    # -- generation -----------------------------------------------------------------------
+    def sample(
+        self,
+        prompt: str,
+        *,
+        frames: int = VIDEO_DEFAULTS["frames"],
+        image=None,
+        video=None,
+        seed: int = 0,
+        cfg: float | None = None,
+        aspect_ratio: str = VIDEO_DEFAULTS["aspect_ratio"],
+        num_videos: int = 1,
+        fps: int = VIDEO_DEFAULTS["fps"],
+        jacobi: bool = VIDEO_DEFAULTS["jacobi"],
+        jacobi_block_size: int = VIDEO_DEFAULTS["jacobi_block_size"],
+        jacobi_threshold: float = VIDEO_DEFAULTS["jacobi_threshold"],
+        jacobi_max_iter: int = VIDEO_DEFAULTS["jacobi_max_iter"],
+        context_frames: int | None = None,
+        progress: Callable[..., None] | None = None,
+    ) -> mx.array:
+        """Denoised flow-space latents (B, T_lat, h, w, c) for ``prompt``.
+
+        ``image`` (path or PIL image) starts the video from that picture; ``video`` (path or
+        uint8 frames) is a clip to continue: its frames come first and the rest is generated,
+        ``frames`` counting both. ``cfg=None`` is 3.5 (upstream's video script).
+        """
+        cfg = VIDEO_DEFAULTS["cfg"] if cfg is None else cfg
+        check_options(seed, cfg, num_videos, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
+        if not isinstance(fps, int) or not 1 <= fps <= 120:
+            raise ValueError(f"fps must be a whole number from 1 to 120, got {fps!r}")
+        frames = frame_count(frames)
+        latent_frames = (frames - 1) // 4 + 1
+        if latent_frames > self.training_latent_frames and not jacobi:
+            raise ValueError(f"{frames} frames is longer than the model's window ({4 * self.training_latent_frames - 3} "
+                             "frames): only Jacobi sampling slides the window, drop --no-jacobi")
+        self.check_memory(latent_frames, num_videos, aspect_ratio)
+        h, w = latent_size(self.config, aspect_ratio)
+        report = progress or (lambda *a, **k: None)
+        z_key, context_key = mx.random.split(mx.random.key(seed))
+        context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, num_videos, context_key)
+        if context is not None and context.shape[1] >= latent_frames:
+            raise ValueError(f"the clip already has {4 * context.shape[1] - 3} frames: ask for more --frames than that")
+        report("text", 0, 1)
+        y, y_u = self.conditioning(prompt, num_videos, aspect_ratio, fps=fps if frames > 1 else 0)
+        mx.eval(y, y_u)
+        report("text", 1, 1)
+        shape = (num_videos, latent_frames, h, w, self.config.in_channels)
+        z = mx.random.normal(shape, key=z_key)
+        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos,
+                              jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+                              jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
+                              progress=progress)
+        return self.denoise(x, y, report)
+
+    def denoise(self, x: mx.array, y: mx.array, report: Callable[..., None]) -> mx.array:
+        """Remove the training noise: the learnable denoiser in chunks, or one score step without it."""
+        report("denoise", 0, 1)
+        if "learnable_self_denoiser" in self.flow:
+            steps = min(self.training_latent_frames, x.shape[1])
+            window = self.config.denoiser_window
+            overlap = steps - 1 if window is None else min(window, steps - 1)
+            x = learnable_denoise(self.flow, x, y, steps, overlap, on_chunk=lambda d, t: report("denoise", d, t))
+        else:
+            x = score_denoise(self.flow, x, y, self.config.noise_std)
+            mx.eval(x)
+            report("denoise", 1, 1)
+        return x
+
+    def decode_frames(self, latents: mx.array, progress: Callable[..., None] | None = None) -> Iterator[np.ndarray]:
+        """Flow-space latents -> uint8 frames (B, n, H, W, 3), yielded as the VAE streams them out."""
+        report = progress or (lambda *a, **k: None)
+        latents = mx.concatenate([latents[:, :1], latents[:, 1:] / self.temporal_scale], axis=1)
+        total = latents.shape[1]
+        report("VAE frames", 0, 4 * total - 3)
+        done = 0
+        for chunk in self.vae.decode_frames(latents):
+            done += chunk.shape[1]
+            yield to_uint8(chunk)
+            report("VAE frames", done, 4 * total - 3)
+
+    def decode(self, latents: mx.array) -> mx.array:
+        """Flow-space latents -> frames (B, T, H, W, 3) in [-1, 1] (temporal scale undone, then clamped)."""
+        latents = mx.concatenate([latents[:, :1], latents[:, 1:] / self.temporal_scale], axis=1)
+        return mx.clip(self.vae.decode(latents), -1.0, 1.0)
+
+    def generate(self, prompt: str, *, progress: Callable[..., None] | None = None, **options) -> list[np.ndarray]:
+        """uint8 frames (T, H, W, 3) per video; options are :meth:`sample`'s."""
+        latents = self.sample(prompt, progress=progress, **options)
+        chunks = list(self.decode_frames(latents, progress))
+        video = np.concatenate(chunks, axis=1)
+        return list(video)
+
+    # -- likelihood -----------------------------------------------------------------------
+    def score(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> float:
+        """Exact bits per latent dimension of a clip (path or uint8 frames) under the flow given ``prompt``.
+
+        The clip is resampled to ``fps``, resized to cover the generation size of the nearest
+        aspect ratio, trimmed to 1 + 4k frames and encoded (no noise is added).
+        """
+        if isinstance(video, (str, Path)):
+            from starflow_mlx.pipelines.video_io import read_video
+
+            frames, _ = read_video(video, fps=fps)
+        else:
+            frames = np.asarray(video)
+        ratio = nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
+        height, width = self.size(ratio)
+        usable = 1 + 4 * ((len(frames) - 1) // 4)
+        if usable != len(frames) or frames.shape[1:3] != (height, width):
+            warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is scored as "
+                          f"{usable} frames of {width}x{height} ({ratio})", stacklevel=2)
+        clip = np.stack([cover_crop(Image.fromarray(np.asarray(f, np.uint8)), height, width)[0]
+                         for f in frames[:usable]])
+        x = self.encode(clip[None])
+        y, _ = self.conditioning(prompt, 1, ratio, fps=fps if usable > 1 else 0)
+        log_prob = self.flow.log_prob(x, y)
+        return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))
