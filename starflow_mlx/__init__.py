@@ -18,6 +18,7 @@ _EXPORTS = {
     "STARFlow": ("starflow_mlx.models.starflow", "STARFlow"),
     "load_text_encoder": ("starflow_mlx.text_encoder", "load_text_encoder"),
     "load_vae": ("starflow_mlx.vae", "load_vae"),
+    "load_video_vae": ("starflow_mlx.video_vae", "load_video_vae"),
     "Pipeline": ("starflow_mlx.pipelines.image", "Pipeline"),
 }
 

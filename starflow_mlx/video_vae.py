@@ -1,0 +1,182 @@
+"""Videos <-> Wan2.2 latents: ``VideoVAE`` (encode, decode, streamed decode) and ``load_video_vae``.
+
+Latents are normalised by the 48 mean/std constants, exactly as upstream ``WanVAE_.encode`` /
+``decode`` take and return them; STARFlow-V's 0.6 temporal scale is the pipeline's business.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+
+from starflow_mlx.jsonconfig import ConfigError
+from starflow_mlx.loading import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
+from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
+
+CHECKPOINT_NAME = "Wan2.2_VAE.pth"
+HUB_REPO = "Wan-AI/Wan2.2-TI2V-5B"
+# float32 by measurement: see benchmarks/README.md, "Wan2.2 VAE" (PSNR of float16/bfloat16 decodes).
+DEFAULT_DTYPE = "float32"
+
+
+class VideoVAE:
+    """Channels-last videos ``(B, T, H, W, 3)`` in [-1, 1] <-> normalised latents ``(B, T_lat, h, w, 48)``."""
+
+    def __init__(self, model: WanVAE):
+        self.model = model
+        self.config = model.config
+        self._step = None
+
+    @property
+    def factor(self) -> int:
+        return self.config.factor
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.config.temporal_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.z_dim
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.config.has_encoder
+
+    @property
+    def dtype(self):
+        return self.model.conv2.weight.dtype
+
+    def encode(self, video) -> mx.array:
+        """(B, T, H, W, 3) in [-1, 1] -> normalised posterior means (B, (T-1)//4+1, H/16, W/16, 48), float32.
+
+        Frames past the last complete 4-frame chunk are dropped, as upstream does.
+        """
+        if not self.has_encoder:
+            raise ValueError("this video VAE was converted without its encoder: convert it again with "
+                             "include_encoder=True to encode videos or images")
+        x = mx.array(video)
+        if x.ndim != 5 or x.shape[-1] != 3:
+            raise ValueError(f"video must be channels-last (B, T, H, W, 3), got shape {tuple(x.shape)}")
+        if x.shape[1] < 1 or x.shape[2] % self.factor or x.shape[3] % self.factor:
+            raise ValueError(f"video height and width must be multiples of {self.factor} (and T >= 1), "
+                             f"got {x.shape[1]} frames of {x.shape[2]}x{x.shape[3]}")
+        latents = []
+        for features in self.model.encode_chunks(x.astype(self.dtype)):
+            latents.append(self.model.latent_mean(features))
+            mx.eval(latents[-1])
+        return mx.concatenate(latents, axis=1)
+
+    def _latents(self, latents) -> mx.array:
+        z = mx.array(latents)
+        if z.ndim != 5 or z.shape[-1] != self.latent_channels or z.shape[1] < 1:
+            raise ValueError(f"latents must be channels-last (B, T_lat, h, w, {self.latent_channels}) with "
+                             f"T_lat >= 1, got shape {tuple(z.shape)}")
+        return z
+
+    def decode_frames(self, latents) -> Iterator[mx.array]:
+        """Decode one latent frame at a time, yielding its pixels (B, n, H, W, 3) float32 as soon as they exist.
+
+        n is 1 for the first latent and 4 after. Each convolution keeps a fixed 2-frame past,
+        so memory does not grow with the length; every chunk after the first has the same
+        shapes and runs as one compiled step.
+        """
+        x = self.model.decoder_input(self._latents(latents))
+        mx.eval(x)
+        out, entries = self.model.decode_first(x[:, :1])
+        out = out.astype(mx.float32)
+        mx.eval(out, entries)
+        yield out
+        for i in range(1, x.shape[1]):
+            out, *entries = self._chunk_step()(x[:, i:i + 1], *entries)
+            mx.eval(out, entries)
+            yield out
+
+    def _chunk_step(self):
+        if self._step is None:
+            model = self.model
+
+            def step(x, *entries):
+                out, *entries = model.decode_chunk(x, *entries)
+                return (out.astype(mx.float32), *entries)
+
+            self._step = mx.compile(step)
+        return self._step
+
+    def decode(self, latents) -> mx.array:
+        """(B, T_lat, h, w, 48) normalised latents -> (B, 4*T_lat-3, 16h, 16w, 3) float32, not clipped."""
+        return mx.concatenate(list(self.decode_frames(latents)), axis=1)
+
+
+def _from_model(config: WanVAEConfig, weights: dict[str, mx.array] | None, folder: Path | None,
+                dtype: str | None) -> VideoVAE:
+    model = WanVAE(config)
+    if weights is not None:
+        model.load_weights(list(weights.items()), strict=True)
+    else:
+        load_weights_strict(model, folder / "model.safetensors")
+    target = parse_dtype(dtype)
+    if target is not None:
+        cast_floats(model, target)
+        config.dtype = dtype
+    mx.eval(model.parameters())
+    model.eval()
+    return VideoVAE(model)
+
+
+def _from_checkpoint(path: Path, dtype: str | None) -> VideoVAE:
+    from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
+    from starflow_mlx.convert.wan_vae_weights import WanVAEConversionError, mlx_layout, plan_tensors, read_float
+
+    target = parse_dtype(dtype or DEFAULT_DTYPE)
+    try:
+        with open_checkpoint(path) as ck:
+            config, names = plan_tensors(ck.tensors, path)
+            weights = {name: mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(target)
+                       for name in names}
+    except (CheckpointError, WanVAEConversionError) as exc:
+        raise ModelLoadError(str(exc)) from None
+    return _from_model(config, weights, None, dtype or DEFAULT_DTYPE)
+
+
+def _from_hub(repo: str, dtype: str | None) -> VideoVAE:
+    from starflow_mlx.hub import HubError, fetch_component
+
+    try:
+        folder = fetch_component(repo, "video VAE")
+    except HubError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not (folder / CHECKPOINT_NAME).is_file():
+        raise ModelLoadError(f"{repo} has no {CHECKPOINT_NAME}: it is not the Wan2.2 video VAE repo ({HUB_REPO})")
+    return _from_checkpoint(folder / CHECKPOINT_NAME, dtype)
+
+
+def load_video_vae(path: str | Path, dtype: str | None = None) -> VideoVAE:
+    """The Wan2.2 VAE from ``Wan2.2_VAE.pth``, a folder holding it, a converted folder, or ``Wan-AI/Wan2.2-TI2V-5B``.
+
+    ``dtype`` (float32, float16, bfloat16) casts the float weights; by default a converted
+    folder keeps the dtype it was stored in and a ``.pth`` loads as ``DEFAULT_DTYPE``.
+    """
+    parse_dtype(dtype)
+    src = Path(path)
+    if src.is_file():
+        return _from_checkpoint(src, dtype)
+    if src.is_dir():
+        if (src / "config.json").is_file():
+            try:
+                config = WanVAEConfig.load(src / "config.json")
+            except ConfigError as exc:
+                raise ModelLoadError(str(exc)) from None
+            return _from_model(config, None, src, dtype)
+        if (src / CHECKPOINT_NAME).is_file():
+            return _from_checkpoint(src / CHECKPOINT_NAME, dtype)
+        raise ModelLoadError(f"{src} holds neither a converted video VAE (config.json + model.safetensors) nor "
+                             f"{CHECKPOINT_NAME}: pass upstream's checkpoint or convert it with convert_wan_vae")
+    from starflow_mlx.hub import load_registry
+
+    if str(path) in load_registry().get("components", {}):
+        return _from_hub(str(path), dtype)
+    raise ModelLoadError(f"video VAE {path} not found: pass {CHECKPOINT_NAME}, a folder holding it, a converted "
+                         f"folder, or the Hugging Face repo id {HUB_REPO}")
