@@ -57,6 +57,12 @@ def generate_video(pipe, prompt: str, options: dict, items: list[tuple[Path, dic
 
 
 def report_memory() -> None:
+    """MLX's peak allocation and the process's peak resident memory (what the OS had to give)."""
+    import resource
+    import sys
+
     import mlx.core as mx
 
-    typer.echo(f"peak memory {mx.get_peak_memory() / 2**30:.2f} GB", err=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    typer.echo(f"peak memory: {mx.get_peak_memory() / 2**30:.2f} GB in MLX arrays, {rss / 2**30:.2f} GB resident",
+               err=True)

@@ -41,8 +41,9 @@ def is_video_vae(config: FlowConfig) -> bool:
     return config.is_video and config.vae_factor == 16
 
 
-def convert_any_vae(config: FlowConfig, source: Path, out_dir: Path, dtype: str, decoder_src: Path | None):
-    """Convert the VAE that ``config``'s flow was trained on; returns its config (latent_channels, factor)."""
+def convert_any_vae(config: FlowConfig, source: Path, out_dir: Path, dtype: str,
+                    decoder_src: Path | None) -> tuple[int, int]:
+    """Convert the VAE that ``config``'s flow was trained on; returns its latent channels and spatial factor."""
     if is_video_vae(config):
         if decoder_src is not None:
             raise ConversionError("a fine-tuned decoder is for SD-VAE image models: video models use the learnable "
@@ -50,17 +51,20 @@ def convert_any_vae(config: FlowConfig, source: Path, out_dir: Path, dtype: str,
         from starflow_mlx.convert.wan_vae_weights import convert_wan_vae
 
         # The VAE is small next to the flow and upstream runs it in float32: it is kept so.
-        return convert_wan_vae(source, out_dir, dtype="float32")
-    return convert_vae(source, out_dir, dtype=dtype, decoder_src=decoder_src)
+        wan = convert_wan_vae(source, out_dir, dtype="float32")
+        return wan.z_dim, wan.factor
+    sd = convert_vae(source, out_dir, dtype=dtype, decoder_src=decoder_src)
+    return sd.latent_channels, sd.factor
 
 
-def check_fit(config: FlowConfig, text_width: int, vae) -> None:
+def check_fit(config: FlowConfig, text_width: int, vae: tuple[int, int]) -> None:
     """The text encoder and VAE must produce what the flow was trained on."""
     if text_width != config.txt_dim:
         raise ConversionError(f"the text encoder makes {text_width}-wide features but the flow reads {config.txt_dim}: "
                               "it is not the encoder this checkpoint was trained with")
-    if vae.latent_channels != config.in_channels or vae.factor != config.vae_factor:
-        raise ConversionError(f"the VAE makes {vae.latent_channels}-channel latents at 1/{vae.factor} scale but the flow "
+    channels, factor = vae
+    if channels != config.in_channels or factor != config.vae_factor:
+        raise ConversionError(f"the VAE makes {channels}-channel latents at 1/{factor} scale but the flow "
                               f"models {config.in_channels} channels at 1/{config.vae_factor}: wrong VAE")
 
 
@@ -81,8 +85,8 @@ def add_components(folder: str | Path, text_encoder: str | Path, vae: str | Path
     try:
         t5 = convert_t5(local_component(text_encoder, "text encoder"), staging / TEXT_ENCODER_DIR, dtype=dtype)
         decoder_src = local_component(decoder, "fine-tuned decoder") if decoder is not None else None
-        vae_config = convert_any_vae(config, local_component(vae, "VAE"), staging / VAE_DIR, dtype, decoder_src)
-        check_fit(config, t5.d_model, vae_config)
+        check_fit(config, t5.d_model, convert_any_vae(config, local_component(vae, "VAE"), staging / VAE_DIR, dtype,
+                                                      decoder_src))
         manifest = Manifest(
             kind="text-to-video" if config.num_frames else "text-to-image",
             text_encoder=TEXT_ENCODER_DIR,

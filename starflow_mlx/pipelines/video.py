@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, physical_memory, weight_bytes
-from starflow_mlx.pipelines.prompts import latent_size, nearest_aspect_ratio
+from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
 VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=True, jacobi_block_size=32,
@@ -268,8 +268,9 @@ class VideoPipeline(Pipeline):
     def score(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> float:
         """Exact bits per latent dimension of a clip (path or uint8 frames) under the flow given ``prompt``.
 
-        The clip is resampled to ``fps``, resized to cover the generation size of the nearest
-        aspect ratio, trimmed to 1 + 4k frames and encoded (no noise is added).
+        The clip is resampled to ``fps``, resized to cover the generation size of its aspect
+        ratio (the one generating exactly its size, else the nearest), trimmed to 1 + 4k
+        frames and encoded (no noise is added).
         """
         if isinstance(video, (str, Path)):
             from starflow_mlx.pipelines.video_io import read_video
@@ -277,7 +278,8 @@ class VideoPipeline(Pipeline):
             frames, _ = read_video(video, fps=fps)
         else:
             frames = np.asarray(video)
-        ratio = nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
+        exact = [r for r in ASPECT_RATIOS if self.config.mix_aspect and self.size(r) == frames.shape[1:3]]
+        ratio = exact[0] if exact else nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
         height, width = self.size(ratio)
         usable = 1 + 4 * ((len(frames) - 1) // 4)
         if usable != len(frames) or frames.shape[1:3] != (height, width):

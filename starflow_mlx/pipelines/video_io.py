@@ -21,7 +21,7 @@ import numpy as np
 
 METADATA_KEY = "comment"  # the mp4 muxer keeps this tag; it holds the generation parameters as JSON
 # H.264 first (what every player reads); the others only where an FFmpeg build lacks libx264.
-CODECS = (("libx264", {"crf": "10", "preset": "medium"}), ("h264_videotoolbox", {"q:v": "65"}),
+CODECS = (("libx264", {"crf": "10", "preset": "medium", "x264-params": "mbtree=0"}), ("h264_videotoolbox", {"q:v": "65"}),
           ("mpeg4", {"q:v": "2"}))
 
 
@@ -72,6 +72,9 @@ class Mp4Writer:
         self._container = av.open(self._tmp, "w", format="mp4")
         self._stream = self._container.add_stream(self.codec, rate=Fraction(self.fps), options=options)
         self._stream.pix_fmt = "yuv420p"
+        # The same seed must give the same file: x264's macroblock-tree rate control (off in CODECS)
+        # and FFmpeg's automatic threading were both seen to change the bytes from run to run.
+        self._stream.codec_context.thread_count = 1
         if self.params:
             self._container.metadata[METADATA_KEY] = json.dumps(self.params, sort_keys=True)
         return self
@@ -87,7 +90,9 @@ class Mp4Writer:
                 raise ValueError(f"yuv420p needs even frame sides, got {h}x{w}")
             self._stream.height, self._stream.width = h, w
         for frame in frames:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = self.frames, Fraction(1, self.fps)
+            for packet in self._stream.encode(picture):
                 self._container.mux(packet)
             self.frames += 1
 

@@ -1,0 +1,263 @@
+"""STARFlow-V end to end on a tiny model: convert, text/image/clip to video, long videos, mp4 output, bad input."""
+
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from starflow_mlx.apps.cli import app
+from starflow_mlx.apps.commands import register
+
+pytest.importorskip("torch")
+pytest.importorskip("av")
+register(app)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from fixtures_video import make_video_sources
+
+    return make_video_sources(tmp_path_factory.mktemp("video-sources"))
+
+
+@pytest.fixture(scope="module")
+def model(sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("video-model") / "starflow-v"
+    res = runner.invoke(app, ["convert", str(sources["checkpoint"]), "--config", str(sources["config"]),
+                              "--text-encoder", str(sources["text_encoder"]), "--vae", str(sources["vae"]),
+                              "--dtype", "float32", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    from starflow_mlx import Pipeline
+
+    return Pipeline.from_pretrained(model)
+
+
+def generate(*args):
+    return runner.invoke(app, ["generate", *map(str, args)])
+
+
+def read(path):
+    from starflow_mlx.pipelines.video_io import read_metadata, read_video
+
+    frames, fps = read_video(path)
+    return frames, fps, read_metadata(path)
+
+
+def test_convert_builds_a_video_folder(model):
+    from starflow_mlx.config import FlowConfig
+    from starflow_mlx.model_folder import Manifest
+
+    manifest = Manifest.load(model)
+    config = FlowConfig.load(model / "config.json")
+    assert manifest.kind == "text-to-video" and (model / manifest.vae / "config.json").is_file()
+    assert config.vae_temporal_scale == 0.6 and config.num_frames == 3 and config.learnable_self_denoiser
+
+
+def test_pipeline_dispatches_to_video(pipe):
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    assert isinstance(pipe, VideoPipeline) and pipe.size("16:9") == (32, 48)
+
+
+def test_text_to_video_mp4_has_the_frames_size_and_fps_and_repeats_per_seed(model, tmp_path):
+    a, b, c = tmp_path / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"
+    for out, seed in ((a, 5), (b, 5), (c, 6)):
+        res = generate("a cat on a skateboard", "--model", model, "--frames", 9, "--seed", seed, "-o", out)
+        assert res.exit_code == 0, res.output
+    frames, fps, meta = read(a)
+    assert frames.shape == (9, 32, 48, 3) and fps == 16
+    assert meta["frames"] == 9 and meta["cfg"] == 3.5 and meta["jacobi_threshold"] == 0.001
+    assert a.read_bytes() == b.read_bytes()  # the encoder is set up to be reproducible
+    assert not np.array_equal(frames, read(c)[0])
+    again = tmp_path / "again.mp4"
+    res = generate("--from-metadata", a, "-o", again)
+    assert res.exit_code == 0, res.output
+    assert again.read_bytes() == a.read_bytes()
+
+
+def test_frame_counts_round_up_to_1_plus_4k(pipe):
+    with pytest.warns(UserWarning, match="10 frames is not 1 \\+ 4k: generating 13"):
+        latents = pipe.sample("a cat", frames=10, seed=0)
+    assert latents.shape[1] == 4
+
+
+def test_longer_than_training_slides_the_window(pipe):
+    """17 frames are 5 latents; the model was trained on 3: the deep block re-encodes its context."""
+    from starflow_mlx.sampling.jacobi import JacobiStats
+
+    stats = JacobiStats()
+    original = pipe.flow.reverse
+    pipe.flow.reverse = lambda *a, **k: original(*a, **{**k, "stats": stats})
+    try:
+        video = pipe.generate("a long walk", frames=17, seed=1)[0]
+    finally:
+        pipe.flow.reverse = original
+    assert video.shape == (17, 32, 48, 3) and stats.reencodes >= 1
+    with pytest.raises(ValueError, match="only Jacobi sampling slides the window"):
+        pipe.sample("a long walk", frames=17, jacobi=False)
+
+
+def test_image_to_video_conditions_the_flow_on_the_encoded_image(pipe, tmp_path, monkeypatch):
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 70, 3), dtype=np.uint8))
+    seen = {}
+    original = pipe.flow.reverse
+
+    def spy(*args, **kwargs):
+        seen["context"] = kwargs["context"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.flow, "reverse", spy)
+    with pytest.warns(UserWarning, match="resized to cover 48x32 and centre-cropped"):
+        pipe.sample("a cat", frames=9, image=image, seed=0, num_videos=2)
+    from starflow_mlx.pipelines.video import cover_crop
+
+    latent = pipe.encode(cover_crop(image, 32, 48)[0][None, None])
+    context = seen["context"]
+    assert context.shape == (2, 1, 2, 3, 48)
+    noise = (context - latent) / pipe.config.noise_std  # the training noise, as upstream adds it
+    assert abs(float(noise.std()) - 1.0) < 0.3 and float(mx.abs(context[0] - context[1]).max()) == 0.0
+
+
+def test_image_and_clip_from_the_command_line(model, tmp_path):
+    picture = tmp_path / "start.png"
+    Image.fromarray(np.full((64, 96, 3), 200, np.uint8)).save(picture)
+    i2v = tmp_path / "i2v.mp4"
+    res = generate("a cat", "--model", model, "--frames", 9, "--image", picture, "-o", i2v)
+    assert res.exit_code == 0, res.output
+    assert read(i2v)[0].shape == (9, 32, 48, 3) and read(i2v)[2]["image"] == str(picture)
+    longer = tmp_path / "longer.mp4"
+    res = generate("a cat", "--model", model, "--frames", 17, "--video", i2v, "-o", longer)
+    assert res.exit_code == 0, res.output
+    assert read(longer)[0].shape == (17, 32, 48, 3)
+    res = generate("a cat", "--model", model, "--frames", 9, "--video", i2v, "-o", tmp_path / "short.mp4")
+    assert res.exit_code == 1 and "ask for more --frames" in res.output
+    assert not (tmp_path / "short.mp4").exists()
+
+
+def test_decode_undoes_the_temporal_scale_before_the_vae(pipe):
+    latents = mx.random.normal((1, 3, 2, 3, 48), key=mx.random.key(0))
+    unscaled = mx.concatenate([latents[:, :1], latents[:, 1:] / 0.6], axis=1)
+    expected = mx.clip(pipe.vae.decode(unscaled), -1, 1)
+    np.testing.assert_allclose(np.array(pipe.decode(latents)), np.array(expected), atol=1e-6)
+    streamed = np.concatenate(list(pipe.decode_frames(latents)), axis=1)
+    assert streamed.shape == (1, 9, 32, 48, 3) and streamed.dtype == np.uint8
+    frames = np.array(expected)
+    assert np.abs(streamed.astype(int) - np.round((frames + 1) * 127.5).astype(int)).max() <= 1
+
+
+def test_denoiser_walks_overlapping_chunks_like_upstream():
+    from starflow_mlx.sampling.denoise import denoiser_chunks
+
+    assert denoiser_chunks(21, 21, 10) == [(0, 21, 0)]  # upstream's extra call on [11, 21) writes nothing
+    assert denoiser_chunks(41, 21, 10) == [(0, 21, 0), (11, 32, 21), (22, 41, 32)]
+    assert denoiser_chunks(5, 3, 1) == [(0, 3, 0), (2, 5, 3)]
+
+
+def test_learnable_denoiser_sees_already_cleaned_frames(pipe):
+    """A chunk's overlap comes from the chunk before it, cleaned, as upstream updates in place."""
+    from starflow_mlx.sampling.denoise import DENOISER_STEP, learnable_denoise
+
+    x = mx.random.normal((1, 5, 2, 3, 48), key=mx.random.key(1))
+    y = mx.random.normal((1, 64, 32), key=mx.random.key(2))
+    out = learnable_denoise(pipe.flow, x, y, steps=3, overlap=1)
+    first = x[:, :3] - DENOISER_STEP * pipe.flow.denoiser(x[:, :3], y)
+    second_in = mx.concatenate([first[:, 2:3], x[:, 3:5]], axis=1)
+    second = second_in - DENOISER_STEP * pipe.flow.denoiser(second_in, y)
+    np.testing.assert_allclose(np.array(out), np.array(mx.concatenate([first, second[:, 1:]], axis=1)), atol=1e-5)
+
+
+def test_score_is_the_flows_likelihood_of_the_encoded_clip(pipe):
+    clip = pipe.generate("a dog", frames=5, seed=2)[0]
+    bpd = pipe.score(clip, "a dog")
+    x = pipe.encode(clip[None])
+    y, _ = pipe.conditioning("a dog", 1, "16:9", fps=16)
+    expected = -float(pipe.flow.log_prob(x, y)[0].item()) / (x.size * np.log(2))
+    assert bpd == pytest.approx(expected, rel=1e-5)
+
+
+def test_missing_denoiser_is_named_at_conversion(tmp_path):
+    from fixtures_video import make_video_sources
+
+    src = make_video_sources(tmp_path / "src", drop="learnable_self_denoiser")
+    res = runner.invoke(app, ["convert", str(src["checkpoint"]), "--config", str(src["config"]), "-o",
+                              str(tmp_path / "out")])
+    assert res.exit_code == 1 and "learnable_self_denoiser" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--frames", 0], "frames must be a whole number"),
+    (["--fps", 0], "fps must be a whole number"),
+    (["--image", "missing.png"], "missing.png not found"),
+    (["--video", "missing.mp4"], "missing.mp4 not found"),
+    (["-o", "out.png"], "a video model writes .mp4 files"),
+])
+def test_bad_video_input_is_one_line(model, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    res = generate("a cat", "--model", model, *args, *([] if "-o" in args else ["-o", "out.mp4"]))
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_image_and_clip(model, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    res = generate("a cat", "--model", model, "--image", broken, "-o", tmp_path / "x.mp4")
+    assert res.exit_code == 1 and "cannot read image" in res.output
+    clip = tmp_path / "broken.mp4"
+    clip.write_bytes(b"\x00" * 64)
+    res = generate("a cat", "--model", model, "--video", clip, "-o", tmp_path / "y.mp4")
+    assert res.exit_code == 1 and "as a video" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.mp4", "broken.png"]
+
+
+def test_video_options_on_an_image_model_are_refused(tmp_path):
+    from fixtures_model import make_class_model_folder
+
+    folder = make_class_model_folder(tmp_path / "digits")
+    res = generate("1", "--model", folder, "--frames", 9, "-o", tmp_path / "x.png")
+    assert res.exit_code == 1 and "--frames is for video models" in res.output
+
+
+def test_not_enough_memory_is_refused_before_sampling(pipe, monkeypatch):
+    from starflow_mlx.pipelines import video
+
+    monkeypatch.setattr(video, "physical_memory", lambda: 1 << 20)
+    with pytest.raises(MemoryError, match="need about .* GB but the machine has"):
+        pipe.sample("a cat", frames=81)
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    from starflow_mlx.pipelines.video_io import write_videos
+
+    def chunks():
+        yield np.zeros((1, 1, 32, 48, 3), np.uint8)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_videos(chunks(), [(tmp_path / "v.mp4", {}, 0)], 16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_clip_resampling_picks_frames_at_the_new_rate(tmp_path):
+    from starflow_mlx.pipelines.video_io import read_video, write_mp4
+
+    frames = np.stack([np.full((32, 48, 3), 10 * i, np.uint8) for i in range(16)])
+    write_mp4(tmp_path / "clip.mp4", frames, fps=16)
+    halved, fps = read_video(tmp_path / "clip.mp4", fps=8)
+    assert fps == 8 and len(halved) == 8
+    assert np.allclose(halved[:, 0, 0, 0], frames[::2, 0, 0, 0], atol=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same, fps = read_video(tmp_path / "clip.mp4", fps=16)
+    assert len(same) == 16
