@@ -53,6 +53,8 @@ def generate_video(pipe, prompt: str, options: dict, items: list[tuple[Path, dic
     from starflow_mlx.pipelines.video_io import write_videos
 
     latents = pipe.sample(prompt, progress=progress, **options)
+    if pipe.release_if_short(latents.shape[1], latents.shape[0], options["aspect_ratio"]):
+        typer.echo("memory is short: the flow was released before the VAE decode", err=True)
     return write_videos(pipe.decode_frames(latents, progress), items, options["fps"])
 
 

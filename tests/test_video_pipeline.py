@@ -261,3 +261,45 @@ def test_clip_resampling_picks_frames_at_the_new_rate(tmp_path):
         warnings.simplefilter("error")
         same, fps = read_video(tmp_path / "clip.mp4", fps=16)
     assert len(same) == 16
+
+
+def test_video_model_by_repo_id_offline(sources, tmp_path, monkeypatch):
+    """A registry video model comes from a fake Hugging Face cache, converted once, like the image model."""
+    import json
+
+    from test_hub import add_to_cache
+
+    from starflow_mlx import hub
+
+    cache = tmp_path / "hf-cache"
+    add_to_cache(cache, "fake/starflow-v", {"v.pth": sources["checkpoint"], "v.yaml": sources["config"]})
+    t5_files = sorted(p.name for p in sources["text_encoder"].iterdir())
+    add_to_cache(cache, "fake/t5", {n: sources["text_encoder"] / n for n in t5_files})
+    add_to_cache(cache, "fake/wan", {"Wan2.2_VAE.pth": sources["vae"]})
+    registry = {"models": {"fake/starflow-v": {"flow": {"repo": "fake/starflow-v", "checkpoint": "v.pth",
+                                                         "config": "v.yaml"},
+                                                "text_encoder": "fake/t5", "vae": "fake/wan", "dtype": "float32"}},
+                "components": {"fake/t5": t5_files, "fake/wan": ["Wan2.2_VAE.pth"]}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    for key, value in {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1", "STARFLOW_MLX_REGISTRY": tmp_path / "registry.json",
+                       "STARFLOW_MLX_CACHE": tmp_path / "converted"}.items():
+        monkeypatch.setenv(key, str(value))
+    out = tmp_path / "v.mp4"
+    res = generate("a cat", "--model", "fake/starflow-v", "--frames", 5, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert read(out)[0].shape == (5, 32, 48, 3)
+    assert hub.load_registry()["models"]["apple/starflow-v"]["flow"]["checkpoint"] == "starflow-v_7B_t2v_caus_480p_v3.pth"
+
+
+def test_flow_is_released_before_decoding_when_memory_is_short_and_reloaded_after(pipe, monkeypatch):
+    from starflow_mlx.pipelines import video
+
+    first = pipe.generate("a cat", frames=5, seed=3)[0]
+    needed = pipe.needed_bytes(2, 1, "16:9")
+    monkeypatch.setattr(video, "physical_memory", lambda: int(needed / 0.8))  # fits, but above the comfort share
+    assert pipe.release_if_short(2, 1, "16:9") and pipe.flow is None and pipe.text_encoder is None
+    again = pipe.generate("a cat", frames=5, seed=3)[0]  # reloads the flow
+    assert pipe.flow is None and np.array_equal(first, again)
+    monkeypatch.undo()
+    pipe.sample("a cat", frames=5)
+    assert pipe.flow is not None

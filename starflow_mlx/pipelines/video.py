@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from starflow_mlx.loading import load_flow
 from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, physical_memory, weight_bytes
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
@@ -37,6 +38,7 @@ MAX_FRAMES = 2001  # ~2 minutes at 16 fps: far beyond what the model was trained
 # Streaming VAE decode of one latent frame at 480x848 peaks near 6-8 GB in float32 (shared/reference estimate,
 # checked by benchmarks/wan_vae.py); it scales with the frame area.
 VAE_BYTES_PER_PIXEL = (8 << 30) // (480 * 848)
+MEMORY_COMFORT = 0.75  # above this share of RAM, the flow is released before the VAE decode
 
 
 def frame_count(frames: int) -> int:
@@ -87,6 +89,13 @@ class VideoPipeline(Pipeline):
     """``VideoPipeline.from_pretrained(folder)``, then ``generate(prompt, frames=81, image=..., video=...)``."""
 
     VIDEO = True
+    dtype: str | None = None  # what the flow was cast to, to reload it the same way after a release
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, dtype: str | None = None) -> "VideoPipeline":
+        pipe = super().from_pretrained(name, dtype=dtype)
+        pipe.dtype = dtype
+        return pipe
 
     @classmethod
     def load_vae(cls, path: Path, dtype: str | None):
@@ -119,6 +128,25 @@ class VideoPipeline(Pipeline):
         frames = 4 * latent_frames - 3
         pixels = h * w * self.vae.factor**2
         return weight_bytes(self.folder) + kv + pixels * VAE_BYTES_PER_PIXEL + count * frames * pixels * 3
+
+    def release_if_short(self, latent_frames: int, count: int, aspect_ratio: str) -> bool:
+        """Free the flow and text encoder before decoding when they would crowd the VAE's working set.
+
+        They are reloaded by the next :meth:`sample`. Returns whether they were released.
+        """
+        total = physical_memory()
+        if total is None or self.needed_bytes(latent_frames, count, aspect_ratio) <= MEMORY_COMFORT * total:
+            return False
+        self.flow = self.text_encoder = None
+        mx.clear_cache()
+        return True
+
+    def _reload(self) -> None:
+        if self.flow is None:
+            from starflow_mlx.text_encoder import load_text_encoder
+
+            self.flow = load_flow(self.folder, dtype=self.dtype)
+            self.text_encoder = load_text_encoder(self.folder / self.manifest.text_encoder, dtype=self.dtype)
 
     def check_memory(self, latent_frames: int, count: int, aspect_ratio: str) -> None:
         total, needed = physical_memory(), self.needed_bytes(latent_frames, count, aspect_ratio)
@@ -198,6 +226,7 @@ class VideoPipeline(Pipeline):
         uint8 frames) is a clip to continue: its frames come first and the rest is generated,
         ``frames`` counting both. ``cfg=None`` is 3.5 (upstream's video script).
         """
+        self._reload()
         cfg = VIDEO_DEFAULTS["cfg"] if cfg is None else cfg
         check_options(seed, cfg, num_videos, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
         if not isinstance(fps, int) or not 1 <= fps <= 120:
@@ -260,6 +289,7 @@ class VideoPipeline(Pipeline):
     def generate(self, prompt: str, *, progress: Callable[..., None] | None = None, **options) -> list[np.ndarray]:
         """uint8 frames (T, H, W, 3) per video; options are :meth:`sample`'s."""
         latents = self.sample(prompt, progress=progress, **options)
+        self.release_if_short(latents.shape[1], latents.shape[0], options.get("aspect_ratio", VIDEO_DEFAULTS["aspect_ratio"]))
         chunks = list(self.decode_frames(latents, progress))
         video = np.concatenate(chunks, axis=1)
         return list(video)
