@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_vae": ("starflow_mlx.vae", "load_vae"),
     "load_video_vae": ("starflow_mlx.video_vae", "load_video_vae"),
     "Pipeline": ("starflow_mlx.pipelines.image", "Pipeline"),
+    "VideoPipeline": ("starflow_mlx.pipelines.video", "VideoPipeline"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -41,6 +41,14 @@ VAE_BYTES_PER_PIXEL = (8 << 30) // (480 * 848)
 MEMORY_COMFORT = 0.75  # above this share of RAM, the flow is released before the VAE decode
 
 
+def kv_cache_bytes(config, latent_frames: int, frame_tokens: int, count: int, itemsize: int) -> int:
+    """The deep block's KV cache for ``latent_frames`` frames and the text, guidance doubling the batch."""
+    deep = config.num_blocks - 1
+    tokens = latent_frames * frame_tokens + config.txt_size
+    per_token = config.layers_per_block[deep] * 2 * config.block_kv_heads(deep) * config.head_dim
+    return 2 * count * tokens * per_token * itemsize
+
+
 def frame_count(frames: int) -> int:
     """``frames`` rounded up to 1 + 4k (what the VAE can produce), with a warning when it changes."""
     if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_FRAMES:
@@ -119,15 +127,15 @@ class VideoPipeline(Pipeline):
         return h * self.vae.factor, w * self.vae.factor
 
     def needed_bytes(self, latent_frames: int, count: int, aspect_ratio: str) -> int:
-        """Weights, the guided deep-block KV cache of its attention window, and the VAE's streaming decode."""
+        """Weights, then the larger of the deep block's guided KV cache (sampling) and the VAE's streaming
+        working set (decoding, after the cache is freed), plus the frames."""
         cfg = self.config
         h, w = latent_size(cfg, aspect_ratio)
-        tokens = min(latent_frames, self.training_latent_frames) * h * w + cfg.txt_size
-        deep = cfg.num_blocks - 1
-        kv = cfg.layers_per_block[deep] * 2 * 2 * count * tokens * cfg.block_kv_heads(deep) * cfg.head_dim * 4
+        itemsize = self.flow.blocks[-1].dtype.size if self.flow is not None else (4 if cfg.dtype == "float32" else 2)
+        kv = kv_cache_bytes(cfg, min(latent_frames, self.training_latent_frames), h * w, count, itemsize)
         frames = 4 * latent_frames - 3
         pixels = h * w * self.vae.factor**2
-        return weight_bytes(self.folder) + kv + pixels * VAE_BYTES_PER_PIXEL + count * frames * pixels * 3
+        return weight_bytes(self.folder) + max(kv, pixels * VAE_BYTES_PER_PIXEL) + count * frames * pixels * 3
 
     def release_if_short(self, latent_frames: int, count: int, aspect_ratio: str) -> bool:
         """Free the flow and text encoder before decoding when they would crowd the VAE's working set.
