@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -48,10 +49,23 @@ def output_items(params: dict, count: int, output: Path | None, output_dir: Path
     return [(output_dir / f"{name}-{i:03d}.mp4", dict(params, index=i), i) for i in range(count)]
 
 
+def check_writable(path: Path) -> None:
+    """Fail before minutes of sampling, not after, when an output cannot be created."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder: give a file name ending in .mp4")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
+
+
 def generate_video(pipe, prompt: str, options: dict, items: list[tuple[Path, dict, int | None]], progress) -> int:
     """Sample, denoise, then decode straight into the mp4s; returns the frames written per file."""
     from starflow_mlx.pipelines.video_io import write_videos
 
+    for path, _, _ in items:
+        check_writable(path)
     latents = pipe.sample(prompt, progress=progress, **options)
     if pipe.release_if_short(latents.shape[1], latents.shape[0], options["aspect_ratio"]):
         typer.echo("memory is short: the flow was released before the VAE decode", err=True)

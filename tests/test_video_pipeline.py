@@ -221,6 +221,33 @@ def test_unreadable_image_and_clip(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.mp4", "broken.png"]
 
 
+def test_unwritable_output_fails_before_sampling(model, tmp_path, monkeypatch):
+    from starflow_mlx.pipelines import video
+
+    monkeypatch.setattr(video.VideoPipeline, "sample", lambda *a, **k: pytest.fail("sampled before checking the output"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = generate("a cat", "--model", model, "-o", blocker / "out.mp4")
+    assert res.exit_code == 1 and "is not a writable folder" in res.output
+    (tmp_path / "taken.mp4").mkdir()
+    res = generate("a cat", "--model", model, "-o", tmp_path / "taken.mp4")
+    assert res.exit_code == 1 and "is a folder" in res.output
+
+
+def test_video_folder_without_its_vae(model, tmp_path):
+    import shutil
+
+    from starflow_mlx.model_folder import Manifest
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    manifest = Manifest.load(broken)
+    manifest.vae = None
+    manifest.save(broken)
+    res = generate("a cat", "--model", broken, "-o", tmp_path / "x.mp4")
+    assert res.exit_code == 1 and "lacks its video VAE" in res.output
+
+
 def test_video_options_on_an_image_model_are_refused(tmp_path):
     from fixtures_model import make_class_model_folder
 

@@ -99,6 +99,12 @@ class VideoPipeline(Pipeline):
     VIDEO = True
     dtype: str | None = None  # what the flow was cast to, to reload it the same way after a release
 
+    def __init__(self, folder: Path, flow, manifest, text_encoder=None, vae=None):
+        if text_encoder is None or vae is None:
+            raise ValueError(f"{folder} lacks its {'text encoder' if text_encoder is None else 'video VAE'}: rebuild it "
+                             "with starflow convert --text-encoder google/flan-t5-xl --vae Wan-AI/Wan2.2-TI2V-5B")
+        super().__init__(folder, flow, manifest, text_encoder, vae)
+
     @classmethod
     def from_pretrained(cls, name: str | Path, dtype: str | None = None) -> "VideoPipeline":
         pipe = super().from_pretrained(name, dtype=dtype)
