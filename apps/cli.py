@@ -42,8 +42,11 @@ def user_errors(command):
         except (ValueError, OSError, MemoryError) as exc:
             if os.environ.get("STARFLOW_DEBUG"):
                 raise
+            from starflow_mlx.hub import HubError
+
             text = str(exc).strip()
-            fail(text.splitlines()[0] if text else type(exc).__name__)
+            # Library messages can run on for lines; ours are one line, except the hub's list of missing files.
+            fail(text if isinstance(exc, HubError) else text.splitlines()[0] if text else type(exc).__name__)
 
     return wrapper
 

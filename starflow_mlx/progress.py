@@ -65,7 +65,7 @@ class StageProgress:
             if not self.live:
                 extra = describe_info(info)
                 self.console.print(f"{label}: {done}/{total} in {took:.2f}s" + (f" ({extra})" if extra else ""),
-                                   highlight=False)
+                                   highlight=False, soft_wrap=True)
 
     @contextmanager
     def stage(self, label: str, note: str = ""):
@@ -76,7 +76,7 @@ class StageProgress:
 
     def log(self, message: str) -> None:
         """A line of output that stays above the bars."""
-        self.console.print(message, highlight=False, markup=False)
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def summary(self) -> str:
         return "  ".join(f"{label} {seconds:.2f}s" for label, seconds in self.seconds.items())
