@@ -89,12 +89,19 @@ def plan_outputs(prompt: str, seed: int, indices: range, output: Optional[Path],
 
 def check_job(pipe, plan: OutputPlan, count: int, aspect_ratio: str) -> None:
     """Refuse, before sampling, a grid larger than memory or files larger than the free disk."""
+    from PIL import Image
+
     from starflow_mlx.pipelines.image import InsufficientMemoryError, memory_limit, needed_bytes
     from starflow_mlx.pipelines.image_files import file_bytes, grid_shape
 
     width, height, channels = pipe.image_size(aspect_ratio)
     if plan.file is not None and count > 1:
         cols, rows = grid_shape(count)
+        if cols * width * rows * height > Image.MAX_IMAGE_PIXELS:
+            # Pillow, and so --from-metadata and score, would refuse to open it as a decompression bomb.
+            raise ValueError(f"a grid of {count} images would be {cols * width}x{rows * height} pixels, more than "
+                             f"image readers open ({Image.MAX_IMAGE_PIXELS} pixels): write one file per image with "
+                             "--output-dir DIR, or ask for fewer images")
         # The images and the canvas they are pasted on are both in memory.
         grid_bytes = 2 * cols * rows * width * height * channels
         total = memory_limit()

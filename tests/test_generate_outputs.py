@@ -37,15 +37,23 @@ def test_a_million_images_are_refused_in_one_line_not_a_crash(tmp_path):
     grid = capped_cli(tmp_path, "generate", "7", "--model", "demo", "-n", 1_000_000, "-o", "grid.png")
     batch = capped_cli(tmp_path, "generate", "7", "--model", "demo", "-n", 1_000_000, "--batch-size", 1_000_000,
                        "--output-dir", "out")
-    for res, words in ((grid, "a grid of 1000000 images needs about"), (batch, "a batch of 1000000 images needs")):
+    for res, words in ((grid, "a grid of 1000000 images would be 64000x64000 pixels"),
+                       (batch, "a batch of 1000000 images needs")):
         assert res.returncode == 1, res.stderr  # a segfault is -11 (139 from a shell)
         assert res.stderr.strip().splitlines() == [res.stderr.strip()] and words in res.stderr, res.stderr
-        assert "GB is available" in res.stderr
     assert list(tmp_path.iterdir()) == []
     ok = capped_cli(tmp_path, "generate", "7", "--model", "demo", "-n", 3, "--batch-size", 2, "--output-dir", "out")
     assert ok.returncode == 0, ok.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"7-seed0-00{i}.png" for i in range(3)]
     assert ok.stderr.count("block 2 (deep): 64/64 in") == 2  # two batches, each with its own block stages
+
+
+def test_a_grid_larger_than_memory_is_refused_before_sampling(tmp_path, monkeypatch):
+    # 1.05 GB: the demo model fits (1 GB of working memory + 2 MB), a grid of 7000 images (2 x 29 MB) does not.
+    monkeypatch.setattr("starflow_mlx.pipelines.image.memory_limit", lambda: int(1.05 * 2**30))
+    res = generate("7", "--model", "demo", "-n", 7000, "-o", tmp_path / "grid.png")
+    assert res.exit_code == 1 and "a grid of 7000 images needs about" in res.output, res.output
+    assert "--output-dir" in res.output and not list(tmp_path.iterdir())
 
 
 def test_huge_num_images_in_metadata_regenerates_only_the_images_batch(tmp_path):
@@ -63,7 +71,7 @@ def test_huge_num_images_in_metadata_regenerates_only_the_images_batch(tmp_path)
     grid = dict(meta, index=None)
     save_images([(Image.new("L", (8, 8)), tmp_path / "huge-grid.png", grid)])
     res = generate("--from-metadata", tmp_path / "huge-grid.png")
-    assert res.exit_code == 1 and "a grid of 1000000000000 images" in res.output
+    assert res.exit_code == 1 and "a grid of 1000000000000 images would be" in res.output
     assert res.output.strip().count("\n") == 0
 
 
