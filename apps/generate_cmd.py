@@ -31,6 +31,7 @@ class OutputPlan:
 
     file: Optional[Path] = None
     names: dict[int, Path] = field(default_factory=dict)
+    taken: Optional[Path] = None  # the default name, when it was taken and ``file`` is the next free one
 
     @property
     def paths(self) -> list[Path]:
@@ -80,7 +81,9 @@ def plan_outputs(prompt: str, seed: int, indices: range, output: Optional[Path],
                              "pass --overwrite to replace them, or use another --output-dir or --seed")
         return OutputPlan(names=names)
     if output is None:
-        return OutputPlan(file=free_name(default or Path(f"{file_stem(prompt, seed)}.png")))
+        wanted = default or Path(f"{file_stem(prompt, seed)}.png")
+        file = free_name(wanted)
+        return OutputPlan(file=file, taken=wanted if file != wanted else None)
     image_format(output)
     if output.exists() and not overwrite:
         raise ValueError(f"{output} already exists: pass --overwrite to replace it, or choose another name")
@@ -173,7 +176,7 @@ def generate(
     """Generate images and save files that carry their generation parameters."""
     from starflow_mlx import __version__
     from starflow_mlx.loading import parse_dtype
-    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.image import Pipeline, plan_batch
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.progress import StageProgress
 
@@ -199,8 +202,6 @@ def generate(
     options = dict(seed=seed, cfg=pipe.config.cfg if cfg is None else cfg, aspect_ratio=aspect_ratio,
                    num_images=num_images, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                    jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter)
-    from starflow_mlx.pipelines.image import plan_batch
-
     batch_size = plan_batch(pipe.folder, pipe.config, num_images, batch_size)
     check_job(pipe, plan, len(wanted), aspect_ratio)
     params = dict(options, prompt=prompt, model=str(model), dtype=dtype, version=__version__, batch_size=batch_size)
@@ -213,7 +214,7 @@ def generate(
         write_file(plan, images, params, wanted.start if len(wanted) == 1 else None)
     stages.log(stages.summary())
     for path in plan.paths[:3]:
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {path}" + (f" ({plan.taken} exists)" if plan.taken else ""))
     if len(plan.paths) > 3:
         typer.echo(f"wrote {len(plan.paths) - 3} more in {plan.paths[0].parent}")
 

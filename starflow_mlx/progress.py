@@ -5,7 +5,7 @@ first report (work reports ``(0, total)`` before it starts) and moves with each 
 one. Stage times are real: MLX evaluates lazily, so the clock is read only after
 ``mx.synchronize()``. A stage that runs again (one per image batch) starts its bar
 over and adds to its time. Without a terminal nothing animates: each finished stage
-is logged as one line on stderr.
+is logged as one line on stderr, and a long stage also every 30 seconds while it runs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 
 import mlx.core as mx
+
+LOG_EVERY = 30.0  # seconds between lines of a running stage when not on a terminal
 
 
 def describe_info(info: dict) -> str:
@@ -37,7 +39,7 @@ class StageProgress:
         self.tasks: dict[str, int] = {}
         self.running: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
-        self.last = time.perf_counter()
+        self.last = self.logged = time.perf_counter()
 
     def __enter__(self) -> "StageProgress":
         self.bars.start()
@@ -56,6 +58,8 @@ class StageProgress:
             else:
                 self.tasks[label] = self.bars.add_task(label, total=total, info="")
         self.bars.update(self.tasks[label], completed=done, total=total, info=describe_info(info))
+        if not self.live and done < total and now - self.logged >= LOG_EVERY:
+            self._line(f"{label}: {done}/{total}", info, now)
         if done >= total:
             mx.synchronize()  # the work reported done may still be queued
             end = time.perf_counter()
@@ -63,9 +67,12 @@ class StageProgress:
             self.seconds[label] = self.seconds.get(label, 0.0) + took
             self.last = end
             if not self.live:
-                extra = describe_info(info)
-                self.console.print(f"{label}: {done}/{total} in {took:.2f}s" + (f" ({extra})" if extra else ""),
-                                   highlight=False, soft_wrap=True)
+                self._line(f"{label}: {done}/{total} in {took:.2f}s", info, end)
+
+    def _line(self, text: str, info: dict, now: float) -> None:
+        extra = describe_info(info)
+        self.console.print(text + (f" ({extra})" if extra else ""), highlight=False, markup=False, soft_wrap=True)
+        self.logged = now
 
     @contextmanager
     def stage(self, label: str, note: str = ""):

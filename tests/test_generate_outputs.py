@@ -95,7 +95,7 @@ def test_default_output_is_named_from_prompt_and_seed_and_never_replaced(tmp_pat
         res = generate("7", "--model", "demo", "--seed", 3)
         assert res.exit_code == 0, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["7-seed3-2.png", "7-seed3.png"]
-    assert "wrote 7-seed3-2.png" in res.output
+    assert "wrote 7-seed3-2.png (7-seed3.png exists)" in res.output
     assert generate_cmd.file_stem("A film still of a cat, playing piano!", 0) == "a-film-still-of-a-cat-playing-piano-seed0"
 
 

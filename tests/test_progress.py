@@ -97,3 +97,13 @@ def test_export_counts_its_packages(tmp_path):
     calls = Recorder()
     export_coreml("demo", tmp_path / "out", progress=calls)
     assert calls.calls == [("packages", 0, 3), ("packages", 1, 3), ("packages", 2, 3), ("packages", 3, 3)]
+
+
+def test_a_long_stage_is_logged_while_it_runs_when_not_on_a_terminal(monkeypatch):
+    clock = iter([0.0, 0.0, 10.0, 40.0, 50.0, 90.0, 95.0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    stages = StageProgress(Console(file=out, width=200), live=False)
+    for done in (0, 1, 2, 3, 4):
+        stages("training", done, 10, note=f"loss {done}")
+    assert out.getvalue().splitlines() == ["training: 2/10 (loss 2)", "training: 4/10 (loss 4)"]  # 30 s apart
