@@ -23,6 +23,8 @@ GENERATION_KEYS = {"prompt": str, "model": str, "seed": int, "cfg": NUMBER, "asp
                    "jacobi": bool, "jacobi_block_size": int, "jacobi_threshold": NUMBER, "jacobi_max_iter": int,
                    "dtype": (str, type(None)), "index": (int, type(None))}
 BATCH_KEY = "batch_size"  # absent from files written before batching: those were sampled in one batch
+SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_images", "jacobi", "jacobi_block_size", "jacobi_threshold",
+                 "jacobi_max_iter")
 
 
 @dataclass
@@ -180,34 +182,34 @@ def generate(
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.progress import StageProgress
 
-    index, default = None, None
+    job = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_images=num_images,
+               jacobi=jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+               jacobi_max_iter=jacobi_max_iter, dtype=dtype, index=None, batch_size=batch_size)
+    default = None
     if from_metadata is not None:
         if prompt is not None:
             raise ValueError("give a prompt or --from-metadata IMAGE, not both")
-        meta = options_from_metadata(from_metadata)
-        prompt, model, seed, cfg = meta["prompt"], meta["model"], meta["seed"], meta["cfg"]
-        aspect_ratio, num_images, jacobi = meta["aspect_ratio"], meta["num_images"], meta["jacobi"]
-        jacobi_block_size, jacobi_threshold = meta["jacobi_block_size"], meta["jacobi_threshold"]
-        jacobi_max_iter, dtype, index, batch_size = meta["jacobi_max_iter"], meta["dtype"], meta["index"], meta[BATCH_KEY]
+        job = options_from_metadata(from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
-    if prompt is None:
+    if job["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata IMAGE)")
-    if num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {num_images}")
-    wanted = range(index, index + 1) if index is not None else range(num_images)
-    plan = plan_outputs(prompt, seed, wanted, output, output_dir, overwrite, default)
-    check_aspect_ratio(aspect_ratio)
-    parse_dtype(dtype)
-    pipe = Pipeline.from_pretrained(model, dtype=dtype)
-    options = dict(seed=seed, cfg=pipe.config.cfg if cfg is None else cfg, aspect_ratio=aspect_ratio,
-                   num_images=num_images, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
-                   jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter)
-    batch_size = plan_batch(pipe.folder, pipe.config, num_images, batch_size)
-    check_job(pipe, plan, len(wanted), aspect_ratio)
-    params = dict(options, prompt=prompt, model=str(model), dtype=dtype, version=__version__, batch_size=batch_size)
+    if job["num_images"] < 1:
+        raise ValueError(f"--num-images must be at least 1, got {job['num_images']}")
+    index = job["index"]
+    wanted = range(index, index + 1) if index is not None else range(job["num_images"])
+    plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite, default)
+    check_aspect_ratio(job["aspect_ratio"])
+    parse_dtype(job["dtype"])
+    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    options = {key: job[key] for key in SAMPLING_KEYS}
+    options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
+    batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"], job["batch_size"])
+    check_job(pipe, plan, len(wanted), job["aspect_ratio"])
+    params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
+                  batch_size=batch_size)
     with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = run_batches(pipe, prompt, options, plan, params, wanted, batch_size, stages)
+        images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size, stages)
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     if plan.file is not None:
