@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ REGISTRY = Path(__file__).with_name("registry.json")
 REGISTRY_ENV, CACHE_ENV = "STARFLOW_MLX_REGISTRY", "STARFLOW_MLX_CACHE"
 TRUE = {"1", "on", "yes", "true"}
 PROBE_SECONDS = 3.0
+LINE = 100  # message lines are wrapped to this width
 
 
 class HubError(OSError):
@@ -144,10 +146,15 @@ def missing_message(missing: list[tuple[HubFile, str]], why: str, cache: Path) -
     for file, reason in missing:
         by_repo.setdefault((file.repo, file.revision), []).append(file.filename + (f" ({reason})" if reason else ""))
     lines = [f"{len(missing)} file(s) missing from the Hugging Face cache {cache} ({why}):"]
-    lines += [f"  {repo}: {', '.join(names)}" for (repo, _), names in by_repo.items()]
+    lines += [textwrap.fill(f"  {repo}: {', '.join(names)}", LINE, subsequent_indent="      ", break_on_hyphens=False)
+              for (repo, _), names in by_repo.items()]
     lines.append("Get them on a connected machine and copy that cache here:")
-    lines += [f"  {cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "") + " "
-              + " ".join(f.filename for f, _ in missing if (f.repo, f.revision) == (repo, rev)) for repo, rev in by_repo]
+    for repo, rev in by_repo:
+        command = f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "") + " " \
+            + " ".join(f.filename for f, _ in missing if (f.repo, f.revision) == (repo, rev))
+        # Continued with backslashes, so the wrapped command still pastes into a shell.
+        lines.append(" \\\n".join(textwrap.wrap(command, LINE - 2, initial_indent="  ", subsequent_indent="      ",
+                                                  break_on_hyphens=False, break_long_words=False)))
     lines.append("Or convert a local checkpoint and pass --model MODEL:")
     lines.append("  starflow convert CKPT --config YAML --text-encoder T5_DIR --vae VAE_DIR -o MODEL")
     return "\n".join(lines)
