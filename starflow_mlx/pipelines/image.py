@@ -31,7 +31,6 @@ from starflow_mlx.sampling.denoise import score_denoise
 MIN_PIXEL_SIDE = 64  # tiny pixel-space outputs (8x8 digits) are enlarged so they can be seen
 WORKING_BYTES = 1 << 30  # T5 and VAE activations, MLX buffers: measured well under this at 256x256
 MAX_DEFAULT_BATCH = 16  # past this a bigger batch barely speeds sampling up, and one batch's images wait longer
-UNLIMITED = (-1, None)
 
 
 class InsufficientMemoryError(MemoryError):
@@ -53,7 +52,7 @@ def process_limit() -> int | None:
     except ImportError:  # not on this OS
         return None
     limits = [resource.getrlimit(kind)[0] for kind in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
-    limits = [value for value in limits if value not in UNLIMITED and value != resource.RLIM_INFINITY]
+    limits = [value for value in limits if value != resource.RLIM_INFINITY and value > 0]
     return min(limits) if limits else None
 
 
