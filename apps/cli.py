@@ -18,12 +18,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # typer 0.29's rich help prints a type on every option, flags included ("--verify <bool>",
+    # even "--help <bool>"); click's plain help lists flags as flags.
+    rich_markup_mode=None,
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from starflow_mlx import __version__
+
+        typer.echo(f"starflow-mlx {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Keeps ``starflow`` a group of commands even while only one is registered."""
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Keeps ``starflow`` a group of commands and gives it --version."""
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -42,8 +54,11 @@ def user_errors(command):
         except (ValueError, OSError, MemoryError) as exc:
             if os.environ.get("STARFLOW_DEBUG"):
                 raise
+            from starflow_mlx.hub import HubError
+
             text = str(exc).strip()
-            fail(text.splitlines()[0] if text else type(exc).__name__)
+            # Library messages can run on for lines; ours are one line, except the hub's list of missing files.
+            fail(text if isinstance(exc, HubError) else text.splitlines()[0] if text else type(exc).__name__)
 
     return wrapper
 

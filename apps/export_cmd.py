@@ -29,6 +29,9 @@ def export_coreml(
 
     options = ExportOptions(bits=bits, group_size=group_size, chunk=chunk, height=height, width=width, batch=batch,
                             guidance=guidance)
-    result = run_export(model, output, options, verify=verify, report=typer.echo)
+    from starflow_mlx.progress import StageProgress
+
+    with StageProgress() as stages:
+        result = run_export(model, output, options, verify=verify, report=stages.log, progress=stages)
     typer.echo(f"{result.folder}: {len(result.manifest.packages)} packages + manifest.json")
     typer.echo(describe(result.manifest))

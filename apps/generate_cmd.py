@@ -1,186 +1,268 @@
-"""``starflow generate`` and ``starflow score``."""
+"""``starflow generate`` and ``starflow score``.
+
+``generate`` reads its options (or an image's metadata), plans the output files and checks
+the whole job (memory for one batch and for a grid, disk for every file) before sampling,
+then samples batch by batch; with ``--output-dir`` each batch's files are written as soon
+as they are decoded, so a long job never holds more than one batch.
+"""
 
 from __future__ import annotations
 
-import time
+import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 DEFAULT_MODEL = "apple/starflow"
-# Everything that decides the pixels, as stored in each PNG and read back by --from-metadata, with its type.
+# Everything that decides the pixels, as stored in each image and read back by --from-metadata, with its type.
 NUMBER = (int, float)
 GENERATION_KEYS = {"prompt": str, "model": str, "seed": int, "cfg": NUMBER, "aspect_ratio": str, "num_images": int,
                    "jacobi": bool, "jacobi_block_size": int, "jacobi_threshold": NUMBER, "jacobi_max_iter": int,
                    "dtype": (str, type(None)), "index": (int, type(None))}
+BATCH_KEY = "batch_size"  # absent from files written before batching: those were sampled in one batch
+SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_images", "jacobi", "jacobi_block_size", "jacobi_threshold",
+                 "jacobi_max_iter")
 
 
-class StageProgress:
-    """Rich progress bars per stage (text, each flow block, denoising, decoding) that time each stage."""
+@dataclass
+class OutputPlan:
+    """One file (a grid when several images), or one file per image index in a folder."""
 
-    def __init__(self, progress):
-        self.progress, self.tasks, self.started, self.seconds = progress, {}, {}, {}
+    file: Optional[Path] = None
+    names: dict[int, Path] = field(default_factory=dict)
+    taken: Optional[Path] = None  # the default name, when it was taken and ``file`` is the next free one
 
-    def __call__(self, label: str, done: int, total: int, **info) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=total, info="")
-            self.started[label] = time.perf_counter()
-        extra = f"{info['iterations']} it, residual {info['residual']:.1e}" if "iterations" in info else ""
-        self.progress.update(self.tasks[label], completed=done, total=total, info=extra)
-        if done >= total:
-            self.seconds[label] = time.perf_counter() - self.started[label]
+    @property
+    def paths(self) -> list[Path]:
+        return [self.file] if self.file is not None else list(self.names.values())
 
 
-def run_with_progress(work):
-    """``work(progress)`` under per-stage progress bars; warnings become one line each, stage times follow."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description:>16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console) as bars:
-        stages = StageProgress(bars)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = work(stages)
-    for warning in caught:
-        typer.echo(f"warning: {warning.message}", err=True)
-    console.print("  ".join(f"{label} {seconds:.2f}s" for label, seconds in stages.seconds.items()))
-    return result
-
-
-def run_generation(pipe, prompt: str, options: dict):
-    return run_with_progress(lambda progress: pipe.generate(prompt, progress=progress, **options))
-
-
+# -- options ---------------------------------------------------------------------------------
 def options_from_metadata(path: Path) -> dict:
-    from starflow_mlx.pipelines.png import read_metadata
+    from starflow_mlx.pipelines.image_files import read_metadata
 
     meta = read_metadata(path)
     wrong = [key for key, kind in GENERATION_KEYS.items() if not isinstance(meta.get(key), kind)]
+    if BATCH_KEY in meta and not isinstance(meta[BATCH_KEY], int):
+        wrong.append(BATCH_KEY)
     if wrong:
         raise ValueError(f"{path} has damaged starflow-mlx metadata ({', '.join(wrong)} missing or mistyped)")
-    return {key: meta[key] for key in GENERATION_KEYS}
+    options = {key: meta[key] for key in GENERATION_KEYS}
+    options[BATCH_KEY] = meta.get(BATCH_KEY, meta["num_images"])
+    index, count = options["index"], options["num_images"]
+    if count < 1 or options[BATCH_KEY] < 1 or (index is not None and not 0 <= index < count):
+        raise ValueError(f"{path} has damaged starflow-mlx metadata (image {index} of {count}, "
+                         f"batches of {options[BATCH_KEY]})")
+    return options
+
+
+# -- output files ----------------------------------------------------------------------------
+def file_stem(prompt: str, seed: int) -> str:
+    from starflow_mlx.pipelines.image_files import slug
+
+    return f"{slug(prompt)}-seed{seed}"
+
+
+def plan_outputs(prompt: str, seed: int, indices: range, output: Optional[Path], output_dir: Optional[Path],
+                 overwrite: bool, default: Optional[Path], suffix: str = ".png", check_format=None) -> OutputPlan:
+    """The files to write; an existing one is an error unless ``overwrite``, a default name picks a free one.
+
+    ``suffix`` names default and folder files; ``check_format(path)`` refuses an --output it cannot write.
+    """
+    from starflow_mlx.pipelines.image_files import free_name, image_format
+
+    if output is not None and output_dir is not None:
+        raise ValueError("give --output FILE or --output-dir DIR, not both")
+    if output_dir is not None:
+        width = max(3, len(str(indices.stop - 1)))
+        stem = file_stem(prompt, seed)
+        names = {i: output_dir / f"{stem}-{i:0{width}d}{suffix}" for i in indices}
+        taken = [path for path in names.values() if path.exists()] if not overwrite else []
+        if taken:
+            raise ValueError(f"{taken[0]} already exists ({len(taken)} of the files would be replaced): "
+                             "pass --overwrite to replace them, or use another --output-dir or --seed")
+        return OutputPlan(names=names)
+    if output is None:
+        wanted = default or Path(f"{file_stem(prompt, seed)}{suffix}")
+        file = free_name(wanted)
+        return OutputPlan(file=file, taken=wanted if file != wanted else None)
+    (check_format or image_format)(output)
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} already exists: pass --overwrite to replace it, or choose another name")
+    return OutputPlan(file=output)
+
+
+def check_job(pipe, plan: OutputPlan, count: int, aspect_ratio: str) -> None:
+    """Refuse, before sampling, a grid larger than memory or files larger than the free disk."""
+    from PIL import Image
+
+    from starflow_mlx.pipelines.image import InsufficientMemoryError, memory_limit, needed_bytes
+    from starflow_mlx.pipelines.image_files import file_bytes, grid_shape
+
+    width, height, channels = pipe.image_size(aspect_ratio)
+    if plan.file is not None and count > 1:
+        cols, rows = grid_shape(count)
+        if cols * width * rows * height > Image.MAX_IMAGE_PIXELS:
+            # Pillow, and so --from-metadata and score, would refuse to open it as a decompression bomb.
+            raise ValueError(f"a grid of {count} images would be {cols * width}x{rows * height} pixels, more than "
+                             f"image readers open ({Image.MAX_IMAGE_PIXELS} pixels): write one file per image with "
+                             "--output-dir DIR, or ask for fewer images")
+        # The images and the canvas they are pasted on are both in memory.
+        grid_bytes = 2 * cols * rows * width * height * channels
+        total = memory_limit()
+        needed = needed_bytes(pipe.folder, pipe.config, 1) + grid_bytes
+        if total is not None and needed > total:
+            raise InsufficientMemoryError(
+                f"a grid of {count} images needs about {needed / 2**30:.1f} GB of memory but {total / 2**30:.1f} GB "
+                "is available: write one file per image with --output-dir DIR, or ask for fewer images")
+        need = {plan.file.parent: file_bytes(cols * width, rows * height, channels)}
+    else:
+        need = {}
+        for path in plan.paths:
+            need[path.parent] = need.get(path.parent, 0) + file_bytes(width, height, channels)
+    for folder, size in need.items():
+        existing = next(p for p in (folder, *folder.parents) if p.exists())  # the folder may not exist yet
+        free = shutil.disk_usage(existing).free
+        if size > free:
+            raise OSError(f"the images need up to {size / 2**30:.2f} GB in {folder} but only {free / 2**30:.2f} GB "
+                          "is free: free some space, or ask for fewer images")
+
+
+def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
+    """An mp4 to regenerate, a folder whose manifest says text-to-video, or a registered video model."""
+    if from_metadata is not None:
+        return from_metadata.suffix.lower() == ".mp4"
+    from starflow_mlx.model_folder import MANIFEST, Manifest
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return (folder / MANIFEST).is_file() and Manifest.load(folder).kind == "text-to-video"
+    from starflow_mlx.hub import load_registry
+
+    entry = load_registry().get("models", {}).get(model)
+    return isinstance(entry, dict) and entry.get("kind") == "text-to-video"
+
+
+# -- running ---------------------------------------------------------------------------------
+def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
+                batch_size: Optional[int], stages) -> list:
+    """Sample ``wanted`` batch by batch; files of a folder are written per batch, a grid's images returned."""
+    from starflow_mlx.pipelines.image_files import save_images
+
+    kept = []
+    stages("images", 0, len(wanted))
+    done = 0
+    for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
+                                               images=(wanted.start, wanted.stop), **options):
+        if plan.file is None:
+            save_images([(image, plan.names[first + k], dict(params, index=first + k))
+                         for k, image in enumerate(images)])
+        else:
+            kept.extend(images)
+        done += len(images)
+        stages("images", done, len(wanted))
+    return kept
+
+
+def write_file(plan: OutputPlan, images: list, params: dict, index: Optional[int]) -> None:
+    from starflow_mlx.pipelines.image_files import grid, save_images
+
+    single = len(images) == 1
+    save_images([(images[0] if single else grid(images), plan.file, dict(params, index=index if single else None))])
 
 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt, or a class name for class models ('7' for the demo)."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
-    seed: int = typer.Option(0, help="Noise seed: same seed and options give the same PNG bytes."),
+    seed: int = typer.Option(0, help="Noise seed (image i uses seed + i): same seed and options give the same bytes."),
     cfg: Optional[float] = typer.Option(None, help="Guidance weight (default: the model's)."),
     aspect_ratio: Optional[str] = typer.Option(None, "--aspect-ratio", "-a",
                                                help="1:1, 2:3, 3:2, 16:9, 9:16, 4:5, 5:4, 21:9, 9:21 (default 1:1; "
                                                     "16:9 for video)."),
-    num_images: int = typer.Option(1, "--num-images", "-n", help="Images to generate (a grid with --output)."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Images to generate (a grid in one file without --output-dir)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images sampled together (default: what memory allows, at most 16)."),
     jacobi: bool = typer.Option(True, "--jacobi/--no-jacobi", help="Block-wise Jacobi (fast) or sequential sampling."),
     jacobi_block_size: Optional[int] = typer.Option(None, help="Tokens solved together per Jacobi chunk "
                                                               "(default 64; 32 for video)."),
     jacobi_threshold: Optional[float] = typer.Option(None, help="Jacobi stops a chunk below this residual "
                                                                "(default 0.005; 0.001 for video)."),
     jacobi_max_iter: int = typer.Option(32, help="Most Jacobi iterations per chunk."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (a grid when -n > 1)."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp; a grid when -n > 1). "
+                                                                      "Default: PROMPT-seedSEED.png here."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image, named PROMPT-seedSEED-INDEX.png."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files instead of refusing."),
     dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16."),
-    from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", help="Regenerate the PNG these parameters came from."),
+    from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", help="Regenerate the image or mp4 these "
+                                                                               "parameters came from."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Video models: frames, 1 + 4k (default 81)."),
-    fps: Optional[int] = typer.Option(None, "--fps", help="Video models: frame rate in the prompt and the mp4 (default 16)."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Video models: frame rate, in the prompt and the mp4 "
+                                                          "(default 16)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Video models: start the video from this image."),
-    video: Optional[Path] = typer.Option(None, "--video", help="Video models: continue this clip (its frames come first)."),
+    video: Optional[Path] = typer.Option(None, "--video", help="Video models: continue this clip (its frames come "
+                                                               "first; --frames counts both)."),
 ) -> None:
-    """Generate images (PNG) or, with a video model, mp4 videos; files carry their generation parameters."""
+    """Generate images, or mp4 videos with a video model; files carry their generation parameters."""
     from starflow_mlx import __version__
     from starflow_mlx.loading import parse_dtype
-    from starflow_mlx.pipelines.image import Pipeline
-    from starflow_mlx.pipelines.png import grid, save_pngs
+    from starflow_mlx.pipelines.image import Pipeline, plan_batch
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
+    from starflow_mlx.progress import StageProgress
 
-    index = None
-    if from_metadata is not None and from_metadata.suffix.lower() == ".mp4":
-        if prompt is not None:
-            raise ValueError("give a prompt or --from-metadata VIDEO, not both")
-        from starflow_mlx.apps.generate_video import video_options_from_metadata
+    if is_video_job(model, from_metadata):
+        from starflow_mlx.apps.generate_video import generate_video
 
-        meta = video_options_from_metadata(from_metadata)
-        prompt, model, seed, cfg, aspect_ratio = meta["prompt"], meta["model"], meta["seed"], meta["cfg"], meta["aspect_ratio"]
-        num_images, frames, fps, jacobi = meta["num_videos"], meta["frames"], meta["fps"], meta["jacobi"]
-        jacobi_block_size, jacobi_threshold = meta["jacobi_block_size"], meta["jacobi_threshold"]
-        jacobi_max_iter, dtype, index = meta["jacobi_max_iter"], meta["dtype"], meta["index"]
-        image = Path(meta["image"]) if meta["image"] else None
-        video = Path(meta["video"]) if meta["video"] else None
-        if output is None and output_dir is None:
-            output = from_metadata.with_name(from_metadata.stem + "-again.mp4")
-    elif from_metadata is not None:
-        if prompt is not None:
-            raise ValueError("give a prompt or --from-metadata IMAGE, not both")
-        meta = options_from_metadata(from_metadata)
-        prompt, model, seed, cfg = meta["prompt"], meta["model"], meta["seed"], meta["cfg"]
-        aspect_ratio, num_images, jacobi = meta["aspect_ratio"], meta["num_images"], meta["jacobi"]
-        jacobi_block_size, jacobi_threshold = meta["jacobi_block_size"], meta["jacobi_threshold"]
-        jacobi_max_iter, dtype, index = meta["jacobi_max_iter"], meta["dtype"], meta["index"]
-        if index is not None and not 0 <= index < num_images:
-            raise ValueError(f"{from_metadata} has damaged starflow-mlx metadata (index {index} of {num_images} images)")
-        if output is None and output_dir is None:
-            output = from_metadata.with_name(from_metadata.stem + "-again.png")
-    if prompt is None:
-        raise ValueError("give a prompt (or --from-metadata IMAGE)")
-    if (output is None) == (output_dir is None):
-        raise ValueError("give exactly one of --output FILE or --output-dir DIR")
-    if aspect_ratio is not None:
-        check_aspect_ratio(aspect_ratio)
-    parse_dtype(dtype)
-    pipe = Pipeline.from_pretrained(model, dtype=dtype)
-    if pipe.VIDEO:
-        return _generate_video(pipe, prompt, model, seed, cfg, aspect_ratio, num_images, jacobi, jacobi_block_size,
-                               jacobi_threshold, jacobi_max_iter, output, output_dir, dtype, frames, fps, image, video,
-                               index)
+        return generate_video(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio,
+                              num_videos=num_images, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
+                              jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, output=output,
+                              output_dir=output_dir, overwrite=overwrite, dtype=dtype, from_metadata=from_metadata,
+                              frames=frames, fps=fps, image=image, video=video)
+    video_only = [name for name, value in (("--frames", frames), ("--fps", fps), ("--image", image),
+                                           ("--video", video)) if value is not None]
+    if video_only:
+        raise ValueError(f"{video_only[0]} is for video models; {model} generates images")
     aspect_ratio = aspect_ratio or "1:1"
     jacobi_block_size = 64 if jacobi_block_size is None else jacobi_block_size
     jacobi_threshold = 0.005 if jacobi_threshold is None else jacobi_threshold
-    video_only = [name for name, value in (("--frames", frames), ("--fps", fps), ("--image", image), ("--video", video))
-                  if value is not None]
-    if video_only:
-        raise ValueError(f"{video_only[0]} is for video models; {model} generates images")
-    if output is not None and output.suffix.lower() != ".png":
-        raise ValueError(f"--output {output}: the file name must end in .png")
-    options = dict(seed=seed, cfg=pipe.config.cfg if cfg is None else cfg, aspect_ratio=aspect_ratio,
-                   num_images=num_images, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
-                   jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter)
-    images = run_generation(pipe, prompt, options)
-    params = dict(options, prompt=prompt, model=str(model), dtype=dtype, version=__version__)
-    if index is not None:
-        images = [images[index]]
-    if output is not None:
-        single = len(images) == 1
-        if index is None:
-            index = 0 if single else None
-        items = [(images[0] if single else grid(images), output, dict(params, index=index))]
-    else:
-        items = [(image, output_dir / f"{seed:06d}-{i:03d}.png", dict(params, index=i if index is None else index))
-                 for i, image in enumerate(images)]
-    save_pngs(items)
-    for _, path, _ in items:
-        typer.echo(f"wrote {path}")
-
-
-def _generate_video(pipe, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
-                    jacobi_threshold, jacobi_max_iter, output, output_dir, dtype, frames, fps, image, video, index):
-    from starflow_mlx import __version__
-    from starflow_mlx.apps.generate_video import generate_video, output_items, report_memory, resolve_video_options
-
-    chosen = resolve_video_options(cfg, aspect_ratio, frames, fps, jacobi_block_size, jacobi_threshold)
-    options = dict(chosen, seed=seed, num_videos=num_videos, jacobi=jacobi, jacobi_max_iter=jacobi_max_iter,
-                   image=str(image) if image else None, video=str(video) if video else None)
-    params = dict(options, prompt=prompt, model=str(model), dtype=dtype, version=__version__)
-    from starflow_mlx.pipelines.video import frame_count
-
-    options["frames"] = params["frames"] = frame_count(options["frames"])
-    items = output_items(params, num_videos, output, output_dir, index, f"{seed:06d}")
-    written = run_with_progress(lambda progress: generate_video(pipe, prompt, options, items, progress))
-    for path, _, _ in items:
-        typer.echo(f"wrote {path} ({written} frames at {options['fps']} fps)")
-    report_memory()
+    job = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_images=num_images,
+               jacobi=jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+               jacobi_max_iter=jacobi_max_iter, dtype=dtype, index=None, batch_size=batch_size)
+    default = None
+    if from_metadata is not None:
+        if prompt is not None:
+            raise ValueError("give a prompt or --from-metadata IMAGE, not both")
+        job = options_from_metadata(from_metadata)
+        default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
+    if job["prompt"] is None:
+        raise ValueError("give a prompt (or --from-metadata IMAGE)")
+    if job["num_images"] < 1:
+        raise ValueError(f"--num-images must be at least 1, got {job['num_images']}")
+    index = job["index"]
+    wanted = range(index, index + 1) if index is not None else range(job["num_images"])
+    plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite, default)
+    check_aspect_ratio(job["aspect_ratio"])
+    parse_dtype(job["dtype"])
+    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    options = {key: job[key] for key in SAMPLING_KEYS}
+    options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
+    batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"], job["batch_size"])
+    check_job(pipe, plan, len(wanted), job["aspect_ratio"])
+    params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
+                  batch_size=batch_size)
+    with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size, stages)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    if plan.file is not None:
+        write_file(plan, images, params, wanted.start if len(wanted) == 1 else None)
+    stages.log(stages.summary())
+    for path in plan.paths[:3]:
+        typer.echo(f"wrote {path}" + (f" ({plan.taken} exists)" if plan.taken else ""))
+    if len(plan.paths) > 3:
+        typer.echo(f"wrote {len(plan.paths) - 3} more in {plan.paths[0].parent}")
 
 
 def score(
@@ -201,5 +283,9 @@ def score(
             picture = img.copy()
     except (OSError, ValueError, SyntaxError) as exc:
         raise ValueError(f"cannot read image {image} ({exc})") from None
-    bpd = Pipeline.from_pretrained(model).score(picture, prompt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bpd = Pipeline.from_pretrained(model).score(picture, prompt)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
     typer.echo(f"{bpd:.4f} bits/dim")

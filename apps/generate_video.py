@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -16,7 +18,8 @@ VIDEO_KEYS = {"prompt": str, "model": str, "seed": int, "cfg": NUMBER, "aspect_r
               "frames": int, "fps": int, "jacobi": bool, "jacobi_block_size": int, "jacobi_threshold": NUMBER,
               "jacobi_max_iter": int, "image": OPTIONAL_STR, "video": OPTIONAL_STR, "dtype": OPTIONAL_STR,
               "index": (int, type(None))}
-VIDEO_SUFFIXES = (".mp4",)
+SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_videos", "frames", "fps", "jacobi", "jacobi_block_size",
+                 "jacobi_threshold", "jacobi_max_iter", "image", "video")
 
 
 def video_options_from_metadata(path: Path) -> dict:
@@ -30,29 +33,15 @@ def video_options_from_metadata(path: Path) -> dict:
     return {key: meta[key] for key in VIDEO_KEYS}
 
 
-def resolve_video_options(cfg, aspect_ratio, frames, fps, jacobi_block_size, jacobi_threshold) -> dict:
-    """The script's defaults (cfg 3.5, 16:9, 81 frames at 16 fps, Jacobi block 32, threshold 0.001) for unset options."""
-    chosen = dict(cfg=cfg, aspect_ratio=aspect_ratio, frames=frames, fps=fps, jacobi_block_size=jacobi_block_size,
-                  jacobi_threshold=jacobi_threshold)
-    return {key: VIDEO_DEFAULTS[key] if value is None else value for key, value in chosen.items()}
-
-
-def output_items(params: dict, count: int, output: Path | None, output_dir: Path | None, index: int | None,
-                 name: str) -> list[tuple[Path, dict, int | None]]:
-    """(path, params, which video) per file: one grid mp4 with --output, one mp4 per video with --output-dir."""
-    if output is not None:
-        if output.suffix.lower() not in VIDEO_SUFFIXES:
-            raise ValueError(f"--output {output}: a video model writes .mp4 files")
-        single = count == 1 or index is not None
-        pick = index if index is not None else (0 if single else None)
-        return [(output, dict(params, index=pick), pick)]
-    return [(output_dir / f"{name}-{i:03d}.mp4", dict(params, index=i), i) for i in range(count)]
+def check_mp4(path: Path) -> None:
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"--output {path}: a video model writes .mp4 files")
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder: give a file name ending in .mp4")
 
 
 def check_writable(path: Path) -> None:
     """Fail before minutes of sampling, not after, when an output cannot be created."""
-    if path.is_dir():
-        raise ValueError(f"--output {path} is a folder: give a file name ending in .mp4")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -60,19 +49,7 @@ def check_writable(path: Path) -> None:
         raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
 
 
-def generate_video(pipe, prompt: str, options: dict, items: list[tuple[Path, dict, int | None]], progress) -> int:
-    """Sample, denoise, then decode straight into the mp4s; returns the frames written per file."""
-    from starflow_mlx.pipelines.video_io import write_videos
-
-    for path, _, _ in items:
-        check_writable(path)
-    latents = pipe.sample(prompt, progress=progress, **options)
-    if pipe.release_if_short(latents.shape[1], latents.shape[0], options["aspect_ratio"]):
-        typer.echo("memory is short: the flow was released before the VAE decode", err=True)
-    return write_videos(pipe.decode_frames(latents, progress), items, options["fps"])
-
-
-def report_memory() -> None:
+def report_memory() -> str:
     """MLX's peak allocation and the process's peak resident memory (what the OS had to give)."""
     import resource
     import sys
@@ -80,5 +57,72 @@ def report_memory() -> None:
     import mlx.core as mx
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    typer.echo(f"peak memory: {mx.get_peak_memory() / 2**30:.2f} GB in MLX arrays, {rss / 2**30:.2f} GB resident",
-               err=True)
+    return f"peak memory: {mx.get_peak_memory() / 2**30:.2f} GB in MLX arrays, {rss / 2**30:.2f} GB resident"
+
+
+def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
+                   jacobi_threshold, jacobi_max_iter, output, output_dir, overwrite, dtype, from_metadata,
+                   frames, fps, image, video) -> None:
+    """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
+    from starflow_mlx import __version__
+    from starflow_mlx.apps.generate_cmd import plan_outputs
+    from starflow_mlx.loading import parse_dtype
+    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.prompts import check_aspect_ratio
+    from starflow_mlx.pipelines.video import frame_count
+    from starflow_mlx.pipelines.video_io import write_videos
+    from starflow_mlx.progress import StageProgress
+
+    chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
+                  frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
+                  jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter,
+                  image=str(image) if image else None, video=str(video) if video else None, dtype=dtype, index=None)
+    default = None
+    if from_metadata is not None:
+        if prompt is not None:
+            raise ValueError("give a prompt or --from-metadata VIDEO, not both")
+        chosen = video_options_from_metadata(from_metadata)
+        default = from_metadata.with_name(from_metadata.stem + "-again.mp4")
+    if chosen["prompt"] is None:
+        raise ValueError("give a prompt (or --from-metadata VIDEO)")
+    # Unset options take upstream's video-script values (auto sampling is an image-model choice: video keeps Jacobi,
+    # which the sliding window past the training length needs).
+    job = {key: VIDEO_DEFAULTS[key] if chosen.get(key) is None and key in VIDEO_DEFAULTS else chosen[key]
+           for key in chosen}
+    check_aspect_ratio(job["aspect_ratio"])
+    parse_dtype(job["dtype"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job["frames"] = frame_count(job["frames"])
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    index = job["index"]
+    wanted = range(index, index + 1) if index is not None else range(job["num_videos"])
+    plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite, default, suffix=".mp4",
+                        check_format=check_mp4)
+    for path in plan.paths:
+        check_writable(path)
+    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    options = {key: job[key] for key in SAMPLING_KEYS}
+    params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__)
+    if index is not None:  # video i of a batch is drawn from seed + i: make just that one
+        options.update(seed=job["seed"] + index, num_videos=1)
+    # Each file: its parameters and which video of the sampled batch it shows (None: all of them, in a grid).
+    if plan.file is not None:
+        single = len(wanted) == 1
+        items = [(plan.file, dict(params, index=wanted.start if single else None), 0 if single else None)]
+    else:
+        items = [(path, dict(params, index=i), i - wanted.start) for i, path in plan.names.items()]
+    with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        latents = pipe.sample(job["prompt"], progress=stages, **options)
+        if pipe.release_if_short(latents.shape[1], latents.shape[0], options["aspect_ratio"]):
+            stages.log("memory is short: the flow was released before the VAE decode")
+        written = write_videos(pipe.decode_frames(latents, stages), items, options["fps"])
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    stages.log(stages.summary())
+    stages.log(report_memory())
+    for path in plan.paths:
+        typer.echo(f"wrote {path} ({written} frames at {options['fps']} fps)"
+                   + (f" ({plan.taken} exists)" if plan.taken else ""))

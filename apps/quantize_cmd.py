@@ -29,7 +29,10 @@ def quantize(
     if report:
         from starflow_mlx.benchmarks.quantization import format_table, measure_variants
 
-        rows = measure_variants(folder, group_size=group_size, samples=samples)
+        from starflow_mlx.progress import StageProgress
+
+        with StageProgress() as stages:
+            rows = measure_variants(folder, group_size=group_size, samples=samples, progress=stages)
         if json_out:
             import json
 

@@ -30,8 +30,7 @@ def train(
     seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
 ) -> None:
     """Train with the upstream objective (noise + exact NLL), AdamW, warm-up + cosine, clipping, label dropout."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    from starflow_mlx.progress import StageProgress
     from starflow_mlx.training.data import load_digits_split, load_image_folder
     from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim
 
@@ -48,18 +47,19 @@ def train(
     trainer = Trainer(config, train_set, checkpoint_dir or output.with_name(output.name + ".checkpoints"))
     if resume:
         trainer.load_checkpoint()
+    first = trainer.step
     start = time.perf_counter()
-    columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[bpd]:.3f} bits/dim"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns) as progress:
-        task = progress.add_task("train", total=steps, completed=trainer.step, loss=float("nan"), bpd=float("nan"))
-        trainer.run(on_step=lambda step, loss: progress.update(task, completed=step, loss=loss,
-                                                               bpd=bits_per_dim(loss)))
+    with StageProgress() as stages:
+        stages("training", first, steps)
+        trainer.run(on_step=lambda step, loss: stages("training", step, steps,
+                                                      note=f"loss {loss:.4f}  {bits_per_dim(loss):.3f} bits/dim"))
     seconds = time.perf_counter() - start
     test_bpd = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
               "channels": channels, "layers": layer_list, "noise_std": noise_std, "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
     trainer.export(output, source)
-    typer.echo(f"{output}: {steps} steps in {seconds / 60:.1f} min, test {test_bpd:.3f} bits/dim")
+    ran = trainer.step - first
+    resumed = f" (steps {first + 1} to {trainer.step})" if first else ""
+    typer.echo(f"{output}: {ran} steps{resumed} in {seconds / 60:.1f} min ({seconds / max(ran, 1):.2f} s/step), "
+               f"test {test_bpd:.3f} bits/dim")

@@ -60,7 +60,7 @@ def measure(model: str | Path = "demo", per_class: int = 20, jacobi: bool = True
         if grid is not None:
             rows.append(pipe.decode(x[: min(per_class, 10)]))
     if grid is not None:
-        from starflow_mlx.pipelines.png import grid as tile
+        from starflow_mlx.pipelines.image_files import grid as tile
 
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
         tile([img for row in rows for img in row], pad=4).save(grid)

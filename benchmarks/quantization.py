@@ -12,6 +12,7 @@ digits demo it adds test bits/dim and the digit classifier's accuracy.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import tempfile
@@ -63,10 +64,12 @@ def timed(fn):
     return out, time.perf_counter() - start, mx.get_peak_memory()
 
 
-def measure_flow(flow, reference: dict, z, y, y_u, cfg_weight: float) -> dict:
-    """Speed, memory and errors of one variant against the float32 reference."""
+def measure_flow(flow, reference: dict, z, y, y_u, cfg_weight: float, step=lambda: None) -> dict:
+    """Speed, memory and errors of one variant against the float32 reference; ``step()`` after each part."""
     x_seq, t_seq, _ = timed(lambda: flow.reverse(z, y, y_uncond=y_u, cfg=cfg_weight))
+    step()
     x_jac, t_jac, peak = timed(lambda: flow.reverse(z, y, y_uncond=y_u, cfg=cfg_weight, jacobi=True))
+    step()
     z_q, _ = flow.forward(reference["x"], y)
     lp = flow.log_prob(reference["x"], y)
     dims = math.prod(z.shape[1:])
@@ -91,7 +94,9 @@ def demo_metrics(folder: Path, per_class: int, dtype: str | None) -> dict:
 
 
 def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64, seed: int = 0,
-                     per_class: int = 20) -> list[dict]:
+                     per_class: int = 20, progress=None) -> list[dict]:
+    """One row per variant; ``progress(label, done, total)`` reports the reference and each variant's parts."""
+    report = progress or (lambda *a, **k: None)
     folder = resolve_model(model)
     ref = load_flow(folder, dtype="float32")
     if ref.config.quantization:
@@ -100,15 +105,23 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
     z = noise(ref, samples, seed)
     y, y_u = conditioning(ref, samples, seed)
     cfg_weight = ref.config.cfg if y is not None else 0.0
+    report("float32 reference", 0, 1)
     x_ref = ref.reverse(z, y, y_uncond=y_u, cfg=cfg_weight, jacobi=True)
     z_ref, _ = ref.forward(x_ref, y)
     reference = {"x": x_ref, "z": z_ref, "log_prob": ref.log_prob(x_ref, y), "samples": x_ref}
+    mx.eval(reference)
+    report("float32 reference", 1, 1)
+    parts = 4 if is_demo else 3  # quantize, sequential, Jacobi (+ demo quality)
     # MLX's CPU kernels for quantized products are far slower with float16 scales, so on a CPU the
     # float parts (scales, biases, kept layers) run in float32; on a GPU they stay as stored.
     compute = "float32" if mx.default_device() == mx.cpu else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, bits, mode in VARIANTS:
+            def step(name=name, ticks=itertools.count(1)):
+                report(name, next(ticks), parts)
+
+            report(name, 0, parts)
             out = Path(tmp, name.split()[0])
             out.mkdir()
             if bits is None:
@@ -121,9 +134,11 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
                 if extra.name not in ("config.json", "model.safetensors"):
                     (out / extra.name).symlink_to(extra.resolve())
             row = {"variant": name, "file_mb": (out / "model.safetensors").stat().st_size / 2**20}
-            row.update(measure_flow(load_flow(out, dtype=compute), reference, z, y, y_u, cfg_weight))
+            step()
+            row.update(measure_flow(load_flow(out, dtype=compute), reference, z, y, y_u, cfg_weight, step))
             if is_demo:
                 row.update(demo_metrics(out, per_class, compute))
+                step()
             rows.append(row)
             mx.clear_cache()
     return rows
@@ -154,7 +169,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = measure_variants(args.model, args.group_size, args.samples, per_class=args.per_class)
+    from starflow_mlx.progress import StageProgress
+
+    with StageProgress() as stages:
+        rows = measure_variants(args.model, args.group_size, args.samples, per_class=args.per_class, progress=stages)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
 
 

@@ -8,11 +8,13 @@ copied unchanged.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from starflow_mlx.loading import load_flow
@@ -46,6 +48,18 @@ def parse_overrides(items: list[str]) -> dict[str, int]:
     return out
 
 
+def check_overrides_match(model, overrides: dict[str, int]) -> None:
+    """Refuse a pattern that names nothing in the model (a typo would otherwise change nothing, silently)."""
+    paths = [path for path, _ in model.named_modules() if path]
+    layers = [path for path, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))]
+    for pattern in overrides:
+        # "blocks.0.*" of a parameterless (identity) block names the block itself: nothing to quantize, no error.
+        if not any(fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path + ".", pattern) for path in paths):
+            example = layers[len(layers) // 2] if layers else "none"
+            raise QuantizationError(f"--override {pattern!r} matches no layer of this model "
+                                    f"(layers are named like {example})")
+
+
 def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides: dict[str, int] | None = None,
                   keep=DEFAULT_KEEP):
     """Load a float flow folder and quantize it in memory; returns the model and its plan."""
@@ -53,6 +67,7 @@ def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides
     if flow.config.quantization:
         raise QuantizationError(f"{folder} is already quantized ({describe(flow.config.quantization)}): "
                                 "quantize the float model instead")
+    check_overrides_match(flow, overrides or {})
     plan = plan_quantization(flow, bits, group_size, keep, overrides)
     apply_quantization(flow, plan)
     flow.config.quantization = plan

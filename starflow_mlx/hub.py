@@ -7,8 +7,8 @@ Downloads go through ``huggingface_hub`` into its cache (``HF_HUB_CACHE``), whic
 resumes interrupted files and shows progress.
 Converted folders live in ``~/.cache/starflow-mlx/<org>--<name>--<revision>`` (or under
 ``STARFLOW_MLX_CACHE``) and are reused as they are once complete. Offline
-(``HF_HUB_OFFLINE=1``, or no network), every file missing from the Hugging Face cache
-is listed in one message that says how to get it.
+(``HF_HUB_OFFLINE=1``, or a hub that does not answer within seconds), every file missing
+from the Hugging Face cache is listed in one message that says how to get it.
 """
 
 from __future__ import annotations
@@ -16,16 +16,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starflow_mlx.model_folder import MANIFEST
 
 REGISTRY = Path(__file__).with_name("registry.json")
 REGISTRY_ENV, CACHE_ENV = "STARFLOW_MLX_REGISTRY", "STARFLOW_MLX_CACHE"
 TRUE = {"1", "on", "yes", "true"}
+PROBE_SECONDS = 3.0
+LINE = 100  # message lines are wrapped to this width
 
 
 class HubError(OSError):
@@ -135,28 +140,57 @@ def failure_reason(exc: Exception, file: HubFile) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def missing_message(missing: list[tuple[HubFile, str]], offline: bool, cache: Path) -> str:
-    """One line: every missing file by repo, and the commands that fetch them."""
+def missing_message(missing: list[tuple[HubFile, str]], why: str, cache: Path) -> str:
+    """Every missing file by repo, and the commands that fetch them, in short lines."""
     by_repo: dict[tuple[str, str], list[str]] = {}
     for file, reason in missing:
         by_repo.setdefault((file.repo, file.revision), []).append(file.filename + (f" ({reason})" if reason else ""))
-    listing = "; ".join(f"{repo}: {', '.join(names)}" for (repo, _), names in by_repo.items())
-    commands = " && ".join(
-        f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "") + " "
-        + " ".join(f.filename for f, _ in missing if (f.repo, f.revision) == (repo, rev))
-        for repo, rev in by_repo)
-    state = "offline mode is on" if offline else "they could not be downloaded"
-    return (f"{len(missing)} file(s) missing from the Hugging Face cache {cache} ({state}): {listing}. "
-            f"Get them on a connected machine with `{commands}` and copy that cache here, "
-            "or convert a local checkpoint with `starflow convert CKPT --config YAML --text-encoder T5_DIR "
-            "--vae VAE_DIR -o MODEL` and pass --model MODEL")
+    lines = [f"{len(missing)} file(s) missing from the Hugging Face cache {cache} ({why}):"]
+    lines += [textwrap.fill(f"  {repo}: {', '.join(names)}", LINE, subsequent_indent="      ", break_on_hyphens=False)
+              for (repo, _), names in by_repo.items()]
+    lines.append("Get them on a connected machine and copy that cache here:")
+    for repo, rev in by_repo:
+        command = f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "") + " " \
+            + " ".join(f.filename for f, _ in missing if (f.repo, f.revision) == (repo, rev))
+        # Continued with backslashes, so the wrapped command still pastes into a shell.
+        lines.append(" \\\n".join(textwrap.wrap(command, LINE - 2, initial_indent="  ", subsequent_indent="      ",
+                                                  break_on_hyphens=False, break_long_words=False)))
+    lines.append("Or convert a local checkpoint and pass --model MODEL:")
+    lines.append("  starflow convert CKPT --config YAML --text-encoder T5_DIR --vae VAE_DIR -o MODEL")
+    return "\n".join(lines)
+
+
+def endpoint() -> str:
+    """The hub address as the environment names it now (huggingface_hub reads HF_ENDPOINT once, at import)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy in the way) opens within ``timeout``.
+
+    One quick look instead of huggingface_hub's minutes of retries per file when there is no network.
+    """
+    scheme = "HTTPS" if url.startswith("https") else "HTTP"
+    proxy = os.environ.get(f"{scheme}_PROXY") or os.environ.get(f"{scheme.lower()}_proxy")
+    parsed = urlsplit(proxy or url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def download(files: list[HubFile]) -> dict[HubFile, Path]:
     """Local paths of ``files``, fetched into the Hugging Face cache as needed; all failures in one error."""
     from huggingface_hub import hf_hub_download
 
-    offline, cache = hub_offline(), hf_cache_dir()
+    cache = hf_cache_dir()
+    offline, why = hub_offline(), "offline mode is on"
+    if not offline and not hub_reachable(endpoint()):
+        offline, why = True, f"{endpoint()} cannot be reached"
     found: dict[HubFile, Path] = {}
     missing: list[tuple[HubFile, str]] = []
     for file in dict.fromkeys(files):
@@ -166,7 +200,7 @@ def download(files: list[HubFile]) -> dict[HubFile, Path]:
         except (OSError, ValueError) as exc:  # all of huggingface_hub's download errors derive from these
             missing.append((file, failure_reason(exc, file)))
     if missing:
-        raise HubError(missing_message(missing, offline, cache))
+        raise HubError(missing_message(missing, why if offline else "they could not be downloaded", cache))
     return found
 
 

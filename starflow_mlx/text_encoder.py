@@ -1,7 +1,13 @@
-"""Prompts -> T5 text features, prepared as STARFlow prepares them, from a folder written by ``convert_t5``."""
+"""Prompts -> T5 text features, prepared as STARFlow prepares them.
+
+From a converted folder (the fast path), or straight from a ``transformers`` T5 folder or a
+registered repo id, converted in memory as mlx-lm and mflux do.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -51,36 +57,94 @@ class TextEncoder:
 
 
 def load_tokenizer(folder: Path):
+    """The folder's tokenizer, never running code from it: ``auto_map`` entries naming .py files are ignored."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # trust_remote_code=False (not None) also means transformers never stops to ask on a terminal.
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many kinds (OSError, ValueError, KeyError) for broken files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"tokenizer in {folder} cannot be loaded ({reason})") from None
 
 
-def load_text_encoder(path: str | Path, dtype: str | None = None) -> TextEncoder:
-    """Load a folder written by ``convert_t5``; ``dtype`` casts the stored weights (norms stay float32)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelLoadError(f"text encoder folder {folder} not found")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"text encoder folder {folder} has no config.json: convert the T5 model with convert_t5")
+def is_hugging_face_folder(folder: Path) -> bool:
+    """A ``transformers`` folder (its config names a model_type) rather than a converted one."""
     try:
-        config = T5Config.load(folder / "config.json")
-    except ConfigError as exc:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
+
+
+def resolve_folder(path: str | Path, what: str, fetch_role: str) -> Path:
+    """A local folder, or the snapshot of a registered Hugging Face repo id (downloaded as needed)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        from starflow_mlx.hub import fetch_component
+
+        return fetch_component(path, fetch_role)
+    raise ModelLoadError(f"{what} folder {folder} not found")
+
+
+def hugging_face_t5(folder: Path, dtype: str) -> tuple[T5Config, dict[str, mx.array]]:
+    """Config and encoder weights of a ``transformers`` T5 folder, converted in memory."""
+    from starflow_mlx.convert import t5_weights as hf
+    from starflow_mlx.convert.safetensors_stream import to_dtype
+    from starflow_mlx.models.t5 import NORM_SUFFIX
+
+    try:
+        config = hf.read_config(folder)
+        config.dtype = dtype
+        files = hf.weight_files(folder)
+        shapes = {name: tuple(arr.shape) for name, arr in tree_flatten(T5Encoder(config).parameters())}
+        with contextlib.ExitStack() as stack:
+            sources = hf.encoder_sources(files, stack)
+            hf.check_sources(sources, shapes, files[0] if len(files) == 1 else folder)
+            weights = {}
+            for name in shapes:
+                source_dtype, _, read = sources[name]
+                target = "float32" if name.endswith(NORM_SUFFIX) else dtype  # as convert_t5 stores them
+                arr = mx.array(to_dtype(read(), target, source_dtype))
+                weights[name] = arr.view(mx.bfloat16) if target == "bfloat16" else arr  # bfloat16 comes as bits
+    except hf.T5ConversionError as exc:
         raise ModelLoadError(str(exc)) from None
-    if not (folder / "tokenizer").is_dir():
-        raise ModelLoadError(f"text encoder folder {folder} has no tokenizer/: it is incomplete (re-run convert_t5)")
+    return config, weights
+
+
+def load_text_encoder(path: str | Path, dtype: str | None = None) -> TextEncoder:
+    """Load a converted text-encoder folder, a ``transformers`` T5 folder (converted in memory), or a repo id.
+
+    ``dtype`` casts the weights (norms stay float32); a Hugging Face folder loads as float16 by default.
+    """
+    folder = resolve_folder(path, "text encoder", "text encoder")
     target = parse_dtype(dtype)
-    model = T5Encoder(config)
-    if config.quantization:
-        apply_quantization(model, config.quantization)
-    load_weights_strict(model, folder / "model.safetensors")
-    tokenizer = load_tokenizer(folder / "tokenizer")
+    if is_hugging_face_folder(folder):
+        config, weights = hugging_face_t5(folder, dtype or "float16")
+        model = T5Encoder(config)
+        model.load_weights(list(weights.items()), strict=True)
+        tokenizer_folder = folder
+        target = None  # already in the asked dtype
+    else:
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"text encoder folder {folder} has no config.json: give a converted folder "
+                                 "(starflow convert) or a Hugging Face T5 folder")
+        try:
+            config = T5Config.load(folder / "config.json")
+        except ConfigError as exc:
+            raise ModelLoadError(str(exc)) from None
+        tokenizer_folder = folder / "tokenizer"
+        if not tokenizer_folder.is_dir():
+            raise ModelLoadError(f"text encoder folder {folder} has no tokenizer/: it is incomplete "
+                                 "(convert it again with starflow convert)")
+        model = T5Encoder(config)
+        if config.quantization:
+            apply_quantization(model, config.quantization)
+        load_weights_strict(model, folder / "model.safetensors")
+    tokenizer = load_tokenizer(tokenizer_folder)
     if len(tokenizer) > config.vocab_size:
-        raise ModelLoadError(f"tokenizer in {folder / 'tokenizer'} has {len(tokenizer)} tokens but the model only "
+        raise ModelLoadError(f"tokenizer in {tokenizer_folder} has {len(tokenizer)} tokens but the model only "
                              f"{config.vocab_size}: they do not belong together")
     if target is not None:
         model.cast(target)

@@ -1,10 +1,13 @@
-"""Pixels <-> STARFlow latents through a converted SD-VAE folder (``config.json`` + ``model.safetensors``)."""
+"""Pixels <-> STARFlow latents through an SD-VAE: a converted folder (``config.json`` + ``model.safetensors``,
+the fast path), or a diffusers folder or registered repo id converted in memory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
 from starflow_mlx.loading import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
@@ -55,20 +58,57 @@ class VAE:
         return self.model.decode(z).astype(mx.float32)
 
 
-def load_vae(path: str | Path, dtype: str | None = None) -> VAE:
-    """Load a folder written by ``convert_vae``; ``dtype`` casts the stored float weights."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelLoadError(f"VAE folder {folder} not found")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"VAE folder {folder} has no config.json: convert the VAE with convert_vae")
+def is_diffusers_folder(folder: Path) -> bool:
+    """A diffusers AutoencoderKL folder (or a pipeline folder with a ``vae/``) rather than a converted one."""
+    for config in (folder / "config.json", folder / "vae" / "config.json"):
+        try:
+            return "_class_name" in json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError, TypeError):
+            continue
+    return False
+
+
+def diffusers_vae(folder: Path, dtype: str) -> tuple[VAEConfig, dict[str, mx.array]]:
+    """Config and weights of a diffusers VAE folder, converted in memory."""
+    from starflow_mlx.convert import vae_weights as hf
+
     try:
-        config = VAEConfig.load(folder / "config.json")
-    except ConfigError as exc:
+        config_path, weights_path = hf.diffusers_folder(folder)
+        config = hf.read_config(config_path)
+        config.dtype = dtype
+        shapes = {name: tuple(arr.shape) for name, arr in tree_flatten(AutoencoderKL(config).parameters())}
+        state = hf.read_state(weights_path)
+        hf.check_names(state, shapes, weights_path)
+        weights = {name: hf.to_mlx(name, state[name], shape).astype(parse_dtype(dtype)) for name, shape in shapes.items()}
+    except hf.VAEConversionError as exc:
         raise ModelLoadError(str(exc)) from None
-    model = AutoencoderKL(config)
-    load_weights_strict(model, folder / "model.safetensors")
+    return config, weights
+
+
+def load_vae(path: str | Path, dtype: str | None = None) -> VAE:
+    """Load a converted VAE folder, a diffusers VAE folder (converted in memory), or a registered repo id.
+
+    ``dtype`` casts the float weights; a diffusers folder loads as float16 by default.
+    """
+    from starflow_mlx.text_encoder import resolve_folder
+
+    folder = resolve_folder(path, "VAE", "VAE")
     target = parse_dtype(dtype)
+    if is_diffusers_folder(folder):
+        config, weights = diffusers_vae(folder, dtype or "float16")
+        model = AutoencoderKL(config)
+        model.load_weights(list(weights.items()), strict=True)
+        target = None  # already in the asked dtype
+    else:
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"VAE folder {folder} has no config.json: give a converted folder (starflow convert) "
+                                 "or a diffusers VAE folder")
+        try:
+            config = VAEConfig.load(folder / "config.json")
+        except ConfigError as exc:
+            raise ModelLoadError(str(exc)) from None
+        model = AutoencoderKL(config)
+        load_weights_strict(model, folder / "model.safetensors")
     if target is not None:
         cast_floats(model, target)
         config.dtype = dtype

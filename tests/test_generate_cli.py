@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.pipelines.image import Pipeline
-from starflow_mlx.pipelines.png import METADATA_KEY
+from starflow_mlx.pipelines.image_files import METADATA_KEY
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -99,7 +99,7 @@ def flow_only(model, tmp_path):
     (["x", "-a", "7:5"], "unknown aspect ratio '7:5': use one of 1:1, 2:3, 3:2"),
     (["x", "--model", "/nonexistent/model"], "not found"),
     (["x", "--model", "FLOW_ONLY"], "has no starflow.json"),
-    (["x", "--output-dir", "OUT_DIR"], "exactly one of --output FILE or --output-dir DIR"),
+    (["x", "--output-dir", "OUT_DIR"], "give --output FILE or --output-dir DIR, not both"),
     (["x", "--dtype", "float8"], "unknown dtype 'float8'"),
     (["x", "--seed", "-2"], "seed must be 0 or more"),
     (["--from-metadata", "PLAIN"], "carries no starflow-mlx generation metadata"),

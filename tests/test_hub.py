@@ -107,22 +107,51 @@ def test_converts_once_then_reuses(offline, monkeypatch, tmp_path):
     assert (tmp_path / "cat.png").is_file()
 
 
+def run_cli(env, *args):
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "starflow"), *args],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def check_missing_message(res, why, out):
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("error: 3 file(s) missing from the Hugging Face cache") and why in lines[0], res.stderr
+    assert "  fake/starflow: missing.yaml" in lines and \
+        "  fake/absent: config.json, diffusion_pytorch_model.safetensors" in lines
+    assert f"  {hub.cli_name()} download fake/starflow missing.yaml" in lines
+    assert f"  {hub.cli_name()} download fake/absent config.json diffusion_pytorch_model.safetensors" in lines
+    assert any(line.strip().startswith("starflow convert") for line in lines)
+    assert max(len(line) for line in lines[1:]) <= 100  # readable: short lines, not one 1,200-character line
+    assert "Traceback" not in res.stderr and "Retrying" not in res.stderr
+    assert not out.exists()
+
+
 def test_missing_files_are_listed_in_one_message(fake_hub, tmp_path):
     tmp, _, env = fake_hub
     out = tmp_path / "c.png"
-    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "starflow"), "generate", "a cat",
-                          "--model", "fake/incomplete", "-o", str(out)],
-                         env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    line = lines[0]
-    assert line.startswith("error: 3 file(s) missing from the Hugging Face cache") and "offline mode is on" in line
-    assert "fake/starflow: missing.yaml; fake/absent: config.json, diffusion_pytorch_model.safetensors" in line
-    assert f"{hub.cli_name()} download fake/starflow missing.yaml" in line
-    assert f"{hub.cli_name()} download fake/absent config.json diffusion_pytorch_model.safetensors" in line
-    assert "starflow convert" in line
-    assert not out.exists() and not (tmp / "converted" / "fake--incomplete--main").exists()
+    res = run_cli(env, "generate", "a cat", "--model", "fake/incomplete", "-o", str(out))
+    check_missing_message(res, "offline mode is on", out)
+    assert not (tmp / "converted" / "fake--incomplete--main").exists()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: bound, then released."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_hub_fails_at_once_with_the_offline_message(fake_hub, tmp_path):
+    tmp, _, env = fake_hub
+    url = f"http://127.0.0.1:{closed_port()}"
+    online = {**{k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"}, "HF_ENDPOINT": url, "HF_HUB_OFFLINE": "0"}
+    out = tmp_path / "c.png"
+    # The timeout bounds a hang; the old behaviour was minutes of "Retrying in 8s" per file.
+    res = run_cli(online, "generate", "a cat", "--model", "fake/incomplete", "-o", str(out))
+    check_missing_message(res, f"{url} cannot be reached", out)
+    assert hub.hub_reachable(url) is False
 
 
 def test_unknown_repo_names_the_known_ones(offline):

@@ -117,7 +117,7 @@ def test_cli_quantize_and_report(float_folder, tmp_path):
     res = runner.invoke(app, ["quantize", str(float_folder), "--report", "--json", "--group-size", "32",
                               "--samples", "4"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output)
+    rows = json.loads(res.stdout)  # progress lines go to stderr
     assert [r["variant"] for r in rows][:3] == ["float16", "int8", "int4"]
     f16, i8, i4 = rows[:3]
     assert i4["file_mb"] < i8["file_mb"] < f16["file_mb"]

@@ -259,7 +259,7 @@ def test_video_options_on_an_image_model_are_refused(tmp_path):
 def test_not_enough_memory_is_refused_before_sampling(pipe, monkeypatch):
     from starflow_mlx.pipelines import video
 
-    monkeypatch.setattr(video, "physical_memory", lambda: 1 << 20)
+    monkeypatch.setattr(video, "memory_limit", lambda: 1 << 20)
     with pytest.raises(MemoryError, match="need about .* GB but the machine has"):
         pipe.sample("a cat", frames=81)
 
@@ -305,7 +305,8 @@ def test_video_model_by_repo_id_offline(sources, tmp_path, monkeypatch):
     add_to_cache(cache, "fake/wan", {"Wan2.2_VAE.pth": sources["vae"]})
     registry = {"models": {"fake/starflow-v": {"flow": {"repo": "fake/starflow-v", "checkpoint": "v.pth",
                                                          "config": "v.yaml"},
-                                                "text_encoder": "fake/t5", "vae": "fake/wan", "dtype": "float32"}},
+                                                "text_encoder": "fake/t5", "vae": "fake/wan", "dtype": "float32",
+                                                "kind": "text-to-video"}},
                 "components": {"fake/t5": t5_files, "fake/wan": ["Wan2.2_VAE.pth"]}}
     (tmp_path / "registry.json").write_text(json.dumps(registry))
     for key, value in {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1", "STARFLOW_MLX_REGISTRY": tmp_path / "registry.json",
@@ -323,7 +324,7 @@ def test_flow_is_released_before_decoding_when_memory_is_short_and_reloaded_afte
 
     first = pipe.generate("a cat", frames=5, seed=3)[0]
     needed = pipe.needed_bytes(2, 1, "16:9")
-    monkeypatch.setattr(video, "physical_memory", lambda: int(needed / 0.8))  # fits, but above the comfort share
+    monkeypatch.setattr(video, "memory_limit", lambda: int(needed / 0.8))  # fits, but above the comfort share
     assert pipe.release_if_short(2, 1, "16:9") and pipe.flow is None and pipe.text_encoder is None
     again = pipe.generate("a cat", frames=5, seed=3)[0]  # reloads the flow
     assert pipe.flow is None and np.array_equal(first, again)

@@ -111,7 +111,8 @@ def load_for_export(folder: Path, options: ExportOptions):
 
 
 def _component_packages(source: Path, folder: Path, model_manifest, text_rows: int, batch: int, text_len: int,
-                        latent_hw: tuple[int, int], report: Callable[[str], None]) -> list[PackageInfo]:
+                        latent_hw: tuple[int, int], report: Callable[[str], None],
+                        built: Callable[[], None] = lambda: None) -> list[PackageInfo]:
     """The text encoder (with its tokenizer copied next to it) and the VAE decoder of a full model folder."""
     packages = []
     if model_manifest.text_encoder:
@@ -125,6 +126,7 @@ def _component_packages(source: Path, folder: Path, model_manifest, text_rows: i
         builder = TextEncoderBuilder(encoder.model, shapes)
         builder.save(folder / "text_encoder.mlpackage")
         shutil.copytree(source / model_manifest.text_encoder / "tokenizer", folder / "tokenizer")
+        built()
         packages.append(PackageInfo("text_encoder", "text_encoder.mlpackage", "text_encoder", TEXT_UNITS,
                                     "channels_last", shapes.functions(), quantized_layers=builder.quantized_layers))
     if model_manifest.vae:
@@ -138,14 +140,26 @@ def _component_packages(source: Path, folder: Path, model_manifest, text_rows: i
         report(f"VAE decoder: {latent_hw[0]}x{latent_hw[1]} latents -> {latent_hw[0] * vae.factor}x"
                f"{latent_hw[1] * vae.factor} pixels")
         VAEDecoderBuilder(vae, shapes).save(folder / "vae_decoder.mlpackage")
+        built()
         packages.append(PackageInfo("vae_decoder", "vae_decoder.mlpackage", "vae_decoder", VAE_UNITS, "image",
                                     shapes.functions()))
     return packages
 
 
 def build_packages(flow, folder: Path, source: str, source_folder: Path, options: ExportOptions, model_manifest,
-                   report: Callable[[str], None]) -> ExportManifest:
-    """Write every package into ``folder`` and return the manifest (not yet saved)."""
+                   report: Callable[[str], None], progress: Callable[..., None] | None = None) -> ExportManifest:
+    """Write every package into ``folder`` and return the manifest (not yet saved); ``progress`` counts packages."""
+    shallow_count = sum(not block.is_identity for block in flow.blocks[:-1])
+    components = bool(model_manifest.text_encoder) + bool(model_manifest.vae) if model_manifest else 0
+    total, done = 1 + shallow_count + components, [0]
+
+    def built() -> None:
+        done[0] += 1
+        if progress:
+            progress("packages", done[0], total)
+
+    if progress:
+        progress("packages", 0, total)
     config: FlowConfig = flow.config
     factor = _pixel_factor(config, source_folder, model_manifest)
     lat_h, lat_w = _latent_size(config, factor, options.height, options.width)
@@ -172,6 +186,7 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
            f"{shapes.rows} cache rows x {shapes.cache_length} positions")
     builder = DeepBlockBuilder(deep, shapes, np.array(cos), np.array(sin))
     builder.save(folder / "deep_block.mlpackage", {"com.starflow.block": str(deep.index)})
+    built()
     packages.append(PackageInfo("deep_block", "deep_block.mlpackage", "deep_block", DEEP_UNITS, "channels_last",
                                 builder.functions(), deep.index, deep.flips, deep.sees_text, guided,
                                 builder.quantized_layers))
@@ -187,6 +202,7 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
         report(f"shallow block {block.index}: {len(block.attn_blocks)} layers, {tokens} tokens")
         s_builder = ShallowBlockBuilder(block, s_shapes, np.array(s_cos), np.array(s_sin))
         s_builder.save(folder / f"{name}.mlpackage", {"com.starflow.block": str(block.index)})
+        built()
         packages.append(PackageInfo(name, f"{name}.mlpackage", "shallow_block", SHALLOW_UNITS, "channels_first",
                                     s_builder.functions(), block.index, block.flips, sees, guided and sees,
                                     s_builder.quantized_layers))
@@ -194,7 +210,7 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
 
     if model_manifest is not None:
         packages += _component_packages(source_folder, folder, model_manifest, options.batch * (2 if guided else 1),
-                                        options.batch, config.txt_size, (lat_h, lat_w), report)
+                                        options.batch, config.txt_size, (lat_h, lat_w), report, built)
     start = to_numpy(deep.sos_embed).reshape(-1).tolist() if config.sos else None
     manifest = ExportManifest(
         source=source, kind=model_manifest.kind if model_manifest else None, batch=options.batch,
@@ -210,8 +226,12 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
 
 
 def export_coreml(model: str | Path, output: str | Path, options: ExportOptions | None = None, *,
-                  verify: bool = False, report: Callable[[str], None] = lambda _: None) -> ExportResult:
-    """Export ``model`` (a folder or 'demo') into the new folder ``output``; ``verify`` checks it numerically first."""
+                  verify: bool = False, report: Callable[[str], None] = lambda _: None,
+                  progress: Callable[..., None] | None = None) -> ExportResult:
+    """Export ``model`` (a folder or 'demo') into the new folder ``output``; ``verify`` checks it numerically first.
+
+    ``report`` gets one line per step; ``progress(label, done, total)`` counts packages, then verification.
+    """
     from starflow_mlx.model_folder import resolve_model
 
     options = options or ExportOptions()
@@ -226,13 +246,17 @@ def export_coreml(model: str | Path, output: str | Path, options: ExportOptions 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        manifest = build_packages(flow, staging, str(model), folder, options, model_manifest, report)
+        manifest = build_packages(flow, staging, str(model), folder, options, model_manifest, report, progress)
         manifest.save(staging)
         checks = []
         if verify:
             from starflow_mlx.coreml.verify import verify_export
 
+            if progress:
+                progress("verify", 0, 1)
             checks = verify_export(staging, flow, source=folder, report=report)
+            if progress:
+                progress("verify", 1, 1)
         if output.exists():
             output.rmdir()
         staging.rename(output)

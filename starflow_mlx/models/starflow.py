@@ -238,6 +238,8 @@ class STARFlow(nn.Module):
             known = prefix if block.index == self.config.num_blocks - 1 else None
             label = f"block {block.index}" + (" (deep)" if block.index == self.config.num_blocks - 1 else "")
             report = (lambda done, total, label=label, **info: progress(label, done, total, **info)) if progress else None
+            if report:
+                report(0, seq.shape[1])  # the block's bar (and its clock) starts before its first chunk
             if jacobi:
                 from starflow_mlx.sampling.jacobi import invert_jacobi
 

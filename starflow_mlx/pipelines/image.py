@@ -30,10 +30,11 @@ from starflow_mlx.sampling.denoise import score_denoise
 
 MIN_PIXEL_SIDE = 64  # tiny pixel-space outputs (8x8 digits) are enlarged so they can be seen
 WORKING_BYTES = 1 << 30  # T5 and VAE activations, MLX buffers: measured well under this at 256x256
+MAX_DEFAULT_BATCH = 16  # past this a bigger batch barely speeds sampling up, and one batch's images wait longer
 
 
 class InsufficientMemoryError(MemoryError):
-    """The model does not fit in this machine's memory."""
+    """The model, or one batch of images, does not fit in this machine's memory."""
 
 
 def physical_memory() -> int | None:
@@ -44,21 +45,51 @@ def physical_memory() -> int | None:
         return None
 
 
+def process_limit() -> int | None:
+    """The address-space or data limit this process runs under (ulimit -v / -d), if any."""
+    try:
+        import resource
+    except ImportError:  # not on this OS
+        return None
+    limits = [resource.getrlimit(kind)[0] for kind in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
+    limits = [value for value in limits if value != resource.RLIM_INFINITY and value > 0]
+    return min(limits) if limits else None
+
+
+def memory_limit() -> int | None:
+    """The memory this process may use: installed RAM, or less under a process limit."""
+    known = [value for value in (physical_memory(), process_limit()) if value is not None]
+    return min(known) if known else None
+
+
 def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
 
 
-def needed_bytes(folder: Path, config) -> int:
-    """Weights plus the deep block's guided KV cache for one image plus working memory."""
-    tokens = (config.latent_size // config.patch_size) ** 2 * max(config.num_frames, 1) + config.txt_size
+def tokens_per_image(config) -> int:
+    return (config.latent_size // config.patch_size) ** 2 * max(config.num_frames, 1)
+
+
+def image_bytes(config) -> int:
+    """Memory one image adds while it is sampled and decoded (an estimate, on the generous side)."""
+    tokens = tokens_per_image(config) + config.txt_size
     deep = config.num_blocks - 1
-    kv_cache = config.layers_per_block[deep] * 2 * 2 * tokens * config.block_channels(deep) * 4  # k+v, cfg pair, f32
-    return weight_bytes(folder) + kv_cache + WORKING_BYTES
+    width = config.block_channels(deep)
+    kv_cache = config.layers_per_block[deep] * 2 * 2 * tokens * width * 4  # k+v, cfg pair, float32
+    activations = 2 * tokens * width * 4 * 16  # cfg pair, float32, a dozen live (tokens, width) buffers
+    side = config.latent_size * max(config.vae_factor, 1)
+    decoding = side * side * 128 * 4 * 4 if config.vae_factor > 1 else 0  # the VAE's full-size 128-channel maps
+    return kv_cache + activations + decoding
+
+
+def needed_bytes(folder: Path, config, batch: int = 1) -> int:
+    """Weights, working memory and ``batch`` images in flight."""
+    return weight_bytes(folder) + WORKING_BYTES + batch * image_bytes(config)
 
 
 def check_memory(folder: Path, config) -> None:
     """Refuse early, with the numbers, when the model cannot fit."""
-    total = physical_memory()
+    total = memory_limit()
     needed = needed_bytes(folder, config)
     if total is not None and needed > total:
         raise InsufficientMemoryError(
@@ -66,10 +97,27 @@ def check_memory(folder: Path, config) -> None:
             f"quantize it first (starflow quantize {folder} --bits 4 -o {folder.name}-4bit)")
 
 
+def plan_batch(folder: Path, config, num_images: int, batch_size: int | None = None) -> int:
+    """Images sampled together: ``batch_size`` if it fits in memory, else the most that fit (at most 16)."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    total = memory_limit()
+    fits = MAX_DEFAULT_BATCH if total is None else (total - needed_bytes(folder, config, 0)) // image_bytes(config)
+    if batch_size is None:
+        return max(1, min(num_images, MAX_DEFAULT_BATCH, fits))
+    if batch_size > fits:
+        raise InsufficientMemoryError(
+            f"a batch of {batch_size} images needs about {needed_bytes(folder, config, batch_size) / 2**30:.1f} GB "
+            f"of memory but {total / 2**30:.1f} GB is available: use --batch-size {max(fits, 1)} or less")
+    return min(batch_size, num_images)
+
+
 def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int, jacobi_threshold: float,
                   jacobi_max_iter: int) -> None:
     if seed < 0:
         raise ValueError(f"seed must be 0 or more, got {seed}")
+    if seed + num_images > 2**64:
+        raise ValueError(f"seed {seed} is too large: image i uses seed + i, which must stay below 2**64")
     if cfg < 0:
         raise ValueError(f"cfg must be 0 or more, got {cfg}")
     if num_images < 1:
@@ -80,10 +128,12 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
 
 class Pipeline:
     VIDEO = False  # which manifest kind this class runs; from_pretrained hands video models to VideoPipeline
+
     def __init__(self, folder: Path, flow, manifest: Manifest, text_encoder=None, vae=None):
         self.folder, self.flow, self.manifest = folder, flow, manifest
         self.text_encoder, self.vae = text_encoder, vae
         self.config = flow.config
+        self._last_text = None  # (prompt, aspect ratio) -> features: batches of one prompt encode it once
 
     @classmethod
     def from_pretrained(cls, name: str | Path, dtype: str | None = None) -> "Pipeline":
@@ -133,23 +183,37 @@ class Pipeline:
 
     def conditioning(self, prompt: str, count: int, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:
         """(y, y_uncond), each (count, L, D): the prompt's features and the empty prompt's (``fps`` for video)."""
+        y, y_u = self.text_features(prompt, aspect_ratio, fps)
+        return mx.repeat(y, count, axis=0), mx.repeat(y_u, count, axis=0)
+
+    def text_features(self, prompt: str, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:
+        """(y, y_uncond), each (1, L, D): computed once per prompt, repeated for every image."""
+        key = (prompt, aspect_ratio, fps)
+        if self._last_text is None or self._last_text[0] != key:
+            self._last_text = key, self._text_features(prompt, aspect_ratio, fps)
+        return self._last_text[1]
+
+    def _text_features(self, prompt: str, aspect_ratio: str | None, fps: int) -> tuple[mx.array, mx.array]:
         if self.is_class_model:
             eye = np.eye(len(self.manifest.classes) + 1, dtype=np.float32)
-            y = np.repeat(eye[self.class_index(prompt)][None, None], count, axis=0)
-            y_u = np.repeat(eye[-1][None, None], count, axis=0)
-            return mx.array(y), mx.array(y_u)
+            return mx.array(eye[self.class_index(prompt)][None, None]), mx.array(eye[-1][None, None])
         length = self.config.txt_size
         text = prepare_prompt(prompt, self.config, aspect_ratio, fps)
         tokens = self.text_encoder.count_tokens(text)
         if tokens > length:
-            warnings.warn(f"prompt is {tokens} tokens; the model reads {length}, the rest is cut off", stacklevel=3)
+            warnings.warn(f"prompt is {tokens} tokens; the model reads {length}, the rest is cut off", stacklevel=5)
         feats = self.text_encoder.encode([text, prepare_prompt("", self.config, aspect_ratio, fps)], length)
-        return mx.repeat(feats[:1], count, axis=0), mx.repeat(feats[1:], count, axis=0)
+        return feats[:1], feats[1:]
 
     # -- generation ----------------------------------------------------------------------
     def noise_shape(self, count: int, aspect_ratio: str) -> tuple[int, ...]:
         h, w = latent_size(self.config, aspect_ratio)
         return (count, h, w, self.config.in_channels)
+
+    def noise(self, seed: int, start: int, stop: int, aspect_ratio: str) -> mx.array:
+        """Noise of images ``start`` to ``stop``: image i draws from seed + i, so batches can be cut anywhere."""
+        one = self.noise_shape(1, aspect_ratio)
+        return mx.concatenate([mx.random.normal(one, key=mx.random.key(seed + i)) for i in range(start, stop)])
 
     def sample(
         self,
@@ -164,21 +228,25 @@ class Pipeline:
         jacobi_threshold: float = 0.005,
         jacobi_max_iter: int = 32,
         progress: Callable[..., None] | None = None,
+        images: tuple[int, int] | None = None,
     ) -> mx.array:
         """Clean samples in the flow's data space (scaled latents, or pixels in [-1, 1] x pixel_scale).
 
         ``cfg=None`` uses the model's guidance weight. Jacobi needs a start-of-sequence
-        token; models without one are sampled sequentially.
+        token; models without one are sampled sequentially. ``images=(start, stop)``
+        samples only those images of the ``num_images`` (image i uses seed + i).
         """
         cfg = self.config.cfg if cfg is None else cfg
         check_options(seed, cfg, num_images, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
-        shape = self.noise_shape(num_images, aspect_ratio)
+        start, stop = images or (0, num_images)
+        if not 0 <= start < stop <= num_images:
+            raise ValueError(f"images {start} to {stop} are not among the {num_images} images")
         report = progress or (lambda *a, **k: None)
         report("text", 0, 1)
-        y, y_u = self.conditioning(prompt, num_images, aspect_ratio)
+        y, y_u = self.conditioning(prompt, stop - start, aspect_ratio)
         mx.eval(y, y_u)
         report("text", 1, 1)
-        z = mx.random.normal(shape, key=mx.random.key(seed))
+        z = self.noise(seed, start, stop, aspect_ratio)
         x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos,
                               jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                               jacobi_max_iter=jacobi_max_iter, progress=progress)
@@ -190,18 +258,46 @@ class Pipeline:
             report("denoise", 1, 1)
         return x
 
-    def generate(self, prompt: str, *, progress: Callable[..., None] | None = None, **options) -> list[Image.Image]:
+    def generate(self, prompt: str, *, progress: Callable[..., None] | None = None, batch_size: int | None = None,
+                 **options) -> list[Image.Image]:
         """Images for ``prompt`` (a class name for class models); same arguments, same pixels.
 
         Options are those of :meth:`sample`: seed, cfg, aspect_ratio, num_images, jacobi,
-        jacobi_block_size, jacobi_threshold, jacobi_max_iter.
+        jacobi_block_size, jacobi_threshold, jacobi_max_iter. Images are sampled
+        ``batch_size`` at a time (default: as many as memory allows, at most 16).
         """
-        x = self.sample(prompt, progress=progress, **options)
+        return [image for _, batch in self.generate_batches(prompt, progress=progress, batch_size=batch_size,
+                                                            **options) for image in batch]
+
+    def generate_batches(self, prompt: str, *, progress: Callable[..., None] | None = None,
+                         batch_size: int | None = None, images: tuple[int, int] | None = None, **options):
+        """Yield ``(first_index, images)`` batch by batch, so a long job never holds more than one batch.
+
+        ``images=(start, stop)`` generates only those images (batches stay cut at multiples of
+        ``batch_size``, so each image is computed exactly as in the whole run).
+        """
+        num_images = options.get("num_images", 1)
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        size = plan_batch(self.folder, self.config, num_images, batch_size)
+        start, stop = images or (0, num_images)
         report = progress or (lambda *a, **k: None)
-        report("decode", 0, 1)
-        images = self.decode(x)
-        report("decode", 1, 1)
-        return images
+        for first in range(start - start % size, stop, size):
+            last = min(first + size, num_images)
+            x = self.sample(prompt, progress=progress, images=(first, last), **options)
+            report("decode", 0, 1)
+            batch = self.decode(x)
+            report("decode", 1, 1)
+            keep = range(max(first, start), min(last, stop))
+            yield keep.start, batch[keep.start - first: keep.stop - first]
+
+    def image_size(self, aspect_ratio: str) -> tuple[int, int, int]:
+        """(width, height, channels) of the images :meth:`generate` returns."""
+        h, w = latent_size(self.config, aspect_ratio)
+        if self.vae is not None:
+            return w * self.vae.factor, h * self.vae.factor, 3
+        factor = max(1, math.ceil(MIN_PIXEL_SIDE / min(h, w)))
+        return w * factor, h * factor, self.config.in_channels
 
     def decode(self, x: mx.array) -> list[Image.Image]:
         """Samples in the flow's data space -> 8-bit images."""
@@ -220,6 +316,12 @@ class Pipeline:
         """An image as the flow's data at the model's generation size, and the aspect ratio used."""
         ratio = nearest_aspect_ratio(self.config, image.width, image.height)
         h, w = latent_size(self.config, ratio)
+        width, height, _ = self.image_size(ratio)
+        exact = (image.width, image.height) == (width, height) or (
+            self.vae is None and image.width % w == 0 and image.width * h == image.height * w)
+        if not exact:
+            warnings.warn(f"the image is {image.width}x{image.height} but the model scores {width}x{height} images: "
+                          "it was resized (and its shape changed) before scoring", stacklevel=3)
         if self.vae is not None:
             size = (w * self.vae.factor, h * self.vae.factor)
             rgb = image.convert("RGB")

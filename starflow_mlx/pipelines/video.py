@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from starflow_mlx.loading import load_flow
-from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, physical_memory, weight_bytes
+from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, memory_limit, weight_bytes
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
@@ -148,7 +148,7 @@ class VideoPipeline(Pipeline):
 
         They are reloaded by the next :meth:`sample`. Returns whether they were released.
         """
-        total = physical_memory()
+        total = memory_limit()
         if total is None or self.needed_bytes(latent_frames, count, aspect_ratio) <= MEMORY_COMFORT * total:
             return False
         self.flow = self.text_encoder = None
@@ -163,7 +163,7 @@ class VideoPipeline(Pipeline):
             self.text_encoder = load_text_encoder(self.folder / self.manifest.text_encoder, dtype=self.dtype)
 
     def check_memory(self, latent_frames: int, count: int, aspect_ratio: str) -> None:
-        total, needed = physical_memory(), self.needed_bytes(latent_frames, count, aspect_ratio)
+        total, needed = memory_limit(), self.needed_bytes(latent_frames, count, aspect_ratio)
         if total is not None and needed > total:
             raise InsufficientMemoryError(
                 f"{count} video(s) of {4 * latent_frames - 3} frames need about {needed / 2**30:.1f} GB but the "
@@ -181,8 +181,8 @@ class VideoPipeline(Pipeline):
         latents = self.vae.encode(mx.array(frames, dtype=mx.float32))
         return mx.concatenate([latents[:, :1], latents[:, 1:] * self.temporal_scale], axis=1)
 
-    def _context(self, image, video, height: int, width: int, fps: int, count: int, key) -> mx.array | None:
-        """Noised flow-space latents of the conditioning image or clip, repeated ``count`` times."""
+    def _context(self, image, video, height: int, width: int, fps: int, keys: list) -> mx.array | None:
+        """Noised flow-space latents of the conditioning image or clip, one noise draw per key (video)."""
         if image is None and video is None:
             return None
         if image is not None and video is not None:
@@ -211,8 +211,8 @@ class VideoPipeline(Pipeline):
             clip = np.stack([c[0] for c in converted])
         latents = self.encode(clip[None])
         # As upstream: the conditioning latents carry the training noise, like everything the flow models.
-        noisy = latents + self.config.noise_std * mx.random.normal(latents.shape, key=key)
-        return mx.repeat(noisy, count, axis=0)
+        return mx.concatenate([latents + self.config.noise_std * mx.random.normal(latents.shape, key=key)
+                               for key in keys])
 
     # -- generation -----------------------------------------------------------------------
     def sample(
@@ -253,16 +253,17 @@ class VideoPipeline(Pipeline):
         self.check_memory(latent_frames, num_videos, aspect_ratio)
         h, w = latent_size(self.config, aspect_ratio)
         report = progress or (lambda *a, **k: None)
-        z_key, context_key = mx.random.split(mx.random.key(seed))
-        context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, num_videos, context_key)
+        # Video i draws from seed + i, so one video of a batch can be made again on its own.
+        keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
+        context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys])
         if context is not None and context.shape[1] >= latent_frames:
             raise ValueError(f"the clip already has {4 * context.shape[1] - 3} frames: ask for more --frames than that")
         report("text", 0, 1)
         y, y_u = self.conditioning(prompt, num_videos, aspect_ratio, fps=fps if frames > 1 else 0)
         mx.eval(y, y_u)
         report("text", 1, 1)
-        shape = (num_videos, latent_frames, h, w, self.config.in_channels)
-        z = mx.random.normal(shape, key=z_key)
+        shape = (1, latent_frames, h, w, self.config.in_channels)
+        z = mx.concatenate([mx.random.normal(shape, key=k[0]) for k in keys])
         x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos,
                               jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                               jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
