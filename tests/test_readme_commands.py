@@ -28,6 +28,10 @@ NOT_RUN = [
     (r"^starflow generate 'a film still", "downloads apple/starflow (3B weights, network); the same code path "
                                          "runs offline in tests/test_hub.py on a fake hub"),
     (r"ckpts/starflow_3B", "needs the upstream checkpoint and YAML (network)"),
+    (r"--model apple/starflow-v ", "downloads STARFlow-V (7B weights, network); tests/test_video_pipeline.py runs the "
+                                   "same commands on a tiny video model, and offline from a fake hub"),
+    (r"--from-metadata corgi\.mp4", "needs corgi.mp4 from the STARFlow-V command above it"),
+    (r"starflow-v_7B_t2v_caus_480p", "needs the STARFlow-V checkpoint and YAML (network)"),
     (r"\bmy-model\b", "stands for the reader's own model folder"),
     (r"--data path/to/folder", "stands for the reader's own image folder"),
     (r"^starflow quantize demo --report", "measures for about 10 minutes on 2 cores (tests/test_quantize.py runs it "

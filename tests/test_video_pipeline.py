@@ -124,7 +124,8 @@ def test_image_to_video_conditions_the_flow_on_the_encoded_image(pipe, tmp_path,
     context = seen["context"]
     assert context.shape == (2, 1, 2, 3, 48)
     noise = (context - latent) / pipe.config.noise_std  # the training noise, as upstream adds it
-    assert abs(float(noise.std()) - 1.0) < 0.3 and float(mx.abs(context[0] - context[1]).max()) == 0.0
+    assert abs(float(noise.std()) - 1.0) < 0.3
+    assert float(mx.abs(noise[0] - noise[1]).max()) > 0.1  # video i draws its own noise from seed + i
 
 
 def test_image_and_clip_from_the_command_line(model, tmp_path):
