@@ -15,8 +15,6 @@ from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.loading import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
-CHECKPOINT_NAME = "Wan2.2_VAE.pth"
-HUB_REPO = "Wan-AI/Wan2.2-TI2V-5B"
 # float32 by measurement: see benchmarks/README.md, "Wan2.2 VAE" (PSNR of float16/bfloat16 decodes).
 DEFAULT_DTYPE = "float32"
 
@@ -126,31 +124,21 @@ def _from_model(config: WanVAEConfig, weights: dict[str, mx.array] | None, folde
     return VideoVAE(model)
 
 
-def _from_checkpoint(path: Path, dtype: str | None) -> VideoVAE:
+def _from_checkpoint(src: str | Path, dtype: str | None) -> VideoVAE:
     from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
-    from starflow_mlx.convert.wan_vae_weights import WanVAEConversionError, mlx_layout, plan_tensors, read_float
+    from starflow_mlx.convert.wan_vae_weights import (WanVAEConversionError, checkpoint_file, mlx_layout,
+                                                      plan_tensors, read_float)
 
-    target = parse_dtype(dtype or DEFAULT_DTYPE)
+    dtype = dtype or DEFAULT_DTYPE
     try:
+        path = checkpoint_file(src)
         with open_checkpoint(path) as ck:
             config, names = plan_tensors(ck.tensors, path)
-            weights = {name: mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(target)
+            weights = {name: mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(parse_dtype(dtype))
                        for name in names}
     except (CheckpointError, WanVAEConversionError) as exc:
         raise ModelLoadError(str(exc)) from None
-    return _from_model(config, weights, None, dtype or DEFAULT_DTYPE)
-
-
-def _from_hub(repo: str, dtype: str | None) -> VideoVAE:
-    from starflow_mlx.hub import HubError, fetch_component
-
-    try:
-        folder = fetch_component(repo, "video VAE")
-    except HubError as exc:
-        raise ModelLoadError(str(exc)) from None
-    if not (folder / CHECKPOINT_NAME).is_file():
-        raise ModelLoadError(f"{repo} has no {CHECKPOINT_NAME}: it is not the Wan2.2 video VAE repo ({HUB_REPO})")
-    return _from_checkpoint(folder / CHECKPOINT_NAME, dtype)
+    return _from_model(config, weights, None, dtype)
 
 
 def load_video_vae(path: str | Path, dtype: str | None = None) -> VideoVAE:
@@ -160,23 +148,11 @@ def load_video_vae(path: str | Path, dtype: str | None = None) -> VideoVAE:
     folder keeps the dtype it was stored in and a ``.pth`` loads as ``DEFAULT_DTYPE``.
     """
     parse_dtype(dtype)
-    src = Path(path)
-    if src.is_file():
-        return _from_checkpoint(src, dtype)
-    if src.is_dir():
-        if (src / "config.json").is_file():
-            try:
-                config = WanVAEConfig.load(src / "config.json")
-            except ConfigError as exc:
-                raise ModelLoadError(str(exc)) from None
-            return _from_model(config, None, src, dtype)
-        if (src / CHECKPOINT_NAME).is_file():
-            return _from_checkpoint(src / CHECKPOINT_NAME, dtype)
-        raise ModelLoadError(f"{src} holds neither a converted video VAE (config.json + model.safetensors) nor "
-                             f"{CHECKPOINT_NAME}: pass upstream's checkpoint or convert it with convert_wan_vae")
-    from starflow_mlx.hub import load_registry
-
-    if str(path) in load_registry().get("components", {}):
-        return _from_hub(str(path), dtype)
-    raise ModelLoadError(f"video VAE {path} not found: pass {CHECKPOINT_NAME}, a folder holding it, a converted "
-                         f"folder, or the Hugging Face repo id {HUB_REPO}")
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        try:
+            config = WanVAEConfig.load(folder / "config.json")
+        except ConfigError as exc:
+            raise ModelLoadError(str(exc)) from None
+        return _from_model(config, None, folder, dtype)
+    return _from_checkpoint(path, dtype)
