@@ -22,9 +22,12 @@ DEFAULT_DTYPE = "float32"
 class VideoVAE:
     """Channels-last videos ``(B, T, H, W, 3)`` in [-1, 1] <-> normalised latents ``(B, T_lat, h, w, 48)``."""
 
-    def __init__(self, model: WanVAE):
+    def __init__(self, model: WanVAE, tile: int | None = None):
         self.model = model
         self.config = model.config
+        # Spatial tiling, in latent cells per tile side (None: off). It lowers the peak of the
+        # largest convolutions on small machines but changes pixels near the seams.
+        self.tile = tile
         self._step = None
 
     @property
@@ -79,18 +82,34 @@ class VideoVAE:
 
         n is 1 for the first latent and 4 after. Each convolution keeps a fixed 2-frame past,
         so memory does not grow with the length; every chunk after the first has the same
-        shapes and runs as one compiled step.
+        shapes and runs as one compiled step. With ``tile`` set, each spatial tile keeps its
+        own past and the tiles' pixels are blended where they overlap.
         """
         x = self.model.decoder_input(self._latents(latents))
         mx.eval(x)
-        out, entries = self.model.decode_first(x[:, :1])
-        out = out.astype(mx.float32)
-        mx.eval(out, entries)
-        yield out
-        for i in range(1, x.shape[1]):
-            out, *entries = self._chunk_step()(x[:, i:i + 1], *entries)
-            mx.eval(out, entries)
-            yield out
+        _, _, h, w, _ = x.shape
+        if self.tile is not None and self.tile < 2:
+            raise ValueError(f"tile must be at least 2 latent cells, got {self.tile}")
+        tiles = [(ys, xs) for ys in tile_spans(h, self.tile) for xs in tile_spans(w, self.tile)]
+        weights = [blend_weights(ys, xs, h, w, self.tile, self.factor) for ys, xs in tiles]
+        total = sum(weights)
+        states: list[list[mx.array]] = [[] for _ in tiles]
+        for i in range(x.shape[1]):
+            frames = None
+            for k, ((y0, y1), (x0, x1)) in enumerate(tiles):
+                part = x[:, i:i + 1, y0:y1, x0:x1]
+                if i == 0:
+                    out, states[k] = self.model.decode_first(part)
+                    out = out.astype(mx.float32)
+                else:
+                    out, *states[k] = self._chunk_step()(part, *states[k])
+                if len(tiles) > 1:
+                    f = self.factor
+                    out = mx.pad(out * weights[k][y0 * f:y1 * f, x0 * f:x1 * f, None],
+                                 [(0, 0), (0, 0), (y0 * f, (h - y1) * f), (x0 * f, (w - x1) * f), (0, 0)])
+                frames = out if frames is None else frames + out
+                mx.eval(frames, states[k])
+            yield frames if len(tiles) == 1 else frames / total[..., None]
 
     def _chunk_step(self):
         if self._step is None:
@@ -106,6 +125,30 @@ class VideoVAE:
     def decode(self, latents) -> mx.array:
         """(B, T_lat, h, w, 48) normalised latents -> (B, 4*T_lat-3, 16h, 16w, 3) float32, not clipped."""
         return mx.concatenate(list(self.decode_frames(latents)), axis=1)
+
+
+def tile_spans(size: int, tile: int | None) -> list[tuple[int, int]]:
+    """Tiles of ``tile`` cells covering ``range(size)``, overlapping by at least a quarter tile (one span if it fits)."""
+    if tile is None or size <= tile:
+        return [(0, size)]
+    stride = tile - max(1, tile // 4)
+    return [(s, s + tile) for s in [*range(0, size - tile, stride), size - tile]]
+
+
+def blend_weights(ys: tuple[int, int], xs: tuple[int, int], h: int, w: int, tile: int | None,
+                  factor: int) -> mx.array:
+    """Full-frame (H, W) weight of one tile: ramps up from each side shared with another tile, zero outside it."""
+    ramp = max(1, (tile or 1) // 4) * factor
+
+    def axis(span: tuple[int, int], size: int) -> mx.array:
+        p = mx.arange(size * factor).astype(mx.float32) + 0.5
+        lo, hi = span[0] * factor, span[1] * factor
+        left = (p - lo) / ramp if span[0] > 0 else mx.ones_like(p)
+        right = (hi - p) / ramp if span[1] < size else mx.ones_like(p)
+        inside = (p > lo) & (p < hi)
+        return mx.where(inside, mx.clip(mx.minimum(left, right), 0.0, 1.0), 0.0)
+
+    return axis(ys, h)[:, None] * axis(xs, w)[None, :]
 
 
 def _from_model(config: WanVAEConfig, weights: dict[str, mx.array] | None, folder: Path | None,

@@ -246,3 +246,22 @@ def test_broken_converted_config_is_one_line(tiny_pth, tmp_path):
     (tmp_path / "c" / "config.json").write_text(json.dumps({**data, "dim_mult": [1, 2, 4]}))
     with pytest.raises(ModelLoadError, match="temperal_downsample"):
         load_video_vae(tmp_path / "c")
+
+
+def test_spatial_tiling_is_off_by_default_and_blends_tiles(tiny_pth):
+    vae = load_video_vae(tiny_pth)
+    assert vae.tile is None
+    z = latents((1, 2, 5, 7, 48), seed=1)
+    whole = vae.decode(z)
+    vae.tile = 8  # one tile covers the grid: nothing changes
+    assert mx.array_equal(vae.decode(z), whole)
+    vae.tile = 4  # tiles (0,4),(1,5) down and (0,4),(3,7) across
+    tiled = vae.decode(z)
+    assert tiled.shape == whole.shape and bool(mx.isfinite(tiled).all())
+    # Cells covered by one tile only (row 0, columns 0-2) are that tile's own decode.
+    alone = load_video_vae(tiny_pth).decode(z[:, :, 0:4, 0:4])
+    assert rel_err(tiled[:, :, :16, :48], alone[:, :, :16, :48]) <= 1e-5
+    assert rel_err(tiled, whole) > 1e-3  # tiling changes pixels: why it is off by default
+    vae.tile = 1
+    with pytest.raises(ValueError, match="at least 2"):
+        vae.decode(z)
