@@ -64,11 +64,7 @@ class VideoVAE:
         if x.shape[1] < 1 or x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"video height and width must be multiples of {self.factor} (and T >= 1), "
                              f"got {x.shape[1]} frames of {x.shape[2]}x{x.shape[3]}")
-        latents = []
-        for features in self.model.encode_chunks(x.astype(self.dtype)):
-            latents.append(self.model.latent_mean(features))
-            mx.eval(latents[-1])
-        return mx.concatenate(latents, axis=1)
+        return mx.concatenate(list(self.model.encode_chunks(x.astype(self.dtype))), axis=1)
 
     def _latents(self, latents) -> mx.array:
         z = mx.array(latents)
