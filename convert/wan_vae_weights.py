@@ -19,6 +19,7 @@ from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
 from starflow_mlx.staging import check_new_folder, staged_folder
 
 CHECKPOINT_NAME = "Wan2.2_VAE.pth"
+HUB_REPO = "Wan-AI/Wan2.2-TI2V-5B"
 DTYPES = ("float32", "float16", "bfloat16")
 ENCODER_PARTS = ("encoder.", "conv1.")
 
@@ -117,18 +118,36 @@ def read_float(ref) -> np.ndarray:
     return array
 
 
-def checkpoint_file(src: Path) -> Path:
-    """``src`` itself or the ``Wan2.2_VAE.pth`` inside the folder ``src``."""
-    if src.is_dir():
-        src = src / CHECKPOINT_NAME
-    if not src.is_file():
-        raise WanVAEConversionError(f"{src} not found: pass upstream's {CHECKPOINT_NAME} or a folder holding it")
-    return src
+def checkpoint_file(src: str | Path) -> Path:
+    """The ``Wan2.2_VAE.pth`` that ``src`` names: the file, a folder holding it, or a registered repo id."""
+    path = Path(src)
+    if path.is_dir():
+        if (path / CHECKPOINT_NAME).is_file():
+            return path / CHECKPOINT_NAME
+        raise WanVAEConversionError(f"{path} holds neither a converted video VAE (config.json + model.safetensors) "
+                                    f"nor {CHECKPOINT_NAME}: pass upstream's checkpoint or a folder holding it")
+    if path.is_file():
+        return path
+    from starflow_mlx.hub import HubError, fetch_component, load_registry
+
+    try:
+        if str(src) in load_registry().get("components", {}):
+            folder = fetch_component(str(src), "video VAE")
+            if (folder / CHECKPOINT_NAME).is_file():
+                return folder / CHECKPOINT_NAME
+            raise WanVAEConversionError(f"{src} has no {CHECKPOINT_NAME}: it is not the Wan2.2 VAE repo "
+                                        f"({HUB_REPO})")
+    except HubError as exc:
+        raise WanVAEConversionError(str(exc)) from None
+    raise WanVAEConversionError(f"video VAE {src} not found: pass {CHECKPOINT_NAME}, a folder holding it, a "
+                                f"converted folder, or the Hugging Face repo id {HUB_REPO}")
 
 
 def convert_wan_vae(src: str | Path, out_dir: str | Path, dtype: str = "float32",
                     include_encoder: bool = True) -> WanVAEConfig:
     """Write ``out_dir/config.json`` and ``out_dir/model.safetensors`` from ``Wan2.2_VAE.pth``; return the config.
+
+    ``src`` is the checkpoint, a folder holding it, or the repo id ``Wan-AI/Wan2.2-TI2V-5B``.
 
     Without ``include_encoder`` only the decoder half is kept (text-to-video needs no encoder).
     """
@@ -136,7 +155,7 @@ def convert_wan_vae(src: str | Path, out_dir: str | Path, dtype: str = "float32"
         raise WanVAEConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
     check_new_folder(out_dir, WanVAEConversionError)
-    path = checkpoint_file(Path(src))
+    path = checkpoint_file(src)
     try:
         with open_checkpoint(path) as ck:
             config, names = plan_tensors(ck.tensors, path, include_encoder)

@@ -15,8 +15,6 @@ from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.loading import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
-CHECKPOINT_NAME = "Wan2.2_VAE.pth"
-HUB_REPO = "Wan-AI/Wan2.2-TI2V-5B"
 # float32 by measurement: see benchmarks/README.md, "Wan2.2 VAE" (PSNR of float16/bfloat16 decodes).
 DEFAULT_DTYPE = "float32"
 
@@ -24,9 +22,12 @@ DEFAULT_DTYPE = "float32"
 class VideoVAE:
     """Channels-last videos ``(B, T, H, W, 3)`` in [-1, 1] <-> normalised latents ``(B, T_lat, h, w, 48)``."""
 
-    def __init__(self, model: WanVAE):
+    def __init__(self, model: WanVAE, tile: int | None = None):
         self.model = model
         self.config = model.config
+        # Spatial tiling, in latent cells per tile side (None: off). It lowers the peak of the
+        # largest convolutions on small machines but changes pixels near the seams.
+        self.tile = tile
         self._step = None
 
     @property
@@ -63,11 +64,7 @@ class VideoVAE:
         if x.shape[1] < 1 or x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"video height and width must be multiples of {self.factor} (and T >= 1), "
                              f"got {x.shape[1]} frames of {x.shape[2]}x{x.shape[3]}")
-        latents = []
-        for features in self.model.encode_chunks(x.astype(self.dtype)):
-            latents.append(self.model.latent_mean(features))
-            mx.eval(latents[-1])
-        return mx.concatenate(latents, axis=1)
+        return mx.concatenate(list(self.model.encode_chunks(x.astype(self.dtype))), axis=1)
 
     def _latents(self, latents) -> mx.array:
         z = mx.array(latents)
@@ -81,18 +78,34 @@ class VideoVAE:
 
         n is 1 for the first latent and 4 after. Each convolution keeps a fixed 2-frame past,
         so memory does not grow with the length; every chunk after the first has the same
-        shapes and runs as one compiled step.
+        shapes and runs as one compiled step. With ``tile`` set, each spatial tile keeps its
+        own past and the tiles' pixels are blended where they overlap.
         """
         x = self.model.decoder_input(self._latents(latents))
         mx.eval(x)
-        out, entries = self.model.decode_first(x[:, :1])
-        out = out.astype(mx.float32)
-        mx.eval(out, entries)
-        yield out
-        for i in range(1, x.shape[1]):
-            out, *entries = self._chunk_step()(x[:, i:i + 1], *entries)
-            mx.eval(out, entries)
-            yield out
+        _, _, h, w, _ = x.shape
+        if self.tile is not None and self.tile < 2:
+            raise ValueError(f"tile must be at least 2 latent cells, got {self.tile}")
+        tiles = [(ys, xs) for ys in tile_spans(h, self.tile) for xs in tile_spans(w, self.tile)]
+        weights = [blend_weights(ys, xs, h, w, self.tile, self.factor) for ys, xs in tiles]
+        total = sum(weights)
+        states: list[list[mx.array]] = [[] for _ in tiles]
+        for i in range(x.shape[1]):
+            frames = None
+            for k, ((y0, y1), (x0, x1)) in enumerate(tiles):
+                part = x[:, i:i + 1, y0:y1, x0:x1]
+                if i == 0:
+                    out, states[k] = self.model.decode_first(part)
+                    out = out.astype(mx.float32)
+                else:
+                    out, *states[k] = self._chunk_step()(part, *states[k])
+                if len(tiles) > 1:
+                    f = self.factor
+                    out = mx.pad(out * weights[k][y0 * f:y1 * f, x0 * f:x1 * f, None],
+                                 [(0, 0), (0, 0), (y0 * f, (h - y1) * f), (x0 * f, (w - x1) * f), (0, 0)])
+                frames = out if frames is None else frames + out
+                mx.eval(frames, states[k])
+            yield frames if len(tiles) == 1 else frames / total[..., None]
 
     def _chunk_step(self):
         if self._step is None:
@@ -108,6 +121,30 @@ class VideoVAE:
     def decode(self, latents) -> mx.array:
         """(B, T_lat, h, w, 48) normalised latents -> (B, 4*T_lat-3, 16h, 16w, 3) float32, not clipped."""
         return mx.concatenate(list(self.decode_frames(latents)), axis=1)
+
+
+def tile_spans(size: int, tile: int | None) -> list[tuple[int, int]]:
+    """Tiles of ``tile`` cells covering ``range(size)``, overlapping by at least a quarter tile (one span if it fits)."""
+    if tile is None or size <= tile:
+        return [(0, size)]
+    stride = tile - max(1, tile // 4)
+    return [(s, s + tile) for s in [*range(0, size - tile, stride), size - tile]]
+
+
+def blend_weights(ys: tuple[int, int], xs: tuple[int, int], h: int, w: int, tile: int | None,
+                  factor: int) -> mx.array:
+    """Full-frame (H, W) weight of one tile: ramps up from each side shared with another tile, zero outside it."""
+    ramp = max(1, (tile or 1) // 4) * factor
+
+    def axis(span: tuple[int, int], size: int) -> mx.array:
+        p = mx.arange(size * factor).astype(mx.float32) + 0.5
+        lo, hi = span[0] * factor, span[1] * factor
+        left = (p - lo) / ramp if span[0] > 0 else mx.ones_like(p)
+        right = (hi - p) / ramp if span[1] < size else mx.ones_like(p)
+        inside = (p > lo) & (p < hi)
+        return mx.where(inside, mx.clip(mx.minimum(left, right), 0.0, 1.0), 0.0)
+
+    return axis(ys, h)[:, None] * axis(xs, w)[None, :]
 
 
 def _from_model(config: WanVAEConfig, weights: dict[str, mx.array] | None, folder: Path | None,
@@ -126,31 +163,21 @@ def _from_model(config: WanVAEConfig, weights: dict[str, mx.array] | None, folde
     return VideoVAE(model)
 
 
-def _from_checkpoint(path: Path, dtype: str | None) -> VideoVAE:
+def _from_checkpoint(src: str | Path, dtype: str | None) -> VideoVAE:
     from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
-    from starflow_mlx.convert.wan_vae_weights import WanVAEConversionError, mlx_layout, plan_tensors, read_float
+    from starflow_mlx.convert.wan_vae_weights import (WanVAEConversionError, checkpoint_file, mlx_layout,
+                                                      plan_tensors, read_float)
 
-    target = parse_dtype(dtype or DEFAULT_DTYPE)
+    dtype = dtype or DEFAULT_DTYPE
     try:
+        path = checkpoint_file(src)
         with open_checkpoint(path) as ck:
             config, names = plan_tensors(ck.tensors, path)
-            weights = {name: mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(target)
+            weights = {name: mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(parse_dtype(dtype))
                        for name in names}
     except (CheckpointError, WanVAEConversionError) as exc:
         raise ModelLoadError(str(exc)) from None
-    return _from_model(config, weights, None, dtype or DEFAULT_DTYPE)
-
-
-def _from_hub(repo: str, dtype: str | None) -> VideoVAE:
-    from starflow_mlx.hub import HubError, fetch_component
-
-    try:
-        folder = fetch_component(repo, "video VAE")
-    except HubError as exc:
-        raise ModelLoadError(str(exc)) from None
-    if not (folder / CHECKPOINT_NAME).is_file():
-        raise ModelLoadError(f"{repo} has no {CHECKPOINT_NAME}: it is not the Wan2.2 video VAE repo ({HUB_REPO})")
-    return _from_checkpoint(folder / CHECKPOINT_NAME, dtype)
+    return _from_model(config, weights, None, dtype)
 
 
 def load_video_vae(path: str | Path, dtype: str | None = None) -> VideoVAE:
@@ -160,23 +187,11 @@ def load_video_vae(path: str | Path, dtype: str | None = None) -> VideoVAE:
     folder keeps the dtype it was stored in and a ``.pth`` loads as ``DEFAULT_DTYPE``.
     """
     parse_dtype(dtype)
-    src = Path(path)
-    if src.is_file():
-        return _from_checkpoint(src, dtype)
-    if src.is_dir():
-        if (src / "config.json").is_file():
-            try:
-                config = WanVAEConfig.load(src / "config.json")
-            except ConfigError as exc:
-                raise ModelLoadError(str(exc)) from None
-            return _from_model(config, None, src, dtype)
-        if (src / CHECKPOINT_NAME).is_file():
-            return _from_checkpoint(src / CHECKPOINT_NAME, dtype)
-        raise ModelLoadError(f"{src} holds neither a converted video VAE (config.json + model.safetensors) nor "
-                             f"{CHECKPOINT_NAME}: pass upstream's checkpoint or convert it with convert_wan_vae")
-    from starflow_mlx.hub import load_registry
-
-    if str(path) in load_registry().get("components", {}):
-        return _from_hub(str(path), dtype)
-    raise ModelLoadError(f"video VAE {path} not found: pass {CHECKPOINT_NAME}, a folder holding it, a converted "
-                         f"folder, or the Hugging Face repo id {HUB_REPO}")
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        try:
+            config = WanVAEConfig.load(folder / "config.json")
+        except ConfigError as exc:
+            raise ModelLoadError(str(exc)) from None
+        return _from_model(config, None, folder, dtype)
+    return _from_checkpoint(path, dtype)

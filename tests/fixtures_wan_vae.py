@@ -32,7 +32,7 @@ def random_state(config: WanVAEConfig, seed: int = 0) -> dict:
 
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in wan_vae_shapes(config).items():
+    for name, shape in sorted(wan_vae_shapes(config).items()):  # sorted: independent of module order
         noise = torch.randn(shape, generator=gen)
         if name.endswith(".gamma"):
             state[name] = 1 + 0.1 * noise

@@ -370,12 +370,15 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(config)
 
     def encode_chunks(self, x: mx.array):
-        """Patchified chunks of ``x`` (1 frame, then 4 at a time) through the encoder, one output per chunk."""
+        """Normalised posterior means of ``x``, one evaluated array per chunk (1 frame, then 4 at a time)."""
         x = patchify(x)
         cache = FeatureCache()
         for i in range(1 + (x.shape[1] - 1) // ENCODE_CHUNK):
             start, stop = (0, 1) if i == 0 else (1 + ENCODE_CHUNK * (i - 1), 1 + ENCODE_CHUNK * i)
-            yield self.encoder(x[:, start:stop], cache, first_chunk=i == 0)
+            mu = self.latent_mean(self.encoder(x[:, start:stop], cache, first_chunk=i == 0))
+            # Evaluating the cache too lets this chunk's full-size activations go.
+            mx.eval(mu, cache.entries)
+            yield mu
 
     def latent_mean(self, features: mx.array) -> mx.array:
         """Normalised posterior mean of the encoder's output (``conv1``, first z channels)."""
