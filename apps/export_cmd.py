@@ -11,6 +11,7 @@ import typer
 def export_coreml(
     model: str = typer.Argument(..., help="Model folder or name ('demo')."),
     output: Path = typer.Option(..., "--output", "-o", help="New folder for the .mlpackage files and manifest.json."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Quantize a float model to 4 or 8 bits on export."),
     group_size: int = typer.Option(64, "--group-size", help="With --bits: 32, 64 or 128 weights per scale and bias."),
     chunk: Optional[int] = typer.Option(None, "--chunk", help="Deep-block tokens per call: 1 sequential, more Jacobi "
@@ -29,6 +30,6 @@ def export_coreml(
 
     options = ExportOptions(bits=bits, group_size=group_size, chunk=chunk, height=height, width=width, batch=batch,
                             guidance=guidance)
-    result = run_export(model, output, options, verify=verify, report=typer.echo)
+    result = run_export(model, output, options, verify=verify, report=typer.echo, force=force)
     typer.echo(f"{result.folder}: {len(result.manifest.packages)} packages + manifest.json")
     typer.echo(describe(result.manifest))

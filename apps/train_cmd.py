@@ -12,7 +12,8 @@ import typer
 
 def train(
     data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of <class>/<images>."),
-    output: Path = typer.Option(..., "--output", "-o", help="Model folder to write (replaced only when done)."),
+    output: Path = typer.Option(..., "--output", "-o", help="New model folder to write."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     steps: int = typer.Option(2000, help="Optimizer steps."),
     batch_size: int = typer.Option(64, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
@@ -33,7 +34,10 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from starflow_mlx.training.data import load_digits_split, load_image_folder
+    from starflow_mlx.staging import check_output
     from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim
+
+    check_output(output, force)  # before training, not after it
 
     layer_list = [int(v) for v in layers.split()] if layers.strip() else []
     if len(layer_list) < 2 or any(v < 1 for v in layer_list):
@@ -61,5 +65,5 @@ def train(
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
               "channels": channels, "layers": layer_list, "noise_std": noise_std, "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
-    trainer.export(output, source)
+    trainer.export(output, source, force)
     typer.echo(f"{output}: {steps} steps in {seconds / 60:.1f} min, test {test_bpd:.3f} bits/dim")

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST
-from starflow_mlx.staging import staged_folder
+from starflow_mlx.staging import check_output, staged_folder
 from starflow_mlx.quantize.policy import (DEFAULT_KEEP, QuantizationError, apply_quantization, check_setting,
                                           describe, plan_quantization)
 
@@ -72,7 +72,9 @@ def _quantize_text_encoder(src: Path, dst: Path, bits: int, group_size: int) -> 
     quantize_text_encoder(src, dst, bits=bits, group_size=group_size)
 
 
-def _write_quantized(src: Path, staging: Path, bits: int, group_size: int, overrides, text_bits: int | None) -> str:
+def write_quantized(src: Path, staging: Path, bits: int, group_size: int = 64, overrides=None,
+                    text_bits: int | None = 8) -> str:
+    """Write the quantized copy of the folder ``src`` into the existing (staging) folder ``staging``."""
     flow, plan = quantize_flow(src, bits, group_size, overrides)
     save_flow(flow, staging)
     summary = describe(plan)
@@ -94,15 +96,10 @@ def _write_quantized(src: Path, staging: Path, bits: int, group_size: int, overr
 
 
 def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_size: int = 64,
-                          overrides: dict[str, int] | None = None, text_bits: int | None = 8) -> str:
+                          overrides: dict[str, int] | None = None, text_bits: int | None = 8,
+                          force: bool = False) -> str:
     """Write a quantized copy of ``src`` to ``output``; returns a one-line summary."""
     check_setting(bits, group_size)
-    with staged_folder(output, error=QuantizationError) as staging:
-        return _write_quantized(Path(src), staging, bits, group_size, overrides, text_bits)
-
-
-def quantize_in_place(folder: str | Path, bits: int, group_size: int = 64,
-                      overrides: dict[str, int] | None = None, text_bits: int | None = 8) -> str:
-    """Replace a freshly converted folder by its quantized version (used by ``convert --quantize``)."""
-    with staged_folder(folder, replace=True) as staging:
-        return _write_quantized(Path(folder), staging, bits, group_size, overrides, text_bits)
+    check_output(output, force, QuantizationError)
+    with staged_folder(output, force, QuantizationError) as staging:
+        return write_quantized(Path(src), staging, bits, group_size, overrides, text_bits)

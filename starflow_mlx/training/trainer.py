@@ -138,7 +138,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Model, optimizer and step (the data order and noise follow from it), written atomically to ``latest``."""
         final = self.checkpoint_dir / "latest"
-        with staged_folder(final, replace=True) as tmp:
+        with staged_folder(final, force=True) as tmp:
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
             (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "train": asdict(self.train)}, indent=2))
@@ -162,9 +162,9 @@ class Trainer:
         """Bits per dimension of held-out data (noise added as in training, fixed seed)."""
         return evaluate_bits_per_dim(self.model, data, self.train.noise_std, batch, seed)
 
-    def export(self, output: Path, source: dict | None = None) -> None:
-        """Write a model folder (config, weights, manifest), replacing ``output`` only once complete."""
-        with staged_folder(output, replace=True) as tmp:
+    def export(self, output: Path, source: dict | None = None, force: bool = False) -> None:
+        """Write a model folder (config, weights, manifest); ``force`` replaces one this project wrote."""
+        with staged_folder(output, force) as tmp:
             self.config.save(tmp / "config.json")
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())),
                                 metadata={"format": "mlx"})
