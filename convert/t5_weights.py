@@ -10,7 +10,6 @@ converting needs about one tensor of memory beyond the output file's pages.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -20,10 +19,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
+from starflow_mlx.jsonconfig import read_json
 from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.models.t5 import NORM_SUFFIX, T5Config, T5Encoder
-from starflow_mlx.staging import check_new_folder, staged_folder
+from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Single-file and sharded layouts, in the order they are preferred.
@@ -52,9 +52,14 @@ def weight_files(src: Path) -> list[Path]:
         if not name.endswith(".index.json"):
             return [path]
         try:
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise T5ConversionError(f"{path} is not a valid shard index (no weight_map)") from None
+            index = read_json(path, "shard index")
+        except ConfigError as exc:
+            raise T5ConversionError(str(exc)) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and Path(v).name == v and v
+                                                       for v in weight_map.values()):
+            raise T5ConversionError(f"{path} is not a valid shard index (weight_map must name files beside it)")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (src / s).is_file()]
         if missing:
             raise T5ConversionError(f"{src} lacks shard {missing[0]} listed in {name}: the download is incomplete")
@@ -102,9 +107,10 @@ def read_config(src: Path) -> T5Config:
     if not path.is_file():
         raise T5ConversionError(f"{src} has no config.json: not a Hugging Face T5 folder")
     try:
-        return T5Config.from_hf_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise T5ConversionError(f"{path} is not valid JSON ({exc})") from None
+        data = read_json(path, "T5 config")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must be a JSON object")
+        return T5Config.from_hf_dict(data)
     except ConfigError as exc:
         raise T5ConversionError(f"{path}: {exc}") from None
 
@@ -144,7 +150,7 @@ def convert_t5(src_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
     src, out_dir = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise T5ConversionError(f"T5 folder {src} not found")
-    check_new_folder(out_dir, T5ConversionError)
+    check_output(out_dir, error=T5ConversionError)
     config = read_config(src)
     config.dtype = dtype
     tok_dir = Path(tokenizer_src) if tokenizer_src is not None else src

@@ -6,7 +6,6 @@ diffusers' parameter names with conv kernels in MLX's OHWI layout.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
+from starflow_mlx.jsonconfig import read_json
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
-from starflow_mlx.staging import check_new_folder, staged_folder
+from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -93,9 +93,10 @@ def diffusers_folder(src: Path) -> tuple[Path, Path]:
 
 def read_config(path: Path) -> VAEConfig:
     try:
-        return VAEConfig.from_diffusers_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise VAEConversionError(f"{path} is not valid JSON ({exc})") from None
+        data = read_json(path, "VAE config")
+        if not isinstance(data, dict):
+            raise ConfigError("must be a JSON object")
+        return VAEConfig.from_diffusers_dict(data)
     except ConfigError as exc:
         raise VAEConversionError(f"{path}: {exc}") from None
 
@@ -144,7 +145,7 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
     if dtype not in DTYPES:
         raise VAEConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
-    check_new_folder(out_dir, VAEConversionError)
+    check_output(out_dir, error=VAEConversionError)
     config_path, weights_path = diffusers_folder(Path(src))
     config = read_config(config_path)
     config.dtype = dtype
