@@ -93,6 +93,9 @@ def write_flow(checkpoint: str | Path, config_yaml: str | Path, folder: Path, dt
         except ConfigError as exc:
             raise ConversionError(str(exc)) from None
         config.dtype = dtype
+        if config.min_weight_bytes() > Path(checkpoint).stat().st_size:  # before building the model
+            raise ConversionError(f"the config describes at least {config.min_weight_bytes() / 2**20:.0f} MB of "
+                                  f"weights but {checkpoint} is smaller: they do not belong together")
         shapes = expected_shapes(config)
         check_tensors(tensors, shapes)
         entries = [(name, dtype, shapes[name], lambda ref=tensors[name]: to_dtype(ref.read(), dtype, ref.dtype))

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
 from starflow_mlx.jsonconfig import read_json
-from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
+from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header, to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.models.t5 import NORM_SUFFIX, T5Config, T5Encoder
 from starflow_mlx.staging import check_output, staged_folder
@@ -69,7 +69,10 @@ def weight_files(src: Path) -> list[Path]:
 
 def safetensors_sources(path: Path) -> dict[str, Source]:
     try:
+        read_header(path)  # exact offsets and sizes before MLX maps anything
         arrays = mx.load(str(path))  # lazy: each tensor is read when converted
+    except SafetensorsError as exc:
+        raise T5ConversionError(str(exc)) from None
     except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
         raise T5ConversionError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     names = {v: k for k, v in MLX_DTYPES.items()}
@@ -157,6 +160,9 @@ def convert_t5(src_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
     tokenizers = tokenizer_files(tok_dir)
     files = weight_files(src)
     where = files[0] if len(files) == 1 else src
+    if config.min_weight_bytes() > sum(f.stat().st_size for f in files):  # before building the encoder
+        raise T5ConversionError(f"{src / 'config.json'} describes more weights than {where} holds: "
+                                "they do not belong together")
     shapes = {name: tuple(arr.shape) for name, arr in tree_flatten(T5Encoder(config).parameters())}
     with contextlib.ExitStack() as stack:
         sources = encoder_sources(files, stack)

@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
+from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
 from starflow_mlx.jsonconfig import read_json
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 from starflow_mlx.staging import check_output, staged_folder
@@ -48,7 +49,10 @@ def read_state(path: Path) -> dict[str, mx.array]:
     """Every tensor of a safetensors or PyTorch pickle file, under cleaned names."""
     if path.suffix == ".safetensors":
         try:
+            read_header(path)  # exact offsets and sizes before MLX maps anything
             raw = mx.load(str(path))
+        except SafetensorsError as exc:
+            raise VAEConversionError(str(exc)) from None
         except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
             reason = str(exc).splitlines()[0]
             raise VAEConversionError(f"{path} is not a readable safetensors file ({reason})") from None
@@ -149,6 +153,9 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
     config_path, weights_path = diffusers_folder(Path(src))
     config = read_config(config_path)
     config.dtype = dtype
+    if config.min_weight_bytes() > weights_path.stat().st_size:  # before building the VAE
+        raise VAEConversionError(f"{config_path} describes more weights than {weights_path} holds: "
+                                 "they do not belong together")
     shapes = {name: tuple(arr.shape) for name, arr in tree_flatten(AutoencoderKL(config).parameters())}
     state = read_state(weights_path)
     check_names(state, shapes, weights_path)
@@ -158,6 +165,10 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
             del state[name]
         state.update(decoder)
         check_names(state, shapes, Path(decoder_src))
+    for name in shapes:
+        if not mx.issubdtype(state[name].dtype, mx.floating):
+            raise VAEConversionError(f"{name} is stored as {str(state[name].dtype).removeprefix('mlx.core.')}, "
+                                     "not floating point: not a VAE checkpoint")
     weights = {name: to_mlx(name, state[name], shape).astype(DTYPES[dtype]) for name, shape in shapes.items()}
     with staged_folder(out_dir, error=VAEConversionError) as staging:
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})

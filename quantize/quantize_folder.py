@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST
 from starflow_mlx.staging import check_output, staged_folder
@@ -49,6 +50,9 @@ def parse_overrides(items: list[str]) -> dict[str, int]:
 def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides: dict[str, int] | None = None,
                   keep=DEFAULT_KEEP):
     """Load a float flow folder and quantize it in memory; returns the model and its plan."""
+    from starflow_mlx.pipelines.image import check_memory
+
+    check_memory(Path(folder), FlowConfig.load(Path(folder) / "config.json"))  # before the model is built
     flow = load_flow(folder, dtype="float16")
     if flow.config.quantization:
         raise QuantizationError(f"{folder} is already quantized ({describe(flow.config.quantization)}): "

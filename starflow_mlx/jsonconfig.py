@@ -62,14 +62,19 @@ def read_json(path: str | Path, what: str = "config") -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {path} cannot be read ({type(exc).__name__})") from None
+    return parse_json(text, f"{what} {path}", what)
+
+
+def parse_json(text: str, where: str, what: str = "config") -> Any:
+    """Parse JSON text with bounded nesting (``where`` names it in the one-line ConfigError)."""
     if nesting_depth(text) > MAX_DEPTH:
-        raise ConfigError(f"{what} {path} is nested more than {MAX_DEPTH} levels deep: it is not a real {what}")
+        raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep: it is not a real {what}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ConfigError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (RecursionError, ValueError) as exc:
-        raise ConfigError(f"{what} {path} cannot be parsed ({type(exc).__name__})") from None
+        raise ConfigError(f"{where} cannot be parsed ({type(exc).__name__})") from None
 
 
 def write_json(path: str | Path, data: Any) -> None:

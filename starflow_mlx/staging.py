@@ -95,10 +95,11 @@ def check_output(output: str | Path, force: bool = False, error: type[Exception]
     if not output.is_dir() or not any(output.iterdir()):
         return
     if not is_ours(output):
-        raise error(f"output {output} already exists and was not written by starflow-mlx: "
+        raise error(f"output {output} already exists and is not empty, and starflow-mlx did not write it: "
                     "choose a new folder (nothing in it was touched)")
     if not force:
-        raise error(f"output {output} already exists: pass --force to replace it, or choose a new folder")
+        raise error(f"output {output} already exists and is not empty: pass --force to replace it "
+                    "(starflow-mlx wrote it), or choose a new folder")
 
 
 def _missing_parents(folder: Path) -> list[Path]:

@@ -46,7 +46,7 @@ def test_new_folder_gets_marker_and_normal_permissions(tmp_path):
 def test_unrelated_folder_is_refused_even_with_force(tmp_path):
     out = user_folder(tmp_path / "mine")
     for force in (False, True):
-        with pytest.raises(OutputFolderError, match="not written by starflow-mlx"):
+        with pytest.raises(OutputFolderError, match="starflow-mlx did not write it"):
             with staged_folder(out, force=force):
                 pytest.fail("must refuse before the block runs")
     assert intact(out) and leftovers(tmp_path) == []
@@ -128,5 +128,5 @@ def test_staging_of_a_killed_writer_is_swept_by_the_next_run(tmp_path):
 def test_train_refuses_an_unrelated_folder_before_training(tmp_path):
     out = user_folder(tmp_path / "thesis")
     res = runner.invoke(app, ["train", "-o", str(out), "--steps", "1"])
-    assert res.exit_code == 1 and "not written by starflow-mlx" in res.output
+    assert res.exit_code == 1 and "starflow-mlx did not write it" in res.output
     assert len(res.output.strip().splitlines()) == 1 and intact(out)

@@ -1,0 +1,163 @@
+"""Hostile and broken model inputs (issue 13): nonsense is refused with one line, never loaded or run."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+from flow_factory import IMAGE, random_flow
+from starflow_mlx.apps.cli import app
+from starflow_mlx.apps.commands import register
+from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
+from starflow_mlx.loading import ModelLoadError, load_flow
+from starflow_mlx.model_folder import DEMO_DIR
+
+torch = pytest.importorskip("torch")
+register(app)
+runner = CliRunner()
+ARGS = [{"img_size": 32}, {"vae": "stabilityai/sd-vae-ft-ema"}, {"txt_size": 6}, {"channel_size": 4},
+        {"patch_size": 1}, {"channels": 64}, {"head_dim": 32}, {"layers_per_block": "1 0 1 2"}, {"rope": 1},
+        {"sos": 1}, {"seq_order": "L2R"}, {"use_softplus": 1}, {"cond_top_only": 1}, {"use_final_norm": 1},
+        {"soft_clip": 4}]
+
+
+def one_line_error(res):
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    state = {k: torch.from_numpy(np.array(v)) for k, v in tree_flatten(random_flow(**IMAGE).parameters())}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"arguments": ARGS}))
+    return state, tmp_path / "c.yaml"
+
+
+def convert(tmp_path, state, config, *extra):
+    torch.save(state, tmp_path / "c.pth")
+    return runner.invoke(app, ["convert", str(tmp_path / "c.pth"), "-c", str(config), "-o", str(tmp_path / "out"),
+                               *extra])
+
+
+def test_float64_weights_are_cast_to_the_folder_dtype(upstream, tmp_path):
+    state, config = upstream
+    res = convert(tmp_path, {k: v.double() for k, v in state.items()}, config)
+    assert res.exit_code == 0, res.output
+    assert {dtype for dtype, _ in read_header(tmp_path / "out" / "model.safetensors").values()} == {"float16"}
+    load_flow(tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_weights_are_refused(upstream, tmp_path, dtype):
+    state, config = upstream
+    name = "blocks.0.proj_in.weight"
+    line = one_line_error(convert(tmp_path, {**state, name: state[name].to(dtype)}, config))
+    assert name in line and "not floating point" in line and not (tmp_path / "out").exists()
+
+
+def test_one_dimensional_text_projection_is_one_line(upstream, tmp_path):
+    state, config = upstream
+    name = "blocks.3.proj_txt.weight"
+    line = one_line_error(convert(tmp_path, {**state, name: state[name].reshape(-1)}, config))
+    assert name in line and "matrix" in line
+
+
+def test_config_larger_than_the_checkpoint_is_refused_before_building(upstream, tmp_path):
+    state, config = upstream
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump({"arguments": ARGS + [{"layers_per_block": "64 64 64 64"},
+                                                                             {"channels": 8192}]}))
+    line = one_line_error(convert(tmp_path, state, tmp_path / "big.yaml"))
+    assert "do not belong together" in line
+
+
+def demo_copy(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(DEMO_DIR, folder)
+    return folder
+
+
+def rewrite_header(path, edit):
+    """Apply ``edit`` to a safetensors header in place (the data is left as it is)."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+def test_overlapping_or_mislabelled_safetensors_are_refused(tmp_path):
+    folder = demo_copy(tmp_path)
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    header = read_header(weights)
+    f32 = next(name for name, (dtype, _) in header.items() if dtype == "float32")
+    rewrite_header(weights, lambda h: h[f32].__setitem__("dtype", "I32"))  # float bits labelled as integers
+    with pytest.raises(ModelLoadError, match=f"{f32} is stored as int32"):
+        load_flow(folder)
+    weights.write_bytes(original)
+    rewrite_header(weights, lambda h: h[f32].__setitem__("data_offsets", [0, 8]))
+    with pytest.raises(ModelLoadError, match="its data is 8 bytes"):
+        load_flow(folder)
+    a, b = [name for name, entry in header.items() if entry == header[f32]][:2]
+    weights.write_bytes(original)
+    rewrite_header(weights, lambda h: h[b].__setitem__("data_offsets", list(h[a]["data_offsets"])))
+    with pytest.raises(ModelLoadError, match="overlaps another tensor"):
+        load_flow(folder)
+
+
+def test_float64_folder_is_refused_not_loaded(tmp_path):
+    folder = demo_copy(tmp_path)
+    flow = load_flow(folder)
+    from safetensors.numpy import save_file
+
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(flow.parameters())}
+    first = sorted(weights)[0]
+    save_file({**weights, first: weights[first].astype(np.float64)}, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="is stored as float64"):
+        load_flow(folder)
+
+
+def run_cli(*args, timeout=120):
+    res = subprocess.run([sys.executable, "-c", "from starflow_mlx.apps.cli import main; main()", *args],
+                         capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("record", [{"bits": 4, "group_size": 0, "layers": {}},
+                                    {"bits": 4, "group_size": 64, "layers": {"blocks.0.proj_in": {"bits": 4, "group_size": 0}}}])
+def test_group_size_zero_is_refused_not_a_crash(tmp_path, record):
+    folder = demo_copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization": record}))
+    rc, lines = run_cli("generate", "7", "--model", str(folder), "-o", str(tmp_path / "x.png"))
+    assert rc == 1 and len(lines) == 1 and "group_size must be one of 32, 64, 128" in lines[0], lines
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_config_describing_more_weights_than_the_file_is_refused_before_building(tmp_path):
+    folder = demo_copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "channels": 8192, "layers_per_block": [512, 512]}))
+    with pytest.raises(ModelLoadError, match="do not belong together"):
+        load_flow(folder)
+
+
+def test_class_names_match_exactly():
+    from starflow_mlx.pipelines.image import Pipeline
+
+    pipe = Pipeline.from_pretrained("demo")
+    assert pipe.class_index("7") == 7
+    for prompt in ("789", "0123456789", "7 "):
+        with pytest.raises(ValueError, match="unknown class"):
+            pipe.class_index(prompt)
