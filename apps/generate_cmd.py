@@ -10,11 +10,6 @@ from typing import Optional
 import typer
 
 DEFAULT_MODEL = "apple/starflow"
-# Everything that decides the pixels, as stored in each PNG and read back by --from-metadata, with its type.
-NUMBER = (int, float)
-GENERATION_KEYS = {"prompt": str, "model": str, "seed": int, "cfg": NUMBER, "aspect_ratio": str, "num_images": int,
-                   "jacobi": bool, "jacobi_block_size": int, "jacobi_threshold": NUMBER, "jacobi_max_iter": int,
-                   "dtype": (str, type(None)), "index": (int, type(None))}
 
 
 class StageProgress:
@@ -51,13 +46,10 @@ def run_generation(pipe, prompt: str, options: dict):
 
 
 def options_from_metadata(path: Path) -> dict:
+    from starflow_mlx.generation_options import GenerationOptions
     from starflow_mlx.pipelines.png import read_metadata
 
-    meta = read_metadata(path)
-    wrong = [key for key, kind in GENERATION_KEYS.items() if not isinstance(meta.get(key), kind)]
-    if wrong:
-        raise ValueError(f"{path} has damaged starflow-mlx metadata ({', '.join(wrong)} missing or mistyped)")
-    return {key: meta[key] for key in GENERATION_KEYS}
+    return GenerationOptions.from_metadata(read_metadata(path), f"{path} has damaged starflow-mlx metadata")
 
 
 def generate(
@@ -131,17 +123,9 @@ def score(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
 ) -> None:
     """Print the image's exact negative log-likelihood under the flow, in bits per dimension."""
-    from PIL import Image
-
+    from starflow_mlx.image_input import open_image
     from starflow_mlx.pipelines.image import Pipeline
 
-    if not image.is_file():
-        raise FileNotFoundError(f"image {image} not found")
-    try:
-        with Image.open(image) as img:
-            img.load()
-            picture = img.copy()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {image} ({exc})") from None
+    picture = open_image(image)
     bpd = Pipeline.from_pretrained(model).score(picture, prompt)
     typer.echo(f"{bpd:.4f} bits/dim")

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 METADATA_KEY = "starflow-mlx"
 
@@ -51,15 +51,9 @@ def save_png(image: Image.Image, path: str | Path, params: dict) -> None:
 
 def read_metadata(path: str | Path) -> dict:
     """The generation parameters stored by :func:`save_pngs`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            text = getattr(img, "text", {}).get(METADATA_KEY)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read {path} as a PNG ({exc})") from None
+    from starflow_mlx.image_input import open_image
+
+    text = open_image(path).info.get(METADATA_KEY)  # PNG text chunks land in ``info``
     if text is None:
         raise ValueError(f"{path} carries no starflow-mlx generation metadata")
     try:
