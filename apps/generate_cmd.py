@@ -66,7 +66,7 @@ def generate(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (a grid when -n > 1)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image."),
     dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16."),
-    from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", help="Regenerate the PNG these parameters came from."),
+    from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", readable=False, help="Regenerate the PNG these parameters came from."),
 ) -> None:
     """Generate images and save PNGs that carry their generation parameters."""
     from starflow_mlx import __version__
@@ -118,7 +118,7 @@ def generate(
 
 
 def score(
-    image: Path = typer.Argument(..., help="Image to score."),
+    image: Path = typer.Argument(..., readable=False, help="Image to score."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
 ) -> None:

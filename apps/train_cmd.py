@@ -12,7 +12,7 @@ import typer
 
 def train(
     data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of <class>/<images>."),
-    output: Path = typer.Option(..., "--output", "-o", help="New model folder to write."),
+    output: Path = typer.Option(..., "--output", "-o", readable=False, help="New model folder to write."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     steps: int = typer.Option(2000, help="Optimizer steps."),
     batch_size: int = typer.Option(64, help="Images per step."),
@@ -26,7 +26,7 @@ def train(
     image_size: int = typer.Option(16, help="Image size for folder datasets."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
     checkpoint_every: int = typer.Option(250, help="Steps between checkpoints (0: none)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, readable=False, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
     seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
 ) -> None:

@@ -17,6 +17,7 @@ from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import TensorRef, open_checkpoint
 from starflow_mlx.convert.upstream_config import block_count, read_arguments, resolve
 from starflow_mlx.models.starflow import STARFlow
+from starflow_mlx.safe_text import printable
 from starflow_mlx.staging import check_output, staged_folder
 
 WRAPPER_SEGMENTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
@@ -42,7 +43,7 @@ def flow_tensors(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
         if DEPRECATED.match(name):
             continue
         if name in out:
-            raise ConversionError(f"checkpoint holds {name} twice (as {raw} and another wrapped name)")
+            raise ConversionError(f"checkpoint holds {printable(name, 120)} twice (as {printable(raw, 120)} and another wrapped name)")
         out[name] = ref
     return out
 
@@ -69,7 +70,7 @@ def check_tensors(tensors: dict[str, TensorRef], shapes: dict[str, tuple[int, ..
                               + ": the config describes a different model")
     unknown = sorted(set(tensors) - set(shapes))
     if unknown:
-        raise ConversionError(f"checkpoint has unexpected tensor {unknown[0]}"
+        raise ConversionError(f"checkpoint has unexpected tensor {printable(unknown[0], 120)}"
                               + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                               + ": the config describes a different model")
     for name, shape in shapes.items():

@@ -23,6 +23,7 @@ from starflow_mlx.jsonconfig import read_json
 from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header, to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.models.t5 import NORM_SUFFIX, T5Config, T5Encoder
+from starflow_mlx.safe_text import printable
 from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -62,7 +63,7 @@ def weight_files(src: Path) -> list[Path]:
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (src / s).is_file()]
         if missing:
-            raise T5ConversionError(f"{src} lacks shard {missing[0]} listed in {name}: the download is incomplete")
+            raise T5ConversionError(f"{src} lacks shard {printable(missing[0], 120)} listed in {name}: the download is incomplete")
         return [src / s for s in shards]
     raise T5ConversionError(f"{src} has no {', '.join(WEIGHT_FILES)}: not a complete Hugging Face T5 folder")
 
@@ -133,7 +134,7 @@ def check_sources(sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]
         raise T5ConversionError(f"{where} lacks {missing[0]} ({len(missing)} missing): not the T5 its config describes")
     unknown = sorted(set(sources) - set(shapes))
     if unknown:
-        raise T5ConversionError(f"{where} has unexpected tensor {unknown[0]} ({len(unknown)} unexpected): "
+        raise T5ConversionError(f"{where} has unexpected tensor {printable(unknown[0], 120)} ({len(unknown)} unexpected): "
                                 "not the T5 encoder its config describes")
     for name, shape in shapes.items():
         if sources[name][0] not in MLX_DTYPES:

@@ -16,6 +16,7 @@ from starflow_mlx.config import ConfigError
 from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
 from starflow_mlx.jsonconfig import read_json
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
+from starflow_mlx.safe_text import printable
 from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -70,7 +71,7 @@ def read_state(path: Path) -> dict[str, mx.array]:
     for raw_name, arr in raw.items():
         name = clean_name(raw_name)
         if name in state:
-            raise VAEConversionError(f"{path} holds {name} twice (as {raw_name} and another name)")
+            raise VAEConversionError(f"{path} holds {printable(name, 120)} twice (as {printable(raw_name, 120)} and another name)")
         state[name] = arr
     return state
 
@@ -135,7 +136,7 @@ def check_names(state: dict[str, mx.array], shapes: dict[str, tuple[int, ...]], 
                                  "not the VAE its config describes")
     unknown = sorted(set(state) - set(shapes))
     if unknown:
-        raise VAEConversionError(f"{source} has unexpected tensor {unknown[0]} ({len(unknown)} unexpected): "
+        raise VAEConversionError(f"{source} has unexpected tensor {printable(unknown[0], 120)} ({len(unknown)} unexpected): "
                                  "not the VAE its config describes")
 
 
