@@ -161,3 +161,23 @@ def test_class_names_match_exactly():
     for prompt in ("789", "0123456789", "7 "):
         with pytest.raises(ValueError, match="unknown class"):
             pipe.class_index(prompt)
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100000, "nested more than"), ('{"format": 1}', "lacks source"),
+                                           ('{"format": 1, "batch": 0}', "batch must be at least 1")])
+def test_damaged_coreml_manifest_is_one_line(tmp_path, text, message):
+    from starflow_mlx.coreml.manifest import ExportManifest, ManifestError
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match=message) as err:
+        ExportManifest.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_training_checkpoint_is_one_line(tmp_path):
+    latest = tmp_path / "ck" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "trainer.json").write_text(json.dumps({"step": 5, "train": {"channels": "64"}}))
+    res = runner.invoke(app, ["train", "-o", str(tmp_path / "out"), "--steps", "1", "--channels", "32",
+                              "--layers", "1 1", "--resume", "--checkpoint-dir", str(tmp_path / "ck")])
+    assert "channels must be int" in one_line_error(res) and not (tmp_path / "out").exists()
