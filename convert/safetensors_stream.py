@@ -85,7 +85,7 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         head = f.read(8)
         length = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 2 <= length <= min(MAX_HEADER, size - 8):
-            raise SafetensorsError(f"{path} is not a safetensors file (bad header length)")
+            raise SafetensorsError(f"{path} is not a readable safetensors file (bad header length)")
         raw = f.read(length)
     try:
         header = parse_json(raw.decode("utf-8"), f"{path} header", "safetensors header")

@@ -32,10 +32,18 @@ def cast_floats(model, dtype) -> None:
 
 def check_weight_bytes(config, path: Path) -> None:
     """Refuse, before a model is built, a config describing more weights than ``path`` can hold."""
-    needed, held = config.min_weight_bytes(), path.stat().st_size if path.is_file() else 0
-    if path.is_file() and needed > held:
-        raise ModelLoadError(f"its config.json describes at least {needed / 2**20:.0f} MB of weights but {path} holds "
-                             f"{held / 2**20:.0f} MB: the config and weights do not belong together")
+    from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
+
+    if not path.is_file():
+        return  # load_weights_strict says so
+    try:
+        read_header(path)  # a damaged file is reported as such, not as too small
+    except SafetensorsError as exc:
+        raise ModelLoadError(str(exc)) from None
+    needed, held = config.min_weight_bytes(), path.stat().st_size
+    if needed > held:
+        raise ModelLoadError(f"its config.json describes at least {needed:,} bytes of weights but {path} holds "
+                             f"{held:,}: the config and weights do not belong together")
 
 
 def load_weights_strict(model, path: Path) -> None:

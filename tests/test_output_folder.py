@@ -130,3 +130,12 @@ def test_train_refuses_an_unrelated_folder_before_training(tmp_path):
     res = runner.invoke(app, ["train", "-o", str(out), "--steps", "1"])
     assert res.exit_code == 1 and "starflow-mlx did not write it" in res.output
     assert len(res.output.strip().splitlines()) == 1 and intact(out)
+
+
+def test_failed_convert_leaves_no_folder_it_created(tmp_path):
+    (tmp_path / "c.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "c.yaml").write_text("arguments:\n- rope: 1\n")
+    res = runner.invoke(app, ["convert", str(tmp_path / "c.pth"), "-c", str(tmp_path / "c.yaml"),
+                              "-o", str(tmp_path / "new" / "deeper" / "out")])
+    assert res.exit_code == 1 and "not a PyTorch checkpoint" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "c.yaml"]
