@@ -115,6 +115,18 @@ def test_termination_signals_remove_the_staging(tmp_path, signum):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_process_writing_the_same_folder_fails_clearly(tmp_path):
+    proc = start_writer(tmp_path / "out")
+    try:
+        with pytest.raises(OutputFolderError, match=f"another starflow-mlx process \\(pid {proc.pid}\\) is writing"):
+            with staged_folder(tmp_path / "out"):
+                pytest.fail("must refuse before the block runs")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_staging_of_a_killed_writer_is_swept_by_the_next_run(tmp_path):
     proc = start_writer(tmp_path / "out")
     proc.kill()
