@@ -119,6 +119,14 @@ class FlowConfig(JSONConfig):
             raise ConfigError(f"norm_type must be layer_norm, rms_norm or none, got {self.norm_type!r}")
         if self.channels % self.head_dim:
             raise ConfigError(f"channels {self.channels} is not a multiple of head_dim {self.head_dim}")
+        if self.top_block_channels and self.top_block_channels % self.head_dim:
+            raise ConfigError(f"top_block_channels {self.top_block_channels} is not a multiple of head_dim {self.head_dim}")
+        if self.patch_size > self.latent_size:
+            raise ConfigError(f"patch_size {self.patch_size} is larger than the latent size {self.latent_size}")
+        for i in range(self.num_blocks):
+            if self.block_heads(i) % self.block_kv_heads(i):
+                raise ConfigError(f"block {i} has {self.block_heads(i)} heads, not a multiple of its "
+                                  f"{self.block_kv_heads(i)} key/value heads")
         if self.txt_size > 0 and self.head_dim // 2 <= 8:
             raise ConfigError("models with text need head_dim > 16 (8 rotary dims are reserved for text/time)")
         if self.cond_top_only and self.txt_size <= 0:
