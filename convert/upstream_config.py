@@ -81,7 +81,7 @@ class UpstreamArgs(JSONConfig):
         value = self.layers_per_block
         if isinstance(value, str):
             parts = value.split()
-            if not parts or len(parts) > 64 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+            if not parts or len(parts) > 64 or not all(p.isdigit() and len(p) <= 9 for p in parts):
                 raise ConfigError(f"upstream config: layers_per_block {value[:40]!r} must be counts like '2 2 24'")
             value = [int(p) for p in parts]
         elif isinstance(value, int):

@@ -181,3 +181,49 @@ def test_damaged_training_checkpoint_is_one_line(tmp_path):
     res = runner.invoke(app, ["train", "-o", str(tmp_path / "out"), "--steps", "1", "--channels", "32",
                               "--layers", "1 1", "--resume", "--checkpoint-dir", str(tmp_path / "ck")])
     assert "channels must be int" in one_line_error(res) and not (tmp_path / "out").exists()
+
+
+def capped_convert(tmp_path, checkpoint, config, cap_mb=512, timeout=120):
+    """``starflow convert`` in a child capped at ``cap_mb`` of address space: (exit code, stderr lines)."""
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap_mb} << 20, {cap_mb} << 20))\n"
+            "sys.argv = ['starflow', 'convert', *sys.argv[1:]]\n"
+            "from starflow_mlx.apps.cli import main; main()\n")
+    res = subprocess.run([sys.executable, "-c", code, str(checkpoint), "-c", str(config), "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stderr.strip().splitlines()
+
+
+def hostile_checkpoints(tmp_path):
+    import zipfile
+
+    from test_torch_pickle import FakeTensor, StorageRef, fake_checkpoint
+
+    storage = {"0": bytes(16)}
+    level = {"w": FakeTensor(StorageRef("0", 4), 0, (4,), (1,))}
+    for _ in range(40):
+        level = {"a": level, "b": level}
+    fake_checkpoint(tmp_path / "shared.pth", level, storage)
+    fake_checkpoint(tmp_path / "stride0.pth", {"w": FakeTensor(StorageRef("0", 4), 0, (50000, 50000), (0, 0))},
+                    storage)
+    fake_checkpoint(tmp_path / "repr.pth", {"w": FakeTensor(StorageRef("0", 4), 0, ((-(10 ** 4000),) * 2000,), (1,))},
+                    storage)
+    with zipfile.ZipFile(tmp_path / "deflate.pth", "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("archive/data.pkl", "w") as f:
+            for _ in range(1024):  # 1 GB of zeros in 1 MB of file
+                f.write(bytes(1 << 20))
+    return {"shared.pth": "more names than", "stride0.pth": "view far larger", "repr.pth": "bad shape",
+            "deflate.pth": "compressed"}
+
+
+def test_tiny_hostile_files_fail_in_one_line_within_a_memory_cap(upstream, tmp_path):
+    _, config = upstream
+    for name, words in hostile_checkpoints(tmp_path).items():
+        rc, lines = capped_convert(tmp_path, tmp_path / name, config)
+        assert rc == 1 and len(lines) == 1 and words in lines[0], (name, lines)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "out"]
+    (tmp_path / "huge.yaml").write_text(yaml.safe_dump({"arguments": ARGS + [{"layers_per_block": "1000000"},
+                                                                              {"blocks": 64}]}))
+    torch.save({"w": torch.ones(1)}, tmp_path / "small.pth")
+    rc, lines = capped_convert(tmp_path, tmp_path / "small.pth", tmp_path / "huge.yaml")
+    assert rc == 1 and len(lines) == 1 and "layers_per_block must be at most" in lines[0], lines
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "out"]
