@@ -39,13 +39,32 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Print a one-line error and exit."""
-    typer.echo(f"error: {message}", err=True)
+    """Print an error and exit; file-provided text in it cannot reach the terminal as escape codes."""
+    from starflow_mlx.safe_text import printable
+
+    lines = [printable(line, 2000) for line in message.splitlines()] or [""]
+    typer.echo("error: " + "\n".join(lines), err=True)
     raise typer.Exit(code)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _message(exc: BaseException) -> str:
+    """One line, except the hub's list of missing files and how to fetch them, which is meant to be read."""
+    from starflow_mlx.hub import HubError
+
+    return str(exc).strip() if isinstance(exc, HubError) and str(exc).strip() else _first_line(exc)
+
+
 def user_errors(command):
-    """Wrap a command so a user mistake prints one line and exits 1 instead of a traceback."""
+    """Wrap a command so that whatever goes wrong prints one line and exits 1 instead of a traceback.
+
+    Bad input is meant to be caught by the validators with a clear message (ValueError, OSError);
+    anything else that escapes is still one line, flagged as a bug to report.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -54,11 +73,18 @@ def user_errors(command):
         except (ValueError, OSError, MemoryError) as exc:
             if os.environ.get("STARFLOW_DEBUG"):
                 raise
-            from starflow_mlx.hub import HubError
-
-            text = str(exc).strip()
-            # Library messages can run on for lines; ours are one line, except the hub's list of missing files.
-            fail(text if isinstance(exc, HubError) else text.splitlines()[0] if text else type(exc).__name__)
+            fail(_message(exc))
+        except RecursionError:
+            if os.environ.get("STARFLOW_DEBUG"):
+                raise
+            fail("the input is nested too deeply to be a real model file")
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as exc:  # a bug, not the user's mistake: still one line, with how to learn more
+            if os.environ.get("STARFLOW_DEBUG"):
+                raise
+            fail(f"internal error ({type(exc).__name__}: {_first_line(exc)}); "
+                 "rerun with STARFLOW_DEBUG=1 for the traceback and please report it")
 
     return wrapper
 

@@ -9,9 +9,10 @@ import typer
 
 
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Upstream STARFlow checkpoint (.pth, a torch.save zip)."),
-    config: Path = typer.Option(..., "--config", "-c", help="Upstream YAML config of that checkpoint."),
-    output: Path = typer.Option(..., "--output", "-o", help="New folder to write."),
+    checkpoint: Path = typer.Argument(..., readable=False, help="Upstream STARFlow checkpoint (.pth, a torch.save zip)."),
+    config: Path = typer.Option(..., "--config", "-c", readable=False, help="Upstream YAML config of that checkpoint."),
+    output: Path = typer.Option(..., "--output", "-o", readable=False, help="New folder to write."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     dtype: str = typer.Option("float16", help="Weight dtype: float32, float16 or bfloat16."),
     vae_factor: Optional[int] = typer.Option(None, help="VAE downsampling, if the config's VAE is not a known one."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="T5 folder or Hugging Face repo id to include."),
@@ -28,5 +29,6 @@ def convert(
 
         check_setting(quantize, group_size)
     summary = build_model_folder(checkpoint, config, output, text_encoder=text_encoder, vae=vae, decoder=decoder,
-                                 dtype=dtype, vae_factor=vae_factor, quantize=quantize, group_size=group_size)
+                                 dtype=dtype, vae_factor=vae_factor, quantize=quantize, group_size=group_size,
+                                 force=force)
     typer.echo(f"{output}: {summary}")

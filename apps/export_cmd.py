@@ -10,7 +10,8 @@ import typer
 
 def export_coreml(
     model: str = typer.Argument(..., help="Model folder or name ('demo')."),
-    output: Path = typer.Option(..., "--output", "-o", help="New folder for the .mlpackage files and manifest.json."),
+    output: Path = typer.Option(..., "--output", "-o", readable=False, help="New folder for the .mlpackage files and manifest.json."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Quantize a float model to 4 or 8 bits on export."),
     group_size: int = typer.Option(64, "--group-size", help="With --bits: 32, 64 or 128 weights per scale and bias."),
     chunk: Optional[int] = typer.Option(None, "--chunk", help="Deep-block tokens per call: 1 sequential, more Jacobi "
@@ -32,6 +33,6 @@ def export_coreml(
     from starflow_mlx.progress import StageProgress
 
     with StageProgress() as stages:
-        result = run_export(model, output, options, verify=verify, report=stages.log, progress=stages)
+        result = run_export(model, output, options, verify=verify, report=stages.log, progress=stages, force=force)
     typer.echo(f"{result.folder}: {len(result.manifest.packages)} packages + manifest.json")
     typer.echo(describe(result.manifest))

@@ -17,11 +17,6 @@ from typing import Optional
 import typer
 
 DEFAULT_MODEL = "apple/starflow"
-# Everything that decides the pixels, as stored in each image and read back by --from-metadata, with its type.
-NUMBER = (int, float)
-GENERATION_KEYS = {"prompt": str, "model": str, "seed": int, "cfg": NUMBER, "aspect_ratio": str, "num_images": int,
-                   "jacobi": bool, "jacobi_block_size": int, "jacobi_threshold": NUMBER, "jacobi_max_iter": int,
-                   "dtype": (str, type(None)), "index": (int, type(None))}
 BATCH_KEY = "batch_size"  # absent from files written before batching: those were sampled in one batch
 SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_images", "jacobi", "jacobi_block_size", "jacobi_threshold",
                  "jacobi_max_iter")
@@ -42,20 +37,14 @@ class OutputPlan:
 
 # -- options ---------------------------------------------------------------------------------
 def options_from_metadata(path: Path) -> dict:
+    """The job an image's metadata describes, through the typed, bounded validator (files come from anyone)."""
+    from starflow_mlx.generation_options import GenerationOptions
     from starflow_mlx.pipelines.image_files import read_metadata
 
     meta = read_metadata(path)
-    wrong = [key for key, kind in GENERATION_KEYS.items() if not isinstance(meta.get(key), kind)]
-    if BATCH_KEY in meta and not isinstance(meta[BATCH_KEY], int):
-        wrong.append(BATCH_KEY)
-    if wrong:
-        raise ValueError(f"{path} has damaged starflow-mlx metadata ({', '.join(wrong)} missing or mistyped)")
-    options = {key: meta[key] for key in GENERATION_KEYS}
-    options[BATCH_KEY] = meta.get(BATCH_KEY, meta["num_images"])
-    index, count = options["index"], options["num_images"]
-    if count < 1 or options[BATCH_KEY] < 1 or (index is not None and not 0 <= index < count):
-        raise ValueError(f"{path} has damaged starflow-mlx metadata (image {index} of {count}, "
-                         f"batches of {options[BATCH_KEY]})")
+    options = GenerationOptions.from_metadata(meta, f"{path} has damaged starflow-mlx metadata")
+    # Files written before batching were sampled in one batch.
+    options[BATCH_KEY] = options[BATCH_KEY] or options["num_images"]
     return options
 
 
@@ -195,7 +184,8 @@ def generate(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image, named PROMPT-seedSEED-INDEX.png."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files instead of refusing."),
     dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16."),
-    from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", help="Regenerate the image or mp4 these "
+    from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", readable=False,
+                                                 help="Regenerate the image or mp4 these "
                                                                                "parameters came from."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Video models: frames, 1 + 4k (default 81)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Video models: frame rate, in the prompt and the mp4 "
@@ -266,23 +256,15 @@ def generate(
 
 
 def score(
-    image: Path = typer.Argument(..., help="Image to score."),
+    image: Path = typer.Argument(..., readable=False, help="Image to score."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
 ) -> None:
     """Print the image's exact negative log-likelihood under the flow, in bits per dimension."""
-    from PIL import Image
-
+    from starflow_mlx.image_input import open_image
     from starflow_mlx.pipelines.image import Pipeline
 
-    if not image.is_file():
-        raise FileNotFoundError(f"image {image} not found")
-    try:
-        with Image.open(image) as img:
-            img.load()
-            picture = img.copy()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {image} ({exc})") from None
+    picture = open_image(image)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bpd = Pipeline.from_pretrained(model).score(picture, prompt)

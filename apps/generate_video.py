@@ -11,26 +11,16 @@ import typer
 
 from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
 
-NUMBER = (int, float)
-OPTIONAL_STR = (str, type(None))
-# Everything that decides the frames, as stored in each mp4 and read back by --from-metadata, with its type.
-VIDEO_KEYS = {"prompt": str, "model": str, "seed": int, "cfg": NUMBER, "aspect_ratio": str, "num_videos": int,
-              "frames": int, "fps": int, "jacobi": bool, "jacobi_block_size": int, "jacobi_threshold": NUMBER,
-              "jacobi_max_iter": int, "image": OPTIONAL_STR, "video": OPTIONAL_STR, "dtype": OPTIONAL_STR,
-              "index": (int, type(None))}
 SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_videos", "frames", "fps", "jacobi", "jacobi_block_size",
                  "jacobi_threshold", "jacobi_max_iter", "image", "video")
 
 
 def video_options_from_metadata(path: Path) -> dict:
+    """The job an mp4's metadata describes, through the typed, bounded validator (files come from anyone)."""
+    from starflow_mlx.generation_options import VideoOptions
     from starflow_mlx.pipelines.video_io import read_metadata
 
-    meta = read_metadata(path)
-    wrong = [key for key, kind in VIDEO_KEYS.items() if not isinstance(meta.get(key), kind)
-             or (kind is int and isinstance(meta.get(key), bool))]
-    if wrong:
-        raise ValueError(f"{path} has damaged starflow-mlx metadata ({', '.join(wrong)} missing or mistyped)")
-    return {key: meta[key] for key in VIDEO_KEYS}
+    return VideoOptions.from_metadata(read_metadata(path), f"{path} has damaged starflow-mlx metadata")
 
 
 def check_mp4(path: Path) -> None:

@@ -12,7 +12,8 @@ def quantize(
     model: str = typer.Argument(..., help="Model folder or name ('demo')."),
     bits: int = typer.Option(4, "--bits", "-b", help="4 or 8."),
     group_size: int = typer.Option(64, "--group-size", help="32, 64 or 128 weights share one scale and bias."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="New folder for the quantized model."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", readable=False, help="New folder for the quantized model."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     deep_bits: Optional[int] = typer.Option(None, help="Bits for the deep block (overrides --bits there)."),
     shallow_bits: Optional[int] = typer.Option(None, help="Bits for the shallow blocks."),
     override: List[str] = typer.Option([], "--override", help="PATTERN=BITS for matching layers; 0 keeps float16."),
@@ -46,5 +47,5 @@ def quantize(
 
     num_blocks = FlowConfig.load(folder / "config.json").num_blocks
     overrides = {**block_overrides(num_blocks, deep_bits, shallow_bits), **parse_overrides(override)}
-    summary = quantize_model_folder(folder, output, bits, group_size, overrides, text_bits or None)
+    summary = quantize_model_folder(folder, output, bits, group_size, overrides, text_bits or None, force)
     typer.echo(f"{output}: {summary}")

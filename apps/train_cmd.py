@@ -12,7 +12,8 @@ import typer
 
 def train(
     data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of <class>/<images>."),
-    output: Path = typer.Option(..., "--output", "-o", help="Model folder to write (replaced only when done)."),
+    output: Path = typer.Option(..., "--output", "-o", readable=False, help="New model folder to write."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     steps: int = typer.Option(2000, help="Optimizer steps."),
     batch_size: int = typer.Option(64, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
@@ -25,14 +26,17 @@ def train(
     image_size: int = typer.Option(16, help="Image size for folder datasets."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
     checkpoint_every: int = typer.Option(250, help="Steps between checkpoints (0: none)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, readable=False, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
     seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
 ) -> None:
     """Train with the upstream objective (noise + exact NLL), AdamW, warm-up + cosine, clipping, label dropout."""
     from starflow_mlx.progress import StageProgress
     from starflow_mlx.training.data import load_digits_split, load_image_folder
+    from starflow_mlx.staging import check_output
     from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim
+
+    check_output(output, force)  # before training, not after it
 
     layer_list = [int(v) for v in layers.split()] if layers.strip() else []
     if len(layer_list) < 2 or any(v < 1 for v in layer_list):
@@ -58,7 +62,7 @@ def train(
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
               "channels": channels, "layers": layer_list, "noise_std": noise_std, "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
-    trainer.export(output, source)
+    trainer.export(output, source, force)
     ran = trainer.step - first
     resumed = f" (steps {first + 1} to {trainer.step})" if first else ""
     typer.echo(f"{output}: {ran} steps{resumed} in {seconds / 60:.1f} min ({seconds / max(ran, 1):.2f} s/step), "

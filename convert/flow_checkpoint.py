@@ -15,13 +15,15 @@ from mlx.utils import tree_flatten
 from starflow_mlx.config import ConfigError, FlowConfig
 from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import TensorRef, open_checkpoint
-from starflow_mlx.convert.upstream_config import read_arguments, resolve
+from starflow_mlx.convert.upstream_config import block_count, read_arguments, resolve
 from starflow_mlx.models.starflow import STARFlow
-from starflow_mlx.staging import check_new_folder, staged_folder
+from starflow_mlx.safe_text import printable
+from starflow_mlx.staging import check_output, staged_folder
 
 WRAPPER_SEGMENTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 DEPRECATED = re.compile(r"^(var|feat_rope(_gen)?\..*|blocks\.\d+\.attn_mask|learnable_self_denoiser\.attn_mask)$")
 DTYPES = ("float32", "float16", "bfloat16")
+FLOATS = (*DTYPES, "float64")  # what a weight may be stored as; each is cast to the folder's dtype
 
 
 class ConversionError(ValueError):
@@ -41,14 +43,19 @@ def flow_tensors(refs: dict[str, TensorRef]) -> dict[str, TensorRef]:
         if DEPRECATED.match(name):
             continue
         if name in out:
-            raise ConversionError(f"checkpoint holds {name} twice (as {raw} and another wrapped name)")
+            raise ConversionError(f"checkpoint holds {printable(name, 120)} twice (as {printable(raw, 120)} and another wrapped name)")
         out[name] = ref
     return out
 
 
 def text_width(tensors: dict[str, TensorRef], num_blocks: int) -> int:
-    ref = tensors.get(f"blocks.{num_blocks - 1}.proj_txt.weight")
-    return int(ref.shape[1]) if ref is not None else 0
+    name = f"blocks.{num_blocks - 1}.proj_txt.weight"
+    ref = tensors.get(name)
+    if ref is None:
+        return 0
+    if len(ref.shape) != 2:
+        raise ConversionError(f"{name} has shape {tuple(ref.shape)}: a text projection is a matrix")
+    return int(ref.shape[1])
 
 
 def expected_shapes(config: FlowConfig) -> dict[str, tuple[int, ...]]:
@@ -63,39 +70,45 @@ def check_tensors(tensors: dict[str, TensorRef], shapes: dict[str, tuple[int, ..
                               + ": the config describes a different model")
     unknown = sorted(set(tensors) - set(shapes))
     if unknown:
-        raise ConversionError(f"checkpoint has unexpected tensor {unknown[0]}"
+        raise ConversionError(f"checkpoint has unexpected tensor {printable(unknown[0], 120)}"
                               + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                               + ": the config describes a different model")
     for name, shape in shapes.items():
+        if tensors[name].dtype not in FLOATS:
+            raise ConversionError(f"{name} is stored as {tensors[name].dtype}, not floating point: "
+                                  "not a STARFlow checkpoint")
         if tuple(tensors[name].shape) != shape:
             raise ConversionError(f"{name} has shape {tuple(tensors[name].shape)} but the config needs {shape}")
 
 
-def convert_checkpoint(checkpoint: str | Path, config_yaml: str | Path, output: str | Path,
-                       dtype: str = "float16", vae_factor: int | None = None) -> FlowConfig:
-    """Write ``output/config.json`` and ``output/model.safetensors``; return the resolved config."""
+def write_flow(checkpoint: str | Path, config_yaml: str | Path, folder: Path, dtype: str = "float16",
+               vae_factor: int | None = None) -> FlowConfig:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` into an existing (staging) folder."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    output = Path(output)
-    check_new_folder(output, ConversionError)
     args = read_arguments(config_yaml)
     with open_checkpoint(checkpoint) as ckpt:
         tensors = flow_tensors(ckpt.tensors)
-        layers = args.get("layers_per_block")
-        n_blocks = len(str(layers).split()) if layers is not None and len(str(layers).split()) > 1 else int(args.get("blocks", 4))
         try:
-            config = resolve(args, text_width(tensors, n_blocks), vae_factor)
+            config = resolve(args, text_width(tensors, block_count(args)), vae_factor)
         except ConfigError as exc:
             raise ConversionError(str(exc)) from None
         config.dtype = dtype
+        if config.min_weight_bytes() > Path(checkpoint).stat().st_size:  # before building the model
+            raise ConversionError(f"the config describes at least {config.min_weight_bytes() / 2**20:.0f} MB of "
+                                  f"weights but {checkpoint} is smaller: they do not belong together")
         shapes = expected_shapes(config)
         check_tensors(tensors, shapes)
-        with staged_folder(output, error=ConversionError) as staging:
-            entries = [
-                (name, dtype if tensors[name].dtype in DTYPES else tensors[name].dtype, shapes[name],
-                 lambda ref=tensors[name]: to_dtype(ref.read(), dtype if ref.dtype in DTYPES else ref.dtype, ref.dtype))
-                for name in sorted(shapes)
-            ]
-            write_safetensors(staging / "model.safetensors", entries, metadata={"format": "mlx"})
-            config.save(staging / "config.json")
+        entries = [(name, dtype, shapes[name], lambda ref=tensors[name]: to_dtype(ref.read(), dtype, ref.dtype))
+                   for name in sorted(shapes)]
+        write_safetensors(folder / "model.safetensors", entries, metadata={"format": "mlx"})
+        config.save(folder / "config.json")
     return config
+
+
+def convert_checkpoint(checkpoint: str | Path, config_yaml: str | Path, output: str | Path,
+                       dtype: str = "float16", vae_factor: int | None = None, force: bool = False) -> FlowConfig:
+    """Write ``output/config.json`` and ``output/model.safetensors``; return the resolved config."""
+    check_output(output, force, ConversionError)
+    with staged_folder(output, force, ConversionError) as staging:
+        return write_flow(checkpoint, config_yaml, staging, dtype, vae_factor)

@@ -1,7 +1,7 @@
 """Build a complete model folder: the converted flow plus the T5 encoder, the SD-VAE and a manifest.
 
-Everything is assembled in a temporary folder and renamed into place at the end, so
-a failure never leaves a half-written model; the manifest is the last file to appear.
+Everything is assembled in a staging folder and renamed into place at the end (the rule of
+:mod:`starflow_mlx.staging`), so a failure never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.convert.flow_checkpoint import ConversionError, convert_checkpoint
+from starflow_mlx.convert.flow_checkpoint import ConversionError, write_flow
 from starflow_mlx.convert.t5_weights import convert_t5
 from starflow_mlx.convert.vae_weights import convert_vae
 from starflow_mlx.model_folder import MANIFEST, Manifest
+from starflow_mlx.staging import check_output, staged_folder
 
 TEXT_ENCODER_DIR, VAE_DIR = "text_encoder", "vae"
 
@@ -112,36 +113,31 @@ def add_components(folder: str | Path, text_encoder: str | Path, vae: str | Path
 def build_model_folder(checkpoint: str | Path, config_yaml: str | Path, output: str | Path, *,
                        text_encoder: str | Path | None = None, vae: str | Path | None = None,
                        decoder: str | Path | None = None, dtype: str = "float16", vae_factor: int | None = None,
-                       quantize: int | None = None, group_size: int = 64, source: dict | None = None) -> str:
+                       quantize: int | None = None, group_size: int = 64, source: dict | None = None,
+                       force: bool = False) -> str:
     """Convert everything into ``output`` atomically; returns a one-line summary.
 
-    ``source`` adds to the manifest's record of where the parts came from.
+    ``source`` adds to the manifest's record of where the parts came from; ``force`` lets a
+    folder this project wrote be replaced (see :mod:`starflow_mlx.staging`).
     """
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ConversionError(f"output {output} already exists and is not empty: choose a new folder or delete it")
+    check_output(output, force, ConversionError)
     if (text_encoder is None) != (vae is None):
         raise ConversionError("pass both a text encoder and a VAE for a full model folder, or neither")
     if decoder is not None and vae is None:
         raise ConversionError("a fine-tuned decoder needs a VAE (--vae) to go with it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model = staging / "model"
-        cfg = convert_checkpoint(checkpoint, config_yaml, model, dtype="float16" if quantize else dtype,
-                                 vae_factor=vae_factor)
+    with staged_folder(output, force, ConversionError) as staging:
+        # A quantized folder is made from a float one, built first in a hidden sub-folder of the staging.
+        model = staging / ".float" if quantize else staging
+        model.mkdir(exist_ok=True)
+        cfg = write_flow(checkpoint, config_yaml, model, dtype="float16" if quantize else dtype, vae_factor=vae_factor)
         summary = f"flow: {sum(cfg.layers_per_block)} layers in {cfg.num_blocks} blocks, {cfg.channels} channels"
         if text_encoder is not None:
             origin = {"checkpoint": str(checkpoint), "config": str(config_yaml), **(source or {})}
             add_components(model, text_encoder, vae, decoder, dtype, source=origin)
             summary += f"; text encoder {text_encoder}; VAE {vae}" + (f" with decoder {decoder}" if decoder else "")
         if quantize:
-            from starflow_mlx.quantize.quantize_folder import quantize_in_place
+            from starflow_mlx.quantize.quantize_folder import write_quantized
 
-            summary += f"; quantized: {quantize_in_place(model, bits=quantize, group_size=group_size)}"
-        if output.exists():
-            output.rmdir()
-        model.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            summary += f"; quantized: {write_quantized(model, staging, quantize, group_size)}"
+            shutil.rmtree(model)
     return summary

@@ -1,4 +1,4 @@
-"""Write a safetensors file one tensor at a time.
+"""Write a safetensors file one tensor at a time, and check a file's header before anything loads it.
 
 The header (names, dtypes, shapes, byte ranges) is known before any data is
 read, so it is written first and each tensor's bytes follow as its producer
@@ -8,6 +8,7 @@ returns them: peak memory is one tensor, not the whole model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -26,6 +27,12 @@ DTYPES = {
     "int8": ("I8", np.int8), "uint8": ("U8", np.uint8), "bool": ("BOOL", np.bool_),
 }
 LAYOUT_RANK = {name: rank for rank, name in enumerate(DTYPES)}
+CODES = {code: name for name, (code, _) in DTYPES.items()}
+MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file whose header does not describe its data exactly."""
 
 Entry = tuple[str, str, tuple[int, ...], Callable[[], np.ndarray]]
 
@@ -63,6 +70,55 @@ def to_dtype(array: np.ndarray, dtype_name: str, source: str | None = None) -> n
     if dtype_name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype_name!r}")
     return array.astype(DTYPES[dtype_name][1], copy=False)
+
+
+def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of a safetensors file whose header is exact: known dtypes, byte ranges
+    of numel * itemsize that tile the data without gap or overlap and end where the file ends.
+    (Loaders otherwise accept overlapping tensors, or float bits labelled as integers.)"""
+    from starflow_mlx.jsonconfig import ConfigError, parse_json
+    from starflow_mlx.safe_text import printable
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(MAX_HEADER, size - 8):
+            raise SafetensorsError(f"{path} is not a readable safetensors file (bad header length)")
+        raw = f.read(length)
+    try:
+        header = parse_json(raw.decode("utf-8"), f"{path} header", "safetensors header")
+    except (UnicodeDecodeError, ConfigError) as exc:
+        raise SafetensorsError(f"{path} has a damaged safetensors header ({str(exc).split(': ')[-1][:80]})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path} has a damaged safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    out, spans = {}, []
+    for name, entry in header.items():
+        shown = printable(name, 120)
+        if not (isinstance(entry, dict) and entry.get("dtype") in CODES and isinstance(entry.get("shape"), list)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in entry["shape"])
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in entry["data_offsets"])):
+            raise SafetensorsError(f"{path}: the header entry of {shown} is damaged (dtype, shape or data_offsets)")
+        dtype, shape = CODES[entry["dtype"]], tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if end - begin != math.prod(shape) * np.dtype(DTYPES[dtype][1]).itemsize:
+            raise SafetensorsError(f"{path}: {shown} is {dtype}{list(shape)} but its data is {end - begin} bytes: "
+                                   "the file is damaged")
+        out[name] = (dtype, shape)
+        spans.append((begin, end, shown))
+    position = 0
+    for begin, end, shown in sorted(spans):
+        if begin != position:
+            raise SafetensorsError(f"{path}: the data of {shown} {'overlaps another tensor' if begin < position else 'leaves a gap'}:"
+                                   " the file is damaged")
+        position = end
+    if position != size - 8 - length:
+        raise SafetensorsError(f"{path}: the header describes {position} bytes of data, the file holds "
+                               f"{size - 8 - length}: the file is truncated or damaged")
+    return out
 
 
 def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None) -> None:

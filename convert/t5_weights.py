@@ -10,7 +10,6 @@ converting needs about one tensor of memory beyond the output file's pages.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -20,10 +19,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
-from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
+from starflow_mlx.jsonconfig import read_json
+from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header, to_dtype, write_safetensors
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.models.t5 import NORM_SUFFIX, T5Config, T5Encoder
-from starflow_mlx.staging import check_new_folder, staged_folder
+from starflow_mlx.safe_text import printable
+from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Single-file and sharded layouts, in the order they are preferred.
@@ -52,19 +53,27 @@ def weight_files(src: Path) -> list[Path]:
         if not name.endswith(".index.json"):
             return [path]
         try:
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise T5ConversionError(f"{path} is not a valid shard index (no weight_map)") from None
+            index = read_json(path, "shard index")
+        except ConfigError as exc:
+            raise T5ConversionError(str(exc)) from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and Path(v).name == v and v
+                                                       for v in weight_map.values()):
+            raise T5ConversionError(f"{path} is not a valid shard index (weight_map must name files beside it)")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (src / s).is_file()]
         if missing:
-            raise T5ConversionError(f"{src} lacks shard {missing[0]} listed in {name}: the download is incomplete")
+            raise T5ConversionError(f"{src} lacks shard {printable(missing[0], 120)} listed in {name}: the download is incomplete")
         return [src / s for s in shards]
     raise T5ConversionError(f"{src} has no {', '.join(WEIGHT_FILES)}: not a complete Hugging Face T5 folder")
 
 
 def safetensors_sources(path: Path) -> dict[str, Source]:
     try:
+        read_header(path)  # exact offsets and sizes before MLX maps anything
         arrays = mx.load(str(path))  # lazy: each tensor is read when converted
+    except SafetensorsError as exc:
+        raise T5ConversionError(str(exc)) from None
     except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
         raise T5ConversionError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     names = {v: k for k, v in MLX_DTYPES.items()}
@@ -102,9 +111,10 @@ def read_config(src: Path) -> T5Config:
     if not path.is_file():
         raise T5ConversionError(f"{src} has no config.json: not a Hugging Face T5 folder")
     try:
-        return T5Config.from_hf_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise T5ConversionError(f"{path} is not valid JSON ({exc})") from None
+        data = read_json(path, "T5 config")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must be a JSON object")
+        return T5Config.from_hf_dict(data)
     except ConfigError as exc:
         raise T5ConversionError(f"{path}: {exc}") from None
 
@@ -124,7 +134,7 @@ def check_sources(sources: dict[str, Source], shapes: dict[str, tuple[int, ...]]
         raise T5ConversionError(f"{where} lacks {missing[0]} ({len(missing)} missing): not the T5 its config describes")
     unknown = sorted(set(sources) - set(shapes))
     if unknown:
-        raise T5ConversionError(f"{where} has unexpected tensor {unknown[0]} ({len(unknown)} unexpected): "
+        raise T5ConversionError(f"{where} has unexpected tensor {printable(unknown[0], 120)} ({len(unknown)} unexpected): "
                                 "not the T5 encoder its config describes")
     for name, shape in shapes.items():
         if sources[name][0] not in MLX_DTYPES:
@@ -144,13 +154,16 @@ def convert_t5(src_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
     src, out_dir = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise T5ConversionError(f"T5 folder {src} not found")
-    check_new_folder(out_dir, T5ConversionError)
+    check_output(out_dir, error=T5ConversionError)
     config = read_config(src)
     config.dtype = dtype
     tok_dir = Path(tokenizer_src) if tokenizer_src is not None else src
     tokenizers = tokenizer_files(tok_dir)
     files = weight_files(src)
     where = files[0] if len(files) == 1 else src
+    if config.min_weight_bytes() > sum(f.stat().st_size for f in files):  # before building the encoder
+        raise T5ConversionError(f"{src / 'config.json'} describes more weights than {where} holds: "
+                                "they do not belong together")
     shapes = {name: tuple(arr.shape) for name, arr in tree_flatten(T5Encoder(config).parameters())}
     with contextlib.ExitStack() as stack:
         sources = encoder_sources(files, stack)

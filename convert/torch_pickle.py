@@ -5,19 +5,30 @@ that rebuild tensors and plain containers, each to a harmless stand-in, and
 refuses every other name. Tensors come back as handles: nothing is read until
 ``TensorRef.read()``, which reads just that tensor's bytes, so a checkpoint
 larger than memory can be converted one tensor at a time.
+
+Work and memory are bounded by the file's real size: the entries torch.save never
+compresses must be stored, names and views are counted against the bytes that back
+them, and every message formats file content only through :func:`shown`. Where torch
+would refuse a file (duplicated entries, an unknown byte order, a storage read as two
+dtypes, a bad checksum) this reader refuses it too.
 """
 
 from __future__ import annotations
 
 import collections
+import io
+import math
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from starflow_mlx.safe_text import printable, shown
 
 
 class CheckpointError(ValueError):
@@ -65,7 +76,7 @@ class _Tensor(NamedTuple):
 
 def _ints(values: Any, what: str) -> tuple[int, ...]:
     if not isinstance(values, tuple) or not all(isinstance(v, int) and v >= 0 for v in values):
-        raise CheckpointError(f"checkpoint rebuilds a tensor with a bad {what}: {values!r:.80}")
+        raise CheckpointError(f"checkpoint rebuilds a tensor with a bad {what}: {shown(values)}")
     return tuple(int(v) for v in values)
 
 
@@ -87,7 +98,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *_ignored):
     if not (isinstance(dtype, TorchType) and dtype.kind == "dtype"):
-        raise CheckpointError(f"checkpoint rebuilds a tensor with an unknown dtype {dtype!r:.80}")
+        raise CheckpointError(f"checkpoint rebuilds a tensor with an unknown dtype {shown(dtype)}")
     return _tensor(storage, storage_offset, size, stride, dtype.dtype)
 
 
@@ -98,16 +109,35 @@ def _rebuild_parameter(data, *_ignored):
 def _encode(text, encoding="utf-8"):
     """Protocol 2 pickles bytes as ``_codecs.encode(text, "latin1")``; no other codec is needed."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise CheckpointError(f"refusing to load checkpoint: it encodes data with the {encoding!r:.40} codec")
+        raise CheckpointError(f"refusing to load checkpoint: it encodes data with the {shown(encoding)} codec")
     return text.encode("latin1")
 
 
+class _Frozen:
+    """A stand-in function the pickle can call but not change: BUILD on it is refused, so a file
+    cannot rewrite the reader (e.g. a function's ``__defaults__``) for later checkpoints."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function):
+        object.__setattr__(self, "_function", function)
+
+    def __call__(self, *args):
+        return self._function(*args)
+
+    def __setattr__(self, name, value):
+        raise CheckpointError("refusing to load checkpoint: it tries to modify the reader")
+
+    def __setstate__(self, state):
+        raise CheckpointError("refusing to load checkpoint: it tries to modify the reader")
+
+
 SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor"): _Frozen(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): _Frozen(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v3"): _Frozen(_rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Frozen(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Frozen(_rebuild_parameter),
     ("torch.storage", "UntypedStorage"): TorchType("storage", None),
     ("torch", "UntypedStorage"): TorchType("storage", None),
     ("torch", "Size"): tuple,
@@ -115,7 +145,7 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
-    ("_codecs", "encode"): _encode,
+    ("_codecs", "encode"): _Frozen(_encode),
     **{("torch", name): TorchType("storage", dtype) for name, dtype in STORAGES.items()},
     **{("torch", name): TorchType("dtype", name) for name in NUMPY},
 }
@@ -125,6 +155,7 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, stream, storages: dict[str, zipfile.ZipInfo]):
         super().__init__(stream)
         self._storages = storages
+        self._seen: dict[str, Storage] = {}
 
     def find_class(self, module: str, name: str):
         if module == "__builtin__":  # protocol 2, which torch.save uses, writes Python 2's module name
@@ -132,20 +163,25 @@ class _SafeUnpickler(pickle.Unpickler):
         try:
             return SAFE_GLOBALS[(module, name)]
         except KeyError:
-            raise CheckpointError(f"refusing to load checkpoint: it references {module}.{name}, "
+            raise CheckpointError(f"refusing to load checkpoint: it references {printable(module, 60)}.{printable(name, 60)}, "
                                   "which is not a tensor or plain container") from None
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], TorchType) and pid[1].kind == "storage"):
-            raise CheckpointError(f"refusing to load checkpoint: unexpected persistent reference {pid!r:.80}")
+            raise CheckpointError(f"refusing to load checkpoint: unexpected persistent reference {shown(pid)}")
         _, kind, key, _location, numel = pid
         if not isinstance(key, (str, int)) or str(key) not in self._storages:
-            raise CheckpointError(f"checkpoint references storage {key!r:.40}, which the archive does not contain")
+            raise CheckpointError(f"checkpoint references storage {shown(key)}, which the archive does not contain")
         if not isinstance(numel, int) or numel < 0:
-            raise CheckpointError(f"checkpoint gives storage {key} a bad size {numel!r:.40}")
+            raise CheckpointError(f"checkpoint gives storage {shown(key)} a bad size {shown(numel)}")
         itemsize = NUMPY[kind.dtype].itemsize if kind.dtype else 1
-        return Storage(str(key), kind.dtype, numel * itemsize)
+        storage = Storage(str(key), kind.dtype, numel * itemsize)
+        # torch keeps the first view of a storage; one storage seen as two dtypes or sizes is a damaged file.
+        if self._seen.setdefault(storage.key, storage) != storage:
+            raise CheckpointError(f"checkpoint uses storage {shown(key)} as both {self._seen[storage.key].dtype} "
+                                  f"and {storage.dtype} (or with two sizes): the file is damaged")
+        return storage
 
 
 @dataclass
@@ -163,7 +199,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * NUMPY[self.dtype].itemsize
+        return math.prod(self.shape) * NUMPY[self.dtype].itemsize
 
     def read(self) -> np.ndarray:
         """The tensor's values as a new contiguous array (bfloat16 and float8 as unsigned bit patterns)."""
@@ -189,6 +225,9 @@ class TorchCheckpoint:
         if not isinstance(root, dict):
             self.close()
             raise CheckpointError(f"{self.path} does not hold a state dict (found {type(root).__name__})")
+        self._size = self.path.stat().st_size
+        self._budget = max(4096, self._size // 4)
+        self._expansion = self._size + (1 << 20)
         try:
             self._flatten(root, "", set())
         except RecursionError:
@@ -216,26 +255,42 @@ class TorchCheckpoint:
         try:
             with zipfile.ZipFile(self.path) as archive:
                 infos = archive.infolist()
-                pkl = [i.filename for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+                names = [i.filename for i in infos]
+                if len(set(names)) != len(names):  # readers disagree on which copy counts: refuse, as torch does
+                    twice = next(n for n in names if names.count(n) > 1)
+                    raise CheckpointError(f"{self.path} holds the entry {shown(twice)} twice: the archive is damaged")
+                pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
                 if len(pkl) != 1:
                     raise CheckpointError(f"{self.path} is a zip archive but not a torch.save checkpoint "
                                           f"({'no' if not pkl else 'more than one'} data.pkl)")
                 prefix = pkl[0][: -len("data.pkl")]
                 self._members = {i.filename[len(prefix) + 5:]: i for i in infos
                                  if i.filename.startswith(prefix + "data/")}
-                names = {i.filename for i in infos}
-                order = archive.read(prefix + "byteorder") if prefix + "byteorder" in names else b"little"
-                self._swap = order.strip() == b"big"
-                with archive.open(pkl[0]) as stream:
-                    root = _SafeUnpickler(stream, self._members).load()
+                order = self._read_small(archive, prefix + "byteorder") if prefix + "byteorder" in names else b"little"
+                if order not in (b"little", b"big"):
+                    raise CheckpointError(f"{self.path} has an unknown byte order {shown(order)} (torch reads "
+                                          "only 'little' or 'big')")
+                self._swap = order == b"big"
+                index = self._read_small(archive, pkl[0])  # read whole, so zipfile checks its CRC
+                root = _SafeUnpickler(io.BytesIO(index), self._members).load()
         except CheckpointError:
             raise
+        except RecursionError:
+            raise CheckpointError(f"{self.path}: the checkpoint index is nested too deeply") from None
         except Exception as exc:  # damaged archives and malformed pickles raise many kinds of errors
-            raise CheckpointError(f"{self.path}: cannot read the checkpoint index ({type(exc).__name__}: {exc})"
-                                  ) from None
+            raise CheckpointError(f"{self.path}: cannot read the checkpoint index "
+                                  f"({type(exc).__name__}: {shown(str(exc), 120)})") from None
         self._file = open(self.path, "rb")
         self._starts: dict[str, int] = {}
+        self._verified: set[str] = set()
         return root
+
+    def _read_small(self, archive: zipfile.ZipFile, name: str) -> bytes:
+        """An index entry, which torch.save stores uncompressed: a compressed one could inflate without bound."""
+        info = archive.getinfo(name)
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+            raise CheckpointError(f"{self.path}: {printable(name, 120)} is compressed or encrypted, which torch.save never does")
+        return archive.read(info)
 
     def _flatten(self, obj: dict, prefix: str, active: set[int]) -> None:
         if id(obj) in active:
@@ -243,7 +298,16 @@ class TorchCheckpoint:
         active.add(id(obj))
         for key, value in obj.items():
             name = f"{prefix}.{key}" if prefix else str(key)
+            # Shared sub-dicts are walked once per path: bound names by what the file's bytes can back.
+            self._budget -= 1 + len(name) // 16
+            if self._budget < 0:
+                raise CheckpointError(f"{self.path} expands to more names than a {self._size}-byte file can hold "
+                                      "(shared sub-dictionaries?): it is not a real checkpoint")
+            if name in self.tensors or name in self.extras:
+                raise CheckpointError(f"{self.path} holds two entries named {printable(name, 120)} (as 'a.b' and "
+                                      "{'a': {'b': ...}}?): refusing to drop one")
             if isinstance(value, _Tensor):
+                self._check_view(name, value)
                 # torch memoizes tensors, so tied weights arrive as one object under two names: one handle each.
                 self.tensors[name] = TensorRef(name, value.dtype, value.shape, value.stride, value.storage.key,
                                                value.offset, value.storage.nbytes, self)
@@ -252,6 +316,16 @@ class TorchCheckpoint:
             else:
                 self.extras[name] = value
         active.discard(id(obj))
+
+    def _check_view(self, name: str, t: _Tensor) -> None:
+        """Views larger than their storage (stride 0, overlapping) are copied out when read: all of them
+        together may not produce more bytes than the file has, or 16 bytes could ask for gigabytes."""
+        nbytes = math.prod(t.shape) * NUMPY[t.dtype].itemsize
+        if nbytes > min(self._members[t.storage.key].file_size, t.storage.nbytes):
+            self._expansion -= nbytes
+            if self._expansion < 0:
+                raise CheckpointError(f"{self.path}: tensor {printable(name, 120)} {shown(t.shape)} is a view far larger than "
+                                      "its storage (stride 0 or overlapping): save it with .contiguous()")
 
     def _data_start(self, key: str) -> int:
         """Byte offset of a stored (uncompressed) storage entry's data in the file."""
@@ -276,22 +350,52 @@ class TorchCheckpoint:
             return np.zeros(ref.shape, dtype)
         extent = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))  # elements from first to last
         first, count = ref.storage_offset * dtype.itemsize, extent * dtype.itemsize
-        stored = min(self._members[ref.storage_key].file_size, ref.storage_nbytes)
+        info = self._members[ref.storage_key]
+        stored = min(info.file_size, ref.storage_nbytes)
         if first + count > stored:
-            raise CheckpointError(f"{self.path}: tensor {ref.name} needs bytes {first}..{first + count} of storage "
-                                  f"{ref.storage_key}, which holds {stored} (truncated checkpoint?)")
+            raise CheckpointError(f"{self.path}: tensor {printable(ref.name, 120)} needs bytes {first}..{first + count} of "
+                                  f"storage {shown(ref.storage_key)}, which holds {stored} (truncated checkpoint?)")
+        start = self._data_start(ref.storage_key)
+        whole = first == 0 and count == info.file_size
+        if not whole:
+            self._verify(ref.storage_key, start)
         buf = np.empty(extent, dtype)
-        view, got = memoryview(buf.view(np.uint8)), 0
-        self._file.seek(self._data_start(ref.storage_key) + first)
-        while got < count:
-            n = self._file.readinto(view[got:])
-            if not n:
-                raise CheckpointError(f"{self.path}: tensor {ref.name} is truncated (file ends early)")
-            got += n
+        view = memoryview(buf.view(np.uint8))
+        self._read_into(view, start + first, ref.name)
+        if whole and ref.storage_key not in self._verified:  # the bytes just read are the whole entry
+            self._check_crc(ref.storage_key, zlib.crc32(view))
         if self._swap:
             buf.byteswap(inplace=True)
         strided = np.lib.stride_tricks.as_strided(buf, ref.shape, [s * dtype.itemsize for s in ref.stride])
         return strided if strided.flags.c_contiguous else strided.copy()  # copy only non-contiguous views
+
+    def _read_into(self, view: memoryview, position: int, name: str) -> None:
+        got = 0
+        self._file.seek(position)
+        while got < len(view):
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise CheckpointError(f"{self.path}: tensor {printable(name, 120)} is truncated (file ends early)")
+            got += n
+
+    def _verify(self, key: str, start: int, chunk: int = 1 << 20) -> None:
+        """Check a storage entry's CRC once, streaming it (for tensors that read only part of it)."""
+        if key in self._verified:
+            return
+        crc, left = 0, self._members[key].file_size
+        buf = memoryview(bytearray(min(chunk, left)))
+        position = start
+        while left:
+            part = buf[: min(chunk, left)]
+            self._read_into(part, position, f"storage {key}")
+            crc, left, position = zlib.crc32(part, crc), left - len(part), position + len(part)
+        self._check_crc(key, crc)
+
+    def _check_crc(self, key: str, crc: int) -> None:
+        if crc != self._members[key].CRC:
+            raise CheckpointError(f"{self.path}: storage {shown(key)} fails its checksum: the file is damaged "
+                                  "(download or copy it again)")
+        self._verified.add(key)
 
     def close(self) -> None:
         if self._file is not None:

@@ -6,7 +6,6 @@ diffusers' parameter names with conv kernels in MLX's OHWI layout.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -14,8 +13,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
+from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
+from starflow_mlx.jsonconfig import read_json
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
-from starflow_mlx.staging import check_new_folder, staged_folder
+from starflow_mlx.safe_text import printable
+from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -48,7 +50,10 @@ def read_state(path: Path) -> dict[str, mx.array]:
     """Every tensor of a safetensors or PyTorch pickle file, under cleaned names."""
     if path.suffix == ".safetensors":
         try:
+            read_header(path)  # exact offsets and sizes before MLX maps anything
             raw = mx.load(str(path))
+        except SafetensorsError as exc:
+            raise VAEConversionError(str(exc)) from None
         except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
             reason = str(exc).splitlines()[0]
             raise VAEConversionError(f"{path} is not a readable safetensors file ({reason})") from None
@@ -66,7 +71,7 @@ def read_state(path: Path) -> dict[str, mx.array]:
     for raw_name, arr in raw.items():
         name = clean_name(raw_name)
         if name in state:
-            raise VAEConversionError(f"{path} holds {name} twice (as {raw_name} and another name)")
+            raise VAEConversionError(f"{path} holds {printable(name, 120)} twice (as {printable(raw_name, 120)} and another name)")
         state[name] = arr
     return state
 
@@ -93,9 +98,10 @@ def diffusers_folder(src: Path) -> tuple[Path, Path]:
 
 def read_config(path: Path) -> VAEConfig:
     try:
-        return VAEConfig.from_diffusers_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise VAEConversionError(f"{path} is not valid JSON ({exc})") from None
+        data = read_json(path, "VAE config")
+        if not isinstance(data, dict):
+            raise ConfigError("must be a JSON object")
+        return VAEConfig.from_diffusers_dict(data)
     except ConfigError as exc:
         raise VAEConversionError(f"{path}: {exc}") from None
 
@@ -130,7 +136,7 @@ def check_names(state: dict[str, mx.array], shapes: dict[str, tuple[int, ...]], 
                                  "not the VAE its config describes")
     unknown = sorted(set(state) - set(shapes))
     if unknown:
-        raise VAEConversionError(f"{source} has unexpected tensor {unknown[0]} ({len(unknown)} unexpected): "
+        raise VAEConversionError(f"{source} has unexpected tensor {printable(unknown[0], 120)} ({len(unknown)} unexpected): "
                                  "not the VAE its config describes")
 
 
@@ -144,10 +150,13 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
     if dtype not in DTYPES:
         raise VAEConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
-    check_new_folder(out_dir, VAEConversionError)
+    check_output(out_dir, error=VAEConversionError)
     config_path, weights_path = diffusers_folder(Path(src))
     config = read_config(config_path)
     config.dtype = dtype
+    if config.min_weight_bytes() > weights_path.stat().st_size:  # before building the VAE
+        raise VAEConversionError(f"{config_path} describes more weights than {weights_path} holds: "
+                                 "they do not belong together")
     shapes = {name: tuple(arr.shape) for name, arr in tree_flatten(AutoencoderKL(config).parameters())}
     state = read_state(weights_path)
     check_names(state, shapes, weights_path)
@@ -157,6 +166,10 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
             del state[name]
         state.update(decoder)
         check_names(state, shapes, Path(decoder_src))
+    for name in shapes:
+        if not mx.issubdtype(state[name].dtype, mx.floating):
+            raise VAEConversionError(f"{name} is stored as {str(state[name].dtype).removeprefix('mlx.core.')}, "
+                                     "not floating point: not a VAE checkpoint")
     weights = {name: to_mlx(name, state[name], shape).astype(DTYPES[dtype]) for name, shape in shapes.items()}
     with staged_folder(out_dir, error=VAEConversionError) as staging:
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})

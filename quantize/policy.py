@@ -11,11 +11,12 @@ from typing import Any
 
 import mlx.nn as nn
 
+from starflow_mlx.config import QUANT_BITS, QUANT_GROUPS
+
 # Errors in these layers are amplified (they set the flow's scale/shift or read raw inputs),
 # so they stay in floating point unless a pattern overrides it.
 DEFAULT_KEEP = ("*proj_in", "*proj_out", "*proj_txt", "*shared", "*relative_attention_bias")
-SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUPS = (32, 64, 128)
+SUPPORTED_BITS, SUPPORTED_GROUPS = QUANT_BITS, QUANT_GROUPS
 
 
 class QuantizationError(ValueError):

@@ -17,9 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST
-from starflow_mlx.staging import staged_folder
+from starflow_mlx.staging import check_output, staged_folder
 from starflow_mlx.quantize.policy import (DEFAULT_KEEP, QuantizationError, apply_quantization, check_setting,
                                           describe, plan_quantization)
 
@@ -63,6 +64,9 @@ def check_overrides_match(model, overrides: dict[str, int]) -> None:
 def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides: dict[str, int] | None = None,
                   keep=DEFAULT_KEEP):
     """Load a float flow folder and quantize it in memory; returns the model and its plan."""
+    from starflow_mlx.pipelines.image import check_memory
+
+    check_memory(Path(folder), FlowConfig.load(Path(folder) / "config.json"))  # before the model is built
     flow = load_flow(folder, dtype="float16")
     if flow.config.quantization:
         raise QuantizationError(f"{folder} is already quantized ({describe(flow.config.quantization)}): "
@@ -87,7 +91,9 @@ def _quantize_text_encoder(src: Path, dst: Path, bits: int, group_size: int) -> 
     quantize_text_encoder(src, dst, bits=bits, group_size=group_size)
 
 
-def _write_quantized(src: Path, staging: Path, bits: int, group_size: int, overrides, text_bits: int | None) -> str:
+def write_quantized(src: Path, staging: Path, bits: int, group_size: int = 64, overrides=None,
+                    text_bits: int | None = 8) -> str:
+    """Write the quantized copy of the folder ``src`` into the existing (staging) folder ``staging``."""
     flow, plan = quantize_flow(src, bits, group_size, overrides)
     save_flow(flow, staging)
     summary = describe(plan)
@@ -109,15 +115,10 @@ def _write_quantized(src: Path, staging: Path, bits: int, group_size: int, overr
 
 
 def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_size: int = 64,
-                          overrides: dict[str, int] | None = None, text_bits: int | None = 8) -> str:
+                          overrides: dict[str, int] | None = None, text_bits: int | None = 8,
+                          force: bool = False) -> str:
     """Write a quantized copy of ``src`` to ``output``; returns a one-line summary."""
     check_setting(bits, group_size)
-    with staged_folder(output, error=QuantizationError) as staging:
-        return _write_quantized(Path(src), staging, bits, group_size, overrides, text_bits)
-
-
-def quantize_in_place(folder: str | Path, bits: int, group_size: int = 64,
-                      overrides: dict[str, int] | None = None, text_bits: int | None = 8) -> str:
-    """Replace a freshly converted folder by its quantized version (used by ``convert --quantize``)."""
-    with staged_folder(folder, replace=True) as staging:
-        return _write_quantized(Path(folder), staging, bits, group_size, overrides, text_bits)
+    check_output(output, force, QuantizationError)
+    with staged_folder(output, force, QuantizationError) as staging:
+        return write_quantized(Path(src), staging, bits, group_size, overrides, text_bits)

@@ -2,7 +2,7 @@
 
 A config is a dataclass inheriting :class:`JSONConfig`. Reading checks each value
 against the field's annotation (``int``, ``float``, ``bool``, ``str``, ``list[...]``,
-``dict[...]``, ``X | None``, ``Any``) and against optional bounds in the field's
+``dict[...]``, ``X | None``, ``Any``, another JSONConfig) and against optional bounds in the field's
 metadata (``field(default=..., metadata={"min": 1, "max": 4096})``), so a damaged or
 hostile file fails with one line naming the field instead of reaching model code.
 Files are small by nature: larger or more deeply nested ones are refused before parsing.
@@ -28,8 +28,8 @@ class ConfigError(ValueError):
     """A config file is missing, unreadable or inconsistent."""
 
 
-def _depth(text: str) -> int:
-    """Deepest bracket nesting of a JSON text (strings skipped), without parsing it."""
+def nesting_depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON (or flow-style YAML) text, strings skipped, without parsing it."""
     depth = deepest = 0
     in_string = escaped = False
     for ch in text:
@@ -62,14 +62,19 @@ def read_json(path: str | Path, what: str = "config") -> Any:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {path} cannot be read ({type(exc).__name__})") from None
-    if _depth(text) > MAX_DEPTH:
-        raise ConfigError(f"{what} {path} is nested more than {MAX_DEPTH} levels deep: it is not a real {what}")
+    return parse_json(text, f"{what} {path}", what)
+
+
+def parse_json(text: str, where: str, what: str = "config") -> Any:
+    """Parse JSON text with bounded nesting (``where`` names it in the one-line ConfigError)."""
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep: it is not a real {what}")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ConfigError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (RecursionError, ValueError) as exc:
-        raise ConfigError(f"{what} {path} cannot be parsed ({type(exc).__name__})") from None
+        raise ConfigError(f"{where} cannot be parsed ({type(exc).__name__})") from None
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -120,8 +125,8 @@ def _check(value: Any, kind: Any, where: str) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{where} must be a finite number, got {value}")
+            if isinstance(value, int) and abs(value) > 2**1023 or not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, got {_describe(value)}")
             return float(value)
     elif kind is str:
         if isinstance(value, str):
@@ -129,6 +134,8 @@ def _check(value: Any, kind: Any, where: str) -> Any:
     elif origin is list or kind is list:
         if isinstance(value, list):
             return [_check(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif isinstance(kind, type) and issubclass(kind, JSONConfig):
+        return value if isinstance(value, kind) else kind.from_dict(value, where)
     elif origin is dict or kind is dict:
         if isinstance(value, dict):
             key_kind, value_kind = args if args else (Any, Any)
@@ -139,7 +146,13 @@ def _check(value: Any, kind: Any, where: str) -> Any:
 
 
 def _describe(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    """A short, printable description of a file-provided value (never formats anything huge)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, str):
+        value = value[:40]
+    text = json.dumps(value) if not isinstance(value, (dict, list)) and not dataclasses.is_dataclass(value) \
+        else type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -166,6 +179,15 @@ class JSONConfig:
 
     LABEL = "config"
 
+    def __post_init__(self) -> None:
+        """Check every field, however the config was made (a file, a converter, code); subclasses call this first."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f"{self.LABEL}: {f.name}"
+            value = _check(getattr(self, f.name), hints[f.name], where)
+            _check_bounds(value, f.metadata, where)
+            object.__setattr__(self, f.name, value)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -180,7 +202,7 @@ class JSONConfig:
             raise ConfigError(f"{where} has unknown field {str(unknown[0])[:40]!r}: is it a starflow-mlx {cls.LABEL}?")
         hints = typing.get_type_hints(cls)
         values = {}
-        for name, value in data.items():
+        for name, value in data.items():  # checked here too, so messages name the file
             values[name] = _check(value, hints[name], f"{where}: {name}")
             _check_bounds(values[name], fields[name].metadata, f"{where}: {name}")
         missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING

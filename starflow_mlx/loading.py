@@ -30,24 +30,56 @@ def cast_floats(model, dtype) -> None:
     model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
 
 
+def check_weight_bytes(config, path: Path) -> None:
+    """Refuse, before a model is built, a config describing more weights than ``path`` can hold."""
+    from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
+
+    if not path.is_file():
+        return  # load_weights_strict says so
+    try:
+        read_header(path)  # a damaged file is reported as such, not as too small
+    except SafetensorsError as exc:
+        raise ModelLoadError(str(exc)) from None
+    needed, held = config.min_weight_bytes(), path.stat().st_size
+    if needed > held:
+        raise ModelLoadError(f"its config.json describes at least {needed:,} bytes of weights but {path} holds "
+                             f"{held:,}: the config and weights do not belong together")
+
+
 def load_weights_strict(model, path: Path) -> None:
-    """Load safetensors into ``model``, naming the first missing, extra or misshapen tensor."""
+    """Load safetensors into ``model``, naming the first missing, extra, misshapen or mistyped tensor.
+
+    The file's header is checked first (see ``read_header``), so nothing unexpected is ever loaded.
+    """
+    from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
+    from starflow_mlx.safe_text import printable
+
     if not path.is_file():
         raise ModelLoadError(f"{path} not found: the model folder is incomplete (re-run starflow convert)")
+    try:
+        header = read_header(path)
+    except SafetensorsError as exc:
+        raise ModelLoadError(str(exc)) from None
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing:
+        raise ModelLoadError(f"{path} lacks {missing[0]} ({len(missing)} missing): it does not match its config.json")
+    if extra:
+        raise ModelLoadError(f"{path} has unexpected {printable(extra[0], 120)} ({len(extra)} extra): "
+                             "it does not match its config.json")
+    for name, arr in expected.items():
+        stored, shape = header[name]
+        if shape != tuple(arr.shape):
+            raise ModelLoadError(f"{path}: {name} has shape {shape}, config.json needs {tuple(arr.shape)}")
+        wanted = str(arr.dtype).removeprefix("mlx.core.")
+        if stored not in (DTYPES if mx.issubdtype(arr.dtype, mx.floating) else (wanted,)):
+            raise ModelLoadError(f"{path}: {name} is stored as {stored}, not {' or '.join(DTYPES) if wanted in DTYPES else wanted}: "
+                                 "the file is damaged or not written by starflow-mlx (re-run starflow convert)")
     try:
         weights = mx.load(str(path))
     except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
         raise ModelLoadError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    if missing:
-        raise ModelLoadError(f"{path} lacks {missing[0]} ({len(missing)} missing): it does not match its config.json")
-    if extra:
-        raise ModelLoadError(f"{path} has unexpected {extra[0]} ({len(extra)} extra): it does not match its config.json")
-    for name, arr in expected.items():
-        if tuple(weights[name].shape) != tuple(arr.shape):
-            raise ModelLoadError(f"{path}: {name} has shape {tuple(weights[name].shape)}, config.json needs {tuple(arr.shape)}")
     model.load_weights(list(weights.items()), strict=True)
 
 
@@ -61,6 +93,7 @@ def load_flow(path: str | Path, dtype: str | None = None) -> STARFlow:
         config = FlowConfig.load(folder / "config.json")
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from None
+    check_weight_bytes(config, folder / "model.safetensors")
     model = STARFlow(config)
     if config.quantization:
         apply_quantization(model, config.quantization)

@@ -31,12 +31,15 @@ class Manifest(JSONConfig):
     kind: str
     text_encoder: str | None = None  # sub-folder, for text models
     vae: str | None = None  # sub-folder; None means the flow works in pixel space
-    classes: list[str] = field(default_factory=list)  # class names; index len(classes) is the empty class
-    pixel_scale: float = field(default=1.0, metadata={"min": 1e-3})  # pixel-space models: data = pixels in [-1, 1] times this
+    classes: list[str] = field(default_factory=list, metadata={"max_len": 1 << 16})  # class names; index len(classes) is the empty class
+    pixel_scale: float = field(default=1.0, metadata={"min": 1e-3, "max": 1e3})  # pixel-space models: data = pixels in [-1, 1] times this
     source: dict[str, Any] = field(default_factory=dict)  # where each part came from (repo ids, files)
     format: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"{MANIFEST} lists a class twice: class names must be unique")
         if self.kind not in KINDS:
             raise ConfigError(f"unknown model kind {self.kind!r} in {MANIFEST}: expected one of {', '.join(KINDS)}")
 

@@ -22,6 +22,7 @@ from starflow_mlx.coreml.export import ExportOptions, export_coreml  # noqa: E40
 from starflow_mlx.coreml.interpreter import Program  # noqa: E402
 from starflow_mlx.coreml.manifest import ExportManifest  # noqa: E402
 from starflow_mlx.coreml.verify import VerificationError, structural_problems, verify_export  # noqa: E402
+from starflow_mlx.staging import MARKER  # noqa: E402
 from starflow_mlx.loading import load_flow  # noqa: E402
 from starflow_mlx.model_folder import DEMO_DIR  # noqa: E402
 from starflow_mlx.quantize.policy import apply_quantization, plan_quantization  # noqa: E402
@@ -107,7 +108,7 @@ def test_manifest_describes_the_packages(image_export):
     assert m.package("text_encoder").functions["main"].inputs[0].shape == [2, 6]  # [prompts; empty prompts]
     assert m.package("vae_decoder").functions["main"].outputs[0].shape == [1, 8, 8, 3]
     files = sorted([p.file for p in m.packages] + ["manifest.json", "tokenizer"])
-    assert sorted(p.name for p in folder.iterdir()) == files
+    assert sorted(p.name for p in folder.iterdir() if p.name != MARKER) == files
 
 
 def test_structural_check_catches_a_manifest_that_lies(image_export, tmp_path):

@@ -74,3 +74,46 @@ def test_manifest_checks_types_and_ignores_newer_fields(tmp_path):
     write(tmp_path, {"kind": "class-to-image", "pixel_scale": 0}, "starflow.json")
     with pytest.raises(ConfigError, match="pixel_scale must be at least"):
         Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("channels", 2**40, "channels must be at most"),
+    ("head_dim", 0, "head_dim must be at least 1"),
+    ("patch_size", 0, "patch_size must be at least 1"),
+    ("num_heads", 0, "num_heads must be at least 1"),
+    ("expansion", 0, "expansion must be at least"),
+    ("layers_per_block", [1_000_000], "layers_per_block must be at most"),
+    ("layers_per_block", [1000] * 8, "adds up to 8000 layers"),
+    ("layers_per_block", [], "layers_per_block is empty"),
+    ("patch_size", 8, "patch_size 8 is larger than the latent size 4"),
+    ("num_kv_heads", 3, "not a multiple of its 3 key/value heads"),
+    ("top_block_channels", 100, "top_block_channels 100 is not a multiple of head_dim 32"),
+    ("noise_std", 10**400, "noise_std must be a finite number, got an integer"),
+    ("quantization", {"bits": 4, "group_size": 0, "layers": {}}, "group_size must be one of 32, 64, 128"),
+    ("quantization", {"bits": 4, "group_size": 64, "layers": {"blocks.0.x": {"bits": 4, "group_size": 0}}},
+     "group_size must be one of"),
+])
+def test_sizes_are_bounded_before_anything_is_built(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        FlowConfig.load(write(tmp_path, {**BASE, field: value}))
+
+
+def test_configs_made_in_code_are_checked_too():
+    with pytest.raises(ConfigError, match="noise_std must be a finite number"):
+        FlowConfig(**BASE, noise_std=float("nan"))
+    with pytest.raises(ConfigError, match="latent_size must be at least 1"):
+        FlowConfig(**{**BASE, "latent_size": -4})
+
+
+def test_t5_and_vae_configs_are_bounded(tmp_path):
+    from starflow_mlx.models.sd_vae import VAEConfig
+    from starflow_mlx.models.t5 import T5Config
+
+    with pytest.raises(ConfigError, match="num_layers must be at most"):
+        T5Config.from_hf_dict({"model_type": "t5", "num_layers": 10**6})
+    with pytest.raises(ConfigError, match="d_model must be int"):
+        T5Config.from_hf_dict({"model_type": "t5", "d_model": "512"})
+    with pytest.raises(ConfigError, match="norm_num_groups must be at least 1"):
+        VAEConfig.from_diffusers_dict({"norm_num_groups": 0})
+    with pytest.raises(ConfigError, match="block_out_channels must be list"):
+        VAEConfig.from_diffusers_dict({"block_out_channels": 512})

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import zipfile
 
 import mlx.core as mx
@@ -363,3 +364,123 @@ def test_to_dtype_matches_torch_rounding():
     assert to_dtype(values, "float32") is values
     with pytest.raises(ValueError, match="float8"):
         to_dtype(np.zeros(2, np.uint8), "float32", "float8_e4m3fn")
+
+
+# ---------------------------------------------------------------- bounded by the file's real size
+
+CAP_MB = 200  # far below what the unbounded reader took (GBs); enough for Python and numpy
+
+
+def open_capped(path, timeout=30):
+    """Open ``path`` in a child capped at CAP_MB of address space: (exit code, last line of output)."""
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({CAP_MB} << 20, {CAP_MB} << 20))\n"
+            "import sys; from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint\n"
+            "try:\n    ck = open_checkpoint(sys.argv[1]); [t.read() for t in ck.tensors.values()]; print('opened')\n"
+            "except CheckpointError as exc:\n    print('refused:', exc)\n")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=timeout,
+                         env=env)
+    return res.returncode, (res.stdout.strip().splitlines() or [res.stderr.strip()])[-1]
+
+
+def test_shared_sub_dicts_cannot_multiply_names(tmp_path):
+    level = {"w": FakeTensor(StorageRef("0", 4), 0, (4,), (1,))}
+    for _ in range(40):  # pickled once each (memo), but 2**40 paths when flattened
+        level = {"a": level, "b": level}
+    fake_checkpoint(tmp_path / "shared.pth", level, {"0": np.zeros(4, np.float32).tobytes()})
+    assert (tmp_path / "shared.pth").stat().st_size < 4096
+    rc, line = open_capped(tmp_path / "shared.pth")
+    assert rc == 0 and line.startswith("refused:") and "more names than" in line
+
+
+def test_refusal_messages_never_format_huge_values(tmp_path):
+    huge = -(10 ** 4000)  # its repr alone is refused by Python; nested, it was gigabytes
+    fake_checkpoint(tmp_path / "repr.pth", {"w": FakeTensor(StorageRef("0", 4), 0, ((huge,) * 2000,), (1,))},
+                    {"0": np.zeros(4, np.float32).tobytes()})
+    rc, line = open_capped(tmp_path / "repr.pth")
+    assert rc == 0 and "bad shape" in line and len(line) < 400
+
+
+def test_compressed_index_entries_are_refused_unread(tmp_path):
+    with zipfile.ZipFile(tmp_path / "deflate.pth", "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("archive/data.pkl", "w") as f:  # 256 MB of zeros deflate to 250 KB
+            for _ in range(256):
+                f.write(bytes(1 << 20))
+        zf.writestr("archive/byteorder", "little")
+    assert (tmp_path / "deflate.pth").stat().st_size < 1 << 20
+    rc, line = open_capped(tmp_path / "deflate.pth")
+    assert rc == 0 and "compressed" in line
+
+
+def test_stride_zero_view_cannot_ask_for_gigabytes(tmp_path):
+    fake_checkpoint(tmp_path / "stride0.pth", {"w": FakeTensor(StorageRef("0", 4), 0, (50000, 50000), (0, 0))},
+                    {"0": np.zeros(4, np.float32).tobytes()})
+    rc, line = open_capped(tmp_path / "stride0.pth")
+    assert rc == 0 and "view far larger than its storage" in line
+
+
+# ---------------------------------------------------------------- refused where torch refuses
+
+
+def test_duplicated_entries_and_unknown_byte_orders_are_refused(tmp_path):
+    torch.save({"w": torch.ones(4)}, tmp_path / "ok.pth")
+    with zipfile.ZipFile(tmp_path / "ok.pth") as src:
+        entries = [(i.filename, src.read(i)) for i in src.infolist()]
+    storage = next(name for name, _ in entries if "/data/" in name)
+    with pytest.warns(UserWarning), zipfile.ZipFile(tmp_path / "dup.pth", "w") as dst:
+        for name, data in entries + [(storage, np.zeros(4, np.float32).tobytes())]:
+            dst.writestr(name, data)
+    with pytest.raises(CheckpointError, match="twice"):
+        open_checkpoint(tmp_path / "dup.pth")
+    for order in (b"BIG", b"middle", b""):
+        with zipfile.ZipFile(tmp_path / "order.pth", "w") as dst:
+            for name, data in entries:
+                dst.writestr(name, order if name.endswith("/byteorder") else data)
+        with pytest.raises(CheckpointError, match="unknown byte order"):
+            open_checkpoint(tmp_path / "order.pth")
+
+
+class HalfPickler(TorchPickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, StorageRef) and obj.numel == 8:
+            return "storage", torch.HalfStorage, obj.key, "cpu", obj.numel
+        return super().persistent_id(obj)
+
+
+def test_one_storage_as_two_dtypes_and_colliding_names_are_refused(tmp_path):
+    buf = io.BytesIO()
+    HalfPickler(buf, protocol=2).dump({"a": FakeTensor(StorageRef("0", 4), 0, (4,), (1,)),
+                                       "b": FakeTensor(StorageRef("0", 8), 0, (4,), (1,))})
+    torch_zip(tmp_path / "dtypes.pth", buf.getvalue(), {"0": bytes(16)})
+    with pytest.raises(CheckpointError, match="uses storage '0' as both"):
+        open_checkpoint(tmp_path / "dtypes.pth")
+    t = FakeTensor(StorageRef("0", 4), 0, (4,), (1,))
+    fake_checkpoint(tmp_path / "names.pth", {"a.b": t, "a": {"b": t}}, {"0": bytes(16)})
+    with pytest.raises(CheckpointError, match="two entries named a.b"):
+        open_checkpoint(tmp_path / "names.pth")
+
+
+@pytest.mark.parametrize("view", ["whole", "part"])
+def test_bit_flips_fail_the_checksum(tmp_path, view):
+    w = torch.arange(64, dtype=torch.float32)
+    torch.save({"w": w if view == "whole" else w[8:]}, tmp_path / "ok.pth")
+    with open_checkpoint(tmp_path / "ok.pth") as ck:
+        ref = ck.tensors["w"]
+        start = ck._data_start(ref.storage_key)
+    data = bytearray((tmp_path / "ok.pth").read_bytes())
+    data[start + 40] ^= 0x40
+    (tmp_path / "flip.pth").write_bytes(bytes(data))
+    with open_checkpoint(tmp_path / "flip.pth") as ck, pytest.raises(CheckpointError, match="checksum"):
+        ck.tensors["w"].read()
+
+
+def test_build_cannot_rewrite_the_readers_functions(tmp_path):
+    from starflow_mlx.convert import torch_pickle
+
+    # GLOBAL torch._utils._rebuild_tensor_v2, BUILD it with slot state {"__defaults__": (1,)}.
+    payload = (b"\x80\x02}X\x01\x00\x00\x00kctorch._utils\n_rebuild_tensor_v2\n"
+               b"N}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86bs.")
+    torch_zip(tmp_path / "tamper.pth", payload)
+    with pytest.raises(CheckpointError, match="modify the reader"):
+        open_checkpoint(tmp_path / "tamper.pth")
+    assert torch_pickle._rebuild_tensor.__defaults__ is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from starflow_mlx.coreml.manifest import ExportManifest, PackageInfo, drive_step
 from starflow_mlx.coreml.shallow_block import COMPUTE_UNITS as SHALLOW_UNITS
 from starflow_mlx.coreml.shallow_block import ShallowBlockBuilder, ShallowShapes
 from starflow_mlx.models.starflow import Layout
+from starflow_mlx.staging import check_output, staged_folder
 
 DEFAULT_CHUNK = 64
 
@@ -227,10 +227,11 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
 
 def export_coreml(model: str | Path, output: str | Path, options: ExportOptions | None = None, *,
                   verify: bool = False, report: Callable[[str], None] = lambda _: None,
-                  progress: Callable[..., None] | None = None) -> ExportResult:
+                  force: bool = False, progress: Callable[..., None] | None = None) -> ExportResult:
     """Export ``model`` (a folder or 'demo') into the new folder ``output``; ``verify`` checks it numerically first.
 
     ``report`` gets one line per step; ``progress(label, done, total)`` counts packages, then verification.
+    ``force`` replaces an ``output`` this project wrote (the rule of :mod:`starflow_mlx.staging`).
     """
     from starflow_mlx.model_folder import resolve_model
 
@@ -239,13 +240,10 @@ def export_coreml(model: str | Path, output: str | Path, options: ExportOptions 
         raise ExportError(f"--bits must be 4 or 8, got {options.bits}")
     folder = resolve_model(model)
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ExportError(f"output {output} already exists and is not empty: choose a new folder")
+    check_output(output, force, ExportError)
     flow = load_for_export(folder, options)
     model_manifest = _model_manifest(folder)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output, force, ExportError) as staging:
         manifest = build_packages(flow, staging, str(model), folder, options, model_manifest, report, progress)
         manifest.save(staging)
         checks = []
@@ -257,12 +255,6 @@ def export_coreml(model: str | Path, output: str | Path, options: ExportOptions 
             checks = verify_export(staging, flow, source=folder, report=report)
             if progress:
                 progress("verify", 1, 1)
-        if output.exists():
-            output.rmdir()
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(output, manifest, checks)
 
 

@@ -7,9 +7,10 @@ start token, the chunk size, and each function's inputs, outputs and states.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1
@@ -22,14 +23,18 @@ class ManifestError(ValueError):
 
 
 @dataclass
-class TensorInfo:
+class TensorInfo(JSONConfig):
+    LABEL = "tensor"
+
     name: str
-    shape: list[int]
-    dtype: str  # float16 | float32 | int32
+    shape: list[int] = field(metadata={"min": 0, "max": 1 << 20, "max_len": 8})
+    dtype: str = field(metadata={"choices": ("float16", "float32", "int32")})
 
 
 @dataclass
-class FunctionInfo:
+class FunctionInfo(JSONConfig):
+    LABEL = "function"
+
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     states: list[TensorInfo] = field(default_factory=list)
@@ -39,7 +44,9 @@ class FunctionInfo:
 
 
 @dataclass
-class PackageInfo:
+class PackageInfo(JSONConfig):
+    LABEL = "package"
+
     name: str
     file: str
     role: str  # deep_block | shallow_block | text_encoder | vae_decoder
@@ -54,27 +61,29 @@ class PackageInfo:
 
 
 @dataclass
-class ExportManifest:
+class ExportManifest(JSONConfig):
+    LABEL = "Core ML manifest"
+
     source: str
     kind: str | None
-    batch: int
-    latent_shape: list[int]  # (H, W, C) of one latent, channels-last
-    patch_size: int
-    token_grid: list[int]  # (h, w) tokens
-    token_channels: int
-    text_length: int
-    text_dim: int
+    batch: int = field(metadata={"min": 1, "max": 1024})
+    latent_shape: list[int] = field(metadata={"min": 1, "max": 1 << 16, "max_len": 3})  # (H, W, C), channels-last
+    patch_size: int = field(metadata={"min": 1, "max": 64})
+    token_grid: list[int] = field(metadata={"min": 1, "max": 1 << 16, "max_len": 2})  # (h, w) tokens
+    token_channels: int = field(metadata={"min": 1, "max": 1 << 16})
+    text_length: int = field(metadata={"min": 0, "max": 1 << 16})
+    text_dim: int = field(metadata={"min": 0, "max": 1 << 16})
     guided: bool
-    default_cfg: float
-    chunk: int
+    default_cfg: float = field(metadata={"min": 0, "max": 1000})
+    chunk: int = field(metadata={"min": 1, "max": 1 << 16})
     sos: bool
     start_token: list[float] | None
     order: list[str]  # flow packages in sampling order: deep first
     packages: list[PackageInfo]
-    jacobi_threshold: float = 0.005
-    jacobi_max_iter: int = 32
+    jacobi_threshold: float = field(default=0.005, metadata={"min": 1e-12, "max": 1e3})
+    jacobi_max_iter: int = field(default=32, metadata={"min": 1, "max": 10000})
     classes: list[str] = field(default_factory=list)
-    pixel_scale: float = 1.0
+    pixel_scale: float = field(default=1.0, metadata={"min": 1e-3, "max": 1e3})
     drive: list[str] = field(default_factory=list)
     format: int = FORMAT
 
@@ -89,7 +98,7 @@ class ExportManifest:
         raise ManifestError(f"manifest has no package {name!r}")
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_json(Path(folder, MANIFEST_FILE), asdict(self))
 
     @classmethod
     def load(cls, folder: str | Path) -> "ExportManifest":
@@ -97,22 +106,15 @@ class ExportManifest:
         if not path.is_file():
             raise ManifestError(f"{folder} has no {MANIFEST_FILE}: export it with starflow export-coreml")
         try:
-            data = json.loads(path.read_text())
-            if data.get("format") != FORMAT:
-                raise ManifestError(f"{path} has format {data.get('format')}, this version reads {FORMAT}: re-export")
-            data["packages"] = [_package(p) for p in data["packages"]]
-            known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ManifestError(f"{path} is damaged ({exc}): re-export the model") from None
-
-
-def _package(data: dict) -> PackageInfo:
-    functions = {
-        name: FunctionInfo(**{k: [TensorInfo(**t) for t in v] for k, v in spec.items()})
-        for name, spec in data["functions"].items()
-    }
-    return PackageInfo(**{**data, "functions": functions})
+            data = read_json(path, cls.LABEL)
+            if isinstance(data, dict) and data.get("format") != FORMAT:
+                raise ManifestError(f"{path} has format {str(data.get('format'))[:20]}, this version reads {FORMAT}: "
+                                    "re-export")
+            if isinstance(data, dict):  # fields added by later versions are ignored
+                data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+            return cls.from_dict(data, str(path))
+        except ConfigError as exc:
+            raise ManifestError(f"{exc}: re-export the model") from None
 
 
 def drive_steps(m: ExportManifest) -> list[str]:

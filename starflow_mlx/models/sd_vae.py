@@ -30,27 +30,33 @@ class VAEConfig(JSONConfig):
 
     LABEL = "VAE config"
 
-    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    in_channels: int = 3
-    out_channels: int = 3
-    norm_num_groups: int = 32
-    scaling_factor: float = 0.18215
+    # Upper bounds far above any AutoencoderKL, so a hostile config.json is refused before a VAE is built.
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512],
+                                          metadata={"min": 1, "max": 8192, "max_len": 8})
+    layers_per_block: int = field(default=2, metadata={"min": 1, "max": 16})
+    latent_channels: int = field(default=4, metadata={"min": 1, "max": 1024})
+    in_channels: int = field(default=3, metadata={"min": 1, "max": 64})
+    out_channels: int = field(default=3, metadata={"min": 1, "max": 64})
+    norm_num_groups: int = field(default=32, metadata={"min": 1, "max": 1024})
+    scaling_factor: float = field(default=0.18215, metadata={"min": 1e-6, "max": 1e6})
     shift_factor: float | None = None
-    sample_size: int = 256
+    sample_size: int = field(default=256, metadata={"min": 1, "max": 1 << 16})
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     dtype: str = "float32"  # how the weights are stored
 
     def __post_init__(self) -> None:
-        self.block_out_channels = [int(c) for c in self.block_out_channels]
+        super().__post_init__()
         if not self.block_out_channels:
             raise ConfigError("VAE block_out_channels is empty")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(f"VAE channels {bad[0]} are not divisible by norm_num_groups {self.norm_num_groups}")
+
+    def min_weight_bytes(self) -> int:
+        """A lower bound on the weights' bytes: the decoder's 3x3 convolutions alone, in 16 bits."""
+        return sum(2 * self.layers_per_block * 9 * c * c for c in self.block_out_channels) * 2
 
     @property
     def factor(self) -> int:
@@ -61,16 +67,17 @@ class VAEConfig(JSONConfig):
     def from_diffusers_dict(cls, data: dict[str, Any]) -> "VAEConfig":
         """Read a diffusers ``AutoencoderKL`` config.json, refusing anything this module cannot build."""
         if data.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ConfigError(f"VAE config describes a {data['_class_name']}, not an AutoencoderKL")
+            raise ConfigError(f"VAE config describes a {str(data['_class_name'])[:40]!r}, not an AutoencoderKL")
         merged = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in data.items() if k in DIFFUSERS_DEFAULTS}}
         if merged.pop("act_fn") != "silu":
-            raise ConfigError(f"VAE act_fn {data['act_fn']!r} is not supported (only silu)")
-        blocks = len(merged["block_out_channels"])
+            raise ConfigError(f"VAE act_fn {str(data['act_fn'])[:40]!r} is not supported (only silu)")
+        config = cls.from_dict(merged)
+        blocks = len(config.block_out_channels)
         for key, kind in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
-            types = list(data.get(key, [kind] * blocks))
-            if len(types) != blocks or any(t != kind for t in types):
-                raise ConfigError(f"VAE {key} {types} is not supported: expected {blocks} x {kind}")
-        return cls.from_dict(merged)
+            types = data.get(key, [kind] * blocks)
+            if not isinstance(types, list) or len(types) != blocks or any(t != kind for t in types):
+                raise ConfigError(f"VAE {key} is not supported: expected {blocks} x {kind}")
+        return config
 
     @classmethod
     def load(cls, path: str | Path) -> "VAEConfig":

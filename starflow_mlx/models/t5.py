@@ -10,7 +10,7 @@ flan-t5's activations outgrow float16 (Hugging Face keeps ``wo`` in float32 for 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from starflow_mlx.config import check_quantization
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json
 from starflow_mlx.models.layers import compute_dtype
 
@@ -37,30 +38,33 @@ class T5Config(JSONConfig):
 
     LABEL = "T5 config"
 
-    vocab_size: int = 32128
-    d_model: int = 2048
-    d_kv: int = 64
-    d_ff: int = 5120
-    num_layers: int = 24
-    num_heads: int = 32
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
+    # Upper bounds far above any T5 (mT5-xxl: 250k vocabulary, 4096 wide, 24 layers), so a hostile
+    # config.json is refused before an encoder is built.
+    vocab_size: int = field(default=32128, metadata={"min": 1, "max": 1 << 20})
+    d_model: int = field(default=2048, metadata={"min": 1, "max": 1 << 15})
+    d_kv: int = field(default=64, metadata={"min": 1, "max": 1024})
+    d_ff: int = field(default=5120, metadata={"min": 1, "max": 1 << 17})
+    num_layers: int = field(default=24, metadata={"min": 1, "max": 256})
+    num_heads: int = field(default=32, metadata={"min": 1, "max": 1024})
+    relative_attention_num_buckets: int = field(default=32, metadata={"min": 4, "max": 4096})
+    relative_attention_max_distance: int = field(default=128, metadata={"min": 1, "max": 1 << 20})
+    layer_norm_epsilon: float = field(default=1e-6, metadata={"min": 0, "max": 1})
     feed_forward_proj: str = "gated-gelu"
     dtype: str = "float32"  # how the weights (all but the norms) are stored
     quantization: dict[str, Any] | None = None  # which layers are quantized (see starflow_mlx.quantize.policy)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
-                     "relative_attention_num_buckets", "relative_attention_max_distance"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"T5 {name} must be positive, got {getattr(self, name)}")
-        if self.relative_attention_num_buckets < 4:
-            raise ConfigError("T5 relative_attention_num_buckets must be at least 4 (2 directions x exact + log)")
+        super().__post_init__()
+        check_quantization(self.quantization, self.LABEL)
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.activation not in ACTIVATIONS:
             raise ConfigError(f"T5 feed_forward_proj {self.feed_forward_proj!r} is not supported: "
                               f"use one of {', '.join(ACTIVATIONS)}, optionally as gated-<act>")
+
+    def min_weight_bytes(self) -> int:
+        """A lower bound on the weights' bytes (embedding and attention projections in 16 bits, or 8 when quantized)."""
+        weights = self.vocab_size * self.d_model + self.num_layers * 4 * self.d_model * self.d_kv * self.num_heads
+        return weights if self.quantization else weights * 2
 
     @property
     def is_gated(self) -> bool:

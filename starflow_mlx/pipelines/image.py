@@ -114,15 +114,15 @@ def plan_batch(folder: Path, config, num_images: int, batch_size: int | None = N
 
 def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int, jacobi_threshold: float,
                   jacobi_max_iter: int) -> None:
-    if seed < 0:
-        raise ValueError(f"seed must be 0 or more, got {seed}")
-    if seed + num_images > 2**64:
-        raise ValueError(f"seed {seed} is too large: image i uses seed + i, which must stay below 2**64")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be 0 or more and below 2**63, got {seed}")
+    if seed + num_images > 2**63:
+        raise ValueError(f"seed {seed} is too large: image i uses seed + i, which must stay below 2**63")
     if cfg < 0:
         raise ValueError(f"cfg must be 0 or more, got {cfg}")
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    if jacobi_block_size < 1 or jacobi_max_iter < 1 or jacobi_threshold <= 0:
+    if jacobi_block_size < 1 or jacobi_max_iter < 1 or not 0 < jacobi_threshold < math.inf:  # NaN fails too
         raise ValueError("jacobi_block_size and jacobi_max_iter must be at least 1 and jacobi_threshold above 0")
 
 
@@ -343,12 +343,9 @@ class Pipeline:
     def score(self, image: Image.Image | str | Path, prompt: str) -> float:
         """Bits per dimension of the image's latent (or pixels) under the flow given ``prompt`` (module doc)."""
         if not isinstance(image, Image.Image):
-            try:
-                with Image.open(image) as img:
-                    img.load()
-                    image = img.copy()
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise ValueError(f"cannot read image {image} ({exc})") from None
+            from starflow_mlx.image_input import open_image
+
+            image = open_image(image)
         x, y = self.prepare_score(image, prompt)
         log_prob = self.flow.log_prob(x, y)
         return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))

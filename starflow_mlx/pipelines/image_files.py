@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 METADATA_KEY = "starflow-mlx"
 EXIF_DESCRIPTION = 0x010E
@@ -84,16 +84,11 @@ def save_images(items: list[tuple[Image.Image, Path, dict]]) -> None:
 
 def read_metadata(path: str | Path) -> dict:
     """The generation parameters stored by :func:`save_images`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            text = getattr(img, "text", {}).get(METADATA_KEY) if img.format == "PNG" \
-                else img.getexif().get(EXIF_DESCRIPTION)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read {path} as an image ({exc})") from None
+    from starflow_mlx.image_input import open_image
+
+    img = open_image(path)  # bounded: a decompression bomb is refused from its header
+    # PNG text chunks land in ``info``; JPEG and WebP carry the parameters in EXIF.
+    text = img.info.get(METADATA_KEY) or img.getexif().get(EXIF_DESCRIPTION)
     if text is None:
         raise ValueError(f"{path} carries no starflow-mlx generation metadata")
     try:

@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
 from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, memory_limit, weight_bytes
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
@@ -74,18 +75,6 @@ def cover_crop(image: Image.Image, height: int, width: int) -> tuple[np.ndarray,
         left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
         rgb = rgb.crop((left, top, left + width, top + height))
     return np.asarray(rgb, np.float32) / 127.5 - 1.0, changed
-
-
-def open_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {path} ({exc})") from None
 
 
 def to_uint8(frames: mx.array) -> np.ndarray:

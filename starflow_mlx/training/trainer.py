@@ -8,9 +8,8 @@ dropout swaps in, so classifier-free guidance works at sampling time.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from starflow_mlx.config import FlowConfig
+from starflow_mlx.convert.safetensors_stream import read_header
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
+from starflow_mlx.loading import load_weights_strict
 from starflow_mlx.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.staging import staged_folder
@@ -31,22 +33,24 @@ LOG2 = math.log(2.0)
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 3000
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup: int = 200
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    channels: int = 96
-    layers: list[int] = field(default_factory=lambda: [2, 2, 2, 4])
-    head_dim: int = 32
-    noise_std: float = 0.1
-    drop_label: float = 0.1
-    cfg: float = 2.0
-    checkpoint_every: int = 500
-    seed: int = 0
+class TrainConfig(JSONConfig):
+    LABEL = "training config"
+
+    steps: int = field(default=3000, metadata={"min": 0, "max": 10**9})
+    batch_size: int = field(default=128, metadata={"min": 1, "max": 1 << 16})
+    lr: float = field(default=1e-3, metadata={"min": 0, "max": 10})
+    min_lr: float = field(default=1e-5, metadata={"min": 0, "max": 10})
+    warmup: int = field(default=200, metadata={"min": 0, "max": 10**9})
+    weight_decay: float = field(default=1e-4, metadata={"min": 0, "max": 10})
+    grad_clip: float = field(default=1.0, metadata={"min": 0})
+    channels: int = field(default=96, metadata={"min": 1, "max": 1 << 16})
+    layers: list[int] = field(default_factory=lambda: [2, 2, 2, 4], metadata={"min": 1, "max": 1024, "max_len": 64})
+    head_dim: int = field(default=32, metadata={"min": 1, "max": 1024})
+    noise_std: float = field(default=0.1, metadata={"min": 0, "max": 100})
+    drop_label: float = field(default=0.1, metadata={"min": 0, "max": 1})
+    cfg: float = field(default=2.0, metadata={"min": 0, "max": 1000})
+    checkpoint_every: int = field(default=500, metadata={"min": 0})
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1})
 
 
 def flow_config(train: TrainConfig, data: Dataset) -> FlowConfig:
@@ -138,21 +142,24 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Model, optimizer and step (the data order and noise follow from it), written atomically to ``latest``."""
         final = self.checkpoint_dir / "latest"
-        with staged_folder(final, replace=True) as tmp:
+        with staged_folder(final, force=True) as tmp:
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "train": asdict(self.train)}, indent=2))
+            write_json(tmp / "trainer.json", {"step": self.step, "train": self.train.to_dict()})
         return final
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
         folder = Path(folder or self.checkpoint_dir / "latest")
         if not (folder / "trainer.json").is_file():
             raise FileNotFoundError(f"no checkpoint at {folder}: nothing to resume")
-        meta = json.loads((folder / "trainer.json").read_text())
-        saved = TrainConfig(**meta["train"])
+        meta = read_json(folder / "trainer.json", "training checkpoint")
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+            raise ConfigError(f"{folder / 'trainer.json'} is damaged (no step count): delete {folder} to start over")
+        saved = TrainConfig.from_dict(meta.get("train"), str(folder / "trainer.json"))
         if (saved.channels, saved.layers, saved.head_dim) != (self.train.channels, self.train.layers, self.train.head_dim):
             raise ValueError(f"checkpoint {folder} is for another model shape: resume with its settings")
-        self.model.load_weights(str(folder / "model.safetensors"))
+        load_weights_strict(self.model, folder / "model.safetensors")
+        read_header(folder / "optimizer.safetensors")  # exact offsets and sizes before MLX maps anything
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         self.step = int(meta["step"])
         self._compile()
@@ -162,9 +169,9 @@ class Trainer:
         """Bits per dimension of held-out data (noise added as in training, fixed seed)."""
         return evaluate_bits_per_dim(self.model, data, self.train.noise_std, batch, seed)
 
-    def export(self, output: Path, source: dict | None = None) -> None:
-        """Write a model folder (config, weights, manifest), replacing ``output`` only once complete."""
-        with staged_folder(output, replace=True) as tmp:
+    def export(self, output: Path, source: dict | None = None, force: bool = False) -> None:
+        """Write a model folder (config, weights, manifest); ``force`` replaces one this project wrote."""
+        with staged_folder(output, force) as tmp:
             self.config.save(tmp / "config.json")
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())),
                                 metadata={"format": "mlx"})

@@ -1,0 +1,229 @@
+"""Hostile and broken model inputs (issue 13): nonsense is refused with one line, never loaded or run."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+from flow_factory import IMAGE, random_flow
+from starflow_mlx.apps.cli import app
+from starflow_mlx.apps.commands import register
+from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
+from starflow_mlx.loading import ModelLoadError, load_flow
+from starflow_mlx.model_folder import DEMO_DIR
+
+torch = pytest.importorskip("torch")
+register(app)
+runner = CliRunner()
+ARGS = [{"img_size": 32}, {"vae": "stabilityai/sd-vae-ft-ema"}, {"txt_size": 6}, {"channel_size": 4},
+        {"patch_size": 1}, {"channels": 64}, {"head_dim": 32}, {"layers_per_block": "1 0 1 2"}, {"rope": 1},
+        {"sos": 1}, {"seq_order": "L2R"}, {"use_softplus": 1}, {"cond_top_only": 1}, {"use_final_norm": 1},
+        {"soft_clip": 4}]
+
+
+def one_line_error(res):
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    state = {k: torch.from_numpy(np.array(v)) for k, v in tree_flatten(random_flow(**IMAGE).parameters())}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"arguments": ARGS}))
+    return state, tmp_path / "c.yaml"
+
+
+def convert(tmp_path, state, config, *extra):
+    torch.save(state, tmp_path / "c.pth")
+    return runner.invoke(app, ["convert", str(tmp_path / "c.pth"), "-c", str(config), "-o", str(tmp_path / "out"),
+                               *extra])
+
+
+def test_float64_weights_are_cast_to_the_folder_dtype(upstream, tmp_path):
+    state, config = upstream
+    res = convert(tmp_path, {k: v.double() for k, v in state.items()}, config)
+    assert res.exit_code == 0, res.output
+    assert {dtype for dtype, _ in read_header(tmp_path / "out" / "model.safetensors").values()} == {"float16"}
+    load_flow(tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_weights_are_refused(upstream, tmp_path, dtype):
+    state, config = upstream
+    name = "blocks.0.proj_in.weight"
+    line = one_line_error(convert(tmp_path, {**state, name: state[name].to(dtype)}, config))
+    assert name in line and "not floating point" in line and not (tmp_path / "out").exists()
+
+
+def test_one_dimensional_text_projection_is_one_line(upstream, tmp_path):
+    state, config = upstream
+    name = "blocks.3.proj_txt.weight"
+    line = one_line_error(convert(tmp_path, {**state, name: state[name].reshape(-1)}, config))
+    assert name in line and "matrix" in line
+
+
+def test_config_larger_than_the_checkpoint_is_refused_before_building(upstream, tmp_path):
+    state, config = upstream
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump({"arguments": ARGS + [{"layers_per_block": "64 64 64 64"},
+                                                                             {"channels": 8192}]}))
+    line = one_line_error(convert(tmp_path, state, tmp_path / "big.yaml"))
+    assert "do not belong together" in line
+
+
+def demo_copy(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(DEMO_DIR, folder)
+    return folder
+
+
+def rewrite_header(path, edit):
+    """Apply ``edit`` to a safetensors header in place (the data is left as it is)."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+def test_overlapping_or_mislabelled_safetensors_are_refused(tmp_path):
+    folder = demo_copy(tmp_path)
+    weights = folder / "model.safetensors"
+    original = weights.read_bytes()
+    header = read_header(weights)
+    f32 = next(name for name, (dtype, _) in header.items() if dtype == "float32")
+    rewrite_header(weights, lambda h: h[f32].__setitem__("dtype", "I32"))  # float bits labelled as integers
+    with pytest.raises(ModelLoadError, match=f"{f32} is stored as int32"):
+        load_flow(folder)
+    weights.write_bytes(original)
+    rewrite_header(weights, lambda h: h[f32].__setitem__("data_offsets", [0, 8]))
+    with pytest.raises(ModelLoadError, match="its data is 8 bytes"):
+        load_flow(folder)
+    a, b = [name for name, entry in header.items() if entry == header[f32]][:2]
+    weights.write_bytes(original)
+    rewrite_header(weights, lambda h: h[b].__setitem__("data_offsets", list(h[a]["data_offsets"])))
+    with pytest.raises(ModelLoadError, match="overlaps another tensor"):
+        load_flow(folder)
+
+
+def test_float64_folder_is_refused_not_loaded(tmp_path):
+    folder = demo_copy(tmp_path)
+    flow = load_flow(folder)
+    from safetensors.numpy import save_file
+
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(flow.parameters())}
+    first = sorted(weights)[0]
+    save_file({**weights, first: weights[first].astype(np.float64)}, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="is stored as float64"):
+        load_flow(folder)
+
+
+def run_cli(*args, timeout=120):
+    res = subprocess.run([sys.executable, "-c", "from starflow_mlx.apps.cli import main; main()", *args],
+                         capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("record", [{"bits": 4, "group_size": 0, "layers": {}},
+                                    {"bits": 4, "group_size": 64, "layers": {"blocks.0.proj_in": {"bits": 4, "group_size": 0}}}])
+def test_group_size_zero_is_refused_not_a_crash(tmp_path, record):
+    folder = demo_copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization": record}))
+    rc, lines = run_cli("generate", "7", "--model", str(folder), "-o", str(tmp_path / "x.png"))
+    assert rc == 1 and len(lines) == 1 and "group_size must be one of 32, 64, 128" in lines[0], lines
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_config_describing_more_weights_than_the_file_is_refused_before_building(tmp_path):
+    folder = demo_copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "channels": 8192, "layers_per_block": [512, 512]}))
+    with pytest.raises(ModelLoadError, match="do not belong together"):
+        load_flow(folder)
+
+
+def test_class_names_match_exactly():
+    from starflow_mlx.pipelines.image import Pipeline
+
+    pipe = Pipeline.from_pretrained("demo")
+    assert pipe.class_index("7") == 7
+    for prompt in ("789", "0123456789", "7 "):
+        with pytest.raises(ValueError, match="unknown class"):
+            pipe.class_index(prompt)
+
+
+@pytest.mark.parametrize("text, message", [("[" * 100000, "nested more than"), ('{"format": 1}', "lacks source"),
+                                           ('{"format": 1, "batch": 0}', "batch must be at least 1")])
+def test_damaged_coreml_manifest_is_one_line(tmp_path, text, message):
+    from starflow_mlx.coreml.manifest import ExportManifest, ManifestError
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match=message) as err:
+        ExportManifest.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_damaged_training_checkpoint_is_one_line(tmp_path):
+    latest = tmp_path / "ck" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "trainer.json").write_text(json.dumps({"step": 5, "train": {"channels": "64"}}))
+    res = runner.invoke(app, ["train", "-o", str(tmp_path / "out"), "--steps", "1", "--channels", "32",
+                              "--layers", "1 1", "--resume", "--checkpoint-dir", str(tmp_path / "ck")])
+    assert "channels must be int" in one_line_error(res) and not (tmp_path / "out").exists()
+
+
+def capped_convert(tmp_path, checkpoint, config, cap_mb=512, timeout=120):
+    """``starflow convert`` in a child capped at ``cap_mb`` of address space: (exit code, stderr lines)."""
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap_mb} << 20, {cap_mb} << 20))\n"
+            "sys.argv = ['starflow', 'convert', *sys.argv[1:]]\n"
+            "from starflow_mlx.apps.cli import main; main()\n")
+    res = subprocess.run([sys.executable, "-c", code, str(checkpoint), "-c", str(config), "-o", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=timeout)
+    return res.returncode, res.stderr.strip().splitlines()
+
+
+def hostile_checkpoints(tmp_path):
+    import zipfile
+
+    from test_torch_pickle import FakeTensor, StorageRef, fake_checkpoint
+
+    storage = {"0": bytes(16)}
+    level = {"w": FakeTensor(StorageRef("0", 4), 0, (4,), (1,))}
+    for _ in range(40):
+        level = {"a": level, "b": level}
+    fake_checkpoint(tmp_path / "shared.pth", level, storage)
+    fake_checkpoint(tmp_path / "stride0.pth", {"w": FakeTensor(StorageRef("0", 4), 0, (50000, 50000), (0, 0))},
+                    storage)
+    fake_checkpoint(tmp_path / "repr.pth", {"w": FakeTensor(StorageRef("0", 4), 0, ((-(10 ** 4000),) * 2000,), (1,))},
+                    storage)
+    with zipfile.ZipFile(tmp_path / "deflate.pth", "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("archive/data.pkl", "w") as f:
+            for _ in range(1024):  # 1 GB of zeros in 1 MB of file
+                f.write(bytes(1 << 20))
+    return {"shared.pth": "more names than", "stride0.pth": "view far larger", "repr.pth": "bad shape",
+            "deflate.pth": "compressed"}
+
+
+def test_tiny_hostile_files_fail_in_one_line_within_a_memory_cap(upstream, tmp_path):
+    _, config = upstream
+    for name, words in hostile_checkpoints(tmp_path).items():
+        rc, lines = capped_convert(tmp_path, tmp_path / name, config)
+        assert rc == 1 and len(lines) == 1 and words in lines[0], (name, lines)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "out"]
+    (tmp_path / "huge.yaml").write_text(yaml.safe_dump({"arguments": ARGS + [{"layers_per_block": "1000000"},
+                                                                              {"blocks": 64}]}))
+    torch.save({"w": torch.ones(1)}, tmp_path / "small.pth")
+    rc, lines = capped_convert(tmp_path, tmp_path / "small.pth", tmp_path / "huge.yaml")
+    assert rc == 1 and len(lines) == 1 and "layers_per_block must be at most" in lines[0], lines
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "out"]
