@@ -36,7 +36,8 @@ def train(
     from starflow_mlx.staging import check_output
     from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim
 
-    check_output(output, force)  # before training, not after it
+    # Before training, not after it; resuming may replace the folder an earlier run of this training wrote.
+    check_output(output, force or resume)
 
     layer_list = [int(v) for v in layers.split()] if layers.strip() else []
     if len(layer_list) < 2 or any(v < 1 for v in layer_list):
@@ -62,7 +63,7 @@ def train(
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
               "channels": channels, "layers": layer_list, "noise_std": noise_std, "seconds": round(seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
-    trainer.export(output, source, force)
+    trainer.export(output, source, force or resume)
     ran = trainer.step - first
     resumed = f" (steps {first + 1} to {trainer.step})" if first else ""
     typer.echo(f"{output}: {ran} steps{resumed} in {seconds / 60:.1f} min ({seconds / max(ran, 1):.2f} s/step), "

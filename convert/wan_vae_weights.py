@@ -16,7 +16,7 @@ from starflow_mlx.convert.safetensors_stream import bf16_to_f32, to_dtype, write
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
-from starflow_mlx.staging import check_new_folder, staged_folder
+from starflow_mlx.staging import check_output, staged_folder
 
 CHECKPOINT_NAME = "Wan2.2_VAE.pth"
 HUB_REPO = "Wan-AI/Wan2.2-TI2V-5B"
@@ -128,17 +128,14 @@ def checkpoint_file(src: str | Path) -> Path:
                                     f"nor {CHECKPOINT_NAME}: pass upstream's checkpoint or a folder holding it")
     if path.is_file():
         return path
-    from starflow_mlx.hub import HubError, fetch_component, load_registry
+    from starflow_mlx.hub import fetch_component, load_registry
 
-    try:
-        if str(src) in load_registry().get("components", {}):
-            folder = fetch_component(str(src), "video VAE")
-            if (folder / CHECKPOINT_NAME).is_file():
-                return folder / CHECKPOINT_NAME
-            raise WanVAEConversionError(f"{src} has no {CHECKPOINT_NAME}: it is not the Wan2.2 VAE repo "
-                                        f"({HUB_REPO})")
-    except HubError as exc:
-        raise WanVAEConversionError(str(exc)) from None
+    # A HubError (files missing, offline) passes through as it is: its list of what to fetch is meant to be read.
+    if str(src) in load_registry().get("components", {}):
+        folder = fetch_component(str(src), "video VAE")
+        if (folder / CHECKPOINT_NAME).is_file():
+            return folder / CHECKPOINT_NAME
+        raise WanVAEConversionError(f"{src} has no {CHECKPOINT_NAME}: it is not the Wan2.2 VAE repo ({HUB_REPO})")
     raise WanVAEConversionError(f"video VAE {src} not found: pass {CHECKPOINT_NAME}, a folder holding it, a "
                                 f"converted folder, or the Hugging Face repo id {HUB_REPO}")
 
@@ -154,7 +151,7 @@ def convert_wan_vae(src: str | Path, out_dir: str | Path, dtype: str = "float32"
     if dtype not in DTYPES:
         raise WanVAEConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
-    check_new_folder(out_dir, WanVAEConversionError)
+    check_output(out_dir, error=WanVAEConversionError)
     path = checkpoint_file(src)
     try:
         with open_checkpoint(path) as ck:

@@ -13,7 +13,7 @@ from typing import Any
 
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
 
-MAX_IMAGES = 1_000_000  # a folder job can be this large; one image of it is made again from its index
+MAX_IMAGES = 2**40  # a folder job can be this large (batched); one image of it is made again from its index
 DTYPES = (None, "float32", "float16", "bfloat16")
 
 

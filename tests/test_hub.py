@@ -155,7 +155,7 @@ def test_unreachable_hub_fails_at_once_with_the_offline_message(fake_hub, tmp_pa
 
 
 def test_unknown_repo_names_the_known_ones(offline):
-    with pytest.raises(hub.HubError, match="known models are apple/starflow, fake/incomplete, fake/starflow"):
+    with pytest.raises(hub.HubError, match="known models are apple/starflow, apple/starflow-v, fake/incomplete, fake/starflow"):
         hub.ensure_model("nobody/nothing")
 
 

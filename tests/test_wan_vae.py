@@ -137,7 +137,9 @@ def test_pth_folder_converted_folder_and_hub_load_the_same_model(tiny_pth, tmp_p
     config = convert_wan_vae(tiny_pth, tmp_path / "converted")
     assert (config.dim, config.dec_dim, config.dim_mult, config.temperal_downsample) == (4, 4, [1, 2, 4, 4],
                                                                                         [False, True, True])
-    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == ["config.json", "model.safetensors"]
+    # (plus the project's own-folder marker, which lets --force replace it later)
+    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [".starflow-mlx", "config.json",
+                                                                          "model.safetensors"]
     assert mx.array_equal(load_video_vae(tmp_path / "converted").decode(z), want)
 
     snap = tmp_path / "hf" / "models--Wan-AI--Wan2.2-TI2V-5B" / "snapshots" / COMMIT
@@ -150,12 +152,14 @@ def test_pth_folder_converted_folder_and_hub_load_the_same_model(tiny_pth, tmp_p
     assert mx.array_equal(load_video_vae("Wan-AI/Wan2.2-TI2V-5B").decode(z), want)
 
 
-def test_missing_hub_file_and_missing_paths_are_one_line(tmp_path, monkeypatch):
+def test_missing_hub_file_and_missing_paths_are_named(tmp_path, monkeypatch):
+    from starflow_mlx.hub import HubError
+
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="Wan2.2_VAE.pth") as err:
+    with pytest.raises(HubError, match="Wan2.2_VAE.pth") as err:
         load_video_vae("Wan-AI/Wan2.2-TI2V-5B")
-    assert "\n" not in str(err.value)
+    assert "download Wan-AI/Wan2.2-TI2V-5B Wan2.2_VAE.pth" in str(err.value)  # the hub's fetch instructions
     with pytest.raises(ModelLoadError, match="not found"):
         load_video_vae(tmp_path / "nowhere")
     with pytest.raises(ModelLoadError, match="holds neither"):
