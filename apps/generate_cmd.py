@@ -193,6 +193,9 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="Video models: start the video from this image."),
     video: Optional[Path] = typer.Option(None, "--video", help="Video models: continue this clip (its frames come "
                                                                "first; --frames counts both)."),
+    vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="Video models: decode in spatial tiles of this many "
+                                                                    "latent cells (less memory; blends change pixels "
+                                                                    "slightly). Off by default."),
 ) -> None:
     """Generate images, or mp4 videos with a video model; files carry their generation parameters."""
     from starflow_mlx import __version__
@@ -208,9 +211,9 @@ def generate(
                               num_videos=num_images, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                               jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, output=output,
                               output_dir=output_dir, overwrite=overwrite, dtype=dtype, from_metadata=from_metadata,
-                              frames=frames, fps=fps, image=image, video=video)
+                              frames=frames, fps=fps, image=image, video=video, vae_tile=vae_tile)
     video_only = [name for name, value in (("--frames", frames), ("--fps", fps), ("--image", image),
-                                           ("--video", video)) if value is not None]
+                                           ("--video", video), ("--vae-tile", vae_tile)) if value is not None]
     if video_only:
         raise ValueError(f"{video_only[0]} is for video models; {model} generates images")
     aspect_ratio = aspect_ratio or "1:1"

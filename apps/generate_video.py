@@ -52,7 +52,7 @@ def report_memory() -> str:
 
 def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
                    jacobi_threshold, jacobi_max_iter, output, output_dir, overwrite, dtype, from_metadata,
-                   frames, fps, image, video) -> None:
+                   frames, fps, image, video, vae_tile) -> None:
     """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
     from starflow_mlx import __version__
     from starflow_mlx.apps.generate_cmd import plan_outputs
@@ -92,7 +92,10 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
                         check_format=check_mp4)
     for path in plan.paths:
         check_writable(path)
+    if vae_tile is not None and vae_tile < 2:
+        raise ValueError(f"--vae-tile must be at least 2 latent cells, got {vae_tile}")
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    pipe.vae.tile = vae_tile
     options = {key: job[key] for key in SAMPLING_KEYS}
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__)
     if index is not None:  # video i of a batch is drawn from seed + i: make just that one

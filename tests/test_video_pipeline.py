@@ -201,6 +201,7 @@ def test_missing_denoiser_is_named_at_conversion(tmp_path):
     (["--image", "missing.png"], "missing.png not found"),
     (["--video", "missing.mp4"], "missing.mp4 not found"),
     (["-o", "out.png"], "a video model writes .mp4 files"),
+    (["--vae-tile", 1], "--vae-tile must be at least 2"),
 ])
 def test_bad_video_input_is_one_line(model, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -275,6 +276,15 @@ def test_interrupted_write_leaves_no_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_videos(chunks(), [(tmp_path / "v.mp4", {}, 0)], 16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vae_tiles_from_the_command_line(model, tmp_path):
+    whole, tiled = tmp_path / "whole.mp4", tmp_path / "tiled.mp4"
+    for out, extra in ((whole, []), (tiled, ["--vae-tile", 2])):
+        res = generate("a cat", "--model", model, "--frames", 5, "--seed", 1, "-o", out, *extra)
+        assert res.exit_code == 0, res.output
+    a, b = read(whole)[0].astype(int), read(tiled)[0].astype(int)
+    assert a.shape == b.shape and 0 < np.abs(a - b).mean() < 40  # blended tiles: close, not identical
 
 
 def test_clip_resampling_picks_frames_at_the_new_rate(tmp_path):
