@@ -21,7 +21,7 @@ from typing import Callable
 import mlx.core as mx
 
 from starflow_mlx.models.tarflow import MetaBlock
-from starflow_mlx.sampling.stepper import ChunkStepper
+from starflow_mlx.sampling.stepper import ChunkStepper, compiled_steps
 
 
 @dataclass
@@ -38,7 +38,7 @@ class JacobiStats:
     """Per-chunk iterations and final residuals of one sampling run."""
 
     chunks: list[ChunkRecord] = field(default_factory=list)
-    traces: dict[int, int] = field(default_factory=dict)  # block index -> compiled-step traces
+    traces: dict[int, int] = field(default_factory=dict)  # block index -> compiled-step traces in this run
     reencodes: int = 0
 
     def iterations(self, block: int | None = None) -> int:
@@ -94,6 +94,7 @@ def invert_jacobi(
     cos, sin = model.rope(layout, text_len, pad=pad)
     cache = block.new_cache(batch, text_len + span + pad)
     steppers: dict[int, ChunkStepper] = {}
+    traced_before = compiled_steps(block).traces
 
     def stepper(size: int) -> ChunkStepper:
         if size not in steppers:
@@ -148,5 +149,5 @@ def invert_jacobi(
         if stats is not None:
             stats.reencodes += 1
     if stats is not None:
-        stats.traces[block.index] = sum(s.traces for s in steppers.values())
+        stats.traces[block.index] = compiled_steps(block).traces - traced_before
     return x_full[: z.shape[0], 1:]
