@@ -67,13 +67,16 @@ def generate(
     cfg: Optional[float] = typer.Option(None, help="Guidance weight (default: the model's)."),
     aspect_ratio: str = typer.Option("1:1", "--aspect-ratio", "-a", help="1:1, 2:3, 3:2, 16:9, 9:16, 4:5, 5:4, 21:9, 9:21."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images to generate (a grid with --output)."),
-    jacobi: bool = typer.Option(True, "--jacobi/--no-jacobi", help="Block-wise Jacobi (fast) or sequential sampling."),
+    jacobi: Optional[bool] = typer.Option(None, "--jacobi/--no-jacobi", show_default=False,
+                                          help="Block-wise Jacobi or sequential sampling (default: the faster one "
+                                               "on this device: sequential on a CPU, Jacobi on a GPU)."),
     jacobi_block_size: int = typer.Option(64, help="Tokens solved together per Jacobi chunk."),
     jacobi_threshold: float = typer.Option(0.005, help="Jacobi stops a chunk below this residual."),
     jacobi_max_iter: int = typer.Option(32, help="Most Jacobi iterations per chunk."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (a grid when -n > 1)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image."),
-    dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16."),
+    dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16 (default: as stored; "
+                                                   "float32 scales for quantized models on a CPU)."),
     from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", help="Regenerate the PNG these parameters came from."),
 ) -> None:
     """Generate images and save PNGs that carry their generation parameters."""
@@ -82,6 +85,7 @@ def generate(
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.png import grid, save_pngs
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
+    from starflow_mlx.sampling.auto import resolve_jacobi
 
     index = None
     if from_metadata is not None:
@@ -105,6 +109,7 @@ def generate(
     check_aspect_ratio(aspect_ratio)
     parse_dtype(dtype)
     pipe = Pipeline.from_pretrained(model, dtype=dtype)
+    jacobi = resolve_jacobi(jacobi, pipe.config)  # the PNG records the sampler that ran
     options = dict(seed=seed, cfg=pipe.config.cfg if cfg is None else cfg, aspect_ratio=aspect_ratio,
                    num_images=num_images, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                    jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter)

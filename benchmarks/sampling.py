@@ -1,9 +1,10 @@
 """Sampling latency: sequential and block-wise Jacobi, per block, against the weight-read roofline and upstream.
 
-A flow of a named shape (or a ``config.json``) gets random weights; both
-samplers run once untimed (tracing and compiling), then ``repeats`` times,
-each run timed with ``time.perf_counter`` around ``mx.eval`` and the median
-reported. With upstream's sources (``--upstream``), upstream's own PyTorch
+A flow of a named shape (or a ``config.json``) gets random weights; each
+sampler's first call (tracing and compiling the chunk steps) is timed apart,
+then it runs ``repeats`` times warm (the cached steps are reused, so no
+tracing), each run timed with ``time.perf_counter`` around ``mx.eval`` and the
+median reported. The report names the sampler ``jacobi=None`` (auto) picks here. With upstream's sources (``--upstream``), upstream's own PyTorch
 sampler runs on the same weights, noise and text features, alternating with
 ours, and the samples are compared.
 
@@ -30,7 +31,9 @@ import numpy as np
 from starflow_mlx.benchmarks.configs import build_flow, load_config
 from starflow_mlx.benchmarks.roofline import measure_bandwidth, parameter_bytes, roofline
 from starflow_mlx.loading import parse_dtype
+from starflow_mlx.sampling.auto import choose_jacobi
 from starflow_mlx.sampling.jacobi import JacobiStats
+from starflow_mlx.sampling.stepper import compiled_steps
 
 SAMPLERS = ("sequential", "jacobi")
 # Largest |ours - upstream| accepted as the same sample, relative to the sample's scale.
@@ -149,6 +152,11 @@ class BlockClock:
         self.last = now
 
 
+def traces(flow) -> int:
+    """Chunk-step traces so far over all blocks of ``flow``."""
+    return sum(compiled_steps(b).traces for b in flow.blocks if not b.is_identity)
+
+
 def run_ours(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, clock: BlockClock):
     z, y, y_u = inputs
     stats = JacobiStats()
@@ -213,6 +221,7 @@ def run_benchmark(opts: BenchOptions, log=None) -> dict:
         "tokens_per_sample": tokens_per_sample(config), "params_bytes": parameter_bytes(flow),
         "block_params_bytes": {str(b): n for b, n in block_bytes.items()},
         "machine": machine_info(), "bandwidth": bandwidth, "runs": runs,
+        "auto_sampler": "jacobi" if choose_jacobi(config) else "sequential",
     }
 
 
@@ -229,8 +238,10 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
     blocks = [b.index for b in flow.blocks if not b.is_identity]
     tokens = opts.batch * tokens_per_sample(config)
     clock = BlockClock()
-    say(f"{sampler}: warm-up")
-    warm = run_ours(flow, inputs, cfg, sampler, opts, clock)[1]
+    say(f"{sampler}: first call (traces and compiles)")
+    before = traces(flow)
+    first = run_ours(flow, inputs, cfg, sampler, opts, clock)[1]
+    first_traces = traces(flow) - before
 
     def theirs():
         start = time.perf_counter()
@@ -241,6 +252,7 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
     if upstream is not None:
         theirs()
     ours_runs, their_runs, peak = [], [], 0
+    before = traces(flow)
     for r in range(opts.repeats):
         out, seconds, per_block, stats, run_peak = run_ours(flow, inputs, cfg, sampler, opts, clock)
         ours_runs.append((seconds, per_block))
@@ -250,10 +262,11 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
             their_out, their_seconds, their_blocks = theirs()
             their_runs.append((their_seconds, their_blocks))
             say(f"{sampler}: run {r + 1}/{opts.repeats} upstream {their_seconds:.3f} s")
+    warm_traces = traces(flow) - before
     seconds = statistics.median(s for s, _ in ours_runs)
     run = {"sampler": sampler, "seconds": seconds, "all_seconds": [s for s, _ in ours_runs],
-           "warmup_seconds": warm, "tokens_per_s": tokens / seconds, "peak_memory_bytes": peak,
-           "rss_peak_bytes": peak_rss_bytes()}
+           "first_call_seconds": first, "first_call_traces": first_traces, "warm_traces": warm_traces,
+           "tokens_per_s": tokens / seconds, "peak_memory_bytes": peak, "rss_peak_bytes": peak_rss_bytes()}
     jac = jacobi_summary(stats, blocks) if sampler == "jacobi" else None
     lengths = sequence_lengths(config, blocks)
     run["blocks"] = []
@@ -299,8 +312,9 @@ def format_report(result: dict) -> str:
            else ")"),
     ]
     for run in result["runs"]:
-        head = (f"\n{run['sampler']}: {run['seconds']:.3f} s median of {len(run['all_seconds'])} "
-                f"(warm-up {run['warmup_seconds']:.3f} s), {run['tokens_per_s']:.1f} tokens/s, "
+        head = (f"\n{run['sampler']}: {run['seconds']:.3f} s median of {len(run['all_seconds'])} warm runs "
+                f"({run['warm_traces']} traces; first call {run['first_call_seconds']:.3f} s, "
+                f"{run['first_call_traces']} traces), {run['tokens_per_s']:.1f} tokens/s, "
                 f"peak MLX memory {_gb(run['peak_memory_bytes'])}, peak RSS {_gb(run['rss_peak_bytes'])}, "
                 f"roofline {run['roofline']['bandwidth_fraction']:.1%}")
         lines.append(head)
@@ -325,6 +339,7 @@ def format_report(result: dict) -> str:
             lines.append(f"upstream ({up['threads']} torch threads): {up['seconds']:.3f} s; ours/upstream {up['ratio']:.2f} "
                          f"(speed-up {up['speedup']:.2f}x); max |ours - upstream| {up['max_abs_diff']:.2e} "
                          f"({'match' if up['match'] else 'MISMATCH'}, tolerance {up['tolerance']:.1e})")
+    lines.append(f"\nauto sampler (jacobi=None) on {m['device']}: {result['auto_sampler']}")
     return "\n".join(lines)
 
 

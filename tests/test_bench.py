@@ -35,7 +35,8 @@ def test_tiny_report_fields():
     runs = {r["sampler"]: r for r in result["runs"]}
     assert set(runs) == {"sequential", "jacobi"}
     for run in runs.values():
-        assert run["seconds"] > 0 and run["warmup_seconds"] > 0 and len(run["all_seconds"]) == 1
+        assert run["seconds"] > 0 and run["first_call_seconds"] > 0 and len(run["all_seconds"]) == 1
+        assert run["warm_traces"] == 0  # the first call's compiled steps are reused
         assert run["tokens_per_s"] == pytest.approx(result["tokens_per_sample"] / run["seconds"])
         assert run["peak_memory_bytes"] > 0 and run["rss_peak_bytes"] > run["peak_memory_bytes"]
         assert [b["block"] for b in run["blocks"]] == [1, 0]  # sampling order: deep block first
@@ -51,7 +52,9 @@ def test_tiny_report_fields():
         per_block = jac["per_block"][str(row["block"])]
         assert per_block["chunks"] == 1  # 16 tokens fit in one 64-token chunk
         assert 1 <= per_block["total"] <= 32 and row["steps"] == per_block["total"]
-        assert per_block["traces"] == 1
+        assert per_block["traces"] == 0  # the last (warm) run traced nothing
+    assert runs["sequential"]["first_call_traces"] == 2 and runs["jacobi"]["first_call_traces"] == 2  # one per block
+    assert result["auto_sampler"] == "sequential"  # on a CPU
     assert jac["total_iterations"] == sum(v["total"] for v in jac["per_block"].values())
 
 

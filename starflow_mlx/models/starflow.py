@@ -175,7 +175,7 @@ class STARFlow(nn.Module):
         *,
         y_uncond: mx.array | None = None,
         cfg: float = 0.0,
-        jacobi: bool = False,
+        jacobi: bool | None = False,
         jacobi_block_size: int = 64,
         jacobi_threshold: float = 0.005,
         jacobi_max_iter: int = 32,
@@ -189,15 +189,18 @@ class STARFlow(nn.Module):
         ``cfg > 0`` applies guidance on every text-conditioned block using
         ``y_uncond`` for the unconditional half; with text on the top block only,
         the shallow blocks run unguided on ``y``. ``jacobi=True`` solves chunks of
-        tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); a video longer
+        tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); ``jacobi=None``
+        picks the faster sampler for the device (:mod:`starflow_mlx.sampling.auto`); a video longer
         than the training length is generated with a sliding window of
         ``context_frames`` re-encoded frames. ``stats`` (a ``JacobiStats``) collects
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
         is called as tokens are produced.
         """
+        from starflow_mlx.sampling.auto import resolve_jacobi
         from starflow_mlx.sampling.sequential import invert_sequential
 
         self._check_input(z, "z")
+        jacobi = resolve_jacobi(jacobi, self.config)
         if cfg > 0 and y_uncond is None:
             raise ValueError("cfg > 0 needs y_uncond (the features of the empty prompt)")
         if jacobi and not self.config.sos:
