@@ -40,3 +40,15 @@ def test_explicit_dtype_overrides(int8_folder):
     assert float_dtypes(loading.load_flow(int8_folder, dtype="float16")) == {mx.float16}
     assert float_dtypes(loading.load_flow("demo")) == {mx.float32}  # unquantized: as stored (the demo is float32)
     assert float_dtypes(loading.load_flow("demo", dtype="bfloat16")) == {mx.bfloat16}
+
+
+@pytest.mark.parametrize("device, expected", [(CPU, mx.float32), (GPU, mx.float16)])
+def test_quantized_text_encoder_picks_per_device(tmp_path, monkeypatch, device, expected):
+    from fixtures_t5 import make_tiny_mlx_t5
+
+    from starflow_mlx.text_encoder import load_text_encoder, quantize_text_encoder
+
+    quantize_text_encoder(make_tiny_mlx_t5(tmp_path / "t5"), tmp_path / "q", bits=8, group_size=32)
+    monkeypatch.setattr(loading.mx, "default_device", lambda: device)
+    encoder = load_text_encoder(tmp_path / "q")
+    assert encoder.model.encoder.block[0].layer[0].SelfAttention.q.scales.dtype == expected
