@@ -11,7 +11,8 @@ loads the BLAS the first time anything imports ``mlx``, whatever the import
 order of the user's code.
 
 The BLAS is MKL's ``libmkl_rt`` from the ``mkl`` wheel (a dependency on Linux
-x86-64; it installs into ``<prefix>/lib``), else a system OpenBLAS. macOS uses
+x86-64; it installs into ``<prefix>/lib``), single-threaded unless ``MKL_NUM_THREADS``
+or ``MKL_THREADING_LAYER`` say otherwise, else a system OpenBLAS. macOS uses
 Accelerate and Metal and is left alone. ``STARFLOW_BLAS=reference`` keeps the
 wheel's own BLAS.
 """
@@ -58,6 +59,11 @@ def load() -> str | None:
     name = find_blas()
     if name is None:
         return None
+    if "mkl" in os.path.basename(name) and not any(v in os.environ for v in ("MKL_THREADING_LAYER", "MKL_NUM_THREADS")):
+        # MLX's CPU backend runs one op at a time, and on a busy machine MKL's OpenMP threads spin-waiting at
+        # every small product made the sequential sampler 3-10x slower; one thread is robust. Either variable
+        # set by the user wins.
+        os.environ["MKL_THREADING_LAYER"] = "SEQUENTIAL"
     import ctypes
 
     try:

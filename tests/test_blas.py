@@ -18,7 +18,8 @@ DROP_HOOK = ("import sys; from starflow_mlx import blas\n"
 
 
 def run(code: str, **env) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k != "STARFLOW_BLAS"} | {"MKL_VERBOSE": "1"} | env
+    keep = {k: v for k, v in os.environ.items() if k not in ("STARFLOW_BLAS", "MKL_THREADING_LAYER", "MKL_NUM_THREADS")}
+    full = keep | {"MKL_VERBOSE": "1"} | env
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
 
 
@@ -47,6 +48,15 @@ def test_startup_loads_nothing_until_mlx_is_imported():
               "print(open('/proc/self/maps').read().count('libmkl_rt'))")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "False", "0"]
+
+
+@needs_mkl
+def test_mkl_is_single_threaded_unless_asked():
+    code = MATMUL + "import os; print('LAYER', os.environ.get('MKL_THREADING_LAYER'))"
+    out = run(code)
+    assert "LAYER SEQUENTIAL" in out.stdout and "lp64 sequential" in out.stdout
+    out = run(code, MKL_NUM_THREADS="2")
+    assert "LAYER None" in out.stdout and "SGEMM" in out.stdout
 
 
 def test_opt_out_keeps_reference_blas():
