@@ -180,6 +180,7 @@ class STARFlow(nn.Module):
         jacobi_threshold: float = 0.005,
         jacobi_max_iter: int = 32,
         jacobi_check_every: int = 1,
+        jacobi_schedule: str = "chunk",
         context_frames: int | None = None,
         stats=None,
         progress: Callable[..., None] | None = None,
@@ -190,7 +191,9 @@ class STARFlow(nn.Module):
         ``y_uncond`` for the unconditional half; with text on the top block only,
         the shallow blocks run unguided on ``y``. ``jacobi=True`` solves chunks of
         tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); ``jacobi=None``
-        picks the faster sampler for the device (:mod:`starflow_mlx.sampling.auto`); a video longer
+        picks the faster sampler for the device (:mod:`starflow_mlx.sampling.auto`);
+        ``jacobi_schedule`` is ``"chunk"`` (upstream's) or ``"window"`` (a sliding window that
+        commits converged tokens, :mod:`starflow_mlx.sampling.jacobi`); a video longer
         than the training length is generated with a sliding window of
         ``context_frames`` re-encoded frames. ``stats`` (a ``JacobiStats``) collects
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
@@ -223,7 +226,8 @@ class STARFlow(nn.Module):
                 out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0,
                                     block_size=jacobi_block_size, threshold=jacobi_threshold,
                                     max_iter=jacobi_max_iter, check_every=jacobi_check_every,
-                                    context_frames=context_frames, stats=stats, on_chunk=report)
+                                    context_frames=context_frames, stats=stats, on_chunk=report,
+                                    schedule=jacobi_schedule)
             else:
                 cos, sin = self.rope(layout, text_len)
                 out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report)

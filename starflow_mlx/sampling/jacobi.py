@@ -11,6 +11,13 @@ position, and the host only reads the residual (every ``check_every`` iterations
 Past the training length of a video, the deep block keeps a window of frames:
 when it is full, the cache restarts with the text and the last context frames
 re-encoded, and generation goes on.
+
+``schedule="window"`` replaces upstream's chunks by a sliding window: every
+iteration evaluates ``block_size`` tokens from the first uncommitted one, the
+leading tokens whose own residual is below the threshold (at least the first,
+whose inputs are all final, so it is exact) are committed, and the window moves
+past them, so no iteration is spent on tokens that have already converged. The
+cache is rewound to the window's start every iteration, as for a chunk.
 """
 
 from __future__ import annotations
@@ -19,9 +26,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from starflow_mlx.models.tarflow import MetaBlock
 from starflow_mlx.sampling.stepper import ChunkStepper, compiled_steps
+
+
+SCHEDULES = ("chunk", "window")
 
 
 @dataclass
@@ -42,7 +53,12 @@ class JacobiStats:
     reencodes: int = 0
 
     def iterations(self, block: int | None = None) -> int:
+        """Host round-trips (sequential steps of the solver)."""
         return sum(c.iterations for c in self.chunks if block is None or c.block == block)
+
+    def token_evaluations(self, block: int | None = None) -> int:
+        """Tokens run through the block, padding rows not counted."""
+        return sum(c.size * c.iterations for c in self.chunks if block is None or c.block == block)
 
 
 def _window(model, block: MetaBlock, layout) -> int | None:
@@ -73,12 +89,20 @@ def invert_jacobi(
     stats: JacobiStats | None = None,
     on_chunk: Callable[..., None] | None = None,
     compile: bool = True,
+    schedule: str = "chunk",
 ) -> mx.array:
-    """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``."""
+    """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``.
+
+    ``schedule``: ``"chunk"`` (upstream's) or ``"window"`` (see the module notes; it reads the
+    residuals every iteration, so ``check_every`` does not apply, and ``max_iter`` bounds the
+    iterations each token takes part in).
+    """
     if not block.use_sos:
         raise ValueError("Jacobi sampling needs a start-of-sequence token")
     if block_size < 1 or max_iter < 1 or check_every < 1:
         raise ValueError("jacobi block size, max iterations and check interval must be positive")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown Jacobi schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
     zz = mx.concatenate([z, z], axis=0) if cfg > 0 else z
     batch, n, c = zz.shape
     text_len = y.shape[1] if (block.sees_text and y is not None) else 0
@@ -109,10 +133,34 @@ def invert_jacobi(
         if text_len:
             block.encode_text(y, cache, cos, sin)
 
-    encode_prefix()
-    x_full = mx.concatenate([block.start_token(batch), zz], axis=1)
-    start, base, target = 0, 0, span
-    while True:
+    def solve_window(start: int, target: int) -> None:
+        while start < target:
+            size = block_size if start <= frame else big
+            valid = min(size, target - start)
+            end = start + valid
+            if layout.seq_frames > 1:
+                # Tokens entering the window past the first frame start from the previous frame (as upstream).
+                lo = max(guessed[0], start + 1, frame + 1)
+                if lo <= end:
+                    x_full[:, lo : end + 1] = x_full[:, lo - frame : end + 1 - frame]
+                guessed[0] = max(guessed[0], end + 1)
+            z_chunk = padded(zz[:, start:end], size)
+            tokens = padded(x_full[:, start:end], size)
+            prev = padded(x_full[:, start + 1 : end + 1], size)
+            new, _, per_token = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
+            x_full[:, start + 1 : end + 1] = new[:, :valid]
+            res = np.array(per_token[:valid])
+            rounds[start:end] += 1
+            done = (res < threshold) | (rounds[start:end] >= max_iter)
+            done[0] = True  # its inputs were all final, so it is exact
+            commit = valid if done.all() else int(np.argmin(done))
+            if stats is not None:
+                stats.chunks.append(ChunkRecord(block.index, start, valid, 1, float(res[:commit].max())))
+            start += commit
+            if on_chunk is not None:
+                on_chunk(start, n, iterations=int(rounds[start - 1]), residual=float(res[:commit].max()))
+
+    def solve_chunks(start: int, target: int) -> None:
         while start < target:
             size = block_size if start <= frame else big
             valid = min(size, target - start)
@@ -121,7 +169,7 @@ def invert_jacobi(
                 lo = start - frame if (it == 0 and start > frame) else start
                 tokens = padded(x_full[:, lo : lo + valid], size)
                 prev = padded(x_full[:, start + 1 : start + 1 + valid], size)
-                new, residual = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
+                new, residual, _ = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
                 x_full[:, start + 1 : start + 1 + valid] = new[:, :valid]
                 last = it == max_iter - 1
                 if last or (it + 1) % check_every == 0:
@@ -135,6 +183,16 @@ def invert_jacobi(
             start += valid
             if on_chunk is not None:
                 on_chunk(start, n, iterations=it + 1, residual=res)
+
+    encode_prefix()
+    x_full = mx.concatenate([block.start_token(batch), zz], axis=1)
+    rounds = np.zeros(n, dtype=np.int64)  # window schedule: iterations each token has taken part in
+    guessed = [1]  # window schedule: x_full columns below this hold a first guess
+    solve = solve_window if schedule == "window" else solve_chunks
+    start, base, target = 0, 0, span
+    while True:
+        solve(start, target)
+        start = target
         if target >= n:
             break
         # Window full: restart the cache from the text and the last context frames.

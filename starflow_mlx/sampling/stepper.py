@@ -45,8 +45,12 @@ class CompiledSteps:
                 a, b = guide(a, b, cfg)
             new = b + a * z_chunk
             rows = (mx.arange(new.shape[1]) < valid)[None, :, None]
-            residual = mx.sum(mx.where(rows, mx.square(new - prev), 0.0)) / mx.sum(mx.where(rows, mx.square(new), 0.0))
-            return (new, residual, *cache.state())
+            change = mx.sum(mx.where(rows, mx.square(new - prev), 0.0), axis=(0, 2))
+            size = mx.sum(mx.where(rows, mx.square(new), 0.0), axis=(0, 2))
+            # The chunk's residual (upstream's rule) and each token's own, for the sliding-window schedule.
+            residual = mx.sum(change) / mx.sum(size)
+            per_token = change / mx.maximum(size, 1e-30)
+            return (new, residual, per_token, *cache.state())
 
         return step
 
@@ -67,8 +71,8 @@ class ChunkStepper:
         self._fn = compiled_steps(block).get(float(cfg), compile)
 
     def __call__(self, tokens: mx.array, z_chunk: mx.array, prev: mx.array, start: int, valid: int):
-        """Returns ``(new, residual)``; the cache holds the chunk's keys/values afterwards."""
+        """Returns ``(new, residual, per_token_residual)``; the cache holds the chunk's keys/values afterwards."""
         out = self._fn(tokens, z_chunk, prev, mx.array([start], dtype=mx.int32), mx.array(valid, dtype=mx.int32),
                        self.cos, self.sin, *self.cache.state())
-        self.cache.set_state(list(out[2:]))
-        return out[0], out[1]
+        self.cache.set_state(list(out[3:]))
+        return out[0], out[1], out[2]
