@@ -108,3 +108,17 @@ def test_backend_adds_pth_with_record_line(tmp_path):
         record = z.read("x-0.1.dist-info/RECORD").decode().splitlines()
         assert record[0] == "x/__init__.py,,0"
         assert record[-1].startswith(f"{backend.PTH_NAME},sha256=") and record[-1].endswith(f",{len(backend.PTH_TEXT)}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook", ["build_wheel", "build_editable"])
+def test_both_wheels_carry_the_pth(tmp_path, hook):
+    # The backend's own hooks, as pip calls them for `pip install .` and `pip install -e .`.
+    code = (f"import sys; sys.path.insert(0, 'build_backend'); import starflow_mlx_build as b; "
+            f"print(b.{hook}({str(tmp_path)!r}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / done.stdout.strip().splitlines()[-1]) as z:
+        record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+        assert z.read("starflow_mlx_blas.pth").decode().startswith("import starflow_mlx")
+        assert "starflow_mlx_blas.pth,sha256=" in z.read(record).decode()
