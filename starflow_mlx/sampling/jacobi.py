@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import mlx.core as mx
-import numpy as np
 
 from starflow_mlx.models.tarflow import MetaBlock
 from starflow_mlx.sampling.stepper import ChunkStepper, compiled_steps
@@ -149,16 +148,17 @@ def invert_jacobi(
             prev = padded(x_full[:, start + 1 : end + 1], size)
             new, _, per_token = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
             x_full[:, start + 1 : end + 1] = new[:, :valid]
-            res = np.array(per_token[:valid])
-            rounds[start:end] += 1
-            done = (res < threshold) | (rounds[start:end] >= max_iter)
-            done[0] = True  # its inputs were all final, so it is exact
-            commit = valid if done.all() else int(np.argmin(done))
+            res = per_token[:valid].tolist()
+            for t in range(start, end):
+                rounds[t] += 1
+            # The first token's inputs were all final, so it is exact; then the leading converged ones.
+            commit = next((i for i in range(1, valid) if res[i] >= threshold and rounds[start + i] < max_iter), valid)
+            worst = max(res[:commit])
             if stats is not None:
-                stats.chunks.append(ChunkRecord(block.index, start, valid, 1, float(res[:commit].max())))
+                stats.chunks.append(ChunkRecord(block.index, start, valid, 1, worst))
             start += commit
             if on_chunk is not None:
-                on_chunk(start, n, iterations=int(rounds[start - 1]), residual=float(res[:commit].max()))
+                on_chunk(start, n, iterations=rounds[start - 1], residual=worst)
 
     def solve_chunks(start: int, target: int) -> None:
         while start < target:
@@ -186,7 +186,7 @@ def invert_jacobi(
 
     encode_prefix()
     x_full = mx.concatenate([block.start_token(batch), zz], axis=1)
-    rounds = np.zeros(n, dtype=np.int64)  # window schedule: iterations each token has taken part in
+    rounds = [0] * n  # window schedule: iterations each token has taken part in
     guessed = [1]  # window schedule: x_full columns below this hold a first guess
     solve = solve_window if schedule == "window" else solve_chunks
     start, base, target = 0, 0, span
