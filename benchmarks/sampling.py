@@ -32,7 +32,7 @@ from starflow_mlx.benchmarks.configs import build_flow, load_config
 from starflow_mlx.benchmarks.roofline import measure_bandwidth, parameter_bytes, roofline
 from starflow_mlx.loading import parse_dtype
 from starflow_mlx.sampling.auto import choose_jacobi
-from starflow_mlx.sampling.jacobi import JacobiStats
+from starflow_mlx.sampling.jacobi import SCHEDULES, JacobiStats
 from starflow_mlx.sampling.stepper import compiled_steps
 
 SAMPLERS = ("sequential", "jacobi")
@@ -59,6 +59,7 @@ class BenchOptions:
     bandwidth_mb: int = 1024
     upstream: str | None = None
     threads: int | None = None  # torch threads for upstream; None: as many cores as MLX keeps busy
+    schedule: str = "chunk"  # our Jacobi schedule (upstream always runs its own chunk schedule)
 
     def check(self) -> None:
         unknown = [s for s in self.samplers if s not in SAMPLERS]
@@ -68,6 +69,8 @@ class BenchOptions:
             raise BenchError("batch, repeats, block size and max iterations must be at least 1")
         if self.threshold <= 0:
             raise BenchError("the Jacobi threshold must be positive")
+        if self.schedule not in SCHEDULES:
+            raise BenchError(f"unknown Jacobi schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         parse_dtype(self.dtype)
 
 
@@ -164,7 +167,8 @@ def run_ours(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, clock: 
     clock.start()
     start = time.perf_counter()
     out = flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=sampler == "jacobi", jacobi_block_size=opts.block_size,
-                       jacobi_threshold=opts.threshold, jacobi_max_iter=opts.max_iter, stats=stats, progress=clock)
+                       jacobi_threshold=opts.threshold, jacobi_max_iter=opts.max_iter, jacobi_schedule=opts.schedule,
+                       stats=stats, progress=clock)
     mx.eval(out)
     seconds = time.perf_counter() - start
     return out, seconds, dict(clock.seconds), stats, mx.get_peak_memory()
@@ -176,9 +180,10 @@ def jacobi_summary(stats: JacobiStats, blocks: list[int]) -> dict:
         its = [c.iterations for c in stats.chunks if c.block == b]
         per_block[str(b)] = {"chunks": len(its), "iterations": its, "total": sum(its),
                              "mean": sum(its) / len(its) if its else 0.0, "max": max(its, default=0),
-                             "traces": stats.traces.get(b, 0)}
+                             "traces": stats.traces.get(b, 0), "token_evaluations": stats.token_evaluations(b)}
     total = stats.iterations()
     return {"per_block": per_block, "total_iterations": total, "chunks": len(stats.chunks),
+            "token_evaluations": stats.token_evaluations(),
             "mean_iterations_per_chunk": total / len(stats.chunks) if stats.chunks else 0.0}
 
 
@@ -333,8 +338,9 @@ def format_report(result: dict) -> str:
         if "jacobi" in run:
             jac = run["jacobi"]
             per = ", ".join(f"block {b}: {v['iterations']}" for b, v in jac["per_block"].items())
-            lines.append(f"Jacobi iterations per chunk (block size {opts['block_size']}, threshold {opts['threshold']}): "
-                         f"mean {jac['mean_iterations_per_chunk']:.2f}; {per}")
+            lines.append(f"Jacobi ({opts['schedule']} schedule) iterations per chunk (block size {opts['block_size']}, "
+                         f"threshold {opts['threshold']}): mean {jac['mean_iterations_per_chunk']:.2f}; {per}; "
+                         f"{jac['token_evaluations']} token evaluations")
         if up:
             lines.append(f"upstream ({up['threads']} torch threads): {up['seconds']:.3f} s; ours/upstream {up['ratio']:.2f} "
                          f"(speed-up {up['speedup']:.2f}x); max |ours - upstream| {up['max_abs_diff']:.2e} "
@@ -357,11 +363,12 @@ def main() -> None:
     parser.add_argument("--bandwidth-mb", type=int, default=1024)
     parser.add_argument("--upstream", default=os.environ.get("STARFLOW_UPSTREAM"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--jacobi-schedule", default="chunk", choices=list(SCHEDULES))
     parser.add_argument("--json", action="store_true")
     a = parser.parse_args()
     samplers = SAMPLERS if a.sampler == "both" else (a.sampler,)
     opts = BenchOptions(a.config, samplers, a.batch, a.cfg, a.block_size, a.threshold, a.max_iter, a.repeats, a.dtype,
-                        bandwidth_mb=a.bandwidth_mb, upstream=a.upstream, threads=a.threads)
+                        bandwidth_mb=a.bandwidth_mb, upstream=a.upstream, threads=a.threads, schedule=a.jacobi_schedule)
     result = run_benchmark(opts, log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(result, indent=2) if a.json else format_report(result))
 

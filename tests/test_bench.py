@@ -56,6 +56,15 @@ def test_tiny_report_fields():
     assert runs["sequential"]["first_call_traces"] == 2 and runs["jacobi"]["first_call_traces"] == 2  # one per block
     assert result["auto_sampler"] == "sequential"  # on a CPU
     assert jac["total_iterations"] == sum(v["total"] for v in jac["per_block"].values())
+    # One 16-token chunk per block: every iteration evaluates all 16 tokens.
+    assert jac["token_evaluations"] == 16 * jac["total_iterations"]
+
+
+def test_window_schedule_reports_token_evaluations():
+    result = bench("--config", "tiny", "--sampler", "jacobi", "--jacobi-schedule", "window", *QUICK)
+    assert result["options"]["schedule"] == "window"
+    jac = result["runs"][0]["jacobi"]
+    assert 0 < jac["token_evaluations"] <= 16 * jac["total_iterations"]
 
 
 def test_config_file_and_text_report(tmp_path):
@@ -71,6 +80,7 @@ def test_config_file_and_text_report(tmp_path):
     (["--config", "nope"], "unknown config 'nope'"),
     (["--config", "tiny", "--sampler", "fast"], "unknown sampler 'fast'"),
     (["--config", "tiny", "--repeats", "0"], "at least 1"),
+    (["--config", "tiny", "--jacobi-schedule", "fast"], "unknown Jacobi schedule 'fast'"),
     (["--config", "tiny", "--upstream", "/nonexistent"], "has no transformer_flow.py"),
 ])
 def test_bad_options_fail_in_one_line(args, message):
