@@ -25,6 +25,9 @@ def bench(
                                            help="apple/ml-starflow checkout to time side by side "
                                                 "(default: $STARFLOW_UPSTREAM; needs torch)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads for upstream (default: as MLX uses)."),
+    jacobi_schedule: str = typer.Option("chunk", "--jacobi-schedule",
+                                        help="Our Jacobi schedule: chunk (upstream's) or window (sliding, commits "
+                                             "converged tokens)."),
     json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
 ) -> None:
     """Sampling latency per block, Jacobi iterations, memory and the bandwidth roofline (optionally vs upstream)."""
@@ -37,6 +40,6 @@ def bench(
     opts = BenchOptions(config=config, samplers=SAMPLERS if sampler == "both" else (sampler,), batch=batch, cfg=cfg,
                         block_size=block_size, threshold=threshold, max_iter=max_iter, repeats=repeats, dtype=dtype,
                         seed=seed, bandwidth_mb=bandwidth_mb, upstream=upstream or os.environ.get("STARFLOW_UPSTREAM"),
-                        threads=threads)
+                        threads=threads, schedule=jacobi_schedule)
     result = run_benchmark(opts, log=lambda message: typer.echo(message, err=True))
     typer.echo(json.dumps(result, indent=2) if json_out else format_report(result))

@@ -173,7 +173,9 @@ def generate(
                                                     "16:9 for video)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images to generate (a grid in one file without --output-dir)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images sampled together (default: what memory allows, at most 16)."),
-    jacobi: bool = typer.Option(True, "--jacobi/--no-jacobi", help="Block-wise Jacobi (fast) or sequential sampling."),
+    jacobi: Optional[bool] = typer.Option(None, "--jacobi/--no-jacobi", show_default=False,
+                                          help="Block-wise Jacobi or sequential sampling (default: the faster one "
+                                               "on this device: sequential on a CPU, Jacobi on a GPU; video: Jacobi)."),
     jacobi_block_size: Optional[int] = typer.Option(None, help="Tokens solved together per Jacobi chunk "
                                                               "(default 64; 32 for video)."),
     jacobi_threshold: Optional[float] = typer.Option(None, help="Jacobi stops a chunk below this residual "
@@ -183,7 +185,8 @@ def generate(
                                                                       "Default: PROMPT-seedSEED.png here."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image, named PROMPT-seedSEED-INDEX.png."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files instead of refusing."),
-    dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16."),
+    dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16 (default: as stored; "
+                                                   "float32 scales for quantized models on a CPU)."),
     from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", readable=False,
                                                  help="Regenerate the image or mp4 these "
                                                                                "parameters came from."),
@@ -203,6 +206,7 @@ def generate(
     from starflow_mlx.pipelines.image import Pipeline, plan_batch
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.progress import StageProgress
+    from starflow_mlx.sampling.auto import resolve_jacobi
 
     if is_video_job(model, from_metadata):
         from starflow_mlx.apps.generate_video import generate_video
@@ -238,6 +242,7 @@ def generate(
     check_aspect_ratio(job["aspect_ratio"])
     parse_dtype(job["dtype"])
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
     batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"], job["batch_size"])

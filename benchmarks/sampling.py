@@ -1,9 +1,10 @@
 """Sampling latency: sequential and block-wise Jacobi, per block, against the weight-read roofline and upstream.
 
-A flow of a named shape (or a ``config.json``) gets random weights; both
-samplers run once untimed (tracing and compiling), then ``repeats`` times,
-each run timed with ``time.perf_counter`` around ``mx.eval`` and the median
-reported. With upstream's sources (``--upstream``), upstream's own PyTorch
+A flow of a named shape (or a ``config.json``) gets random weights; each
+sampler's first call (tracing and compiling the chunk steps) is timed apart,
+then it runs ``repeats`` times warm (the cached steps are reused, so no
+tracing), each run timed with ``time.perf_counter`` around ``mx.eval`` and the
+median reported. The report names the sampler ``jacobi=None`` (auto) picks here. With upstream's sources (``--upstream``), upstream's own PyTorch
 sampler runs on the same weights, noise and text features, alternating with
 ours, and the samples are compared.
 
@@ -30,7 +31,9 @@ import numpy as np
 from starflow_mlx.benchmarks.configs import build_flow, load_config
 from starflow_mlx.benchmarks.roofline import measure_bandwidth, parameter_bytes, roofline
 from starflow_mlx.loading import parse_dtype
-from starflow_mlx.sampling.jacobi import JacobiStats
+from starflow_mlx.sampling.auto import choose_jacobi
+from starflow_mlx.sampling.jacobi import SCHEDULES, JacobiStats
+from starflow_mlx.sampling.stepper import compiled_steps
 
 SAMPLERS = ("sequential", "jacobi")
 # Largest |ours - upstream| accepted as the same sample, relative to the sample's scale.
@@ -56,6 +59,7 @@ class BenchOptions:
     bandwidth_mb: int = 1024
     upstream: str | None = None
     threads: int | None = None  # torch threads for upstream; None: as many cores as MLX keeps busy
+    schedule: str = "chunk"  # our Jacobi schedule (upstream always runs its own chunk schedule)
 
     def check(self) -> None:
         unknown = [s for s in self.samplers if s not in SAMPLERS]
@@ -65,6 +69,8 @@ class BenchOptions:
             raise BenchError("batch, repeats, block size and max iterations must be at least 1")
         if self.threshold <= 0:
             raise BenchError("the Jacobi threshold must be positive")
+        if self.schedule not in SCHEDULES:
+            raise BenchError(f"unknown Jacobi schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         parse_dtype(self.dtype)
 
 
@@ -149,6 +155,11 @@ class BlockClock:
         self.last = now
 
 
+def traces(flow) -> int:
+    """Chunk-step traces so far over all blocks of ``flow``."""
+    return sum(compiled_steps(b).traces for b in flow.blocks if not b.is_identity)
+
+
 def run_ours(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, clock: BlockClock):
     z, y, y_u = inputs
     stats = JacobiStats()
@@ -156,7 +167,8 @@ def run_ours(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, clock: 
     clock.start()
     start = time.perf_counter()
     out = flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=sampler == "jacobi", jacobi_block_size=opts.block_size,
-                       jacobi_threshold=opts.threshold, jacobi_max_iter=opts.max_iter, stats=stats, progress=clock)
+                       jacobi_threshold=opts.threshold, jacobi_max_iter=opts.max_iter, jacobi_schedule=opts.schedule,
+                       stats=stats, progress=clock)
     mx.eval(out)
     seconds = time.perf_counter() - start
     return out, seconds, dict(clock.seconds), stats, mx.get_peak_memory()
@@ -168,9 +180,10 @@ def jacobi_summary(stats: JacobiStats, blocks: list[int]) -> dict:
         its = [c.iterations for c in stats.chunks if c.block == b]
         per_block[str(b)] = {"chunks": len(its), "iterations": its, "total": sum(its),
                              "mean": sum(its) / len(its) if its else 0.0, "max": max(its, default=0),
-                             "traces": stats.traces.get(b, 0)}
+                             "traces": stats.traces.get(b, 0), "token_evaluations": stats.token_evaluations(b)}
     total = stats.iterations()
     return {"per_block": per_block, "total_iterations": total, "chunks": len(stats.chunks),
+            "token_evaluations": stats.token_evaluations(),
             "mean_iterations_per_chunk": total / len(stats.chunks) if stats.chunks else 0.0}
 
 
@@ -213,6 +226,7 @@ def run_benchmark(opts: BenchOptions, log=None) -> dict:
         "tokens_per_sample": tokens_per_sample(config), "params_bytes": parameter_bytes(flow),
         "block_params_bytes": {str(b): n for b, n in block_bytes.items()},
         "machine": machine_info(), "bandwidth": bandwidth, "runs": runs,
+        "auto_sampler": "jacobi" if choose_jacobi(config) else "sequential",
     }
 
 
@@ -229,8 +243,10 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
     blocks = [b.index for b in flow.blocks if not b.is_identity]
     tokens = opts.batch * tokens_per_sample(config)
     clock = BlockClock()
-    say(f"{sampler}: warm-up")
-    warm = run_ours(flow, inputs, cfg, sampler, opts, clock)[1]
+    say(f"{sampler}: first call (traces and compiles)")
+    before = traces(flow)
+    first = run_ours(flow, inputs, cfg, sampler, opts, clock)[1]
+    first_traces = traces(flow) - before
 
     def theirs():
         start = time.perf_counter()
@@ -241,6 +257,7 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
     if upstream is not None:
         theirs()
     ours_runs, their_runs, peak = [], [], 0
+    before = traces(flow)
     for r in range(opts.repeats):
         out, seconds, per_block, stats, run_peak = run_ours(flow, inputs, cfg, sampler, opts, clock)
         ours_runs.append((seconds, per_block))
@@ -250,10 +267,11 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
             their_out, their_seconds, their_blocks = theirs()
             their_runs.append((their_seconds, their_blocks))
             say(f"{sampler}: run {r + 1}/{opts.repeats} upstream {their_seconds:.3f} s")
+    warm_traces = traces(flow) - before
     seconds = statistics.median(s for s, _ in ours_runs)
     run = {"sampler": sampler, "seconds": seconds, "all_seconds": [s for s, _ in ours_runs],
-           "warmup_seconds": warm, "tokens_per_s": tokens / seconds, "peak_memory_bytes": peak,
-           "rss_peak_bytes": peak_rss_bytes()}
+           "first_call_seconds": first, "first_call_traces": first_traces, "warm_traces": warm_traces,
+           "tokens_per_s": tokens / seconds, "peak_memory_bytes": peak, "rss_peak_bytes": peak_rss_bytes()}
     jac = jacobi_summary(stats, blocks) if sampler == "jacobi" else None
     lengths = sequence_lengths(config, blocks)
     run["blocks"] = []
@@ -299,8 +317,9 @@ def format_report(result: dict) -> str:
            else ")"),
     ]
     for run in result["runs"]:
-        head = (f"\n{run['sampler']}: {run['seconds']:.3f} s median of {len(run['all_seconds'])} "
-                f"(warm-up {run['warmup_seconds']:.3f} s), {run['tokens_per_s']:.1f} tokens/s, "
+        head = (f"\n{run['sampler']}: {run['seconds']:.3f} s median of {len(run['all_seconds'])} warm runs "
+                f"({run['warm_traces']} traces; first call {run['first_call_seconds']:.3f} s, "
+                f"{run['first_call_traces']} traces), {run['tokens_per_s']:.1f} tokens/s, "
                 f"peak MLX memory {_gb(run['peak_memory_bytes'])}, peak RSS {_gb(run['rss_peak_bytes'])}, "
                 f"roofline {run['roofline']['bandwidth_fraction']:.1%}")
         lines.append(head)
@@ -319,12 +338,14 @@ def format_report(result: dict) -> str:
         if "jacobi" in run:
             jac = run["jacobi"]
             per = ", ".join(f"block {b}: {v['iterations']}" for b, v in jac["per_block"].items())
-            lines.append(f"Jacobi iterations per chunk (block size {opts['block_size']}, threshold {opts['threshold']}): "
-                         f"mean {jac['mean_iterations_per_chunk']:.2f}; {per}")
+            lines.append(f"Jacobi ({opts['schedule']} schedule) iterations per chunk (block size {opts['block_size']}, "
+                         f"threshold {opts['threshold']}): mean {jac['mean_iterations_per_chunk']:.2f}; {per}; "
+                         f"{jac['token_evaluations']} token evaluations")
         if up:
             lines.append(f"upstream ({up['threads']} torch threads): {up['seconds']:.3f} s; ours/upstream {up['ratio']:.2f} "
                          f"(speed-up {up['speedup']:.2f}x); max |ours - upstream| {up['max_abs_diff']:.2e} "
                          f"({'match' if up['match'] else 'MISMATCH'}, tolerance {up['tolerance']:.1e})")
+    lines.append(f"\nauto sampler (jacobi=None) on {m['device']}: {result['auto_sampler']}")
     return "\n".join(lines)
 
 
@@ -342,11 +363,12 @@ def main() -> None:
     parser.add_argument("--bandwidth-mb", type=int, default=1024)
     parser.add_argument("--upstream", default=os.environ.get("STARFLOW_UPSTREAM"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--jacobi-schedule", default="chunk", choices=list(SCHEDULES))
     parser.add_argument("--json", action="store_true")
     a = parser.parse_args()
     samplers = SAMPLERS if a.sampler == "both" else (a.sampler,)
     opts = BenchOptions(a.config, samplers, a.batch, a.cfg, a.block_size, a.threshold, a.max_iter, a.repeats, a.dtype,
-                        bandwidth_mb=a.bandwidth_mb, upstream=a.upstream, threads=a.threads)
+                        bandwidth_mb=a.bandwidth_mb, upstream=a.upstream, threads=a.threads, schedule=a.jacobi_schedule)
     result = run_benchmark(opts, log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(result, indent=2) if a.json else format_report(result))
 

@@ -7,9 +7,11 @@
 
 __version__ = "0.1.0"
 
-from starflow_mlx.blas import use_system_openblas
+from starflow_mlx import blas as _blas
 
-use_system_openblas()
+# Linux: load a fast BLAS for MLX when mlx is first imported (or warn in one line if it is too late).
+_blas.install_hook()
+_blas.check()
 
 # Imported on first use so that `starflow --help` and light imports stay fast.
 _EXPORTS = {

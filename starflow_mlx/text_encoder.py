@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
-from starflow_mlx.loading import ModelLoadError, load_weights_strict, parse_dtype
+from starflow_mlx.loading import DTYPES, ModelLoadError, auto_dtype, load_weights_strict, parse_dtype
 from starflow_mlx.models.t5 import T5Config, T5Encoder
 from starflow_mlx.quantize.policy import apply_quantization, describe, plan_quantization
 
@@ -138,6 +138,8 @@ def load_text_encoder(path: str | Path, dtype: str | None = None) -> TextEncoder
         if not tokenizer_folder.is_dir():
             raise ModelLoadError(f"text encoder folder {folder} has no tokenizer/: it is incomplete "
                                  "(convert it again with starflow convert)")
+        # By default, as load_flow: float32 scales for an 8-bit encoder on a CPU, where float16 ones are slow.
+        target = target if dtype is not None else auto_dtype(bool(config.quantization))
         model = T5Encoder(config)
         if config.quantization:
             apply_quantization(model, config.quantization)
@@ -148,7 +150,7 @@ def load_text_encoder(path: str | Path, dtype: str | None = None) -> TextEncoder
                              f"{config.vocab_size}: they do not belong together")
     if target is not None:
         model.cast(target)
-        config.dtype = dtype
+        config.dtype = next(name for name, value in DTYPES.items() if value == target)
     mx.eval(model.parameters())
     model.eval()
     return TextEncoder(model, tokenizer)

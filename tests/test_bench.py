@@ -35,7 +35,8 @@ def test_tiny_report_fields():
     runs = {r["sampler"]: r for r in result["runs"]}
     assert set(runs) == {"sequential", "jacobi"}
     for run in runs.values():
-        assert run["seconds"] > 0 and run["warmup_seconds"] > 0 and len(run["all_seconds"]) == 1
+        assert run["seconds"] > 0 and run["first_call_seconds"] > 0 and len(run["all_seconds"]) == 1
+        assert run["warm_traces"] == 0  # the first call's compiled steps are reused
         assert run["tokens_per_s"] == pytest.approx(result["tokens_per_sample"] / run["seconds"])
         assert run["peak_memory_bytes"] > 0 and run["rss_peak_bytes"] > run["peak_memory_bytes"]
         assert [b["block"] for b in run["blocks"]] == [1, 0]  # sampling order: deep block first
@@ -51,8 +52,19 @@ def test_tiny_report_fields():
         per_block = jac["per_block"][str(row["block"])]
         assert per_block["chunks"] == 1  # 16 tokens fit in one 64-token chunk
         assert 1 <= per_block["total"] <= 32 and row["steps"] == per_block["total"]
-        assert per_block["traces"] == 1
+        assert per_block["traces"] == 0  # the last (warm) run traced nothing
+    assert runs["sequential"]["first_call_traces"] == 2 and runs["jacobi"]["first_call_traces"] == 2  # one per block
+    assert result["auto_sampler"] == "sequential"  # on a CPU
     assert jac["total_iterations"] == sum(v["total"] for v in jac["per_block"].values())
+    # One 16-token chunk per block: every iteration evaluates all 16 tokens.
+    assert jac["token_evaluations"] == 16 * jac["total_iterations"]
+
+
+def test_window_schedule_reports_token_evaluations():
+    result = bench("--config", "tiny", "--sampler", "jacobi", "--jacobi-schedule", "window", *QUICK)
+    assert result["options"]["schedule"] == "window"
+    jac = result["runs"][0]["jacobi"]
+    assert 0 < jac["token_evaluations"] <= 16 * jac["total_iterations"]
 
 
 def test_config_file_and_text_report(tmp_path):
@@ -68,6 +80,7 @@ def test_config_file_and_text_report(tmp_path):
     (["--config", "nope"], "unknown config 'nope'"),
     (["--config", "tiny", "--sampler", "fast"], "unknown sampler 'fast'"),
     (["--config", "tiny", "--repeats", "0"], "at least 1"),
+    (["--config", "tiny", "--jacobi-schedule", "fast"], "unknown Jacobi schedule 'fast'"),
     (["--config", "tiny", "--upstream", "/nonexistent"], "has no transformer_flow.py"),
 ])
 def test_bad_options_fail_in_one_line(args, message):

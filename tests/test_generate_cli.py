@@ -37,7 +37,7 @@ def metadata(path):
 def test_png_carries_its_parameters_and_is_byte_identical_per_seed(model, tmp_path):
     a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
     for out, seed in ((a, 3), (b, 3), (c, 4)):
-        res = generate("a cat playing piano", "--model", model, "--seed", seed, "-o", out, "--jacobi-block-size", 8)
+        res = generate("a cat playing piano", "--model", model, "--seed", seed, "-o", out, "--jacobi", "--jacobi-block-size", 8)
         assert res.exit_code == 0, res.output
     assert a.read_bytes() == b.read_bytes() and a.read_bytes() != c.read_bytes()
     assert "block 1 (deep)" in res.output and "decode" in res.output  # per-stage progress and timings

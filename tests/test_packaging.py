@@ -17,7 +17,8 @@ def test_wheel_layout(tmp_path):
     wheel = next(tmp_path.glob("starflow_mlx-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert all(t == "starflow_mlx" or t.endswith(".dist-info") for t in tops), tops
+    assert all(t in ("starflow_mlx", "starflow_mlx_blas.pth") or t.endswith(".dist-info") for t in tops), tops
+    assert "starflow_mlx_blas.pth" in names  # the start-up hook of starflow_mlx/blas.py
     for sub in ("convert", "quantize", "apps", "benchmarks", "models", "sampling", "pipelines", "training", "coreml"):
         assert f"starflow_mlx/{sub}/__init__.py" in names, sub
     assert "starflow_mlx/registry.json" in names

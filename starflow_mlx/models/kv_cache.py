@@ -50,6 +50,13 @@ class KVCache:
         for i, layer in enumerate(self.layers):
             layer.keys, layer.values = arrays[2 * i], arrays[2 * i + 1]
 
+    @classmethod
+    def from_state(cls, arrays: list[mx.array], layers: int) -> "KVCache":
+        """A cache over existing buffers: what a compiled step receives as inputs."""
+        cache = cls(layers, 0, 0, 0, 0)
+        cache.set_state(arrays)
+        return cache
+
 
 def position_mask(start: mx.array, queries: int, length: int) -> mx.array:
     """Boolean (queries, length) mask: query i at ``start + i`` sees keys at positions <= its own."""

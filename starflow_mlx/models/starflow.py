@@ -194,11 +194,12 @@ class STARFlow(nn.Module):
         *,
         y_uncond: mx.array | None = None,
         cfg: float = 0.0,
-        jacobi: bool = False,
+        jacobi: bool | None = False,
         jacobi_block_size: int = 64,
         jacobi_threshold: float = 0.005,
         jacobi_max_iter: int = 32,
         jacobi_check_every: int = 1,
+        jacobi_schedule: str = "chunk",
         context_frames: int | None = None,
         context: mx.array | None = None,
         stats=None,
@@ -209,7 +210,10 @@ class STARFlow(nn.Module):
         ``cfg > 0`` applies guidance on every text-conditioned block using
         ``y_uncond`` for the unconditional half; with text on the top block only,
         the shallow blocks run unguided on ``y``. ``jacobi=True`` solves chunks of
-        tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); a video longer
+        tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); ``jacobi=None``
+        picks the faster sampler for the device (:mod:`starflow_mlx.sampling.auto`);
+        ``jacobi_schedule`` is ``"chunk"`` (upstream's) or ``"window"`` (a sliding window that
+        commits converged tokens, :mod:`starflow_mlx.sampling.jacobi`); a video longer
         than the training length is generated with a sliding window of
         ``context_frames`` re-encoded frames. ``context`` (B, P, H, W, c) holds known first
         frames in data space (an encoded image or clip): they condition the deep block
@@ -217,9 +221,11 @@ class STARFlow(nn.Module):
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
         is called as tokens are produced.
         """
+        from starflow_mlx.sampling.auto import resolve_jacobi
         from starflow_mlx.sampling.sequential import invert_sequential
 
         self._check_input(z, "z")
+        jacobi = resolve_jacobi(jacobi, self.config)
         if cfg > 0 and y_uncond is None:
             raise ValueError("cfg > 0 needs y_uncond (the features of the empty prompt)")
         if jacobi and not self.config.sos:
@@ -246,7 +252,8 @@ class STARFlow(nn.Module):
                 out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0,
                                     block_size=jacobi_block_size, threshold=jacobi_threshold,
                                     max_iter=jacobi_max_iter, check_every=jacobi_check_every,
-                                    context_frames=context_frames, prefix=known, stats=stats, on_chunk=report)
+                                    context_frames=context_frames, prefix=known, stats=stats, on_chunk=report,
+                                    schedule=jacobi_schedule)
             else:
                 cos, sin = self.rope(layout, text_len)
                 out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report, prefix=known)

@@ -223,7 +223,7 @@ class Pipeline:
         cfg: float | None = None,
         aspect_ratio: str = "1:1",
         num_images: int = 1,
-        jacobi: bool = True,
+        jacobi: bool | None = None,
         jacobi_block_size: int = 64,
         jacobi_threshold: float = 0.005,
         jacobi_max_iter: int = 32,
@@ -232,9 +232,11 @@ class Pipeline:
     ) -> mx.array:
         """Clean samples in the flow's data space (scaled latents, or pixels in [-1, 1] x pixel_scale).
 
-        ``cfg=None`` uses the model's guidance weight. Jacobi needs a start-of-sequence
-        token; models without one are sampled sequentially. ``images=(start, stop)``
-        samples only those images of the ``num_images`` (image i uses seed + i).
+        ``cfg=None`` uses the model's guidance weight. ``jacobi=None`` picks the faster
+        sampler for the device (``starflow_mlx.sampling.auto``). Jacobi needs a
+        start-of-sequence token; models without one are sampled sequentially.
+        ``images=(start, stop)`` samples only those images of the ``num_images`` (image i
+        uses seed + i).
         """
         cfg = self.config.cfg if cfg is None else cfg
         check_options(seed, cfg, num_images, jacobi_block_size, jacobi_threshold, jacobi_max_iter)

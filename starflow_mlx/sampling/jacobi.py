@@ -11,6 +11,13 @@ position, and the host only reads the residual (every ``check_every`` iterations
 Past the training length of a video, the deep block keeps a window of frames:
 when it is full, the cache restarts with the text and the last context frames
 re-encoded, and generation goes on.
+
+``schedule="window"`` replaces upstream's chunks by a sliding window: every
+iteration evaluates ``block_size`` tokens from the first uncommitted one, the
+leading tokens whose own residual is below the threshold (at least the first,
+whose inputs are all final, so it is exact) are committed, and the window moves
+past them, so no iteration is spent on tokens that have already converged. The
+cache is rewound to the window's start every iteration, as for a chunk.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from typing import Callable
 import mlx.core as mx
 
 from starflow_mlx.models.tarflow import MetaBlock
-from starflow_mlx.sampling.stepper import ChunkStepper
+from starflow_mlx.sampling.stepper import ChunkStepper, compiled_steps
+
+
+SCHEDULES = ("chunk", "window")
 
 
 @dataclass
@@ -38,11 +48,16 @@ class JacobiStats:
     """Per-chunk iterations and final residuals of one sampling run."""
 
     chunks: list[ChunkRecord] = field(default_factory=list)
-    traces: dict[int, int] = field(default_factory=dict)  # block index -> compiled-step traces
+    traces: dict[int, int] = field(default_factory=dict)  # block index -> compiled-step traces in this run
     reencodes: int = 0
 
     def iterations(self, block: int | None = None) -> int:
+        """Host round-trips (sequential steps of the solver)."""
         return sum(c.iterations for c in self.chunks if block is None or c.block == block)
+
+    def token_evaluations(self, block: int | None = None) -> int:
+        """Tokens run through the block, padding rows not counted."""
+        return sum(c.size * c.iterations for c in self.chunks if block is None or c.block == block)
 
 
 def _window(model, block: MetaBlock, layout) -> int | None:
@@ -74,17 +89,23 @@ def invert_jacobi(
     stats: JacobiStats | None = None,
     on_chunk: Callable[..., None] | None = None,
     compile: bool = True,
+    schedule: str = "chunk",
 ) -> mx.array:
     """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``.
 
-    ``prefix`` (B, P, c): tokens already known (the conditioning frames of image- or
-    video-to-video); they are encoded into the cache as context, kept as they are in the
-    output, and sampling continues after them (the matching rows of ``z`` are ignored).
+    ``schedule``: ``"chunk"`` (upstream's) or ``"window"`` (see the module notes; it reads the
+    residuals every iteration, so ``check_every`` does not apply, and ``max_iter`` bounds the
+    iterations each token takes part in). ``prefix`` (B, P, c): tokens already known (the
+    conditioning frames of image- or video-to-video); they are encoded into the cache as
+    context, kept as they are in the output, and sampling continues after them (the matching
+    rows of ``z`` are ignored).
     """
     if not block.use_sos:
         raise ValueError("Jacobi sampling needs a start-of-sequence token")
     if block_size < 1 or max_iter < 1 or check_every < 1:
         raise ValueError("jacobi block size, max iterations and check interval must be positive")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown Jacobi schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
     zz = mx.concatenate([z, z], axis=0) if cfg > 0 else z
     batch, n, c = zz.shape
     text_len = y.shape[1] if (block.sees_text and y is not None) else 0
@@ -100,6 +121,7 @@ def invert_jacobi(
     cos, sin = model.rope(layout, text_len, pad=pad)
     cache = block.new_cache(batch, text_len + span + pad)
     steppers: dict[int, ChunkStepper] = {}
+    traced_before = compiled_steps(block).traces
 
     def stepper(size: int) -> ChunkStepper:
         if size not in steppers:
@@ -113,6 +135,58 @@ def invert_jacobi(
     def encode_prefix() -> None:
         if text_len:
             block.encode_text(y, cache, cos, sin)
+
+    def solve_window(start: int, target: int) -> None:
+        while start < target:
+            size = block_size if start <= frame else big
+            valid = min(size, target - start)
+            end = start + valid
+            if layout.seq_frames > 1:
+                # Tokens entering the window past the first frame start from the previous frame (as upstream).
+                lo = max(guessed[0], start + 1, frame + 1)
+                if lo <= end:
+                    x_full[:, lo : end + 1] = x_full[:, lo - frame : end + 1 - frame]
+                guessed[0] = max(guessed[0], end + 1)
+            z_chunk = padded(zz[:, start:end], size)
+            tokens = padded(x_full[:, start:end], size)
+            prev = padded(x_full[:, start + 1 : end + 1], size)
+            new, _, per_token = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
+            x_full[:, start + 1 : end + 1] = new[:, :valid]
+            res = per_token[:valid].tolist()
+            for t in range(start, end):
+                rounds[t] += 1
+            # The first token's inputs were all final, so it is exact; then the leading converged ones.
+            commit = next((i for i in range(1, valid) if res[i] >= threshold and rounds[start + i] < max_iter), valid)
+            worst = max(res[:commit])
+            if stats is not None:
+                stats.chunks.append(ChunkRecord(block.index, start, valid, 1, worst))
+            start += commit
+            if on_chunk is not None:
+                on_chunk(start, n, iterations=rounds[start - 1], residual=worst)
+
+    def solve_chunks(start: int, target: int) -> None:
+        while start < target:
+            size = block_size if start <= frame else big
+            valid = min(size, target - start)
+            z_chunk = padded(zz[:, start : start + valid], size)
+            for it in range(max_iter):
+                lo = start - frame if (it == 0 and start > frame) else start
+                tokens = padded(x_full[:, lo : lo + valid], size)
+                prev = padded(x_full[:, start + 1 : start + 1 + valid], size)
+                new, residual, _ = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
+                x_full[:, start + 1 : start + 1 + valid] = new[:, :valid]
+                last = it == max_iter - 1
+                if last or (it + 1) % check_every == 0:
+                    res = residual.item()
+                    if res < threshold or last:
+                        break
+                else:
+                    mx.async_eval(x_full, *cache.state())
+            if stats is not None:
+                stats.chunks.append(ChunkRecord(block.index, start, valid, it + 1, res))
+            start += valid
+            if on_chunk is not None:
+                on_chunk(start, n, iterations=it + 1, residual=res)
 
     def encode_context(start: int, keep: int) -> None:
         """Text, then tokens start-keep .. start-1 as a fresh sequence: cache and RoPE restart at 0."""
@@ -131,34 +205,17 @@ def invert_jacobi(
             raise ValueError(f"context must be whole frames and shorter than the video, got {known} of {n} tokens")
         x_full[:, 1 : known + 1] = mx.concatenate([prefix, prefix], axis=0) if cfg > 0 else prefix
         start = known
+    rounds = [0] * n  # window schedule: iterations each token has taken part in
+    guessed = [start + 1]  # window schedule: x_full columns below this hold a first guess (or are known)
+    solve = solve_window if schedule == "window" else solve_chunks
     # The cache keeps the whole known part while at least a frame still fits after it.
     keep = start if (window is None or start + frame <= span) else context_frames * frame
     encode_context(start, keep)
     base = start - keep
     target = min(base + span, n)
     while True:
-        while start < target:
-            size = block_size if start <= frame else big
-            valid = min(size, target - start)
-            z_chunk = padded(zz[:, start : start + valid], size)
-            for it in range(max_iter):
-                lo = start - frame if (it == 0 and start > frame) else start
-                tokens = padded(x_full[:, lo : lo + valid], size)
-                prev = padded(x_full[:, start + 1 : start + 1 + valid], size)
-                new, residual = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
-                x_full[:, start + 1 : start + 1 + valid] = new[:, :valid]
-                last = it == max_iter - 1
-                if last or (it + 1) % check_every == 0:
-                    res = residual.item()
-                    if res < threshold or last:
-                        break
-                else:
-                    mx.async_eval(x_full, *cache.state())
-            if stats is not None:
-                stats.chunks.append(ChunkRecord(block.index, start, valid, it + 1, res))
-            start += valid
-            if on_chunk is not None:
-                on_chunk(start, n, iterations=it + 1, residual=res)
+        solve(start, target)
+        start = target
         if target >= n:
             break
         # Window full: restart the cache from the text and the last context frames.
@@ -169,5 +226,5 @@ def invert_jacobi(
         if stats is not None:
             stats.reencodes += 1
     if stats is not None:
-        stats.traces[block.index] = sum(s.traces for s in steppers.values())
+        stats.traces[block.index] = compiled_steps(block).traces - traced_before
     return x_full[: z.shape[0], 1:]

@@ -48,7 +48,7 @@ def invert_sequential(
         tokens, prev, first, shift = [zz[:, :1]], zz[:, :1], 1, 1
     for t in range(first, n):
         z_t = zz[:, t : t + 1]
-        prev, _ = step(prev, z_t, z_t, text_len + t - shift, 1)
+        prev, _, _ = step(prev, z_t, z_t, text_len + t - shift, 1)
         tokens.append(prev)
         mx.async_eval(prev, *cache.state())
         if on_token is not None and (t + 1 == n or (t + 1) % 64 == 0):

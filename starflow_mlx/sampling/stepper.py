@@ -2,9 +2,11 @@
 
 One call runs ``k`` input tokens of a block at a cache position, applies
 guidance, forms the update ``x = b + a * z`` and the Jacobi residual, and
-returns the new cache buffers. Positions and the count of valid rows are
-arrays, so the function is traced once per chunk size and reused everywhere;
-the KV cache is threaded through as explicit state and never reallocated.
+returns the new cache buffers. Positions, the count of valid rows, the RoPE
+tables and the cache buffers are all inputs, and the block's weights are read
+as compiled state, so one compiled function per (block, guidance scale) serves
+every call: MLX keeps one trace per input shape (chunk size, batch, cache
+length) and later ``reverse`` calls in the process pay no tracing.
 """
 
 from __future__ import annotations
@@ -16,26 +18,61 @@ from starflow_mlx.models.tarflow import MetaBlock
 from starflow_mlx.sampling.guidance import guide
 
 
-class ChunkStepper:
-    def __init__(self, block: MetaBlock, cache: KVCache, cos: mx.array, sin: mx.array, cfg: float, compile: bool = True):
-        self.block, self.cache, self.cos, self.sin, self.cfg = block, cache, cos, sin, float(cfg)
-        self.traces = 0  # how many times the step was traced; tests use it to prove reuse
-        self._fn = mx.compile(self._step) if compile else self._step
+class CompiledSteps:
+    """The compiled steps of one block, kept on the block (``block._compiled_steps``)."""
 
-    def _step(self, tokens, z_chunk, prev, start, valid, *state):
-        self.traces += 1
-        self.cache.set_state(list(state))
-        a, b = self.block.step(tokens, self.cache, start, self.cos, self.sin)
-        if self.cfg > 0:
-            a, b = guide(a, b, self.cfg)
-        new = b + a * z_chunk
-        rows = (mx.arange(new.shape[1]) < valid)[None, :, None]
-        residual = mx.sum(mx.where(rows, mx.square(new - prev), 0.0)) / mx.sum(mx.where(rows, mx.square(new), 0.0))
-        return (new, residual, *self.cache.state())
+    def __init__(self, block: MetaBlock):
+        self.block = block
+        self.fns: dict[float, object] = {}
+        self.traces = 0  # Python traces so far, all guidance scales and shapes; tests use it to prove reuse
+
+    def get(self, cfg: float, compile: bool):
+        if not compile:
+            return self._make(cfg)
+        if cfg not in self.fns:
+            # inputs=block.state: the weights are read at every call, so updated weights are never stale.
+            self.fns[cfg] = mx.compile(self._make(cfg), inputs=self.block.state)
+        return self.fns[cfg]
+
+    def _make(self, cfg: float):
+        block, layers = self.block, len(self.block.attn_blocks)
+
+        def step(tokens, z_chunk, prev, start, valid, cos, sin, *state):
+            self.traces += 1
+            cache = KVCache.from_state(list(state), layers)
+            a, b = block.step(tokens, cache, start, cos, sin)
+            if cfg > 0:
+                a, b = guide(a, b, cfg)
+            new = b + a * z_chunk
+            rows = (mx.arange(new.shape[1]) < valid)[None, :, None]
+            change = mx.sum(mx.where(rows, mx.square(new - prev), 0.0), axis=(0, 2))
+            size = mx.sum(mx.where(rows, mx.square(new), 0.0), axis=(0, 2))
+            # The chunk's residual (upstream's rule) and each token's own, for the sliding-window schedule.
+            residual = mx.sum(change) / mx.sum(size)
+            per_token = change / mx.maximum(size, 1e-30)
+            return (new, residual, per_token, *cache.state())
+
+        return step
+
+
+def compiled_steps(block: MetaBlock) -> CompiledSteps:
+    steps = getattr(block, "_compiled_steps", None)
+    if steps is None:
+        steps = CompiledSteps(block)
+        block._compiled_steps = steps  # a plain object, so nn.Module keeps it out of the parameters
+    return steps
+
+
+class ChunkStepper:
+    """The step of ``block`` bound to one cache and RoPE table for one sampling call."""
+
+    def __init__(self, block: MetaBlock, cache: KVCache, cos: mx.array, sin: mx.array, cfg: float, compile: bool = True):
+        self.cache, self.cos, self.sin = cache, cos, sin
+        self._fn = compiled_steps(block).get(float(cfg), compile)
 
     def __call__(self, tokens: mx.array, z_chunk: mx.array, prev: mx.array, start: int, valid: int):
-        """Returns ``(new, residual)``; the cache holds the chunk's keys/values afterwards."""
+        """Returns ``(new, residual, per_token_residual)``; the cache holds the chunk's keys/values afterwards."""
         out = self._fn(tokens, z_chunk, prev, mx.array([start], dtype=mx.int32), mx.array(valid, dtype=mx.int32),
-                       *self.cache.state())
-        self.cache.set_state(list(out[2:]))
-        return out[0], out[1]
+                       self.cos, self.sin, *self.cache.state())
+        self.cache.set_state(list(out[3:]))
+        return out[0], out[1], out[2]

@@ -1,0 +1,24 @@
+"""The multiply-add erf behind GELU matches the exact function to float32 precision."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from starflow_mlx.models.layers import GELU, erf
+
+
+def test_erf_matches_math_erf():
+    xs = np.linspace(-12, 12, 48001).astype(np.float32)
+    ours = np.array(erf(mx.array(xs)))
+    exact = np.array([math.erf(float(v)) for v in xs])
+    assert ours.dtype == np.float32 and np.abs(ours - exact).max() < 1e-6
+
+
+def test_gelu_matches_mlx_exact_gelu_and_keeps_dtype():
+    x = mx.random.normal((4, 64, 96), key=mx.random.key(0)) * 4
+    assert mx.abs(GELU()(x) - nn.gelu(x)).max().item() < 2e-6
+    half = x.astype(mx.float16)
+    out = GELU()(half)
+    assert out.dtype == mx.float16 and mx.abs(out.astype(mx.float32) - nn.gelu(half.astype(mx.float32))).max().item() < 2e-2
