@@ -187,3 +187,13 @@ def test_add_components_leaves_nothing_behind_on_failure(offline, tmp_path):
     assert manifest.kind == "text-to-image" and (folder / "starflow.json").is_file()
     with pytest.raises(ConversionError, match="already has text_encoder"):
         add_components(folder, "fake/t5", "fake/vae")
+
+
+def test_text_encoder_and_vae_load_from_repo_ids(offline):
+    from starflow_mlx.text_encoder import load_text_encoder
+    from starflow_mlx.vae import load_vae
+
+    assert load_text_encoder("fake/t5", dtype="float32").encode(["a cat"], 8).shape[:2] == (1, 8)
+    assert load_vae("fake/vae").factor >= 1
+    with pytest.raises(hub.HubError, match="not a local folder and the model registry has no file list"):
+        load_vae("nobody/vae")
