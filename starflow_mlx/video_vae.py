@@ -173,8 +173,10 @@ def _from_checkpoint(src: str | Path, dtype: str | None) -> VideoVAE:
         path = checkpoint_file(src)
         with open_checkpoint(path) as ck:
             config, names = plan_tensors(ck.tensors, path)
-            weights = {name: mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(parse_dtype(dtype))
-                       for name in names}
+            weights = {}
+            for name in names:
+                weights[name] = mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(parse_dtype(dtype))
+                mx.eval(weights[name])  # one float32 tensor alive at a time, not the whole checkpoint
     except (CheckpointError, WanVAEConversionError) as exc:
         raise ModelLoadError(str(exc)) from None
     return _from_model(config, weights, None, dtype)
