@@ -124,7 +124,7 @@ class VideoVAE:
 
 
 def tile_spans(size: int, tile: int | None) -> list[tuple[int, int]]:
-    """Tiles of ``tile`` cells covering ``range(size)``, overlapping by at least a quarter tile (one span if it fits)."""
+    """Tiles of ``tile`` cells covering ``range(size)``, overlapping by a quarter tile or more (one if it fits)."""
     if tile is None or size <= tile:
         return [(0, size)]
     stride = tile - max(1, tile // 4)
