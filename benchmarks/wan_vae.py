@@ -26,7 +26,8 @@ from starflow_mlx.models.wan_vae import CausalConv3d, WanVAE, WanVAEConfig
 from starflow_mlx.video_vae import VideoVAE
 
 
-def decode_run(frames: int, height: int, width: int, dtype: str, dim: int, dec_dim: int, seed: int = 0) -> dict:
+def decode_run(frames: int, height: int, width: int, dtype: str, dim: int, dec_dim: int, tile: int | None = None,
+               seed: int = 0) -> dict:
     if (frames - 1) % 4 or height % 16 or width % 16:
         raise SystemExit("frames must be 1 + 4k and height, width multiples of 16")
     mx.random.seed(seed)
@@ -34,7 +35,7 @@ def decode_run(frames: int, height: int, width: int, dtype: str, dim: int, dec_d
     cast_floats(model, parse_dtype(dtype))
     mx.eval(model.parameters())
     weights = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-    vae = VideoVAE(model)
+    vae = VideoVAE(model, tile=tile)
     latents = mx.random.normal((1, (frames - 1) // 4 + 1, height // 16, width // 16, 48))
     mx.eval(latents)
     mx.reset_peak_memory()
@@ -46,7 +47,7 @@ def decode_run(frames: int, height: int, width: int, dtype: str, dim: int, dec_d
         del out  # streamed: frames are handed on, never accumulated
         start = time.perf_counter()
     return {"frames": frames, "height": height, "width": width, "dtype": dtype, "dim": dim, "dec_dim": dec_dim,
-            "weights_bytes": weights, "peak_bytes": mx.get_peak_memory(),
+            "tile": tile, "weights_bytes": weights, "peak_bytes": mx.get_peak_memory(),
             "seconds": round(sum(c["seconds"] for c in chunks), 2), "chunks": chunks,
             "machine": f"{platform.machine()} {platform.system()}, mlx {mx.__version__}, {mx.default_device()}"}
 
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=160)
     parser.add_argument("--dec-dim", type=int, default=256)
     parser.add_argument("--compare-conv", action="store_true")
+    parser.add_argument("--tile", type=int, default=None, help="spatial tile side in latent cells (off by default)")
     parser.add_argument("--psnr", action="store_true")
     args = parser.parse_args()
     if args.compare_conv:
@@ -116,7 +118,8 @@ def main() -> None:
         print(json.dumps(psnr_run(args.frames, args.height, args.width, args.dim, args.dec_dim)), flush=True)
         return
     for dtype in args.dtype:
-        print(json.dumps(decode_run(args.frames, args.height, args.width, dtype, args.dim, args.dec_dim)), flush=True)
+        result = decode_run(args.frames, args.height, args.width, dtype, args.dim, args.dec_dim, args.tile)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: Path) -> WanV
 
 
 def mlx_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Where each axis goes: Conv3d (O,I,kt,kh,kw) -> (O,kt,kh,kw,I), Conv2d (O,I,kh,kw) -> (O,kh,kw,I), gamma -> (C,)."""
+    """MLX shape of a tensor: Conv3d (O,I,kt,kh,kw) -> (O,kt,kh,kw,I), Conv2d (O,I,kh,kw) -> (O,kh,kw,I), gamma (C,)."""
     if name.endswith(".gamma"):
         return (shape[0],)
     if len(shape) in (4, 5):

@@ -124,7 +124,7 @@ class VideoVAE:
 
 
 def tile_spans(size: int, tile: int | None) -> list[tuple[int, int]]:
-    """Tiles of ``tile`` cells covering ``range(size)``, overlapping by at least a quarter tile (one span if it fits)."""
+    """Tiles of ``tile`` cells covering ``range(size)``, overlapping by a quarter tile or more (one if it fits)."""
     if tile is None or size <= tile:
         return [(0, size)]
     stride = tile - max(1, tile // 4)
@@ -173,8 +173,10 @@ def _from_checkpoint(src: str | Path, dtype: str | None) -> VideoVAE:
         path = checkpoint_file(src)
         with open_checkpoint(path) as ck:
             config, names = plan_tensors(ck.tensors, path)
-            weights = {name: mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(parse_dtype(dtype))
-                       for name in names}
+            weights = {}
+            for name in names:
+                weights[name] = mx.array(mlx_layout(name, read_float(ck.tensors[name]))).astype(parse_dtype(dtype))
+                mx.eval(weights[name])  # one float32 tensor alive at a time, not the whole checkpoint
     except (CheckpointError, WanVAEConversionError) as exc:
         raise ModelLoadError(str(exc)) from None
     return _from_model(config, weights, None, dtype)

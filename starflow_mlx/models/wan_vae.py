@@ -111,14 +111,10 @@ class CausalConv3d(nn.Module):
 
     def __call__(self, x: mx.array, cache: FeatureCache | None = None) -> mx.array:
         if self.front:
-            if cache is None:
-                past = _frames_zero(x, self.front)
-            else:
-                # A missing past is zeros, exactly what the causal pad would add, so the
-                # cache can always hold CACHE_T frames and keep chunk shapes fixed.
-                past = cache.read()
-                past = _frames_zero(x, self.front) if past is None else past
-            x = mx.concatenate([past, x], axis=1)
+            past = None if cache is None else cache.read()
+            # A missing past is zeros, exactly what the causal pad adds, so a cache can
+            # always hold CACHE_T frames and every chunk after the first has fixed shapes.
+            x = mx.concatenate([_frames_zero(x, self.front) if past is None else past, x], axis=1)
             if cache is not None:
                 cache.write(x[:, -CACHE_T:])
         return self.conv(x)
