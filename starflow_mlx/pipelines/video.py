@@ -36,9 +36,10 @@ from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=True, jacobi_block_size=32,
                       jacobi_threshold=0.001, jacobi_max_iter=32)
 MAX_FRAMES = 2001  # ~2 minutes at 16 fps: far beyond what the model was trained for
-# Streaming VAE decode of one latent frame at 480x848 peaks near 6-8 GB in float32 (shared/reference estimate,
-# checked by benchmarks/wan_vae.py); it scales with the frame area.
-VAE_BYTES_PER_PIXEL = (8 << 30) // (480 * 848)
+# The streamed VAE decode's working set beyond its weights, per output pixel of a frame (or of a tile):
+# measured by benchmarks/wan_vae.py on MLX's CPU backend at the real widths (0.39 GB at 2,048 pixels,
+# 1.17 GB at 7,168); it grows with the area, which --vae-tile bounds.
+VAE_BYTES_PER_PIXEL = 152_000
 MEMORY_COMFORT = 0.75  # above this share of RAM, the flow is released before the VAE decode
 
 
@@ -130,7 +131,9 @@ class VideoPipeline(Pipeline):
         kv = kv_cache_bytes(cfg, min(latent_frames, self.training_latent_frames), h * w, count, itemsize)
         frames = 4 * latent_frames - 3
         pixels = h * w * self.vae.factor**2
-        return weight_bytes(self.folder) + max(kv, pixels * VAE_BYTES_PER_PIXEL) + count * frames * pixels * 3
+        tile = self.vae.tile
+        decoded = (min(h, tile) * min(w, tile) if tile else h * w) * self.vae.factor**2  # decoded at once
+        return weight_bytes(self.folder) + max(kv, decoded * VAE_BYTES_PER_PIXEL) + count * frames * pixels * 3
 
     def release_if_short(self, latent_frames: int, count: int, aspect_ratio: str) -> bool:
         """Free the flow and text encoder before decoding when they would crowd the VAE's working set.
@@ -156,7 +159,8 @@ class VideoPipeline(Pipeline):
         if total is not None and needed > total:
             raise InsufficientMemoryError(
                 f"{count} video(s) of {4 * latent_frames - 3} frames need about {needed / 2**30:.1f} GB but the "
-                f"machine has {total / 2**30:.1f} GB: use fewer frames or a 4-bit model (starflow quantize)")
+                f"machine has {total / 2**30:.1f} GB: use fewer frames, decode in tiles (--vae-tile 16) or a 4-bit "
+                "model (starflow quantize)")
 
     # -- conditioning frames --------------------------------------------------------------
     def encode(self, frames) -> mx.array:
