@@ -117,8 +117,11 @@ def write_quantized(src: Path, staging: Path, bits: int, group_size: int = 64, o
 def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_size: int = 64,
                           overrides: dict[str, int] | None = None, text_bits: int | None = 8,
                           force: bool = False) -> str:
-    """Write a quantized copy of ``src`` to ``output``; returns a one-line summary."""
+    """Write a quantized copy of ``src`` (a folder, 'demo' or a repo id) to ``output``; returns a one-line summary."""
+    from starflow_mlx.model_folder import resolve_model
+
     check_setting(bits, group_size)
     check_output(output, force, QuantizationError)
+    src = resolve_model(src)
     with staged_folder(output, force, QuantizationError) as staging:
-        return write_quantized(Path(src), staging, bits, group_size, overrides, text_bits)
+        return write_quantized(src, staging, bits, group_size, overrides, text_bits)

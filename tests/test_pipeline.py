@@ -142,11 +142,16 @@ def test_not_enough_memory_is_one_line_with_the_numbers(model, monkeypatch):
     assert "starflow quantize" in message
 
 
-def test_video_models_are_refused(class_model, tmp_path):
+def test_video_folders_go_to_the_video_pipeline(class_model, tmp_path):
+    """A folder that says text-to-video is handed to VideoPipeline, which names what this one lacks."""
     folder = tmp_path / "video"
     shutil.copytree(class_model, folder)
     manifest = json.loads((folder / "starflow.json").read_text())
     (folder / "starflow.json").write_text(json.dumps({**manifest, "kind": "text-to-video"}))
-    with pytest.raises(ValueError, match="text-to-video model"):
+    with pytest.raises(ValueError, match="lacks its text encoder"):
         Pipeline.from_pretrained(folder)
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    with pytest.raises(ValueError, match="class-to-image model: use starflow_mlx.Pipeline"):
+        VideoPipeline.from_pretrained(class_model)
 
