@@ -30,54 +30,54 @@ class FromMetadata:
             raise ConfigError(str(exc).replace(cls.LABEL, where, 1)) from None
 
 
-@dataclass
-class GenerationOptions(FromMetadata, JSONConfig):
-    LABEL = "generation options"
+@dataclass(kw_only=True)
+class SamplingOptions(FromMetadata, JSONConfig):
+    """What images and videos share: the prompt, model, noise and sampler settings."""
 
     prompt: str = field(metadata={"max_len": 10000})
     model: str = field(metadata={"max_len": 4096})
     seed: int = field(metadata={"min": 0, "max": 2**63 - 1})
     cfg: float = field(metadata={"min": 0, "max": 1000})
     aspect_ratio: str = field(metadata={"max_len": 16})
-    num_images: int = field(metadata={"min": 1, "max": MAX_IMAGES})
     jacobi: bool
     jacobi_block_size: int = field(metadata={"min": 1, "max": 1 << 16})
     jacobi_threshold: float = field(metadata={"min": 1e-12, "max": 1e3})
     jacobi_max_iter: int = field(metadata={"min": 1, "max": 10000})
     dtype: str | None = field(default=None, metadata={"choices": DTYPES})
+
+    def _check_index(self, index: int | None, count: int, what: str) -> None:
+        if index is not None and index >= count:
+            raise ConfigError(f"{self.LABEL}: index {index} is not one of the {count} {what}")
+
+
+@dataclass(kw_only=True)
+class GenerationOptions(SamplingOptions):
+    """What a PNG's (or JPEG's, WebP's) metadata may ask ``generate`` to do."""
+
+    LABEL = "generation options"
+
+    num_images: int = field(metadata={"min": 1, "max": MAX_IMAGES})
     index: int | None = field(default=None, metadata={"min": 0, "max": MAX_IMAGES - 1})
     batch_size: int | None = field(default=None, metadata={"min": 1, "max": MAX_IMAGES})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.index is not None and self.index >= self.num_images:
-            raise ConfigError(f"{self.LABEL}: index {self.index} is not one of the {self.num_images} images")
+        self._check_index(self.index, self.num_images, "images")
 
 
-@dataclass
-class VideoOptions(FromMetadata, JSONConfig):
+@dataclass(kw_only=True)
+class VideoOptions(SamplingOptions):
     """What an mp4's metadata may ask ``generate`` to do on a video model."""
 
     LABEL = "video options"
 
-    prompt: str = field(metadata={"max_len": 10000})
-    model: str = field(metadata={"max_len": 4096})
-    seed: int = field(metadata={"min": 0, "max": 2**63 - 1})
-    cfg: float = field(metadata={"min": 0, "max": 1000})
-    aspect_ratio: str = field(metadata={"max_len": 16})
     num_videos: int = field(metadata={"min": 1, "max": 64})
     frames: int = field(metadata={"min": 1, "max": 2001})
     fps: int = field(metadata={"min": 1, "max": 120})
-    jacobi: bool
-    jacobi_block_size: int = field(metadata={"min": 1, "max": 1 << 16})
-    jacobi_threshold: float = field(metadata={"min": 1e-12, "max": 1e3})
-    jacobi_max_iter: int = field(metadata={"min": 1, "max": 10000})
     image: str | None = field(default=None, metadata={"max_len": 4096})
     video: str | None = field(default=None, metadata={"max_len": 4096})
-    dtype: str | None = field(default=None, metadata={"choices": DTYPES})
     index: int | None = field(default=None, metadata={"min": 0, "max": 63})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.index is not None and self.index >= self.num_videos:
-            raise ConfigError(f"{self.LABEL}: index {self.index} is not one of the {self.num_videos} videos")
+        self._check_index(self.index, self.num_videos, "videos")

@@ -14,6 +14,8 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from flow_factory import IMAGE, random_flow
+from fixtures_cli import ARGS
+from fixtures_cli import one_line as one_line_error
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
@@ -23,16 +25,6 @@ from starflow_mlx.model_folder import DEMO_DIR
 torch = pytest.importorskip("torch")
 register(app)
 runner = CliRunner()
-ARGS = [{"img_size": 32}, {"vae": "stabilityai/sd-vae-ft-ema"}, {"txt_size": 6}, {"channel_size": 4},
-        {"patch_size": 1}, {"channels": 64}, {"head_dim": 32}, {"layers_per_block": "1 0 1 2"}, {"rope": 1},
-        {"sos": 1}, {"seq_order": "L2R"}, {"use_softplus": 1}, {"cond_top_only": 1}, {"use_final_norm": 1},
-        {"soft_clip": 4}]
-
-
-def one_line_error(res):
-    lines = [line for line in res.output.strip().splitlines() if line.strip()]
-    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
-    return lines[0]
 
 
 @pytest.fixture
