@@ -12,7 +12,6 @@ from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 
 pytest.importorskip("torch")
-pytest.importorskip("av")
 register(app)
 runner = CliRunner()
 
