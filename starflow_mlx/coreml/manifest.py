@@ -42,7 +42,7 @@ class FunctionInfo:
 class PackageInfo:
     name: str
     file: str
-    role: str  # deep_block | shallow_block | text_encoder | vae_decoder
+    role: str  # deep_block | shallow_block | denoiser | text_encoder | vae_decoder
     compute_units: str  # coremltools ComputeUnit name the package is shaped for
     layout: str  # channels_last (B, S, C) | channels_first (B, C, 1, S) | image
     functions: dict[str, FunctionInfo]
@@ -51,6 +51,22 @@ class PackageInfo:
     sees_text: bool = False
     guided: bool = False  # batch doubled internally, [cond; uncond] text, 'guidance' input
     quantized_layers: int = 0  # linears stored as constexpr_blockwise_shift_scale constants
+
+
+@dataclass
+class VideoContract:
+    """What a host needs to drive a STARFlow-V export frame by frame (the flow packages are per frame/window)."""
+
+    aspect_ratio: str
+    frame_rule: str  # which pixel-frame counts the VAE produces, and how many latent frames they are
+    pixel_factor: int  # VAE pixels per latent cell
+    temporal_scale: float  # flow-space latents 1.. are VAE latents times this (frame 0 unscaled)
+    frame_tokens: int
+    window_frames: int  # latent frames the deep cache holds (the training length)
+    context_frames: int  # default frames re-encoded when a longer video slides the window (1 .. window - 1)
+    denoiser_frames: int = 0  # frames of the denoiser package (0: no denoiser exported)
+    denoiser_window: int | None = None  # the model's denoiser_window: sets the overlap of its chunks
+    denoiser_step: float = 0.0  # x <- x - denoiser_step * delta
 
 
 @dataclass
@@ -76,6 +92,7 @@ class ExportManifest:
     classes: list[str] = field(default_factory=list)
     pixel_scale: float = 1.0
     drive: list[str] = field(default_factory=list)
+    video: VideoContract | None = None  # STARFlow-V: latent_shape/token_grid are one frame's
     format: int = FORMAT
 
     @property
@@ -101,6 +118,8 @@ class ExportManifest:
             if data.get("format") != FORMAT:
                 raise ManifestError(f"{path} has format {data.get('format')}, this version reads {FORMAT}: re-export")
             data["packages"] = [_package(p) for p in data["packages"]]
+            if data.get("video") is not None:
+                data["video"] = VideoContract(**data["video"])
             known = {f.name for f in fields(cls)}
             return cls(**{k: v for k, v in data.items() if k in known})
         except (json.JSONDecodeError, KeyError, TypeError) as exc:

@@ -1,0 +1,130 @@
+"""Host-side text-to-video over a STARFlow-V export: the deep block's sliding window, shallow blocks per frame.
+
+The deep block solves the clip in chunks; as soon as a frame's last token is
+final, its shallow blocks start on a second thread, so on Core ML the Neural
+Engine works on frame t while the GPU works on frame t+1 (the interpreter runs
+the same schedule, just slowly).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from starflow_mlx.coreml.driver import (DriverError, Sampler, SampleStats, _Request, channels_first, channels_last,
+                                        patchify, unpatchify)
+
+
+class VideoSampler(Sampler):
+    """``sample_video(z, text, text_uncond, cfg)``: latents (batch, T, H, W, C) from Gaussian ``z`` of that shape."""
+
+    _noise_axes = "batch, frames, H, W, C"
+
+    def __init__(self, folder, backend=None, **options):
+        super().__init__(folder, backend, **options)
+        if self.manifest.video is None:
+            raise DriverError(f"{folder} is an image export: use Sampler")
+
+    def _noise_shape(self, z: np.ndarray) -> tuple[int, ...]:
+        m = self.manifest
+        frames = z.shape[1] if z.ndim == 5 and z.shape[1] > 0 else 1
+        return (m.batch, frames, *m.latent_shape)
+
+    def _flip_frames(self, seq: np.ndarray) -> np.ndarray:
+        """Reverse the tokens inside every frame (the deep block's in-frame order)."""
+        b, total, c = seq.shape
+        n = self.manifest.video.frame_tokens
+        return np.ascontiguousarray(seq.reshape(b, total // n, n, c)[:, :, ::-1].reshape(b, total, c))
+
+    def _invert_window(self, pkg, z: np.ndarray, req: _Request, context_frames: int, on_frame) -> np.ndarray:
+        """The deep block over the whole clip ``z`` (B, T*n, c), sliding its window past the training length."""
+        m, v = self.manifest, self.manifest.video
+        total, n, k = z.shape[1], v.frame_tokens, m.chunk
+        text_len = m.text_length if pkg.sees_text else 0
+        span = v.window_frames * n
+        step = self._open_deep(pkg, req)
+        x_full = self._with_start_token(z)
+        start = base = 0
+        target = min(span, total)
+        while True:
+            while start < target:
+                valid = min(k, target - start)
+                self._solve_chunk(step, x_full, z, start, valid, text_len + start - base, req)
+                done = (start + valid) // n
+                for t in range(start // n, done):  # frames whose last token is now final
+                    on_frame(t, x_full[:, 1 + t * n:1 + (t + 1) * n])
+                start += valid
+            if target >= total:
+                return x_full[:, 1:]
+            # Window full: the text rows stay valid; re-encode the last context frames from position text_len.
+            keep = context_frames * n
+            context = np.concatenate([x_full[:, :1], x_full[:, start + 1 - keep:start]], axis=1)
+            tokens = np.zeros((z.shape[0], k, z.shape[2]), np.float32)
+            for j in range(0, keep, k):
+                tokens[:] = 0
+                part = context[:, j:j + k]
+                tokens[:, :part.shape[1]] = part
+                step(tokens, text_len + j)
+            base = start - keep
+            target = min(base + span, total)
+            req.stats.reencodes += 1
+
+    def sample_video(self, z, text=None, text_uncond=None, cfg: float | None = None, *,
+                     context_frames: int | None = None, stats: SampleStats | None = None) -> np.ndarray:
+        m, v = self.manifest, self.manifest.video
+        req = self._request(z, text, text_uncond, cfg, stats)
+        batch, frames, h, w, _ = req.z.shape
+        context_frames = v.context_frames if context_frames is None else int(context_frames)
+        if frames > v.window_frames and not 0 < context_frames < v.window_frames:
+            raise DriverError(f"context frames must be between 1 and {v.window_frames - 1}, got {context_frames}")
+        pkg = m.package(m.order[0])
+        seq = patchify(req.z.reshape(batch * frames, h, w, -1), m.patch_size).reshape(batch, frames * v.frame_tokens,
+                                                                                         -1)
+        out = np.empty_like(req.z)
+
+        def shallow(t: int, tokens: np.ndarray) -> None:
+            out[:, t] = self._shallow(tokens[:, ::-1] if pkg.flip else tokens, req)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="shallow") as pool:
+            pending = []
+            self._invert_window(pkg, self._flip_frames(seq) if pkg.flip else seq, req, context_frames,
+                                lambda t, tokens: pending.append(pool.submit(shallow, t, tokens.copy())))
+            for job in pending:
+                job.result()
+        return out
+
+    def denoise(self, latents: np.ndarray, text: np.ndarray | None = None) -> np.ndarray:
+        """The learnable denoiser over ``latents`` (batch, T, H, W, C) in chunks, as the MLX pipeline walks them.
+
+        ``text``: the conditional features (batch, text_length, text_dim), no unconditional rows.
+        """
+        from starflow_mlx.sampling.denoise import denoiser_chunks
+
+        m, v = self.manifest, self.manifest.video
+        if not v.denoiser_frames:
+            raise DriverError("this export has no denoiser package (the model has no learnable denoiser)")
+        x = np.array(latents, np.float32)
+        if x.shape != self._noise_shape(x):
+            raise DriverError(f"latents must be {self._noise_shape(x)} ({self._noise_axes}), got {x.shape}")
+        pkg = m.package("denoiser")
+        extra = {}
+        if pkg.sees_text:
+            if text is None:
+                raise DriverError(f"the denoiser needs text features (batch, {m.text_length}, {m.text_dim})")
+            extra["text"] = channels_first(np.asarray(text, np.float32)).astype(np.float16)
+        batch, frames, h, w, c = x.shape
+        steps = min(v.denoiser_frames, frames)
+        overlap = steps - 1 if v.denoiser_window is None else min(v.denoiser_window, steps - 1)
+        n, p = v.frame_tokens, m.patch_size
+        for start, stop, first in denoiser_chunks(frames, steps, overlap):
+            count = stop - start
+            seq = np.zeros((batch, v.denoiser_frames * n, patchify(x[:, 0], p).shape[2]), np.float32)
+            part = patchify(x[:, start:stop].reshape(batch * count, h, w, c), p)
+            seq[:, :count * n] = part.reshape(batch, count * n, -1)
+            out = self.backend.predict("denoiser", {"x": channels_first(seq).astype(np.float16),
+                                                    "frames": np.array([count], np.int32), **extra})
+            delta = channels_last(out["delta"])[:, :count * n].reshape(batch * count, n, -1)
+            delta = unpatchify(delta, p, h, w).reshape(batch, count, h, w, c)
+            x[:, first:stop] -= v.denoiser_step * delta[:, first - start:]
+        return x

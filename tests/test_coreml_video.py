@@ -1,0 +1,123 @@
+"""Core ML export of STARFlow-V: frame-local shallow packages, the windowed deep block, whole clips vs MLX."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+pytest.importorskip("coremltools")
+
+from flow_factory import VIDEO, random_flow, save_flow  # noqa: E402
+from starflow_mlx.coreml.driver import DriverError, InterpreterBackend, channels_first, channels_last  # noqa: E402
+from starflow_mlx.coreml.export import export_coreml  # noqa: E402
+from starflow_mlx.coreml.manifest import ExportManifest  # noqa: E402
+from starflow_mlx.coreml.verify import structural_problems  # noqa: E402
+from starflow_mlx.coreml.video_driver import VideoSampler  # noqa: E402
+from starflow_mlx.coreml.video_verify import mlx_clip  # noqa: E402
+from starflow_mlx.loading import load_flow  # noqa: E402
+
+# Two shallow blocks (one flipped) and a two-layer deep block; 2x2 latent frames, trained on 3 of them.
+TINY = {**VIDEO, "layers_per_block": [1, 1, 2]}
+
+
+@pytest.fixture(scope="module")
+def video_export(tmp_path_factory):
+    """A guided tiny STARFlow-V flow exported with --verify (clips inside and past the window)."""
+    root = tmp_path_factory.mktemp("video")
+    flow = random_flow(seed=0, **TINY)
+    flow.config.cfg = 2.0
+    save_flow(flow, root / "model")
+    lines = []
+    result = export_coreml(root / "model", root / "coreml", verify=True, report=lines.append)
+    return root / "model", result, lines
+
+
+def test_video_packages_are_per_frame_and_per_window(video_export):
+    _, result, _ = video_export
+    m = ExportManifest.load(result.folder)
+    v = m.video
+    assert (v.aspect_ratio, v.frame_tokens, v.window_frames, v.context_frames) == ("1:1", 4, 3, 2)
+    assert v.frame_rule.startswith("1 + 4k") and v.temporal_scale == 1.0
+    assert m.order == ["deep_block", "shallow_block_1", "shallow_block_0"]
+    assert m.chunk == 4 and m.guided and m.latent_shape == [2, 2, 4]
+    for name in m.order[1:]:
+        pkg = m.package(name)
+        assert pkg.compute_units == "CPU_AND_NE" and not pkg.functions["main"].states
+        assert pkg.functions["main"].input("x").shape == [1, 4, 1, 4]  # one frame per call
+    deep = m.package("deep_block")
+    assert deep.compute_units == "CPU_AND_GPU" and set(deep.functions) == {"step", "encode_text"}
+    # text + a window of 3 frames + one chunk of overhang for windows that restart at any offset
+    assert deep.functions["step"].states[0].shape == [2, 3, 6 + 12 + 4, 32]  # rows, kv heads, positions, dim
+    assert structural_problems(result.folder, m) == []
+    assert any("re-encodes" in step for step in m.drive)
+    assert json.loads((result.folder / "manifest.json").read_text())["video"]["window_frames"] == 3
+    den = m.package("denoiser")
+    assert (v.denoiser_frames, v.denoiser_window, v.denoiser_step) == (3, 1, 0.3) and den.sees_text
+    assert [t.name for t in den.functions["main"].inputs] == ["x", "text", "frames"]
+    assert den.functions["main"].outputs[0].shape == [1, 4, 1, 12] and den.compute_units == "CPU_AND_GPU"
+
+
+def test_verify_runs_whole_clips_inside_and_past_the_window(video_export):
+    _, result, lines = video_export
+    clips = [c for c in result.checks if c.package == "video"]
+    assert [c.what.split("-")[0] for c in clips] == ["3", "5"]
+    assert "0 slides" in clips[0].what and "1 slides" in clips[1].what
+    assert all(c.ok for c in result.checks) and {c.package for c in result.checks} == {
+        "deep_block", "shallow_block_1", "shallow_block_0", "video", "denoiser"}
+    assert max(c.error for c in clips) < 5e-3
+    assert sum("worst error" in line for line in lines) == len(result.checks)
+
+
+def test_driver_follows_the_window_rule(video_export):
+    """The clip past the window only matches MLX with the same context frames: the slide is really checked."""
+    model, result, _ = video_export
+    flow = load_flow(model)
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((1, 5, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=0.0, max_iter=4,
+                           shallow_max_iter=4)
+    ours = sampler.sample_video(z, text, uncond, 2.0, context_frames=1)
+    same = mlx_clip(flow, z, text, uncond, 2.0, 4, 1)
+    other = mlx_clip(flow, z, text, uncond, 2.0, 4, 2)
+    scale = np.abs(same).max()
+    assert np.abs(ours - same).max() / scale < 5e-3
+    # Frames 3.. come after the slide: another context is several times further off than float16.
+    assert np.abs(ours[:, 3:] - other[:, 3:]).max() > 4 * np.abs(ours[:, 3:] - same[:, 3:]).max()
+    np.testing.assert_allclose(ours[:, :3], other[:, :3], atol=5e-3 * scale)  # frames before the slide agree
+    with pytest.raises(DriverError, match="context frames must be between 1 and 2"):
+        sampler.sample_video(z, text, uncond, 2.0, context_frames=3)
+    with pytest.raises(DriverError, match=r"z must be \(1, 5, 2, 2, 4\) \(batch, frames, H, W, C\)"):
+        sampler.sample_video(z[..., :3], text, uncond, 2.0)
+
+
+def test_image_export_is_refused_by_the_video_driver(video_export, tmp_path):
+    _, result, _ = video_export
+    data = json.loads((result.folder / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "video": None}))
+    with pytest.raises(DriverError, match="is an image export: use Sampler"):
+        VideoSampler(tmp_path, backend=object())
+
+
+def test_denoiser_package_hides_the_padding_of_a_short_chunk(video_export):
+    """Two frames in the three-frame package match the MLX denoiser on two frames when told frames=[2]."""
+    model, result, _ = video_export
+    flow = load_flow(model)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 2, 2, 2, 4)).astype(np.float32)
+    text = rng.standard_normal((1, 6, 24)).astype(np.float32)
+    expected = np.array(flow.denoiser(mx.array(x), mx.array(text)))  # (1, 2, 2, 2, 4)
+    seq = 4 * rng.standard_normal((1, 12, 4)).astype(np.float32)  # whatever lies past the chunk must not matter
+    seq[:, :8] = x.reshape(1, 8, 4)  # patch size 1: tokens are the latent cells in order
+    backend = InterpreterBackend(result.folder)
+
+    def delta(count):
+        out = backend.predict("denoiser", {"x": channels_first(seq).astype(np.float16),
+                                           "frames": np.array([count], np.int32),
+                                           "text": channels_first(text).astype(np.float16)})
+        return channels_last(out["delta"])[:, :8].reshape(expected.shape)
+
+    masked, unmasked = (np.abs(delta(count) - expected).max() / np.abs(expected).max() for count in (2, 3))
+    assert masked < 5e-3
+    assert unmasked > 10 * masked  # unmasked, frame 1 sees the third frame
