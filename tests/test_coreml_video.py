@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("coremltools")
 
 from flow_factory import VIDEO, random_flow, save_flow  # noqa: E402
-from starflow_mlx.coreml.driver import DriverError, InterpreterBackend, channels_first, channels_last  # noqa: E402
+from starflow_mlx.coreml.driver import (DriverError, InterpreterBackend, SampleStats, channels_first,  # noqa: E402
+                                        channels_last)
 from starflow_mlx.coreml.export import export_coreml  # noqa: E402
 from starflow_mlx.coreml.manifest import ExportManifest  # noqa: E402
 from starflow_mlx.coreml.verify import structural_problems  # noqa: E402
@@ -121,3 +122,34 @@ def test_denoiser_package_hides_the_padding_of_a_short_chunk(video_export):
     masked, unmasked = (np.abs(delta(count) - expected).max() / np.abs(expected).max() for count in (2, 3))
     assert masked < 5e-3
     assert unmasked > 10 * masked  # unmasked, frame 1 sees the third frame
+
+
+def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
+    """STARFlow-V-shaped model (48 channels, 16:9, T5, denoiser): the exported text encoder, deep, shallow and
+    denoiser packages, driven by the host, give VideoPipeline.sample's latents for a clip past the window."""
+    import mlx.core as mx
+
+    from fixtures_video import make_video_model
+    from starflow_mlx.pipelines.prompts import prepare_prompt
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    model = make_video_model(tmp_path)
+    result = export_coreml(model, tmp_path / "coreml", verify=True)
+    m = result.manifest
+    assert (m.video.aspect_ratio, m.latent_shape, m.video.temporal_scale) == ("16:9", [2, 3, 48], 0.6)
+    assert {p.name for p in m.packages} == {"deep_block", "shallow_block_1", "shallow_block_0", "denoiser",
+                                            "text_encoder"}
+    pipe = VideoPipeline.from_pretrained(model)
+    frames, seed, cfg = 17, 3, 2.5  # 5 latent frames: the 3-frame window slides twice with 2 context frames
+    expected = np.array(pipe.sample("a red fox", frames=frames, seed=seed, cfg=cfg, jacobi_block_size=6,
+                                    jacobi_threshold=1e-12, jacobi_max_iter=24))
+    z_key, _ = mx.random.split(mx.random.key(seed))
+    z = np.array(mx.random.normal((1, 5, 2, 3, 48), key=z_key))
+    texts = [prepare_prompt(t, pipe.config, "16:9", 16) for t in ("a red fox", "")]
+    ids, mask = pipe.text_encoder.tokenize(texts, m.text_length)
+    stats = SampleStats()
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=1e-12, max_iter=m.chunk,
+                           shallow_max_iter=m.tokens)
+    ours = sampler.text_to_video(np.array(ids), np.array(mask), z, cfg, stats=stats)
+    assert stats.reencodes == 2
+    assert np.abs(ours - expected).max() / np.abs(expected).max() < 5e-3  # 7.6e-4 measured

@@ -94,6 +94,17 @@ class VideoSampler(Sampler):
                 job.result()
         return out
 
+    def text_to_video(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray,
+                      cfg: float | None = None, *, context_frames: int | None = None,
+                      stats: SampleStats | None = None) -> np.ndarray:
+        """Tokenized [prompts; empty prompts] (as the text encoder is exported) and Gaussian ``z`` (batch, T, H, W,
+        C) -> flow-space latents, denoised when the export has the denoiser (what ``VideoPipeline.sample`` returns)."""
+        b = self.manifest.batch
+        features = self.text_features(input_ids, attention_mask)
+        cond, uncond = features[:b], features[b:] if self.manifest.guided else None
+        x = self.sample_video(z, cond, uncond, cfg, context_frames=context_frames, stats=stats)
+        return self.denoise(x, cond) if self.manifest.video.denoiser_frames else x
+
     def denoise(self, latents: np.ndarray, text: np.ndarray | None = None) -> np.ndarray:
         """The learnable denoiser over ``latents`` (batch, T, H, W, C) in chunks, as the MLX pipeline walks them.
 
