@@ -124,9 +124,10 @@ def test_denoiser_package_hides_the_padding_of_a_short_chunk(video_export):
     assert unmasked > 10 * masked  # unmasked, frame 1 sees the third frame
 
 
+@pytest.mark.slow
 def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
-    """STARFlow-V-shaped model (48 channels, 16:9, T5, denoiser): the exported text encoder, deep, shallow and
-    denoiser packages, driven by the host, give VideoPipeline.sample's latents for a clip past the window."""
+    """STARFlow-V-shaped model (48 channels, 16:9, T5, denoiser, Wan2.2 VAE): the exported packages, driven by the
+    host, give VideoPipeline.sample's latents for a clip past the window, and its frames decoded frame by frame."""
     import mlx.core as mx
 
     from fixtures_video import make_video_model
@@ -138,7 +139,11 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     m = result.manifest
     assert (m.video.aspect_ratio, m.latent_shape, m.video.temporal_scale) == ("16:9", [2, 3, 48], 0.6)
     assert {p.name for p in m.packages} == {"deep_block", "shallow_block_1", "shallow_block_0", "denoiser",
-                                            "text_encoder"}
+                                            "text_encoder", "vae_decoder"}
+    assert any(c.package == "vae_decoder" and c.ok for c in result.checks)
+    decoder = m.package("vae_decoder").functions
+    assert decoder["first"].outputs[0].shape == [1, 1, 32, 48, 3] and decoder["step"].outputs[0].shape[1] == 4
+    assert [t.name for t in decoder["step"].inputs[1:]] == [t.name[4:] for t in decoder["step"].outputs[1:]]
     pipe = VideoPipeline.from_pretrained(model)
     frames, seed, cfg = 17, 3, 2.5  # 5 latent frames: the 3-frame window slides twice with 2 context frames
     expected = np.array(pipe.sample("a red fox", frames=frames, seed=seed, cfg=cfg, jacobi_block_size=6,
@@ -153,3 +158,7 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     ours = sampler.text_to_video(np.array(ids), np.array(mask), z, cfg, stats=stats)
     assert stats.reencodes == 2
     assert np.abs(ours - expected).max() / np.abs(expected).max() < 5e-3  # 7.6e-4 measured
+    frames = np.concatenate([np.clip(f, -1, 1) for f in sampler.decode_frames(ours)], axis=1)
+    reference = np.array(pipe.decode(mx.array(expected)))
+    assert frames.shape == reference.shape == (1, 17, 32, 48, 3)
+    assert np.abs(frames - reference).max() < 2e-2

@@ -42,7 +42,7 @@ class FunctionInfo:
 class PackageInfo:
     name: str
     file: str
-    role: str  # deep_block | shallow_block | denoiser | text_encoder | vae_decoder
+    role: str  # deep_block | shallow_block | denoiser | text_encoder | vae_decoder | video_vae_decoder
     compute_units: str  # coremltools ComputeUnit name the package is shaped for
     layout: str  # channels_last (B, S, C) | channels_first (B, C, 1, S) | image
     functions: dict[str, FunctionInfo]

@@ -105,6 +105,22 @@ class VideoSampler(Sampler):
         x = self.sample_video(z, cond, uncond, cfg, context_frames=context_frames, stats=stats)
         return self.denoise(x, cond) if self.manifest.video.denoiser_frames else x
 
+    def decode_frames(self, latents: np.ndarray):
+        """Flow-space latents (batch, T, H, W, C) -> pixel frames, yielded per latent frame (1, then 4 each) as
+        float32 (batch, n, H', W', 3) in about [-1, 1]: the temporal scale undone, the caches threaded."""
+        m, v = self.manifest, self.manifest.video
+        if not any(p.role == "video_vae_decoder" for p in m.packages):
+            raise DriverError("this export has no video VAE decoder (export a full model folder)")
+        x = np.array(latents, np.float32)
+        if x.shape != self._noise_shape(x):
+            raise DriverError(f"latents must be {self._noise_shape(x)} ({self._noise_axes}), got {x.shape}")
+        x[:, 1:] /= v.temporal_scale
+        caches = {}
+        for t in range(x.shape[1]):
+            out = self.backend.predict("vae_decoder.step" if t else "vae_decoder.first", {"latents": x[:, t], **caches})
+            caches = {name[len("new_"):]: value for name, value in out.items() if name.startswith("new_")}
+            yield out["frames"]
+
     def denoise(self, latents: np.ndarray, text: np.ndarray | None = None) -> np.ndarray:
         """The learnable denoiser over ``latents`` (batch, T, H, W, C) in chunks, as the MLX pipeline walks them.
 

@@ -74,6 +74,9 @@ def build_video_packages(flow, folder: Path, source: str, source_folder: Path, o
     if model_manifest is not None:
         packages += component_packages(source_folder, folder, model_manifest, options.batch * (2 if guided else 1),
                                        config.txt_size, report, vae_latents=None)
+        if model_manifest.vae:
+            packages.append(video_decoder_package(source_folder / model_manifest.vae, folder, options.batch,
+                                                  (lat_h, lat_w), report))
     factor = max(config.vae_factor, 1) if (model_manifest is None or model_manifest.vae) else 1
     video = VideoContract(ratio, FRAME_RULE, factor, float(config.vae_temporal_scale or 1.0), frame, window,
                           min(MAX_CONTEXT_FRAMES, window - 1), **denoiser)
@@ -104,6 +107,22 @@ def denoiser_package(flow, folder: Path, batch: int, grid: tuple[int, int], fram
     builder.save(folder / "denoiser.mlpackage", {})
     return PackageInfo("denoiser", "denoiser.mlpackage", "denoiser", COMPUTE_UNITS, "channels_first",
                        shapes.functions(), sees_text=net.sees_text, quantized_layers=builder.quantized_layers)
+
+
+def video_decoder_package(vae_folder: Path, folder: Path, batch: int, latent_hw: tuple[int, int],
+                          report: Callable[[str], None]) -> PackageInfo:
+    from starflow_mlx.coreml.wan_decoder import COMPUTE_UNITS, WanDecoderBuilder, WanDecoderShapes, cache_shapes
+    from starflow_mlx.video_vae import load_video_vae
+
+    vae = load_video_vae(vae_folder)
+    h, w = latent_hw
+    shapes = WanDecoderShapes(batch, h, w, vae.latent_channels, vae.factor, vae.temporal_factor,
+                              cache_shapes(vae, batch, h, w))
+    report(f"video VAE decoder: one {h}x{w} latent frame -> {vae.temporal_factor} frames of {h * vae.factor}x"
+           f"{w * vae.factor} pixels, {len(shapes.caches)} cache entries")
+    WanDecoderBuilder(vae, shapes).save(folder / "vae_decoder.mlpackage")
+    return PackageInfo("vae_decoder", "vae_decoder.mlpackage", "video_vae_decoder", COMPUTE_UNITS, "image",
+                       shapes.functions())
 
 
 def video_drive_steps(m: ExportManifest) -> list[str]:
@@ -147,6 +166,13 @@ def video_drive_steps(m: ExportManifest) -> list[str]:
             f"{L}) float16 -> delta; write x - {v.denoiser_step} * delta back for the chunk's frames after the first "
             "'overlap' (all of them in the first chunk), then go on with the updated latents; skip chunks that "
             "would write nothing.")
-    steps.append(f"Divide latent frames 1.. by the temporal scale {v.temporal_scale} before a VAE decode. Not "
-                 "exported yet: the Wan2.2 VAE (decode with MLX).")
+    if any(p.role == "video_vae_decoder" for p in m.packages):
+        steps.append(f"vae_decoder: divide latent frames 1.. by the temporal scale {v.temporal_scale}; then "
+                     "first(latents: frame 0 (batch, H, W, C) float32) -> frames (1 pixel frame) and new_cache_j; "
+                     "for each later latent frame step(latents, cache_j = the previous call's new_cache_j) -> "
+                     f"frames ({v.pixel_factor}x larger, 4 pixel frames) and new_cache_j. Pixels are float32 in "
+                     "about [-1, 1], not clipped.")
+    else:
+        steps.append(f"Divide latent frames 1.. by the temporal scale {v.temporal_scale} before a VAE decode (no "
+                     "VAE decoder in this export: a flow-only folder).")
     return steps

@@ -89,3 +89,28 @@ def check_denoiser(folder: Path, manifest: ExportManifest, flows, rng) -> list[C
                         rel_error(x - ours, x - expected), rel_error(x - half, x - expected)))
     return checks
 
+
+
+def check_video_decoder(folder: Path, manifest: ExportManifest, source: Path, rng) -> list[Check]:
+    """Latent frames decoded one per call, caches threaded, against ``VideoVAE.decode_frames`` frame by frame."""
+    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.video_vae import load_video_vae
+
+    m = manifest
+    path = source / Manifest.load(source).vae
+    frames = 1 + EXTRA_FRAMES
+    latents = rng.standard_normal((m.batch, frames, *m.latent_shape)).astype(np.float32)
+
+    def run(dtype) -> list[np.ndarray]:
+        vae = load_video_vae(path, dtype=dtype)
+        return [np.array(chunk.astype(mx.float32)) for chunk in vae.decode_frames(mx.array(latents))]
+
+    half = run("float16")
+    expected = run("float32")
+    scaled = latents.copy()
+    scaled[:, 1:] *= m.video.temporal_scale  # decode_frames takes flow-space latents and undoes the scale
+    sampler = VideoSampler(folder, InterpreterBackend(folder, manifest))
+    ours = list(sampler.decode_frames(scaled))
+    error = max(rel_error(o, e) for o, e in zip(ours, expected))
+    fp16 = max(rel_error(h, e) for h, e in zip(half, expected))
+    return [Check("vae_decoder", f"{frames} latent frames one per call vs decode_frames", error, fp16)]
