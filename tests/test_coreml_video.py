@@ -162,3 +162,57 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     reference = np.array(pipe.decode(mx.array(expected)))
     assert frames.shape == reference.shape == (1, 17, 32, 48, 3)
     assert np.abs(frames - reference).max() < 2e-2
+
+
+def test_cli_exports_a_quantized_video_model_with_mlx_integers(tmp_path):
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+
+    register(app)
+    flow = random_flow(seed=1, **TINY)
+    save_flow(flow, tmp_path / "model")
+    out = tmp_path / "coreml"
+    res = CliRunner().invoke(app, ["export-coreml", str(tmp_path / "model"), "--output", str(out), "--bits", "8",
+                                   "--group-size", "32", "--verify"])
+    assert res.exit_code == 0, res.output
+    assert "5-frame clip vs STARFlow.reverse" in res.output and "FAILED" not in res.output
+    m = ExportManifest.load(out)
+    # --verify has counted each flow package's quantized constants against the quantized MLX blocks
+    assert all(m.package(name).quantized_layers > 0 for name in [*m.order, "denoiser"])
+
+
+def test_shallow_blocks_of_a_frame_overlap_the_deep_block_of_the_next(video_export):
+    """Frame 0's shallow blocks are held until the deep block works on frame 1: only overlap gets past."""
+    import threading
+
+    from starflow_mlx.coreml.timing import TimedBackend
+
+    _, result, _ = video_export
+    inner = InterpreterBackend(result.folder)
+    frame_one = threading.Event()
+
+    class Gate:
+        overlapped = None
+
+        def make_state(self, package):
+            return inner.make_state(package)
+
+        def predict(self, function, inputs, state=None):
+            if function == "deep_block.step" and inputs["position"][0] >= 6 + 4:  # text + frame 0
+                frame_one.set()
+            if function.startswith("shallow") and self.overlapped is None:
+                self.overlapped = frame_one.wait(timeout=10)
+            return inner.predict(function, inputs, state)
+
+    gate = Gate()
+    timed = TimedBackend(gate)
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((1, 3, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    VideoSampler(result.folder, timed, max_iter=4).sample_video(z, text, uncond, 2.0)
+    assert gate.overlapped is True
+    assert set(timed.seconds()) == {"deep_block", "shallow_block_1", "shallow_block_0"}
+    assert 0 < timed.overlap() < sum(timed.seconds().values())
+    assert "overlapped" in timed.report()

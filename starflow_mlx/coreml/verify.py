@@ -134,11 +134,12 @@ def _quantization_problems(pkg: PackageInfo, fn: str, program: Program, flow) ->
     problems = []
     if fn in ("step", "main") and len(constexprs) != pkg.quantized_layers:
         problems.append(f"{pkg.name}.{fn}: {len(constexprs)} quantized constants, manifest {pkg.quantized_layers}")
-    if flow is not None and pkg.block is not None and fn in ("step", "main"):
+    if flow is not None and (pkg.block is not None or pkg.role == "denoiser") and fn in ("step", "main"):
         import mlx.nn as nn
 
-        block = flow.blocks[pkg.block]
-        skip = () if pkg.role == "shallow_block" and pkg.sees_text else ("proj_txt",)
+        block = flow.learnable_self_denoiser if pkg.role == "denoiser" else flow.blocks[pkg.block]
+        # Only the deep block's step runs without the text projection (encode_text has it).
+        skip = () if pkg.role in ("shallow_block", "denoiser") and pkg.sees_text else ("proj_txt",)
         expected = sum(1 for path, m in block.named_modules()
                        if isinstance(m, nn.QuantizedLinear) and not path.startswith(skip))
         if expected != len(constexprs):
