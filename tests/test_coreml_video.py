@@ -163,6 +163,36 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     assert frames.shape == reference.shape == (1, 17, 32, 48, 3)
     assert np.abs(frames - reference).max() < 2e-2
 
+    # Streamed: the same numbers, with the VAE decoding frame 0 before the deep block reaches the last frame.
+    import threading
+
+    inner = InterpreterBackend(result.folder)
+    decoding = threading.Event()
+
+    class Gate:
+        waited = None
+
+        def make_state(self, package):
+            return inner.make_state(package)
+
+        def predict(self, function, inputs, state=None):
+            if function.startswith("vae_decoder"):
+                decoding.set()
+            last_frame = m.text_length + 2 * m.tokens  # the window's third frame, after two slides
+            if function == "deep_block.step" and stats_stream.reencodes == 2 and self.waited is None and \
+                    inputs["position"][0] >= last_frame:
+                self.waited = decoding.wait(timeout=30)
+            return inner.predict(function, inputs, state)
+
+    gate = Gate()
+    stats_stream = SampleStats()
+    streamer = VideoSampler(result.folder, gate, threshold=1e-12, max_iter=m.chunk, shallow_max_iter=m.tokens)
+    latents, chunks = streamer.stream(np.array(ids), np.array(mask), z, cfg, stats=stats_stream)
+    assert gate.waited is True
+    np.testing.assert_allclose(latents, ours, rtol=0, atol=1e-6)
+    decoded = np.concatenate(list(sampler.decode_frames(ours)), axis=1)
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), decoded, rtol=0, atol=1e-5)
+
 
 def test_cli_exports_a_quantized_video_model_with_mlx_integers(tmp_path):
     from typer.testing import CliRunner

@@ -72,8 +72,17 @@ class VideoSampler(Sampler):
 
     def sample_video(self, z, text=None, text_uncond=None, cfg: float | None = None, *,
                      context_frames: int | None = None, stats: SampleStats | None = None) -> np.ndarray:
-        m, v = self.manifest, self.manifest.video
+        """Flow-space latents (batch, T, H, W, C) from Gaussian ``z`` of that shape; ``text`` (and ``text_uncond``
+        when guided) are text-encoder features."""
         req = self._request(z, text, text_uncond, cfg, stats)
+        out = np.empty_like(req.z)
+        self._sample(req, out, lambda t: None, context_frames)
+        return out
+
+    def _sample(self, req: _Request, out: np.ndarray, frame_done, context_frames: int | None = None) -> None:
+        """Latent frames into ``out``; each frame's shallow blocks run on a second thread as soon as the deep block
+        has finished it, then ``frame_done(t)`` (on that thread, frames in order)."""
+        m, v = self.manifest, self.manifest.video
         batch, frames, h, w, _ = req.z.shape
         context_frames = v.context_frames if context_frames is None else int(context_frames)
         if frames > v.window_frames and not 0 < context_frames < v.window_frames:
@@ -81,10 +90,10 @@ class VideoSampler(Sampler):
         pkg = m.package(m.order[0])
         seq = patchify(req.z.reshape(batch * frames, h, w, -1), m.patch_size).reshape(batch, frames * v.frame_tokens,
                                                                                          -1)
-        out = np.empty_like(req.z)
 
         def shallow(t: int, tokens: np.ndarray) -> None:
             out[:, t] = self._shallow(tokens[:, ::-1] if pkg.flip else tokens, req)
+            frame_done(t)
 
         with ThreadPoolExecutor(1, thread_name_prefix="shallow") as pool:
             pending = []
@@ -92,66 +101,132 @@ class VideoSampler(Sampler):
                                 lambda t, tokens: pending.append(pool.submit(shallow, t, tokens.copy())))
             for job in pending:
                 job.result()
-        return out
+
+    def _conditioning(self, input_ids, attention_mask):
+        """Features of the tokenized [prompts; empty prompts]: (cond, uncond or None)."""
+        b = self.manifest.batch
+        features = self.text_features(input_ids, attention_mask)
+        return features[:b], features[b:] if self.manifest.guided else None
 
     def text_to_video(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray,
                       cfg: float | None = None, *, context_frames: int | None = None,
                       stats: SampleStats | None = None) -> np.ndarray:
         """Tokenized [prompts; empty prompts] (as the text encoder is exported) and Gaussian ``z`` (batch, T, H, W,
         C) -> flow-space latents, denoised when the export has the denoiser (what ``VideoPipeline.sample`` returns)."""
-        b = self.manifest.batch
-        features = self.text_features(input_ids, attention_mask)
-        cond, uncond = features[:b], features[b:] if self.manifest.guided else None
+        cond, uncond = self._conditioning(input_ids, attention_mask)
         x = self.sample_video(z, cond, uncond, cfg, context_frames=context_frames, stats=stats)
         return self.denoise(x, cond) if self.manifest.video.denoiser_frames else x
+
+    def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray, cfg: float | None = None,
+               *, context_frames: int | None = None,
+               stats: SampleStats | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``text_to_video`` and ``decode_frames`` as one pipeline: (latents, pixel chunks).
+
+        Behind the deep block, one thread runs each finished frame's shallow blocks and then every denoiser
+        chunk whose frames are all there; a third decodes the frames each chunk finalised. On Core ML the
+        shallow blocks (Neural Engine) and the VAE decoder overlap the deep block's next frames.
+        """
+        self._check_decoder()
+        cond, uncond = self._conditioning(input_ids, attention_mask)
+        req = self._request(z, cond, uncond, cfg, stats)
+        frames = req.z.shape[1]
+        latents = np.empty_like(req.z)
+        if self.manifest.video.denoiser_frames:
+            chunks, extra = self._denoise_plan(frames), self._denoiser_inputs(cond)
+        else:
+            chunks, extra = [(t, t + 1, t) for t in range(frames)], None
+        progress = {"shallow": 0, "chunk": 0}
+        caches: dict = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="vae") as vae:
+            decoded = []
+
+            def decode(t: int, frame: np.ndarray) -> np.ndarray:
+                pixels, new = self._decode_frame(t, frame, caches)
+                caches.clear()
+                caches.update(new)
+                return pixels
+
+            def frame_done(t: int) -> None:  # on the shallow thread, frames in order
+                progress["shallow"] = t + 1
+                while progress["chunk"] < len(chunks) and chunks[progress["chunk"]][1] <= progress["shallow"]:
+                    start, stop, first = chunks[progress["chunk"]]
+                    if extra is not None:
+                        self._denoise_chunk(latents, start, stop, first, extra)
+                    decoded.extend(vae.submit(decode, k, latents[:, k].copy()) for k in range(first, stop))
+                    progress["chunk"] += 1
+
+            self._sample(req, latents, frame_done, context_frames)
+            return latents, [job.result() for job in decoded]
+
+    # -- VAE decoder ---------------------------------------------------------------------
+    def _check_decoder(self) -> None:
+        if not any(p.role == "video_vae_decoder" for p in self.manifest.packages):
+            raise DriverError("this export has no video VAE decoder (export a full model folder)")
+
+    def _decode_frame(self, t: int, frame: np.ndarray, caches: dict) -> tuple[np.ndarray, dict]:
+        """Latent frame ``t`` (flow space) -> (its pixel frames, the caches for frame t + 1)."""
+        x = frame if t == 0 else frame / self.manifest.video.temporal_scale
+        out = self.backend.predict("vae_decoder.step" if t else "vae_decoder.first",
+                                   {"latents": np.ascontiguousarray(x, np.float32), **caches})
+        return out["frames"], {name[len("new_"):]: value for name, value in out.items() if name.startswith("new_")}
 
     def decode_frames(self, latents: np.ndarray):
         """Flow-space latents (batch, T, H, W, C) -> pixel frames, yielded per latent frame (1, then 4 each) as
         float32 (batch, n, H', W', 3) in about [-1, 1]: the temporal scale undone, the caches threaded."""
-        m, v = self.manifest, self.manifest.video
-        if not any(p.role == "video_vae_decoder" for p in m.packages):
-            raise DriverError("this export has no video VAE decoder (export a full model folder)")
+        self._check_decoder()
+        x = self._checked(latents)
+        caches: dict = {}
+        for t in range(x.shape[1]):
+            pixels, caches = self._decode_frame(t, x[:, t], caches)
+            yield pixels
+
+    def _checked(self, latents: np.ndarray) -> np.ndarray:
         x = np.array(latents, np.float32)
         if x.shape != self._noise_shape(x):
             raise DriverError(f"latents must be {self._noise_shape(x)} ({self._noise_axes}), got {x.shape}")
-        x[:, 1:] /= v.temporal_scale
-        caches = {}
-        for t in range(x.shape[1]):
-            out = self.backend.predict("vae_decoder.step" if t else "vae_decoder.first", {"latents": x[:, t], **caches})
-            caches = {name[len("new_"):]: value for name, value in out.items() if name.startswith("new_")}
-            yield out["frames"]
+        return x
+
+    # -- denoiser ------------------------------------------------------------------------
+    def _denoise_plan(self, frames: int) -> list[tuple[int, int, int]]:
+        """(start, stop, first written frame) of each denoiser chunk, as the MLX pipeline walks them."""
+        from starflow_mlx.sampling.denoise import denoiser_chunks
+
+        v = self.manifest.video
+        steps = min(v.denoiser_frames, frames)
+        overlap = steps - 1 if v.denoiser_window is None else min(v.denoiser_window, steps - 1)
+        return denoiser_chunks(frames, steps, overlap)
+
+    def _denoiser_inputs(self, text: np.ndarray | None) -> dict[str, np.ndarray]:
+        m = self.manifest
+        if not m.package("denoiser").sees_text:
+            return {}
+        if text is None:
+            raise DriverError(f"the denoiser needs text features (batch, {m.text_length}, {m.text_dim})")
+        return {"text": channels_first(np.asarray(text, np.float32)).astype(np.float16)}
+
+    def _denoise_chunk(self, x: np.ndarray, start: int, stop: int, first: int, extra: dict) -> None:
+        """One chunk in place: frames first .. stop-1 of ``x`` become ``x - step * delta``."""
+        m, v = self.manifest, self.manifest.video
+        batch, _, h, w, c = x.shape
+        n, p, count = v.frame_tokens, m.patch_size, stop - start
+        part = patchify(x[:, start:stop].reshape(batch * count, h, w, c), p).reshape(batch, count * n, -1)
+        seq = np.zeros((batch, v.denoiser_frames * n, part.shape[2]), np.float32)
+        seq[:, :count * n] = part
+        out = self.backend.predict("denoiser", {"x": channels_first(seq).astype(np.float16),
+                                                "frames": np.array([count], np.int32), **extra})
+        delta = channels_last(out["delta"])[:, :count * n].reshape(batch * count, n, -1)
+        delta = unpatchify(delta, p, h, w).reshape(batch, count, h, w, c)
+        x[:, first:stop] -= v.denoiser_step * delta[:, first - start:]
 
     def denoise(self, latents: np.ndarray, text: np.ndarray | None = None) -> np.ndarray:
         """The learnable denoiser over ``latents`` (batch, T, H, W, C) in chunks, as the MLX pipeline walks them.
 
         ``text``: the conditional features (batch, text_length, text_dim), no unconditional rows.
         """
-        from starflow_mlx.sampling.denoise import denoiser_chunks
-
-        m, v = self.manifest, self.manifest.video
-        if not v.denoiser_frames:
+        if not self.manifest.video.denoiser_frames:
             raise DriverError("this export has no denoiser package (the model has no learnable denoiser)")
-        x = np.array(latents, np.float32)
-        if x.shape != self._noise_shape(x):
-            raise DriverError(f"latents must be {self._noise_shape(x)} ({self._noise_axes}), got {x.shape}")
-        pkg = m.package("denoiser")
-        extra = {}
-        if pkg.sees_text:
-            if text is None:
-                raise DriverError(f"the denoiser needs text features (batch, {m.text_length}, {m.text_dim})")
-            extra["text"] = channels_first(np.asarray(text, np.float32)).astype(np.float16)
-        batch, frames, h, w, c = x.shape
-        steps = min(v.denoiser_frames, frames)
-        overlap = steps - 1 if v.denoiser_window is None else min(v.denoiser_window, steps - 1)
-        n, p = v.frame_tokens, m.patch_size
-        for start, stop, first in denoiser_chunks(frames, steps, overlap):
-            count = stop - start
-            seq = np.zeros((batch, v.denoiser_frames * n, patchify(x[:, 0], p).shape[2]), np.float32)
-            part = patchify(x[:, start:stop].reshape(batch * count, h, w, c), p)
-            seq[:, :count * n] = part.reshape(batch, count * n, -1)
-            out = self.backend.predict("denoiser", {"x": channels_first(seq).astype(np.float16),
-                                                    "frames": np.array([count], np.int32), **extra})
-            delta = channels_last(out["delta"])[:, :count * n].reshape(batch * count, n, -1)
-            delta = unpatchify(delta, p, h, w).reshape(batch, count, h, w, c)
-            x[:, first:stop] -= v.denoiser_step * delta[:, first - start:]
+        x = self._checked(latents)
+        extra = self._denoiser_inputs(text)
+        for start, stop, first in self._denoise_plan(x.shape[1]):
+            self._denoise_chunk(x, start, stop, first, extra)
         return x
