@@ -1,6 +1,7 @@
 """Core ML export of STARFlow-V: frame-local shallow packages, the windowed deep block, whole clips vs MLX."""
 
 import json
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -246,3 +247,20 @@ def test_shallow_blocks_of_a_frame_overlap_the_deep_block_of_the_next(video_expo
     assert set(timed.seconds()) == {"deep_block", "shallow_block_1", "shallow_block_0"}
     assert 0 < timed.overlap() < sum(timed.seconds().values())
     assert "overlapped" in timed.report()
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions need macOS")
+def test_coreml_predictions_match_the_interpreter_on_a_clip_past_the_window(video_export):
+    from starflow_mlx.coreml.driver import CoreMLBackend
+
+    folder = video_export[1].folder
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((1, 5, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    coreml = VideoSampler(folder, CoreMLBackend(folder), threshold=0.0, max_iter=4, shallow_max_iter=4)
+    interpreted = VideoSampler(folder, InterpreterBackend(folder), threshold=0.0, max_iter=4, shallow_max_iter=4)
+    a, b = (s.sample_video(z, text, uncond, 2.0) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
+    a, b = (s.denoise(b, text) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
