@@ -41,6 +41,7 @@ def test_video_packages_are_per_frame_and_per_window(video_export):
     v = m.video
     assert (v.aspect_ratio, v.frame_tokens, v.window_frames, v.context_frames) == ("1:1", 4, 3, 2)
     assert v.frame_rule.startswith("1 + 4k") and v.temporal_scale == 1.0
+    assert v.prompt_template == v.image_prompt_template == "{prompt}"  # this flow was trained without templates
     assert m.order == ["deep_block", "shallow_block_1", "shallow_block_0"]
     assert m.chunk == 4 and m.guided and m.latent_shape == [2, 2, 4]
     for name in m.order[1:]:
@@ -151,7 +152,11 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
                                     jacobi_threshold=1e-12, jacobi_max_iter=24))
     z_key, _ = mx.random.split(mx.random.key(seed))
     z = np.array(mx.random.normal((1, 5, 2, 3, 48), key=z_key))
-    texts = [prepare_prompt(t, pipe.config, "16:9", 16) for t in ("a red fox", "")]
+    template = m.video.prompt_template  # what an app fills in: the pipeline's own formatting
+    texts = [template.replace("{prompt}", t).replace("{fps}", "16") for t in ("a red fox", "")]
+    assert texts[0] == prepare_prompt("a red fox", pipe.config, "16:9", 16) and "{" not in texts[0]
+    image = m.video.image_prompt_template.replace("{prompt}", "a red fox")
+    assert image == prepare_prompt("a red fox", pipe.config, "16:9", 0) != texts[0]
     ids, mask = pipe.text_encoder.tokenize(texts, m.text_length)
     stats = SampleStats()
     sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=1e-12, max_iter=m.chunk,

@@ -67,6 +67,8 @@ class VideoContract:
     denoiser_frames: int = 0  # frames of the denoiser package (0: no denoiser exported)
     denoiser_window: int | None = None  # the model's denoiser_window: sets the overlap of its chunks
     denoiser_step: float = 0.0  # x <- x - denoiser_step * delta
+    prompt_template: str = "{prompt}"  # the text the encoder reads: replace {prompt} and {fps}
+    image_prompt_template: str = "{prompt}"  # the same for a one-frame video (an image)
 
 
 @dataclass

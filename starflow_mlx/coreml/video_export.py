@@ -79,7 +79,7 @@ def build_video_packages(flow, folder: Path, source: str, source_folder: Path, o
                                                   (lat_h, lat_w), report))
     factor = max(config.vae_factor, 1) if (model_manifest is None or model_manifest.vae) else 1
     video = VideoContract(ratio, FRAME_RULE, factor, float(config.vae_temporal_scale or 1.0), frame, window,
-                          min(MAX_CONTEXT_FRAMES, window - 1), **denoiser)
+                          min(MAX_CONTEXT_FRAMES, window - 1), **denoiser, **prompt_templates(config, ratio))
     manifest = ExportManifest(
         source=source, kind=model_manifest.kind if model_manifest else None, batch=options.batch,
         latent_shape=[lat_h, lat_w, config.in_channels], patch_size=p, token_grid=list(grid), token_channels=c,
@@ -90,6 +90,15 @@ def build_video_packages(flow, folder: Path, source: str, source_folder: Path, o
     )
     manifest.drive = video_drive_steps(manifest)
     return manifest
+
+
+def prompt_templates(config: FlowConfig, aspect_ratio: str) -> dict[str, str]:
+    """The training templates (fps, noise level, aspect ratio) with {prompt} and {fps} left for the app."""
+    from starflow_mlx.pipelines.prompts import prepare_prompt
+
+    sentinel = 987654321  # an fps no template contains, replaced by the placeholder
+    video = prepare_prompt("{prompt}", config, aspect_ratio, sentinel).replace(str(sentinel), "{fps}")
+    return {"prompt_template": video, "image_prompt_template": prepare_prompt("{prompt}", config, aspect_ratio, 0)}
 
 
 def denoiser_package(flow, folder: Path, batch: int, grid: tuple[int, int], frames: int,
@@ -133,7 +142,8 @@ def video_drive_steps(m: ExportManifest) -> list[str]:
     steps = []
     if any(p.role == "text_encoder" for p in m.packages):
         rows = "[prompts; empty prompts]" if m.guided else "prompts"
-        steps.append(f"text_encoder: tokenize {rows} with tokenizer/ (pad and truncate to {L}) -> input_ids, "
+        steps.append(f"text_encoder: fill video.prompt_template ({{prompt}}, {{fps}}; image_prompt_template for one "
+                     f"frame) for {rows}, tokenize with tokenizer/ (pad and truncate to {L}) -> input_ids, "
                      "attention_mask (int32) -> features, the 'text' of the deep block.")
     steps += [
         f"Frames: {v.frame_rule}. z: Gaussian latents (batch {m.batch}, T, {m.latent_shape[0]}, "
