@@ -269,3 +269,16 @@ def test_coreml_predictions_match_the_interpreter_on_a_clip_past_the_window(vide
     assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
     a, b = (s.denoise(b, text) for s in (coreml, interpreted))
     assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
+
+
+def test_chunks_that_do_not_divide_a_frame_verify(tmp_path):
+    """Chunks of 3 over 4-token frames: after a slide the window restarts mid-chunk, into the cache's overhang."""
+    from starflow_mlx.coreml.export import ExportOptions
+
+    flow = random_flow(seed=2, **{**TINY, "learnable_self_denoiser": False, "conditional_denoiser": False})
+    save_flow(flow, tmp_path / "model")
+    result = export_coreml(tmp_path / "model", tmp_path / "coreml", ExportOptions(chunk=3), verify=True)
+    deep = result.manifest.package("deep_block")
+    assert result.manifest.chunk == 3 and deep.functions["step"].states[0].shape[2] == 6 + 12 + 3
+    clips = [c for c in result.checks if c.package == "video"]
+    assert len(clips) == 2 and all(c.ok for c in result.checks)
