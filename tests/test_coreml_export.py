@@ -277,7 +277,10 @@ def test_bits_option_quantizes_on_export_and_verifies(folders, tmp_path):
 
 # -- errors --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model,args,message", [
-    ("video", [], "export-coreml supports image models; video (num_frames=3) is not supported"),
+    ("video", ["--height", "32"], "--height/--width are for image models; size a video export with --aspect-ratio"),
+    ("video", ["--aspect-ratio", "16:9"], "--aspect-ratio: aspect ratio 16:9: this model was trained on square"),
+    ("video", ["--chunk", "5"], "--chunk 5 is larger than the 4 tokens of one frame"),
+    ("image", ["--aspect-ratio", "1:1"], "--aspect-ratio is for video models"),
     ("image", ["--bits", "3"], "--bits must be 4 or 8, got 3"),
     ("image", ["--chunk", "99"], "--chunk 99 is larger than the 16 tokens of one image"),
     ("options", ["--chunk", "2"], "--chunk > 1 (Jacobi) needs a model with a start-of-sequence token"),

@@ -44,6 +44,7 @@ class DeepShapes:
     kv_heads: int
     head_dim: int
     channels: int  # block width (the encode_text output)
+    pad: int = 0  # extra positions: a video window restarts at any offset, so its last chunk may overhang
 
     @property
     def rows(self) -> int:
@@ -51,8 +52,8 @@ class DeepShapes:
 
     @property
     def cache_length(self) -> int:
-        """Text plus the tokens rounded up to whole chunks (the last chunk is padded)."""
-        return self.text_len + math.ceil(self.tokens / self.chunk) * self.chunk
+        """Text plus the tokens rounded up to whole chunks (the last chunk is padded), plus ``pad``."""
+        return self.text_len + math.ceil(self.tokens / self.chunk) * self.chunk + self.pad
 
     def state_infos(self) -> list[TensorInfo]:
         shape = [self.rows, self.kv_heads, self.cache_length, self.head_dim]

@@ -148,6 +148,7 @@ class SampleStats:
     deep_calls: int = 0
     chunk_iterations: list[int] = field(default_factory=list)
     shallow_iterations: dict[str, int] = field(default_factory=dict)
+    reencodes: int = 0  # video: times the deep block's window slid
 
 
 @dataclass
@@ -172,12 +173,17 @@ class Sampler:
         self.shallow_max_iter = m.tokens if shallow_max_iter is None else int(shallow_max_iter)
 
     # -- inputs ---------------------------------------------------------------------------
+    _noise_axes = "batch, H, W, C"
+
+    def _noise_shape(self, z: np.ndarray) -> tuple[int, ...]:
+        return (self.manifest.batch, *self.manifest.latent_shape)
+
     def _request(self, z, text, text_uncond, cfg, stats) -> _Request:
         m = self.manifest
         z = np.asarray(z, np.float32)
-        expected = (m.batch, *m.latent_shape)
+        expected = self._noise_shape(z)
         if z.shape != expected:
-            raise DriverError(f"z must be {expected} (batch, H, W, C) as exported, got {z.shape}")
+            raise DriverError(f"z must be {expected} ({self._noise_axes}) as exported, got {z.shape}")
         deep = m.package(m.order[0])
         needs_text = any(m.package(n).sees_text for n in m.order)
         rows = None
@@ -219,10 +225,8 @@ class Sampler:
         h, w = m.latent_shape[0], m.latent_shape[1]
         return unpatchify(np.ascontiguousarray(seq), m.patch_size, h, w)
 
-    def _invert_deep(self, pkg: PackageInfo, z: np.ndarray, req: _Request) -> np.ndarray:
-        m = self.manifest
-        batch, n, c = z.shape
-        k, text_len = m.chunk, m.text_length if pkg.sees_text else 0
+    def _open_deep(self, pkg: PackageInfo, req: _Request):
+        """A fresh KV cache with the text prefix written, and ``step(tokens, position) -> (a, b)`` on it."""
         state = self.backend.make_state(f"{pkg.name}.step")
         if pkg.sees_text:
             self.backend.predict(f"{pkg.name}.encode_text", {"text": req.text}, state)
@@ -234,6 +238,34 @@ class Sampler:
                                                             "position": np.array([position], np.int32), **extra}, state)
             return out["a"].astype(np.float32), out["b"].astype(np.float32)
 
+        return step
+
+    def _solve_chunk(self, step, x_full: np.ndarray, z: np.ndarray, start: int, valid: int, position: int,
+                     req: _Request) -> None:
+        """Tokens start .. start+valid-1 into ``x_full`` (= [start token; x]) by Jacobi at cache ``position``."""
+        batch, _, c = z.shape
+        tokens = np.zeros((batch, self.manifest.chunk, c), np.float32)
+        iterations = 1 if self.manifest.chunk == 1 else self.max_iter
+        for it in range(iterations):
+            tokens[:, :valid] = x_full[:, start:start + valid]
+            a, b = step(tokens, position)
+            new = b[:, :valid] + a[:, :valid] * z[:, start:start + valid]
+            residual = _residual(new, x_full[:, start + 1:start + 1 + valid])
+            x_full[:, start + 1:start + 1 + valid] = new
+            if residual < self.threshold:
+                break
+        req.stats.chunk_iterations.append(it + 1)
+
+    def _with_start_token(self, z: np.ndarray) -> np.ndarray:
+        c = z.shape[2]
+        start_token = np.asarray(self.manifest.start_token, np.float32).reshape(1, 1, c)
+        return np.concatenate([np.broadcast_to(start_token, (z.shape[0], 1, c)), z], axis=1)
+
+    def _invert_deep(self, pkg: PackageInfo, z: np.ndarray, req: _Request) -> np.ndarray:
+        m = self.manifest
+        n = z.shape[1]
+        k, text_len = m.chunk, m.text_length if pkg.sees_text else 0
+        step = self._open_deep(pkg, req)
         if not m.sos:
             # Token 0 passes through; step t-1 predicts token t from token t-1.
             x = np.empty_like(z)
@@ -242,23 +274,9 @@ class Sampler:
                 a, b = step(x[:, t - 1:t], text_len + t - 1)
                 x[:, t] = b[:, 0] + a[:, 0] * z[:, t]
             return x
-        start_token = np.asarray(m.start_token, np.float32).reshape(1, 1, c)
-        x_full = np.concatenate([np.broadcast_to(start_token, (batch, 1, c)), z], axis=1)
-        start = 0
-        while start < n:
-            valid = min(k, n - start)
-            tokens = np.zeros((batch, k, c), np.float32)
-            iterations = 1 if k == 1 else self.max_iter
-            for it in range(iterations):
-                tokens[:, :valid] = x_full[:, start:start + valid]
-                a, b = step(tokens, text_len + start)
-                new = b[:, :valid] + a[:, :valid] * z[:, start:start + valid]
-                residual = _residual(new, x_full[:, start + 1:start + 1 + valid])
-                x_full[:, start + 1:start + 1 + valid] = new
-                if residual < self.threshold:
-                    break
-            req.stats.chunk_iterations.append(it + 1)
-            start += valid
+        x_full = self._with_start_token(z)
+        for start in range(0, n, k):
+            self._solve_chunk(step, x_full, z, start, min(k, n - start), text_len + start, req)
         return x_full[:, 1:]
 
     def _invert_shallow(self, pkg: PackageInfo, z: np.ndarray, req: _Request) -> np.ndarray:

@@ -31,6 +31,7 @@ class ExportOptions:
     width: int | None = None
     batch: int = 1
     guidance: bool | None = None  # None: guided when the deep block sees text and the config's cfg > 0
+    aspect_ratio: str | None = None  # video frames; None: 16:9 for mixed-aspect models, else 1:1
 
 
 @dataclass
@@ -41,12 +42,18 @@ class ExportResult:
 
 
 def unsupported(what: str) -> ExportError:
-    return ExportError(f"export-coreml supports image models; {what} is not supported")
+    return ExportError(f"export-coreml supports image models and STARFlow-V; {what} is not supported")
 
 
 def check_supported(config: FlowConfig) -> None:
     if config.is_video:
-        raise unsupported(f"video (num_frames={config.num_frames})")
+        # The packages are per frame (shallow) and per window (deep): that needs frame-local shallow
+        # blocks, and a start token for the windowed Jacobi sampler.
+        if config.num_blocks > 1 and not config.shallow_block_local:
+            raise unsupported("a video model without frame-local shallow blocks")
+        if not config.sos:
+            raise unsupported("a video model without a start-of-sequence token")
+        return
     if config.temporal_causal:
         raise unsupported("temporal_causal")
     if config.learnable_self_denoiser:
@@ -82,13 +89,13 @@ def _latent_size(config: FlowConfig, factor: int, height: int | None, width: int
     return sizes[0], sizes[1]
 
 
-def _resolve_chunk(chunk: int | None, tokens: int, sos: bool) -> int:
+def resolve_chunk(chunk: int | None, tokens: int, sos: bool, unit: str = "image") -> int:
     if chunk is None:
         return min(DEFAULT_CHUNK, tokens) if sos else 1
     if chunk < 1:
         raise ExportError(f"--chunk must be at least 1, got {chunk}")
     if chunk > tokens:
-        raise ExportError(f"--chunk {chunk} is larger than the {tokens} tokens of one image: use at most {tokens}")
+        raise ExportError(f"--chunk {chunk} is larger than the {tokens} tokens of one {unit}: use at most {tokens}")
     if chunk > 1 and not sos:
         raise ExportError("--chunk > 1 (Jacobi) needs a model with a start-of-sequence token: use --chunk 1")
     return chunk
@@ -110,10 +117,11 @@ def load_for_export(folder: Path, options: ExportOptions):
     return flow
 
 
-def _component_packages(source: Path, folder: Path, model_manifest, text_rows: int, batch: int, text_len: int,
-                        latent_hw: tuple[int, int], report: Callable[[str], None],
-                        built: Callable[[], None] = lambda: None) -> list[PackageInfo]:
-    """The text encoder (with its tokenizer copied next to it) and the VAE decoder of a full model folder."""
+def component_packages(source: Path, folder: Path, model_manifest, text_rows: int, text_len: int,
+                       report: Callable[[str], None], vae_latents: tuple[int, int, int] | None,
+                       built: Callable[[], None] = lambda: None) -> list[PackageInfo]:
+    """The text encoder (with its tokenizer copied next to it) and, given ``vae_latents`` (batch, h, w), the
+    image VAE decoder of a full model folder. ``built()`` is called after each package."""
     packages = []
     if model_manifest.text_encoder:
         from starflow_mlx.coreml.text_encoder import COMPUTE_UNITS as TEXT_UNITS
@@ -129,16 +137,15 @@ def _component_packages(source: Path, folder: Path, model_manifest, text_rows: i
         built()
         packages.append(PackageInfo("text_encoder", "text_encoder.mlpackage", "text_encoder", TEXT_UNITS,
                                     "channels_last", shapes.functions(), quantized_layers=builder.quantized_layers))
-    if model_manifest.vae:
+    if model_manifest.vae and vae_latents is not None:
         from starflow_mlx.coreml.vae_decoder import COMPUTE_UNITS as VAE_UNITS
         from starflow_mlx.coreml.vae_decoder import DecoderShapes, VAEDecoderBuilder
         from starflow_mlx.vae import load_vae
 
+        batch, lat_h, lat_w = vae_latents
         vae = load_vae(source / model_manifest.vae)
-        shapes = DecoderShapes(batch, latent_hw[0], latent_hw[1], vae.latent_channels, vae.factor,
-                               vae.config.out_channels)
-        report(f"VAE decoder: {latent_hw[0]}x{latent_hw[1]} latents -> {latent_hw[0] * vae.factor}x"
-               f"{latent_hw[1] * vae.factor} pixels")
+        shapes = DecoderShapes(batch, lat_h, lat_w, vae.latent_channels, vae.factor, vae.config.out_channels)
+        report(f"VAE decoder: {lat_h}x{lat_w} latents -> {lat_h * vae.factor}x{lat_w * vae.factor} pixels")
         VAEDecoderBuilder(vae, shapes).save(folder / "vae_decoder.mlpackage")
         built()
         packages.append(PackageInfo("vae_decoder", "vae_decoder.mlpackage", "vae_decoder", VAE_UNITS, "image",
@@ -146,9 +153,76 @@ def _component_packages(source: Path, folder: Path, model_manifest, text_rows: i
     return packages
 
 
+def deep_package(flow, folder: Path, shapes: DeepShapes, layout: Layout, report: Callable[[str], None],
+                 built: Callable[[], None] = lambda: None) -> PackageInfo:
+    """The deep block's stateful package; ``layout`` gives its rotary tables over ``shapes.tokens``."""
+    deep = flow.blocks[-1]
+    cos, sin = flow.rope(layout, shapes.text_len, pad=shapes.cache_length - shapes.text_len - shapes.tokens)
+    report(f"deep block {deep.index}: {len(deep.attn_blocks)} layers, chunk {shapes.chunk}, "
+           f"{shapes.rows} cache rows x {shapes.cache_length} positions")
+    builder = DeepBlockBuilder(deep, shapes, np.array(cos), np.array(sin))
+    builder.save(folder / "deep_block.mlpackage", {"com.starflow.block": str(deep.index)})
+    built()
+    return PackageInfo("deep_block", "deep_block.mlpackage", "deep_block", DEEP_UNITS, "channels_last",
+                       builder.functions(), deep.index, deep.flips, deep.sees_text, shapes.guided,
+                       builder.quantized_layers)
+
+
+def shallow_packages(flow, folder: Path, batch: int, guided: bool, layout: Layout, tokens: int,
+                     report: Callable[[str], None], built: Callable[[], None] = lambda: None) -> list[PackageInfo]:
+    """One stateless package per shallow block, in sampling order, each over ``tokens`` (an image or a frame)."""
+    config: FlowConfig = flow.config
+    packages = []
+    for block in reversed(flow.blocks[:-1]):
+        if block.is_identity:
+            continue
+        sees = block.sees_text
+        s_len = config.txt_size if sees else 0
+        s_shapes = ShallowShapes(batch, guided and sees, s_len, config.txt_dim, tokens, config.token_channels)
+        s_cos, s_sin = flow.rope(layout, s_len)
+        name = f"shallow_block_{block.index}"
+        report(f"shallow block {block.index}: {len(block.attn_blocks)} layers, {tokens} tokens")
+        s_builder = ShallowBlockBuilder(block, s_shapes, np.array(s_cos), np.array(s_sin))
+        s_builder.save(folder / f"{name}.mlpackage", {"com.starflow.block": str(block.index)})
+        built()
+        packages.append(PackageInfo(name, f"{name}.mlpackage", "shallow_block", SHALLOW_UNITS, "channels_first",
+                                    s_builder.functions(), block.index, block.flips, sees, guided and sees,
+                                    s_builder.quantized_layers))
+    return packages
+
+
+def is_guided(flow, options: ExportOptions) -> bool:
+    deep = flow.blocks[-1]
+    if options.guidance and not deep.sees_text:
+        raise ExportError("--guidance needs a text- or class-conditioned model; this one has no text")
+    return deep.sees_text and (options.guidance if options.guidance is not None else flow.config.cfg > 0)
+
+
 def build_packages(flow, folder: Path, source: str, source_folder: Path, options: ExportOptions, model_manifest,
                    report: Callable[[str], None], progress: Callable[..., None] | None = None) -> ExportManifest:
-    """Write every package into ``folder`` and return the manifest (not yet saved); ``progress`` counts packages."""
+    """Write every package into ``folder`` and return the manifest (not yet saved); ``progress`` counts packages
+    (a video export reports the whole build as one step)."""
+    config: FlowConfig = flow.config
+    if options.batch < 1:
+        raise ExportError(f"--batch must be at least 1, got {options.batch}")
+    if config.is_video:
+        from starflow_mlx.coreml.video_export import build_video_packages
+
+        if progress:
+            progress("packages", 0, 1)
+        manifest = build_video_packages(flow, folder, source, source_folder, options, model_manifest, report)
+        if progress:
+            progress("packages", 1, 1)
+        return manifest
+    if options.aspect_ratio is not None:
+        raise ExportError("--aspect-ratio is for video models; size an image export with --height/--width")
+    factor = _pixel_factor(config, source_folder, model_manifest)
+    lat_h, lat_w = _latent_size(config, factor, options.height, options.width)
+    p = config.patch_size
+    grid = (lat_h // p, lat_w // p)
+    tokens = grid[0] * grid[1]
+    if tokens < 2:
+        raise ExportError(f"{lat_h}x{lat_w} latents make {tokens} token: export at least 2 tokens")
     shallow_count = sum(not block.is_identity for block in flow.blocks[:-1])
     components = bool(model_manifest.text_encoder) + bool(model_manifest.vae) if model_manifest else 0
     total, done = 1 + shallow_count + components, [0]
@@ -160,57 +234,20 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
 
     if progress:
         progress("packages", 0, total)
-    config: FlowConfig = flow.config
-    factor = _pixel_factor(config, source_folder, model_manifest)
-    lat_h, lat_w = _latent_size(config, factor, options.height, options.width)
-    p = config.patch_size
-    grid = (lat_h // p, lat_w // p)
-    tokens = grid[0] * grid[1]
-    if tokens < 2:
-        raise ExportError(f"{lat_h}x{lat_w} latents make {tokens} token: export at least 2 tokens")
-    if options.batch < 1:
-        raise ExportError(f"--batch must be at least 1, got {options.batch}")
     deep = flow.blocks[-1]
-    chunk = _resolve_chunk(options.chunk, tokens, config.sos)
-    guided = deep.sees_text and (options.guidance if options.guidance is not None else config.cfg > 0)
-    if options.guidance and not deep.sees_text:
-        raise ExportError("--guidance needs a text- or class-conditioned model; this one has no text")
+    chunk = resolve_chunk(options.chunk, tokens, config.sos)
+    guided = is_guided(flow, options)
     text_len = config.txt_size if deep.sees_text else 0
     layout = Layout(options.batch, 0, grid[0], grid[1], config.token_channels, False)
-    packages: list[PackageInfo] = []
-
     shapes = DeepShapes(options.batch, guided, text_len, config.txt_dim, tokens, chunk, config.token_channels,
                         len(deep.attn_blocks), deep.kv_heads, deep.head_dim, deep.channels)
-    cos, sin = flow.rope(layout, text_len, pad=shapes.cache_length - text_len - tokens)
-    report(f"deep block {deep.index}: {len(deep.attn_blocks)} layers, chunk {chunk}, "
-           f"{shapes.rows} cache rows x {shapes.cache_length} positions")
-    builder = DeepBlockBuilder(deep, shapes, np.array(cos), np.array(sin))
-    builder.save(folder / "deep_block.mlpackage", {"com.starflow.block": str(deep.index)})
-    built()
-    packages.append(PackageInfo("deep_block", "deep_block.mlpackage", "deep_block", DEEP_UNITS, "channels_last",
-                                builder.functions(), deep.index, deep.flips, deep.sees_text, guided,
-                                builder.quantized_layers))
-    order = ["deep_block"]
-    for block in reversed(flow.blocks[:-1]):
-        if block.is_identity:
-            continue
-        sees = block.sees_text
-        s_len = config.txt_size if sees else 0
-        s_shapes = ShallowShapes(options.batch, guided and sees, s_len, config.txt_dim, tokens, config.token_channels)
-        s_cos, s_sin = flow.rope(layout, s_len)
-        name = f"shallow_block_{block.index}"
-        report(f"shallow block {block.index}: {len(block.attn_blocks)} layers, {tokens} tokens")
-        s_builder = ShallowBlockBuilder(block, s_shapes, np.array(s_cos), np.array(s_sin))
-        s_builder.save(folder / f"{name}.mlpackage", {"com.starflow.block": str(block.index)})
-        built()
-        packages.append(PackageInfo(name, f"{name}.mlpackage", "shallow_block", SHALLOW_UNITS, "channels_first",
-                                    s_builder.functions(), block.index, block.flips, sees, guided and sees,
-                                    s_builder.quantized_layers))
-        order.append(name)
-
+    packages = [deep_package(flow, folder, shapes, layout, report, built)]
+    packages += shallow_packages(flow, folder, options.batch, guided, layout, tokens, report, built)
+    order = [p.name for p in packages]
     if model_manifest is not None:
-        packages += _component_packages(source_folder, folder, model_manifest, options.batch * (2 if guided else 1),
-                                        options.batch, config.txt_size, (lat_h, lat_w), report, built)
+        packages += component_packages(source_folder, folder, model_manifest, options.batch * (2 if guided else 1),
+                                       config.txt_size, report, vae_latents=(options.batch, lat_h, lat_w),
+                                       built=built)
     start = to_numpy(deep.sos_embed).reshape(-1).tolist() if config.sos else None
     manifest = ExportManifest(
         source=source, kind=model_manifest.kind if model_manifest else None, batch=options.batch,

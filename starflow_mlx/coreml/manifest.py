@@ -49,7 +49,7 @@ class PackageInfo(JSONConfig):
 
     name: str
     file: str
-    role: str  # deep_block | shallow_block | text_encoder | vae_decoder
+    role: str  # deep_block | shallow_block | denoiser | text_encoder | vae_decoder | video_vae_decoder
     compute_units: str  # coremltools ComputeUnit name the package is shaped for
     layout: str  # channels_last (B, S, C) | channels_first (B, C, 1, S) | image
     functions: dict[str, FunctionInfo]
@@ -58,6 +58,26 @@ class PackageInfo(JSONConfig):
     sees_text: bool = False
     guided: bool = False  # batch doubled internally, [cond; uncond] text, 'guidance' input
     quantized_layers: int = 0  # linears stored as constexpr_blockwise_shift_scale constants
+
+
+@dataclass
+class VideoContract(JSONConfig):
+    """What a host needs to drive a STARFlow-V export frame by frame (the flow packages are per frame/window)."""
+
+    LABEL = "video contract"
+
+    aspect_ratio: str = field(metadata={"max_len": 16})
+    frame_rule: str  # which pixel-frame counts the VAE produces, and how many latent frames they are
+    pixel_factor: int = field(metadata={"min": 1, "max": 64})  # VAE pixels per latent cell
+    temporal_scale: float = field(metadata={"min": 1e-3, "max": 1e3})  # flow latents 1.. = VAE latents x this
+    frame_tokens: int = field(metadata={"min": 1, "max": 1 << 20})
+    window_frames: int = field(metadata={"min": 1, "max": 4096})  # latent frames the deep cache holds
+    context_frames: int = field(metadata={"min": 1, "max": 4096})  # re-encoded when a longer video slides
+    denoiser_frames: int = field(default=0, metadata={"min": 0, "max": 4096})  # 0: no denoiser exported
+    denoiser_window: int | None = field(default=None, metadata={"min": 0, "max": 4096})  # sets chunk overlap
+    denoiser_step: float = field(default=0.0, metadata={"min": 0, "max": 10})  # x <- x - denoiser_step * delta
+    prompt_template: str = "{prompt}"  # the text the encoder reads: replace {prompt} and {fps}
+    image_prompt_template: str = "{prompt}"  # the same for a one-frame video (an image)
 
 
 @dataclass
@@ -85,6 +105,7 @@ class ExportManifest(JSONConfig):
     classes: list[str] = field(default_factory=list)
     pixel_scale: float = field(default=1.0, metadata={"min": 1e-3, "max": 1e3})
     drive: list[str] = field(default_factory=list)
+    video: VideoContract | None = None  # STARFlow-V: latent_shape/token_grid are one frame's
     format: int = FORMAT
 
     @property

@@ -49,6 +49,9 @@ class ShallowShapes:
 
 
 class ShallowBlockBuilder:
+    role = "shallow_block"
+    compute_units = COMPUTE_UNITS
+
     def __init__(self, block, shapes: ShallowShapes, cos: np.ndarray, sin: np.ndarray):
         """``cos``/``sin``: (text_len + tokens, head_dim) rotary tables of [text; tokens]."""
         self.block, self.shapes = block, shapes
@@ -137,5 +140,5 @@ class ShallowBlockBuilder:
     def save(self, path: Path, metadata: dict[str, str]) -> None:
         ct = coremltools()
         opset = ct.target.macOS15
-        convert(self.program(opset), opset, COMPUTE_UNITS).save(str(path))
-        set_metadata(path, {COMPUTE_UNITS_KEY: COMPUTE_UNITS, ROLE_KEY: "shallow_block", **metadata})
+        convert(self.program(opset), opset, self.compute_units).save(str(path))
+        set_metadata(path, {COMPUTE_UNITS_KEY: self.compute_units, ROLE_KEY: self.role, **metadata})

@@ -134,11 +134,12 @@ def _quantization_problems(pkg: PackageInfo, fn: str, program: Program, flow) ->
     problems = []
     if fn in ("step", "main") and len(constexprs) != pkg.quantized_layers:
         problems.append(f"{pkg.name}.{fn}: {len(constexprs)} quantized constants, manifest {pkg.quantized_layers}")
-    if flow is not None and pkg.block is not None and fn in ("step", "main"):
+    if flow is not None and (pkg.block is not None or pkg.role == "denoiser") and fn in ("step", "main"):
         import mlx.nn as nn
 
-        block = flow.blocks[pkg.block]
-        skip = () if pkg.role == "shallow_block" and pkg.sees_text else ("proj_txt",)
+        block = flow.learnable_self_denoiser if pkg.role == "denoiser" else flow.blocks[pkg.block]
+        # Only the deep block's step runs without the text projection (encode_text has it).
+        skip = () if pkg.role in ("shallow_block", "denoiser") and pkg.sees_text else ("proj_txt",)
         expected = sum(1 for path, m in block.named_modules()
                        if isinstance(m, nn.QuantizedLinear) and not path.startswith(skip))
         if expected != len(constexprs):
@@ -153,20 +154,30 @@ def _quantization_problems(pkg: PackageInfo, fn: str, program: Program, flow) ->
 
 
 # -- numbers -------------------------------------------------------------------------------
+def sequence(manifest: ExportManifest, pkg: PackageInfo) -> tuple[Layout, int]:
+    """The token layout a flow package was exported for, and its token count (a video's deep block: a window)."""
+    h, w = manifest.token_grid
+    c, video = manifest.token_channels, manifest.video
+    if video is None:
+        return Layout(manifest.batch, 0, h, w, c, False), manifest.tokens
+    if pkg.role == "shallow_block":
+        return Layout(manifest.batch, 1, h, w, c, True), manifest.tokens
+    return Layout(manifest.batch, video.window_frames, h, w, c, False), video.window_frames * manifest.tokens
+
+
 class _Reference:
     """MLX ``(a, b)`` of a block (float32 out), through the same cache path the samplers use."""
 
     def __init__(self, flow, manifest: ExportManifest, pkg: PackageInfo):
         self.block = flow.blocks[pkg.block]
         self.text_len = manifest.text_length if pkg.sees_text else 0
-        grid = manifest.token_grid
-        layout = Layout(manifest.batch, 0, grid[0], grid[1], manifest.token_channels, False)
+        layout, self.tokens = sequence(manifest, pkg)
         pad = 0
         if pkg.role == "deep_block":
-            pad = pkg.functions["step"].states[0].shape[2] - self.text_len - manifest.tokens
+            pad = pkg.functions["step"].states[0].shape[2] - self.text_len - self.tokens
         self.cos, self.sin = flow.rope(layout, self.text_len, pad=pad)
         self.rows = manifest.batch * (2 if pkg.guided else 1)
-        self.cache = self.block.new_cache(self.rows, self.text_len + manifest.tokens + pad)
+        self.cache = self.block.new_cache(self.rows, self.text_len + self.tokens + pad)
 
     def encode(self, text: np.ndarray | None) -> None:
         if self.text_len:
@@ -240,7 +251,7 @@ def check_shallow(folder, manifest, pkg, flows, rng) -> list[Check]:
 def check_deep(folder, manifest, pkg, flows, rng) -> list[Check]:
     backend = InterpreterBackend(folder, manifest)
     ref, half = (_Reference(f, manifest, pkg) for f in flows)
-    batch, n, c, k = manifest.batch, manifest.tokens, manifest.token_channels, manifest.chunk
+    batch, n, c, k = manifest.batch, ref.tokens, manifest.token_channels, manifest.chunk
     state = backend.make_state(f"{pkg.name}.step")
     if pkg.sees_text:
         text = _text(rng, manifest, ref.rows)
@@ -320,6 +331,8 @@ def verify_export(folder: str | Path, flow, *, source: Path | None = None, seed:
     rng = np.random.default_rng(seed)
     checks: list[Check] = []
     for pkg in manifest.packages:
+        if pkg.role in ("denoiser", "video_vae_decoder"):
+            continue  # checked with the video clips below
         if pkg.role in ("deep_block", "shallow_block"):
             check = check_deep if pkg.role == "deep_block" else check_shallow
             found = check(folder, manifest, pkg, flows, rng)
@@ -328,6 +341,19 @@ def verify_export(folder: str | Path, flow, *, source: Path | None = None, seed:
                 raise VerificationError(f"checking {pkg.name} needs the source model folder")
             check = check_text_encoder if pkg.role == "text_encoder" else check_vae_decoder
             found = check(folder, manifest, pkg, Path(source), rng)
+        for item in found:
+            report(item.line())
+        checks += found
+    if manifest.video is not None:
+        from starflow_mlx.coreml.video_verify import check_clips, check_denoiser, check_video_decoder
+
+        found = check_clips(folder, manifest, flows, rng)
+        if manifest.video.denoiser_frames:
+            found += check_denoiser(folder, manifest, flows, rng)
+        if any(p.role == "video_vae_decoder" for p in manifest.packages):
+            if source is None:
+                raise VerificationError("checking the video VAE decoder needs the source model folder")
+            found += check_video_decoder(folder, manifest, Path(source), rng)
         for item in found:
             report(item.line())
         checks += found

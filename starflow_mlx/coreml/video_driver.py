@@ -1,0 +1,232 @@
+"""Host-side text-to-video over a STARFlow-V export: the deep block's sliding window, shallow blocks per frame.
+
+The deep block solves the clip in chunks; as soon as a frame's last token is
+final, its shallow blocks start on a second thread, so on Core ML the Neural
+Engine works on frame t while the GPU works on frame t+1 (the interpreter runs
+the same schedule, just slowly).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from starflow_mlx.coreml.driver import (DriverError, Sampler, SampleStats, _Request, channels_first, channels_last,
+                                        patchify, unpatchify)
+
+
+class VideoSampler(Sampler):
+    """``sample_video(z, text, text_uncond, cfg)``: latents (batch, T, H, W, C) from Gaussian ``z`` of that shape."""
+
+    _noise_axes = "batch, frames, H, W, C"
+
+    def __init__(self, folder, backend=None, **options):
+        super().__init__(folder, backend, **options)
+        if self.manifest.video is None:
+            raise DriverError(f"{folder} is an image export: use Sampler")
+
+    def _noise_shape(self, z: np.ndarray) -> tuple[int, ...]:
+        m = self.manifest
+        frames = z.shape[1] if z.ndim == 5 and z.shape[1] > 0 else 1
+        return (m.batch, frames, *m.latent_shape)
+
+    def _flip_frames(self, seq: np.ndarray) -> np.ndarray:
+        """Reverse the tokens inside every frame (the deep block's in-frame order)."""
+        b, total, c = seq.shape
+        n = self.manifest.video.frame_tokens
+        return np.ascontiguousarray(seq.reshape(b, total // n, n, c)[:, :, ::-1].reshape(b, total, c))
+
+    def _invert_window(self, pkg, z: np.ndarray, req: _Request, context_frames: int, on_frame) -> np.ndarray:
+        """The deep block over the whole clip ``z`` (B, T*n, c), sliding its window past the training length."""
+        m, v = self.manifest, self.manifest.video
+        total, n, k = z.shape[1], v.frame_tokens, m.chunk
+        text_len = m.text_length if pkg.sees_text else 0
+        span = v.window_frames * n
+        step = self._open_deep(pkg, req)
+        x_full = self._with_start_token(z)
+        start = base = 0
+        target = min(span, total)
+        while True:
+            while start < target:
+                valid = min(k, target - start)
+                self._solve_chunk(step, x_full, z, start, valid, text_len + start - base, req)
+                done = (start + valid) // n
+                for t in range(start // n, done):  # frames whose last token is now final
+                    on_frame(t, x_full[:, 1 + t * n:1 + (t + 1) * n])
+                start += valid
+            if target >= total:
+                return x_full[:, 1:]
+            # Window full: the text rows stay valid; re-encode the last context frames from position text_len.
+            keep = context_frames * n
+            context = np.concatenate([x_full[:, :1], x_full[:, start + 1 - keep:start]], axis=1)
+            tokens = np.zeros((z.shape[0], k, z.shape[2]), np.float32)
+            for j in range(0, keep, k):
+                tokens[:] = 0
+                part = context[:, j:j + k]
+                tokens[:, :part.shape[1]] = part
+                step(tokens, text_len + j)
+            base = start - keep
+            target = min(base + span, total)
+            req.stats.reencodes += 1
+
+    def sample_video(self, z, text=None, text_uncond=None, cfg: float | None = None, *,
+                     context_frames: int | None = None, stats: SampleStats | None = None) -> np.ndarray:
+        """Flow-space latents (batch, T, H, W, C) from Gaussian ``z`` of that shape; ``text`` (and ``text_uncond``
+        when guided) are text-encoder features."""
+        req = self._request(z, text, text_uncond, cfg, stats)
+        out = np.empty_like(req.z)
+        self._sample(req, out, lambda t: None, context_frames)
+        return out
+
+    def _sample(self, req: _Request, out: np.ndarray, frame_done, context_frames: int | None = None) -> None:
+        """Latent frames into ``out``; each frame's shallow blocks run on a second thread as soon as the deep block
+        has finished it, then ``frame_done(t)`` (on that thread, frames in order)."""
+        m, v = self.manifest, self.manifest.video
+        batch, frames, h, w, _ = req.z.shape
+        context_frames = v.context_frames if context_frames is None else int(context_frames)
+        if frames > v.window_frames and not 0 < context_frames < v.window_frames:
+            raise DriverError(f"context frames must be between 1 and {v.window_frames - 1}, got {context_frames}")
+        pkg = m.package(m.order[0])
+        seq = patchify(req.z.reshape(batch * frames, h, w, -1), m.patch_size).reshape(batch, frames * v.frame_tokens,
+                                                                                         -1)
+
+        def shallow(t: int, tokens: np.ndarray) -> None:
+            out[:, t] = self._shallow(tokens[:, ::-1] if pkg.flip else tokens, req)
+            frame_done(t)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="shallow") as pool:
+            pending = []
+            self._invert_window(pkg, self._flip_frames(seq) if pkg.flip else seq, req, context_frames,
+                                lambda t, tokens: pending.append(pool.submit(shallow, t, tokens.copy())))
+            for job in pending:
+                job.result()
+
+    def _conditioning(self, input_ids, attention_mask):
+        """Features of the tokenized [prompts; empty prompts]: (cond, uncond or None)."""
+        b = self.manifest.batch
+        features = self.text_features(input_ids, attention_mask)
+        return features[:b], features[b:] if self.manifest.guided else None
+
+    def text_to_video(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray,
+                      cfg: float | None = None, *, context_frames: int | None = None,
+                      stats: SampleStats | None = None) -> np.ndarray:
+        """Tokenized [prompts; empty prompts] (as the text encoder is exported) and Gaussian ``z`` (batch, T, H, W,
+        C) -> flow-space latents, denoised when the export has the denoiser (what ``VideoPipeline.sample`` returns)."""
+        cond, uncond = self._conditioning(input_ids, attention_mask)
+        x = self.sample_video(z, cond, uncond, cfg, context_frames=context_frames, stats=stats)
+        return self.denoise(x, cond) if self.manifest.video.denoiser_frames else x
+
+    def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray, cfg: float | None = None,
+               *, context_frames: int | None = None,
+               stats: SampleStats | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``text_to_video`` and ``decode_frames`` as one pipeline: (latents, pixel chunks).
+
+        Behind the deep block, one thread runs each finished frame's shallow blocks and then every denoiser
+        chunk whose frames are all there; a third decodes the frames each chunk finalised. On Core ML the
+        shallow blocks (Neural Engine) and the VAE decoder overlap the deep block's next frames.
+        """
+        self._check_decoder()
+        cond, uncond = self._conditioning(input_ids, attention_mask)
+        req = self._request(z, cond, uncond, cfg, stats)
+        frames = req.z.shape[1]
+        latents = np.empty_like(req.z)
+        if self.manifest.video.denoiser_frames:
+            chunks, extra = self._denoise_plan(frames), self._denoiser_inputs(cond)
+        else:
+            chunks, extra = [(t, t + 1, t) for t in range(frames)], None
+        progress = {"shallow": 0, "chunk": 0}
+        caches: dict = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="vae") as vae:
+            decoded = []
+
+            def decode(t: int, frame: np.ndarray) -> np.ndarray:
+                pixels, new = self._decode_frame(t, frame, caches)
+                caches.clear()
+                caches.update(new)
+                return pixels
+
+            def frame_done(t: int) -> None:  # on the shallow thread, frames in order
+                progress["shallow"] = t + 1
+                while progress["chunk"] < len(chunks) and chunks[progress["chunk"]][1] <= progress["shallow"]:
+                    start, stop, first = chunks[progress["chunk"]]
+                    if extra is not None:
+                        self._denoise_chunk(latents, start, stop, first, extra)
+                    decoded.extend(vae.submit(decode, k, latents[:, k].copy()) for k in range(first, stop))
+                    progress["chunk"] += 1
+
+            self._sample(req, latents, frame_done, context_frames)
+            return latents, [job.result() for job in decoded]
+
+    # -- VAE decoder ---------------------------------------------------------------------
+    def _check_decoder(self) -> None:
+        if not any(p.role == "video_vae_decoder" for p in self.manifest.packages):
+            raise DriverError("this export has no video VAE decoder (export a full model folder)")
+
+    def _decode_frame(self, t: int, frame: np.ndarray, caches: dict) -> tuple[np.ndarray, dict]:
+        """Latent frame ``t`` (flow space) -> (its pixel frames, the caches for frame t + 1)."""
+        x = frame if t == 0 else frame / self.manifest.video.temporal_scale
+        out = self.backend.predict("vae_decoder.step" if t else "vae_decoder.first",
+                                   {"latents": np.ascontiguousarray(x, np.float32), **caches})
+        return out["frames"], {name[len("new_"):]: value for name, value in out.items() if name.startswith("new_")}
+
+    def decode_frames(self, latents: np.ndarray):
+        """Flow-space latents (batch, T, H, W, C) -> pixel frames, yielded per latent frame (1, then 4 each) as
+        float32 (batch, n, H', W', 3) in about [-1, 1]: the temporal scale undone, the caches threaded."""
+        self._check_decoder()
+        x = self._checked(latents)
+        caches: dict = {}
+        for t in range(x.shape[1]):
+            pixels, caches = self._decode_frame(t, x[:, t], caches)
+            yield pixels
+
+    def _checked(self, latents: np.ndarray) -> np.ndarray:
+        x = np.array(latents, np.float32)
+        if x.shape != self._noise_shape(x):
+            raise DriverError(f"latents must be {self._noise_shape(x)} ({self._noise_axes}), got {x.shape}")
+        return x
+
+    # -- denoiser ------------------------------------------------------------------------
+    def _denoise_plan(self, frames: int) -> list[tuple[int, int, int]]:
+        """(start, stop, first written frame) of each denoiser chunk, as the MLX pipeline walks them."""
+        from starflow_mlx.sampling.denoise import denoiser_chunks
+
+        v = self.manifest.video
+        steps = min(v.denoiser_frames, frames)
+        overlap = steps - 1 if v.denoiser_window is None else min(v.denoiser_window, steps - 1)
+        return denoiser_chunks(frames, steps, overlap)
+
+    def _denoiser_inputs(self, text: np.ndarray | None) -> dict[str, np.ndarray]:
+        m = self.manifest
+        if not m.package("denoiser").sees_text:
+            return {}
+        if text is None:
+            raise DriverError(f"the denoiser needs text features (batch, {m.text_length}, {m.text_dim})")
+        return {"text": channels_first(np.asarray(text, np.float32)).astype(np.float16)}
+
+    def _denoise_chunk(self, x: np.ndarray, start: int, stop: int, first: int, extra: dict) -> None:
+        """One chunk in place: frames first .. stop-1 of ``x`` become ``x - step * delta``."""
+        m, v = self.manifest, self.manifest.video
+        batch, _, h, w, c = x.shape
+        n, p, count = v.frame_tokens, m.patch_size, stop - start
+        part = patchify(x[:, start:stop].reshape(batch * count, h, w, c), p).reshape(batch, count * n, -1)
+        seq = np.zeros((batch, v.denoiser_frames * n, part.shape[2]), np.float32)
+        seq[:, :count * n] = part
+        out = self.backend.predict("denoiser", {"x": channels_first(seq).astype(np.float16),
+                                                "frames": np.array([count], np.int32), **extra})
+        delta = channels_last(out["delta"])[:, :count * n].reshape(batch * count, n, -1)
+        delta = unpatchify(delta, p, h, w).reshape(batch, count, h, w, c)
+        x[:, first:stop] -= v.denoiser_step * delta[:, first - start:]
+
+    def denoise(self, latents: np.ndarray, text: np.ndarray | None = None) -> np.ndarray:
+        """The learnable denoiser over ``latents`` (batch, T, H, W, C) in chunks, as the MLX pipeline walks them.
+
+        ``text``: the conditional features (batch, text_length, text_dim), no unconditional rows.
+        """
+        if not self.manifest.video.denoiser_frames:
+            raise DriverError("this export has no denoiser package (the model has no learnable denoiser)")
+        x = self._checked(latents)
+        extra = self._denoiser_inputs(text)
+        for start, stop, first in self._denoise_plan(x.shape[1]):
+            self._denoise_chunk(x, start, stop, first, extra)
+        return x

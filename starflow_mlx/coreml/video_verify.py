@@ -1,0 +1,116 @@
+"""Whole clips through a STARFlow-V export (interpreter) against ``STARFlow.reverse`` on the same noise.
+
+Both sides solve every Jacobi chunk to its exact fixed point (threshold 0,
+as many iterations as the chunk has tokens), so they compute the same
+autoregressive inverse whatever their chunk sizes, and differ only by float16.
+One clip fills the training window; the other runs past it, so the window
+slides and the deep block re-encodes its context frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from starflow_mlx.coreml.driver import InterpreterBackend, SampleStats
+from starflow_mlx.coreml.manifest import ExportManifest
+from starflow_mlx.coreml.verify import CHECK_CFG, Check, rel_error
+from starflow_mlx.coreml.video_driver import VideoSampler
+
+EXTRA_FRAMES = 2  # past the window: enough for two slides with one context frame
+
+
+def clip_lengths(manifest: ExportManifest) -> list[int]:
+    return [manifest.video.window_frames, manifest.video.window_frames + EXTRA_FRAMES]
+
+
+def mlx_clip(flow, z: np.ndarray, text, text_uncond, cfg: float, frame_tokens: int, context_frames: int) -> np.ndarray:
+    """``flow.reverse`` with every chunk solved exactly (the reference the packages must match)."""
+    y = None if text is None else mx.array(text)
+    y_u = None if text_uncond is None else mx.array(text_uncond)
+    out = flow.reverse(mx.array(z), y, y_uncond=y_u, cfg=cfg, jacobi=True, jacobi_block_size=frame_tokens,
+                       jacobi_threshold=0.0, jacobi_max_iter=4 * frame_tokens, context_frames=context_frames)
+    return np.array(out.astype(mx.float32))
+
+
+def check_clips(folder: Path, manifest: ExportManifest, flows, rng) -> list[Check]:
+    v, m = manifest.video, manifest
+    deep = m.package(m.order[0])
+    cfg = CHECK_CFG if deep.guided else 0.0
+    # Exact fixed points on the host too: a chunk of k tokens is exact after k iterations.
+    sampler = VideoSampler(folder, InterpreterBackend(folder, manifest), threshold=0.0, max_iter=m.chunk,
+                           shallow_max_iter=v.frame_tokens)
+    context = 1 if v.window_frames > 1 else 0
+    checks = []
+    for frames in clip_lengths(manifest):
+        if frames > v.window_frames and not context:
+            continue
+        z = rng.standard_normal((m.batch, frames, *m.latent_shape)).astype(np.float32)
+        text = uncond = None
+        if m.text_length:
+            text = rng.standard_normal((m.batch, m.text_length, m.text_dim)).astype(np.float32)
+            uncond = rng.standard_normal(text.shape).astype(np.float32) if deep.guided else None
+        expected, half = (mlx_clip(f, z, text, uncond, cfg, v.frame_tokens, context or None) for f in flows)
+        stats = SampleStats()
+        ours = sampler.sample_video(z, text, uncond, cfg, context_frames=context or None, stats=stats)
+        what = f"{frames}-frame clip vs STARFlow.reverse ({stats.deep_calls} deep calls, {stats.reencodes} slides)"
+        checks.append(Check("video", what, rel_error(ours, expected), rel_error(half, expected)))
+    return checks
+
+
+def check_denoiser(folder: Path, manifest: ExportManifest, flows, rng) -> list[Check]:
+    """The package on a full window and on a shorter chunk (padded), then the host's chunked walk over a
+    clip past the window, each against the MLX denoiser."""
+    from starflow_mlx.sampling.denoise import learnable_denoise
+
+    m, v = manifest, manifest.video
+    pkg = m.package("denoiser")
+    sampler = VideoSampler(folder, InterpreterBackend(folder, manifest))
+    text = rng.standard_normal((m.batch, m.text_length, m.text_dim)).astype(np.float32) if pkg.sees_text else None
+    y = None if text is None else mx.array(text)
+    checks = []
+    for frames in sorted({v.denoiser_frames, max(v.denoiser_frames - 1, 1)}, reverse=True):
+        x = rng.standard_normal((m.batch, frames, *m.latent_shape)).astype(np.float32)
+        expected, half = (np.array(f.denoiser(mx.array(x), y)) for f in flows)
+        # A clip no longer than the package is one chunk: x - step * delta, the padding used when shorter.
+        ours = (x - sampler.denoise(x, text)) / v.denoiser_step
+        checks.append(Check(pkg.name, f"delta of {frames} random frames (of {v.denoiser_frames})",
+                            rel_error(ours, expected), rel_error(half, expected)))
+    frames = v.denoiser_frames + EXTRA_FRAMES
+    x = rng.standard_normal((m.batch, frames, *m.latent_shape)).astype(np.float32)
+    steps = min(v.denoiser_frames, frames)
+    overlap = steps - 1 if v.denoiser_window is None else min(v.denoiser_window, steps - 1)
+    expected, half = (np.array(learnable_denoise(f, mx.array(x), y, steps, overlap)) for f in flows)
+    ours = sampler.denoise(x, text)
+    # Compare the change the denoiser makes, not the latents it leaves mostly as they are.
+    checks.append(Check(pkg.name, f"{frames}-frame clip in chunks vs learnable_denoise (x - out)",
+                        rel_error(x - ours, x - expected), rel_error(x - half, x - expected)))
+    return checks
+
+
+
+def check_video_decoder(folder: Path, manifest: ExportManifest, source: Path, rng) -> list[Check]:
+    """Latent frames decoded one per call, caches threaded, against ``VideoVAE.decode_frames`` frame by frame."""
+    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.video_vae import load_video_vae
+
+    m = manifest
+    path = source / Manifest.load(source).vae
+    frames = 1 + EXTRA_FRAMES
+    latents = rng.standard_normal((m.batch, frames, *m.latent_shape)).astype(np.float32)
+
+    def run(dtype) -> list[np.ndarray]:
+        vae = load_video_vae(path, dtype=dtype)
+        return [np.array(chunk.astype(mx.float32)) for chunk in vae.decode_frames(mx.array(latents))]
+
+    half = run("float16")
+    expected = run("float32")
+    scaled = latents.copy()
+    scaled[:, 1:] *= m.video.temporal_scale  # decode_frames takes flow-space latents and undoes the scale
+    sampler = VideoSampler(folder, InterpreterBackend(folder, manifest))
+    ours = list(sampler.decode_frames(scaled))
+    error = max(rel_error(o, e) for o, e in zip(ours, expected))
+    fp16 = max(rel_error(h, e) for h, e in zip(half, expected))
+    return [Check("vae_decoder", f"{frames} latent frames one per call vs decode_frames", error, fp16)]

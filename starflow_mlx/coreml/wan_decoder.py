@@ -1,0 +1,258 @@
+"""The Wan2.2 VAE decoder as a Core ML package that decodes one latent frame per call.
+
+Two functions share the weights: ``first`` decodes latent frame 0 (1 pixel
+frame; the temporal upsamplers' first-chunk rules make it another program) and
+``step`` every later latent frame (4 pixel frames). The causal past is explicit:
+``first`` returns every convolution's 2-frame cache entry as ``cache_j``, and
+``step`` takes them and returns the updated ones under the same names, so a
+video streams through in bounded memory. Inside, activations are lists of
+per-frame NCHW float16 tensors (time never exceeds 4 frames), so a temporal
+convolution is a sum of 2-D convolutions over its taps, as in the MLX model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from starflow_mlx.coreml.builder import Emitter, coremltools, convert, make_program, mil, quiet, set_metadata, to_numpy
+from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, FunctionInfo, TensorInfo
+
+COMPUTE_UNITS = "CPU_AND_GPU"
+
+
+@dataclass(frozen=True)
+class WanDecoderShapes:
+    batch: int
+    height: int  # latent rows of a frame
+    width: int
+    latent_channels: int
+    factor: int  # pixels per latent cell
+    frames_per_step: int  # pixel frames of every latent frame after the first
+    caches: tuple[tuple[int, int, int], ...]  # (channels, height, width) of each cache entry, per frame
+
+    def cache_infos(self) -> list[TensorInfo]:
+        # The entry's two frames stacked on the channel axis: [older; newer].
+        return [TensorInfo(f"cache_{j}", [self.batch, 2 * c, h, w], "float16") for j, (c, h, w) in
+                enumerate(self.caches)]
+
+    def functions(self) -> dict[str, FunctionInfo]:
+        latents = TensorInfo("latents", [self.batch, self.height, self.width, self.latent_channels], "float32")
+
+        def frames(n):
+            return TensorInfo("frames", [self.batch, n, self.height * self.factor, self.width * self.factor, 3],
+                              "float32")
+
+        caches = self.cache_infos()
+        updated = [TensorInfo(f"new_{t.name}", t.shape, t.dtype) for t in caches]
+        return {"first": FunctionInfo([latents], [frames(1), *updated]),
+                "step": FunctionInfo([latents, *caches], [frames(self.frames_per_step), *updated])}
+
+
+def cache_shapes(vae, batch: int, height: int, width: int) -> tuple[tuple[int, int, int], ...]:
+    """Each cache entry's per-frame (C, H, W), from one MLX first-frame decode."""
+    import mlx.core as mx
+
+    x = vae.model.decoder_input(mx.zeros((batch, 1, height, width, vae.latent_channels)))
+    _, entries = vae.model.decode_first(x)
+    return tuple((int(e.shape[4]), int(e.shape[2]), int(e.shape[3])) for e in entries)
+
+
+class _Caches:
+    """Cache entries in call order: ``read`` gives the past two frames (None in ``first``), ``write`` the new."""
+
+    def __init__(self, mb, batch: int, inputs: list | None, shapes):
+        self.mb, self.batch, self.inputs, self.shapes = mb, batch, inputs, shapes
+        self.outputs: list = []
+
+    def read(self):
+        if self.inputs is None:
+            return [None, None]
+        return self.mb.split(x=self.inputs[len(self.outputs)], num_splits=2, axis=1)
+
+    def write(self, frames: list) -> None:
+        j = len(self.outputs)
+        c, h, w = self.shapes[j]
+        zero = np.zeros((self.batch, c, h, w), np.float16)
+        parts = [zero if f is None else f for f in frames]
+        self.outputs.append(self.mb.concat(values=parts, axis=1, name=f"new_cache_{j}"))
+
+
+class WanDecoderBuilder:
+    def __init__(self, vae, shapes: WanDecoderShapes):
+        """``vae``: a ``starflow_mlx.video_vae.VideoVAE``."""
+        self.vae, self.shapes = vae, shapes
+
+    # -- pieces --------------------------------------------------------------------------
+    def _conv2d(self, x, weight: np.ndarray, bias, padding):
+        """``weight`` MLX (O, kh, kw, I)."""
+        kwargs = {} if bias is None else {"bias": to_numpy(bias).astype(np.float16)}
+        ph, pw = padding
+        return self.mb.conv(x=x, weight=weight.transpose(0, 3, 1, 2).astype(np.float16), pad_type="custom",
+                            pad=[ph, ph, pw, pw], **kwargs)
+
+    def _causal(self, frames: list, conv, caches: _Caches | None) -> list:
+        """CausalConv3d over per-frame tensors: the past two frames (cache or zeros) in front."""
+        weight = to_numpy(conv.weight)  # (O, kt, kh, kw, I)
+        if not conv.front:
+            return [self._conv2d(f, weight[:, 0], conv.bias, conv.padding) for f in frames]
+        full = caches.read() + frames
+        caches.write(full[-2:])
+        out = []
+        for t in range(len(frames)):
+            total = None
+            for d in range(weight.shape[1]):
+                src = full[t + d]
+                if src is None:  # a zero past contributes nothing but the bias
+                    continue
+                y = self._conv2d(src, weight[:, d], conv.bias if total is None else None, conv.padding)
+                total = y if total is None else self.mb.add(x=total, y=y)
+            out.append(total)
+        return out
+
+    def _norm(self, x, norm):
+        return self.em.scaled_rms(x, to_numpy(norm.gamma), 1e-12)
+
+    def _residual(self, frames, block, caches):
+        mb = self.mb
+        h = frames
+        if "weight" in block.shortcut:
+            h = self._causal(frames, block.shortcut, None)
+        x = frames
+        for layer in block.residual:
+            name = type(layer).__name__
+            if name == "RMSNorm":
+                x = [self._norm(f, layer) for f in x]
+            elif name == "SiLU":
+                x = [mb.silu(x=f) for f in x]
+            elif name == "CausalConv3d":
+                x = self._causal(x, layer, caches)
+        return [mb.add(x=a, y=b) for a, b in zip(x, h)]
+
+    def _attention(self, frames, block):
+        mb = self.mb
+        out = []
+        for f in frames:
+            b, c, h, w = f.shape
+            y = self._conv2d(self._norm(f, block.norm), to_numpy(block.to_qkv.weight), block.to_qkv.bias, (0, 0))
+            q, k, v = (mb.transpose(x=mb.reshape(x=t, shape=[b, c, h * w]), perm=[0, 2, 1])
+                       for t in mb.split(x=y, num_splits=3, axis=1))
+            a = mb.transpose(x=mb.scaled_dot_product_attention(query=q, key=k, value=v), perm=[0, 2, 1])
+            a = self._conv2d(mb.reshape(x=a, shape=[b, c, h, w]), to_numpy(block.proj.weight), block.proj.bias, (0, 0))
+            out.append(mb.add(x=f, y=a))
+        return out
+
+    def _interleave(self, parts):
+        """parts[p][q] (B, C, H, W) -> (B, C, 2H, 2W) with parts[p][q] at rows 2h+p, columns 2w+q."""
+        mb = self.mb
+        _, _, h, w = parts[0][0].shape
+        total = None
+        for p in range(2):
+            for q in range(2):
+                mask = np.zeros((1, 1, 2 * h, 2 * w), np.float16)
+                mask[..., p::2, q::2] = 1
+                up = mb.upsample_nearest_neighbor(x=parts[p][q], scale_factor_height=2, scale_factor_width=2)
+                y = mb.mul(x=up, y=mask)
+                total = y if total is None else mb.add(x=total, y=y)
+        return total
+
+    def _dup_up(self, frames, out_dim: int, ft: int, first: bool):
+        """Upstream ``DupUp3D`` (see ``wan_vae.dup_up``): channel k of the repeated tensor is input k // r."""
+        mb = self.mb
+        c = frames[0].shape[1]
+        r = out_dim * ft * 4 // c
+        out = []
+        for x in frames:
+            for f in range(ft):
+                parts = [[mb.gather(x=x, indices=np.array([((o * ft + f) * 4 + p * 2 + q) // r
+                                                           for o in range(out_dim)], np.int32), axis=1)
+                          for q in range(2)] for p in range(2)]
+                out.append(self._interleave(parts))
+        return out[ft - 1:] if first else out
+
+    def _resample(self, frames, layer, caches, first: bool):
+        mb = self.mb
+        if layer.mode == "upsample3d":
+            if first:
+                caches.write([None, None])
+            else:
+                doubled = []
+                for y in self._causal(frames, layer.time_conv, caches):
+                    doubled += list(mb.split(x=y, num_splits=2, axis=1))  # channels [0:C] frame 2t, [C:2C] 2t+1
+                frames = doubled
+        conv = layer.resample[1]
+        return [self._conv2d(mb.upsample_nearest_neighbor(x=f, scale_factor_height=2, scale_factor_width=2),
+                             to_numpy(conv.weight), conv.bias, (1, 1)) for f in frames]
+
+    def _up_block(self, frames, stage, caches, first: bool):
+        y = frames
+        for layer in stage.upsamples:
+            if type(layer).__name__ == "Resample":
+                y = self._resample(y, layer, caches, first)
+            else:
+                y = self._residual(y, layer, caches)
+        if not stage.up:
+            return y
+        shortcut = self._dup_up(frames, stage.out_dim, stage.ft, first)
+        return [self.mb.add(x=a, y=b) for a, b in zip(y, shortcut)]
+
+    def _unpatchify(self, x):
+        """(B, 12, H, W) -> (B, 3, 2H, 2W): pixel (2h+p, 2w+q) channel c is input channel c*4 + q*2 + p."""
+        mb = self.mb
+        parts = [[mb.gather(x=x, indices=np.array([c * 4 + q * 2 + p for c in range(3)], np.int32), axis=1)
+                  for q in range(2)] for p in range(2)]
+        return self._interleave(parts)
+
+    # -- functions -----------------------------------------------------------------------
+    def _program(self, opset, first: bool):
+        from starflow_mlx.models.wan_vae import LATENT_MEAN, LATENT_STD
+
+        sh, model = self.shapes, self.vae.model
+        info = sh.functions()["first" if first else "step"]
+        mb, types = mil()
+        self.mb = mb
+        dtypes = {"float32": types.fp32, "float16": types.fp16}
+        specs = {t.name: mb.TensorSpec(tuple(t.shape), dtype=dtypes[t.dtype]) for t in info.inputs}
+
+        def body(v):
+            self.em = Emitter(channels_first=True, head_dtype="fp16")
+            caches = _Caches(mb, sh.batch, None if first else [v[t.name] for t in sh.cache_infos()], sh.caches)
+            z = mb.add(x=mb.mul(x=v["latents"], y=np.array(LATENT_STD, np.float32)),
+                       y=np.array(LATENT_MEAN, np.float32))
+            x = [mb.cast(x=mb.transpose(x=z, perm=[0, 3, 1, 2]), dtype="fp16")]
+            x = self._causal(x, model.conv2, None)
+            dec = model.decoder
+            x = self._causal(x, dec.conv1, caches)
+            x = self._residual(x, dec.middle[0], caches)
+            x = self._attention(x, dec.middle[1])
+            x = self._residual(x, dec.middle[2], caches)
+            for stage in dec.upsamples:
+                x = self._up_block(x, stage, caches, first)
+            x = [mb.silu(x=self._norm(f, dec.head[0])) for f in x]
+            x = self._causal(x, dec.head[2], caches)
+            pixels = [mb.expand_dims(x=mb.transpose(x=mb.cast(x=self._unpatchify(f), dtype="fp32"), perm=[0, 2, 3, 1]),
+                                     axes=[1]) for f in x]
+            frames = pixels[0] if len(pixels) == 1 else mb.concat(values=pixels, axis=1)
+            return [mb.identity(x=frames, name="frames"), *caches.outputs]
+
+        return make_program(specs, body, opset)
+
+    def functions(self) -> dict[str, FunctionInfo]:
+        return self.shapes.functions()
+
+    def save(self, path: Path) -> None:
+        ct = coremltools()
+        opset = ct.target.macOS15
+        with tempfile.TemporaryDirectory(prefix=".wan-", dir=path.parent) as tmp:
+            desc = ct.utils.MultiFunctionDescriptor()
+            for name in ("first", "step"):
+                part = Path(tmp, f"{name}.mlpackage")
+                convert(self._program(opset, name == "first"), opset, COMPUTE_UNITS).save(str(part))
+                desc.add_function(str(part), src_function_name="main", target_function_name=name)
+            desc.default_function_name = "step"
+            with quiet():
+                ct.utils.save_multifunction(desc, str(path))
+        set_metadata(path, {COMPUTE_UNITS_KEY: COMPUTE_UNITS, ROLE_KEY: "video_vae_decoder"})

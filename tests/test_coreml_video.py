@@ -1,0 +1,284 @@
+"""Core ML export of STARFlow-V: frame-local shallow packages, the windowed deep block, whole clips vs MLX."""
+
+import json
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+pytest.importorskip("coremltools")
+
+from flow_factory import VIDEO, random_flow, save_flow  # noqa: E402
+from starflow_mlx.coreml.driver import (DriverError, InterpreterBackend, SampleStats, channels_first,  # noqa: E402
+                                        channels_last)
+from starflow_mlx.coreml.export import export_coreml  # noqa: E402
+from starflow_mlx.coreml.manifest import ExportManifest  # noqa: E402
+from starflow_mlx.coreml.verify import structural_problems  # noqa: E402
+from starflow_mlx.coreml.video_driver import VideoSampler  # noqa: E402
+from starflow_mlx.coreml.video_verify import mlx_clip  # noqa: E402
+from starflow_mlx.loading import load_flow  # noqa: E402
+
+# Two shallow blocks (one flipped) and a two-layer deep block; 2x2 latent frames, trained on 3 of them.
+TINY = {**VIDEO, "layers_per_block": [1, 1, 2]}
+
+
+@pytest.fixture(scope="module")
+def video_export(tmp_path_factory):
+    """A guided tiny STARFlow-V flow exported with --verify (clips inside and past the window)."""
+    root = tmp_path_factory.mktemp("video")
+    flow = random_flow(seed=0, **TINY)
+    flow.config.cfg = 2.0
+    save_flow(flow, root / "model")
+    lines = []
+    result = export_coreml(root / "model", root / "coreml", verify=True, report=lines.append)
+    return root / "model", result, lines
+
+
+def test_video_packages_are_per_frame_and_per_window(video_export):
+    _, result, _ = video_export
+    m = ExportManifest.load(result.folder)
+    v = m.video
+    assert (v.aspect_ratio, v.frame_tokens, v.window_frames, v.context_frames) == ("1:1", 4, 3, 2)
+    assert v.frame_rule.startswith("1 + 4k") and v.temporal_scale == 1.0
+    assert v.prompt_template == v.image_prompt_template == "{prompt}"  # this flow was trained without templates
+    assert m.order == ["deep_block", "shallow_block_1", "shallow_block_0"]
+    assert m.chunk == 4 and m.guided and m.latent_shape == [2, 2, 4]
+    for name in m.order[1:]:
+        pkg = m.package(name)
+        assert pkg.compute_units == "CPU_AND_NE" and not pkg.functions["main"].states
+        assert pkg.functions["main"].input("x").shape == [1, 4, 1, 4]  # one frame per call
+    deep = m.package("deep_block")
+    assert deep.compute_units == "CPU_AND_GPU" and set(deep.functions) == {"step", "encode_text"}
+    # text + a window of 3 frames + one chunk of overhang for windows that restart at any offset
+    assert deep.functions["step"].states[0].shape == [2, 3, 6 + 12 + 4, 32]  # rows, kv heads, positions, dim
+    assert structural_problems(result.folder, m) == []
+    assert any("re-encodes" in step for step in m.drive)
+    assert json.loads((result.folder / "manifest.json").read_text())["video"]["window_frames"] == 3
+    den = m.package("denoiser")
+    assert (v.denoiser_frames, v.denoiser_window, v.denoiser_step) == (3, 1, 0.3) and den.sees_text
+    assert [t.name for t in den.functions["main"].inputs] == ["x", "text", "frames"]
+    assert den.functions["main"].outputs[0].shape == [1, 4, 1, 12] and den.compute_units == "CPU_AND_GPU"
+
+
+def test_verify_runs_whole_clips_inside_and_past_the_window(video_export):
+    _, result, lines = video_export
+    clips = [c for c in result.checks if c.package == "video"]
+    assert [c.what.split("-")[0] for c in clips] == ["3", "5"]
+    assert "0 slides" in clips[0].what and "1 slides" in clips[1].what
+    assert all(c.ok for c in result.checks) and {c.package for c in result.checks} == {
+        "deep_block", "shallow_block_1", "shallow_block_0", "video", "denoiser"}
+    assert max(c.error for c in clips) < 5e-3
+    assert sum("worst error" in line for line in lines) == len(result.checks)
+
+
+def test_driver_follows_the_window_rule(video_export):
+    """The clip past the window only matches MLX with the same context frames: the slide is really checked."""
+    model, result, _ = video_export
+    flow = load_flow(model)
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((1, 5, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=0.0, max_iter=4,
+                           shallow_max_iter=4)
+    ours = sampler.sample_video(z, text, uncond, 2.0, context_frames=1)
+    same = mlx_clip(flow, z, text, uncond, 2.0, 4, 1)
+    other = mlx_clip(flow, z, text, uncond, 2.0, 4, 2)
+    scale = np.abs(same).max()
+    assert np.abs(ours - same).max() / scale < 5e-3
+    # Frames 3.. come after the slide: another context is several times further off than float16.
+    assert np.abs(ours[:, 3:] - other[:, 3:]).max() > 4 * np.abs(ours[:, 3:] - same[:, 3:]).max()
+    np.testing.assert_allclose(ours[:, :3], other[:, :3], atol=5e-3 * scale)  # frames before the slide agree
+    with pytest.raises(DriverError, match="context frames must be between 1 and 2"):
+        sampler.sample_video(z, text, uncond, 2.0, context_frames=3)
+    with pytest.raises(DriverError, match=r"z must be \(1, 5, 2, 2, 4\) \(batch, frames, H, W, C\)"):
+        sampler.sample_video(z[..., :3], text, uncond, 2.0)
+
+
+def test_image_export_is_refused_by_the_video_driver(video_export, tmp_path):
+    _, result, _ = video_export
+    data = json.loads((result.folder / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "video": None}))
+    with pytest.raises(DriverError, match="is an image export: use Sampler"):
+        VideoSampler(tmp_path, backend=object())
+
+
+def test_denoiser_package_hides_the_padding_of_a_short_chunk(video_export):
+    """Two frames in the three-frame package match the MLX denoiser on two frames when told frames=[2]."""
+    model, result, _ = video_export
+    flow = load_flow(model)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 2, 2, 2, 4)).astype(np.float32)
+    text = rng.standard_normal((1, 6, 24)).astype(np.float32)
+    expected = np.array(flow.denoiser(mx.array(x), mx.array(text)))  # (1, 2, 2, 2, 4)
+    seq = 4 * rng.standard_normal((1, 12, 4)).astype(np.float32)  # whatever lies past the chunk must not matter
+    seq[:, :8] = x.reshape(1, 8, 4)  # patch size 1: tokens are the latent cells in order
+    backend = InterpreterBackend(result.folder)
+
+    def delta(count):
+        out = backend.predict("denoiser", {"x": channels_first(seq).astype(np.float16),
+                                           "frames": np.array([count], np.int32),
+                                           "text": channels_first(text).astype(np.float16)})
+        return channels_last(out["delta"])[:, :8].reshape(expected.shape)
+
+    masked, unmasked = (np.abs(delta(count) - expected).max() / np.abs(expected).max() for count in (2, 3))
+    assert masked < 5e-3
+    assert unmasked > 10 * masked  # unmasked, frame 1 sees the third frame
+
+
+@pytest.mark.slow
+def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
+    """STARFlow-V-shaped model (48 channels, 16:9, T5, denoiser, Wan2.2 VAE): the exported packages, driven by the
+    host, give VideoPipeline.sample's latents for a clip past the window, and its frames decoded frame by frame."""
+    import mlx.core as mx
+
+    from fixtures_video import make_video_model
+    from starflow_mlx.pipelines.prompts import prepare_prompt
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    model = make_video_model(tmp_path)
+    result = export_coreml(model, tmp_path / "coreml", verify=True)
+    m = result.manifest
+    assert (m.video.aspect_ratio, m.latent_shape, m.video.temporal_scale) == ("16:9", [2, 3, 48], 0.6)
+    assert {p.name for p in m.packages} == {"deep_block", "shallow_block_1", "shallow_block_0", "denoiser",
+                                            "text_encoder", "vae_decoder"}
+    assert any(c.package == "vae_decoder" and c.ok for c in result.checks)
+    decoder = m.package("vae_decoder").functions
+    assert decoder["first"].outputs[0].shape == [1, 1, 32, 48, 3] and decoder["step"].outputs[0].shape[1] == 4
+    assert [t.name for t in decoder["step"].inputs[1:]] == [t.name[4:] for t in decoder["step"].outputs[1:]]
+    pipe = VideoPipeline.from_pretrained(model)
+    frames, seed, cfg = 17, 3, 2.5  # 5 latent frames: the 3-frame window slides twice with 2 context frames
+    expected = np.array(pipe.sample("a red fox", frames=frames, seed=seed, cfg=cfg, jacobi_block_size=6,
+                                    jacobi_threshold=1e-12, jacobi_max_iter=24))
+    z_key, _ = mx.random.split(mx.random.key(seed))
+    z = np.array(mx.random.normal((1, 5, 2, 3, 48), key=z_key))
+    template = m.video.prompt_template  # what an app fills in: the pipeline's own formatting
+    texts = [template.replace("{prompt}", t).replace("{fps}", "16") for t in ("a red fox", "")]
+    assert texts[0] == prepare_prompt("a red fox", pipe.config, "16:9", 16) and "{" not in texts[0]
+    image = m.video.image_prompt_template.replace("{prompt}", "a red fox")
+    assert image == prepare_prompt("a red fox", pipe.config, "16:9", 0) != texts[0]
+    ids, mask = pipe.text_encoder.tokenize(texts, m.text_length)
+    stats = SampleStats()
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=1e-12, max_iter=m.chunk,
+                           shallow_max_iter=m.tokens)
+    ours = sampler.text_to_video(np.array(ids), np.array(mask), z, cfg, stats=stats)
+    assert stats.reencodes == 2
+    assert np.abs(ours - expected).max() / np.abs(expected).max() < 5e-3  # 7.6e-4 measured
+    frames = np.concatenate([np.clip(f, -1, 1) for f in sampler.decode_frames(ours)], axis=1)
+    reference = np.array(pipe.decode(mx.array(expected)))
+    assert frames.shape == reference.shape == (1, 17, 32, 48, 3)
+    assert np.abs(frames - reference).max() < 2e-2
+
+    # Streamed: the same numbers, with the VAE decoding frame 0 before the deep block reaches the last frame.
+    import threading
+
+    inner = InterpreterBackend(result.folder)
+    decoding = threading.Event()
+
+    class Gate:
+        waited = None
+
+        def make_state(self, package):
+            return inner.make_state(package)
+
+        def predict(self, function, inputs, state=None):
+            if function.startswith("vae_decoder"):
+                decoding.set()
+            last_frame = m.text_length + 2 * m.tokens  # the window's third frame, after two slides
+            if function == "deep_block.step" and stats_stream.reencodes == 2 and self.waited is None and \
+                    inputs["position"][0] >= last_frame:
+                self.waited = decoding.wait(timeout=30)
+            return inner.predict(function, inputs, state)
+
+    gate = Gate()
+    stats_stream = SampleStats()
+    streamer = VideoSampler(result.folder, gate, threshold=1e-12, max_iter=m.chunk, shallow_max_iter=m.tokens)
+    latents, chunks = streamer.stream(np.array(ids), np.array(mask), z, cfg, stats=stats_stream)
+    assert gate.waited is True
+    np.testing.assert_allclose(latents, ours, rtol=0, atol=1e-6)
+    decoded = np.concatenate(list(sampler.decode_frames(ours)), axis=1)
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), decoded, rtol=0, atol=1e-5)
+
+
+def test_cli_exports_a_quantized_video_model_with_mlx_integers(tmp_path):
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+
+    register(app)
+    flow = random_flow(seed=1, **TINY)
+    save_flow(flow, tmp_path / "model")
+    out = tmp_path / "coreml"
+    res = CliRunner().invoke(app, ["export-coreml", str(tmp_path / "model"), "--output", str(out), "--bits", "8",
+                                   "--group-size", "32", "--verify"])
+    assert res.exit_code == 0, res.output
+    assert "5-frame clip vs STARFlow.reverse" in res.output and "FAILED" not in res.output
+    m = ExportManifest.load(out)
+    # --verify has counted each flow package's quantized constants against the quantized MLX blocks
+    assert all(m.package(name).quantized_layers > 0 for name in [*m.order, "denoiser"])
+
+
+def test_shallow_blocks_of_a_frame_overlap_the_deep_block_of_the_next(video_export):
+    """Frame 0's shallow blocks are held until the deep block works on frame 1: only overlap gets past."""
+    import threading
+
+    from starflow_mlx.coreml.timing import TimedBackend
+
+    _, result, _ = video_export
+    inner = InterpreterBackend(result.folder)
+    frame_one = threading.Event()
+
+    class Gate:
+        overlapped = None
+
+        def make_state(self, package):
+            return inner.make_state(package)
+
+        def predict(self, function, inputs, state=None):
+            if function == "deep_block.step" and inputs["position"][0] >= 6 + 4:  # text + frame 0
+                frame_one.set()
+            if function.startswith("shallow") and self.overlapped is None:
+                self.overlapped = frame_one.wait(timeout=10)
+            return inner.predict(function, inputs, state)
+
+    gate = Gate()
+    timed = TimedBackend(gate)
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((1, 3, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    VideoSampler(result.folder, timed, max_iter=4).sample_video(z, text, uncond, 2.0)
+    assert gate.overlapped is True
+    assert set(timed.seconds()) == {"deep_block", "shallow_block_1", "shallow_block_0"}
+    assert 0 < timed.overlap() < sum(timed.seconds().values())
+    assert "overlapped" in timed.report()
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions need macOS")
+def test_coreml_predictions_match_the_interpreter_on_a_clip_past_the_window(video_export):
+    from starflow_mlx.coreml.driver import CoreMLBackend
+
+    folder = video_export[1].folder
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((1, 5, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    coreml = VideoSampler(folder, CoreMLBackend(folder), threshold=0.0, max_iter=4, shallow_max_iter=4)
+    interpreted = VideoSampler(folder, InterpreterBackend(folder), threshold=0.0, max_iter=4, shallow_max_iter=4)
+    a, b = (s.sample_video(z, text, uncond, 2.0) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
+    a, b = (s.denoise(b, text) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
+
+
+def test_chunks_that_do_not_divide_a_frame_verify(tmp_path):
+    """Chunks of 3 over 4-token frames: after a slide the window restarts mid-chunk, into the cache's overhang."""
+    from starflow_mlx.coreml.export import ExportOptions
+
+    flow = random_flow(seed=2, **{**TINY, "learnable_self_denoiser": False, "conditional_denoiser": False})
+    save_flow(flow, tmp_path / "model")
+    result = export_coreml(tmp_path / "model", tmp_path / "coreml", ExportOptions(chunk=3), verify=True)
+    deep = result.manifest.package("deep_block")
+    assert result.manifest.chunk == 3 and deep.functions["step"].states[0].shape[2] == 6 + 12 + 3
+    clips = [c for c in result.checks if c.package == "video"]
+    assert len(clips) == 2 and all(c.ok for c in result.checks)
