@@ -33,6 +33,8 @@ NOT_RUN = [
     (r"--from-metadata corgi\.mp4", "needs corgi.mp4 from the STARFlow-V command above it"),
     (r"starflow-v_7B_t2v_caus_480p", "needs the STARFlow-V checkpoint and YAML (network)"),
     (r"\bmy-model\b", "stands for the reader's own model folder"),
+    (r"\bmy-starflow-v\b", "stands for the reader's own converted STARFlow-V folder (tests/test_coreml_video.py "
+                            "exports a tiny one)"),
     (r"--data path/to/folder", "stands for the reader's own image folder"),
     (r"^starflow quantize demo --report", "measures for about 10 minutes on 2 cores (tests/test_quantize.py runs it "
                                          "small)"),
