@@ -122,6 +122,15 @@ class MetaBlock(nn.Module):
         """Write the text prefix into cache positions 0 .. L-1."""
         self._run_cached(self.text_prefix(y), cache, mx.array([0], dtype=mx.int32), cos, sin)
 
+    def encode_known(self, tokens: mx.array, cache: KVCache, position: int, cos: mx.array, sin: mx.array) -> None:
+        """Write known tokens (B, P, c) into the cache from ``position`` as a fresh sequence.
+
+        The inputs are what sampling feeds: the start token, then ``tokens[:, :-1]``.
+        """
+        shifted = mx.concatenate([self.start_token(tokens.shape[0]), tokens[:, :-1]], axis=1)
+        self._run_cached(self.proj_in(shifted.astype(self.dtype)), cache, mx.array([position], dtype=mx.int32),
+                         cos, sin)
+
     def step(self, tokens: mx.array, cache: KVCache, start: mx.array, cos: mx.array, sin: mx.array):
         """Run input tokens (B, k, c) at cache position ``start``; return float32 ``(a, b)`` (B, k, c)."""
         h = self.proj_in(tokens.astype(self.dtype))

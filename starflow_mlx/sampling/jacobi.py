@@ -192,9 +192,7 @@ def invert_jacobi(
         """Text, then tokens start-keep .. start-1 as a fresh sequence: cache and RoPE restart at 0."""
         encode_prefix()
         if keep:
-            context = mx.concatenate([block.start_token(batch), x_full[:, start + 1 - keep : start]], axis=1)
-            block._run_cached(block.proj_in(context.astype(block.dtype)), cache,
-                              mx.array([text_len], dtype=mx.int32), cos, sin)
+            block.encode_known(x_full[:, start + 1 - keep : start + 1], cache, text_len, cos, sin)
         mx.eval(*cache.state())
 
     x_full = mx.concatenate([block.start_token(batch), zz], axis=1)

@@ -37,9 +37,7 @@ def invert_sequential(
         if not block.use_sos or not 0 < prefix.shape[1] < n:
             raise ValueError("context needs a start-of-sequence token and must be shorter than the sequence")
         known = mx.concatenate([prefix, prefix], axis=0) if cfg > 0 else prefix
-        shifted = mx.concatenate([block.start_token(batch), known[:, :-1]], axis=1)
-        block._run_cached(block.proj_in(shifted.astype(block.dtype)), cache,
-                          mx.array([text_len], dtype=mx.int32), cos, sin)
+        block.encode_known(known, cache, text_len, cos, sin)
         tokens, prev, first, shift = [known], known[:, -1:], known.shape[1], 0
     elif block.use_sos:
         tokens, prev, first, shift = [], block.start_token(batch), 0, 0
