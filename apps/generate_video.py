@@ -108,10 +108,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         items = [(path, dict(params, index=i), i - wanted.start) for i, path in plan.names.items()]
     with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        latents = pipe.sample(job["prompt"], progress=stages, **options)
-        if pipe.release_if_short(latents.shape[1], latents.shape[0], options["aspect_ratio"]):
-            stages.log("memory is short: the flow was released before the VAE decode")
-        written = write_videos(pipe.decode_frames(latents, stages), items, options["fps"])
+        written = write_videos(pipe.stream(job["prompt"], progress=stages, **options), items, options["fps"])
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     stages.log(stages.summary())

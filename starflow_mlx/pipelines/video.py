@@ -78,6 +78,16 @@ def cover_crop(image: Image.Image, height: int, width: int) -> tuple[np.ndarray,
     return np.asarray(rgb, np.float32) / 127.5 - 1.0, changed
 
 
+def clip_pixels(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int, bool]:
+    """A uint8 clip (T, H, W, 3) as the VAE takes it: trimmed to 1 + 4k frames, each frame covered and cropped.
+
+    Returns the float32 frames in [-1, 1], how many source frames were kept, and whether they were resized.
+    """
+    usable = 1 + 4 * ((len(frames) - 1) // 4)
+    converted = [cover_crop(Image.fromarray(np.asarray(f, np.uint8)), height, width) for f in frames[:usable]]
+    return np.stack([c[0] for c in converted]), usable, converted[0][1]
+
+
 def to_uint8(frames: mx.array) -> np.ndarray:
     """Frames in [-1, 1] (clamped) as uint8."""
     return np.array(mx.clip((frames.astype(mx.float32) + 1.0) * 127.5, 0, 255).round().astype(mx.uint8))
@@ -193,15 +203,13 @@ class VideoPipeline(Pipeline):
             frames, rate = read_video(video, fps=fps) if not isinstance(video, np.ndarray) else (video, fps)
             if isinstance(video, (str, Path)) and abs(rate - fps) > 1e-3:
                 warnings.warn(f"the clip is not at {fps} fps: resampled to {fps}", stacklevel=4)
-            usable = 1 + 4 * ((len(frames) - 1) // 4)
+            clip, usable, changed = clip_pixels(frames, height, width)
             if usable != len(frames):
                 warnings.warn(f"the clip's last {len(frames) - usable} frame(s) are dropped to make 1 + 4k frames",
                               stacklevel=4)
-            converted = [cover_crop(Image.fromarray(np.asarray(f, np.uint8)), height, width) for f in frames[:usable]]
-            if converted[0][1]:
+            if changed:
                 warnings.warn(f"the clip is {frames.shape[2]}x{frames.shape[1]}: resized to cover {width}x{height} and "
                               "centre-cropped", stacklevel=4)
-            clip = np.stack([c[0] for c in converted])
         latents = self.encode(clip[None])
         # As upstream: the conditioning latents carry the training noise, like everything the flow models.
         return mx.concatenate([latents + self.config.noise_std * mx.random.normal(latents.shape, key=key)
@@ -277,10 +285,14 @@ class VideoPipeline(Pipeline):
             report("denoise", 1, 1)
         return x
 
+    def unscale(self, latents: mx.array) -> mx.array:
+        """Flow-space latents -> VAE latents: frames after the first divided by the temporal scale."""
+        return mx.concatenate([latents[:, :1], latents[:, 1:] / self.temporal_scale], axis=1)
+
     def decode_frames(self, latents: mx.array, progress: Callable[..., None] | None = None) -> Iterator[np.ndarray]:
         """Flow-space latents -> uint8 frames (B, n, H, W, 3), yielded as the VAE streams them out."""
         report = progress or (lambda *a, **k: None)
-        latents = mx.concatenate([latents[:, :1], latents[:, 1:] / self.temporal_scale], axis=1)
+        latents = self.unscale(latents)
         total = latents.shape[1]
         report("VAE frames", 0, 4 * total - 3)
         done = 0
@@ -291,16 +303,24 @@ class VideoPipeline(Pipeline):
 
     def decode(self, latents: mx.array) -> mx.array:
         """Flow-space latents -> frames (B, T, H, W, 3) in [-1, 1] (temporal scale undone, then clamped)."""
-        latents = mx.concatenate([latents[:, :1], latents[:, 1:] / self.temporal_scale], axis=1)
-        return mx.clip(self.vae.decode(latents), -1.0, 1.0)
+        return mx.clip(self.vae.decode(self.unscale(latents)), -1.0, 1.0)
+
+    def stream(self, prompt: str, *, progress: Callable[..., None] | None = None,
+               **options) -> Iterator[np.ndarray]:
+        """Sample now, then return an iterator of uint8 frames (B, n, H, W, 3) that the VAE decodes as it is read.
+
+        Options are :meth:`sample`'s. When memory is short the flow is released before the decode (with a
+        warning saying so).
+        """
+        latents = self.sample(prompt, progress=progress, **options)
+        if self.release_if_short(latents.shape[1], latents.shape[0],
+                                 options.get("aspect_ratio", VIDEO_DEFAULTS["aspect_ratio"])):
+            warnings.warn("memory is short: the flow was released before the VAE decode", stacklevel=2)
+        return self.decode_frames(latents, progress)
 
     def generate(self, prompt: str, *, progress: Callable[..., None] | None = None, **options) -> list[np.ndarray]:
         """uint8 frames (T, H, W, 3) per video; options are :meth:`sample`'s."""
-        latents = self.sample(prompt, progress=progress, **options)
-        self.release_if_short(latents.shape[1], latents.shape[0], options.get("aspect_ratio", VIDEO_DEFAULTS["aspect_ratio"]))
-        chunks = list(self.decode_frames(latents, progress))
-        video = np.concatenate(chunks, axis=1)
-        return list(video)
+        return list(np.concatenate(list(self.stream(prompt, progress=progress, **options)), axis=1))
 
     # -- likelihood -----------------------------------------------------------------------
     def score(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> float:
@@ -319,12 +339,10 @@ class VideoPipeline(Pipeline):
         exact = [r for r in ASPECT_RATIOS if self.config.mix_aspect and self.size(r) == frames.shape[1:3]]
         ratio = exact[0] if exact else nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
         height, width = self.size(ratio)
-        usable = 1 + 4 * ((len(frames) - 1) // 4)
-        if usable != len(frames) or frames.shape[1:3] != (height, width):
+        clip, usable, changed = clip_pixels(frames, height, width)
+        if usable != len(frames) or changed:
             warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is scored as "
                           f"{usable} frames of {width}x{height} ({ratio})", stacklevel=2)
-        clip = np.stack([cover_crop(Image.fromarray(np.asarray(f, np.uint8)), height, width)[0]
-                         for f in frames[:usable]])
         x = self.encode(clip[None])
         y, _ = self.conditioning(prompt, 1, ratio, fps=fps if usable > 1 else 0)
         log_prob = self.flow.log_prob(x, y)
