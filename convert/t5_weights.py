@@ -24,6 +24,7 @@ from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_heade
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.models.t5 import NORM_SUFFIX, T5Config, T5Encoder
 from starflow_mlx.safe_text import printable
+from starflow_mlx.convert.tensor_names import check_tensor_names
 from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -129,13 +130,8 @@ def tokenizer_files(folder: Path) -> list[Path]:
 
 
 def check_sources(sources: dict[str, Source], shapes: dict[str, tuple[int, ...]], where: Path) -> None:
-    missing = sorted(set(shapes) - set(sources))
-    if missing:
-        raise T5ConversionError(f"{where} lacks {missing[0]} ({len(missing)} missing): not the T5 its config describes")
-    unknown = sorted(set(sources) - set(shapes))
-    if unknown:
-        raise T5ConversionError(f"{where} has unexpected tensor {printable(unknown[0], 120)} ({len(unknown)} unexpected): "
-                                "not the T5 encoder its config describes")
+    check_tensor_names(shapes, sources, str(where), T5ConversionError, "not the T5 its config describes",
+                       "not the T5 encoder its config describes")
     for name, shape in shapes.items():
         if sources[name][0] not in MLX_DTYPES:
             raise T5ConversionError(f"{where}: {name} is stored as {sources[name][0]}, not as floating point")

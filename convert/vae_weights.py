@@ -17,6 +17,7 @@ from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_heade
 from starflow_mlx.jsonconfig import read_json
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 from starflow_mlx.safe_text import printable
+from starflow_mlx.convert.tensor_names import check_tensor_names
 from starflow_mlx.staging import check_output, staged_folder
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -130,14 +131,8 @@ def to_mlx(name: str, arr: mx.array, shape: tuple[int, ...]) -> mx.array:
 
 
 def check_names(state: dict[str, mx.array], shapes: dict[str, tuple[int, ...]], source: Path) -> None:
-    missing = sorted(set(shapes) - set(state))
-    if missing:
-        raise VAEConversionError(f"{source} lacks {missing[0]} ({len(missing)} missing): "
-                                 "not the VAE its config describes")
-    unknown = sorted(set(state) - set(shapes))
-    if unknown:
-        raise VAEConversionError(f"{source} has unexpected tensor {printable(unknown[0], 120)} ({len(unknown)} unexpected): "
-                                 "not the VAE its config describes")
+    check_tensor_names(shapes, state, str(source), VAEConversionError, "not the VAE its config describes",
+                       "not the VAE its config describes")
 
 
 def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",

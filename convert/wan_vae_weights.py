@@ -13,6 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from starflow_mlx.convert.safetensors_stream import bf16_to_f32, to_dtype, write_safetensors
+from starflow_mlx.convert.tensor_names import check_tensor_names
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
@@ -93,14 +94,8 @@ def plan_tensors(tensors: dict, source: Path, include_encoder: bool = True) -> t
         shapes = {n: s for n, s in shapes.items() if not n.startswith(ENCODER_PARTS)}
     # Building the module is lazy: its parameters are not materialised, only their shapes read.
     expected = {name: tuple(arr.shape) for name, arr in tree_flatten(WanVAE(config).parameters())}
-    missing = sorted(set(expected) - set(shapes))
-    if missing:
-        raise WanVAEConversionError(f"{source} lacks {missing[0]} ({len(missing)} missing): "
-                                    "not a complete Wan2.2 VAE checkpoint")
-    unknown = sorted(set(shapes) - set(expected))
-    if unknown:
-        raise WanVAEConversionError(f"{source} has unexpected tensor {unknown[0]} ({len(unknown)} unexpected): "
-                                    "not a Wan2.2 VAE checkpoint")
+    check_tensor_names(expected, shapes, str(source), WanVAEConversionError, "not a complete Wan2.2 VAE checkpoint",
+                       "not a Wan2.2 VAE checkpoint")
     for name, shape in expected.items():
         if mlx_shape(name, shapes[name]) != shape:
             raise WanVAEConversionError(f"{source}: {name} has shape {shapes[name]}, but a Wan2.2 VAE with the "
