@@ -26,8 +26,9 @@ def bench(
                                                 "(default: $STARFLOW_UPSTREAM; needs torch)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads for upstream (default: as MLX uses)."),
     jacobi_schedule: str = typer.Option("chunk", "--jacobi-schedule",
-                                        help="Our Jacobi schedule: chunk (upstream's) or window (sliding, commits "
-                                             "converged tokens)."),
+                                        help="Our Jacobi schedule: chunk (upstream's), window (sliding, commits "
+                                             "converged tokens) or adaptive (chunk sizes per block from "
+                                             "measured convergence)."),
     json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
 ) -> None:
     """Sampling latency per block, Jacobi iterations, memory and the bandwidth roofline (optionally vs upstream)."""

@@ -6,7 +6,7 @@ import pytest
 
 from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, random_flow, save_flow
 from starflow_mlx.loading import ModelLoadError, load_flow
-from starflow_mlx.models.kv_cache import position_mask
+from starflow_mlx.models.kv_cache import position_mask, visible_length
 from starflow_mlx.sampling.jacobi import JacobiStats
 
 
@@ -118,9 +118,14 @@ def test_jacobi_traces_each_chunk_shape_once():
     z, y, y_u = inputs(flow)
     stats = JacobiStats()
     flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=3, stats=stats)
-    # 16 tokens in chunks of 3: six chunks per block (the last padded), one trace per block.
-    assert all(v == 1 for v in stats.traces.values())
+    # 16 tokens in chunks of 3: six chunks per block (the last padded). Chunks share a trace when the
+    # keys they may read round up to the same attended length.
     assert len(stats.chunks) == 6 * 3
+    for block in (b for b in flow.blocks if not b.is_identity):
+        text_len = y.shape[1] if block.sees_text else 0
+        lengths = {visible_length(text_len + c.start + 3, text_len + 16 + 3) for c in stats.chunks
+                   if c.block == block.index}
+        assert stats.traces[block.index] == len(lengths)
     assert all(1 <= c.iterations <= 32 for c in stats.chunks)
 
 
@@ -157,3 +162,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="not a readable safetensors"):
         load_flow(tmp_path / "m")
+
+
+def test_visible_length_rounds_up_to_at_most_eight_sizes():
+    sizes = {visible_length(end, 100) for end in range(1, 101)}
+    assert len(sizes) <= 8 and max(sizes) == 100
+    assert all(visible_length(end, 100) >= end for end in range(1, 101))
+    assert visible_length(5, 100) == 13  # a chunk at the start reads an eighth of the cache

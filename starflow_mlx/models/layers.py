@@ -6,6 +6,8 @@ checkpoint is a matter of stripping wrapper prefixes.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -53,6 +55,49 @@ def erf(x: mx.array) -> mx.array:
     for c in _ERF_Q[2:]:
         q = q * x2 + c
     return x * p / q
+
+
+# exp(x) = 2^n * 2^f with n = round(x / ln 2), |f| <= 1/2: 2^f from its degree-7 Taylor polynomial
+# (relative error under 1e-8, below float32's), 2^n by writing the exponent bits. MLX's CPU exp is
+# scalar and took most of the attention time of a Jacobi chunk; multiply-adds vectorize and fuse.
+_EXP2 = tuple(math.log(2) ** k / math.factorial(k) for k in range(8))
+
+
+@mx.custom_function
+def exp_nonpositive(x: mx.array) -> mx.array:
+    """float32 exp for x <= 0 from multiply-adds; below -80 (and masked -inf) it gives exp(-80): a normal float, where 0 or a denormal would slow every later op on x86."""
+    t = mx.maximum(x, -80.0) * 1.4426950408889634
+    n = mx.floor(t + 0.5)
+    f = t - n
+    p = f * _EXP2[7] + _EXP2[6]
+    for c in _EXP2[5::-1]:
+        p = p * f + c
+    return p * mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+
+
+@exp_nonpositive.vjp
+def _exp_nonpositive_vjp(primals, cotangent, output):
+    # The bit trick has no derivative of its own; exp's is its value.
+    return cotangent * output
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
+    """Scaled dot-product attention; on a CPU with :func:`exp_nonpositive` in a float32 softmax."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, T, D = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    # Grouped heads share their key/value head without copying it: (B, kv, H/kv, T, D).
+    qg = (q.astype(mx.float32) * scale).reshape(B, kv_heads, H // kv_heads, T, D)
+    scores = qg @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    if isinstance(mask, str):
+        mask = mx.arange(length)[None, :] <= (mx.arange(T) + length - T)[:, None]
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
+    weights = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
+    weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+    out = weights @ v.astype(mx.float32)[:, :, None]
+    return out.reshape(B, H, T, D).astype(q.dtype)
 
 
 class GELU(nn.Module):
@@ -121,7 +166,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.write(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         out = self.proj(out.transpose(0, 2, 1, 3).reshape(B, T, q_size))
         if "post_norm" in self:
             out = self.post_norm(out)

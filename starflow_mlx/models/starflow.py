@@ -212,8 +212,9 @@ class STARFlow(nn.Module):
         the shallow blocks run unguided on ``y``. ``jacobi=True`` solves chunks of
         tokens in parallel (see :mod:`starflow_mlx.sampling.jacobi`); ``jacobi=None``
         picks the faster sampler for the device (:mod:`starflow_mlx.sampling.auto`);
-        ``jacobi_schedule`` is ``"chunk"`` (upstream's) or ``"window"`` (a sliding window that
-        commits converged tokens, :mod:`starflow_mlx.sampling.jacobi`); a video longer
+        ``jacobi_schedule`` is ``"chunk"`` (upstream's), ``"window"`` (a sliding window that
+        commits converged tokens) or ``"adaptive"`` (chunk sizes per block from measured
+        convergence; :mod:`starflow_mlx.sampling.jacobi`); a video longer
         than the training length is generated with a sliding window of
         ``context_frames`` re-encoded frames. ``context`` (B, P, H, W, c) holds known first
         frames in data space (an encoded image or clip): they condition the deep block

@@ -112,7 +112,7 @@ class MetaBlock(nn.Module):
     def _run_cached(self, h: mx.array, cache: KVCache, start: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         count = h.shape[1]
         rope = (mx.slice(cos, start, (0,), (count, cos.shape[1])), mx.slice(sin, start, (0,), (count, sin.shape[1])))
-        mask = position_mask(start, count, cache.length)
+        mask = position_mask(start, count, cache.visible)
         cache.seek(start)
         for layer, layer_cache in zip(self.attn_blocks, cache.layers):
             h = layer(h, rope, mask, layer_cache)

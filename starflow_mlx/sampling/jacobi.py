@@ -7,6 +7,9 @@ chunk stops at the threshold or at ``max_iter``. Differences that make it run
 well on a GPU: every chunk has one fixed shape (the last one is padded), the
 step is compiled once per chunk size, the cache is preallocated and rewound by
 position, and the host only reads the residual (every ``check_every`` iterations).
+A chunk of ``k`` tokens also stops after ``k`` iterations (``k + 1`` when its
+first iteration reads the previous frame): every token is then exact, since its
+inputs are, so iterating on only repeats it.
 
 Past the training length of a video, the deep block keeps a window of frames:
 when it is full, the cache restarts with the text and the last context frames
@@ -18,6 +21,12 @@ leading tokens whose own residual is below the threshold (at least the first,
 whose inputs are all final, so it is exact) are committed, and the window moves
 past them, so no iteration is spent on tokens that have already converged. The
 cache is rewound to the window's start every iteration, as for a chunk.
+
+``schedule="adaptive"`` sizes each block's chunks from the iterations its last
+chunk took (:class:`ChunkSizer`: doubling where a block converges fast, halving
+down to sequential steps where it barely converges) and stops a chunk only when
+the error still to go, estimated from the contraction of its residuals, is below
+the threshold too (:func:`converged`).
 """
 
 from __future__ import annotations
@@ -31,7 +40,58 @@ from starflow_mlx.models.tarflow import MetaBlock
 from starflow_mlx.sampling.stepper import ChunkStepper, compiled_steps
 
 
-SCHEDULES = ("chunk", "window")
+SCHEDULES = ("chunk", "window", "adaptive")
+
+
+class ChunkSizer:
+    """Chunk sizes of one block under the adaptive schedule, from the iterations its chunks took.
+
+    A chunk of ``s`` tokens that took ``k`` iterations finalised ``s / k`` tokens per
+    host round-trip at ``k`` evaluations per token. When ``k`` is small (the shallow
+    blocks here take 3-4 iterations at any size) the next chunk doubles: fewer
+    round-trips at the same evaluations per token. When ``k > s / 2`` Jacobi gains
+    little over sequential decoding at ``k`` times its work (the first inverted
+    block here): the next chunk halves, down to one token, a sequential step that
+    is exact in one iteration. After ``PROBE`` single-token steps a chunk of 4
+    checks whether the block has become easier.
+    """
+
+    PROBE = 8
+
+    def __init__(self, block_size: int):
+        self.largest = block_size
+        self.current = max(1, block_size // 4)
+        self.singles = 0
+
+    def size(self, limit: int) -> int:
+        return min(self.current, limit)
+
+    def update(self, size: int, iterations: int) -> None:
+        if size == 1:
+            self.singles += 1
+            if self.singles >= self.PROBE:
+                self.current, self.singles = min(4, self.largest), 0
+        elif 2 * iterations > size:
+            self.current = max(1, size // 2)
+        elif iterations <= max(3, size // 4):
+            self.current = min(self.largest, size * 2)
+
+
+def converged(residual: float, previous: float | None, threshold: float) -> bool:
+    """The adaptive schedule's stop: upstream's rule, and the remaining error below the threshold too.
+
+    Residuals are squared relative changes, so successive ones give the contraction
+    ``rho = sqrt(r_k / r_(k-1))`` and the distance still to go is about
+    ``sqrt(r_k) * rho / (1 - rho)``. Where a block converges slowly (``rho > 1/2``)
+    that distance exceeds the last change, and upstream's rule stops with the
+    error still far above its threshold; there the iterations go on.
+    """
+    if residual >= threshold:
+        return False
+    if previous is None or previous <= 0:
+        return True
+    rho = min((residual / previous) ** 0.5, 0.99)
+    return residual * (rho / (1 - rho)) ** 2 < threshold
 
 
 @dataclass
@@ -93,9 +153,10 @@ def invert_jacobi(
 ) -> mx.array:
     """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``.
 
-    ``schedule``: ``"chunk"`` (upstream's) or ``"window"`` (see the module notes; it reads the
+    ``schedule``: ``"chunk"`` (upstream's), ``"window"`` (see the module notes; it reads the
     residuals every iteration, so ``check_every`` does not apply, and ``max_iter`` bounds the
-    iterations each token takes part in). ``prefix`` (B, P, c): tokens already known (the
+    iterations each token takes part in) or ``"adaptive"`` (chunk sizes up to ``block_size``
+    from each block's measured convergence). ``prefix`` (B, P, c): tokens already known (the
     conditioning frames of image- or video-to-video); they are encoded into the cache as
     context, kept as they are in the output, and sampling continues after them (the matching
     rows of ``z`` are ignored).
@@ -166,22 +227,32 @@ def invert_jacobi(
 
     def solve_chunks(start: int, target: int) -> None:
         while start < target:
-            size = block_size if start <= frame else big
+            limit = block_size if start <= frame else big
+            size = sizer.size(limit) if sizer is not None else limit
             valid = min(size, target - start)
             z_chunk = padded(zz[:, start : start + valid], size)
-            for it in range(max_iter):
-                lo = start - frame if (it == 0 and start > frame) else start
+            shifted = start > frame  # the first iteration reads the previous frame, so it is not exact
+            # Token i of the chunk is exact after i + 1 iterations (its inputs are then final), so
+            # ``valid`` iterations (+1 when shifted) finish the chunk whatever its residual.
+            cap = min(max_iter, valid + shifted)
+            before = None
+            for it in range(cap):
+                lo = start - frame if (it == 0 and shifted) else start
                 tokens = padded(x_full[:, lo : lo + valid], size)
                 prev = padded(x_full[:, start + 1 : start + 1 + valid], size)
                 new, residual, _ = stepper(size)(tokens, z_chunk, prev, text_len + start - base, valid)
                 x_full[:, start + 1 : start + 1 + valid] = new[:, :valid]
-                last = it == max_iter - 1
+                last = it == cap - 1
                 if last or (it + 1) % check_every == 0:
                     res = residual.item()
-                    if res < threshold or last:
+                    done = converged(res, before, threshold) if sizer is not None else res < threshold
+                    if done or last:
                         break
+                    before = res
                 else:
                     mx.async_eval(x_full, *cache.state())
+            if sizer is not None:
+                sizer.update(valid, it + 1)
             if stats is not None:
                 stats.chunks.append(ChunkRecord(block.index, start, valid, it + 1, res))
             start += valid
@@ -205,6 +276,7 @@ def invert_jacobi(
         start = known
     rounds = [0] * n  # window schedule: iterations each token has taken part in
     guessed = [start + 1]  # window schedule: x_full columns below this hold a first guess (or are known)
+    sizer = ChunkSizer(block_size) if schedule == "adaptive" else None
     solve = solve_window if schedule == "window" else solve_chunks
     # The cache keeps the whole known part while at least a frame still fits after it.
     keep = start if (window is None or start + frame <= span) else context_frames * frame

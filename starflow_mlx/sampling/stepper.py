@@ -6,14 +6,16 @@ returns the new cache buffers. Positions, the count of valid rows, the RoPE
 tables and the cache buffers are all inputs, and the block's weights are read
 as compiled state, so one compiled function per (block, guidance scale) serves
 every call: MLX keeps one trace per input shape (chunk size, batch, cache
-length) and later ``reverse`` calls in the process pay no tracing.
+length) and, for chunks of several tokens, per attended length (at most eight
+per cache, see :func:`~starflow_mlx.models.kv_cache.visible_length`), and later ``reverse``
+calls in the process pay no tracing.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from starflow_mlx.models.kv_cache import KVCache
+from starflow_mlx.models.kv_cache import KVCache, visible_length
 from starflow_mlx.models.tarflow import MetaBlock
 from starflow_mlx.sampling.guidance import guide
 
@@ -37,9 +39,9 @@ class CompiledSteps:
     def _make(self, cfg: float):
         block, layers = self.block, len(self.block.attn_blocks)
 
-        def step(tokens, z_chunk, prev, start, valid, cos, sin, *state):
+        def step(tokens, z_chunk, prev, start, valid, visible, cos, sin, *state):
             self.traces += 1
-            cache = KVCache.from_state(list(state), layers)
+            cache = KVCache.from_state(list(state), layers, visible)
             a, b = block.step(tokens, cache, start, cos, sin)
             if cfg > 0:
                 a, b = guide(a, b, cfg)
@@ -72,7 +74,11 @@ class ChunkStepper:
 
     def __call__(self, tokens: mx.array, z_chunk: mx.array, prev: mx.array, start: int, valid: int):
         """Returns ``(new, residual, per_token_residual)``; the cache holds the chunk's keys/values afterwards."""
+        # A chunk reads only the keys it can see; a single token (sequential) reads the whole cache in
+        # one trace, as its attention is a small part of its step.
+        count = tokens.shape[1]
+        visible = visible_length(start + count, self.cache.length) if count > 1 else self.cache.length
         out = self._fn(tokens, z_chunk, prev, mx.array([start], dtype=mx.int32), mx.array(valid, dtype=mx.int32),
-                       self.cos, self.sin, *self.cache.state())
+                       visible, self.cos, self.sin, *self.cache.state())
         self.cache.set_state(list(out[3:]))
         return out[0], out[1], out[2]
