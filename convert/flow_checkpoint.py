@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError, FlowConfig
 from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
+from starflow_mlx.convert.tensor_names import check_tensor_names
 from starflow_mlx.convert.torch_pickle import TensorRef, open_checkpoint
 from starflow_mlx.convert.upstream_config import block_count, read_arguments, resolve
 from starflow_mlx.models.starflow import STARFlow
@@ -64,15 +65,8 @@ def expected_shapes(config: FlowConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(tensors: dict[str, TensorRef], shapes: dict[str, tuple[int, ...]]) -> None:
-    missing = sorted(set(shapes) - set(tensors))
-    if missing:
-        raise ConversionError(f"checkpoint lacks {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                              + ": the config describes a different model")
-    unknown = sorted(set(tensors) - set(shapes))
-    if unknown:
-        raise ConversionError(f"checkpoint has unexpected tensor {printable(unknown[0], 120)}"
-                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                              + ": the config describes a different model")
+    different = "the config describes a different model"
+    check_tensor_names(shapes, tensors, "checkpoint", ConversionError, different, different)
     for name, shape in shapes.items():
         if tensors[name].dtype not in FLOATS:
             raise ConversionError(f"{name} is stored as {tensors[name].dtype}, not floating point: "

@@ -68,7 +68,7 @@ def load_weights_strict(model, path: Path) -> None:
     The file's header is checked first (see ``read_header``), so nothing unexpected is ever loaded.
     """
     from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
-    from starflow_mlx.safe_text import printable
+    from starflow_mlx.convert.tensor_names import check_tensor_names
 
     if not path.is_file():
         raise ModelLoadError(f"{path} not found: the model folder is incomplete (re-run starflow convert)")
@@ -77,13 +77,8 @@ def load_weights_strict(model, path: Path) -> None:
     except SafetensorsError as exc:
         raise ModelLoadError(str(exc)) from None
     expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(header))
-    extra = sorted(set(header) - set(expected))
-    if missing:
-        raise ModelLoadError(f"{path} lacks {missing[0]} ({len(missing)} missing): it does not match its config.json")
-    if extra:
-        raise ModelLoadError(f"{path} has unexpected {printable(extra[0], 120)} ({len(extra)} extra): "
-                             "it does not match its config.json")
+    mismatch = "it does not match its config.json"
+    check_tensor_names(expected, header, str(path), ModelLoadError, mismatch, mismatch)
     for name, arr in expected.items():
         stored, shape = header[name]
         if shape != tuple(arr.shape):
