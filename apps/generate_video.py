@@ -12,7 +12,7 @@ import typer
 from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
 
 SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_videos", "frames", "fps", "jacobi", "jacobi_block_size",
-                 "jacobi_threshold", "jacobi_max_iter", "image", "video")
+                 "jacobi_threshold", "jacobi_max_iter", "image", "video", "kv_bits")
 
 
 def video_options_from_metadata(path: Path) -> dict:
@@ -52,7 +52,7 @@ def report_memory() -> str:
 
 def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
                    jacobi_threshold, jacobi_max_iter, output, output_dir, overwrite, dtype, from_metadata,
-                   frames, fps, image, video, vae_tile) -> None:
+                   frames, fps, image, video, vae_tile, kv_bits) -> None:
     """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
     from starflow_mlx import __version__
     from starflow_mlx.apps.generate_cmd import plan_outputs
@@ -65,7 +65,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
-                  jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter,
+                  jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits,
                   image=str(image) if image else None, video=str(video) if video else None, dtype=dtype, index=None)
     default = None
     if from_metadata is not None:

@@ -44,6 +44,7 @@ class SamplingOptions(FromMetadata, JSONConfig):
     jacobi_threshold: float = field(metadata={"min": 1e-12, "max": 1e3})
     jacobi_max_iter: int = field(metadata={"min": 1, "max": 10000})
     dtype: str | None = field(default=None, metadata={"choices": DTYPES})
+    kv_bits: int | None = field(default=None, metadata={"choices": (None, 8, 4)})
 
     def _check_index(self, index: int | None, count: int, what: str) -> None:
         if index is not None and index >= count:

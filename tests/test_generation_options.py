@@ -25,7 +25,8 @@ GOOD = {"prompt": "7", "model": "demo", "seed": 1, "cfg": 2.0, "aspect_ratio": "
 
 
 def test_good_metadata_round_trips():
-    expected = {**{k: v for k, v in GOOD.items() if k != "version"}, "batch_size": None}  # files before batching
+    # Files from before batching and quantized caches: one batch, a float cache.
+    expected = {**{k: v for k, v in GOOD.items() if k != "version"}, "batch_size": None, "kv_bits": None}
     assert GenerationOptions.from_metadata(GOOD, "x.png") == expected
 
 

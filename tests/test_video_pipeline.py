@@ -265,6 +265,31 @@ def test_not_enough_memory_is_refused_before_sampling(pipe, monkeypatch):
         pipe.sample("a cat", frames=81)
 
 
+def test_a_quantized_kv_cache_needs_less_memory_and_is_offered_when_memory_is_short(pipe, monkeypatch):
+    from starflow_mlx.pipelines import video
+
+    monkeypatch.setattr(video, "VAE_BYTES_PER_PIXEL", 0)  # the tiny VAE's working set would hide the cache
+    assert pipe.needed_bytes(21, 1, "16:9", kv_bits=4) < pipe.needed_bytes(21, 1, "16:9", kv_bits=8) \
+        < pipe.needed_bytes(21, 1, "16:9")
+    monkeypatch.setattr(video, "memory_limit", lambda: 1 << 20)
+    with pytest.raises(MemoryError, match=r"a quantized KV cache \(--kv-bits 8 or 4\)"):
+        pipe.sample("a cat", frames=81)
+
+
+def test_kv_bits_reach_the_flow_and_the_mp4s_metadata(model, tmp_path):
+    out = tmp_path / "q.mp4"
+    res = generate("a cat", "--model", model, "--frames", 5, "--seed", 2, "--kv-bits", 8, "-o", out)
+    assert res.exit_code == 0, res.output
+    frames, _, meta = read(out)
+    assert meta["kv_bits"] == 8
+    float_cache = tmp_path / "f.mp4"
+    assert generate("a cat", "--model", model, "--frames", 5, "--seed", 2, "-o", float_cache).exit_code == 0
+    assert not np.array_equal(frames, read(float_cache)[0])  # the cache did change the sample
+    again = tmp_path / "again.mp4"
+    assert generate("--model", model, "--from-metadata", out, "-o", again).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
 def test_interrupted_write_leaves_no_file(tmp_path):
     from starflow_mlx.pipelines.video_io import write_videos
 

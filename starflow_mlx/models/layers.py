@@ -81,22 +81,45 @@ def _exp_nonpositive_vjp(primals, cotangent, output):
     return cotangent * output
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
-    """Scaled dot-product attention; on a CPU with :func:`exp_nonpositive` in a float32 softmax."""
-    if mx.default_device().type != mx.DeviceType.cpu:
+def _group_axis(parts: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+    """Quantized key/value parts (B, kv, L, .) as (B, kv, 1, L, .), shared by the heads of a group."""
+    return tuple(a[:, :, None] for a in parts)
+
+
+def attention(q: mx.array, k, v, scale: float, mask: mx.array | str | None) -> mx.array:
+    """Scaled dot-product attention; on a CPU with :func:`exp_nonpositive` in a float32 softmax.
+
+    ``k``/``v`` are arrays, or ``(packed, scales, biases)`` from a quantized KV cache, read
+    through ``mx.quantized_matmul`` without a float copy.
+    """
+    quantized = isinstance(k, tuple)
+    cpu = mx.default_device().type == mx.DeviceType.cpu
+    if not quantized and not cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, T, D = q.shape
-    kv_heads, length = k.shape[1], k.shape[2]
+    kv_heads, length = k[0].shape[1] if quantized else k.shape[1], k[0].shape[2] if quantized else k.shape[2]
     # Grouped heads share their key/value head without copying it: (B, kv, H/kv, T, D).
-    qg = (q.astype(mx.float32) * scale).reshape(B, kv_heads, H // kv_heads, T, D)
-    scores = qg @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    dtype = k[1].dtype if quantized else mx.float32
+    qg = (q.astype(mx.float32) * scale).astype(dtype).reshape(B, kv_heads, H // kv_heads, T, D)
+    if quantized:
+        bits, group = k[0].shape[-1] * 32 // D, D // k[1].shape[-1]
+        scores = mx.quantized_matmul(qg, *_group_axis(k), transpose=True, group_size=group, bits=bits)
+    else:
+        scores = qg @ k.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    scores = scores.astype(mx.float32)
     if isinstance(mask, str):
         mask = mx.arange(length)[None, :] <= (mx.arange(T) + length - T)[:, None]
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
-    weights = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
-    weights = weights / mx.sum(weights, axis=-1, keepdims=True)
-    out = weights @ v.astype(mx.float32)[:, :, None]
+    if cpu:
+        weights = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
+        weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+    else:
+        weights = mx.softmax(scores, axis=-1, precise=True)
+    if quantized:
+        out = mx.quantized_matmul(weights.astype(dtype), *_group_axis(v), transpose=False, group_size=group, bits=bits)
+    else:
+        out = weights @ v.astype(mx.float32)[:, :, None]
     return out.reshape(B, H, T, D).astype(q.dtype)
 
 

@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.models.denoiser import Denoiser
+from starflow_mlx.models.kv_cache import check_kv_bits
 from starflow_mlx.models.rope import rope_tables
 from starflow_mlx.models.tarflow import IdentityBlock, MetaBlock
 
@@ -202,6 +203,7 @@ class STARFlow(nn.Module):
         jacobi_schedule: str = "chunk",
         context_frames: int | None = None,
         context: mx.array | None = None,
+        kv_bits: int | None = None,
         stats=None,
         progress: Callable[..., None] | None = None,
     ) -> mx.array:
@@ -218,7 +220,9 @@ class STARFlow(nn.Module):
         than the training length is generated with a sliding window of
         ``context_frames`` re-encoded frames. ``context`` (B, P, H, W, c) holds known first
         frames in data space (an encoded image or clip): they condition the deep block
-        through its cache, and the result starts with them. ``stats`` (a ``JacobiStats``) collects
+        through its cache, and the result starts with them. ``kv_bits`` (8 or 4) keeps every
+        block's KV cache quantized (a quarter or a sixth of float16's memory with the scales;
+        :mod:`starflow_mlx.models.kv_cache`). ``stats`` (a ``JacobiStats``) collects
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
         is called as tokens are produced.
         """
@@ -226,6 +230,7 @@ class STARFlow(nn.Module):
         from starflow_mlx.sampling.sequential import invert_sequential
 
         self._check_input(z, "z")
+        check_kv_bits(kv_bits, self.config.head_dim)
         jacobi = resolve_jacobi(jacobi, self.config)
         if cfg > 0 and y_uncond is None:
             raise ValueError("cfg > 0 needs y_uncond (the features of the empty prompt)")
@@ -254,10 +259,11 @@ class STARFlow(nn.Module):
                                     block_size=jacobi_block_size, threshold=jacobi_threshold,
                                     max_iter=jacobi_max_iter, check_every=jacobi_check_every,
                                     context_frames=context_frames, prefix=known, stats=stats, on_chunk=report,
-                                    schedule=jacobi_schedule)
+                                    schedule=jacobi_schedule, kv_bits=kv_bits)
             else:
                 cos, sin = self.rope(layout, text_len)
-                out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report, prefix=known)
+                out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report, prefix=known,
+                                        kv_bits=kv_bits)
             x = layout.to_grid(layout.permute(out, block.flips, self._in_frame))
         return self._unpatchify(x)
 

@@ -106,8 +106,9 @@ class MetaBlock(nn.Module):
         return z, logdet
 
     # -- steps used by the samplers ------------------------------------------------------
-    def new_cache(self, batch: int, length: int) -> KVCache:
-        return KVCache(len(self.attn_blocks), batch, self.kv_heads, length, self.head_dim, self.dtype)
+    def new_cache(self, batch: int, length: int, bits: int | None = None) -> KVCache:
+        """A cache for ``length`` positions; ``bits`` (8, 4) stores it quantized (see ``kv_cache``)."""
+        return KVCache(len(self.attn_blocks), batch, self.kv_heads, length, self.head_dim, self.dtype, bits)
 
     def _run_cached(self, h: mx.array, cache: KVCache, start: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         count = h.shape[1]

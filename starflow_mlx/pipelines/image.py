@@ -227,6 +227,7 @@ class Pipeline:
         jacobi_block_size: int = 64,
         jacobi_threshold: float = 0.005,
         jacobi_max_iter: int = 32,
+        kv_bits: int | None = None,
         progress: Callable[..., None] | None = None,
         images: tuple[int, int] | None = None,
     ) -> mx.array:
@@ -236,7 +237,7 @@ class Pipeline:
         sampler for the device (``starflow_mlx.sampling.auto``). Jacobi needs a
         start-of-sequence token; models without one are sampled sequentially.
         ``images=(start, stop)`` samples only those images of the ``num_images`` (image i
-        uses seed + i).
+        uses seed + i). ``kv_bits`` (8 or 4) keeps the KV caches quantized.
         """
         cfg = self.config.cfg if cfg is None else cfg
         check_options(seed, cfg, num_images, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
@@ -251,7 +252,7 @@ class Pipeline:
         z = self.noise(seed, start, stop, aspect_ratio)
         x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos,
                               jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-                              jacobi_max_iter=jacobi_max_iter, progress=progress)
+                              jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, progress=progress)
         # The flow samples latents with its training noise; a fine-tuned decoder expects exactly that.
         if not self.has_finetuned_decoder:
             report("denoise", 0, 1)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
+from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
 from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, memory_limit, weight_bytes
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
@@ -43,12 +44,16 @@ VAE_BYTES_PER_PIXEL = 152_000
 MEMORY_COMFORT = 0.75  # above this share of RAM, the flow is released before the VAE decode
 
 
-def kv_cache_bytes(config, latent_frames: int, frame_tokens: int, count: int, itemsize: int) -> int:
-    """The deep block's KV cache for ``latent_frames`` frames and the text, guidance doubling the batch."""
+def kv_cache_bytes(config, latent_frames: int, frame_tokens: int, count: int, itemsize: int,
+                   bits: int | None = None) -> int:
+    """The deep block's KV cache for ``latent_frames`` frames and the text, guidance doubling the batch.
+
+    ``bits`` (8, 4): a quantized cache, its scales and biases included.
+    """
     deep = config.num_blocks - 1
     tokens = latent_frames * frame_tokens + config.txt_size
     per_token = config.layers_per_block[deep] * 2 * config.block_kv_heads(deep) * config.head_dim
-    return 2 * count * tokens * per_token * itemsize
+    return int(2 * count * tokens * per_token * kv_bytes_per_value(bits, itemsize, config.head_dim))
 
 
 def frame_count(frames: int) -> int:
@@ -132,26 +137,26 @@ class VideoPipeline(Pipeline):
         h, w = latent_size(self.config, aspect_ratio)
         return h * self.vae.factor, w * self.vae.factor
 
-    def needed_bytes(self, latent_frames: int, count: int, aspect_ratio: str) -> int:
+    def needed_bytes(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> int:
         """Weights, then the larger of the deep block's guided KV cache (sampling) and the VAE's streaming
         working set (decoding, after the cache is freed), plus the frames."""
         cfg = self.config
         h, w = latent_size(cfg, aspect_ratio)
         itemsize = self.flow.blocks[-1].dtype.size if self.flow is not None else (4 if cfg.dtype == "float32" else 2)
-        kv = kv_cache_bytes(cfg, min(latent_frames, self.training_latent_frames), h * w, count, itemsize)
+        kv = kv_cache_bytes(cfg, min(latent_frames, self.training_latent_frames), h * w, count, itemsize, kv_bits)
         frames = 4 * latent_frames - 3
         pixels = h * w * self.vae.factor**2
         tile = self.vae.tile
         decoded = (min(h, tile) * min(w, tile) if tile else h * w) * self.vae.factor**2  # decoded at once
         return weight_bytes(self.folder) + max(kv, decoded * VAE_BYTES_PER_PIXEL) + count * frames * pixels * 3
 
-    def release_if_short(self, latent_frames: int, count: int, aspect_ratio: str) -> bool:
+    def release_if_short(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> bool:
         """Free the flow and text encoder before decoding when they would crowd the VAE's working set.
 
         They are reloaded by the next :meth:`sample`. Returns whether they were released.
         """
         total = memory_limit()
-        if total is None or self.needed_bytes(latent_frames, count, aspect_ratio) <= MEMORY_COMFORT * total:
+        if total is None or self.needed_bytes(latent_frames, count, aspect_ratio, kv_bits) <= MEMORY_COMFORT * total:
             return False
         self.flow = self.text_encoder = None
         mx.clear_cache()
@@ -164,13 +169,14 @@ class VideoPipeline(Pipeline):
             self.flow = load_flow(self.folder, dtype=self.dtype)
             self.text_encoder = load_text_encoder(self.folder / self.manifest.text_encoder, dtype=self.dtype)
 
-    def check_memory(self, latent_frames: int, count: int, aspect_ratio: str) -> None:
-        total, needed = memory_limit(), self.needed_bytes(latent_frames, count, aspect_ratio)
+    def check_memory(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> None:
+        total, needed = memory_limit(), self.needed_bytes(latent_frames, count, aspect_ratio, kv_bits)
         if total is not None and needed > total:
+            smaller_cache = "a quantized KV cache (--kv-bits 8 or 4), " if kv_bits != 4 else ""
             raise InsufficientMemoryError(
                 f"{count} video(s) of {4 * latent_frames - 3} frames need about {needed / 2**30:.1f} GB but the "
-                f"machine has {total / 2**30:.1f} GB: use fewer frames, decode in tiles (--vae-tile 16) or a 4-bit "
-                "model (starflow quantize)")
+                f"machine has {total / 2**30:.1f} GB: use fewer frames, {smaller_cache}decode in tiles "
+                "(--vae-tile 16) or a 4-bit model (starflow quantize)")
 
     # -- conditioning frames --------------------------------------------------------------
     def encode(self, frames) -> mx.array:
@@ -233,13 +239,15 @@ class VideoPipeline(Pipeline):
         jacobi_threshold: float = VIDEO_DEFAULTS["jacobi_threshold"],
         jacobi_max_iter: int = VIDEO_DEFAULTS["jacobi_max_iter"],
         context_frames: int | None = None,
+        kv_bits: int | None = None,
         progress: Callable[..., None] | None = None,
     ) -> mx.array:
         """Denoised flow-space latents (B, T_lat, h, w, c) for ``prompt``.
 
         ``image`` (path or PIL image) starts the video from that picture; ``video`` (path or
         uint8 frames) is a clip to continue: its frames come first and the rest is generated,
-        ``frames`` counting both. ``cfg=None`` is 3.5 (upstream's video script).
+        ``frames`` counting both. ``cfg=None`` is 3.5 (upstream's video script). ``kv_bits`` (8 or
+        4) keeps the KV caches quantized: the deep block's is most of a long video's memory.
         """
         self._reload()
         cfg = VIDEO_DEFAULTS["cfg"] if cfg is None else cfg
@@ -251,7 +259,8 @@ class VideoPipeline(Pipeline):
         if latent_frames > self.training_latent_frames and not jacobi:
             raise ValueError(f"{frames} frames is longer than the model's window ({4 * self.training_latent_frames - 3} "
                              "frames): only Jacobi sampling slides the window, drop --no-jacobi")
-        self.check_memory(latent_frames, num_videos, aspect_ratio)
+        check_kv_bits(kv_bits, self.config.head_dim)
+        self.check_memory(latent_frames, num_videos, aspect_ratio, kv_bits)
         h, w = latent_size(self.config, aspect_ratio)
         report = progress or (lambda *a, **k: None)
         # Video i draws from seed + i, so one video of a batch can be made again on its own.
@@ -268,7 +277,7 @@ class VideoPipeline(Pipeline):
         x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos,
                               jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                               jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
-                              progress=progress)
+                              kv_bits=kv_bits, progress=progress)
         return self.denoise(x, y, report)
 
     def denoise(self, x: mx.array, y: mx.array, report: Callable[..., None]) -> mx.array:
@@ -314,7 +323,7 @@ class VideoPipeline(Pipeline):
         """
         latents = self.sample(prompt, progress=progress, **options)
         if self.release_if_short(latents.shape[1], latents.shape[0],
-                                 options.get("aspect_ratio", VIDEO_DEFAULTS["aspect_ratio"])):
+                                 options.get("aspect_ratio", VIDEO_DEFAULTS["aspect_ratio"]), options.get("kv_bits")):
             warnings.warn("memory is short: the flow was released before the VAE decode", stacklevel=2)
         return self.decode_frames(latents, progress)
 

@@ -150,6 +150,7 @@ def invert_jacobi(
     on_chunk: Callable[..., None] | None = None,
     compile: bool = True,
     schedule: str = "chunk",
+    kv_bits: int | None = None,
 ) -> mx.array:
     """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``.
 
@@ -159,7 +160,7 @@ def invert_jacobi(
     from each block's measured convergence). ``prefix`` (B, P, c): tokens already known (the
     conditioning frames of image- or video-to-video); they are encoded into the cache as
     context, kept as they are in the output, and sampling continues after them (the matching
-    rows of ``z`` are ignored).
+    rows of ``z`` are ignored). ``kv_bits`` (8, 4) stores the KV cache quantized.
     """
     if not block.use_sos:
         raise ValueError("Jacobi sampling needs a start-of-sequence token")
@@ -180,7 +181,7 @@ def invert_jacobi(
             raise ValueError(f"context frames must be between 1 and {window - 1}")
     pad = big
     cos, sin = model.rope(layout, text_len, pad=pad)
-    cache = block.new_cache(batch, text_len + span + pad)
+    cache = block.new_cache(batch, text_len + span + pad, kv_bits)
     steppers: dict[int, ChunkStepper] = {}
     traced_before = compiled_steps(block).traces
 

@@ -19,17 +19,19 @@ def invert_sequential(
     cfg: float = 0.0,
     on_token: Callable[..., None] | None = None,
     prefix: mx.array | None = None,
+    kv_bits: int | None = None,
 ) -> mx.array:
     """Solve ``x`` from ``z`` (B, N, c) token by token.
 
     With ``cfg > 0``, ``y`` stacks [cond; uncond] text, the batch is doubled and
     every step is guided. ``cos``/``sin`` cover ``[text; tokens]``. ``prefix`` (B, P, c)
     holds tokens already known: they are encoded in one pass and kept as they are.
+    ``kv_bits`` (8, 4) stores the KV cache quantized.
     """
     zz = mx.concatenate([z, z], axis=0) if cfg > 0 else z
     batch, n = zz.shape[0], zz.shape[1]
     text_len = y.shape[1] if (block.sees_text and y is not None) else 0
-    cache = block.new_cache(batch, text_len + n)
+    cache = block.new_cache(batch, text_len + n, kv_bits)
     if text_len:
         block.encode_text(y, cache, cos, sin)
     step = ChunkStepper(block, cache, cos, sin, cfg)

@@ -39,9 +39,9 @@ class CompiledSteps:
     def _make(self, cfg: float):
         block, layers = self.block, len(self.block.attn_blocks)
 
-        def step(tokens, z_chunk, prev, start, valid, visible, cos, sin, *state):
+        def step(tokens, z_chunk, prev, start, valid, visible, bits, cos, sin, *state):
             self.traces += 1
-            cache = KVCache.from_state(list(state), layers, visible)
+            cache = KVCache.from_state(list(state), layers, visible, bits)
             a, b = block.step(tokens, cache, start, cos, sin)
             if cfg > 0:
                 a, b = guide(a, b, cfg)
@@ -79,6 +79,6 @@ class ChunkStepper:
         count = tokens.shape[1]
         visible = visible_length(start + count, self.cache.length) if count > 1 else self.cache.length
         out = self._fn(tokens, z_chunk, prev, mx.array([start], dtype=mx.int32), mx.array(valid, dtype=mx.int32),
-                       visible, self.cos, self.sin, *self.cache.state())
+                       visible, self.cache.layers[0].bits, self.cos, self.sin, *self.cache.state())
         self.cache.set_state(list(out[3:]))
         return out[0], out[1], out[2]
