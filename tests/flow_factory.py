@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from starflow_mlx.config import FlowConfig
@@ -34,3 +35,19 @@ def save_flow(flow: STARFlow, folder) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     flow.config.save(folder / "config.json")
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(flow.parameters())))
+
+
+def flow_inputs(flow: STARFlow, batch: int = 2, frames: int = 0, seed: int = 1):
+    """Noise of the flow's shape (video when ``frames``) and random text features (None without text)."""
+    cfg = flow.config
+    mx.random.seed(seed)
+    grid = (frames, cfg.latent_size, cfg.latent_size) if frames else (cfg.latent_size, cfg.latent_size)
+    y = mx.random.normal((batch, cfg.txt_size, cfg.txt_dim)) if cfg.txt_dim else None
+    y_u = mx.random.normal((batch, cfg.txt_size, cfg.txt_dim)) if cfg.txt_dim else None
+    return mx.random.normal((batch, *grid, cfg.in_channels)), y, y_u
+
+
+def rel(a, b) -> float:
+    """Largest difference relative to the largest value of ``b``."""
+    a, b = np.array(a), np.array(b)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))

@@ -4,31 +4,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, random_flow, save_flow
+from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, flow_inputs, random_flow, rel, save_flow
 from starflow_mlx.loading import ModelLoadError, load_flow
 from starflow_mlx.models.kv_cache import position_mask, visible_length
-from starflow_mlx.sampling.jacobi import JacobiStats
-
-
-def inputs(flow, batch=2, frames=0, seed=1):
-    cfg = flow.config
-    mx.random.seed(seed)
-    shape = (batch, frames, cfg.latent_size, cfg.latent_size, cfg.in_channels) if frames else \
-        (batch, cfg.latent_size, cfg.latent_size, cfg.in_channels)
-    y = mx.random.normal((batch, cfg.txt_size, cfg.txt_dim)) if cfg.txt_dim else None
-    y_u = mx.random.normal((batch, cfg.txt_size, cfg.txt_dim)) if cfg.txt_dim else None
-    return mx.random.normal(shape), y, y_u
-
-
-def rel(a, b):
-    a, b = np.array(a), np.array(b)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+from starflow_mlx.sampling.jacobi import SCHEDULES, JacobiStats
 
 
 @pytest.mark.parametrize("fields,frames", [(IMAGE, 0), (OPTIONS, 0), (NOTEXT, 0), (VIDEO, 3)])
 def test_forward_inverts_reverse(fields, frames):
     flow = random_flow(**fields)
-    z, y, _ = inputs(flow, frames=frames)
+    z, y, _ = flow_inputs(flow, frames=frames)
     x = flow.reverse(z, y)
     z_back, _ = flow.forward(x, y)
     assert rel(z_back, z) < 1e-4
@@ -59,7 +44,7 @@ def test_kv_cache_step_equals_full_recomputation(fields):
     """Running tokens one at a time through the cache gives the same (a, b) as one causal pass."""
     flow = random_flow(**fields)
     block = flow.blocks[-1]
-    x, y, _ = inputs(flow, batch=1)
+    x, y, _ = flow_inputs(flow, batch=1)
     layout = flow._layout(x, block.index)
     seq = layout.to_sequence(x)
     n, text_len = seq.shape[1], y.shape[1]
@@ -92,7 +77,7 @@ def test_float16_weights_stay_close_to_float32(tmp_path):
     flow = random_flow(**IMAGE)
     save_flow(flow, tmp_path / "m")
     f32, f16 = load_flow(tmp_path / "m"), load_flow(tmp_path / "m", dtype="float16")
-    x, y, y_u = inputs(flow)
+    x, y, y_u = flow_inputs(flow)
     z32, ld32 = f32.forward(x, y)
     z16, ld16 = f16.forward(x, y)
     assert z16.dtype == mx.float32  # flow arithmetic stays float32 whatever the weights
@@ -102,20 +87,21 @@ def test_float16_weights_stay_close_to_float32(tmp_path):
     assert rel(f16.reverse(zn, y, y_uncond=y_u, cfg=1.5), f32.reverse(zn, y, y_uncond=y_u, cfg=1.5)) < 5e-2
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("fields,frames", [(IMAGE, 0), (VIDEO, 3), (NOTEXT, 0)])
-def test_jacobi_equals_sequential_at_tiny_threshold(fields, frames):
+def test_jacobi_equals_sequential_at_tiny_threshold(fields, frames, schedule):
     flow = random_flow(**fields)
-    z, y, y_u = inputs(flow, frames=frames)
+    z, y, y_u = flow_inputs(flow, frames=frames)
     cfg = 2.0 if y is not None else 0.0
     seq = flow.reverse(z, y, y_uncond=y_u, cfg=cfg)
     jac = flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=True, jacobi_block_size=3, jacobi_threshold=1e-14,
-                       jacobi_max_iter=64)
+                       jacobi_max_iter=64, jacobi_schedule=schedule)
     assert rel(jac, seq) < 1e-4
 
 
 def test_jacobi_traces_each_chunk_shape_once():
     flow = random_flow(**IMAGE)
-    z, y, y_u = inputs(flow)
+    z, y, y_u = flow_inputs(flow)
     stats = JacobiStats()
     flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=3, stats=stats)
     # 16 tokens in chunks of 3: six chunks per block (the last padded). Chunks share a trace when the
@@ -131,7 +117,7 @@ def test_jacobi_traces_each_chunk_shape_once():
 
 def test_jacobi_check_every_still_converges():
     flow = random_flow(**IMAGE)
-    z, y, _ = inputs(flow)
+    z, y, _ = flow_inputs(flow)
     ref = flow.reverse(z, y)
     got = flow.reverse(z, y, jacobi=True, jacobi_block_size=4, jacobi_threshold=1e-12, jacobi_max_iter=64,
                        jacobi_check_every=4)
@@ -140,7 +126,7 @@ def test_jacobi_check_every_still_converges():
 
 def test_long_video_past_training_length():
     flow = random_flow(**VIDEO)
-    z, y, y_u = inputs(flow, batch=1, frames=5)  # trained on 3 latent frames
+    z, y, y_u = flow_inputs(flow, batch=1, frames=5)  # trained on 3 latent frames
     stats = JacobiStats()
     x = flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=2, context_frames=1, stats=stats)
     assert x.shape == z.shape

@@ -1,11 +1,10 @@
 """Quantized KV caches: what they store, how close their samples stay, the memory they save, bad values."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flow_factory import IMAGE, VIDEO, random_flow
+from flow_factory import IMAGE, VIDEO, flow_inputs, random_flow, rel
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.config import FlowConfig
@@ -16,19 +15,6 @@ from starflow_mlx.pipelines.video import kv_cache_bytes
 
 register(app)
 runner = CliRunner()
-
-
-def inputs(flow, frames=0):
-    cfg = flow.config
-    mx.random.seed(1)
-    grid = (frames, cfg.latent_size, cfg.latent_size) if frames else (cfg.latent_size, cfg.latent_size)
-    y, y_u = (mx.random.normal((2, cfg.txt_size, cfg.txt_dim)) for _ in range(2))
-    return mx.random.normal((2, *grid, cfg.in_channels)), y, y_u
-
-
-def rel(a, b):
-    a, b = np.array(a), np.array(b)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def test_a_quantized_cache_stores_packed_integers_and_its_scales():
@@ -43,7 +29,7 @@ def test_a_quantized_cache_stores_packed_integers_and_its_scales():
 @pytest.mark.parametrize("jacobi", [False, True])
 def test_samples_stay_close_to_the_float_cache(fields, frames, jacobi):
     flow = random_flow(**fields)
-    z, y, y_u = inputs(flow, frames)
+    z, y, y_u = flow_inputs(flow, frames=frames)
     ref = flow.reverse(z, y, y_uncond=y_u, cfg=1.5)
     options = dict(y_uncond=y_u, cfg=1.5, jacobi=jacobi, jacobi_threshold=1e-10)
     eight, four = (flow.reverse(z, y, kv_bits=bits, **options) for bits in (8, 4))
@@ -61,7 +47,7 @@ def test_the_deep_block_cache_of_a_long_video_shrinks():
 
 def test_bad_bit_counts_are_refused():
     flow = random_flow(**IMAGE)
-    z, y, y_u = inputs(flow)
+    z, y, y_u = flow_inputs(flow)
     with pytest.raises(ValueError, match="kv_bits must be 8, 4 or None"):
         flow.reverse(z, y, kv_bits=3)
     with pytest.raises(ConfigError, match="kv_bits must be one of"):
