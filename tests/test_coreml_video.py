@@ -64,8 +64,9 @@ def test_video_packages_are_per_frame_and_per_window(video_export):
 def test_verify_runs_whole_clips_inside_and_past_the_window(video_export):
     _, result, lines = video_export
     clips = [c for c in result.checks if c.package == "video"]
-    assert [c.what.split("-")[0] for c in clips] == ["3", "5"]
+    assert [c.what.split("-")[0] for c in clips] == ["3", "5", "5"]
     assert "0 slides" in clips[0].what and "1 slides" in clips[1].what
+    assert "from 1 known frame vs" in clips[2].what and "1 slides" in clips[2].what
     assert all(c.ok for c in result.checks) and {c.package for c in result.checks} == {
         "deep_block", "shallow_block_1", "shallow_block_0", "video", "denoiser"}
     assert max(c.error for c in clips) < 5e-3
@@ -281,4 +282,73 @@ def test_chunks_that_do_not_divide_a_frame_verify(tmp_path):
     deep = result.manifest.package("deep_block")
     assert result.manifest.chunk == 3 and deep.functions["step"].states[0].shape[2] == 6 + 12 + 3
     clips = [c for c in result.checks if c.package == "video"]
-    assert len(clips) == 2 and all(c.ok for c in result.checks)
+    assert len(clips) == 3 and all(c.ok for c in result.checks)
+
+
+def test_known_frames_prefix_the_deep_cache_and_start_the_video(video_export):
+    """Image-to-video over the packages: known frames through the shallow packages forward into the deep cache,
+    against STARFlow.reverse(context=...) solved exactly; without the prefix the sampled frames are far off."""
+    model, result, _ = video_export
+    flow = load_flow(model)
+    m = ExportManifest.load(result.folder)
+    assert m.video.context_order == ["shallow_block_0", "shallow_block_1"] and m.video.noise_std == 0.3
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((1, 5, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=0.0, max_iter=4,
+                           shallow_max_iter=4)
+    # 1 known frame: all of it stays in the cache, which slides once; 3 (a full window): the cache starts from
+    # the last context frame only, and never slides.
+    for known, slides in ((1, 1), (3, 0)):
+        context = rng.standard_normal((1, known, 2, 2, 4)).astype(np.float32)
+        stats = SampleStats()
+        ours = sampler.sample_video(z, text, uncond, 2.0, context=context, context_frames=1, stats=stats)
+        expected = mlx_clip(flow, z, text, uncond, 2.0, 4, 1, context)
+        free = mlx_clip(flow, z, text, uncond, 2.0, 4, 1)
+        scale = np.abs(expected).max()
+        error = np.abs(ours - expected).max() / scale
+        assert error < 5e-3
+        assert np.array_equal(ours[:, :known], context)  # the video starts with the known frames
+        assert np.abs(ours[:, known:] - free[:, known:]).max() / scale > 20 * error
+        assert stats.reencodes == slides
+    # The tokens the deep block is given: the MLX model's own context pass.
+    req = sampler._request(z, text, uncond, 2.0, None)
+    tokens = sampler.context_tokens(context, req)
+    reference = np.array(flow._context_tokens(mx.array(context), mx.array(z), mx.array(text)))
+    assert np.abs(tokens - reference).max() / np.abs(reference).max() < 5e-3
+    for bad in (context[:, :, :1], np.concatenate([context] * 3, axis=1)):
+        with pytest.raises(DriverError, match=r"context must be \(1, P, 2, 2, 4\) known frames with 0 < P < 5"):
+            sampler.sample_video(z, text, uncond, 2.0, context=bad)
+    with pytest.raises(DriverError, match="no video VAE encoder"):
+        sampler.encode_frames(np.zeros((1, 1, 32, 32, 3), np.float32))
+
+
+def test_full_video_export_quantizes_the_flow_and_keeps_the_vae_packages_float16(tmp_path):
+    """--bits on a full STARFlow-V folder: the flow packages hold MLX's integers, the Wan2.2 VAE encoder and decoder
+    (never quantized by MLX) stay float16 and say so; the encoder package matches VideoVAE.encode per call."""
+    from fixtures_video import make_video_model
+    from starflow_mlx.coreml.export import ExportOptions, load_for_export
+    from starflow_mlx.coreml.video_verify import check_video_encoder
+
+    model = make_video_model(tmp_path)
+    options = ExportOptions(bits=8, group_size=32)
+    result = export_coreml(model, tmp_path / "coreml", options)
+    m = ExportManifest.load(result.folder)
+    assert all(m.package(name).quantized_layers > 0 for name in [*m.order, "denoiser"])
+    for name, role in (("vae_decoder", "video_vae_decoder"), ("vae_encoder", "video_vae_encoder")):
+        pkg = m.package(name)
+        assert (pkg.role, pkg.compute_units, pkg.quantized_layers) == (role, "CPU_AND_GPU", 0)
+    # Checks every flow package's constants against the quantized MLX blocks, and none in the VAE packages.
+    assert structural_problems(result.folder, m, load_for_export(model, options)) == []
+    assert sum("float16 weights: MLX never quantizes the VAE" in step for step in m.drive) == 2
+    encoder = m.package("vae_encoder").functions
+    assert encoder["first"].inputs[0].shape == [1, 1, 32, 48, 3] and encoder["step"].inputs[0].shape[1] == 4
+    assert encoder["first"].outputs[0].shape == [1, 2, 3, 48]
+    assert [t.name for t in encoder["step"].inputs[1:]] == [t.name[4:] for t in encoder["step"].outputs[1:]]
+    (check,) = check_video_encoder(result.folder, m, model, np.random.default_rng(0))
+    assert check.ok and check.error < 1e-2 and "9 pixel frames" in check.what
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder))
+    with pytest.raises(DriverError, match=r"pixels must be \(1, 1 \+ 4k, 32, 48, 3\)"):
+        sampler.encode_frames(np.zeros((1, 3, 32, 48, 3), np.float32))
+    with pytest.raises(DriverError, match=r"noise must be \(1, 1, 2, 3, 48\)"):
+        sampler.known_frames(np.zeros((1, 1, 32, 48, 3), np.float32), np.zeros((1, 2, 2, 3, 48)))
