@@ -248,11 +248,40 @@ def test_shallow_blocks_of_a_frame_overlap_the_deep_block_of_the_next(video_expo
     rng = np.random.default_rng(4)
     z = rng.standard_normal((1, 3, 2, 2, 4)).astype(np.float32)
     text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
-    VideoSampler(result.folder, timed, max_iter=4).sample_video(z, text, uncond, 2.0)
+    stats = SampleStats()
+    VideoSampler(result.folder, timed, threshold=0.0, max_iter=4, shallow_max_iter=4).sample_video(
+        z, text, uncond, 2.0, stats=stats)
     assert gate.overlapped is True
-    assert set(timed.seconds()) == {"deep_block", "shallow_block_1", "shallow_block_0"}
-    assert 0 < timed.overlap() < sum(timed.seconds().values())
-    assert "overlapped" in timed.report()
+    report = timed.report()
+    assert set(report.seconds) == {"deep_block", "shallow_block_1", "shallow_block_0"}
+    assert report.calls["deep_block"] == stats.deep_calls + 1  # and encode_text
+    assert report.calls["shallow_block_0"] == report.calls["shallow_block_1"] == 3 * 4  # frames x iterations
+    deep = report.seconds["deep_block"]
+    assert report.others == pytest.approx(sum(report.seconds.values()) - deep)
+    # Held until the deep block reached frame 1, frame 0's shallow blocks really overlapped it.
+    assert 0 < report.overlap <= min(deep, report.others)
+    # Two threads, the deep block alone on one: what ran at once is counted once.
+    assert deep + report.others - report.overlap <= report.wall + 1e-6
+    lines = report.lines()
+    assert len(lines) == 4 and lines[0].startswith("deep_block") and "calls" in lines[0]
+    assert lines[-1].startswith(f"overlap: {report.overlap:.2f} s of the other packages' {report.others:.2f} s")
+
+
+def test_overlap_is_the_time_both_sides_were_predicting():
+    from starflow_mlx.coreml.timing import TimedBackend, intersection_seconds
+
+    assert intersection_seconds([(0, 4), (6, 8)], [(1, 2), (3, 7), (7.5, 9)]) == pytest.approx(1 + 1 + 1 + 0.5)
+    assert intersection_seconds([(0, 1)], [(1, 2)]) == 0 and intersection_seconds([], [(0, 1)]) == 0
+    timed = TimedBackend(None)
+    timed.calls = [("deep_block", 0.0, 2.0), ("deep_block", 2.0, 3.0), ("shallow_block_0", 1.0, 4.0),
+                   ("vae_decoder", 1.5, 2.5)]
+    report = timed.report()
+    assert report.seconds == {"deep_block": 3.0, "shallow_block_0": 3.0, "vae_decoder": 1.0}
+    assert report.calls == {"deep_block": 2, "shallow_block_0": 1, "vae_decoder": 1}
+    # The shallow and VAE threads overlap each other too: only time the deep block was busy counts.
+    assert (report.overlap, report.others, report.wall) == (2.0, 4.0, 4.0)
+    assert report.lines()[-1].startswith("overlap: 2.00 s of the other packages' 4.00 s ran while deep_block "
+                                         "predicted (50%)")
 
 
 @pytest.mark.macos
@@ -323,16 +352,28 @@ def test_known_frames_prefix_the_deep_cache_and_start_the_video(video_export):
         sampler.encode_frames(np.zeros((1, 1, 32, 32, 3), np.float32))
 
 
-def test_full_video_export_quantizes_the_flow_and_keeps_the_vae_packages_float16(tmp_path):
+BITS = dict(bits=8, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def full_video_export(tmp_path_factory):
+    """A STARFlow-V-shaped full model folder (T5, Wan2.2 VAE with its encoder) exported with --bits 8."""
+    from fixtures_video import make_video_model
+    from starflow_mlx.coreml.export import ExportOptions
+
+    root = tmp_path_factory.mktemp("full-video")
+    model = make_video_model(root)
+    return model, export_coreml(model, root / "coreml", ExportOptions(**BITS))
+
+
+def test_full_video_export_quantizes_the_flow_and_keeps_the_vae_packages_float16(full_video_export):
     """--bits on a full STARFlow-V folder: the flow packages hold MLX's integers, the Wan2.2 VAE encoder and decoder
     (never quantized by MLX) stay float16 and say so; the encoder package matches VideoVAE.encode per call."""
-    from fixtures_video import make_video_model
     from starflow_mlx.coreml.export import ExportOptions, load_for_export
     from starflow_mlx.coreml.video_verify import check_video_encoder
 
-    model = make_video_model(tmp_path)
-    options = ExportOptions(bits=8, group_size=32)
-    result = export_coreml(model, tmp_path / "coreml", options)
+    model, result = full_video_export
+    options = ExportOptions(**BITS)
     m = ExportManifest.load(result.folder)
     assert all(m.package(name).quantized_layers > 0 for name in [*m.order, "denoiser"])
     for name, role in (("vae_decoder", "video_vae_decoder"), ("vae_encoder", "video_vae_encoder")):
@@ -352,3 +393,39 @@ def test_full_video_export_quantizes_the_flow_and_keeps_the_vae_packages_float16
         sampler.encode_frames(np.zeros((1, 3, 32, 48, 3), np.float32))
     with pytest.raises(DriverError, match=r"noise must be \(1, 1, 2, 3, 48\)"):
         sampler.known_frames(np.zeros((1, 1, 32, 48, 3), np.float32), np.zeros((1, 2, 2, 3, 48)))
+
+
+def test_cli_makes_an_image_to_video_mp4_over_the_packages_with_a_timing_report(full_video_export, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+    from starflow_mlx.pipelines.video_io import read_video
+
+    register(app)
+    _, result = full_video_export
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8)).save(tmp_path / "start.png")
+    out = tmp_path / "fox.mp4"
+    args = ["coreml-video", str(result.folder), "--prompt", "a red fox", "--frames", "9", "--image",
+            str(tmp_path / "start.png"), "-o", str(out)]
+    res = CliRunner().invoke(app, [*args, "--interpreter", "--report"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and read_video(out)[0].shape == (9, 32, 48, 3)
+    assert "warning: the image is resized to cover 48x32" in res.output
+    rows = {line.split()[0]: line.split() for line in res.output.splitlines() if " calls " in line}
+    assert set(rows) == {"deep_block", "shallow_block_1", "shallow_block_0", "denoiser", "text_encoder",
+                         "vae_decoder", "vae_encoder"}
+    assert rows["vae_encoder"][1] == "1" and rows["vae_decoder"][1] == "3"  # 1 image; 3 latent frames decoded
+    overlap = next(line for line in res.output.splitlines() if line.startswith("overlap: ")).split()
+    seconds = {name: float(row[3]) for name, row in rows.items()}
+    others = sum(sec for name, sec in seconds.items() if name != "deep_block")
+    assert float(overlap[7]) == pytest.approx(others, abs=0.02)  # the per-package rows add up
+    assert 0 <= float(overlap[1]) <= min(seconds["deep_block"], others) + 0.01
+    for extra, message in ((["--report"], "pass --interpreter"),
+                           (["--interpreter", "--frames", "1"], "ask for at least 5 --frames")):
+        if extra == ["--report"] and sys.platform == "darwin":
+            continue
+        res = CliRunner().invoke(app, [*args, *extra])
+        assert res.exit_code == 1 and res.output.startswith("error: ") and message in res.output, res.output
+        assert res.output.strip().count("\n") == 0
