@@ -142,8 +142,8 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     m = result.manifest
     assert (m.video.aspect_ratio, m.latent_shape, m.video.temporal_scale) == ("16:9", [2, 3, 48], 0.6)
     assert {p.name for p in m.packages} == {"deep_block", "shallow_block_1", "shallow_block_0", "denoiser",
-                                            "text_encoder", "vae_decoder"}
-    assert any(c.package == "vae_decoder" and c.ok for c in result.checks)
+                                            "text_encoder", "vae_decoder", "vae_encoder"}
+    assert all(any(c.package == name and c.ok for c in result.checks) for name in ("vae_decoder", "vae_encoder"))
     decoder = m.package("vae_decoder").functions
     assert decoder["first"].outputs[0].shape == [1, 1, 32, 48, 3] and decoder["step"].outputs[0].shape[1] == 4
     assert [t.name for t in decoder["step"].inputs[1:]] == [t.name[4:] for t in decoder["step"].outputs[1:]]
@@ -199,6 +199,21 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     np.testing.assert_allclose(latents, ours, rtol=0, atol=1e-6)
     decoded = np.concatenate(list(sampler.decode_frames(ours)), axis=1)
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), decoded, rtol=0, atol=1e-5)
+
+    # Image-to-video: the picture through the encoder package, noised as the pipeline does, into the deep cache.
+    from PIL import Image
+
+    picture = np.random.default_rng(1).integers(0, 256, (32, 48, 3), np.uint8)
+    from_image = np.array(pipe.sample("a red fox", frames=17, image=Image.fromarray(picture), seed=seed, cfg=cfg,
+                                      jacobi_block_size=6, jacobi_threshold=1e-12, jacobi_max_iter=24))
+    _, noise_key = mx.random.split(mx.random.key(seed))
+    noise = np.array(mx.random.normal((1, 1, 2, 3, 48), key=noise_key))
+    pixels = picture[None, None].astype(np.float32) / 127.5 - 1.0
+    stats = SampleStats()
+    ours = sampler.text_to_video(np.array(ids), np.array(mask), z, cfg, frames=pixels, noise=noise, stats=stats)
+    error = np.abs(ours - from_image).max() / np.abs(from_image).max()
+    assert error < 5e-3 and stats.reencodes == 2
+    assert np.abs(from_image - expected).max() / np.abs(from_image).max() > 20 * error  # the image matters
 
 
 def test_cli_exports_a_quantized_video_model_with_mlx_integers(tmp_path):
