@@ -8,6 +8,7 @@ ran while the deep block was predicting (the pipelining the export is shaped for
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -89,6 +90,12 @@ def coreml_video(
     if not {"text_encoder", "video_vae_decoder"} <= roles:
         raise DriverError(f"{folder} has no text encoder or VAE decoder package: export a full STARFlow-V model "
                           "folder (converted with its T5 and VAE)")
+    if not 0 <= seed <= 2**63 - manifest.batch:
+        raise ValueError(f"--seed must be 0 or more and below 2**63 (video i uses seed + i), got {seed}")
+    if cfg is not None and not 0 <= cfg < math.inf:  # NaN fails too
+        raise ValueError(f"--cfg must be 0 or more, got {cfg}")
+    if not 1 <= fps <= 120:
+        raise ValueError(f"--fps must be a whole number from 1 to 120, got {fps}")
     if not interpreter and sys.platform != "darwin":
         raise DriverError("Core ML predictions need macOS 15+: pass --interpreter to run the packages with the "
                           "numpy interpreter")

@@ -438,9 +438,25 @@ def test_cli_makes_an_image_to_video_mp4_over_the_packages_with_a_timing_report(
     assert float(overlap[7]) == pytest.approx(others, abs=0.02)  # the per-package rows add up
     assert 0 <= float(overlap[1]) <= min(seconds["deep_block"], others) + 0.01
     for extra, message in ((["--report"], "pass --interpreter"),
-                           (["--interpreter", "--frames", "1"], "ask for at least 5 --frames")):
+                           (["--interpreter", "--frames", "1"], "ask for at least 5 --frames"),
+                           (["--interpreter", "--fps", "0"], "--fps must be a whole number from 1 to 120"),
+                           (["--interpreter", "--cfg", "nan"], "--cfg must be 0 or more"),
+                           (["--interpreter", "--seed", "-1"], "--seed must be 0 or more")):
         if extra == ["--report"] and sys.platform == "darwin":
             continue
         res = CliRunner().invoke(app, [*args, *extra])
         assert res.exit_code == 1 and res.output.startswith("error: ") and message in res.output, res.output
         assert res.output.strip().count("\n") == 0
+
+
+def test_cli_refuses_a_flow_only_export_in_one_line(video_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+
+    register(app)
+    res = CliRunner().invoke(app, ["coreml-video", str(video_export[1].folder), "--prompt", "a fox", "-o",
+                                   str(tmp_path / "a.mp4"), "--interpreter"])
+    assert res.exit_code == 1 and "has no text encoder or VAE decoder package" in res.output
+    assert res.output.strip().count("\n") == 0

@@ -49,7 +49,8 @@ class PackageInfo(JSONConfig):
 
     name: str
     file: str
-    role: str  # deep_block | shallow_block | denoiser | text_encoder | vae_decoder | video_vae_decoder | video_vae_encoder
+    # deep_block | shallow_block | denoiser | text_encoder | vae_decoder | video_vae_decoder | video_vae_encoder
+    role: str
     compute_units: str  # coremltools ComputeUnit name the package is shaped for
     layout: str  # channels_last (B, S, C) | channels_first (B, C, 1, S) | image
     functions: dict[str, FunctionInfo]

@@ -3,7 +3,9 @@
 The deep block solves the clip in chunks; as soon as a frame's last token is
 final, its shallow blocks start on a second thread, so on Core ML the Neural
 Engine works on frame t while the GPU works on frame t+1 (the interpreter runs
-the same schedule, just slowly).
+the same schedule, just slowly). Image-to-video encodes the known pixels with
+the VAE encoder package, maps them through the shallow packages forward and
+writes them into the deep block's cache as a prefix before sampling the rest.
 """
 
 from __future__ import annotations

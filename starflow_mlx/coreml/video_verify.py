@@ -64,7 +64,8 @@ def check_clips(folder: Path, manifest: ExportManifest, flows, rng) -> list[Chec
         ours = sampler.sample_video(z, text, uncond, cfg, context=prefix, context_frames=context or None,
                                     stats=stats)
         start = f" from {known} known frame{'s' * (known > 1)}" if known else ""
-        what = f"{frames}-frame clip{start} vs STARFlow.reverse ({stats.deep_calls} deep calls, {stats.reencodes} slides)"
+        what = (f"{frames}-frame clip{start} vs STARFlow.reverse ({stats.deep_calls} deep calls, "
+                f"{stats.reencodes} slides)")
         checks.append(Check("video", what, rel_error(ours, expected), rel_error(half, expected)))
     return checks
 
