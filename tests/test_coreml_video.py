@@ -102,6 +102,13 @@ def test_image_export_is_refused_by_the_video_driver(video_export, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**data, "video": None}))
     with pytest.raises(DriverError, match="is an image export: use Sampler"):
         VideoSampler(tmp_path, backend=object())
+    # An export from before image-to-video loads, but refuses known frames it cannot map.
+    video = {k: v for k, v in data["video"].items() if k != "context_order"}
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "video": video}))
+    z = np.zeros((1, 3, 2, 2, 4), np.float32)
+    text = np.zeros((1, 6, 24), np.float32)
+    with pytest.raises(DriverError, match=r"does not say how known frames reach the deep block .*re-export"):
+        VideoSampler(tmp_path, backend=object()).sample_video(z, text, text, 2.0, context=z[:, :1])
 
 
 def test_denoiser_package_hides_the_padding_of_a_short_chunk(video_export):
@@ -357,7 +364,7 @@ def test_known_frames_prefix_the_deep_cache_and_start_the_video(video_export):
         assert stats.reencodes == slides
     # The tokens the deep block is given: the MLX model's own context pass.
     req = sampler._request(z, text, uncond, 2.0, None)
-    tokens = sampler.context_tokens(context, req)
+    tokens = sampler._context_tokens(context, req)
     reference = np.array(flow._context_tokens(mx.array(context), mx.array(z), mx.array(text)))
     assert np.abs(tokens - reference).max() / np.abs(reference).max() < 5e-3
     for bad in (context[:, :, :1], np.concatenate([context] * 3, axis=1)):
@@ -460,3 +467,21 @@ def test_cli_refuses_a_flow_only_export_in_one_line(video_export, tmp_path):
                                    str(tmp_path / "a.mp4"), "--interpreter"])
     assert res.exit_code == 1 and "has no text encoder or VAE decoder package" in res.output
     assert res.output.strip().count("\n") == 0
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions need macOS")
+def test_coreml_encoder_and_known_frames_match_the_interpreter(full_video_export):
+    from starflow_mlx.coreml.driver import CoreMLBackend
+
+    folder = full_video_export[1].folder
+    rng = np.random.default_rng(8)
+    pixels = rng.uniform(-1, 1, (1, 5, 32, 48, 3)).astype(np.float32)
+    z = rng.standard_normal((1, 4, 2, 3, 48)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 64, 32)).astype(np.float32) for _ in range(2))
+    coreml, interpreted = (VideoSampler(folder, backend, threshold=0.0, max_iter=6, shallow_max_iter=6)
+                           for backend in (CoreMLBackend(folder), InterpreterBackend(folder)))
+    a, b = (s.encode_frames(pixels) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
+    a, b = (s.sample_video(z, text, uncond, 2.5, context=b) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2

@@ -115,7 +115,7 @@ class VideoSampler(Sampler):
         known = None
         if context is not None:
             context = self._checked_context(context, req.z.shape)
-            known = self.context_tokens(context, req)
+            known = self._context_tokens(context, req)
 
         def copy_known(t: int) -> None:
             out[:, t] = context[:, t]
@@ -134,6 +134,10 @@ class VideoSampler(Sampler):
 
     # -- known frames (image-to-video) ---------------------------------------------------
     def _checked_context(self, context, shape: tuple[int, ...]) -> np.ndarray:
+        m = self.manifest
+        if sorted(m.video.context_order) != sorted(m.order[1:]):
+            raise DriverError(f"{self.folder}'s manifest does not say how known frames reach the deep block "
+                              "(video.context_order): re-export it for image-to-video")
         x = np.asarray(context, np.float32)
         batch, frames, h, w, c = shape
         if x.ndim != 5 or x.shape[0] != batch or x.shape[2:] != (h, w, c) or not 0 < x.shape[1] < frames:
@@ -141,7 +145,7 @@ class VideoSampler(Sampler):
                               f"(the noise's frames), got {x.shape}")
         return x
 
-    def context_tokens(self, context: np.ndarray, req: _Request) -> np.ndarray:
+    def _context_tokens(self, context: np.ndarray, req: _Request) -> np.ndarray:
         """Known frames (batch, P, H, W, C) -> the deep block's known tokens (batch, P*n, c) in its token order:
         each frame through the shallow packages forward, ``z = (x - b(x)) / a(x)``, in ``video.context_order``
         (block order; unguided, as the MLX model's context pass)."""

@@ -1,4 +1,5 @@
-"""STARFlow-V packages: the deep block over one window of frames, the shallow blocks over one frame.
+"""STARFlow-V packages: the deep block over one window of frames, the shallow blocks and the Wan2.2 VAE encoder
+and decoder over one frame.
 
 The shallow blocks of STARFlow-V are frame-local, so their packages take one
 latent frame per call (the image shallow-block builder at the frame's token
