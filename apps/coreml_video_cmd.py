@@ -1,7 +1,7 @@
 """``starflow coreml-video``: an mp4 from a Core ML STARFlow-V export, the loop driven by the host.
 
 Core ML on macOS 15+, or the numpy interpreter anywhere (``--interpreter``); the noise is drawn as
-``starflow generate`` draws it, so an export gives the MLX pipeline's video for the same seed.
+``starflow generate`` draws it, so a seed starts from the same noise as the MLX pipeline.
 ``--report`` prints each package's prediction seconds and how much of the other packages' time
 ran while the deep block was predicting (the pipelining the export is shaped for).
 """
