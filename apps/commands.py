@@ -20,6 +20,9 @@ def register(app) -> None:
     app.command("quantize")(user_errors(quantize_cmd.quantize))
 
     from starflow_mlx.apps import export_cmd; app.command("export-coreml")(user_errors(export_cmd.export_coreml))
+    from starflow_mlx.apps import coreml_video_cmd
+
+    app.command("coreml-video")(user_errors(coreml_video_cmd.coreml_video))
     from starflow_mlx.apps import bench_cmd; app.command("bench")(user_errors(bench_cmd.bench))
 
     from starflow_mlx.apps import train_cmd

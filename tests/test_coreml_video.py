@@ -64,8 +64,9 @@ def test_video_packages_are_per_frame_and_per_window(video_export):
 def test_verify_runs_whole_clips_inside_and_past_the_window(video_export):
     _, result, lines = video_export
     clips = [c for c in result.checks if c.package == "video"]
-    assert [c.what.split("-")[0] for c in clips] == ["3", "5"]
+    assert [c.what.split("-")[0] for c in clips] == ["3", "5", "5"]
     assert "0 slides" in clips[0].what and "1 slides" in clips[1].what
+    assert "from 1 known frame vs" in clips[2].what and "1 slides" in clips[2].what
     assert all(c.ok for c in result.checks) and {c.package for c in result.checks} == {
         "deep_block", "shallow_block_1", "shallow_block_0", "video", "denoiser"}
     assert max(c.error for c in clips) < 5e-3
@@ -101,6 +102,13 @@ def test_image_export_is_refused_by_the_video_driver(video_export, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**data, "video": None}))
     with pytest.raises(DriverError, match="is an image export: use Sampler"):
         VideoSampler(tmp_path, backend=object())
+    # An export from before image-to-video loads, but refuses known frames it cannot map.
+    video = {k: v for k, v in data["video"].items() if k != "context_order"}
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "video": video}))
+    z = np.zeros((1, 3, 2, 2, 4), np.float32)
+    text = np.zeros((1, 6, 24), np.float32)
+    with pytest.raises(DriverError, match=r"does not say how known frames reach the deep block .*re-export"):
+        VideoSampler(tmp_path, backend=object()).sample_video(z, text, text, 2.0, context=z[:, :1])
 
 
 def test_denoiser_package_hides_the_padding_of_a_short_chunk(video_export):
@@ -141,8 +149,8 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     m = result.manifest
     assert (m.video.aspect_ratio, m.latent_shape, m.video.temporal_scale) == ("16:9", [2, 3, 48], 0.6)
     assert {p.name for p in m.packages} == {"deep_block", "shallow_block_1", "shallow_block_0", "denoiser",
-                                            "text_encoder", "vae_decoder"}
-    assert any(c.package == "vae_decoder" and c.ok for c in result.checks)
+                                            "text_encoder", "vae_decoder", "vae_encoder"}
+    assert all(any(c.package == name and c.ok for c in result.checks) for name in ("vae_decoder", "vae_encoder"))
     decoder = m.package("vae_decoder").functions
     assert decoder["first"].outputs[0].shape == [1, 1, 32, 48, 3] and decoder["step"].outputs[0].shape[1] == 4
     assert [t.name for t in decoder["step"].inputs[1:]] == [t.name[4:] for t in decoder["step"].outputs[1:]]
@@ -199,6 +207,21 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     decoded = np.concatenate(list(sampler.decode_frames(ours)), axis=1)
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), decoded, rtol=0, atol=1e-5)
 
+    # Image-to-video: the picture through the encoder package, noised as the pipeline does, into the deep cache.
+    from PIL import Image
+
+    picture = np.random.default_rng(1).integers(0, 256, (32, 48, 3), np.uint8)
+    from_image = np.array(pipe.sample("a red fox", frames=17, image=Image.fromarray(picture), seed=seed, cfg=cfg,
+                                      jacobi_block_size=6, jacobi_threshold=1e-12, jacobi_max_iter=24))
+    _, noise_key = mx.random.split(mx.random.key(seed))
+    noise = np.array(mx.random.normal((1, 1, 2, 3, 48), key=noise_key))
+    pixels = picture[None, None].astype(np.float32) / 127.5 - 1.0
+    stats = SampleStats()
+    ours = sampler.text_to_video(np.array(ids), np.array(mask), z, cfg, frames=pixels, noise=noise, stats=stats)
+    error = np.abs(ours - from_image).max() / np.abs(from_image).max()
+    assert error < 5e-3 and stats.reencodes == 2
+    assert np.abs(from_image - expected).max() / np.abs(from_image).max() > 20 * error  # the image matters
+
 
 def test_cli_exports_a_quantized_video_model_with_mlx_integers(tmp_path):
     from typer.testing import CliRunner
@@ -247,11 +270,40 @@ def test_shallow_blocks_of_a_frame_overlap_the_deep_block_of_the_next(video_expo
     rng = np.random.default_rng(4)
     z = rng.standard_normal((1, 3, 2, 2, 4)).astype(np.float32)
     text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
-    VideoSampler(result.folder, timed, max_iter=4).sample_video(z, text, uncond, 2.0)
+    stats = SampleStats()
+    VideoSampler(result.folder, timed, threshold=0.0, max_iter=4, shallow_max_iter=4).sample_video(
+        z, text, uncond, 2.0, stats=stats)
     assert gate.overlapped is True
-    assert set(timed.seconds()) == {"deep_block", "shallow_block_1", "shallow_block_0"}
-    assert 0 < timed.overlap() < sum(timed.seconds().values())
-    assert "overlapped" in timed.report()
+    report = timed.report()
+    assert set(report.seconds) == {"deep_block", "shallow_block_1", "shallow_block_0"}
+    assert report.calls["deep_block"] == stats.deep_calls + 1  # and encode_text
+    assert report.calls["shallow_block_0"] == report.calls["shallow_block_1"] == 3 * 4  # frames x iterations
+    deep = report.seconds["deep_block"]
+    assert report.others == pytest.approx(sum(report.seconds.values()) - deep)
+    # Held until the deep block reached frame 1, frame 0's shallow blocks really overlapped it.
+    assert 0 < report.overlap <= min(deep, report.others)
+    # Two threads, the deep block alone on one: what ran at once is counted once.
+    assert deep + report.others - report.overlap <= report.wall + 1e-6
+    lines = report.lines()
+    assert len(lines) == 4 and lines[0].startswith("deep_block") and "calls" in lines[0]
+    assert lines[-1].startswith(f"overlap: {report.overlap:.2f} s of the other packages' {report.others:.2f} s")
+
+
+def test_overlap_is_the_time_both_sides_were_predicting():
+    from starflow_mlx.coreml.timing import TimedBackend, intersection_seconds
+
+    assert intersection_seconds([(0, 4), (6, 8)], [(1, 2), (3, 7), (7.5, 9)]) == pytest.approx(1 + 1 + 1 + 0.5)
+    assert intersection_seconds([(0, 1)], [(1, 2)]) == 0 and intersection_seconds([], [(0, 1)]) == 0
+    timed = TimedBackend(None)
+    timed.calls = [("deep_block", 0.0, 2.0), ("deep_block", 2.0, 3.0), ("shallow_block_0", 1.0, 4.0),
+                   ("vae_decoder", 1.5, 2.5)]
+    report = timed.report()
+    assert report.seconds == {"deep_block": 3.0, "shallow_block_0": 3.0, "vae_decoder": 1.0}
+    assert report.calls == {"deep_block": 2, "shallow_block_0": 1, "vae_decoder": 1}
+    # The shallow and VAE threads overlap each other too: only time the deep block was busy counts.
+    assert (report.overlap, report.others, report.wall) == (2.0, 4.0, 4.0)
+    assert report.lines()[-1].startswith("overlap: 2.00 s of the other packages' 4.00 s ran while deep_block "
+                                         "predicted (50%)")
 
 
 @pytest.mark.macos
@@ -281,4 +333,155 @@ def test_chunks_that_do_not_divide_a_frame_verify(tmp_path):
     deep = result.manifest.package("deep_block")
     assert result.manifest.chunk == 3 and deep.functions["step"].states[0].shape[2] == 6 + 12 + 3
     clips = [c for c in result.checks if c.package == "video"]
-    assert len(clips) == 2 and all(c.ok for c in result.checks)
+    assert len(clips) == 3 and all(c.ok for c in result.checks)
+
+
+def test_known_frames_prefix_the_deep_cache_and_start_the_video(video_export):
+    """Image-to-video over the packages: known frames through the shallow packages forward into the deep cache,
+    against STARFlow.reverse(context=...) solved exactly; without the prefix the sampled frames are far off."""
+    model, result, _ = video_export
+    flow = load_flow(model)
+    m = ExportManifest.load(result.folder)
+    assert m.video.context_order == ["shallow_block_0", "shallow_block_1"] and m.video.noise_std == 0.3
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((1, 5, 2, 2, 4)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 6, 24)).astype(np.float32) for _ in range(2))
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=0.0, max_iter=4,
+                           shallow_max_iter=4)
+    # 1 known frame: all of it stays in the cache, which slides once; 3 (a full window): the cache starts from
+    # the last context frame only, and never slides.
+    for known, slides in ((1, 1), (3, 0)):
+        context = rng.standard_normal((1, known, 2, 2, 4)).astype(np.float32)
+        stats = SampleStats()
+        ours = sampler.sample_video(z, text, uncond, 2.0, context=context, context_frames=1, stats=stats)
+        expected = mlx_clip(flow, z, text, uncond, 2.0, 4, 1, context)
+        free = mlx_clip(flow, z, text, uncond, 2.0, 4, 1)
+        scale = np.abs(expected).max()
+        error = np.abs(ours - expected).max() / scale
+        assert error < 5e-3
+        assert np.array_equal(ours[:, :known], context)  # the video starts with the known frames
+        assert np.abs(ours[:, known:] - free[:, known:]).max() / scale > 20 * error
+        assert stats.reencodes == slides
+    # The tokens the deep block is given: the MLX model's own context pass.
+    req = sampler._request(z, text, uncond, 2.0, None)
+    tokens = sampler._context_tokens(context, req)
+    reference = np.array(flow._context_tokens(mx.array(context), mx.array(z), mx.array(text)))
+    assert np.abs(tokens - reference).max() / np.abs(reference).max() < 5e-3
+    for bad in (context[:, :, :1], np.concatenate([context] * 3, axis=1)):
+        with pytest.raises(DriverError, match=r"context must be \(1, P, 2, 2, 4\) known frames with 0 < P < 5"):
+            sampler.sample_video(z, text, uncond, 2.0, context=bad)
+    with pytest.raises(DriverError, match="no video VAE encoder"):
+        sampler.encode_frames(np.zeros((1, 1, 32, 32, 3), np.float32))
+
+
+BITS = dict(bits=8, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def full_video_export(tmp_path_factory):
+    """A STARFlow-V-shaped full model folder (T5, Wan2.2 VAE with its encoder) exported with --bits 8."""
+    from fixtures_video import make_video_model
+    from starflow_mlx.coreml.export import ExportOptions
+
+    root = tmp_path_factory.mktemp("full-video")
+    model = make_video_model(root)
+    return model, export_coreml(model, root / "coreml", ExportOptions(**BITS))
+
+
+def test_full_video_export_quantizes_the_flow_and_keeps_the_vae_packages_float16(full_video_export):
+    """--bits on a full STARFlow-V folder: the flow packages hold MLX's integers, the Wan2.2 VAE encoder and decoder
+    (never quantized by MLX) stay float16 and say so; the encoder package matches VideoVAE.encode per call."""
+    from starflow_mlx.coreml.export import ExportOptions, load_for_export
+    from starflow_mlx.coreml.video_verify import check_video_encoder
+
+    model, result = full_video_export
+    options = ExportOptions(**BITS)
+    m = ExportManifest.load(result.folder)
+    assert all(m.package(name).quantized_layers > 0 for name in [*m.order, "denoiser"])
+    for name, role in (("vae_decoder", "video_vae_decoder"), ("vae_encoder", "video_vae_encoder")):
+        pkg = m.package(name)
+        assert (pkg.role, pkg.compute_units, pkg.quantized_layers) == (role, "CPU_AND_GPU", 0)
+    # Checks every flow package's constants against the quantized MLX blocks, and none in the VAE packages.
+    assert structural_problems(result.folder, m, load_for_export(model, options)) == []
+    assert sum("float16 weights: MLX never quantizes the VAE" in step for step in m.drive) == 2
+    encoder = m.package("vae_encoder").functions
+    assert encoder["first"].inputs[0].shape == [1, 1, 32, 48, 3] and encoder["step"].inputs[0].shape[1] == 4
+    assert encoder["first"].outputs[0].shape == [1, 2, 3, 48]
+    assert [t.name for t in encoder["step"].inputs[1:]] == [t.name[4:] for t in encoder["step"].outputs[1:]]
+    (check,) = check_video_encoder(result.folder, m, model, np.random.default_rng(0))
+    assert check.ok and check.error < 1e-2 and "9 pixel frames" in check.what
+    sampler = VideoSampler(result.folder, InterpreterBackend(result.folder))
+    with pytest.raises(DriverError, match=r"pixels must be \(1, 1 \+ 4k, 32, 48, 3\)"):
+        sampler.encode_frames(np.zeros((1, 3, 32, 48, 3), np.float32))
+    with pytest.raises(DriverError, match=r"noise must be \(1, 1, 2, 3, 48\)"):
+        sampler.known_frames(np.zeros((1, 1, 32, 48, 3), np.float32), np.zeros((1, 2, 2, 3, 48)))
+
+
+def test_cli_makes_an_image_to_video_mp4_over_the_packages_with_a_timing_report(full_video_export, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+    from starflow_mlx.pipelines.video_io import read_video
+
+    register(app)
+    _, result = full_video_export
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8)).save(tmp_path / "start.png")
+    out = tmp_path / "fox.mp4"
+    args = ["coreml-video", str(result.folder), "--prompt", "a red fox", "--frames", "9", "--image",
+            str(tmp_path / "start.png"), "-o", str(out)]
+    res = CliRunner().invoke(app, [*args, "--interpreter", "--report"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and read_video(out)[0].shape == (9, 32, 48, 3)
+    assert "warning: the image is resized to cover 48x32" in res.output
+    rows = {line.split()[0]: line.split() for line in res.output.splitlines() if " calls " in line}
+    assert set(rows) == {"deep_block", "shallow_block_1", "shallow_block_0", "denoiser", "text_encoder",
+                         "vae_decoder", "vae_encoder"}
+    assert rows["vae_encoder"][1] == "1" and rows["vae_decoder"][1] == "3"  # 1 image; 3 latent frames decoded
+    overlap = next(line for line in res.output.splitlines() if line.startswith("overlap: ")).split()
+    seconds = {name: float(row[3]) for name, row in rows.items()}
+    others = sum(sec for name, sec in seconds.items() if name != "deep_block")
+    assert float(overlap[7]) == pytest.approx(others, abs=0.02)  # the per-package rows add up
+    assert 0 <= float(overlap[1]) <= min(seconds["deep_block"], others) + 0.01
+    for extra, message in ((["--report"], "pass --interpreter"),
+                           (["--interpreter", "--frames", "1"], "ask for at least 5 --frames"),
+                           (["--interpreter", "--fps", "0"], "--fps must be a whole number from 1 to 120"),
+                           (["--interpreter", "--cfg", "nan"], "--cfg must be 0 or more"),
+                           (["--interpreter", "--seed", "-1"], "--seed must be 0 or more")):
+        if extra == ["--report"] and sys.platform == "darwin":
+            continue
+        res = CliRunner().invoke(app, [*args, *extra])
+        assert res.exit_code == 1 and res.output.startswith("error: ") and message in res.output, res.output
+        assert res.output.strip().count("\n") == 0
+
+
+def test_cli_refuses_a_flow_only_export_in_one_line(video_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+
+    register(app)
+    res = CliRunner().invoke(app, ["coreml-video", str(video_export[1].folder), "--prompt", "a fox", "-o",
+                                   str(tmp_path / "a.mp4"), "--interpreter"])
+    assert res.exit_code == 1 and "has no text encoder or VAE decoder package" in res.output
+    assert res.output.strip().count("\n") == 0
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions need macOS")
+def test_coreml_encoder_and_known_frames_match_the_interpreter(full_video_export):
+    from starflow_mlx.coreml.driver import CoreMLBackend
+
+    folder = full_video_export[1].folder
+    rng = np.random.default_rng(8)
+    pixels = rng.uniform(-1, 1, (1, 5, 32, 48, 3)).astype(np.float32)
+    z = rng.standard_normal((1, 4, 2, 3, 48)).astype(np.float32)
+    text, uncond = (rng.standard_normal((1, 64, 32)).astype(np.float32) for _ in range(2))
+    coreml, interpreted = (VideoSampler(folder, backend, threshold=0.0, max_iter=6, shallow_max_iter=6)
+                           for backend in (CoreMLBackend(folder), InterpreterBackend(folder)))
+    a, b = (s.encode_frames(pixels) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
+    a, b = (s.sample_video(z, text, uncond, 2.5, context=b) for s in (coreml, interpreted))
+    assert np.abs(a - b).max() / np.abs(b).max() < 2e-2

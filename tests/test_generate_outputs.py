@@ -157,7 +157,7 @@ def test_stage_lines_when_not_on_a_terminal(tmp_path):
 
 
 def test_help_shows_flags_as_flags_and_version_exists():
-    for command in ("generate", "quantize", "export-coreml", "train", "convert", "bench", "score"):
+    for command in ("generate", "quantize", "export-coreml", "coreml-video", "train", "convert", "bench", "score"):
         res = runner.invoke(app, [command, "--help"])
         assert res.exit_code == 0 and "<bool>" not in res.output, (command, res.output)
     res = runner.invoke(app, ["--version"])

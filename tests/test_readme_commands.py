@@ -35,6 +35,9 @@ NOT_RUN = [
     (r"\bmy-model\b", "stands for the reader's own model folder"),
     (r"\bmy-starflow-v\b", "stands for the reader's own converted STARFlow-V folder (tests/test_coreml_video.py "
                             "exports a tiny one)"),
+    (r"^starflow coreml-video starflow-v-coreml ", "drives the export of the reader's STARFlow-V folder above "
+                                                   "(tests/test_coreml_video.py runs it on a tiny export with "
+                                                   "--interpreter)"),
     (r"--data path/to/folder", "stands for the reader's own image folder"),
     (r"^starflow quantize demo --report", "measures for about 10 minutes on 2 cores (tests/test_quantize.py runs it "
                                          "small)"),

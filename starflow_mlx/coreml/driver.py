@@ -279,13 +279,19 @@ class Sampler:
             self._solve_chunk(step, x_full, z, start, min(k, n - start), text_len + start, req)
         return x_full[:, 1:]
 
-    def _invert_shallow(self, pkg: PackageInfo, z: np.ndarray, req: _Request) -> np.ndarray:
-        """Jacobi over the whole sequence: x <- b(x) + a(x) * z until the residual is small."""
+    @staticmethod
+    def _shallow_inputs(pkg: PackageInfo, req: _Request, cfg: float) -> dict[str, np.ndarray]:
+        """A shallow package's text and guidance inputs, where it declares them."""
         extra: dict[str, np.ndarray] = {}
         if pkg.sees_text:
             extra["text"] = channels_first(req.text).astype(np.float16)
         if pkg.guided:
-            extra["guidance"] = np.array([req.cfg], np.float16)
+            extra["guidance"] = np.array([cfg], np.float16)
+        return extra
+
+    def _invert_shallow(self, pkg: PackageInfo, z: np.ndarray, req: _Request) -> np.ndarray:
+        """Jacobi over the whole sequence: x <- b(x) + a(x) * z until the residual is small."""
+        extra = self._shallow_inputs(pkg, req, req.cfg)
         x = z.copy()
         for it in range(self.shallow_max_iter):
             out = self.backend.predict(pkg.name, {"x": channels_first(x).astype(np.float16), **extra})

@@ -49,7 +49,8 @@ class PackageInfo(JSONConfig):
 
     name: str
     file: str
-    role: str  # deep_block | shallow_block | denoiser | text_encoder | vae_decoder | video_vae_decoder
+    # deep_block | shallow_block | denoiser | text_encoder | vae_decoder | video_vae_decoder | video_vae_encoder
+    role: str
     compute_units: str  # coremltools ComputeUnit name the package is shaped for
     layout: str  # channels_last (B, S, C) | channels_first (B, C, 1, S) | image
     functions: dict[str, FunctionInfo]
@@ -76,6 +77,10 @@ class VideoContract(JSONConfig):
     denoiser_frames: int = field(default=0, metadata={"min": 0, "max": 4096})  # 0: no denoiser exported
     denoiser_window: int | None = field(default=None, metadata={"min": 0, "max": 4096})  # sets chunk overlap
     denoiser_step: float = field(default=0.0, metadata={"min": 0, "max": 10})  # x <- x - denoiser_step * delta
+    # Image-to-video: encoded known frames get this much Gaussian noise (the training noise), then go through
+    # these shallow packages forward (z = (x - b) / a, block order) to become the deep block's known tokens.
+    noise_std: float = field(default=0.0, metadata={"min": 0, "max": 100})
+    context_order: list[str] = field(default_factory=list)
     prompt_template: str = "{prompt}"  # the text the encoder reads: replace {prompt} and {fps}
     image_prompt_template: str = "{prompt}"  # the same for a one-frame video (an image)
 

@@ -1,12 +1,67 @@
-"""Per-package prediction time, and how much of it overlapped, around any driver backend."""
+"""Per-package prediction time, and how much of the other packages' time overlapped the deep block's.
+
+On Core ML the deep block runs on the GPU while the shallow blocks (Neural
+Engine) and the VAE work on finished frames; the report measures how much of
+that work really ran concurrently: the time during which the deep block and at
+least one other package were both predicting.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+Interval = tuple[float, float]
+
+
+def union(intervals: list[Interval]) -> list[Interval]:
+    """Disjoint, sorted intervals covering the same time."""
+    merged: list[list[float]] = []
+    for start, stop in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [(a, b) for a, b in merged]
+
+
+def intersection_seconds(a: list[Interval], b: list[Interval]) -> float:
+    """Length of the time covered by both sets of intervals."""
+    total, j = 0.0, 0
+    a, b = union(a), union(b)
+    for start, stop in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < stop:
+            total += min(stop, b[k][1]) - max(start, b[k][0])
+            k += 1
+    return total
+
+
+@dataclass(frozen=True)
+class TimingReport:
+    seconds: dict[str, float]  # prediction seconds per package
+    calls: dict[str, int]
+    deep: str  # the package the others are meant to overlap
+    overlap: float  # seconds during which `deep` and at least one other package were predicting
+    wall: float  # first prediction's start to the last one's end
+
+    @property
+    def others(self) -> float:
+        return sum(sec for name, sec in self.seconds.items() if name != self.deep)
+
+    def lines(self) -> list[str]:
+        rows = [f"{name:<16} {self.calls[name]:>6} calls {sec:9.2f} s" for name, sec in sorted(self.seconds.items())]
+        deep = self.seconds.get(self.deep, 0.0)
+        share = f" ({100 * self.overlap / self.others:.0f}%)" if self.others else ""
+        rows.append(f"overlap: {self.overlap:.2f} s of the other packages' {self.others:.2f} s ran while {self.deep} "
+                    f"predicted{share}; {self.deep} {deep:.2f} s, {self.wall:.2f} s from first to last prediction")
+        return rows
 
 
 class TimedBackend:
@@ -28,23 +83,15 @@ class TimedBackend:
             self.calls.append((function.partition(".")[0], start, stop))
         return out
 
-    def seconds(self) -> dict[str, float]:
-        """Prediction time per package."""
-        totals: dict[str, float] = {}
-        for name, start, stop in self.calls:
-            totals[name] = totals.get(name, 0.0) + stop - start
-        return totals
-
-    def overlap(self) -> float:
-        """Seconds of prediction time spent while another prediction was running (busy time minus its union)."""
-        busy = union = 0.0
-        end = -np.inf
-        for _, start, stop in sorted(self.calls, key=lambda c: c[1]):
-            busy += stop - start
-            union += max(0.0, stop - max(start, end))
-            end = max(end, stop)
-        return busy - union
-
-    def report(self) -> str:
-        parts = ", ".join(f"{name} {sec:.2f} s" for name, sec in sorted(self.seconds().items()))
-        return f"{parts}; overlapped {self.overlap():.2f} s"
+    def report(self, deep: str = "deep_block") -> TimingReport:
+        with self._lock:
+            calls = list(self.calls)
+        seconds: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for name, start, stop in calls:
+            seconds[name] = seconds.get(name, 0.0) + stop - start
+            counts[name] = counts.get(name, 0) + 1
+        mine = [(start, stop) for name, start, stop in calls if name == deep]
+        others = [(start, stop) for name, start, stop in calls if name != deep]
+        wall = max(c[2] for c in calls) - min(c[1] for c in calls) if calls else 0.0
+        return TimingReport(seconds, counts, deep, intersection_seconds(mine, others), wall)

@@ -331,7 +331,7 @@ def verify_export(folder: str | Path, flow, *, source: Path | None = None, seed:
     rng = np.random.default_rng(seed)
     checks: list[Check] = []
     for pkg in manifest.packages:
-        if pkg.role in ("denoiser", "video_vae_decoder"):
+        if pkg.role in ("denoiser", "video_vae_decoder", "video_vae_encoder"):
             continue  # checked with the video clips below
         if pkg.role in ("deep_block", "shallow_block"):
             check = check_deep if pkg.role == "deep_block" else check_shallow
@@ -345,7 +345,8 @@ def verify_export(folder: str | Path, flow, *, source: Path | None = None, seed:
             report(item.line())
         checks += found
     if manifest.video is not None:
-        from starflow_mlx.coreml.video_verify import check_clips, check_denoiser, check_video_decoder
+        from starflow_mlx.coreml.video_verify import (check_clips, check_denoiser, check_video_decoder,
+                                                      check_video_encoder)
 
         found = check_clips(folder, manifest, flows, rng)
         if manifest.video.denoiser_frames:
@@ -354,6 +355,8 @@ def verify_export(folder: str | Path, flow, *, source: Path | None = None, seed:
             if source is None:
                 raise VerificationError("checking the video VAE decoder needs the source model folder")
             found += check_video_decoder(folder, manifest, Path(source), rng)
+        if any(p.role == "video_vae_encoder" for p in manifest.packages):
+            found += check_video_encoder(folder, manifest, Path(source), rng)
         for item in found:
             report(item.line())
         checks += found

@@ -3,7 +3,9 @@
 The deep block solves the clip in chunks; as soon as a frame's last token is
 final, its shallow blocks start on a second thread, so on Core ML the Neural
 Engine works on frame t while the GPU works on frame t+1 (the interpreter runs
-the same schedule, just slowly).
+the same schedule, just slowly). Image-to-video encodes the known pixels with
+the VAE encoder package, maps them through the shallow packages forward and
+writes them into the deep block's cache as a prefix before sampling the rest.
 """
 
 from __future__ import annotations
@@ -37,16 +39,28 @@ class VideoSampler(Sampler):
         n = self.manifest.video.frame_tokens
         return np.ascontiguousarray(seq.reshape(b, total // n, n, c)[:, :, ::-1].reshape(b, total, c))
 
-    def _invert_window(self, pkg, z: np.ndarray, req: _Request, context_frames: int, on_frame) -> np.ndarray:
-        """The deep block over the whole clip ``z`` (B, T*n, c), sliding its window past the training length."""
+    def _invert_window(self, pkg, z: np.ndarray, req: _Request, context_frames: int, on_frame,
+                       known: np.ndarray | None = None) -> np.ndarray:
+        """The deep block over the whole clip ``z`` (B, T*n, c), sliding its window past the training length.
+
+        ``known`` (B, P*n, c): the first frames' tokens, already known (image-to-video); they enter the cache as
+        a prefix, sampling starts after them, and ``on_frame`` is called for the sampled frames only.
+        """
         m, v = self.manifest, self.manifest.video
         total, n, k = z.shape[1], v.frame_tokens, m.chunk
         text_len = m.text_length if pkg.sees_text else 0
         span = v.window_frames * n
         step = self._open_deep(pkg, req)
         x_full = self._with_start_token(z)
-        start = base = 0
-        target = min(span, total)
+        start = 0
+        if known is not None:
+            start = known.shape[1]
+            x_full[:, 1:start + 1] = known
+        # As the MLX sampler: all known tokens stay in the cache while a frame still fits after them.
+        keep = start if start + n <= span else context_frames * n
+        self._encode_known(step, x_full, start, keep, text_len)
+        base = start - keep
+        target = min(base + span, total)
         while True:
             while start < target:
                 valid = min(k, target - start)
@@ -59,29 +73,37 @@ class VideoSampler(Sampler):
                 return x_full[:, 1:]
             # Window full: the text rows stay valid; re-encode the last context frames from position text_len.
             keep = context_frames * n
-            context = np.concatenate([x_full[:, :1], x_full[:, start + 1 - keep:start]], axis=1)
-            tokens = np.zeros((z.shape[0], k, z.shape[2]), np.float32)
-            for j in range(0, keep, k):
-                tokens[:] = 0
-                part = context[:, j:j + k]
-                tokens[:, :part.shape[1]] = part
-                step(tokens, text_len + j)
+            self._encode_known(step, x_full, start, keep, text_len)
             base = start - keep
             target = min(base + span, total)
             req.stats.reencodes += 1
 
-    def sample_video(self, z, text=None, text_uncond=None, cfg: float | None = None, *,
+    def _encode_known(self, step, x_full: np.ndarray, start: int, keep: int, text_len: int) -> None:
+        """Tokens start-keep .. start-1 into the cache after the text, as a fresh sequence: ``step`` on the start
+        token and all of them but the last, in chunks from position ``text_len`` (the outputs are not needed)."""
+        k = self.manifest.chunk
+        context = np.concatenate([x_full[:, :1], x_full[:, start + 1 - keep:start]], axis=1)
+        tokens = np.zeros((x_full.shape[0], k, x_full.shape[2]), np.float32)
+        for j in range(0, keep, k):
+            tokens[:] = 0
+            part = context[:, j:j + k]
+            tokens[:, :part.shape[1]] = part
+            step(tokens, text_len + j)
+
+    def sample_video(self, z, text=None, text_uncond=None, cfg: float | None = None, *, context=None,
                      context_frames: int | None = None, stats: SampleStats | None = None) -> np.ndarray:
         """Flow-space latents (batch, T, H, W, C) from Gaussian ``z`` of that shape; ``text`` (and ``text_uncond``
-        when guided) are text-encoder features."""
+        when guided) are text-encoder features. ``context`` (batch, P, H, W, C), P < T: known first frames in
+        flow space (noised, as :meth:`known_frames` makes them); the result starts with them."""
         req = self._request(z, text, text_uncond, cfg, stats)
         out = np.empty_like(req.z)
-        self._sample(req, out, lambda t: None, context_frames)
+        self._sample(req, out, lambda t: None, context_frames, context)
         return out
 
-    def _sample(self, req: _Request, out: np.ndarray, frame_done, context_frames: int | None = None) -> None:
+    def _sample(self, req: _Request, out: np.ndarray, frame_done, context_frames: int | None = None,
+                context=None) -> None:
         """Latent frames into ``out``; each frame's shallow blocks run on a second thread as soon as the deep block
-        has finished it, then ``frame_done(t)`` (on that thread, frames in order)."""
+        has finished it, then ``frame_done(t)`` (on that thread, frames in order; known frames first)."""
         m, v = self.manifest, self.manifest.video
         batch, frames, h, w, _ = req.z.shape
         context_frames = v.context_frames if context_frames is None else int(context_frames)
@@ -90,17 +112,98 @@ class VideoSampler(Sampler):
         pkg = m.package(m.order[0])
         seq = patchify(req.z.reshape(batch * frames, h, w, -1), m.patch_size).reshape(batch, frames * v.frame_tokens,
                                                                                          -1)
+        known = None
+        if context is not None:
+            context = self._checked_context(context, req.z.shape)
+            known = self._context_tokens(context, req)
+
+        def copy_known(t: int) -> None:
+            out[:, t] = context[:, t]
+            frame_done(t)
 
         def shallow(t: int, tokens: np.ndarray) -> None:
             out[:, t] = self._shallow(tokens[:, ::-1] if pkg.flip else tokens, req)
             frame_done(t)
 
         with ThreadPoolExecutor(1, thread_name_prefix="shallow") as pool:
-            pending = []
+            pending = [pool.submit(copy_known, t) for t in range(0 if context is None else context.shape[1])]
             self._invert_window(pkg, self._flip_frames(seq) if pkg.flip else seq, req, context_frames,
-                                lambda t, tokens: pending.append(pool.submit(shallow, t, tokens.copy())))
+                                lambda t, tokens: pending.append(pool.submit(shallow, t, tokens.copy())), known)
             for job in pending:
                 job.result()
+
+    # -- known frames (image-to-video) ---------------------------------------------------
+    def _checked_context(self, context, shape: tuple[int, ...]) -> np.ndarray:
+        m = self.manifest
+        if sorted(m.video.context_order) != sorted(m.order[1:]):
+            raise DriverError(f"{self.folder}'s manifest does not say how known frames reach the deep block "
+                              "(video.context_order): re-export it for image-to-video")
+        x = np.asarray(context, np.float32)
+        batch, frames, h, w, c = shape
+        if x.ndim != 5 or x.shape[0] != batch or x.shape[2:] != (h, w, c) or not 0 < x.shape[1] < frames:
+            raise DriverError(f"context must be ({batch}, P, {h}, {w}, {c}) known frames with 0 < P < {frames} "
+                              f"(the noise's frames), got {x.shape}")
+        return x
+
+    def _context_tokens(self, context: np.ndarray, req: _Request) -> np.ndarray:
+        """Known frames (batch, P, H, W, C) -> the deep block's known tokens (batch, P*n, c) in its token order:
+        each frame through the shallow packages forward, ``z = (x - b(x)) / a(x)``, in ``video.context_order``
+        (block order; unguided, as the MLX model's context pass)."""
+        m = self.manifest
+        batch, frames, h, w, c = context.shape
+        seq = patchify(context.reshape(batch * frames, h, w, c), m.patch_size).reshape(batch, frames, m.tokens, -1)
+        out = []
+        for t in range(frames):
+            tokens = seq[:, t]
+            for name in m.video.context_order:
+                pkg = m.package(name)
+                x = np.ascontiguousarray(tokens[:, ::-1] if pkg.flip else tokens)
+                res = self.backend.predict(pkg.name, {"x": channels_first(x).astype(np.float16),
+                                                      **self._shallow_inputs(pkg, req, 0.0)})
+                z = (x - channels_last(res["b"]).astype(np.float32)) / channels_last(res["a"]).astype(np.float32)
+                tokens = z[:, ::-1] if pkg.flip else z
+            out.append(tokens)
+        known = np.ascontiguousarray(np.concatenate(out, axis=1))
+        return self._flip_frames(known) if m.package(m.order[0]).flip else known
+
+    def _package(self, role: str, missing: str):
+        pkg = next((p for p in self.manifest.packages if p.role == role), None)
+        if pkg is None:
+            raise DriverError(missing)
+        return pkg
+
+    def encode_frames(self, pixels) -> np.ndarray:
+        """Pixel frames (batch, 1 + 4k, H', W', 3) in [-1, 1] -> flow-space latents (batch, 1 + k, H, W, C) with
+        the VAE encoder package: frame 0 by ``first``, then 4 frames per ``step``, the caches threaded; latent
+        frames 1.. multiplied by the temporal scale (what ``VideoPipeline.encode`` returns)."""
+        pkg = self._package("video_vae_encoder", "this export has no video VAE encoder: export a full model folder "
+                                                 "whose VAE was converted with its encoder")
+        first = pkg.functions["first"].inputs[0].shape  # (batch, 1, H', W', 3)
+        per_step = pkg.functions["step"].inputs[0].shape[1]
+        x = np.asarray(pixels, np.float32)
+        if x.ndim != 5 or x.shape[0] != first[0] or x.shape[2:] != tuple(first[2:]) or (x.shape[1] - 1) % per_step:
+            raise DriverError(f"pixels must be ({first[0]}, 1 + {per_step}k, {first[2]}, {first[3]}, 3) frames in "
+                              f"[-1, 1], got {x.shape}")
+        caches: dict = {}
+        latents = []
+        for start in [0, *range(1, x.shape[1], per_step)]:
+            chunk = x[:, start:start + (per_step if start else 1)]
+            out = self.backend.predict(f"{pkg.name}.step" if start else f"{pkg.name}.first",
+                                       {"pixels": np.ascontiguousarray(chunk), **caches})
+            latents.append(out["latents"].astype(np.float32))
+            caches = {name[len("new_"):]: value for name, value in out.items() if name.startswith("new_")}
+        out = np.stack(latents, axis=1)
+        out[:, 1:] *= self.manifest.video.temporal_scale
+        return out
+
+    def known_frames(self, pixels, noise) -> np.ndarray:
+        """The ``context`` of image-to-video: ``encode_frames(pixels)`` plus ``video.noise_std`` times ``noise``
+        (Gaussian, of the encoded latents' shape), the training noise the flow saw on every frame."""
+        latents = self.encode_frames(pixels)
+        noise = np.asarray(noise, np.float32)
+        if noise.shape != latents.shape:
+            raise DriverError(f"noise must be {latents.shape} (the encoded frames' latents), got {noise.shape}")
+        return latents + self.manifest.video.noise_std * noise
 
     def _conditioning(self, input_ids, attention_mask):
         """Features of the tokenized [prompts; empty prompts]: (cond, uncond or None)."""
@@ -109,18 +212,24 @@ class VideoSampler(Sampler):
         return features[:b], features[b:] if self.manifest.guided else None
 
     def text_to_video(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray,
-                      cfg: float | None = None, *, context_frames: int | None = None,
+                      cfg: float | None = None, *, frames=None, noise=None, context_frames: int | None = None,
                       stats: SampleStats | None = None) -> np.ndarray:
         """Tokenized [prompts; empty prompts] (as the text encoder is exported) and Gaussian ``z`` (batch, T, H, W,
-        C) -> flow-space latents, denoised when the export has the denoiser (what ``VideoPipeline.sample`` returns)."""
+        C) -> flow-space latents, denoised when the export has the denoiser (what ``VideoPipeline.sample`` returns).
+
+        Image-to-video: ``frames`` (batch, 1 + 4k, H', W', 3) in [-1, 1] are pixels to start from (an image is
+        one frame), encoded and noised with Gaussian ``noise`` by :meth:`known_frames`; the video starts with them.
+        """
         cond, uncond = self._conditioning(input_ids, attention_mask)
-        x = self.sample_video(z, cond, uncond, cfg, context_frames=context_frames, stats=stats)
+        context = None if frames is None else self.known_frames(frames, noise)
+        x = self.sample_video(z, cond, uncond, cfg, context=context, context_frames=context_frames, stats=stats)
         return self.denoise(x, cond) if self.manifest.video.denoiser_frames else x
 
     def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray, cfg: float | None = None,
-               *, context_frames: int | None = None,
+               *, frames=None, noise=None, context_frames: int | None = None,
                stats: SampleStats | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """``text_to_video`` and ``decode_frames`` as one pipeline: (latents, pixel chunks).
+        """``text_to_video`` (``frames``/``noise`` as there) and ``decode_frames`` as one pipeline: (latents, pixel
+        chunks).
 
         Behind the deep block, one thread runs each finished frame's shallow blocks and then every denoiser
         chunk whose frames are all there; a third decodes the frames each chunk finalised. On Core ML the
@@ -128,13 +237,14 @@ class VideoSampler(Sampler):
         """
         self._check_decoder()
         cond, uncond = self._conditioning(input_ids, attention_mask)
+        context = None if frames is None else self.known_frames(frames, noise)
         req = self._request(z, cond, uncond, cfg, stats)
-        frames = req.z.shape[1]
+        count = req.z.shape[1]
         latents = np.empty_like(req.z)
         if self.manifest.video.denoiser_frames:
-            chunks, extra = self._denoise_plan(frames), self._denoiser_inputs(cond)
+            chunks, extra = self._denoise_plan(count), self._denoiser_inputs(cond)
         else:
-            chunks, extra = [(t, t + 1, t) for t in range(frames)], None
+            chunks, extra = [(t, t + 1, t) for t in range(count)], None
         progress = {"shallow": 0, "chunk": 0}
         caches: dict = {}
         with ThreadPoolExecutor(1, thread_name_prefix="vae") as vae:
@@ -155,7 +265,7 @@ class VideoSampler(Sampler):
                     decoded.extend(vae.submit(decode, k, latents[:, k].copy()) for k in range(first, stop))
                     progress["chunk"] += 1
 
-            self._sample(req, latents, frame_done, context_frames)
+            self._sample(req, latents, frame_done, context_frames, context)
             return latents, [job.result() for job in decoded]
 
     # -- VAE decoder ---------------------------------------------------------------------

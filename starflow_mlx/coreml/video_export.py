@@ -1,4 +1,5 @@
-"""STARFlow-V packages: the deep block over one window of frames, the shallow blocks over one frame.
+"""STARFlow-V packages: the deep block over one window of frames, the shallow blocks and the Wan2.2 VAE encoder
+and decoder over one frame.
 
 The shallow blocks of STARFlow-V are frame-local, so their packages take one
 latent frame per call (the image shallow-block builder at the frame's token
@@ -75,11 +76,12 @@ def build_video_packages(flow, folder: Path, source: str, source_folder: Path, o
         packages += component_packages(source_folder, folder, model_manifest, options.batch * (2 if guided else 1),
                                        config.txt_size, report, vae_latents=None)
         if model_manifest.vae:
-            packages.append(video_decoder_package(source_folder / model_manifest.vae, folder, options.batch,
-                                                  (lat_h, lat_w), report))
+            packages += video_vae_packages(source_folder / model_manifest.vae, folder, options.batch, (lat_h, lat_w),
+                                           report)
     factor = max(config.vae_factor, 1) if (model_manifest is None or model_manifest.vae) else 1
     video = VideoContract(ratio, FRAME_RULE, factor, float(config.vae_temporal_scale or 1.0), frame, window,
-                          min(MAX_CONTEXT_FRAMES, window - 1), **denoiser, **prompt_templates(config, ratio))
+                          min(MAX_CONTEXT_FRAMES, window - 1), **denoiser, noise_std=float(config.noise_std),
+                          context_order=order[:0:-1], **prompt_templates(config, ratio))
     manifest = ExportManifest(
         source=source, kind=model_manifest.kind if model_manifest else None, batch=options.batch,
         latent_shape=[lat_h, lat_w, config.in_channels], patch_size=p, token_grid=list(grid), token_channels=c,
@@ -118,20 +120,58 @@ def denoiser_package(flow, folder: Path, batch: int, grid: tuple[int, int], fram
                        shapes.functions(), sees_text=net.sees_text, quantized_layers=builder.quantized_layers)
 
 
-def video_decoder_package(vae_folder: Path, folder: Path, batch: int, latent_hw: tuple[int, int],
-                          report: Callable[[str], None]) -> PackageInfo:
-    from starflow_mlx.coreml.wan_decoder import COMPUTE_UNITS, WanDecoderBuilder, WanDecoderShapes, cache_shapes
+def video_vae_packages(vae_folder: Path, folder: Path, batch: int, latent_hw: tuple[int, int],
+                       report: Callable[[str], None]) -> list[PackageInfo]:
+    """The Wan2.2 VAE decoder and, when the folder kept it, the encoder (image-to-video), one latent frame per call.
+
+    Their weights stay float16: MLX never quantizes the VAE (``starflow quantize`` copies it as is), so
+    ``--bits`` has no integers of its own to keep for them.
+    """
+    from starflow_mlx.coreml.wan_blocks import COMPUTE_UNITS
+    from starflow_mlx.coreml.wan_decoder import WanDecoderBuilder, WanDecoderShapes, cache_shapes
     from starflow_mlx.video_vae import load_video_vae
 
     vae = load_video_vae(vae_folder)
     h, w = latent_hw
-    shapes = WanDecoderShapes(batch, h, w, vae.latent_channels, vae.factor, vae.temporal_factor,
-                              cache_shapes(vae, batch, h, w))
-    report(f"video VAE decoder: one {h}x{w} latent frame -> {vae.temporal_factor} frames of {h * vae.factor}x"
-           f"{w * vae.factor} pixels, {len(shapes.caches)} cache entries")
+    f, ft = vae.factor, vae.temporal_factor
+    shapes = WanDecoderShapes(batch, h, w, vae.latent_channels, f, ft, cache_shapes(vae, batch, h, w))
+    report(f"video VAE decoder: one {h}x{w} latent frame -> {ft} frames of {h * f}x{w * f} pixels, "
+           f"{len(shapes.caches)} cache entries")
     WanDecoderBuilder(vae, shapes).save(folder / "vae_decoder.mlpackage")
-    return PackageInfo("vae_decoder", "vae_decoder.mlpackage", "video_vae_decoder", COMPUTE_UNITS, "image",
-                       shapes.functions())
+    packages = [PackageInfo("vae_decoder", "vae_decoder.mlpackage", "video_vae_decoder", COMPUTE_UNITS, "image",
+                            shapes.functions())]
+    if not vae.has_encoder:
+        report("video VAE encoder: not in this model folder (converted without it), so no image-to-video package")
+        return packages
+    from starflow_mlx.coreml.wan_encoder import WanEncoderBuilder, WanEncoderShapes, encoder_cache_shapes
+
+    shapes = WanEncoderShapes(batch, h, w, vae.latent_channels, f, ft, encoder_cache_shapes(vae, batch, h, w))
+    report(f"video VAE encoder: 1, then {ft} frames of {h * f}x{w * f} pixels -> one {h}x{w} latent frame, "
+           f"{len(shapes.caches)} cache entries")
+    WanEncoderBuilder(vae, shapes).save(folder / "vae_encoder.mlpackage")
+    packages.append(PackageInfo("vae_encoder", "vae_encoder.mlpackage", "video_vae_encoder", COMPUTE_UNITS, "image",
+                                shapes.functions()))
+    return packages
+
+
+def known_frame_steps(m: ExportManifest) -> list[str]:
+    """Image-to-video in words: encode the known pixels, noise them, map them to deep tokens, prefill the cache."""
+    v, n, L = m.video, m.video.frame_tokens, m.text_length
+    if not any(p.role == "video_vae_encoder" for p in m.packages):
+        return []
+    return [
+        "Image-to-video, vae_encoder (float16 weights: MLX never quantizes the VAE): pixels channels-last float32 "
+        "in [-1, 1], 1 + 4k frames (an image is 1); first(pixels: frame 0 (batch, 1, H', W', 3)) -> latents "
+        "(batch, H, W, C) and new_cache_j; then for each next 4 frames step(pixels, cache_j = the previous call's "
+        f"new_cache_j) -> the next latent frame. Multiply latent frames 1.. by the temporal scale "
+        f"{v.temporal_scale} and add {v.noise_std} * Gaussian noise: the P known frames (P < T).",
+        "Known tokens: patch each known frame as z; for each package in video.context_order (the shallow blocks "
+        "forward, flipped within the frame where 'flip'): a, b = package(x; text where declared, guidance: [0]); "
+        f"x = (x - b) / a. They are x[:, 1:1+P*{n}] of the deep block (its frame order); after encode_text, "
+        f"keep = P*{n} if (P+1)*{n} <= {v.window_frames * n} else context_frames*{n}: step on [start_token; "
+        f"x[:, 1+P*{n}-keep:P*{n}]] in chunks from position [{L}] (outputs unused), base = P*{n} - keep, and sample "
+        f"from s = P*{n}. The video's first P latent frames are the known ones (no shallow inverse for them).",
+    ]
 
 
 def video_drive_steps(m: ExportManifest) -> list[str]:
@@ -160,6 +200,7 @@ def video_drive_steps(m: ExportManifest) -> list[str]:
         f"default) * {n}; the text rows stay valid, so step on [start_token; x[:, s+1-keep:s]] (keep tokens) in "
         f"chunks of {k} from position [{L}] (outputs unused: this re-encodes the context), set base = s - keep "
         "and go on from s; the window again covers up to base + window tokens.",
+        *known_frame_steps(m),
         f"Shallow packages, one latent frame per call (stateless, x: (batch, channels, 1, {n}) float16): for each "
         "finished frame, for each package in 'order' after the deep block: x = z; repeat {a, b = package(x); "
         f"x = b + a * z}} until the residual is below jacobi_threshold (at most {n} iterations are exact). "
@@ -177,7 +218,8 @@ def video_drive_steps(m: ExportManifest) -> list[str]:
             "'overlap' (all of them in the first chunk), then go on with the updated latents; skip chunks that "
             "would write nothing.")
     if any(p.role == "video_vae_decoder" for p in m.packages):
-        steps.append(f"vae_decoder: divide latent frames 1.. by the temporal scale {v.temporal_scale}; then "
+        steps.append(f"vae_decoder (float16 weights: MLX never quantizes the VAE): divide latent frames 1.. by "
+                     f"the temporal scale {v.temporal_scale}; then "
                      "first(latents: frame 0 (batch, H, W, C) float32) -> frames (1 pixel frame) and new_cache_j; "
                      "for each later latent frame step(latents, cache_j = the previous call's new_cache_j) -> "
                      f"frames ({v.pixel_factor}x larger, 4 pixel frames) and new_cache_j. Pixels are float32 in "

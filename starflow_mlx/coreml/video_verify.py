@@ -22,16 +22,21 @@ from starflow_mlx.coreml.video_driver import VideoSampler
 EXTRA_FRAMES = 2  # past the window: enough for two slides with one context frame
 
 
-def clip_lengths(manifest: ExportManifest) -> list[int]:
-    return [manifest.video.window_frames, manifest.video.window_frames + EXTRA_FRAMES]
+def clip_plan(manifest: ExportManifest) -> list[tuple[int, int]]:
+    """(frames, known first frames) of each checked clip: the window, past it, and past it from a known frame."""
+    window = manifest.video.window_frames
+    return [(window, 0), (window + EXTRA_FRAMES, 0), (window + EXTRA_FRAMES, 1)]
 
 
-def mlx_clip(flow, z: np.ndarray, text, text_uncond, cfg: float, frame_tokens: int, context_frames: int) -> np.ndarray:
+def mlx_clip(flow, z: np.ndarray, text, text_uncond, cfg: float, frame_tokens: int, context_frames: int,
+             context: np.ndarray | None = None) -> np.ndarray:
     """``flow.reverse`` with every chunk solved exactly (the reference the packages must match)."""
     y = None if text is None else mx.array(text)
     y_u = None if text_uncond is None else mx.array(text_uncond)
+    known = None if context is None else mx.array(context)
     out = flow.reverse(mx.array(z), y, y_uncond=y_u, cfg=cfg, jacobi=True, jacobi_block_size=frame_tokens,
-                       jacobi_threshold=0.0, jacobi_max_iter=4 * frame_tokens, context_frames=context_frames)
+                       jacobi_threshold=0.0, jacobi_max_iter=4 * frame_tokens, context_frames=context_frames,
+                       context=known)
     return np.array(out.astype(mx.float32))
 
 
@@ -44,7 +49,7 @@ def check_clips(folder: Path, manifest: ExportManifest, flows, rng) -> list[Chec
                            shallow_max_iter=v.frame_tokens)
     context = 1 if v.window_frames > 1 else 0
     checks = []
-    for frames in clip_lengths(manifest):
+    for frames, known in clip_plan(manifest):
         if frames > v.window_frames and not context:
             continue
         z = rng.standard_normal((m.batch, frames, *m.latent_shape)).astype(np.float32)
@@ -52,10 +57,15 @@ def check_clips(folder: Path, manifest: ExportManifest, flows, rng) -> list[Chec
         if m.text_length:
             text = rng.standard_normal((m.batch, m.text_length, m.text_dim)).astype(np.float32)
             uncond = rng.standard_normal(text.shape).astype(np.float32) if deep.guided else None
-        expected, half = (mlx_clip(f, z, text, uncond, cfg, v.frame_tokens, context or None) for f in flows)
+        # Known frames: latents of the training noise level, as encoded frames are once noised.
+        prefix = rng.standard_normal((m.batch, known, *m.latent_shape)).astype(np.float32) if known else None
+        expected, half = (mlx_clip(f, z, text, uncond, cfg, v.frame_tokens, context or None, prefix) for f in flows)
         stats = SampleStats()
-        ours = sampler.sample_video(z, text, uncond, cfg, context_frames=context or None, stats=stats)
-        what = f"{frames}-frame clip vs STARFlow.reverse ({stats.deep_calls} deep calls, {stats.reencodes} slides)"
+        ours = sampler.sample_video(z, text, uncond, cfg, context=prefix, context_frames=context or None,
+                                    stats=stats)
+        start = f" from {known} known frame{'s' * (known > 1)}" if known else ""
+        what = (f"{frames}-frame clip{start} vs STARFlow.reverse ({stats.deep_calls} deep calls, "
+                f"{stats.reencodes} slides)")
         checks.append(Check("video", what, rel_error(ours, expected), rel_error(half, expected)))
     return checks
 
@@ -114,3 +124,25 @@ def check_video_decoder(folder: Path, manifest: ExportManifest, source: Path, rn
     error = max(rel_error(o, e) for o, e in zip(ours, expected))
     fp16 = max(rel_error(h, e) for h, e in zip(half, expected))
     return [Check("vae_decoder", f"{frames} latent frames one per call vs decode_frames", error, fp16)]
+
+
+def check_video_encoder(folder: Path, manifest: ExportManifest, source: Path, rng) -> list[Check]:
+    """Pixel frames encoded 1, then 4 per call, caches threaded, against ``VideoVAE.encode`` (temporally scaled)."""
+    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.video_vae import load_video_vae
+
+    m = manifest
+    path = source / Manifest.load(source).vae
+    shape = m.package("vae_encoder").functions["first"].inputs[0].shape
+    pixels = rng.uniform(-1, 1, (shape[0], 1 + 4 * EXTRA_FRAMES, *shape[2:])).astype(np.float32)
+
+    def run(dtype) -> np.ndarray:
+        latents = np.array(load_video_vae(path, dtype=dtype).encode(mx.array(pixels)))
+        latents[:, 1:] *= m.video.temporal_scale
+        return latents
+
+    half = run("float16")
+    expected = run("float32")
+    ours = VideoSampler(folder, InterpreterBackend(folder, manifest)).encode_frames(pixels)
+    return [Check("vae_encoder", f"{pixels.shape[1]} pixel frames (1, then 4 per call) vs VideoVAE.encode",
+                  rel_error(ours, expected), rel_error(half, expected))]

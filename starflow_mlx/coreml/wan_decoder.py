@@ -5,23 +5,18 @@ frame; the temporal upsamplers' first-chunk rules make it another program) and
 ``step`` every later latent frame (4 pixel frames). The causal past is explicit:
 ``first`` returns every convolution's 2-frame cache entry as ``cache_j``, and
 ``step`` takes them and returns the updated ones under the same names, so a
-video streams through in bounded memory. Inside, activations are lists of
-per-frame NCHW float16 tensors (time never exceeds 4 frames), so a temporal
-convolution is a sum of 2-D convolutions over its taps, as in the MLX model.
+video streams through in bounded memory (layers and caches: ``wan_blocks``).
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from starflow_mlx.coreml.builder import Emitter, coremltools, convert, make_program, mil, quiet, set_metadata, to_numpy
-from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, FunctionInfo, TensorInfo
-
-COMPUTE_UNITS = "CPU_AND_GPU"
+from starflow_mlx.coreml.builder import Emitter, make_program, mil, to_numpy
+from starflow_mlx.coreml.manifest import FunctionInfo, TensorInfo
+from starflow_mlx.coreml.wan_blocks import CacheShape, Caches, WanBuilder, cache_infos, mlx_cache_shapes
 
 
 @dataclass(frozen=True)
@@ -32,12 +27,10 @@ class WanDecoderShapes:
     latent_channels: int
     factor: int  # pixels per latent cell
     frames_per_step: int  # pixel frames of every latent frame after the first
-    caches: tuple[tuple[int, int, int], ...]  # (channels, height, width) of each cache entry, per frame
+    caches: tuple[CacheShape, ...]
 
     def cache_infos(self) -> list[TensorInfo]:
-        # The entry's two frames stacked on the channel axis: [older; newer].
-        return [TensorInfo(f"cache_{j}", [self.batch, 2 * c, h, w], "float16") for j, (c, h, w) in
-                enumerate(self.caches)]
+        return cache_infos(self.batch, self.caches)
 
     def functions(self) -> dict[str, FunctionInfo]:
         latents = TensorInfo("latents", [self.batch, self.height, self.width, self.latent_channels], "float32")
@@ -52,98 +45,17 @@ class WanDecoderShapes:
                 "step": FunctionInfo([latents, *caches], [frames(self.frames_per_step), *updated])}
 
 
-def cache_shapes(vae, batch: int, height: int, width: int) -> tuple[tuple[int, int, int], ...]:
-    """Each cache entry's per-frame (C, H, W), from one MLX first-frame decode."""
+def cache_shapes(vae, batch: int, height: int, width: int) -> tuple[CacheShape, ...]:
+    """Each cache entry's (frames, C, H, W), from one MLX first-frame decode."""
     import mlx.core as mx
 
     x = vae.model.decoder_input(mx.zeros((batch, 1, height, width, vae.latent_channels)))
     _, entries = vae.model.decode_first(x)
-    return tuple((int(e.shape[4]), int(e.shape[2]), int(e.shape[3])) for e in entries)
+    return mlx_cache_shapes(entries)
 
 
-class _Caches:
-    """Cache entries in call order: ``read`` gives the past two frames (None in ``first``), ``write`` the new."""
-
-    def __init__(self, mb, batch: int, inputs: list | None, shapes):
-        self.mb, self.batch, self.inputs, self.shapes = mb, batch, inputs, shapes
-        self.outputs: list = []
-
-    def read(self):
-        if self.inputs is None:
-            return [None, None]
-        return self.mb.split(x=self.inputs[len(self.outputs)], num_splits=2, axis=1)
-
-    def write(self, frames: list) -> None:
-        j = len(self.outputs)
-        c, h, w = self.shapes[j]
-        zero = np.zeros((self.batch, c, h, w), np.float16)
-        parts = [zero if f is None else f for f in frames]
-        self.outputs.append(self.mb.concat(values=parts, axis=1, name=f"new_cache_{j}"))
-
-
-class WanDecoderBuilder:
-    def __init__(self, vae, shapes: WanDecoderShapes):
-        """``vae``: a ``starflow_mlx.video_vae.VideoVAE``."""
-        self.vae, self.shapes = vae, shapes
-
-    # -- pieces --------------------------------------------------------------------------
-    def _conv2d(self, x, weight: np.ndarray, bias, padding):
-        """``weight`` MLX (O, kh, kw, I)."""
-        kwargs = {} if bias is None else {"bias": to_numpy(bias).astype(np.float16)}
-        ph, pw = padding
-        return self.mb.conv(x=x, weight=weight.transpose(0, 3, 1, 2).astype(np.float16), pad_type="custom",
-                            pad=[ph, ph, pw, pw], **kwargs)
-
-    def _causal(self, frames: list, conv, caches: _Caches | None) -> list:
-        """CausalConv3d over per-frame tensors: the past two frames (cache or zeros) in front."""
-        weight = to_numpy(conv.weight)  # (O, kt, kh, kw, I)
-        if not conv.front:
-            return [self._conv2d(f, weight[:, 0], conv.bias, conv.padding) for f in frames]
-        full = caches.read() + frames
-        caches.write(full[-2:])
-        out = []
-        for t in range(len(frames)):
-            total = None
-            for d in range(weight.shape[1]):
-                src = full[t + d]
-                if src is None:  # a zero past contributes nothing but the bias
-                    continue
-                y = self._conv2d(src, weight[:, d], conv.bias if total is None else None, conv.padding)
-                total = y if total is None else self.mb.add(x=total, y=y)
-            out.append(total)
-        return out
-
-    def _norm(self, x, norm):
-        return self.em.scaled_rms(x, to_numpy(norm.gamma), 1e-12)
-
-    def _residual(self, frames, block, caches):
-        mb = self.mb
-        h = frames
-        if "weight" in block.shortcut:
-            h = self._causal(frames, block.shortcut, None)
-        x = frames
-        for layer in block.residual:
-            name = type(layer).__name__
-            if name == "RMSNorm":
-                x = [self._norm(f, layer) for f in x]
-            elif name == "SiLU":
-                x = [mb.silu(x=f) for f in x]
-            elif name == "CausalConv3d":
-                x = self._causal(x, layer, caches)
-        return [mb.add(x=a, y=b) for a, b in zip(x, h)]
-
-    def _attention(self, frames, block):
-        mb = self.mb
-        out = []
-        for f in frames:
-            b, c, h, w = f.shape
-            y = self._conv2d(self._norm(f, block.norm), to_numpy(block.to_qkv.weight), block.to_qkv.bias, (0, 0))
-            q, k, v = (mb.transpose(x=mb.reshape(x=t, shape=[b, c, h * w]), perm=[0, 2, 1])
-                       for t in mb.split(x=y, num_splits=3, axis=1))
-            a = mb.transpose(x=mb.scaled_dot_product_attention(query=q, key=k, value=v), perm=[0, 2, 1])
-            a = self._conv2d(mb.reshape(x=a, shape=[b, c, h, w]), to_numpy(block.proj.weight), block.proj.bias, (0, 0))
-            out.append(mb.add(x=f, y=a))
-        return out
+class WanDecoderBuilder(WanBuilder):
+    role = "video_vae_decoder"
 
     def _interleave(self, parts):
         """parts[p][q] (B, C, H, W) -> (B, C, 2H, 2W) with parts[p][q] at rows 2h+p, columns 2w+q."""
@@ -219,7 +131,7 @@ class WanDecoderBuilder:
 
         def body(v):
             self.em = Emitter(channels_first=True, head_dtype="fp16")
-            caches = _Caches(mb, sh.batch, None if first else [v[t.name] for t in sh.cache_infos()], sh.caches)
+            caches = Caches(mb, sh.batch, None if first else [v[t.name] for t in sh.cache_infos()], sh.caches)
             z = mb.add(x=mb.mul(x=v["latents"], y=np.array(LATENT_STD, np.float32)),
                        y=np.array(LATENT_MEAN, np.float32))
             x = [mb.cast(x=mb.transpose(x=z, perm=[0, 3, 1, 2]), dtype="fp16")]
@@ -239,20 +151,3 @@ class WanDecoderBuilder:
             return [mb.identity(x=frames, name="frames"), *caches.outputs]
 
         return make_program(specs, body, opset)
-
-    def functions(self) -> dict[str, FunctionInfo]:
-        return self.shapes.functions()
-
-    def save(self, path: Path) -> None:
-        ct = coremltools()
-        opset = ct.target.macOS15
-        with tempfile.TemporaryDirectory(prefix=".wan-", dir=path.parent) as tmp:
-            desc = ct.utils.MultiFunctionDescriptor()
-            for name in ("first", "step"):
-                part = Path(tmp, f"{name}.mlpackage")
-                convert(self._program(opset, name == "first"), opset, COMPUTE_UNITS).save(str(part))
-                desc.add_function(str(part), src_function_name="main", target_function_name=name)
-            desc.default_function_name = "step"
-            with quiet():
-                ct.utils.save_multifunction(desc, str(path))
-        set_metadata(path, {COMPUTE_UNITS_KEY: COMPUTE_UNITS, ROLE_KEY: "video_vae_decoder"})
