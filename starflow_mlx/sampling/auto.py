@@ -29,3 +29,13 @@ def choose_jacobi(config, device: mx.Device | None = None) -> bool:
 def resolve_jacobi(jacobi: bool | None, config, device: mx.Device | None = None) -> bool:
     """An explicit choice as given; ``None`` (auto) by :func:`choose_jacobi`."""
     return choose_jacobi(config, device) if jacobi is None else bool(jacobi)
+
+
+def choose_pipeline(config, device: mx.Device | None = None) -> bool:
+    """True when pipelining deep and shallow blocks over video frames pays off on ``device``."""
+    return True
+
+
+def resolve_pipeline(pipeline: bool | None, config, device: mx.Device | None = None) -> bool:
+    """An explicit choice as given; ``None`` (auto) by :func:`choose_pipeline`."""
+    return choose_pipeline(config, device) if pipeline is None else bool(pipeline)
