@@ -241,7 +241,7 @@ class STARFlow(nn.Module):
                                           context_frames=context_frames, stats=stats, schedule=jacobi_schedule))
         deep = self.blocks[-1]
         shallow = [b for b in reversed(self.blocks[:-1]) if not b.is_identity]
-        if shallow and self._frames_pipeline(x) and resolve_pipeline(pipeline, self.config):
+        if shallow and self._frames_pipeline(x) and resolve_pipeline(pipeline):
             x = self._reverse_pipelined(x, deep, shallow, prefix, solver)
         else:
             for block in [deep, *shallow]:

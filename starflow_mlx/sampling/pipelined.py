@@ -55,7 +55,8 @@ class ShallowPipeline:
     work of a failed call outlives it.
     """
 
-    def __init__(self, invert: Callable[[mx.array], mx.array], frames: int, report: Callable[[int], None] | None = None):
+    def __init__(self, invert: Callable[[mx.array], mx.array], frames: int,
+                 report: Callable[[int], None] | None = None):
         self.invert, self.report = invert, report
         self.out: list[mx.array | None] = [None] * frames
         self.collected = 0
