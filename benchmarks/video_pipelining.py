@@ -14,7 +14,8 @@ spent in the shallow blocks (pipelined: the worker's busy time, timed around its
 frame); when frame 0 had left every block (unpipelined: the end, as all frames leave
 the shallow blocks together); and the process's CPU time over the wall time (about 2
 when both streams keep a core busy).
-Medians over the repeats. ``saved`` is the unpipelined median less the pipelined one,
+Medians over the repeats. First, whether two MLX streams driven from two threads run at
+once on this machine now (:func:`stream_check`). ``saved`` is the unpipelined median less the pipelined one,
 ``hidden`` that over the unpipelined shallow time (1 = all shallow work overlapped).
 """
 
@@ -94,6 +95,43 @@ def one_run(flow, inputs, cfg: float, jacobi: bool, pipeline: bool) -> tuple[dic
             "cpu_per_wall": (time.process_time() - cpu) / (end - start)}, np.array(out)
 
 
+def stream_check(size: int = 256, steps: int = 300) -> dict:
+    """Can two MLX streams, each driven by its own thread (as the pipeline does), run at once here?
+
+    Two chains of ``steps`` matrix products (size x size) with a host read every third step, one after the
+    other on one thread, then at once on two threads with a stream each.
+    """
+    import threading
+
+    w = mx.random.normal((size, size), key=mx.random.key(0)) / size**0.5
+
+    def chain(new_stream: bool) -> None:
+        with mx.stream(mx.new_stream(mx.default_device()) if new_stream else mx.default_stream(mx.default_device())):
+            x = w
+            for i in range(steps):
+                x = mx.tanh(x @ w)
+                if i % 3 == 0:
+                    x[0, 0].item()
+
+    def timed(fn) -> tuple[float, float]:
+        cpu, start = time.process_time(), time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+        return wall, (time.process_time() - cpu) / wall
+
+    def together() -> None:
+        other = threading.Thread(target=chain, args=(True,))
+        other.start()
+        chain(False)
+        other.join()
+
+    chain(False)
+    serial, serial_cpu = timed(lambda: (chain(False), chain(False)))
+    both, both_cpu = timed(together)
+    return {"serial_seconds": serial, "two_streams_seconds": both, "speedup": serial / both,
+            "serial_cpu_per_wall": serial_cpu, "two_streams_cpu_per_wall": both_cpu}
+
+
 def compare(flow, inputs, cfg: float, jacobi: bool, repeats: int, say) -> dict:
     runs: dict[str, list[dict]] = {"unpipelined": [], "pipelined": []}
     outs = {}
@@ -132,6 +170,10 @@ def main() -> None:
                                                   "deep_channels": config.top_block_channels,
                                                   "layers_per_block": config.layers_per_block, "cfg": config.cfg},
               "repeats": a.repeats, "runs": []}
+    result["stream_check"] = check = stream_check()
+    say(f"two streams on two threads, matrix-product chains: {check['serial_seconds']:.2f} s one after the other, "
+        f"{check['two_streams_seconds']:.2f} s at once (x{check['speedup']:.2f}, cpu/wall "
+        f"{check['serial_cpu_per_wall']:.2f} -> {check['two_streams_cpu_per_wall']:.2f})")
     for jacobi in samplers:
         say(f"{'jacobi' if jacobi else 'sequential'}:")
         result["runs"].append(compare(flow, inputs, config.cfg, jacobi, a.repeats, say))

@@ -194,3 +194,13 @@ def test_benchmark_reports_both_paths(monkeypatch, capsys):
     assert result["runs"][0]["max_abs_diff"] < 1e-4  # sequential; Jacobi's shallow stop test differs per frame
     for run in result["runs"]:
         assert run["pipelined"]["first_frame"] <= run["pipelined"]["seconds"]
+
+
+def test_rope_tables_cached_on_this_thread_are_usable_by_the_worker():
+    """The worker's Jacobi steps take their padded tables from the cache this thread filled."""
+    flow = random_flow(1, scale=0.03, **FLOW)
+    z, y, _ = inputs(3)
+    layout = flow._layout(z, 0)  # a shallow block's: one frame per sequence
+    flow.rope(layout, 0, pad=EXACT_JACOBI["jacobi_block_size"])  # left unevaluated by this thread
+    piped = np.array(flow.reverse(z, y, pipeline=True, **EXACT_JACOBI))
+    assert_same(np.array(flow.reverse(z, y, pipeline=False, **EXACT_JACOBI)), piped)

@@ -125,6 +125,9 @@ class STARFlow(nn.Module):
             if pad:
                 cos = mx.concatenate([cos, mx.ones((pad, cos.shape[1]))])
                 sin = mx.concatenate([sin, mx.zeros((pad, sin.shape[1]))])
+                # Concrete, as rope_tables' own are: the pipelining worker shares this cache from another
+                # thread, and MLX cannot evaluate there what is queued on this thread's stream.
+                mx.eval(cos, sin)
             self._ropes.tables[key] = (cos, sin)
         return self._ropes.tables[key]
 

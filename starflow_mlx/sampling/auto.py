@@ -20,11 +20,10 @@ video model over its frames (:mod:`starflow_mlx.sampling.pipelined`):
 - CPU: no. Pipelined, the shallow blocks run frame by frame (T times the steps
   of one pass over all frames) beside the deep block, which pays only with a
   core to spare. On the 2-core shared x86-64 Linux machine, where the process
-  got one core's time, ``python -m starflow_mlx.benchmarks.video_pipelining
-  --deep-layers 6`` took 1.93x as long sequential and 1.12x Jacobi; with the
-  released 24-layer deep block the shallow share is small and the ratio was lost
-  in the noise (benchmarks/README.md).
-- GPU: yes, as upstream's paper runs it; not timed with MLX on a GPU yet (the same
+  got one core's time, ``python -m starflow_mlx.benchmarks.video_pipelining``
+  took 1.15-1.9x as long sequential and 1.06-1.17x Jacobi in four of five runs
+  (the fifth, 0.70x and 0.97x, was noise; benchmarks/README.md).
+- GPU: yes, the paper's pipelined execution; not timed with MLX on a GPU yet (the same
   benchmark shows it).
 """
 

@@ -10,6 +10,10 @@ releases the GIL while it waits). MLX streams belong to the thread that made
 them, so the deep block's tokens reach the worker evaluated. One worker per
 device lives as long as the process: a fresh stream per call would cost an OS
 thread each time and retrace every compiled step (MLX compiles per stream).
+
+The sample is the unpipelined one up to float32 rounding, except that a Jacobi
+shallow block then stops on each frame's own residual rather than on all
+frames' together (each frame meeting the threshold implies the joint test).
 """
 
 from __future__ import annotations
