@@ -204,3 +204,12 @@ def test_rope_tables_cached_on_this_thread_are_usable_by_the_worker():
     flow.rope(layout, 0, pad=EXACT_JACOBI["jacobi_block_size"])  # left unevaluated by this thread
     piped = np.array(flow.reverse(z, y, pipeline=True, **EXACT_JACOBI))
     assert_same(np.array(flow.reverse(z, y, pipeline=False, **EXACT_JACOBI)), piped)
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_hang(monkeypatch):
+    def no_stream(device):
+        raise RuntimeError("no stream here")
+
+    monkeypatch.setattr(pipelined.mx, "new_stream", no_stream)
+    with pytest.raises(RuntimeError, match="no stream here"):
+        pipelined.StreamWorker(mx.Device(mx.cpu))

@@ -30,10 +30,21 @@ class StreamWorker:
 
     def __init__(self, device: mx.Device):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, args=(device,), name="starflow-shallow-blocks", daemon=True).start()
+        started: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(device, started), name="starflow-shallow-blocks",
+                         daemon=True).start()
+        error = started.get()
+        if error is not None:  # no worker to wait on later
+            raise error
 
-    def _serve(self, device: mx.Device) -> None:
-        with mx.stream(mx.new_stream(device)):
+    def _serve(self, device: mx.Device, started: queue.SimpleQueue) -> None:
+        try:
+            stream = mx.new_stream(device)
+        except Exception as error:
+            started.put(error)
+            return
+        started.put(None)
+        with mx.stream(stream):
             while True:
                 self.jobs.get()()
 
