@@ -7,15 +7,15 @@ and the Jacobi sampler:
 
     python -m starflow_mlx.benchmarks.video_pipelining --repeats 5
 
-Per run: the wall time of ``reverse`` and ``mx.eval``; when the deep block finished
-(``mx.synchronize()`` at its last token); the rest, which is the shallow blocks
-unpipelined and only the frames still queued behind the deep block pipelined; the time
-spent in the shallow blocks (pipelined: the worker's busy time, timed around its job per
-frame); when frame 0 had left every block (unpipelined: the end, as all frames leave
-the shallow blocks together); and the process's CPU time over the wall time (about 2
-when both streams keep a core busy).
-Medians over the repeats. First, whether two MLX streams driven from two threads run at
-once on this machine now (:func:`stream_check`). ``saved`` is the unpipelined median less the pipelined one,
+First it checks whether two MLX streams driven from two threads run at once on this
+machine now (:func:`stream_check`). Per run: the wall time of ``reverse`` and
+``mx.eval``; when the deep block finished (``mx.synchronize()`` at its last token); the
+rest, which is the shallow blocks unpipelined and only the frames still queued behind
+the deep block pipelined; the time spent in the shallow blocks (pipelined: the worker's
+busy time, timed around its job per frame); when frame 0 had left every block
+(unpipelined: the end, as all frames leave the shallow blocks together); and the
+process's CPU time over the wall time (about 2 when both streams keep a core busy).
+Medians over the repeats. ``saved`` is the unpipelined median less the pipelined one,
 ``hidden`` that over the unpipelined shallow time (1 = all shallow work overlapped).
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 
 import mlx.core as mx
@@ -101,8 +102,6 @@ def stream_check(size: int = 256, steps: int = 300) -> dict:
     Two chains of ``steps`` matrix products (size x size) with a host read every third step, one after the
     other on one thread, then at once on two threads with a stream each.
     """
-    import threading
-
     w = mx.random.normal((size, size), key=mx.random.key(0)) / size**0.5
 
     def chain(new_stream: bool) -> None:
