@@ -126,6 +126,9 @@ class STARFlow(nn.Module):
             if pad:
                 cos = mx.concatenate([cos, mx.ones((pad, cos.shape[1]))])
                 sin = mx.concatenate([sin, mx.zeros((pad, sin.shape[1]))])
+                # Concrete, as rope_tables' own are: the pipelining worker shares this cache from another
+                # thread, and MLX cannot evaluate there what is queued on this thread's stream.
+                mx.eval(cos, sin)
             self._ropes.tables[key] = (cos, sin)
         return self._ropes.tables[key]
 
@@ -206,6 +209,7 @@ class STARFlow(nn.Module):
         kv_bits: int | None = None,
         stats=None,
         progress: Callable[..., None] | None = None,
+        pipeline: bool | None = None,
     ) -> mx.array:
         """Map noise to data: the deep block first, then the shallow ones.
 
@@ -224,10 +228,12 @@ class STARFlow(nn.Module):
         block's KV cache quantized (a quarter or a sixth of float16's memory with the scales;
         :mod:`starflow_mlx.models.kv_cache`). ``stats`` (a ``JacobiStats``) collects
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
-        is called as tokens are produced.
+        is called as tokens are produced. ``pipeline`` (frame-local video models): invert the
+        shallow blocks of each frame the deep block has finished while it works on the next one
+        (:mod:`starflow_mlx.sampling.pipelined`); ``None`` decides per device
+        (:mod:`starflow_mlx.sampling.auto`), ``False`` runs the blocks one after another.
         """
-        from starflow_mlx.sampling.auto import resolve_jacobi
-        from starflow_mlx.sampling.sequential import invert_sequential
+        from starflow_mlx.sampling.auto import resolve_jacobi, resolve_pipeline
 
         self._check_input(z, "z")
         check_kv_bits(kv_bits, self.config.head_dim)
@@ -238,34 +244,77 @@ class STARFlow(nn.Module):
             raise ValueError("Jacobi sampling needs a model with a start-of-sequence token (sos)")
         x = self._patchify(z.astype(mx.float32))
         prefix = self._context_tokens(context, z, y) if context is not None else None
-        for block in reversed(self.blocks):
-            if block.is_identity:
-                continue
-            layout = self._layout(x, block.index)
-            y_block, text_len = self._text_for(block, y)
-            guided = cfg > 0 and y_block is not None
-            if guided:
-                y_block = mx.concatenate([y_block, y_uncond.astype(y_block.dtype)], axis=0)
-            seq = layout.permute(layout.to_sequence(x), block.flips, self._in_frame)
-            known = prefix if block.index == self.config.num_blocks - 1 else None
-            label = f"block {block.index}" + (" (deep)" if block.index == self.config.num_blocks - 1 else "")
-            report = (lambda done, total, label=label, **info: progress(label, done, total, **info)) if progress else None
-            if report:
-                report(0, seq.shape[1])  # the block's bar (and its clock) starts before its first chunk
-            if jacobi:
-                from starflow_mlx.sampling.jacobi import invert_jacobi
-
-                out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0,
-                                    block_size=jacobi_block_size, threshold=jacobi_threshold,
-                                    max_iter=jacobi_max_iter, check_every=jacobi_check_every,
-                                    context_frames=context_frames, prefix=known, stats=stats, on_chunk=report,
-                                    schedule=jacobi_schedule, kv_bits=kv_bits)
-            else:
-                cos, sin = self.rope(layout, text_len)
-                out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report, prefix=known,
-                                        kv_bits=kv_bits)
-            x = layout.to_grid(layout.permute(out, block.flips, self._in_frame))
+        solver = dict(y=y, y_uncond=y_uncond, cfg=cfg, jacobi=jacobi, progress=progress, kv_bits=kv_bits,
+                      jacobi_options=dict(block_size=jacobi_block_size, threshold=jacobi_threshold,
+                                          max_iter=jacobi_max_iter, check_every=jacobi_check_every,
+                                          context_frames=context_frames, stats=stats, schedule=jacobi_schedule))
+        deep = self.blocks[-1]
+        shallow = [b for b in reversed(self.blocks[:-1]) if not b.is_identity]
+        if shallow and self._frames_pipeline(x) and resolve_pipeline(pipeline):
+            x = self._reverse_pipelined(x, deep, shallow, prefix, solver)
+        else:
+            for block in [deep, *shallow]:
+                x = self._invert_block(block, x, prefix if block is deep else None, solver)
         return self._unpatchify(x)
+
+    def _frames_pipeline(self, x: mx.array) -> bool:
+        """Whether the shallow blocks can take the deep block's output frame by frame."""
+        return x.ndim == 5 and self.config.shallow_block_local and (not self.blocks[-1].flips or self._in_frame)
+
+    def _invert_block(self, block: MetaBlock, x: mx.array, known: mx.array | None, solver: dict,
+                      on_frame: Callable[[int, mx.array], None] | None = None) -> mx.array:
+        """Invert one block on the grid ``x``; ``known``: its first tokens, already final (block order)."""
+        from starflow_mlx.sampling.jacobi import invert_jacobi
+        from starflow_mlx.sampling.sequential import invert_sequential
+
+        cfg, progress = solver["cfg"], solver["progress"]
+        layout = self._layout(x, block.index)
+        y_block, text_len = self._text_for(block, solver["y"])
+        guided = cfg > 0 and y_block is not None
+        if guided:
+            y_block = mx.concatenate([y_block, solver["y_uncond"].astype(y_block.dtype)], axis=0)
+        seq = layout.permute(layout.to_sequence(x), block.flips, self._in_frame)
+        label = f"block {block.index}" + (" (deep)" if block is self.blocks[-1] else "")
+        report = (lambda done, total, label=label, **info: progress(label, done, total, **info)) if progress else None
+        if report:
+            report(0, seq.shape[1])  # the block's bar (and its clock) starts before its first chunk
+        if solver["jacobi"]:
+            out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0, prefix=known,
+                                on_chunk=report, on_frame=on_frame, kv_bits=solver["kv_bits"],
+                                **solver["jacobi_options"])
+        else:
+            cos, sin = self.rope(layout, text_len)
+            out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report, prefix=known,
+                                    on_frame=on_frame, frame_size=layout.frame_size, kv_bits=solver["kv_bits"])
+        return layout.to_grid(layout.permute(out, block.flips, self._in_frame))
+
+    def _reverse_pipelined(self, x: mx.array, deep: MetaBlock, shallow: list[MetaBlock], known: mx.array | None,
+                           solver: dict) -> mx.array:
+        """The deep block on this thread; each frame it finishes through the shallow blocks on a worker."""
+        from starflow_mlx.sampling.pipelined import ShallowPipeline
+
+        batch, frames, height, width, channels = x.shape
+        one = Layout(batch, 1, height, width, channels, False)
+        quiet = {**solver, "progress": None}  # the worker's blocks are reported from this thread, per frame
+        progress = solver["progress"]
+        tokens = frames * one.frame_size
+
+        def invert_frame(frame: mx.array) -> mx.array:
+            for block in shallow:
+                frame = self._invert_block(block, frame, None, quiet)
+            return frame
+
+        def report(done: int) -> None:
+            for block in shallow:
+                progress(f"block {block.index}", done * one.frame_size, tokens)
+
+        with ShallowPipeline(invert_frame, frames, report if progress else None) as pipe:
+            if progress:
+                report(0)
+            # Deep tokens of a frame in block order -> that frame of the grid (the flip is within the frame).
+            self._invert_block(deep, x, known, solver,
+                               on_frame=lambda t, seq: pipe.submit(t, one.to_grid(one.permute(seq, deep.flips, True))))
+            return pipe.result()
 
     # -- denoising -----------------------------------------------------------------------
     def denoiser(self, x: mx.array, y: mx.array | None = None) -> mx.array:

@@ -1,4 +1,4 @@
-"""Which sampler ``jacobi=None`` ("auto") runs: the one measured to be faster on the device.
+"""What the "auto" defaults run: the sampler (``jacobi=None``) and the pipelining (``pipeline=None``) measured faster.
 
 The rule, and what it rests on:
 
@@ -13,6 +13,18 @@ The rule, and what it rests on:
   fewer host round-trips win; this is upstream's own setting for its GPUs. It
   has not been timed with MLX on a GPU yet: ``starflow bench`` shows the choice
   next to both timings so it can be checked on any machine.
+
+Whether ``pipeline=None`` pipelines the deep and shallow blocks of a frame-local
+video model over its frames (:mod:`starflow_mlx.sampling.pipelined`):
+
+- CPU: no. Pipelined, the shallow blocks run frame by frame (T times the steps
+  of one pass over all frames) beside the deep block, which pays only with a
+  core to spare. On the 2-core shared x86-64 Linux machine, where the process
+  got one core's time, ``python -m starflow_mlx.benchmarks.video_pipelining``
+  took 1.15-1.9x as long sequential and 1.06-1.17x Jacobi in four of five runs
+  (the fifth, 0.70x and 0.97x, was noise; benchmarks/README.md).
+- GPU: yes, the paper's pipelined execution; not timed with MLX on a GPU yet (the same
+  benchmark shows it).
 """
 
 from __future__ import annotations
@@ -29,3 +41,15 @@ def choose_jacobi(config, device: mx.Device | None = None) -> bool:
 def resolve_jacobi(jacobi: bool | None, config, device: mx.Device | None = None) -> bool:
     """An explicit choice as given; ``None`` (auto) by :func:`choose_jacobi`."""
     return choose_jacobi(config, device) if jacobi is None else bool(jacobi)
+
+
+
+def choose_pipeline(device: mx.Device | None = None) -> bool:
+    """True when pipelining deep and shallow blocks over video frames is the default on ``device``."""
+    device = mx.default_device() if device is None else device
+    return device.type != mx.DeviceType.cpu
+
+
+def resolve_pipeline(pipeline: bool | None, device: mx.Device | None = None) -> bool:
+    """An explicit choice as given; ``None`` (auto) by :func:`choose_pipeline`."""
+    return choose_pipeline(device) if pipeline is None else bool(pipeline)

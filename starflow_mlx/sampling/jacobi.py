@@ -37,6 +37,7 @@ from typing import Callable
 import mlx.core as mx
 
 from starflow_mlx.models.tarflow import MetaBlock
+from starflow_mlx.sampling.frames import FrameHook
 from starflow_mlx.sampling.stepper import ChunkStepper, compiled_steps
 
 
@@ -151,6 +152,7 @@ def invert_jacobi(
     compile: bool = True,
     schedule: str = "chunk",
     kv_bits: int | None = None,
+    on_frame: Callable[[int, mx.array], None] | None = None,
 ) -> mx.array:
     """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``.
 
@@ -160,7 +162,9 @@ def invert_jacobi(
     from each block's measured convergence). ``prefix`` (B, P, c): tokens already known (the
     conditioning frames of image- or video-to-video); they are encoded into the cache as
     context, kept as they are in the output, and sampling continues after them (the matching
-    rows of ``z`` are ignored). ``kv_bits`` (8, 4) stores the KV cache quantized.
+    rows of ``z`` are ignored). ``kv_bits`` (8, 4) stores the KV cache quantized. ``on_frame(t, tokens)``
+    is called as each video frame of the deep block becomes final, known ones included (see
+    :class:`FrameHook`).
     """
     if not block.use_sos:
         raise ValueError("Jacobi sampling needs a start-of-sequence token")
@@ -275,6 +279,15 @@ def invert_jacobi(
             raise ValueError(f"context must be whole frames and shorter than the video, got {known} of {n} tokens")
         x_full[:, 1 : known + 1] = mx.concatenate([prefix, prefix], axis=0) if cfg > 0 else prefix
         start = known
+    if on_frame is not None:
+        hook, report = FrameHook(on_frame, frame, z.shape[0]), on_chunk
+
+        def on_chunk(done: int, total: int, **info) -> None:  # the solvers report every commit through this name
+            hook.add(x_full[:, 1 + hook.done : 1 + done])
+            if report is not None:
+                report(done, total, **info)
+
+        hook.add(x_full[:, 1 : start + 1])
     rounds = [0] * n  # window schedule: iterations each token has taken part in
     guessed = [start + 1]  # window schedule: x_full columns below this hold a first guess (or are known)
     sizer = ChunkSizer(block_size) if schedule == "adaptive" else None
@@ -297,5 +310,6 @@ def invert_jacobi(
         if stats is not None:
             stats.reencodes += 1
     if stats is not None:
-        stats.traces[block.index] = compiled_steps(block).traces - traced_before
+        # Added up: a frame-local block is inverted once per frame when pipelined.
+        stats.traces[block.index] = stats.traces.get(block.index, 0) + compiled_steps(block).traces - traced_before
     return x_full[: z.shape[0], 1:]

@@ -7,6 +7,7 @@ from typing import Callable
 import mlx.core as mx
 
 from starflow_mlx.models.tarflow import MetaBlock
+from starflow_mlx.sampling.frames import FrameHook
 from starflow_mlx.sampling.stepper import ChunkStepper
 
 
@@ -20,13 +21,16 @@ def invert_sequential(
     on_token: Callable[..., None] | None = None,
     prefix: mx.array | None = None,
     kv_bits: int | None = None,
+    on_frame: Callable[[int, mx.array], None] | None = None,
+    frame_size: int = 0,
 ) -> mx.array:
     """Solve ``x`` from ``z`` (B, N, c) token by token.
 
     With ``cfg > 0``, ``y`` stacks [cond; uncond] text, the batch is doubled and
     every step is guided. ``cos``/``sin`` cover ``[text; tokens]``. ``prefix`` (B, P, c)
     holds tokens already known: they are encoded in one pass and kept as they are.
-    ``kv_bits`` (8, 4) stores the KV cache quantized.
+    ``kv_bits`` (8, 4) stores the KV cache quantized. ``on_frame(t, tokens)`` is called as each run of
+    ``frame_size`` tokens (a video frame of the deep block) becomes final, known ones included.
     """
     zz = mx.concatenate([z, z], axis=0) if cfg > 0 else z
     batch, n = zz.shape[0], zz.shape[1]
@@ -46,11 +50,17 @@ def invert_sequential(
     else:
         # Token 0 passes through; step t then predicts token t + 1 from token t.
         tokens, prev, first, shift = [zz[:, :1]], zz[:, :1], 1, 1
+    hook = FrameHook(on_frame, frame_size, z.shape[0]) if on_frame is not None else None
+    if hook is not None:
+        for known_tokens in tokens:
+            hook.add(known_tokens)
     for t in range(first, n):
         z_t = zz[:, t : t + 1]
         prev, _, _ = step(prev, z_t, z_t, text_len + t - shift, 1)
         tokens.append(prev)
         mx.async_eval(prev, *cache.state())
+        if hook is not None:
+            hook.add(prev)
         if on_token is not None and (t + 1 == n or (t + 1) % 64 == 0):
             on_token(t + 1, n)
     x = mx.concatenate(tokens, axis=1)
