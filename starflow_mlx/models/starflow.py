@@ -230,8 +230,8 @@ class STARFlow(nn.Module):
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
         is called as tokens are produced. ``pipeline`` (frame-local video models): invert the
         shallow blocks of each frame the deep block has finished while it works on the next one
-        (:mod:`starflow_mlx.sampling.pipelined`); ``None`` decides per device
-        (:mod:`starflow_mlx.sampling.auto`), ``False`` runs the blocks one after another.
+        (:mod:`starflow_mlx.sampling.pipelined`); ``None`` (auto, :mod:`starflow_mlx.sampling.auto`)
+        and ``False`` run the blocks one after another.
         """
         from starflow_mlx.sampling.auto import resolve_jacobi, resolve_pipeline
 

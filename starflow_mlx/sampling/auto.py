@@ -23,8 +23,10 @@ video model over its frames (:mod:`starflow_mlx.sampling.pipelined`):
   got one core's time, ``python -m starflow_mlx.benchmarks.video_pipelining``
   took 1.15-1.9x as long sequential and 1.06-1.17x Jacobi in four of five runs
   (the fifth, 0.70x and 0.97x, was noise; benchmarks/README.md).
-- GPU: yes, the paper's pipelined execution; not timed with MLX on a GPU yet (the same
-  benchmark shows it).
+- GPU: not yet either. It is the paper's pipelined execution and should pay where a
+  second queue can run beside the first, but it has not been timed (or even run) with
+  MLX on a GPU, and it drives the GPU from two threads: until the same benchmark has
+  shown it faster and sound there, it stays an explicit ``pipeline=True``.
 """
 
 from __future__ import annotations
@@ -43,11 +45,9 @@ def resolve_jacobi(jacobi: bool | None, config, device: mx.Device | None = None)
     return choose_jacobi(config, device) if jacobi is None else bool(jacobi)
 
 
-
 def choose_pipeline(device: mx.Device | None = None) -> bool:
-    """True when pipelining deep and shallow blocks over video frames is the default on ``device``."""
-    device = mx.default_device() if device is None else device
-    return device.type != mx.DeviceType.cpu
+    """True when pipelining deep and shallow blocks over video frames is the default on ``device``: nowhere yet."""
+    return False
 
 
 def resolve_pipeline(pipeline: bool | None, device: mx.Device | None = None) -> bool:
