@@ -127,14 +127,14 @@ def video_vae_packages(vae_folder: Path, folder: Path, batch: int, latent_hw: tu
     Their weights stay float16: MLX never quantizes the VAE (``starflow quantize`` copies it as is), so
     ``--bits`` has no integers of its own to keep for them.
     """
-    from starflow_mlx.coreml.wan_blocks import COMPUTE_UNITS
-    from starflow_mlx.coreml.wan_decoder import WanDecoderBuilder, WanDecoderShapes, cache_shapes
+    from starflow_mlx.coreml.wan_blocks import COMPUTE_UNITS, WanShapes
+    from starflow_mlx.coreml.wan_decoder import WanDecoderBuilder, cache_shapes
     from starflow_mlx.video_vae import load_video_vae
 
     vae = load_video_vae(vae_folder)
     h, w = latent_hw
     f, ft = vae.factor, vae.temporal_factor
-    shapes = WanDecoderShapes(batch, h, w, vae.latent_channels, f, ft, cache_shapes(vae, batch, h, w))
+    shapes = WanShapes(batch, h, w, vae.latent_channels, f, ft, cache_shapes(vae, batch, h, w), encodes=False)
     report(f"video VAE decoder: one {h}x{w} latent frame -> {ft} frames of {h * f}x{w * f} pixels, "
            f"{len(shapes.caches)} cache entries")
     WanDecoderBuilder(vae, shapes).save(folder / "vae_decoder.mlpackage")
@@ -143,9 +143,10 @@ def video_vae_packages(vae_folder: Path, folder: Path, batch: int, latent_hw: tu
     if not vae.has_encoder:
         report("video VAE encoder: not in this model folder (converted without it), so no image-to-video package")
         return packages
-    from starflow_mlx.coreml.wan_encoder import WanEncoderBuilder, WanEncoderShapes, encoder_cache_shapes
+    from starflow_mlx.coreml.wan_encoder import WanEncoderBuilder, encoder_cache_shapes
 
-    shapes = WanEncoderShapes(batch, h, w, vae.latent_channels, f, ft, encoder_cache_shapes(vae, batch, h, w))
+    shapes = WanShapes(batch, h, w, vae.latent_channels, f, ft, encoder_cache_shapes(vae, batch, h, w),
+                       encodes=True)
     report(f"video VAE encoder: 1, then {ft} frames of {h * f}x{w * f} pixels -> one {h}x{w} latent frame, "
            f"{len(shapes.caches)} cache entries")
     WanEncoderBuilder(vae, shapes).save(folder / "vae_encoder.mlpackage")

@@ -10,21 +10,56 @@ MLX ``FeatureCache``'s call order, so ``j`` means the same entry on both sides.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from starflow_mlx.coreml.builder import coremltools, convert, quiet, set_metadata, to_numpy
-from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, TensorInfo
+from starflow_mlx.coreml.builder import (Emitter, coremltools, convert, make_program, mil, quiet, set_metadata,
+                                        to_numpy)
+from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, FunctionInfo, TensorInfo
 
 COMPUTE_UNITS = "CPU_AND_GPU"
 
 CacheShape = tuple[int, int, int, int]  # (frames, channels, height, width) of one entry
 
 
-def cache_infos(batch: int, caches: tuple[CacheShape, ...]) -> list[TensorInfo]:
-    # An entry's frames stacked on the channel axis, oldest first.
-    return [TensorInfo(f"cache_{j}", [batch, f * c, h, w], "float16") for j, (f, c, h, w) in enumerate(caches)]
+@dataclass(frozen=True)
+class WanShapes:
+    """One VAE package's calls: ``first`` on frame 0, ``step`` on each later one with the caches threaded through.
+
+    The decoder (``encodes=False``) turns a latent frame into ``frames``; the encoder turns
+    ``pixels`` (1, then ``frames_per_step`` of them) into a latent frame.
+    """
+
+    batch: int
+    height: int  # latent rows of a frame
+    width: int
+    latent_channels: int
+    factor: int  # pixels per latent cell
+    frames_per_step: int  # pixel frames of every latent frame after the first
+    caches: tuple[CacheShape, ...]
+    encodes: bool
+
+    def cache_infos(self) -> list[TensorInfo]:
+        # An entry's frames stacked on the channel axis, oldest first.
+        return [TensorInfo(f"cache_{j}", [self.batch, f * c, h, w], "float16")
+                for j, (f, c, h, w) in enumerate(self.caches)]
+
+    def functions(self) -> dict[str, FunctionInfo]:
+        latents = TensorInfo("latents", [self.batch, self.height, self.width, self.latent_channels], "float32")
+
+        def pixels(n):
+            return TensorInfo("pixels" if self.encodes else "frames",
+                              [self.batch, n, self.height * self.factor, self.width * self.factor, 3], "float32")
+
+        caches = self.cache_infos()
+        updated = [TensorInfo(f"new_{t.name}", t.shape, t.dtype) for t in caches]
+        if self.encodes:
+            return {"first": FunctionInfo([pixels(1)], [latents, *updated]),
+                    "step": FunctionInfo([pixels(self.frames_per_step), *caches], [latents, *updated])}
+        return {"first": FunctionInfo([latents], [pixels(1), *updated]),
+                "step": FunctionInfo([latents, *caches], [pixels(self.frames_per_step), *updated])}
 
 
 def mlx_cache_shapes(entries) -> tuple[CacheShape, ...]:
@@ -58,13 +93,32 @@ class Caches:
 
 
 class WanBuilder:
-    """Layers of ``starflow_mlx.models.wan_vae`` as MIL; subclasses set ``role`` and build ``_program``."""
+    """Layers of ``starflow_mlx.models.wan_vae`` as MIL; subclasses set ``role`` and build ``_network``."""
 
     role = ""
 
-    def __init__(self, vae, shapes):
+    def __init__(self, vae, shapes: WanShapes):
         """``vae``: a ``starflow_mlx.video_vae.VideoVAE``."""
         self.vae, self.shapes = vae, shapes
+
+    def _network(self, inputs: dict, caches: Caches, first: bool):
+        """The package's output tensor (named) from its inputs; the caches are threaded by ``_program``."""
+        raise NotImplementedError
+
+    def _program(self, opset, first: bool):
+        sh = self.shapes
+        info = sh.functions()["first" if first else "step"]
+        mb, types = mil()
+        self.mb = mb
+        dtypes = {"float32": types.fp32, "float16": types.fp16}
+        specs = {t.name: mb.TensorSpec(tuple(t.shape), dtype=dtypes[t.dtype]) for t in info.inputs}
+
+        def body(v):
+            self.em = Emitter(channels_first=True, head_dtype="fp16")
+            caches = Caches(mb, sh.batch, None if first else [v[t.name] for t in sh.cache_infos()], sh.caches)
+            return [self._network(v, caches, first), *caches.outputs]
+
+        return make_program(specs, body, opset)
 
     def _conv2d(self, x, weight: np.ndarray, bias, padding, stride: int = 1):
         """``weight`` MLX (O, kh, kw, I); ``padding`` (ph, pw) on both sides or (top, bottom, left, right)."""

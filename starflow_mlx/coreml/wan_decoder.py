@@ -10,39 +10,10 @@ video streams through in bounded memory (layers and caches: ``wan_blocks``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from starflow_mlx.coreml.builder import Emitter, make_program, mil, to_numpy
-from starflow_mlx.coreml.manifest import FunctionInfo, TensorInfo
-from starflow_mlx.coreml.wan_blocks import CacheShape, Caches, WanBuilder, cache_infos, mlx_cache_shapes
-
-
-@dataclass(frozen=True)
-class WanDecoderShapes:
-    batch: int
-    height: int  # latent rows of a frame
-    width: int
-    latent_channels: int
-    factor: int  # pixels per latent cell
-    frames_per_step: int  # pixel frames of every latent frame after the first
-    caches: tuple[CacheShape, ...]
-
-    def cache_infos(self) -> list[TensorInfo]:
-        return cache_infos(self.batch, self.caches)
-
-    def functions(self) -> dict[str, FunctionInfo]:
-        latents = TensorInfo("latents", [self.batch, self.height, self.width, self.latent_channels], "float32")
-
-        def frames(n):
-            return TensorInfo("frames", [self.batch, n, self.height * self.factor, self.width * self.factor, 3],
-                              "float32")
-
-        caches = self.cache_infos()
-        updated = [TensorInfo(f"new_{t.name}", t.shape, t.dtype) for t in caches]
-        return {"first": FunctionInfo([latents], [frames(1), *updated]),
-                "step": FunctionInfo([latents, *caches], [frames(self.frames_per_step), *updated])}
+from starflow_mlx.coreml.builder import to_numpy
+from starflow_mlx.coreml.wan_blocks import CacheShape, Caches, WanBuilder, mlx_cache_shapes
 
 
 def cache_shapes(vae, batch: int, height: int, width: int) -> tuple[CacheShape, ...]:
@@ -119,35 +90,23 @@ class WanDecoderBuilder(WanBuilder):
         return self._interleave(parts)
 
     # -- functions -----------------------------------------------------------------------
-    def _program(self, opset, first: bool):
+    def _network(self, v: dict, caches: Caches, first: bool):
         from starflow_mlx.models.wan_vae import LATENT_MEAN, LATENT_STD
 
-        sh, model = self.shapes, self.vae.model
-        info = sh.functions()["first" if first else "step"]
-        mb, types = mil()
-        self.mb = mb
-        dtypes = {"float32": types.fp32, "float16": types.fp16}
-        specs = {t.name: mb.TensorSpec(tuple(t.shape), dtype=dtypes[t.dtype]) for t in info.inputs}
-
-        def body(v):
-            self.em = Emitter(channels_first=True, head_dtype="fp16")
-            caches = Caches(mb, sh.batch, None if first else [v[t.name] for t in sh.cache_infos()], sh.caches)
-            z = mb.add(x=mb.mul(x=v["latents"], y=np.array(LATENT_STD, np.float32)),
-                       y=np.array(LATENT_MEAN, np.float32))
-            x = [mb.cast(x=mb.transpose(x=z, perm=[0, 3, 1, 2]), dtype="fp16")]
-            x = self._causal(x, model.conv2, None)
-            dec = model.decoder
-            x = self._causal(x, dec.conv1, caches)
-            x = self._residual(x, dec.middle[0], caches)
-            x = self._attention(x, dec.middle[1])
-            x = self._residual(x, dec.middle[2], caches)
-            for stage in dec.upsamples:
-                x = self._up_block(x, stage, caches, first)
-            x = [mb.silu(x=self._norm(f, dec.head[0])) for f in x]
-            x = self._causal(x, dec.head[2], caches)
-            pixels = [mb.expand_dims(x=mb.transpose(x=mb.cast(x=self._unpatchify(f), dtype="fp32"), perm=[0, 2, 3, 1]),
-                                     axes=[1]) for f in x]
-            frames = pixels[0] if len(pixels) == 1 else mb.concat(values=pixels, axis=1)
-            return [mb.identity(x=frames, name="frames"), *caches.outputs]
-
-        return make_program(specs, body, opset)
+        mb, model = self.mb, self.vae.model
+        z = mb.add(x=mb.mul(x=v["latents"], y=np.array(LATENT_STD, np.float32)), y=np.array(LATENT_MEAN, np.float32))
+        x = [mb.cast(x=mb.transpose(x=z, perm=[0, 3, 1, 2]), dtype="fp16")]
+        x = self._causal(x, model.conv2, None)
+        dec = model.decoder
+        x = self._causal(x, dec.conv1, caches)
+        x = self._residual(x, dec.middle[0], caches)
+        x = self._attention(x, dec.middle[1])
+        x = self._residual(x, dec.middle[2], caches)
+        for stage in dec.upsamples:
+            x = self._up_block(x, stage, caches, first)
+        x = [mb.silu(x=self._norm(f, dec.head[0])) for f in x]
+        x = self._causal(x, dec.head[2], caches)
+        pixels = [mb.expand_dims(x=mb.transpose(x=mb.cast(x=self._unpatchify(f), dtype="fp32"), perm=[0, 2, 3, 1]),
+                                 axes=[1]) for f in x]
+        frames = pixels[0] if len(pixels) == 1 else mb.concat(values=pixels, axis=1)
+        return mb.identity(x=frames, name="frames")

@@ -11,38 +11,10 @@ every 3-tap convolution two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from starflow_mlx.coreml.builder import Emitter, make_program, mil, to_numpy
-from starflow_mlx.coreml.manifest import FunctionInfo, TensorInfo
-from starflow_mlx.coreml.wan_blocks import CacheShape, Caches, WanBuilder, cache_infos, mlx_cache_shapes
-
-
-@dataclass(frozen=True)
-class WanEncoderShapes:
-    batch: int
-    height: int  # latent rows of a frame
-    width: int
-    latent_channels: int
-    factor: int  # pixels per latent cell
-    frames_per_step: int  # pixel frames of every latent frame after the first
-    caches: tuple[CacheShape, ...]
-
-    def cache_infos(self) -> list[TensorInfo]:
-        return cache_infos(self.batch, self.caches)
-
-    def functions(self) -> dict[str, FunctionInfo]:
-        def pixels(n):
-            return TensorInfo("pixels", [self.batch, n, self.height * self.factor, self.width * self.factor, 3],
-                              "float32")
-
-        latents = TensorInfo("latents", [self.batch, self.height, self.width, self.latent_channels], "float32")
-        caches = self.cache_infos()
-        updated = [TensorInfo(f"new_{t.name}", t.shape, t.dtype) for t in caches]
-        return {"first": FunctionInfo([pixels(1)], [latents, *updated]),
-                "step": FunctionInfo([pixels(self.frames_per_step), *caches], [latents, *updated])}
+from starflow_mlx.coreml.builder import to_numpy
+from starflow_mlx.coreml.wan_blocks import CacheShape, Caches, WanBuilder, mlx_cache_shapes
 
 
 def encoder_cache_shapes(vae, batch: int, height: int, width: int) -> tuple[CacheShape, ...]:
@@ -125,38 +97,26 @@ class WanEncoderBuilder(WanBuilder):
                 y = self._residual(y, layer, caches)
         return [self.mb.add(x=a, y=b) for a, b in zip(y, shortcut)]
 
-    def _program(self, opset, first: bool):
+    def _network(self, v: dict, caches: Caches, first: bool):
         from starflow_mlx.models.wan_vae import LATENT_MEAN, LATENT_STD
 
-        sh, model = self.shapes, self.vae.model
-        info = sh.functions()["first" if first else "step"]
-        mb, types = mil()
-        self.mb = mb
-        dtypes = {"float32": types.fp32, "float16": types.fp16}
-        specs = {t.name: mb.TensorSpec(tuple(t.shape), dtype=dtypes[t.dtype]) for t in info.inputs}
-        count = info.inputs[0].shape[1]
-
-        def body(v):
-            self.em = Emitter(channels_first=True, head_dtype="fp16")
-            caches = Caches(mb, sh.batch, None if first else [v[t.name] for t in sh.cache_infos()], sh.caches)
-            pixels = mb.cast(x=mb.transpose(x=v["pixels"], perm=[0, 1, 4, 2, 3]), dtype="fp16")  # (B, T, 3, H, W)
-            parts = [pixels] if count == 1 else mb.split(x=pixels, num_splits=count, axis=1)
-            x = [self._conv2d(mb.squeeze(x=p, axes=[1]), _patch_weight(), None, (0, 0), 2) for p in parts]
-            enc = model.encoder
-            x = self._causal(x, enc.conv1, caches)
-            for stage in enc.downsamples:
-                x = self._down_block(x, stage, caches, first)
-            x = self._residual(x, enc.middle[0], caches)
-            x = self._attention(x, enc.middle[1])
-            x = self._residual(x, enc.middle[2], caches)
-            x = [mb.silu(x=self._norm(f, enc.head[0])) for f in x]
-            (features,) = self._causal(x, enc.head[2], caches)
-            # conv1's first z channels are the posterior mean; the rest (log-variance) is not needed.
-            z = sh.latent_channels
-            mean = self._conv2d(features, to_numpy(model.conv1.weight)[:z, 0], model.conv1.bias[:z], (0, 0))
-            mean = mb.transpose(x=mb.cast(x=mean, dtype="fp32"), perm=[0, 2, 3, 1])
-            latents = mb.mul(x=mb.sub(x=mean, y=np.array(LATENT_MEAN, np.float32)),
-                             y=np.array(1 / np.array(LATENT_STD, np.float64), np.float32), name="latents")
-            return [latents, *caches.outputs]
-
-        return make_program(specs, body, opset)
+        mb, model = self.mb, self.vae.model
+        count = v["pixels"].shape[1]
+        pixels = mb.cast(x=mb.transpose(x=v["pixels"], perm=[0, 1, 4, 2, 3]), dtype="fp16")  # (B, T, 3, H, W)
+        parts = [pixels] if count == 1 else mb.split(x=pixels, num_splits=count, axis=1)
+        x = [self._conv2d(mb.squeeze(x=p, axes=[1]), _patch_weight(), None, (0, 0), 2) for p in parts]
+        enc = model.encoder
+        x = self._causal(x, enc.conv1, caches)
+        for stage in enc.downsamples:
+            x = self._down_block(x, stage, caches, first)
+        x = self._residual(x, enc.middle[0], caches)
+        x = self._attention(x, enc.middle[1])
+        x = self._residual(x, enc.middle[2], caches)
+        x = [mb.silu(x=self._norm(f, enc.head[0])) for f in x]
+        (features,) = self._causal(x, enc.head[2], caches)
+        # conv1's first z channels are the posterior mean; the rest (log-variance) is not needed.
+        z = self.shapes.latent_channels
+        mean = self._conv2d(features, to_numpy(model.conv1.weight)[:z, 0], model.conv1.bias[:z], (0, 0))
+        mean = mb.transpose(x=mb.cast(x=mean, dtype="fp32"), perm=[0, 2, 3, 1])
+        return mb.mul(x=mb.sub(x=mean, y=np.array(LATENT_MEAN, np.float32)),
+                      y=np.array(1 / np.array(LATENT_STD, np.float64), np.float32), name="latents")
