@@ -91,8 +91,11 @@ def test_failure_removes_staging_and_created_parents(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# A shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt; the writer
+# stands for a command in the foreground, where Ctrl-C arrives, so it restores Python's own SIGINT handler.
 WRITER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from starflow_mlx.staging import staged_folder
     with staged_folder(sys.argv[1]) as staging:
         (staging / "model.safetensors").write_bytes(b"x" * 4096)
