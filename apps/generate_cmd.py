@@ -211,8 +211,10 @@ def generate(
     from starflow_mlx.progress import StageProgress
     from starflow_mlx.sampling.auto import resolve_jacobi
 
-    if kv_bits not in (None, 8, 4):
-        raise ValueError(f"--kv-bits must be 8 or 4, got {kv_bits}")
+    from starflow_mlx.models.kv_cache import KV_BITS
+
+    if kv_bits is not None and kv_bits not in KV_BITS:
+        raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
     if is_video_job(model, from_metadata):
         from starflow_mlx.apps.generate_video import generate_video
 

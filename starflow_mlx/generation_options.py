@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
+from starflow_mlx.models.kv_cache import KV_BITS
 
 MAX_IMAGES = 2**40  # a folder job can be this large (batched); one image of it is made again from its index
 DTYPES = (None, "float32", "float16", "bfloat16")
@@ -44,7 +45,7 @@ class SamplingOptions(FromMetadata, JSONConfig):
     jacobi_threshold: float = field(metadata={"min": 1e-12, "max": 1e3})
     jacobi_max_iter: int = field(metadata={"min": 1, "max": 10000})
     dtype: str | None = field(default=None, metadata={"choices": DTYPES})
-    kv_bits: int | None = field(default=None, metadata={"choices": (None, 8, 4)})
+    kv_bits: int | None = field(default=None, metadata={"choices": (None, *KV_BITS)})
 
     def _check_index(self, index: int | None, count: int, what: str) -> None:
         if index is not None and index >= count:

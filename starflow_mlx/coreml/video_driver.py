@@ -188,10 +188,8 @@ class VideoSampler(Sampler):
         latents = []
         for start in [0, *range(1, x.shape[1], per_step)]:
             chunk = x[:, start:start + (per_step if start else 1)]
-            out = self.backend.predict(f"{pkg.name}.step" if start else f"{pkg.name}.first",
-                                       {"pixels": np.ascontiguousarray(chunk), **caches})
+            out, caches = self._vae_call(pkg.name, start == 0, {"pixels": np.ascontiguousarray(chunk)}, caches)
             latents.append(out["latents"].astype(np.float32))
-            caches = {name[len("new_"):]: value for name, value in out.items() if name.startswith("new_")}
         out = np.stack(latents, axis=1)
         out[:, 1:] *= self.manifest.video.temporal_scale
         return out
@@ -270,15 +268,19 @@ class VideoSampler(Sampler):
 
     # -- VAE decoder ---------------------------------------------------------------------
     def _check_decoder(self) -> None:
-        if not any(p.role == "video_vae_decoder" for p in self.manifest.packages):
-            raise DriverError("this export has no video VAE decoder (export a full model folder)")
+        self._package("video_vae_decoder", "this export has no video VAE decoder (export a full model folder)")
+
+    def _vae_call(self, name: str, first: bool, inputs: dict, caches: dict) -> tuple[dict, dict]:
+        """One call of a VAE package (``first``, else ``step`` with ``caches``): its outputs, and the caches for
+        the next call (its ``new_cache_j`` outputs renamed ``cache_j``)."""
+        out = self.backend.predict(f"{name}.{'first' if first else 'step'}", {**inputs, **caches})
+        return out, {key[len("new_"):]: value for key, value in out.items() if key.startswith("new_")}
 
     def _decode_frame(self, t: int, frame: np.ndarray, caches: dict) -> tuple[np.ndarray, dict]:
         """Latent frame ``t`` (flow space) -> (its pixel frames, the caches for frame t + 1)."""
         x = frame if t == 0 else frame / self.manifest.video.temporal_scale
-        out = self.backend.predict("vae_decoder.step" if t else "vae_decoder.first",
-                                   {"latents": np.ascontiguousarray(x, np.float32), **caches})
-        return out["frames"], {name[len("new_"):]: value for name, value in out.items() if name.startswith("new_")}
+        out, caches = self._vae_call("vae_decoder", t == 0, {"latents": np.ascontiguousarray(x, np.float32)}, caches)
+        return out["frames"], caches
 
     def decode_frames(self, latents: np.ndarray):
         """Flow-space latents (batch, T, H, W, C) -> pixel frames, yielded per latent frame (1, then 4 each) as

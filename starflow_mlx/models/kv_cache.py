@@ -90,6 +90,11 @@ class KVCache:
         return self.layers[0].length
 
     @property
+    def bits(self) -> int | None:
+        """Quantization bits of the keys and values, None for a float cache."""
+        return self.layers[0].bits
+
+    @property
     def visible(self) -> int:
         """Leading positions attention reads."""
         return self.layers[0].visible or self.length

@@ -65,7 +65,11 @@ _EXP2 = tuple(math.log(2) ** k / math.factorial(k) for k in range(8))
 
 @mx.custom_function
 def exp_nonpositive(x: mx.array) -> mx.array:
-    """float32 exp for x <= 0 from multiply-adds; below -80 (and masked -inf) it gives exp(-80): a normal float, where 0 or a denormal would slow every later op on x86."""
+    """float32 exp for x <= 0 from multiply-adds.
+
+    Below -80 (and for masked -inf) it gives exp(-80): a normal float, where 0 or a
+    denormal would slow every later op on x86.
+    """
     t = mx.maximum(x, -80.0) * 1.4426950408889634
     n = mx.floor(t + 0.5)
     f = t - n
@@ -97,7 +101,7 @@ def attention(q: mx.array, k, v, scale: float, mask: mx.array | str | None) -> m
     if not quantized and not cpu:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, T, D = q.shape
-    kv_heads, length = k[0].shape[1] if quantized else k.shape[1], k[0].shape[2] if quantized else k.shape[2]
+    _, kv_heads, length, _ = (k[0] if quantized else k).shape
     # Grouped heads share their key/value head without copying it: (B, kv, H/kv, T, D).
     dtype = k[1].dtype if quantized else mx.float32
     qg = (q.astype(mx.float32) * scale).astype(dtype).reshape(B, kv_heads, H // kv_heads, T, D)

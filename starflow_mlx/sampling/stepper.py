@@ -79,6 +79,6 @@ class ChunkStepper:
         count = tokens.shape[1]
         visible = visible_length(start + count, self.cache.length) if count > 1 else self.cache.length
         out = self._fn(tokens, z_chunk, prev, mx.array([start], dtype=mx.int32), mx.array(valid, dtype=mx.int32),
-                       visible, self.cache.layers[0].bits, self.cos, self.sin, *self.cache.state())
+                       visible, self.cache.bits, self.cos, self.sin, *self.cache.state())
         self.cache.set_state(list(out[3:]))
         return out[0], out[1], out[2]
