@@ -31,7 +31,7 @@ def bench(
                                              "measured convergence)."),
     json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
 ) -> None:
-    """Sampling latency per block, Jacobi iterations, memory and the bandwidth roofline (optionally vs upstream)."""
+    """Sampling latency per block, Jacobi iterations, memory, bandwidth roofline, products alone (optionally vs upstream)."""
     import json
 
     from starflow_mlx.benchmarks.sampling import SAMPLERS, BenchOptions, format_report, run_benchmark

@@ -1,8 +1,9 @@
 """The ops of one Jacobi chunk step at the ``small`` shapes, MLX against torch, one process.
 
-Per op: MLX (ours where we replace MLX's kernel, and MLX's own) and torch on the
-same shapes, median milliseconds of ``--repeats`` timings of ``--calls`` calls
-each. Shows where a step's time goes on a CPU beyond the matrix products.
+Also a sequential step's products (one token; two rows with guidance). Per op:
+MLX (ours where we replace MLX's kernel, and MLX's own) and torch on the same
+shapes, median milliseconds of ``--repeats`` timings of ``--calls`` calls each.
+Shows where a step's time goes on a CPU beyond the matrix products.
 
     python -m starflow_mlx.benchmarks.cpu_ops --repeats 5
 """
@@ -43,6 +44,9 @@ def mlx_ops() -> dict[str, tuple]:
     k, v = mx.random.normal((B, HEADS, KEYS, D), key=key), mx.random.normal((B, HEADS, KEYS, D), key=key)
     mask = mx.arange(KEYS)[None, :] <= (KEYS - T + mx.arange(T))[:, None]
     scores = mx.random.normal((B, HEADS, T, KEYS), key=key)
+    # A sequential step's product: one token, guidance doubling the batch.
+    x1, x2 = x[:1], x[:2]
+    by_row = mx.compile(lambda a: mx.concatenate([a[r : r + 1] @ w_qkv for r in range(a.shape[0])], axis=0))
     ours_gelu, mlx_gelu = mx.compile(GELU()), mx.compile(nn.GELU())
     norm = mx.compile(lambda a: mx.fast.layer_norm(a, None, None, 1e-5))
     ours_attn = mx.compile(lambda a, b, c: attention(a, b, c, D ** -0.5, mask))
@@ -50,6 +54,9 @@ def mlx_ops() -> dict[str, tuple]:
     return {
         "matmul 128x384x1152": (lambda: mx.eval(x @ w_qkv), "qkv"),
         "matmul 128x384x1536": (lambda: mx.eval(x @ w_mlp), "mlp"),
+        "matmul 1x384x1152": (lambda: mx.eval(x1 @ w_qkv), "qkv1"),
+        "matmul 2x384x1152": (lambda: mx.eval(x2 @ w_qkv), "qkv2"),
+        "matmul 2x384x1152, a row at a time": (lambda: mx.eval(by_row(x2)), "qkv2"),
         "GELU (ours, multiply-add erf)": (lambda: mx.eval(ours_gelu(h)), "gelu"),
         "GELU (MLX nn.GELU)": (lambda: mx.eval(mlx_gelu(h)), "gelu"),
         "layer norm": (lambda: mx.eval(norm(x)), "norm"),
@@ -71,7 +78,8 @@ def torch_ops() -> dict[str, object]:
     scores = torch.randn(B, HEADS, T, KEYS)
     f = torch.nn.functional
     return {
-        "qkv": lambda: x @ w_qkv, "mlp": lambda: x @ w_mlp, "gelu": lambda: f.gelu(h),
+        "qkv": lambda: x @ w_qkv, "mlp": lambda: x @ w_mlp, "qkv1": lambda: x[:1] @ w_qkv, "qkv2": lambda: x[:2] @ w_qkv,
+        "gelu": lambda: f.gelu(h),
         "norm": lambda: f.layer_norm(x, (C,)), "attention": lambda: f.scaled_dot_product_attention(q, k, v, mask),
         "exp": lambda: torch.exp(scores), "add": lambda: scores + 1.0,
     }

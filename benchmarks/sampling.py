@@ -1,4 +1,4 @@
-"""Sampling latency: sequential and block-wise Jacobi, per block, against the weight-read roofline and upstream.
+"""Sampling latency, sequential and block-wise Jacobi, per block: against the roofline, the products alone, upstream.
 
 A flow of a named shape (or a ``config.json``) gets random weights; each
 sampler's first call (tracing and compiling the chunk steps) is timed apart,
@@ -23,12 +23,14 @@ import resource
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from starflow_mlx.benchmarks.configs import build_flow, load_config
+from starflow_mlx.benchmarks.matmul_floor import block_floor
 from starflow_mlx.benchmarks.roofline import measure_bandwidth, parameter_bytes, roofline
 from starflow_mlx.loading import parse_dtype
 from starflow_mlx.sampling.auto import choose_jacobi
@@ -237,6 +239,23 @@ def sequence_lengths(config, blocks: list[int]) -> dict[int, int]:
     return {b: tokens_per_sample(config) // (1 if b == deep else frames) for b in blocks}
 
 
+def step_rows(config, lengths: dict[int, int], batches: dict[int, int],
+              stats: JacobiStats | None) -> dict[int, Counter]:
+    """Per block, {rows per step: steps} of a run: one token per step when sequential, else each chunk's
+    valid tokens per iteration, times the block's batch (``batches``, guidance's doubling included);
+    a frame-local block runs every frame at once."""
+    steps = {}
+    for b, length in lengths.items():
+        per_token = batches[b] * (tokens_per_sample(config) // length)
+        if stats is None:
+            steps[b] = Counter({per_token: length})
+        else:
+            steps[b] = Counter()
+            for chunk in (c for c in stats.chunks if c.block == b):
+                steps[b][per_token * chunk.size] += chunk.iterations
+    return steps
+
+
 def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, upstream, say) -> dict:
     """Warm up, then time ours (and upstream's, alternating) ``opts.repeats`` times; medians per block."""
     config = flow.config
@@ -274,17 +293,26 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
            "tokens_per_s": tokens / seconds, "peak_memory_bytes": peak, "rss_peak_bytes": peak_rss_bytes()}
     jac = jacobi_summary(stats, blocks) if sampler == "jacobi" else None
     lengths = sequence_lengths(config, blocks)
+    say(f"{sampler}: timing its matrix products alone")
+    by_index = {b.index: b for b in flow.blocks}
+    # Guidance doubles the batch of the blocks that see the text only.
+    batches = {b: opts.batch * (2 if cfg > 0 and by_index[b].sees_text else 1) for b in blocks}
+    floors = step_rows(config, lengths, batches, stats if jac else None)
     run["blocks"] = []
     for b in reversed(blocks):
         block_seconds = statistics.median(pb[b] for _, pb in ours_runs)
         run["blocks"].append({"block": b, "deep": b == config.num_blocks - 1, "seconds": block_seconds,
                               "tokens_per_s": tokens / block_seconds,
-                              "steps": jac["per_block"][str(b)]["total"] if jac else lengths[b]})
+                              "steps": jac["per_block"][str(b)]["total"] if jac else lengths[b],
+                              "matmul_seconds": block_floor(by_index[b], floors[b])})
+    floor = sum(row["matmul_seconds"] for row in run["blocks"])
+    run["matmul_floor"] = {"seconds": floor, "fraction": floor / seconds}
     if jac:
         run["jacobi"] = jac
     if upstream is not None:
         run["upstream"] = compare(np.array(out), their_out, seconds, their_runs, opts.dtype)
         run["upstream"]["threads"] = upstream.threads
+        run["matmul_floor"]["vs_upstream"] = floor / run["upstream"]["seconds"]
     mx.clear_cache()
     return run
 
@@ -321,16 +349,19 @@ def format_report(result: dict) -> str:
                 f"({run['warm_traces']} traces; first call {run['first_call_seconds']:.3f} s, "
                 f"{run['first_call_traces']} traces), {run['tokens_per_s']:.1f} tokens/s, "
                 f"peak MLX memory {_gb(run['peak_memory_bytes'])}, peak RSS {_gb(run['rss_peak_bytes'])}, "
-                f"roofline {run['roofline']['bandwidth_fraction']:.1%}")
+                f"roofline {run['roofline']['bandwidth_fraction']:.1%}, "
+                f"matrix products alone {run['matmul_floor']['seconds']:.3f} s "
+                f"({run['matmul_floor']['fraction']:.0%} of the run)")
         lines.append(head)
         up = run.get("upstream")
-        lines.append("| block | seconds | tokens/s | steps | MB/step | bound s | BW fraction |"
+        lines.append("| block | seconds | tokens/s | steps | MB/step | bound s | BW fraction | products s |"
                      + (" upstream s | ours/upstream |" if up else ""))
-        lines.append("|---|---|---|---|---|---|---|" + ("---|---|" if up else ""))
+        lines.append("|---|---|---|---|---|---|---|---|" + ("---|---|" if up else ""))
         for row in run["blocks"]:
             name = f"{row['block']}{' (deep)' if row['deep'] else ''}"
             cells = [name, f"{row['seconds']:.3f}", f"{row['tokens_per_s']:.1f}", str(row["steps"]),
-                     f"{row['bytes_per_step'] / 2**20:.1f}", f"{row['bound_seconds']:.3f}", f"{row['bandwidth_fraction']:.1%}"]
+                     f"{row['bytes_per_step'] / 2**20:.1f}", f"{row['bound_seconds']:.3f}", f"{row['bandwidth_fraction']:.1%}",
+                     f"{row['matmul_seconds']:.3f}"]
             if up:
                 theirs = up["block_seconds"].get(str(row["block"]))
                 cells += [f"{theirs:.3f}", f"{row['seconds'] / theirs:.2f}"] if theirs else ["", ""]
@@ -344,7 +375,8 @@ def format_report(result: dict) -> str:
         if up:
             lines.append(f"upstream ({up['threads']} torch threads): {up['seconds']:.3f} s; ours/upstream {up['ratio']:.2f} "
                          f"(speed-up {up['speedup']:.2f}x); max |ours - upstream| {up['max_abs_diff']:.2e} "
-                         f"({'match' if up['match'] else 'MISMATCH'}, tolerance {up['tolerance']:.1e})")
+                         f"({'match' if up['match'] else 'MISMATCH'}, tolerance {up['tolerance']:.1e}); "
+                         f"these matrix products alone take {run['matmul_floor']['vs_upstream']:.2f} of upstream's time")
     lines.append(f"\nauto sampler (jacobi=None) on {m['device']}: {result['auto_sampler']}")
     return "\n".join(lines)
 

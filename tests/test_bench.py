@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,11 @@ from typer.testing import CliRunner
 
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.benchmarks.configs import NAMED
+from starflow_mlx.benchmarks.configs import NAMED, build_flow
+from starflow_mlx.benchmarks.matmul_floor import block_floor, step_layers, step_seconds
+from starflow_mlx.benchmarks.sampling import step_rows
 from starflow_mlx.config import FlowConfig
+from starflow_mlx.sampling.jacobi import ChunkRecord, JacobiStats
 
 register(app)
 runner = CliRunner()
@@ -45,7 +49,11 @@ def test_tiny_report_fields():
         for row in run["blocks"]:
             assert row["bytes_per_step"] == result["block_params_bytes"][str(row["block"])]
             assert row["bound_seconds"] > 0 and row["bandwidth_fraction"] > 0
-        assert "upstream" not in run
+            assert row["matmul_seconds"] > 0
+        floor = run["matmul_floor"]
+        assert floor["seconds"] == pytest.approx(sum(b["matmul_seconds"] for b in run["blocks"]))
+        assert floor["fraction"] == pytest.approx(floor["seconds"] / run["seconds"])
+        assert "upstream" not in run and "vs_upstream" not in floor
     assert all(b["steps"] == result["tokens_per_sample"] for b in runs["sequential"]["blocks"])
     jac = runs["jacobi"]["jacobi"]
     for row in runs["jacobi"]["blocks"]:
@@ -58,6 +66,25 @@ def test_tiny_report_fields():
     assert jac["total_iterations"] == sum(v["total"] for v in jac["per_block"].values())
     # One 16-token chunk per block: every iteration evaluates all 16 tokens.
     assert jac["token_evaluations"] == 16 * jac["total_iterations"]
+
+
+def test_step_rows_count_each_iteration_of_each_chunk():
+    config = FlowConfig(**NAMED["tiny"])  # 16 tokens per sample
+    stats = JacobiStats(chunks=[ChunkRecord(0, 0, 8, 3, 0.0), ChunkRecord(0, 8, 8, 2, 0.0), ChunkRecord(1, 0, 4, 5, 0.0)])
+    guided = {0: 1, 1: 2}  # guidance doubles the batch of the block that sees the text
+    assert step_rows(config, {0: 16, 1: 16}, guided, stats) == {0: Counter({8: 5}), 1: Counter({8: 5})}
+    assert step_rows(config, {1: 16}, guided, None) == {1: Counter({2: 16})}  # sequential: one token a step
+    assert step_rows(config, {1: 4}, guided, None) == {1: Counter({8: 4})}  # a frame-local block: 4 sequences at once
+
+
+def test_matmul_floor_times_the_step_layers_only():
+    flow = build_flow(FlowConfig(**NAMED["tiny"]))
+    block = flow.blocks[-1]  # the deep block, the one that sees the text
+    assert "proj_txt" in dict(block.named_modules())  # runs once per sample, not per step
+    assert all(layer is not block.proj_txt for layer in step_layers(block))
+    assert len(step_layers(block)) == 2 + 4 * len(block.attn_blocks)  # in/out projections; qkv, proj, two MLP layers
+    one = step_seconds(block, 8)
+    assert one > 0 and block_floor(block, Counter({8: 3})) > one
 
 
 def test_window_schedule_reports_token_evaluations():
@@ -106,3 +133,4 @@ def test_side_by_side_with_upstream():
         assert up["max_abs_diff"] < 1e-4
         assert up["seconds"] > 0 and up["ratio"] == pytest.approx(run["seconds"] / up["seconds"])
         assert set(up["block_seconds"]) == {"0", "1"} and up["threads"] >= 1
+        assert run["matmul_floor"]["vs_upstream"] == pytest.approx(run["matmul_floor"]["seconds"] / up["seconds"])
