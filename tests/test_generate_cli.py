@@ -102,6 +102,8 @@ def flow_only(model, tmp_path):
     (["x", "--output-dir", "OUT_DIR"], "give --output FILE or --output-dir DIR, not both"),
     (["x", "--dtype", "float8"], "unknown dtype 'float8'"),
     (["x", "--seed", "-2"], "seed must be 0 or more"),
+    (["x", "--cfg", "nan"], "cfg must be a number 0 or more, got nan"),
+    (["x", "--cfg", "inf"], "cfg must be a number 0 or more, got inf"),
     (["--from-metadata", "PLAIN"], "carries no starflow-mlx generation metadata"),
     (["--from-metadata", "BROKEN"], "cannot read"),
     (["--from-metadata", "DAMAGED"], "damaged starflow-mlx metadata"),

@@ -118,8 +118,8 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
         raise ValueError(f"seed must be 0 or more and below 2**63, got {seed}")
     if seed + num_images > 2**63:
         raise ValueError(f"seed {seed} is too large: image i uses seed + i, which must stay below 2**63")
-    if cfg < 0:
-        raise ValueError(f"cfg must be 0 or more, got {cfg}")
+    if not 0 <= cfg < math.inf:  # NaN fails too: it would sample a blank image that cannot be made again
+        raise ValueError(f"cfg must be a number 0 or more, got {cfg}")
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
     if jacobi_block_size < 1 or jacobi_max_iter < 1 or not 0 < jacobi_threshold < math.inf:  # NaN fails too
