@@ -73,7 +73,8 @@ def coreml_video(
     denoiser and VAE decoder (and the VAE encoder with --image), pipelined as the manifest describes."""
     import mlx.core as mx
 
-    from starflow_mlx.apps.generate_video import check_mp4, check_writable
+    from starflow_mlx.apps.generate_cmd import check_writable
+    from starflow_mlx.apps.generate_video import check_mp4
     from starflow_mlx.coreml.driver import CoreMLBackend, DriverError, InterpreterBackend
     from starflow_mlx.coreml.manifest import ExportManifest
     from starflow_mlx.coreml.timing import TimedBackend

@@ -8,6 +8,7 @@ as they are decoded, so a long job never holds more than one batch.
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +54,17 @@ def file_stem(prompt: str, seed: int) -> str:
     from starflow_mlx.pipelines.image_files import slug
 
     return f"{slug(prompt)}-seed{seed}"
+
+
+def check_writable(path: Path) -> None:
+    """Fail before minutes of sampling, not after, when an output cannot be created."""
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder (give a file name, or use --output-dir)")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
 
 
 def plan_outputs(prompt: str, seed: int, indices: range, output: Optional[Path], output_dir: Optional[Path],
@@ -246,6 +258,8 @@ def generate(
     index = job["index"]
     wanted = range(index, index + 1) if index is not None else range(job["num_images"])
     plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite, default)
+    for path in plan.paths:
+        check_writable(path)
     check_aspect_ratio(job["aspect_ratio"])
     parse_dtype(job["dtype"])
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -30,15 +29,6 @@ def check_mp4(path: Path) -> None:
         raise ValueError(f"--output {path} is a folder: give a file name ending in .mp4")
 
 
-def check_writable(path: Path) -> None:
-    """Fail before minutes of sampling, not after, when an output cannot be created."""
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
-
-
 def report_memory() -> str:
     """MLX's peak allocation and the process's peak resident memory (what the OS had to give)."""
     import resource
@@ -55,7 +45,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
                    frames, fps, image, video, vae_tile, kv_bits) -> None:
     """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
     from starflow_mlx import __version__
-    from starflow_mlx.apps.generate_cmd import plan_outputs
+    from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
