@@ -49,6 +49,20 @@ def conditioning(flow, batch: int, seed: int = 0):
     return mx.array(y), mx.zeros_like(mx.array(y))
 
 
+def check_samples(folder: Path, config, samples: int) -> None:
+    """Every variant samples all of them in one batch: refuse, with the numbers, what memory cannot hold."""
+    from starflow_mlx.pipelines.image import InsufficientMemoryError, image_bytes, memory_limit, needed_bytes
+
+    if samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {samples}")
+    total = memory_limit()
+    if total is not None and needed_bytes(folder, config, samples) > total:
+        fits = max((total - needed_bytes(folder, config, 0)) // image_bytes(config), 1)
+        raise InsufficientMemoryError(
+            f"--samples {samples} needs about {needed_bytes(folder, config, samples) / 2**30:.1f} GB of memory but "
+            f"{total / 2**30:.1f} GB is available: use --samples {fits} or less")
+
+
 def noise(flow, batch: int, seed: int = 0) -> mx.array:
     cfg = flow.config
     size = cfg.latent_size
@@ -101,6 +115,7 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
     ref = load_flow(folder, dtype="float32")
     if ref.config.quantization:
         raise ValueError(f"{folder} is already quantized: report on the float model")
+    check_samples(folder, ref.config, samples)
     is_demo = (folder / MANIFEST).is_file() and Manifest.load(folder).kind == "class-to-image"
     z = noise(ref, samples, seed)
     y, y_u = conditioning(ref, samples, seed)

@@ -21,8 +21,8 @@ from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST
 from starflow_mlx.staging import check_output, staged_folder
-from starflow_mlx.quantize.policy import (DEFAULT_KEEP, QuantizationError, apply_quantization, check_setting,
-                                          describe, plan_quantization)
+from starflow_mlx.quantize.policy import (DEFAULT_KEEP, SUPPORTED_BITS, QuantizationError, apply_quantization,
+                                          check_setting, describe, plan_quantization)
 
 FLOW_FILES = ("config.json", "model.safetensors")
 
@@ -121,6 +121,8 @@ def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_
     from starflow_mlx.model_folder import resolve_model
 
     check_setting(bits, group_size)
+    if text_bits not in (None, 0, *SUPPORTED_BITS):  # before the flow is quantized, named by its own option
+        raise QuantizationError(f"--text-bits must be 0 (keep float16), 4 or 8, got {text_bits}")
     check_output(output, force, QuantizationError)
     src = resolve_model(src)
     with staged_folder(output, force, QuantizationError) as staging:
