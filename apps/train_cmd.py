@@ -39,16 +39,17 @@ def train(
     # Before training, not after it; resuming may replace the folder an earlier run of this training wrote.
     check_output(output, force or resume)
 
-    layer_list = [int(v) for v in layers.split()] if layers.strip() else []
-    if len(layer_list) < 2 or any(v < 1 for v in layer_list):
+    layer_list = [int(v) for v in layers.split() if v.isdecimal()]
+    if len(layer_list) < 2 or len(layer_list) < len(layers.split()) or any(v < 1 for v in layer_list):
         raise ValueError(f"--layers {layers!r}: give at least two positive counts, e.g. '2 2 4'")
+    # Checked before the data is read: the seed also splits it.
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
+                         layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
+                         checkpoint_every=checkpoint_every, seed=seed)
     if data == "digits":
         train_set, test_set = load_digits_split(seed=seed)
     else:
         train_set, test_set = load_image_folder(data, image_size, image_channels, seed=seed)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
-                         layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
-                         checkpoint_every=checkpoint_every, seed=seed)
     trainer = Trainer(config, train_set, checkpoint_dir or output.with_name(output.name + ".checkpoints"))
     if resume:
         trainer.load_checkpoint()

@@ -29,7 +29,7 @@ class Dataset:
 
 def _split(images: np.ndarray, labels: np.ndarray, classes: list[str], test_fraction: float, seed: int):
     order = np.random.default_rng(seed).permutation(len(labels))
-    n_test = int(round(len(labels) * test_fraction))
+    n_test = max(int(round(len(labels) * test_fraction)), 1)  # an empty test set has no bits/dim
     test, train = order[:n_test], order[n_test:]
     return Dataset(images[train], labels[train], classes), Dataset(images[test], labels[test], classes)
 
@@ -48,27 +48,34 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[Datase
 def load_image_folder(folder: str | Path, size: int, channels: int = 1, test_fraction: float = 0.1,
                       seed: int = 0) -> tuple[Dataset, Dataset]:
     """Every image under ``folder/<class>/``, resized to ``size`` x ``size``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    from starflow_mlx.image_input import open_image  # bounded: a decompression bomb is refused from its header
+    from starflow_mlx.pipelines.image import memory_limit
+
+    if channels not in (1, 3):
+        raise DataError(f"--image-channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if size < 1:
+        raise DataError(f"--image-size must be at least 1, got {size}")
     folder = Path(folder)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not classes:
         raise DataError(f"{folder} has no class sub-folders: expected {folder}/<class name>/<images>")
+    paths = [(index, path) for index, name in enumerate(classes) for path in sorted((folder / name).iterdir())
+             if path.suffix.lower() in IMAGE_SUFFIXES]
+    if len(paths) < 2:  # one in ten (at least one) is held out to measure the trained model
+        raise DataError(f"{folder} holds {len(paths)} images ({', '.join(IMAGE_SUFFIXES)}): training needs at least 2")
+    # Decoded, resized and then stacked: twice the float32 pixels, refused before the first image is read.
+    needed, total = 2 * len(paths) * size * size * channels * 4, memory_limit()
+    if total is not None and needed > total:
+        raise DataError(f"{len(paths)} images of {size}x{size} need about {needed / 2**30:.1f} GB of memory but "
+                        f"{total / 2**30:.1f} GB is available: use a smaller --image-size")
     images, labels = [], []
-    for index, name in enumerate(classes):
-        for path in sorted((folder / name).iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"cannot read image {path}: {exc}") from None
-            arr = np.asarray(img, np.float32) / 127.5 - 1.0
-            images.append(arr[..., None] if channels == 1 else arr)
-            labels.append(index)
-    if not images:
-        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    for index, path in paths:
+        img = open_image(path).convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
+        arr = np.asarray(img, np.float32) / 127.5 - 1.0
+        images.append(arr[..., None] if channels == 1 else arr)
+        labels.append(index)
     return _split(np.stack(images), np.array(labels), classes, test_fraction, seed)
 
 
