@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -69,8 +70,12 @@ class BenchOptions:
             raise BenchError(f"unknown sampler {unknown[0] if unknown else ''!r}: use sequential, jacobi or both")
         if self.batch < 1 or self.repeats < 1 or self.block_size < 1 or self.max_iter < 1:
             raise BenchError("batch, repeats, block size and max iterations must be at least 1")
-        if self.threshold <= 0:
+        if not 0 < self.threshold < math.inf:  # NaN fails too
             raise BenchError("the Jacobi threshold must be positive")
+        if self.cfg is not None and not 0 <= self.cfg < math.inf:
+            raise BenchError(f"--cfg must be a number 0 or more, got {self.cfg}")
+        if not 0 <= self.seed < 2**63:
+            raise BenchError(f"--seed must be 0 or more and below 2**63, got {self.seed}")
         if self.schedule not in SCHEDULES:
             raise BenchError(f"unknown Jacobi schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         parse_dtype(self.dtype)
@@ -190,6 +195,22 @@ def jacobi_summary(stats: JacobiStats, blocks: list[int]) -> dict:
 
 
 # -- the benchmark ---------------------------------------------------------------------------
+def check_memory(config, opts: BenchOptions) -> None:
+    """Refuse, with the numbers, a batch or a bandwidth array that memory cannot hold (MLX would crash)."""
+    from starflow_mlx.pipelines.image import InsufficientMemoryError, image_bytes, memory_limit
+
+    total = memory_limit()
+    if total is None:
+        return
+    if opts.batch * image_bytes(config) > total:
+        raise InsufficientMemoryError(
+            f"a batch of {opts.batch} needs about {opts.batch * image_bytes(config) / 2**30:.1f} GB of memory but "
+            f"{total / 2**30:.1f} GB is available: use --batch {max(total // image_bytes(config), 1)} or less")
+    if 2 * opts.bandwidth_mb * 2**20 > total:  # the array and its copy
+        raise InsufficientMemoryError(f"--bandwidth-mb {opts.bandwidth_mb} needs twice that in memory but "
+                                      f"{total >> 20} MB is available: use --bandwidth-mb {total >> 21} or less")
+
+
 def run_benchmark(opts: BenchOptions, log=None) -> dict:
     """Everything ``starflow bench`` reports, as a JSON-ready dict."""
     opts.check()
@@ -200,6 +221,7 @@ def run_benchmark(opts: BenchOptions, log=None) -> dict:
     cfg = (config.cfg if config.txt_dim else 0.0) if opts.cfg is None else opts.cfg
     if cfg > 0 and not config.txt_dim:
         raise BenchError(f"config {opts.config} has no text conditioning: guidance needs --cfg 0")
+    check_memory(config, opts)
     module = None
     if opts.upstream:
         from starflow_mlx.benchmarks.upstream_runner import UpstreamSampler, import_upstream, matching_threads
