@@ -219,3 +219,61 @@ def test_tiny_hostile_files_fail_in_one_line_within_a_memory_cap(upstream, tmp_p
     rc, lines = capped_convert(tmp_path, tmp_path / "small.pth", tmp_path / "huge.yaml")
     assert rc == 1 and len(lines) == 1 and "layers_per_block must be at most" in lines[0], lines
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.name == "out"]
+
+
+def demo_must_not_sample(monkeypatch):
+    from starflow_mlx.pipelines.image import Pipeline
+
+    monkeypatch.setattr(Pipeline, "generate_batches", lambda *a, **k: pytest.fail("sampled before checking the output"))
+
+
+def test_outputs_that_cannot_be_created_are_refused_before_sampling(tmp_path, monkeypatch):
+    demo_must_not_sample(monkeypatch)
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "taken.png").mkdir()
+    for args, words in ((["-o", tmp_path / "notes.txt" / "x.png"], "is not a writable folder"),
+                        (["--output-dir", tmp_path / "notes.txt"], "is not a writable folder"),
+                        (["-o", tmp_path / "taken.png", "--overwrite"], "it is a folder")):
+        line = one_line_error(runner.invoke(app, ["generate", "7", "--model", "demo", *map(str, args)]))
+        assert words in line, line
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and (tmp_path / "taken.png").is_dir()
+
+
+def test_quantize_report_samples_and_text_bits_are_checked_first(tmp_path):
+    for args, words in ((["--report", "--samples", "0"], "--samples must be at least 1"),
+                        (["--report", "--samples", str(10**11)], "use --samples"),
+                        (["--text-bits", "3", "-o", str(tmp_path / "q")], "--text-bits must be 0")):
+        assert words in one_line_error(runner.invoke(app, ["quantize", "demo", *args]))
+    assert not (tmp_path / "q").exists()
+
+
+def train_folder(tmp_path, *extra):
+    return runner.invoke(app, ["train", "--data", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--steps", "1",
+                               "--channels", "32", "--layers", "1 1", "--checkpoint-every", "0", *extra])
+
+
+def test_train_folder_problems_are_refused_before_training(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from starflow_mlx.training.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "run", lambda *a, **k: pytest.fail("trained before checking the data"))
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "data" / "a" / "0.png")
+    assert "holds 1 images" in one_line_error(train_folder(tmp_path))
+    Image.new("L", (8, 8)).save(tmp_path / "data" / "a" / "1.png")
+    for extra, words in ((["--image-channels", "2"], "--image-channels must be 1"),
+                         (["--image-size", "1000000"], "use a smaller --image-size"),  # it hung
+                         (["--seed", "-1"], "seed must be at least 0"), (["--layers", "1 x"], "--layers '1 x'")):
+        assert words in one_line_error(train_folder(tmp_path, *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_on_a_tiny_folder_holds_one_image_out(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "data" / name / "0.png")
+    res = train_folder(tmp_path, "--image-size", "8")  # no test image was held out: a division by zero
+    assert res.exit_code == 0 and "bits/dim" in res.output, res.output
