@@ -46,6 +46,8 @@ def train(
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
                          layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
                          checkpoint_every=checkpoint_every, seed=seed)
+    if channels % config.head_dim:
+        raise ValueError(f"--channels {channels} must be a multiple of {config.head_dim}, the attention head width")
     if data == "digits":
         train_set, test_set = load_digits_split(seed=seed)
     else:

@@ -74,6 +74,8 @@ class BenchOptions:
             raise BenchError("the Jacobi threshold must be positive")
         if self.cfg is not None and not 0 <= self.cfg < math.inf:
             raise BenchError(f"--cfg must be a number 0 or more, got {self.cfg}")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"--threads must be at least 1, got {self.threads}")
         if not 0 <= self.seed < 2**63:
             raise BenchError(f"--seed must be 0 or more and below 2**63, got {self.seed}")
         if self.schedule not in SCHEDULES:

@@ -27,9 +27,10 @@ def _matches(path: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def check_setting(bits: int, group_size: int) -> None:
+def check_setting(bits: int, group_size: int, option: str = "--bits") -> None:
+    """``option``: the flag the user gave the bits with, for the message."""
     if bits not in SUPPORTED_BITS:
-        raise QuantizationError(f"--bits must be 4 or 8, got {bits}")
+        raise QuantizationError(f"{option} must be 4 or 8, got {bits}")
     if group_size not in SUPPORTED_GROUPS:
         raise QuantizationError(f"--group-size must be 32, 64 or 128, got {group_size}")
 

@@ -21,6 +21,8 @@ class ImageInputError(ValueError):
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
     """The decoded image at ``path``; any problem (missing, not an image, too large) is one ImageInputError line."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageInputError(f"{what} {path} is a folder: give an image file")
     if not path.is_file():
         raise ImageInputError(f"{what} {path} not found")
     try:

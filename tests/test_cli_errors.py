@@ -58,3 +58,15 @@ def test_anything_unexpected_is_still_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("starflow_mlx.convert.full_model.build_model_folder", broken)
     line = one_line(runner.invoke(app, ["convert", "x.pth", "-c", "x.yaml", "-o", str(tmp_path / "out")]))
     assert "internal error (TypeError: a bug)" in line and "STARFLOW_DEBUG=1" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--from-metadata", "{dir}"], "is a folder: give an image file"),
+    (["convert", "x.pth", "-c", "x.yaml", "-o", "{dir}/out", "--quantize", "3"], "--quantize must be 4 or 8, got 3"),
+    (["bench", "--config", "tiny", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["train", "-o", "{dir}/model", "--channels", "16", "--steps", "1"], "--channels 16 must be a multiple of 32"),
+])
+def test_messages_name_the_option_the_user_gave(tmp_path, args, message):
+    line = one_line(runner.invoke(app, [a.format(dir=tmp_path) for a in args]))
+    assert message in line
+    assert list(tmp_path.iterdir()) == []  # nothing written
