@@ -14,7 +14,8 @@ import typer
 
 app = typer.Typer(
     name="starflow",
-    help="Run Apple's STARFlow flows with MLX: generate, convert, quantize, export, bench, score.",
+    help="Run Apple's STARFlow flows with MLX: generate images and videos, score images, convert, quantize, "
+         "train, export to Core ML, bench.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

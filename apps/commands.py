@@ -11,6 +11,12 @@ from starflow_mlx.apps.cli import user_errors
 def register(app) -> None:
     if app.registered_commands:
         return
+    # `starflow --help` lists commands in this order: what a new user runs first comes first.
+    from starflow_mlx.apps import generate_cmd
+
+    app.command("generate")(user_errors(generate_cmd.generate))
+    app.command("score")(user_errors(generate_cmd.score))
+
     from starflow_mlx.apps import convert_cmd
 
     app.command("convert")(user_errors(convert_cmd.convert))
@@ -28,8 +34,3 @@ def register(app) -> None:
     from starflow_mlx.apps import train_cmd
 
     app.command("train")(user_errors(train_cmd.train))
-
-    from starflow_mlx.apps import generate_cmd
-
-    app.command("generate")(user_errors(generate_cmd.generate))
-    app.command("score")(user_errors(generate_cmd.score))

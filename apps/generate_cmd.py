@@ -194,8 +194,8 @@ def generate(
                                                                "(default 0.005; 0.001 for video)."),
     jacobi_max_iter: int = typer.Option(32, help="Most Jacobi iterations per chunk."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Keep the KV caches quantized to 8 or 4 bits: "
-                                                                  "a quarter or a sixth of the memory, samples "
-                                                                  "change slightly (default: float)."),
+                                                                  "about half or a quarter of float16's memory, "
+                                                                  "samples change slightly (default: float)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp; a grid when -n > 1). "
                                                                       "Default: PROMPT-seedSEED.png here."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image, named PROMPT-seedSEED-INDEX.png."),

@@ -48,7 +48,8 @@ def gaussian_baseline_bits(train, test, noise_std: float, seed: int = 1) -> floa
 
 
 def measure(model: str | Path = "demo", per_class: int = 20, jacobi: bool = True, seed: int = 0,
-            grid: Path | None = None, dtype: str | None = None) -> dict:
+            grid: Path | None = None, dtype: str | None = None, step=lambda: None) -> dict:
+    """Classifier accuracy and test bits/dim; ``step()`` after each of the 10 digits and after the bits/dim."""
     pipe = Pipeline.from_pretrained(model, dtype=dtype)
     train, test = load_digits_split()
     clf = digit_classifier(train)
@@ -57,6 +58,7 @@ def measure(model: str | Path = "demo", per_class: int = 20, jacobi: bool = True
         x = pipe.sample(str(digit), seed=seed + digit, num_images=per_class, jacobi=jacobi)
         pixels = np.array(x) / pipe.manifest.pixel_scale
         correct += int((clf.predict(to_features(pixels)) == digit).sum())
+        step()
         if grid is not None:
             rows.append(pipe.decode(x[: min(per_class, 10)]))
     if grid is not None:
@@ -65,10 +67,12 @@ def measure(model: str | Path = "demo", per_class: int = 20, jacobi: bool = True
         Path(grid).parent.mkdir(parents=True, exist_ok=True)
         tile([img for row in rows for img in row], pad=4).save(grid)
     noise = pipe.config.noise_std
+    bits_per_dim = evaluate_bits_per_dim(pipe.flow, test, noise)
+    step()
     return {
         "accuracy": correct / (10 * per_class),
         "samples": 10 * per_class,
-        "bits_per_dim": evaluate_bits_per_dim(pipe.flow, test, noise),
+        "bits_per_dim": bits_per_dim,
         "baseline_bits_per_dim": gaussian_baseline_bits(train, test, noise),
         "classifier_accuracy_on_real_test": float(clf.score(to_features(test.images), test.labels)),
         "cfg": pipe.config.cfg,

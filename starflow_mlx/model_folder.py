@@ -13,6 +13,7 @@ pipeline needs the manifest.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -71,4 +72,10 @@ def resolve_model(name: str | Path) -> Path:
         from starflow_mlx.hub import ensure_model
 
         return ensure_model(str(name))
-    raise ConfigError(f"model {name!r} not found: pass a model folder, 'demo', or a Hugging Face repo id like apple/starflow")
+    from starflow_mlx.hub import load_registry
+
+    # A typo of a known name ('dmeo', 'starflow') is the likeliest first mistake: name the fix.
+    close = difflib.get_close_matches(str(name), ["demo", *load_registry().get("models", {})], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"model {name!r} not found{hint}: pass a model folder, 'demo', or a Hugging Face repo id "
+                      "like apple/starflow")

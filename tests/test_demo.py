@@ -54,3 +54,11 @@ def test_generate_needs_no_network(tmp_path):
                           "-o", str(tmp_path / "seven.png")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "seven.png").stat().st_size > 0
+
+
+def test_quality_measure_reports_each_digit_and_the_bits_per_dim():
+    from starflow_mlx.benchmarks import demo_quality
+
+    steps = []
+    result = demo_quality.measure("demo", per_class=1, jacobi=False, step=lambda: steps.append(1))
+    assert len(steps) == 11 and result["samples"] == 10  # what `quantize --report` counts as the demo's parts

@@ -98,6 +98,7 @@ def flow_only(model, tmp_path):
 @pytest.mark.parametrize("args,words", [
     (["x", "-a", "7:5"], "unknown aspect ratio '7:5': use one of 1:1, 2:3, 3:2"),
     (["x", "--model", "/nonexistent/model"], "not found"),
+    (["x", "--model", "dmeo"], "model 'dmeo' not found (did you mean demo?)"),
     (["x", "--model", "FLOW_ONLY"], "has no starflow.json"),
     (["x", "--output-dir", "OUT_DIR"], "give --output FILE or --output-dir DIR, not both"),
     (["x", "--dtype", "float8"], "unknown dtype 'float8'"),

@@ -42,6 +42,10 @@ def test_a_million_images_are_refused_in_one_line_not_a_crash(tmp_path):
         assert res.returncode == 1, res.stderr  # a segfault is -11 (139 from a shell)
         assert res.stderr.strip().splitlines() == [res.stderr.strip()] and words in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []
+    one = capped_cli(tmp_path, "generate", "7", "--model", "demo", "--batch-size", 1_000_000, "-o", "one.png")
+    assert one.returncode == 0, one.stderr  # the batch is the one image asked for
+    assert read_metadata(tmp_path / "one.png")["batch_size"] == 1
+    (tmp_path / "one.png").unlink()
     ok = capped_cli(tmp_path, "generate", "7", "--model", "demo", "-n", 3, "--batch-size", 2, "--output-dir", "out")
     assert ok.returncode == 0, ok.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"7-seed0-00{i}.png" for i in range(3)]

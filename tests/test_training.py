@@ -64,3 +64,19 @@ def test_image_folder_dataset(tmp_path):
     assert len(train) + len(test) == 6 and -1 <= train.images.min() and train.images.max() <= 1
     with pytest.raises(DataError, match="no class sub-folders"):
         load_image_folder(tmp_path / "data" / "dark", size=4)
+
+
+def test_cli_reports_the_step_rate_without_the_first_compiling_step(tmp_path):
+    import re
+
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+
+    register(app)
+    res = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "m"), "--steps", "3", "--channels", "32",
+                                   "--layers", "1 1", "--batch-size", "8", "--checkpoint-every", "0"])
+    assert res.exit_code == 0, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert re.search(r": 3 steps in \S+ min \(\S+ s/step; \S+ s/step after the first\), test \S+ bits/dim$", line), line

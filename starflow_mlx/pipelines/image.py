@@ -105,11 +105,12 @@ def plan_batch(folder: Path, config, num_images: int, batch_size: int | None = N
     fits = MAX_DEFAULT_BATCH if total is None else (total - needed_bytes(folder, config, 0)) // image_bytes(config)
     if batch_size is None:
         return max(1, min(num_images, MAX_DEFAULT_BATCH, fits))
+    batch_size = min(batch_size, num_images)  # a batch larger than the job samples the job: only that must fit
     if batch_size > fits:
         raise InsufficientMemoryError(
             f"a batch of {batch_size} images needs about {needed_bytes(folder, config, batch_size) / 2**30:.1f} GB "
             f"of memory but {total / 2**30:.1f} GB is available: use --batch-size {max(fits, 1)} or less")
-    return min(batch_size, num_images)
+    return batch_size
 
 
 def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int, jacobi_threshold: float,
