@@ -277,3 +277,16 @@ def test_train_on_a_tiny_folder_holds_one_image_out(tmp_path):
         Image.new("L", (8, 8)).save(tmp_path / "data" / name / "0.png")
     res = train_folder(tmp_path, "--image-size", "8")  # no test image was held out: a division by zero
     assert res.exit_code == 0 and "bits/dim" in res.output, res.output
+
+
+def test_nan_weights_are_an_error_not_a_blank_image(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(DEMO_DIR, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("proj_out.weight"))
+    weights[name] = mx.full(weights[name].shape, float("nan"), weights[name].dtype)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    res = runner.invoke(app, ["generate", "7", "--model", str(folder), "-o", str(tmp_path / "x.png")])
+    last = res.output.strip().splitlines()[-1]  # after the progress lines of the sampling that made the NaNs
+    assert res.exit_code == 1 and last.startswith("error: the model produced NaN or infinite values"), res.output
+    assert not (tmp_path / "x.png").exists()

@@ -113,6 +113,19 @@ def plan_batch(folder: Path, config, num_images: int, batch_size: int | None = N
     return batch_size
 
 
+class NonFiniteSampleError(ValueError):
+    """A sample holds NaN or infinity."""
+
+
+def check_finite(x: mx.array) -> mx.array:
+    """``x``, unless it holds NaN or infinity: then damaged weights (or an overflow in a low-precision dtype)
+    made it, and writing it would give a blank image or video instead of an error."""
+    if not mx.all(mx.isfinite(x)).item():
+        raise NonFiniteSampleError("the model produced NaN or infinite values: its weights may be damaged (convert or "
+                                   "download the model again), or try --dtype float32")
+    return x
+
+
 def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int, jacobi_threshold: float,
                   jacobi_max_iter: int) -> None:
     if not 0 <= seed < 2**63:
@@ -260,7 +273,7 @@ class Pipeline:
             x = score_denoise(self.flow, x, y, self.config.noise_std)
             mx.eval(x)
             report("denoise", 1, 1)
-        return x
+        return check_finite(x)
 
     def generate(self, prompt: str, *, progress: Callable[..., None] | None = None, batch_size: int | None = None,
                  **options) -> list[Image.Image]:

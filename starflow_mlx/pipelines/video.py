@@ -30,7 +30,8 @@ from PIL import Image
 from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
 from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
-from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline, check_options, memory_limit, weight_bytes
+from starflow_mlx.pipelines.image import (InsufficientMemoryError, Pipeline, check_finite, check_options, memory_limit,
+                                          weight_bytes)
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
@@ -278,7 +279,7 @@ class VideoPipeline(Pipeline):
                               jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                               jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
                               kv_bits=kv_bits, progress=progress)
-        return self.denoise(x, y, report)
+        return check_finite(self.denoise(x, y, report))
 
     def denoise(self, x: mx.array, y: mx.array, report: Callable[..., None]) -> mx.array:
         """Remove the training noise: the learnable denoiser in chunks, or one score step without it."""
