@@ -285,6 +285,8 @@ def test_bits_option_quantizes_on_export_and_verifies(folders, tmp_path):
     ("image", ["--chunk", "99"], "--chunk 99 is larger than the 16 tokens of one image"),
     ("options", ["--chunk", "2"], "--chunk > 1 (Jacobi) needs a model with a start-of-sequence token"),
     ("image", ["--height", "0"], "--height 0 must be a positive multiple of 1"),
+    ("image", ["--height", "100000"], "give a smaller --height/--width"),  # numpy failed on a terabyte mask
+    ("image", ["--height", "400", "--width", "400"], "GB to export but"),  # 160000 tokens: a 51 GB float16 mask
     ("quant", ["--bits", "8"], "is already quantized: drop --bits"),
     ("image", ["--batch", "0"], "--batch must be at least 1"),
 ])

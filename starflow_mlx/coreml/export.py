@@ -86,7 +86,26 @@ def _latent_size(config: FlowConfig, factor: int, height: int | None, width: int
         if value <= 0 or value % step:
             raise ExportError(f"{name} {value} must be a positive multiple of {step} (VAE factor x patch size)")
         sizes.append(value // factor)
+    check_export_memory(config, factor, *sizes)
     return sizes[0], sizes[1]
+
+
+def check_export_memory(config: FlowConfig, factor: int, lat_h: int, lat_w: int) -> None:
+    """Refuse, with the numbers, a size this machine cannot export: numpy would fail on a terabyte array, or the
+    process be killed. The estimate is sampling's at that size plus the shallow packages' float16 causal mask
+    over all tokens, built and then serialised (it grows with the square of the tokens)."""
+    from starflow_mlx.pipelines.image import image_bytes, memory_limit
+
+    total = memory_limit()
+    side = max(lat_h, lat_w)
+    tokens = (lat_h // config.patch_size) * (lat_w // config.patch_size) + config.txt_size
+    need = None
+    if side <= 4096:
+        need = image_bytes(FlowConfig(**{**config.to_dict(), "latent_size": side})) + 2 * 2 * tokens**2
+    if total is not None and (need is None or need > total):
+        about = f"about {need / 2**30:.0f} GB" if need else "more memory than any machine has"
+        raise ExportError(f"{lat_h * factor}x{lat_w * factor} pixels need {about} to export but "
+                          f"{total / 2**30:.0f} GB is available: give a smaller --height/--width")
 
 
 def resolve_chunk(chunk: int | None, tokens: int, sos: bool, unit: str = "image") -> int:
