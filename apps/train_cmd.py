@@ -31,6 +31,8 @@ def train(
     seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
 ) -> None:
     """Train with the upstream objective (noise + exact NLL), AdamW, warm-up + cosine, clipping, label dropout."""
+    import mlx.core as mx
+
     from starflow_mlx.progress import StageProgress
     from starflow_mlx.training.data import load_digits_split, load_image_folder
     from starflow_mlx.staging import check_output
@@ -78,4 +80,5 @@ def train(
     rate = f"{seconds / max(ran, 1):.2f} s/step"
     if ran > 1:  # what more steps would cost, without the first step's one-off compilation
         rate += f"; {(start + seconds - first_done) / (ran - 1):.2f} s/step after the first"
-    typer.echo(f"{output}: {ran} steps{resumed} in {seconds / 60:.1f} min ({rate}), test {test_bpd:.3f} bits/dim")
+    typer.echo(f"{output}: {ran} steps{resumed} in {seconds / 60:.1f} min ({rate}), test {test_bpd:.3f} bits/dim, "
+               f"peak memory {mx.get_peak_memory() / 2**30:.2f} GB")

@@ -65,6 +65,7 @@ def test_anything_unexpected_is_still_one_line(tmp_path, monkeypatch):
     (["convert", "x.pth", "-c", "x.yaml", "-o", "{dir}/out", "--quantize", "3"], "--quantize must be 4 or 8, got 3"),
     (["bench", "--config", "tiny", "--threads", "0"], "--threads must be at least 1, got 0"),
     (["train", "-o", "{dir}/model", "--channels", "16", "--steps", "1"], "--channels 16 must be a multiple of 32"),
+    (["train", "-o", "{dir}/model", "--channels", "32768", "--steps", "1"], "GB is available: use a smaller"),
 ])
 def test_messages_name_the_option_the_user_gave(tmp_path, args, message):
     line = one_line(runner.invoke(app, [a.format(dir=tmp_path) for a in args]))

@@ -7,7 +7,8 @@ import pytest
 from starflow_mlx.loading import load_flow
 from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.training.data import DataError, load_digits_split, load_image_folder
-from starflow_mlx.training.trainer import TrainConfig, Trainer
+from starflow_mlx.pipelines.image import InsufficientMemoryError
+from starflow_mlx.training.trainer import TrainConfig, Trainer, training_bytes
 
 pytest.importorskip("sklearn")
 TINY = dict(channels=32, layers=[1, 1], batch_size=32, warmup=2, checkpoint_every=0, lr=2e-3)
@@ -22,6 +23,16 @@ def test_a_few_steps_lower_the_loss(digits, tmp_path):
     trainer = Trainer(TrainConfig(steps=30, **TINY), digits[0], tmp_path / "ck")
     losses = trainer.run()
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+
+
+def test_memory_estimate_covers_a_step_and_refuses_what_cannot_fit(digits, tmp_path, monkeypatch):
+    mx.reset_peak_memory()
+    trainer = Trainer(TrainConfig(steps=1, **{**TINY, "channels": 64, "layers": [2, 2]}), digits[0], tmp_path / "ck")
+    trainer.run()
+    assert 0 < mx.get_peak_memory() <= training_bytes(trainer.config, trainer.train.batch_size)
+    monkeypatch.setattr("starflow_mlx.pipelines.image.memory_limit", lambda: 2**30)
+    with pytest.raises(InsufficientMemoryError, match="--batch-size 65536 needs about .* GB but 1.0 GB is available"):
+        Trainer(TrainConfig(steps=1, **{**TINY, "batch_size": 65536}), digits[0], tmp_path / "ck2")
 
 
 def test_resume_continues_identically(digits, tmp_path):
@@ -79,4 +90,4 @@ def test_cli_reports_the_step_rate_without_the_first_compiling_step(tmp_path):
                                    "--layers", "1 1", "--batch-size", "8", "--checkpoint-every", "0"])
     assert res.exit_code == 0, res.output
     line = res.output.strip().splitlines()[-1]
-    assert re.search(r": 3 steps in \S+ min \(\S+ s/step; \S+ s/step after the first\), test \S+ bits/dim$", line), line
+    assert re.search(r": 3 steps in \S+ min \(\S+ s/step; \S+ s/step after the first\), test \S+ bits/dim, peak memory \S+ GB$", line), line

@@ -78,10 +78,35 @@ def nll_per_dim(flow: STARFlow, x: mx.array, y: mx.array) -> mx.array:
     return 0.5 * mx.mean(mx.square(z.reshape(z.shape[0], -1)), axis=1) - logdet / dims
 
 
+def training_bytes(config: FlowConfig, batch: int) -> int:
+    """Memory a training step needs, on the generous side: float32 weights, their gradients and AdamW's two
+    moments, and what backpropagation keeps per layer and sample, measured at about 37 float32 values per
+    token and channel (40 here) besides the attention scores."""
+    tokens = (config.latent_size // config.patch_size) ** 2 + config.txt_size
+    params = activations = 0
+    for block, layers in enumerate(config.layers_per_block):
+        width, heads = config.block_channels(block), config.block_heads(block)
+        params += layers * 12 * width * width
+        activations += layers * (40 * tokens * width + 4 * heads * tokens * tokens)
+    return 4 * (4 * params + batch * activations)
+
+
+def check_training_memory(config: FlowConfig, batch: int) -> None:
+    """Refuse, with the numbers, a training step the machine cannot hold, before the kernel kills the process."""
+    from starflow_mlx.pipelines.image import InsufficientMemoryError, memory_limit
+
+    total, need = memory_limit(), training_bytes(config, batch)
+    if total is not None and need > total:
+        raise InsufficientMemoryError(
+            f"training with --channels {config.channels} and --batch-size {batch} needs about {need / 2**30:.1f} GB "
+            f"but {total / 2**30:.1f} GB is available: use a smaller --batch-size or --channels")
+
+
 class Trainer:
     def __init__(self, train: TrainConfig, data: Dataset, checkpoint_dir: Path):
         self.train, self.data, self.checkpoint_dir = train, data, Path(checkpoint_dir)
         self.config = flow_config(train, data)
+        check_training_memory(self.config, train.batch_size)
         mx.random.seed(train.seed)
         self.model = STARFlow(self.config)
         schedule = optim.join_schedules(
