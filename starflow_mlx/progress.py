@@ -5,11 +5,13 @@ first report (work reports ``(0, total)`` before it starts) and moves with each 
 one. Stage times are real: MLX evaluates lazily, so the clock is read only after
 ``mx.synchronize()``. A stage that runs again (one per image batch) starts its bar
 over and adds to its time. Without a terminal nothing animates: each finished stage
-is logged as one line on stderr, and a long stage also every 30 seconds while it runs.
+is logged as one line on stderr, and a long stage also every 30 seconds while it runs,
+reports or not (a first training step that builds kernels for a minute reports nothing).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -40,13 +42,28 @@ class StageProgress:
         self.running: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
         self.last = self.logged = time.perf_counter()
+        self.current: tuple[str, int, int, dict] | None = None  # the running stage's last report
+        self.stopped = threading.Event()
+        self.beat = threading.Thread(target=self._heartbeat, daemon=True)
 
     def __enter__(self) -> "StageProgress":
         self.bars.start()
+        if not self.live:
+            self.beat.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        if self.beat.is_alive():
+            self.beat.join()
         self.bars.stop()
+
+    def _heartbeat(self) -> None:
+        while not self.stopped.wait(LOG_EVERY / 10):
+            now, current = time.perf_counter(), self.current
+            if current is not None and now - self.logged >= LOG_EVERY:
+                label, done, total, info = current
+                self._line(f"{label}: {done}/{total}, {now - self.running.get(label, now):.0f}s so far", info, now)
 
     def __call__(self, label: str, done: int, total: int, **info) -> None:
         now = time.perf_counter()
@@ -58,6 +75,7 @@ class StageProgress:
             else:
                 self.tasks[label] = self.bars.add_task(label, total=total, info="")
         self.bars.update(self.tasks[label], completed=done, total=total, info=describe_info(info))
+        self.current = (label, done, total, info) if done < total else None
         if not self.live and done < total and now - self.logged >= LOG_EVERY:
             self._line(f"{label}: {done}/{total}", info, now)
         if done >= total:

@@ -1,6 +1,7 @@
 """Progress that tells the truth: bars exist before their work, move during it, and time it after a sync."""
 
 import io
+import time
 
 import mlx.core as mx
 from rich.console import Console
@@ -107,3 +108,15 @@ def test_a_long_stage_is_logged_while_it_runs_when_not_on_a_terminal(monkeypatch
     for done in (0, 1, 2, 3, 4):
         stages("training", done, 10, note=f"loss {done}")
     assert out.getvalue().splitlines() == ["training: 2/10 (loss 2)", "training: 4/10 (loss 4)"]  # 30 s apart
+
+
+def test_a_stage_that_reports_nothing_for_long_is_still_logged(monkeypatch):
+    monkeypatch.setattr(progress_module, "LOG_EVERY", 0.05)
+    out = io.StringIO()
+    with StageProgress(Console(file=out, width=200), live=False) as stages:
+        stages("training", 0, 10)
+        time.sleep(0.3)  # a first step compiling kernels: no report meanwhile
+        stages("training", 10, 10)
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("training: 0/10, ") and line.endswith("s so far") for line in lines), lines
+    assert lines[-1].startswith("training: 10/10 in ")
