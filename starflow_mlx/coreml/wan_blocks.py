@@ -150,6 +150,19 @@ class WanBuilder:
         caches.write(full[-2:])
         return self._taps(full, weight, conv.bias, conv.padding)
 
+    def _resample(self, frames: list, layer, caches: Caches, first: bool) -> list:
+        """A stage's ``Resample`` layer: the encoder's down-, the decoder's up-sampling."""
+        raise NotImplementedError
+
+    def _stage(self, frames: list, layers, caches: Caches, first: bool) -> list:
+        """A stage's residual blocks and resampling, in their order."""
+        for layer in layers:
+            if type(layer).__name__ == "Resample":
+                frames = self._resample(frames, layer, caches, first)
+            else:
+                frames = self._residual(frames, layer, caches)
+        return frames
+
     def _norm(self, x, norm):
         return self.em.scaled_rms(x, to_numpy(norm.gamma), 1e-12)
 

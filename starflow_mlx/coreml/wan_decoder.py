@@ -71,12 +71,7 @@ class WanDecoderBuilder(WanBuilder):
                              to_numpy(conv.weight), conv.bias, (1, 1)) for f in frames]
 
     def _up_block(self, frames, stage, caches, first: bool):
-        y = frames
-        for layer in stage.upsamples:
-            if type(layer).__name__ == "Resample":
-                y = self._resample(y, layer, caches, first)
-            else:
-                y = self._residual(y, layer, caches)
+        y = self._stage(frames, stage.upsamples, caches, first)
         if not stage.up:
             return y
         shortcut = self._dup_up(frames, stage.out_dim, stage.ft, first)

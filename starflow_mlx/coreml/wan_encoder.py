@@ -74,7 +74,7 @@ class WanEncoderBuilder(WanBuilder):
             out.append(total)
         return out
 
-    def _downsample(self, frames: list, layer, caches: Caches, first: bool) -> list:
+    def _resample(self, frames: list, layer, caches: Caches, first: bool) -> list:
         """Zero pad right and bottom, a stride-2 convolution per frame; for ``downsample3d`` then a stride-2
         temporal convolution over the previous chunk's last frame and this chunk (none in ``first``)."""
         conv = layer.resample[1]
@@ -89,12 +89,7 @@ class WanEncoderBuilder(WanBuilder):
 
     def _down_block(self, frames: list, stage, caches: Caches, first: bool) -> list:
         shortcut = self._avg_down(frames, stage)
-        y = frames
-        for layer in stage.downsamples:
-            if type(layer).__name__ == "Resample":
-                y = self._downsample(y, layer, caches, first)
-            else:
-                y = self._residual(y, layer, caches)
+        y = self._stage(frames, stage.downsamples, caches, first)
         return [self.mb.add(x=a, y=b) for a, b in zip(y, shortcut)]
 
     def _network(self, v: dict, caches: Caches, first: bool):
