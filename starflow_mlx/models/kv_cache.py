@@ -8,7 +8,7 @@ start of a long sequence from paying for the keys of the whole sequence.
 
 With ``bits`` (8 or 4) keys and values are stored quantized along the head
 dimension (MLX's affine quantization: packed integers, a scale and a bias per
-group), a quarter or a sixth of float16's size with the scales; attention then
+group), about half or a quarter of float16's size with the scales; attention then
 reads them through ``mx.quantized_matmul`` and never holds a float copy. The
 deep block's cache of a long video is what does not fit a 16 GB Mac otherwise.
 """

@@ -225,7 +225,7 @@ class STARFlow(nn.Module):
         ``context_frames`` re-encoded frames. ``context`` (B, P, H, W, c) holds known first
         frames in data space (an encoded image or clip): they condition the deep block
         through its cache, and the result starts with them. ``kv_bits`` (8 or 4) keeps every
-        block's KV cache quantized (a quarter or a sixth of float16's memory with the scales;
+        block's KV cache quantized (about half or a quarter of float16's memory with the scales;
         :mod:`starflow_mlx.models.kv_cache`). ``stats`` (a ``JacobiStats``) collects
         iterations and residuals per chunk; ``progress(label, done, total, **info)``
         is called as tokens are produced. ``pipeline`` (frame-local video models): invert the
