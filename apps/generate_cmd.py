@@ -149,8 +149,9 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
 
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
-                batch_size: Optional[int], stages) -> list:
-    """Sample ``wanted`` batch by batch; files of a folder are written per batch, a grid's images returned."""
+                batch_size: Optional[int], stages, write: bool = True) -> list:
+    """Sample ``wanted`` batch by batch; files of a folder are written per batch (unless not ``write``: a
+    pipeline rank other than 0), a grid's images returned."""
     from starflow_mlx.pipelines.image_files import save_images
 
     kept = []
@@ -158,7 +159,7 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
     done = 0
     for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
                                                images=(wanted.start, wanted.stop), **options):
-        if plan.file is None:
+        if plan.file is None and write:
             save_images([(image, plan.names[first + k], dict(params, index=first + k))
                          for k, image in enumerate(images)])
         else:
@@ -214,15 +215,23 @@ def generate(
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="Video models: decode in spatial tiles of this many "
                                                                     "latent cells (less memory; blends change pixels "
                                                                     "slightly). Off by default."),
+    pipeline: bool = typer.Option(False, "--pipeline", help="Under mlx.launch: split the deep block's layers over "
+                                                            "the processes instead of the images (automatic when "
+                                                            "the model does not fit one machine)."),
 ) -> None:
-    """Generate images, or mp4 videos with a video model; files carry their generation parameters."""
+    """Generate images, or mp4 videos with a video model; files carry their generation parameters.
+
+    Under ``mlx.launch -n N`` the images (or videos) are shared among the N processes, or with
+    ``--pipeline`` the model's layers; process 0 reports progress and writes every file.
+    """
     from starflow_mlx import __version__
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.pipelines.image import Pipeline, plan_batch
+    from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
-    from starflow_mlx.progress import StageProgress
     from starflow_mlx.sampling.auto import resolve_jacobi
 
+    from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.models.kv_cache import KV_BITS
 
     if kv_bits is not None and kv_bits not in KV_BITS:
@@ -234,7 +243,8 @@ def generate(
                               num_videos=num_images, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                               jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, output=output,
                               output_dir=output_dir, overwrite=overwrite, dtype=dtype, from_metadata=from_metadata,
-                              frames=frames, fps=fps, image=image, video=video, vae_tile=vae_tile, kv_bits=kv_bits)
+                              frames=frames, fps=fps, image=image, video=video, vae_tile=vae_tile, kv_bits=kv_bits,
+                              pipeline=pipeline)
     video_only = [name for name, value in (("--frames", frames), ("--fps", fps), ("--image", image),
                                            ("--video", video), ("--vae-tile", vae_tile)) if value is not None]
     if video_only:
@@ -262,21 +272,34 @@ def generate(
         check_writable(path)
     check_aspect_ratio(job["aspect_ratio"])
     parse_dtype(job["dtype"])
-    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    world = dist.open_world(pipeline)
+    layers = dist.deep_layers(world, job["model"], pipeline)
+    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], layers=layers)
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
-    batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"], job["batch_size"])
+    batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"],
+                            dist.default_batch(world, layers, job["batch_size"], wanted))
     check_job(pipe, plan, len(wanted), job["aspect_ratio"])
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
                   batch_size=batch_size)
-    with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
+    with dist.stage_progress(world) as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size, stages)
+        if dist.data_parallel(world, layers):
+            images = dist.sample_images(world, pipe, job["prompt"], options, wanted, batch_size, stages,
+                                        job["aspect_ratio"])
+        else:
+            with world.sampling():
+                images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
+                                     world.beating(stages), write=world.is_main)
+    if not world.is_main:
+        return
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     if plan.file is not None:
         write_file(plan, images, params, wanted.start if len(wanted) == 1 else None)
+    elif dist.data_parallel(world, layers):
+        save_images([(image, plan.names[i], dict(params, index=i)) for i, image in zip(wanted, images)])
     stages.log(stages.summary())
     for path in plan.paths[:3]:
         typer.echo(f"wrote {path}" + (f" ({plan.taken} exists)" if plan.taken else ""))

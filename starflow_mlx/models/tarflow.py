@@ -35,6 +35,9 @@ class IdentityBlock(nn.Module):
 
 class MetaBlock(nn.Module):
     is_identity = False
+    # Set when this process holds only some of the layers (pipeline parallel, starflow_mlx.distributed):
+    # the hidden state then crosses from the ranks before and on to the ranks after.
+    stage = None
 
     def __init__(self, config: FlowConfig, index: int):
         super().__init__()
@@ -94,8 +97,12 @@ class MetaBlock(nn.Module):
             prefix = self.text_prefix(y)
             n_text = prefix.shape[1]
             h = mx.concatenate([prefix.astype(h.dtype), h], axis=1)
+        if self.stage is not None:
+            h = self.stage.enter(h)
         for layer in self.attn_blocks:
             h = layer(h, rope, "causal")
+        if self.stage is not None:
+            h = self.stage.leave(h)
         a, b = self._head(h[:, n_text:])
         if not self.use_sos:
             # Without SOS token t is predicted from token t-1 and token 0 passes through.
@@ -115,9 +122,11 @@ class MetaBlock(nn.Module):
         rope = (mx.slice(cos, start, (0,), (count, cos.shape[1])), mx.slice(sin, start, (0,), (count, sin.shape[1])))
         mask = position_mask(start, count, cache.visible)
         cache.seek(start)
+        if self.stage is not None:
+            h = self.stage.enter(h, cache)
         for layer, layer_cache in zip(self.attn_blocks, cache.layers):
             h = layer(h, rope, mask, layer_cache)
-        return h
+        return h if self.stage is None else self.stage.leave(h, cache)
 
     def encode_text(self, y: mx.array, cache: KVCache, cos: mx.array, sin: mx.array) -> None:
         """Write the text prefix into cache positions 0 .. L-1."""

@@ -62,8 +62,14 @@ def memory_limit() -> int | None:
     return min(known) if known else None
 
 
-def weight_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+def weight_bytes(folder: Path, layers: range | None = None) -> int:
+    """The weights a process loads: all of them, or with ``layers`` only that share of the deep block's."""
+    total = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    if layers is None:
+        return total
+    from starflow_mlx.distributed import unread_bytes
+
+    return total - unread_bytes(folder, layers)
 
 
 def tokens_per_image(config) -> int:
@@ -82,15 +88,15 @@ def image_bytes(config) -> int:
     return kv_cache + activations + decoding
 
 
-def needed_bytes(folder: Path, config, batch: int = 1) -> int:
-    """Weights, working memory and ``batch`` images in flight."""
-    return weight_bytes(folder) + WORKING_BYTES + batch * image_bytes(config)
+def needed_bytes(folder: Path, config, batch: int = 1, layers: range | None = None) -> int:
+    """Weights (``layers``: a pipeline rank's share), working memory and ``batch`` images in flight."""
+    return weight_bytes(folder, layers) + WORKING_BYTES + batch * image_bytes(config)
 
 
-def check_memory(folder: Path, config) -> None:
-    """Refuse early, with the numbers, when the model cannot fit."""
+def check_memory(folder: Path, config, layers: range | None = None) -> None:
+    """Refuse early, with the numbers, when the model (or this rank's share of it) cannot fit."""
     total = memory_limit()
-    needed = needed_bytes(folder, config)
+    needed = needed_bytes(folder, config, layers=layers)
     if total is not None and needed > total:
         raise InsufficientMemoryError(
             f"this model needs about {needed / 2**30:.1f} GB of memory but the machine has {total / 2**30:.1f} GB: "
@@ -143,6 +149,8 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
 class Pipeline:
     VIDEO = False  # which manifest kind this class runs; from_pretrained hands video models to VideoPipeline
 
+    layers: range | None = None  # the deep block's layers this process holds (pipeline parallel), None: all
+
     def __init__(self, folder: Path, flow, manifest: Manifest, text_encoder=None, vae=None):
         self.folder, self.flow, self.manifest = folder, flow, manifest
         self.text_encoder, self.vae = text_encoder, vae
@@ -150,8 +158,11 @@ class Pipeline:
         self._last_text = None  # (prompt, aspect ratio) -> features: batches of one prompt encode it once
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, dtype: str | None = None) -> "Pipeline":
-        """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
+    def from_pretrained(cls, name: str | Path, dtype: str | None = None, layers: range | None = None) -> "Pipeline":
+        """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once).
+
+        ``layers``: hold only those layers of the deep block (a rank's share, :mod:`starflow_mlx.distributed`).
+        """
         folder = resolve_model(name)
         manifest = Manifest.load(folder)
         if (manifest.kind == "text-to-video") != cls.VIDEO:
@@ -159,9 +170,9 @@ class Pipeline:
                 raise ValueError(f"{name} is a {manifest.kind} model: use starflow_mlx.Pipeline for images")
             from starflow_mlx.pipelines.video import VideoPipeline
 
-            return VideoPipeline.from_pretrained(folder, dtype=dtype)
-        check_memory(folder, FlowConfig.load(folder / "config.json"))
-        flow = load_flow(folder, dtype=dtype)
+            return VideoPipeline.from_pretrained(folder, dtype=dtype, layers=layers)
+        check_memory(folder, FlowConfig.load(folder / "config.json"), layers)
+        flow = load_flow(folder, dtype=dtype, layers=layers)
         text_encoder = vae = None
         if manifest.text_encoder:
             from starflow_mlx.text_encoder import load_text_encoder
@@ -169,7 +180,9 @@ class Pipeline:
             text_encoder = load_text_encoder(folder / manifest.text_encoder, dtype=dtype)
         if manifest.vae:
             vae = cls.load_vae(folder / manifest.vae, dtype)
-        return cls(folder, flow, manifest, text_encoder, vae)
+        pipe = cls(folder, flow, manifest, text_encoder, vae)
+        pipe.layers = layers
+        return pipe
 
     @classmethod
     def load_vae(cls, path: Path, dtype: str | None):

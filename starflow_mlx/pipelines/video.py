@@ -112,8 +112,8 @@ class VideoPipeline(Pipeline):
         super().__init__(folder, flow, manifest, text_encoder, vae)
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, dtype: str | None = None) -> "VideoPipeline":
-        pipe = super().from_pretrained(name, dtype=dtype)
+    def from_pretrained(cls, name: str | Path, dtype: str | None = None, layers: range | None = None) -> "VideoPipeline":
+        pipe = super().from_pretrained(name, dtype=dtype, layers=layers)
         pipe.dtype = dtype
         return pipe
 
@@ -149,7 +149,7 @@ class VideoPipeline(Pipeline):
         pixels = h * w * self.vae.factor**2
         tile = self.vae.tile
         decoded = (min(h, tile) * min(w, tile) if tile else h * w) * self.vae.factor**2  # decoded at once
-        return weight_bytes(self.folder) + max(kv, decoded * VAE_BYTES_PER_PIXEL) + count * frames * pixels * 3
+        return weight_bytes(self.folder, self.layers) + max(kv, decoded * VAE_BYTES_PER_PIXEL) + count * frames * pixels * 3
 
     def release_if_short(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> bool:
         """Free the flow and text encoder before decoding when they would crowd the VAE's working set.
@@ -167,7 +167,7 @@ class VideoPipeline(Pipeline):
         if self.flow is None:
             from starflow_mlx.text_encoder import load_text_encoder
 
-            self.flow = load_flow(self.folder, dtype=self.dtype)
+            self.flow = load_flow(self.folder, dtype=self.dtype, layers=self.layers)
             self.text_encoder = load_text_encoder(self.folder / self.manifest.text_encoder, dtype=self.dtype)
 
     def check_memory(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> None:

@@ -1,0 +1,350 @@
+"""Generation over several processes or Macs with MLX's own distributed engine (``mlx.launch``, ``mx.distributed``).
+
+``mlx.launch -n N -- starflow generate ...`` starts N ranks of the same command. Two ways to share a job:
+
+- **data parallel**: the images (or videos) of one job are cut into batches, each rank samples
+  its own batches exactly as a single process with that batch size would (image i still uses
+  seed + i), and rank 0 gathers every rank's pixels and writes the files once;
+- **pipeline parallel**: the deep block's transformer layers are split into contiguous runs,
+  one per rank, each rank holding only its layers' weights and their KV cache. Every step
+  passes the hidden state from rank to rank (``send``/``recv_like``) and the last rank's
+  output is gathered back to all of them, so every rank computes the same ``(a, b)`` and
+  the samplers stay in lockstep without any other message.
+
+A rank that dies makes the ring backend fail the next collective on the others, which is
+turned into one line. A rank that hangs or never connects is caught by :class:`Watchdog`:
+no answer within the timeout (``STARFLOW_DISTRIBUTED_TIMEOUT`` seconds, plus, for the
+final gather, the time the waiting rank itself worked) prints one line and exits; no output
+file exists yet, since rank 0 writes only after it has gathered everything.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+TIMEOUT_ENV = "STARFLOW_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT = 120.0
+# Set by mlx.launch (ring, JACCL) or by MPI: without them the process is alone and never touches the engine.
+LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+class DistributedError(OSError):
+    """Another rank died, hung, or could not be reached."""
+
+
+class Watchdog:
+    """Ends the process with one line when an armed wait outlives its deadline.
+
+    A blocked collective cannot be interrupted from Python, and MLX's ring backend waits
+    for a silent peer forever, so a daemon thread watches the clock instead.
+    """
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.deadline: float | None = None
+        self.what = ""
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def arm(self, seconds: float, what: str) -> None:
+        with self.lock:
+            self.deadline, self.what, self.seconds = time.monotonic() + seconds, what, seconds
+
+    def disarm(self) -> None:
+        with self.lock:
+            self.deadline = None
+
+    @contextmanager
+    def watching(self, seconds: float, what: str):
+        self.arm(seconds, what)
+        try:
+            yield
+        finally:
+            self.disarm()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.2)
+            with self.lock:
+                late = self.deadline is not None and time.monotonic() > self.deadline
+                what, seconds = self.what, getattr(self, "seconds", 0)
+            if late:
+                sys.stdout.flush()
+                sys.stderr.write(f"error: rank {self.rank}: no answer from the other ranks {what} within "
+                                 f"{seconds:.0f} s (a rank died, hangs or cannot connect; {TIMEOUT_ENV} sets the "
+                                 "limit): stopped, nothing written\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+
+def timeout_seconds() -> float:
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+@dataclass
+class World:
+    """This process's place among the ranks of one job."""
+
+    rank: int = 0
+    size: int = 1
+    group: object = None
+    timeout: float = DEFAULT_TIMEOUT
+    watchdog: Watchdog | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def batches(self, items: range, batch: int) -> list[range]:
+        """``items`` per rank, in whole batches cut at multiples of ``batch`` (where one process cuts
+        them, so every image is computed exactly as there), contiguous, the first ranks taking one
+        more batch when they do not divide evenly."""
+        cuts = sorted({items.start, items.stop, *range(items.start - items.start % batch + batch, items.stop, batch)})
+        per, extra = divmod(len(cuts) - 1, self.size)
+        shares, first = [], 0
+        for rank in range(self.size):
+            taken = per + (rank < extra)
+            shares.append(range(cuts[first], cuts[first + taken]))
+            first += taken
+        return shares
+
+    def gather(self, mine: np.ndarray, counts: list[int], item_shape: tuple[int, ...], worked: float) -> np.ndarray | None:
+        """Every rank's items (uint8, ``counts[r]`` of ``item_shape`` from rank r) in rank order, on rank 0 only.
+
+        A rank that finished early waits for the others; it gives them the timeout plus as long
+        as it worked itself (they do as much work) before it calls them lost.
+        """
+        most = max(counts)
+        padded = np.zeros((most, *item_shape), np.uint8)
+        padded[: len(mine)] = mine
+        with self.collective(self.timeout + worked, "while gathering the images"):
+            every = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
+        if not self.is_main:
+            return None
+        return np.concatenate([every[r * most : r * most + n] for r, n in enumerate(counts)])
+
+    @contextmanager
+    def collective(self, seconds: float, what: str):
+        """Work that waits on other ranks: bounded by the watchdog, a lost peer turned into one line."""
+        with self.watchdog.watching(seconds, what), peer_errors(self.rank):
+            yield
+
+    @contextmanager
+    def sampling(self):
+        """Pipeline-parallel sampling: every step waits on the other ranks, so the reports of
+        :meth:`beating` must keep coming within the timeout."""
+        if self.watchdog is None:
+            yield
+            return
+        with self.collective(self.timeout, "during sampling"):
+            yield
+
+    def beating(self, progress):
+        """``progress`` that re-arms the watchdog on every report."""
+        if self.watchdog is None:
+            return progress
+
+        def report(*args, **kwargs):
+            self.watchdog.arm(self.timeout, "during sampling")
+            return progress(*args, **kwargs)
+
+        return report
+
+
+@contextmanager
+def peer_errors(rank: int):
+    """MLX's ring backend raises RuntimeError when a peer's connection drops: a one-line DistributedError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "[ring]" not in str(exc) and "[jaccl]" not in str(exc) and "[mpi]" not in str(exc):
+            raise
+        raise DistributedError(f"rank {rank}: lost the connection to another rank (it died or its network went down): "
+                               "stopped, nothing written") from None
+
+
+_WORLD: World | None = None
+
+
+def launched() -> bool:
+    return any(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def current() -> World:
+    """The job's world, connected once: a single rank unless the process was started by ``mlx.launch``."""
+    global _WORLD
+    if _WORLD is None:
+        if not launched():
+            _WORLD = World()
+        else:
+            timeout = timeout_seconds()
+            rank = int(os.environ.get("MLX_RANK", "0") or 0)
+            watchdog = Watchdog(rank)
+            with watchdog.watching(timeout, "while connecting"), peer_errors(rank):
+                group = mx.distributed.init(strict=True)
+                # Every rank answers once: init returns before all peers are really there.
+                mx.eval(mx.distributed.all_sum(mx.ones(1), group=group))
+            watchdog.rank = group.rank()
+            _WORLD = World(group.rank(), group.size(), group, timeout, watchdog)
+    return _WORLD
+
+
+# -- pipeline parallel -------------------------------------------------------------------------
+def layer_share(layers: int, size: int, rank: int) -> range:
+    """Contiguous layers of rank ``rank`` of ``size``; the first ranks take one more when they do not divide."""
+    if layers < size:
+        raise ValueError(f"the deep block has {layers} layers: it cannot be split over {size} ranks "
+                         "(use fewer processes, or data parallel without --pipeline)")
+    per, extra = divmod(layers, size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
+
+
+class PipelineStage:
+    """One rank's place in the deep block's layer pipeline (set as ``MetaBlock.stage``).
+
+    Every rank computes the block's input the same way; rank 0's is the real one. The hidden
+    state crosses from rank b to rank b + 1 by an ``all_gather`` in which rank b + 1 takes
+    rank b's rows, and after the last rank's layers a final gather gives every rank its rows,
+    so all compute the same scales and shifts. Collectives rather than ``send``/``recv_like``:
+    a received array has no inputs in MLX's graph, so nothing would order it after the
+    previous step's exchanges; a gather's input can be made to wait on them.
+
+    Each crossing is a ``custom_function`` whose gradient runs the exchange backwards, so
+    ``mx.grad`` through the split block (the score step that denoises images) gives every rank
+    the gradient one process would compute.
+    """
+
+    def __init__(self, world: World):
+        self.world = world
+        self.crossings = [self._crossing(boundary) for boundary in range(world.size - 1)]
+        self.start, self.final = self._start(), self._final()
+
+    def _gather(self, h: mx.array) -> tuple[mx.array, int]:
+        return mx.distributed.all_gather(h, group=self.world.group), h.shape[0]
+
+    def _crossing(self, boundary: int):
+        rank = self.world.rank
+
+        @mx.custom_function
+        def cross(h):
+            every, rows = self._gather(h)
+            if rank == boundary + 1:
+                return every[boundary * rows : (boundary + 1) * rows]
+            return mx.depends(h, every)  # this rank's rows are already past the boundary, or not yet there
+
+        @cross.vjp
+        def cross_vjp(primals, cotangent, output):
+            every, rows = self._gather(cotangent)
+            if rank == boundary:
+                return cotangent + every[(boundary + 1) * rows : (boundary + 2) * rows]
+            if rank == boundary + 1:
+                return mx.depends(mx.zeros_like(cotangent), every)
+            return mx.depends(cotangent, every)
+
+        return cross
+
+    def _start(self):
+        @mx.custom_function
+        def start(h):
+            return h
+
+        @start.vjp
+        def start_vjp(primals, cotangent, output):
+            # Only rank 0's copy of the input reaches the layers: every rank needs its gradient.
+            return mx.distributed.all_sum(cotangent, group=self.world.group)
+
+        return start
+
+    def _final(self):
+        last = self.world.rank == self.world.size - 1
+
+        @mx.custom_function
+        def final(h):
+            every, rows = self._gather(h)
+            return every[(self.world.size - 1) * rows :]
+
+        @final.vjp
+        def final_vjp(primals, cotangent, output):
+            # Every rank computes the same loss from these rows: the last rank's own copy carries it back.
+            return cotangent if last else mx.depends(mx.zeros_like(cotangent), output)
+
+        return final
+
+    def enter(self, h: mx.array, cache=None) -> mx.array:
+        """The block's input -> this rank's layers' input; after the exchanges that wrote ``cache`` so far."""
+        if cache is not None:
+            h = mx.depends(h, cache.layers[-1].keys[0])
+        h = self.start(h)
+        for cross in self.crossings[: self.world.rank]:
+            h = cross(h)
+        return h
+
+    def leave(self, h: mx.array, cache=None) -> mx.array:
+        """This rank's layers' output -> the block's output, the same on every rank."""
+        for cross in self.crossings[self.world.rank :]:
+            h = cross(h)
+        h = self.final(h)
+        if cache is not None:
+            # Writing the text or known frames into the cache discards the output: the cache must
+            # still wait for the exchanges, or the other ranks would wait forever.
+            last = cache.layers[-1]
+            last.keys = [mx.depends(last.keys[0], h), *last.keys[1:]]
+        return h
+
+
+def keep_deep_layers(flow, layers: range) -> tuple[dict[str, str], set[str]]:
+    """Keep only ``layers`` of the deep block, which then runs as this rank's pipeline stage.
+
+    Returns each kept parameter's name in the model file where it differs (local layer j is
+    file layer ``layers.start + j``) and the file's tensors this rank leaves unread.
+    """
+    from mlx.utils import tree_flatten
+
+    deep = flow.blocks[-1]
+    prefix = f"blocks.{deep.index}.attn_blocks."
+    before = {name for name, _ in tree_flatten(flow.parameters())}
+    deep.attn_blocks = deep.attn_blocks[layers.start : layers.stop]
+    deep.stage = PipelineStage(current())
+    file_names = {}
+    for name, _ in tree_flatten(flow.parameters()):
+        if name.startswith(prefix):
+            layer, rest = name[len(prefix) :].split(".", 1)
+            file_names[name] = f"{prefix}{int(layer) + layers.start}.{rest}"
+    kept = {file_names.get(name, name) for name, _ in tree_flatten(flow.parameters())}
+    return file_names, before - kept
+
+
+def unread_bytes(folder, layers: range) -> int:
+    """Bytes of the deep block's layers outside ``layers`` in a model folder's flow weights (another rank's)."""
+    import math
+    from pathlib import Path
+
+    from starflow_mlx.config import FlowConfig
+    from starflow_mlx.convert.safetensors_stream import DTYPES, read_header
+
+    config = FlowConfig.load(Path(folder, "config.json"))
+    prefix = f"blocks.{config.num_blocks - 1}.attn_blocks."
+    total = 0
+    for name, (dtype, shape) in read_header(Path(folder, "model.safetensors")).items():
+        if name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) not in layers:
+            total += math.prod(shape) * np.dtype(DTYPES[dtype][1]).itemsize
+    return total
