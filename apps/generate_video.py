@@ -42,16 +42,16 @@ def report_memory() -> str:
 
 def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
                    jacobi_threshold, jacobi_max_iter, output, output_dir, overwrite, dtype, from_metadata,
-                   frames, fps, image, video, vae_tile, kv_bits) -> None:
+                   frames, fps, image, video, vae_tile, kv_bits, pipeline=False) -> None:
     """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
     from starflow_mlx import __version__
+    from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import frame_count
     from starflow_mlx.pipelines.video_io import write_videos
-    from starflow_mlx.progress import StageProgress
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
@@ -84,7 +84,9 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         check_writable(path)
     if vae_tile is not None and vae_tile < 2:
         raise ValueError(f"--vae-tile must be at least 2 latent cells, got {vae_tile}")
-    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    world = dist.open_world(pipeline)
+    layers = dist.deep_layers(world, job["model"], pipeline)
+    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], layers=layers)
     pipe.vae.tile = vae_tile
     options = {key: job[key] for key in SAMPLING_KEYS}
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__)
@@ -96,9 +98,16 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         items = [(plan.file, dict(params, index=wanted.start if single else None), 0 if single else None)]
     else:
         items = [(path, dict(params, index=i), i - wanted.start) for i, path in plan.names.items()]
-    with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
+    with dist.stage_progress(world) as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        written = write_videos(pipe.stream(job["prompt"], progress=stages, **options), items, options["fps"])
+        if dist.data_parallel(world, layers):  # each rank its videos; rank 0 writes them all
+            chunks = dist.sample_videos(world, pipe, job["prompt"], options, stages)
+        else:
+            with world.sampling():  # samples now; the frames are decoded as they are written (rank 0 only)
+                chunks = pipe.stream(job["prompt"], progress=world.beating(stages), **options)
+        written = write_videos(chunks, items, options["fps"]) if world.is_main else 0
+    if not world.is_main:
+        return
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     stages.log(stages.summary())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,28 +39,54 @@ class DistributedError(OSError):
     """Another rank died, hung, or could not be reached."""
 
 
-class Watchdog:
-    """Ends the process with one line when an armed wait outlives its deadline.
+# The watchdog runs as a small separate process: a rank blocked inside MLX (connecting, or a
+# collective) may hold the GIL, so no thread or signal handler of its own would ever run.
+WATCHER = r"""
+import os, select, signal, sys, time
+parent, deadline, message, pending = int(sys.argv[1]), None, "", b""
+while True:
+    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if select.select([0], [], [], wait)[0]:
+        data = os.read(0, 65536)
+        if not data:
+            sys.exit(0)  # the rank has exited
+        pending += data
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            seconds, _, message = line.decode().partition(" ")
+            deadline = None if seconds == "-" else time.monotonic() + float(seconds)
+    elif deadline is not None:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        os.kill(parent, signal.SIGKILL)
+        sys.exit(0)
+"""
 
-    A blocked collective cannot be interrupted from Python, and MLX's ring backend waits
-    for a silent peer forever, so a daemon thread watches the clock instead.
+
+class Watchdog:
+    """Kills this rank with one line on stderr when an armed wait outlives its deadline.
+
+    A blocked collective cannot be interrupted from Python, and MLX's ring backend waits for
+    a silent peer forever. Nothing is half-written when it fires: files are written only
+    after the last collective.
     """
 
     def __init__(self, rank: int):
+        import subprocess
+
         self.rank = rank
-        self.deadline: float | None = None
-        self.what = ""
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
+        self.process = subprocess.Popen([sys.executable, "-c", WATCHER, str(os.getpid())], stdin=subprocess.PIPE)
+
+    def _send(self, line: str) -> None:
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
 
     def arm(self, seconds: float, what: str) -> None:
-        with self.lock:
-            self.deadline, self.what, self.seconds = time.monotonic() + seconds, what, seconds
+        self._send(f"{seconds} error: rank {self.rank}: no answer from the other ranks {what} within {seconds:.0f} s "
+                   f"(a rank died, hangs or cannot connect; {TIMEOUT_ENV} sets the limit): stopped, nothing written")
 
     def disarm(self) -> None:
-        with self.lock:
-            self.deadline = None
+        self._send("-")
 
     @contextmanager
     def watching(self, seconds: float, what: str):
@@ -70,20 +95,6 @@ class Watchdog:
             yield
         finally:
             self.disarm()
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(0.2)
-            with self.lock:
-                late = self.deadline is not None and time.monotonic() > self.deadline
-                what, seconds = self.what, getattr(self, "seconds", 0)
-            if late:
-                sys.stdout.flush()
-                sys.stderr.write(f"error: rank {self.rank}: no answer from the other ranks {what} within "
-                                 f"{seconds:.0f} s (a rank died, hangs or cannot connect; {TIMEOUT_ENV} sets the "
-                                 "limit): stopped, nothing written\n")
-                sys.stderr.flush()
-                os._exit(1)
 
 
 def timeout_seconds() -> float:
@@ -108,6 +119,7 @@ class World:
     group: object = None
     timeout: float = DEFAULT_TIMEOUT
     watchdog: Watchdog | None = None
+    steps_wait: bool = False  # inside :meth:`sampling`: progress reports are the ranks' heartbeat
 
     @property
     def is_main(self) -> bool:
@@ -154,8 +166,12 @@ class World:
         if self.watchdog is None:
             yield
             return
-        with self.collective(self.timeout, "during sampling"):
-            yield
+        self.steps_wait = True
+        try:
+            with self.collective(self.timeout, "during sampling"):
+                yield
+        finally:
+            self.steps_wait = False
 
     def beating(self, progress):
         """``progress`` that re-arms the watchdog on every report."""
@@ -163,7 +179,8 @@ class World:
             return progress
 
         def report(*args, **kwargs):
-            self.watchdog.arm(self.timeout, "during sampling")
+            if self.steps_wait:
+                self.watchdog.arm(self.timeout, "during sampling")
             return progress(*args, **kwargs)
 
         return report
