@@ -1,0 +1,190 @@
+"""`starflow generate` over two processes on this machine (`mlx.launch -n 2`, MLX's ring backend over localhost).
+
+Data parallel must give the bytes one process gives; pipeline parallel the same arrays within
+float32 tolerance; a rank that dies or never connects must stop the others in bounded time
+with one line and no output file.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from starflow_mlx.distributed import World, layer_share
+
+BIN = Path(sys.executable).parent
+TIMEOUT = 240  # seconds for one launched job on a loaded 2-core machine; a hang fails instead of blocking CI
+
+
+def free_ports(count: int) -> int:
+    """A first port such that it and the next ``count - 1`` can be listened on now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count > 65535:
+            continue
+        try:
+            sockets = [socket.socket() for _ in range(count)]
+            for offset, sock in enumerate(sockets):
+                sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free ports")
+
+
+def launch(*command, ranks: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``mlx.launch -n ranks --backend ring -- command`` on localhost."""
+    args = [str(BIN / "mlx.launch"), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_ports(ranks)),
+            "--", *map(str, command)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, **(env or {})})
+    assert "error" not in res.stderr.lower() and "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def single(*command) -> subprocess.CompletedProcess:
+    res = subprocess.run([str(BIN / "starflow"), *map(str, command)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_shares_cut_at_batch_boundaries_and_layers_split_evenly():
+    two = World(size=2)
+    assert two.batches(range(5), 2) == [range(0, 4), range(4, 5)]  # batches [0,2) [2,4) [4,5): 2 then 1
+    assert two.batches(range(3), 1) == [range(0, 2), range(2, 3)]
+    assert two.batches(range(2, 3), 16) == [range(2, 3), range(3, 3)]  # one image from metadata: rank 1 idles
+    assert [layer_share(5, 2, r) for r in range(2)] == [range(0, 3), range(3, 5)]
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks"):
+        layer_share(2, 3, 0)
+
+
+def test_data_parallel_images_are_the_single_process_bytes_and_rank_0_writes_once(tmp_path):
+    res = launch(BIN / "starflow", "generate", "3", "--model", "demo", "-n", 3, "--output-dir", tmp_path / "two")
+    single("generate", "3", "--model", "demo", "-n", 3, "--batch-size", 2, "--output-dir", tmp_path / "one")
+    made = files(tmp_path / "two")
+    assert made == files(tmp_path / "one") and len(made) == 3  # the default batch under 2 ranks is 2 (ceil(3 / 2))
+    assert res.stdout.count("wrote") == 3  # rank 0 names the three files; rank 1 stays silent
+
+
+def test_pipeline_images_match_one_process_and_each_rank_holds_half_the_deep_block(tmp_path):
+    launch(BIN / "starflow", "generate", "7", "--model", "demo", "-n", 2, "--pipeline", "-o", tmp_path / "two.png")
+    single("generate", "7", "--model", "demo", "-n", 2, "-o", tmp_path / "one.png")
+    from PIL import Image
+
+    two, one = (np.asarray(Image.open(tmp_path / name), np.int16) for name in ("two.png", "one.png"))
+    assert np.abs(two - one).max() <= 1  # float32 sums in another order may move a pixel by one level
+
+    from starflow_mlx.model_folder import DEMO_DIR
+    from starflow_mlx.pipelines.image import weight_bytes
+
+    halves = [weight_bytes(DEMO_DIR, layer_share(4, 2, r)) for r in range(2)]
+    assert halves[0] == halves[1] < weight_bytes(DEMO_DIR)
+
+
+PIPELINE_VIDEO = """
+import sys
+import numpy as np
+from starflow_mlx.distributed import current, layer_share
+from starflow_mlx.pipelines.video import VideoPipeline
+world = current()
+layers = layer_share(2, world.size, world.rank) if world.size > 1 else None
+pipe = VideoPipeline.from_pretrained(sys.argv[1], layers=layers)
+held = len(pipe.flow.blocks[-1].attn_blocks)
+# 13 frames = 4 latent frames past the model's 3: Jacobi with a sliding window and re-encoded context.
+latents = pipe.sample("a fox", frames=13, seed=3, num_videos=1, jacobi_block_size=4)
+if world.rank == 0:
+    np.save(sys.argv[2], np.array(latents))
+print("held", held)
+"""
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    from fixtures_video import make_video_model
+
+    return make_video_model(tmp_path_factory.mktemp("video"))
+
+
+def test_pipeline_video_latents_match_one_process_within_float32(video_model, tmp_path):
+    script = tmp_path / "sample.py"
+    script.write_text(PIPELINE_VIDEO)
+    res = launch(sys.executable, script, video_model, tmp_path / "two.npy")
+    assert sorted(res.stdout.split()) == ["1", "1", "held", "held"]  # the deep block's 2 layers: one per rank
+    subprocess.run([sys.executable, script, video_model, tmp_path / "one.npy"], check=True, timeout=TIMEOUT)
+    two, one = np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy")
+    np.testing.assert_allclose(two, one, atol=1e-4, rtol=1e-4)
+
+
+def test_data_parallel_videos_are_each_videos_own_bytes(video_model, tmp_path):
+    launch(BIN / "starflow", "generate", "a fox", "--model", video_model, "-n", 2, "--frames", 5,
+           "--output-dir", tmp_path / "two")
+    made = sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in made] == ["a-fox-seed0-000.mp4", "a-fox-seed0-001.mp4"]
+    # Rank 1 sampled video 1 alone, as regenerating it from its metadata does.
+    single("generate", "--from-metadata", made[1], "-o", tmp_path / "again.mp4")
+    assert (tmp_path / "again.mp4").read_bytes() == made[1].read_bytes()
+
+
+def one_error_line(stderr: str) -> str:
+    """Starflow's own lines (MLX's ring backend logs '[ring] ...' lines of its own when a socket closes)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("[ring]")]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0:"), stderr
+    return lines[0]
+
+
+def rank(number: int, hostfile: Path, out: Path, timeout: int) -> subprocess.Popen:
+    """One rank started by hand, as mlx.launch starts it (which would also stop the other when one dies)."""
+    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(number),
+           "STARFLOW_DISTRIBUTED_TIMEOUT": str(timeout)}
+    # Four batches of one: the job outlasts the moment the other rank is killed.
+    return subprocess.Popen([str(BIN / "starflow"), "generate", "3", "--model", "demo", "-n", "4", "--batch-size", "1",
+                             "--pipeline", "--output-dir", str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def hostfile(tmp_path: Path) -> Path:
+    base = free_ports(2)
+    path = tmp_path / "hosts.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
+    return path
+
+
+def test_a_rank_that_never_connects_stops_the_other_with_one_line_and_no_file(tmp_path):
+    started = time.monotonic()
+    alone = rank(0, hostfile(tmp_path), tmp_path / "out", timeout=3)
+    _, stderr = alone.communicate(timeout=TIMEOUT)
+    assert alone.returncode != 0 and time.monotonic() - started < 60
+    assert "while connecting within 3 s" in one_error_line(stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_that_dies_mid_job_stops_the_other_with_one_line_and_no_file(tmp_path):
+    hosts = hostfile(tmp_path)
+    first, second = rank(0, hosts, tmp_path / "out", 20), rank(1, hosts, tmp_path / "out", 20)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:  # wait until the ranks are connected and sampling
+        line = first.stderr.readline()
+        if line.startswith("text") or not line:
+            break
+    second.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, rest = first.communicate(timeout=TIMEOUT)
+    assert first.returncode != 0 and time.monotonic() - killed < 60
+    one_error_line(rest)
+    assert not (tmp_path / "out").exists()
