@@ -43,6 +43,8 @@ NOT_RUN = [
     (r"^starflow quantize demo --report", "measures for about 10 minutes on 2 cores (tests/test_quantize.py runs it "
                                          "small)"),
     (r"^starflow train .*--steps (2000|4000)", "trains for hours on a CPU (tests/test_training.py trains small)"),
+    (r"^mlx\.distributed_config ", "configures the network of several Macs over ssh"),
+    (r"^mlx\.launch --hostfile ", "needs several Macs (tests/test_distributed.py runs the same code on two local ranks)"),
 ]
 PYTHON_NOT_RUN = [
     (r'VideoPipeline\.from_pretrained\("starflow-v"\)', "needs a converted STARFlow-V folder (7B weights); "
@@ -107,7 +109,8 @@ def test_every_readme_command_is_run_or_listed_with_a_reason():
     for pattern in SLOW:
         assert any(re.search(pattern, c) for c in commands), f"SLOW entry {pattern!r} matches no README command"
     for command in commands:
-        assert reason_not_run(command) or command.removeprefix(".venv/bin/").startswith(("starflow ", "python")), \
+        assert reason_not_run(command) or command.removeprefix(".venv/bin/").startswith(("starflow ", "python",
+                                                                                          "mlx.launch ")), \
             f"README command {command!r} is neither a starflow command nor listed in NOT_RUN"
 
 
