@@ -44,7 +44,8 @@ def fail(message: str, code: int = 1) -> None:
     from starflow_mlx.safe_text import printable
 
     lines = [printable(line, 2000) for line in message.splitlines()] or [""]
-    typer.echo("error: " + "\n".join(lines), err=True)
+    rank = os.environ.get("MLX_RANK")  # under mlx.launch every rank reports its own failure: say whose
+    typer.echo("error: " + (f"rank {printable(rank, 8)}: " if rank else "") + "\n".join(lines), err=True)
     raise typer.Exit(code)
 
 

@@ -7,15 +7,15 @@
   seed + i), and rank 0 gathers every rank's pixels and writes the files once;
 - **pipeline parallel**: the deep block's transformer layers are split into contiguous runs,
   one per rank, each rank holding only its layers' weights and their KV cache. Every step
-  passes the hidden state from rank to rank (``send``/``recv_like``) and the last rank's
-  output is gathered back to all of them, so every rank computes the same ``(a, b)`` and
-  the samplers stay in lockstep without any other message.
+  passes the hidden state from rank to rank and the last rank's output is gathered back to
+  all of them (:class:`PipelineStage`), so every rank computes the same ``(a, b)`` and the
+  samplers stay in lockstep without any other message.
 
 A rank that dies makes the ring backend fail the next collective on the others, which is
 turned into one line. A rank that hangs or never connects is caught by :class:`Watchdog`:
 no answer within the timeout (``STARFLOW_DISTRIBUTED_TIMEOUT`` seconds, plus, for the
-final gather, the time the waiting rank itself worked) prints one line and exits; no output
-file exists yet, since rank 0 writes only after it has gathered everything.
+final gather, the time the waiting rank itself worked) prints one line and kills the rank;
+no output file exists yet, since rank 0 writes only after it has gathered everything.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class World:
         most = max(counts)
         padded = np.zeros((most, *item_shape), np.uint8)
         padded[: len(mine)] = mine
-        with self.collective(self.timeout + worked, "while gathering the images"):
+        with self.collective(self.timeout + worked, "while gathering the results"):
             every = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
         if not self.is_main:
             return None
@@ -156,7 +156,7 @@ class World:
     @contextmanager
     def collective(self, seconds: float, what: str):
         """Work that waits on other ranks: bounded by the watchdog, a lost peer turned into one line."""
-        with self.watchdog.watching(seconds, what), peer_errors(self.rank):
+        with self.watchdog.watching(seconds, what), peer_errors():
             yield
 
     @contextmanager
@@ -187,14 +187,14 @@ class World:
 
 
 @contextmanager
-def peer_errors(rank: int):
+def peer_errors():
     """MLX's ring backend raises RuntimeError when a peer's connection drops: a one-line DistributedError."""
     try:
         yield
     except RuntimeError as exc:
         if "[ring]" not in str(exc) and "[jaccl]" not in str(exc) and "[mpi]" not in str(exc):
             raise
-        raise DistributedError(f"rank {rank}: lost the connection to another rank (it died or its network went down): "
+        raise DistributedError("lost the connection to another rank (it died or its network went down): "
                                "stopped, nothing written") from None
 
 
@@ -215,9 +215,9 @@ def current() -> World:
             timeout = timeout_seconds()
             rank = int(os.environ.get("MLX_RANK", "0") or 0)
             watchdog = Watchdog(rank)
-            with watchdog.watching(timeout, "while connecting"), peer_errors(rank):
+            with watchdog.watching(timeout, "while connecting"), peer_errors():
                 group = mx.distributed.init(strict=True)
-                # Every rank answers once: init returns before all peers are really there.
+                # One exchange before any work: every rank is there and answering.
                 mx.eval(mx.distributed.all_sum(mx.ones(1), group=group))
             watchdog.rank = group.rank()
             _WORLD = World(group.rank(), group.size(), group, timeout, watchdog)
