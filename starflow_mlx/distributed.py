@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
