@@ -73,6 +73,17 @@ def test_shares_cut_at_batch_boundaries_and_layers_split_evenly():
         layer_share(2, 3, 0)
 
 
+def test_pipeline_is_chosen_when_the_model_does_not_fit_one_machine(monkeypatch):
+    from starflow_mlx.apps.generate_distributed import deep_layers
+
+    two = World(rank=1, size=2)
+    assert deep_layers(two, "demo", pipeline=False) is None  # the demo fits: data parallel
+    assert deep_layers(two, "demo", pipeline=True) == range(2, 4)
+    monkeypatch.setattr("starflow_mlx.pipelines.image.memory_limit", lambda: 1 << 20)
+    assert deep_layers(two, "demo", pipeline=False) == range(2, 4)
+    assert deep_layers(World(), "demo", pipeline=False) is None  # one process never pipelines
+
+
 def test_data_parallel_images_are_the_single_process_bytes_and_rank_0_writes_once(tmp_path):
     res = launch(BIN / "starflow", "generate", "3", "--model", "demo", "-n", 3, "--output-dir", tmp_path / "two")
     single("generate", "3", "--model", "demo", "-n", 3, "--batch-size", 2, "--output-dir", tmp_path / "one")
