@@ -159,14 +159,22 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def rank(number: int, hostfile: Path, out: Path, timeout: int) -> subprocess.Popen:
+def rank(number: int, hostfile: Path, out: Path, timeout: int, pipeline: bool = True) -> subprocess.Popen:
     """One rank started by hand, as mlx.launch starts it (which would also stop the other when one dies)."""
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(number),
            "STARFLOW_DISTRIBUTED_TIMEOUT": str(timeout)}
     # Four batches of one: the job outlasts the moment the other rank is killed.
     return subprocess.Popen([str(BIN / "starflow"), "generate", "3", "--model", "demo", "-n", "4", "--batch-size", "1",
-                             "--pipeline", "--output-dir", str(out)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             *(["--pipeline"] if pipeline else []), "--output-dir", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_sampling(process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:  # the ranks are connected once rank 0 has encoded the prompt
+        line = process.stderr.readline()
+        if line.startswith("text") or not line:
+            return
 
 
 def hostfile(tmp_path: Path) -> Path:
@@ -188,14 +196,25 @@ def test_a_rank_that_never_connects_stops_the_other_with_one_line_and_no_file(tm
 def test_a_rank_that_dies_mid_job_stops_the_other_with_one_line_and_no_file(tmp_path):
     hosts = hostfile(tmp_path)
     first, second = rank(0, hosts, tmp_path / "out", 20), rank(1, hosts, tmp_path / "out", 20)
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:  # wait until the ranks are connected and sampling
-        line = first.stderr.readline()
-        if line.startswith("text") or not line:
-            break
+    wait_until_sampling(first)
     second.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     _, rest = first.communicate(timeout=TIMEOUT)
     assert first.returncode != 0 and time.monotonic() - killed < 60
     one_error_line(rest)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_that_hangs_is_given_up_on_at_the_gather_with_one_line_and_no_file(tmp_path):
+    hosts = hostfile(tmp_path)
+    first, second = (rank(r, hosts, tmp_path / "out", 3, pipeline=False) for r in range(2))
+    wait_until_sampling(first)
+    second.send_signal(signal.SIGSTOP)
+    try:
+        _, rest = first.communicate(timeout=TIMEOUT)
+    finally:
+        second.kill()
+        second.communicate()
+    assert first.returncode != 0
+    assert "while gathering the results" in [line for line in rest.splitlines() if line.startswith("error:")][0]
     assert not (tmp_path / "out").exists()
