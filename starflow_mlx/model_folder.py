@@ -38,6 +38,7 @@ class Manifest(JSONConfig):
     vae: str | None = None  # sub-folder; None means the flow works in pixel space
     classes: list[str] = field(default_factory=list, metadata={"max_len": 1 << 16})  # class names; index len(classes) is the empty class
     prompt_help: str | None = field(default=None, metadata={"max_len": 500})  # class models: what a prompt looks like
+    words: list[str] = field(default_factory=list, metadata={"max_len": 1024})  # class models: the label's vocabulary (prompts.class_features)
     pixel_scale: float = field(default=1.0, metadata={"min": 1e-3, "max": 1e3})  # pixel-space models: data = pixels in [-1, 1] times this
     source: dict[str, Any] = field(default_factory=dict)  # where each part came from (repo ids, files)
     format: int = 1

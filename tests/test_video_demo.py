@@ -55,10 +55,26 @@ def test_the_split_follows_the_digits_and_names_every_prompt():
     assert "'<digit> moving <direction>'" in train.prompt_help
 
 
+def test_a_label_is_one_one_hot_row_per_word():
+    from starflow_mlx.jsonconfig import ConfigError
+    from starflow_mlx.pipelines.prompts import class_features
+    from starflow_mlx.training.moving_digits import WORDS
+
+    table = class_features(class_names(), WORDS)
+    assert table.shape == (41, 2, 15)  # 40 prompts and the empty one; a digit row and a direction row
+    right, up = class_names().index("7 moving right"), class_names().index("7 moving up")
+    assert np.array_equal(table[right, 0], table[up, 0]) and table[right, 0, 7] == 1  # the shared "7"
+    assert table[up, 1, WORDS.index("up")] == 1 and (table[-1, :, -1] == 1).all()  # the empty words
+    assert class_features(["a", "b"]).shape == (3, 1, 3)  # without words: upstream's one-hot label
+    with pytest.raises(ConfigError, match="same number of words"):
+        class_features(["7 moving right", "7 right up"], WORDS)
+
+
 def test_trained_folder_is_a_pixel_space_class_video_model(tiny_video_model):
     manifest = json.loads((tiny_video_model / "starflow.json").read_text())
     config = json.loads((tiny_video_model / "config.json").read_text())
     assert manifest["kind"] == "class-to-video" and manifest["vae"] is None and manifest["text_encoder"] is None
+    assert manifest["words"][:2] == ["0", "1"] and config["txt_size"] == 2 and config["txt_dim"] == 15
     assert config["num_frames"] == 3 and config["shallow_block_local"] and config["temporal_causal"] == 1
     assert manifest["source"]["frames"] == 3 and manifest["source"]["seconds"] > 0
 

@@ -25,7 +25,7 @@ from PIL import Image
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest, resolve_model
-from starflow_mlx.pipelines.prompts import latent_size, nearest_aspect_ratio, prepare_prompt
+from starflow_mlx.pipelines.prompts import class_features, latent_size, nearest_aspect_ratio, prepare_prompt
 from starflow_mlx.sampling.denoise import score_denoise
 
 MIN_PIXEL_SIDE = 64  # tiny pixel-space outputs (8x8 digits) are enlarged so they can be seen
@@ -210,8 +210,8 @@ class Pipeline:
 
     def _text_features(self, prompt: str, aspect_ratio: str | None, fps: int) -> tuple[mx.array, mx.array]:
         if self.is_class_model:
-            eye = np.eye(len(self.manifest.classes) + 1, dtype=np.float32)
-            return mx.array(eye[self.class_index(prompt)][None, None]), mx.array(eye[-1][None, None])
+            table = class_features(self.manifest.classes, self.manifest.words)
+            return mx.array(table[self.class_index(prompt)][None]), mx.array(table[-1][None])
         length = self.config.txt_size
         text = prepare_prompt(prompt, self.config, aspect_ratio, fps)
         tokens = self.text_encoder.count_tokens(text)

@@ -21,6 +21,8 @@ DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  
 PROMPT_HELP = ("'<digit> moving <direction>' with a digit 0-9 and a direction "
                f"{', '.join(DIRECTIONS)} (e.g. '7 moving right')")
 DIGIT_SIDE = 8
+# A prompt's label is two one-hot words, a digit and a direction: every direction's clips teach the digits.
+WORDS = [str(digit) for digit in range(10)] + list(DIRECTIONS)
 
 
 def class_names() -> list[str]:
@@ -52,7 +54,7 @@ def moving_digits(images: np.ndarray, labels: np.ndarray, frames: int, canvas: i
                 row, col = (centre, along) if DIRECTIONS[direction][0] == 0 else (along, centre)
                 clips.append(render_clip(image, direction, frames, canvas, row, col))
                 classes.append(class_index(int(digit), direction))
-    return Dataset(np.stack(clips), np.array(classes, np.int64), class_names(), PROMPT_HELP)
+    return Dataset(np.stack(clips), np.array(classes, np.int64), class_names(), PROMPT_HELP, WORDS)
 
 
 def load_moving_digits_split(frames: int = 5, canvas: int = 12, copies: int = 4, seed: int = 0,

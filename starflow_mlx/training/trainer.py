@@ -27,7 +27,7 @@ from starflow_mlx.loading import load_weights_strict
 from starflow_mlx.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.staging import staged_folder
-from starflow_mlx.training.data import Dataset, one_hot_labels
+from starflow_mlx.training.data import Dataset
 
 LOG2 = math.log(2.0)
 
@@ -64,9 +64,10 @@ def flow_config(train: TrainConfig, data: Dataset) -> FlowConfig:
         raise ValueError(f"--patch-size {train.patch_size} does not divide the {h}-pixel images")
     frames = data.images.shape[1] if data.images.ndim == 5 else 0
     n_classes = len(data.classes)
+    text_len, text_dim = data.features()[1].shape  # the empty label's rows: one per word
     return FlowConfig(
         in_channels=c, channels=train.channels, layers_per_block=list(train.layers), latent_size=h,
-        patch_size=train.patch_size, head_dim=train.head_dim, txt_size=1, txt_dim=n_classes + 1, sos=True,
+        patch_size=train.patch_size, head_dim=train.head_dim, txt_size=text_len, txt_dim=text_dim, sos=True,
         seq_order="L2R", use_softplus=True, cond_top_only=True, use_final_norm=True, soft_clip=4.0,
         noise_std=train.noise_std, cfg=train.cfg, num_classes=n_classes, vae_factor=1, num_frames=frames,
         temporal_causal=int(frames > 0), shallow_block_local=frames > 0,
@@ -122,12 +123,12 @@ class Trainer:
             [max(train.warmup, 1)])
         self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
         self.step = 0
-        self.y_all = one_hot_labels(data.labels, len(data.classes))
+        self.y_all, self.y_empty = data.features()
         self._compile()
 
     def _compile(self) -> None:
-        train, n_classes = self.train, len(self.data.classes)
-        empty = mx.array(np.eye(n_classes + 1, dtype=np.float32)[n_classes])
+        train = self.train
+        empty = mx.array(self.y_empty)
         state = [self.model.state, self.optimizer.state]
 
         def loss_fn(model, x, y, key):
@@ -209,12 +210,13 @@ class Trainer:
                                 metadata={"format": "mlx"})
             kind = "class-to-video" if self.config.is_video else "class-to-image"
             Manifest(kind=kind, classes=list(self.data.classes), prompt_help=self.data.prompt_help,
+                     words=list(self.data.words or []),
                      source=source or {}).save(tmp)
 
 
 def evaluate_bits_per_dim(flow: STARFlow, data: Dataset, noise_std: float, batch: int = 256, seed: int = 1) -> float:
     rng = np.random.default_rng(seed)
-    y_all = one_hot_labels(data.labels, len(data.classes))
+    y_all, _ = data.features()
     total, count = 0.0, 0
     for start in range(0, len(data), batch):
         x = data.images[start : start + batch]
