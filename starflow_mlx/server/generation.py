@@ -80,7 +80,7 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
 
     seed = pick_seed(request.seed)
     job = dict(seed=seed, cfg=pipe.config.cfg if request.cfg is None else request.cfg,
-               aspect_ratio=aspect_ratio(pipe, request.size, "1:1"), num_images=request.n,
+               aspect_ratio=aspect_ratio(pipe, request.size), num_images=request.n,
                jacobi=resolve_jacobi(request.jacobi, pipe.config), jacobi_block_size=64, jacobi_threshold=0.005,
                jacobi_max_iter=32, kv_bits=None)
     options = {key: job[key] for key in SAMPLING_KEYS}
@@ -109,7 +109,7 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     seed = pick_seed(request.seed)
     fps = request.fps or VIDEO_DEFAULTS["fps"]
     job = dict(VIDEO_DEFAULTS, seed=seed, num_videos=1, fps=fps, image=None, video=None, kv_bits=None,
-               aspect_ratio=aspect_ratio(pipe, request.size, VIDEO_DEFAULTS["aspect_ratio"]),
+               aspect_ratio=aspect_ratio(pipe, request.size),
                frames=frame_count(video_frames(request, fps, VIDEO_DEFAULTS["frames"])))
     for key in ("cfg", "jacobi"):
         if getattr(request, key) is not None:

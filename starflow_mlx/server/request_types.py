@@ -107,10 +107,23 @@ def pick_seed(seed: int | None) -> int:
     return secrets.randbelow(2**31) if seed is None else seed
 
 
+def default_ratio(pipe) -> str:
+    """What ``starflow generate`` makes when no aspect ratio is given: 1:1, or upstream's 16:9 for video."""
+    if getattr(pipe, "VIDEO", False):
+        from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+
+        return VIDEO_DEFAULTS["aspect_ratio"]
+    return "1:1"
+
+
 def image_sizes(pipe) -> dict[str, str]:
-    """``"WIDTHxHEIGHT"`` -> aspect ratio, for every ratio the model generates (one for a square-only model)."""
+    """``"WIDTHxHEIGHT"`` -> aspect ratio for every size the model makes, its default first.
+
+    Ratios that round to one size (the prompt names the ratio) map to the default, else to the first listed.
+    """
     sizes = {}
-    for ratio in ASPECT_RATIOS:
+    default = default_ratio(pipe)
+    for ratio in [default, *(r for r in ASPECT_RATIOS if r != default)]:
         try:
             if getattr(pipe, "VIDEO", False):
                 height, width = pipe.size(ratio)
@@ -122,11 +135,11 @@ def image_sizes(pipe) -> dict[str, str]:
     return sizes
 
 
-def aspect_ratio(pipe, size: str | None, default: str) -> str:
-    """The aspect ratio a ``size`` asks for; None or "auto" is ``default`` when the model makes it."""
+def aspect_ratio(pipe, size: str | None) -> str:
+    """The aspect ratio a ``size`` asks for; None or "auto" is the model's default."""
     sizes = image_sizes(pipe)
     if size is None or size == "auto":
-        return default if default in sizes.values() else next(iter(sizes.values()))
+        return next(iter(sizes.values()))
     if size not in sizes:
         raise RequestError(f"request: size {size[:32]!r} is not one this model makes: use one of {', '.join(sizes)}",
                            "size")
