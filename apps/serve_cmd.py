@@ -76,8 +76,19 @@ def serve(
         shown = f"[{host}]" if ":" in host else host
         typer.echo(f"serving {model} ({runner.kind}s) on http://{shown}:{bound}  output: {output_dir}"
                    f" ({runner.restored} finished jobs read back)", err=True)
-        server = uvicorn.Server(uvicorn.Config(create_app(runner, api_key), log_level="warning"))
-        server.run(sockets=[sock])
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                # Cancel first: uvicorn waits for open requests, and one may be waiting on a job.
+                runner.stop(timeout=0)
+                super().handle_exit(sig, frame)
+
+        server = Server(uvicorn.Config(create_app(runner, api_key), log_level="warning"))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn has shut down, then passes Ctrl-C on: stopping is what was asked
+            pass
+        typer.echo("stopped", err=True)
     finally:
         runner.stop()
         sock.close()

@@ -259,6 +259,17 @@ class JobRunner:
             return
         finally:
             self.loaded.set()
+        try:
+            self._serve()
+        finally:
+            import mlx.core as mx
+
+            # MLX asks each thread that ran it to free its streams before it ends: left to the interpreter's
+            # exit, their teardown can abort the process ("terminate called without an active exception").
+            if hasattr(mx, "clear_streams"):
+                mx.clear_streams()
+
+    def _serve(self) -> None:
         while True:
             with self.lock:
                 while not self.waiting and not self.stopping:
