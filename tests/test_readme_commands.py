@@ -43,8 +43,11 @@ NOT_RUN = [
     (r"^starflow quantize demo --report", "measures for about 10 minutes on 2 cores (tests/test_quantize.py runs it "
                                          "small)"),
     (r"^starflow train .*--steps (2000|4000)", "trains for hours on a CPU (tests/test_training.py trains small)"),
+    (r"\bstarflow serve\b", "serves until stopped (tests/test_serve.py starts the same app on a free port)"),
+    (r"^curl ", "needs the server above running (tests/test_serve.py sends the same requests)"),
 ]
 PYTHON_NOT_RUN = [
+    (r"OpenAI\(base_url=", "needs a running `starflow serve`; tests/test_serve.py makes the same call against one"),
     (r'VideoPipeline\.from_pretrained\("starflow-v"\)', "needs a converted STARFlow-V folder (7B weights); "
                                                         "tests/test_video_pipeline.py makes the same calls on a "
                                                         "tiny video model"),
