@@ -8,6 +8,7 @@ import io
 import json
 import socket
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -17,7 +18,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from fixtures_cli import one_line  # noqa: E402
-from fixtures_serve import HeldPipeline, held_loader, serving, started, wait_for  # noqa: E402
+from fixtures_serve import held_loader, serving, started, wait_for  # noqa: E402
 from starflow_mlx.apps.cli import app as cli  # noqa: E402
 from starflow_mlx.apps.commands import register  # noqa: E402
 from starflow_mlx.pipelines.image_files import read_metadata  # noqa: E402
@@ -37,9 +38,12 @@ def test_openai_client_gets_demo_images_and_a_restart_keeps_them(tmp_path):
                                         extra_body={"seed": 5})
         images = [Image.open(io.BytesIO(base64.b64decode(item.b64_json))) for item in result.data]
         assert [image.size for image in images] == [(64, 64), (64, 64)]
+        linked = client.images.generate(model="demo", prompt="1", response_format="url", extra_body={"seed": 2})
+        got = httpx.get(linked.data[0].url, headers={"Authorization": "Bearer sk-local"})
+        assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size == (64, 64)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-        (job,) = runner.listing()
+        job = next(job for job in runner.listing() if job.request.prompt == "7")
     # The files carry the metadata `starflow generate --from-metadata` reads, image i drawn from seed + i.
     folder = out / job.id
     metas = [read_metadata(folder / name) for name in job.files]
@@ -51,9 +55,9 @@ def test_openai_client_gets_demo_images_and_a_restart_keeps_them(tmp_path):
     (out / "img_bad" / ".starflow-mlx").write_text(json.dumps({"written_by": "starflow-mlx"}))
     (out / "img_bad" / RECORD).write_text("{not json")
     with started("demo", out, loader=held_loader) as runner:
-        assert runner.restored == 1
+        assert runner.restored == 2
         client = TestClient(create_app(runner))
-        (listed,) = client.get("/v1/jobs").json()["data"]
+        listed = client.get("/v1/jobs").json()["data"][-1]  # oldest last
         assert (listed["id"], listed["status"], listed["progress"]) == (job.id, "completed", 100)
         png = client.get(listed["files"][0]["url"])
         assert png.status_code == 200 and png.content == (folder / job.files[0]).read_bytes()
@@ -188,7 +192,7 @@ def test_video_jobs_through_the_openai_client(tmp_path):
 
         wait_for(done, every=0.05)
         assert video.status == "completed", video.error
-        assert video.progress == 100 and video.seconds == "0.25" and video.size == "48x32"
+        assert video.progress == 100 and video.seconds == "0.31" and video.size == "48x32"
         path = tmp_path / "got.mp4"
         client.videos.download_content(video.id).write_to_file(path)
         meta = video_metadata(path)

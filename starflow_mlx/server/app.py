@@ -163,16 +163,19 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
         else:
             data = [{"b64_json": base64.b64encode(runner.path(job, name).read_bytes()).decode("ascii")}
                     for name in job.files]
-        return JSONResponse({"created": job.created_at, "data": data, "id": job.id})
+        return JSONResponse({"created": int(job.created_at), "data": data, "id": job.id})
 
     def video_view(job: Job) -> dict:
         params = job.params
-        size = next((s for s, r in image_sizes(runner.pipe).items() if r == params.get("aspect_ratio")), None)
+        size = None
+        if params.get("aspect_ratio"):
+            height, width = runner.pipe.size(params["aspect_ratio"])
+            size = f"{width}x{height}"
         frames, fps = params.get("frames"), params.get("fps")
         return {"id": job.id, "object": "video", "model": job.model, "status": job.status,
-                "progress": job.progress, "created_at": job.created_at,
+                "progress": job.progress, "created_at": int(job.created_at),
                 "completed_at": job.completed_at if job.status in FINISHED else None,
-                "seconds": str(round((frames - 1) / fps, 2)) if frames and fps else job.request.seconds,
+                "seconds": str(round(frames / fps, 2)) if frames and fps else job.request.seconds,
                 "size": size or job.request.size, "error": job.error, "stage": job.stage,
                 "frames": frames, "fps": fps, "seed": params.get("seed", job.request.seed)}
 

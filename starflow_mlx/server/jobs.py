@@ -59,7 +59,7 @@ class JobRecord(JSONConfig):
     id: str = field(metadata={"max_len": 64})
     kind: str = field(metadata={"choices": KINDS})
     model: str = field(metadata={"max_len": 4096})
-    created_at: int = field(metadata={"min": 0, "max": 2**40})
+    created_at: float = field(metadata={"min": 0, "max": 2**40})  # to the microsecond: it orders the jobs
     completed_at: int = field(metadata={"min": 0, "max": 2**40})
     seconds: float = field(metadata={"min": 0, "max": 1e9})
     request: dict[str, Any] = field(default_factory=dict, metadata={"max_len": 64})
@@ -83,7 +83,7 @@ class Job:
         self.id = job_id or f"{'img' if kind == 'image' else 'video'}_{secrets.token_hex(12)}"
         self.kind, self.request, self.model = kind, request, model
         self.status, self.progress, self.stage = "queued", 0, ""
-        self.created_at, self.completed_at = int(time.time()), None
+        self.created_at, self.completed_at = time.time(), None
         self.seconds = 0.0
         self.error: dict | None = None
         self.warnings: list[str] = []
@@ -118,7 +118,7 @@ class Job:
     def view(self) -> dict:
         """The job as the API shows it (``/v1/jobs``); file URLs are relative to the server."""
         return {"id": self.id, "object": "job", "kind": self.kind, "model": self.model, "status": self.status,
-                "progress": self.progress, "stage": self.stage, "created_at": self.created_at,
+                "progress": self.progress, "stage": self.stage, "created_at": int(self.created_at),
                 "completed_at": self.completed_at, "seconds": round(self.seconds, 3), "error": self.error,
                 "warnings": list(self.warnings), "request": self.request.to_dict(), "params": dict(self.params),
                 "files": [{"name": name, "url": f"/v1/files/{self.id}/{name}",

@@ -147,7 +147,7 @@ def aspect_ratio(pipe, size: str | None) -> str:
 
 
 def video_frames(request: VideoRequest, fps: int, default: int) -> int:
-    """Frames from ``frames``, else from ``seconds`` at ``fps`` (plus the first frame), else ``default``."""
+    """Frames from ``frames``, else from ``seconds`` at ``fps``, else ``default`` (the VAE then rounds up to 1 + 4k)."""
     if request.frames is not None and request.seconds is not None:
         raise RequestError("request: give seconds or frames, not both", "seconds")
     if request.frames is not None:
@@ -158,7 +158,7 @@ def video_frames(request: VideoRequest, fps: int, default: int) -> int:
         seconds = float(request.seconds)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds <= (MAX_FRAMES - 1) / fps:
-        raise RequestError(f"request: seconds must be a number above 0 and at most {(MAX_FRAMES - 1) / fps:g} "
+    if not 0 < seconds <= MAX_FRAMES / fps:
+        raise RequestError(f"request: seconds must be a number above 0 and at most {MAX_FRAMES / fps:g} "
                            f"at {fps} fps, got {str(request.seconds)[:16]!r}", "seconds")
-    return min(MAX_FRAMES, 1 + round(seconds * fps))
+    return min(MAX_FRAMES, max(1, round(seconds * fps)))
