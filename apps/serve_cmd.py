@@ -67,9 +67,9 @@ def serve(
                          "STARFLOW_API_KEY), or keep the default 127.0.0.1")
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key is empty: give a key, or leave the option out on 127.0.0.1")
+    runner = JobRunner(model, output_dir, queue_size=queue_size)
     sock = listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runner = JobRunner(model, output_dir, queue_size=queue_size)
     try:
         runner.start()
         bound = sock.getsockname()[1]

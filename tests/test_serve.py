@@ -49,6 +49,10 @@ def test_openai_client_gets_demo_images_and_a_restart_keeps_them(tmp_path):
     metas = [read_metadata(folder / name) for name in job.files]
     assert [(m["prompt"], m["seed"], m["index"], m["num_images"]) for m in metas] == [("7", 5, 0, 2), ("7", 5, 1, 2)]
     assert sorted(p.name for p in folder.iterdir()) == sorted([".starflow-mlx", RECORD, *job.files])
+    again = tmp_path / "again.png"
+    assert CliRunner().invoke(cli, ["generate", "--from-metadata", str(folder / job.files[1]), "-o", str(again)]
+                              ).exit_code == 0
+    assert again.read_bytes() == (folder / job.files[1]).read_bytes()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
     # A damaged record is skipped with a log line, not a failed start.
     (out / "img_bad").mkdir()
