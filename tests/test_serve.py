@@ -23,7 +23,9 @@ from starflow_mlx.apps.cli import app as cli  # noqa: E402
 from starflow_mlx.apps.commands import register  # noqa: E402
 from starflow_mlx.pipelines.image_files import read_metadata  # noqa: E402
 from starflow_mlx.server.app import create_app  # noqa: E402
+from starflow_mlx.server import jobs  # noqa: E402
 from starflow_mlx.server.jobs import RECORD  # noqa: E402
+from starflow_mlx.server.request_types import RequestError, VideoRequest, parse_request, video_frames  # noqa: E402
 
 register(cli)
 
@@ -98,7 +100,8 @@ def test_full_queue_is_429_with_retry_after_and_jobs_cancel_queued_or_running(tm
     assert not list((tmp_path / "out").iterdir())  # nothing cancelled was kept, no staging left
 
 
-def test_bad_requests_are_openai_shaped_errors_without_tracebacks(tmp_path):
+def test_bad_requests_are_openai_shaped_errors_without_tracebacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "KEEP_UNFINISHED", 3)
     with started("demo", tmp_path / "out") as runner:
         client = TestClient(create_app(runner), raise_server_exceptions=False)
 
@@ -129,6 +132,9 @@ def test_bad_requests_are_openai_shaped_errors_without_tracebacks(tmp_path):
         assert client.get("/v1/videos/video_nope").status_code == 404
         assert client.get("/v1/files/../../etc/passwd").status_code == 404
         assert client.put("/v1/jobs").json()["error"]["code"] == "method_not_allowed"
+        for _ in range(4):  # failed jobs are listed, but only the latest few: bad requests cost no memory
+            error(400, {"prompt": "cat"})
+        assert len(client.get("/v1/jobs").json()["data"]) == 3
 
     def failing(model):  # a bug in the pipeline: the client gets one line, the server log the traceback
         pipe = held_loader(model)
@@ -204,3 +210,16 @@ def test_video_jobs_through_the_openai_client(tmp_path):
         assert [v.id for v in client.videos.list().data] == [video.id]
         assert client.videos.delete(video.id).deleted
         assert not (tmp_path / "out" / video.id).exists()
+
+
+def test_video_length_from_seconds_or_frames():
+    form = lambda **fields: parse_request(VideoRequest, {"prompt": "a cat", **fields}, from_form=True)  # noqa: E731
+    assert video_frames(form(seconds="2"), 16, 81) == 32  # the VAE then makes 33: 1 + 4k
+    assert video_frames(form(frames="9"), 16, 81) == 9
+    assert video_frames(form(), 16, 81) == 81
+    for fields, param in [({"seconds": "2", "frames": "9"}, "seconds"), ({"seconds": "600"}, "seconds"),
+                          ({"seconds": "soon"}, "seconds"), ({"frames": "many"}, "frames"), ({"fps": "0"}, "fps"),
+                          ({"jacobi": "maybe"}, "jacobi")]:
+        with pytest.raises(RequestError) as caught:
+            video_frames(form(**fields), 16, 81)
+        assert caught.value.param == param, fields

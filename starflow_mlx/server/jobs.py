@@ -38,6 +38,7 @@ FINISHED = ("completed", "failed", "cancelled")
 MEDIA_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 DEFAULT_JOB_SECONDS = 10  # the Retry-After of a full queue before any job has been timed
+KEEP_UNFINISHED = 200  # failed and cancelled jobs listed (the oldest are forgotten: bad requests cost no memory)
 
 log = logging.getLogger("starflow.serve")
 
@@ -147,6 +148,7 @@ class JobRunner:
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
         self.job_seconds: collections.deque[float] = collections.deque(maxlen=20)
+        self.unfinished: collections.deque[str] = collections.deque()  # failed and cancelled, oldest first
         self.thread = threading.Thread(target=self._work, name="starflow-serve-worker", daemon=True)
         self.restored = 0
 
@@ -324,3 +326,8 @@ class JobRunner:
                     progress=100 if status == "completed" else job.progress,
                     stage="done" if status == "completed" else status)
         job.finished.set()
+        if status != "completed":
+            with self.lock:
+                self.unfinished.append(job.id)
+                while len(self.unfinished) > KEEP_UNFINISHED:
+                    self.jobs.pop(self.unfinished.popleft(), None)

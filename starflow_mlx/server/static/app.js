@@ -116,6 +116,8 @@ async function follow(id) {
 }
 
 async function remove(id) {
+  const finished = $(`job-${id}`).dataset.status === "completed";
+  if (finished && !confirm("Delete this job and its files from the server?")) return;
   try {
     const answer = await api(`/v1/jobs/${id}`, { method: "DELETE" });
     if (answer.deleted) $(`job-${id}`).remove();
