@@ -168,9 +168,12 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
     def video_view(job: Job) -> dict:
         params = job.params
         size = None
-        if params.get("aspect_ratio"):
-            height, width = runner.pipe.size(params["aspect_ratio"])
-            size = f"{width}x{height}"
+        if params.get("aspect_ratio") and runner.kind == "video":
+            try:
+                height, width = runner.pipe.size(params["aspect_ratio"])
+                size = f"{width}x{height}"
+            except ValueError:  # a job read back from another model's run, at a ratio this one does not make
+                pass
         frames, fps = params.get("frames"), params.get("fps")
         return {"id": job.id, "object": "video", "model": job.model, "status": job.status,
                 "progress": job.progress, "created_at": int(job.created_at),
