@@ -34,3 +34,7 @@ def register(app) -> None:
     from starflow_mlx.apps import train_cmd
 
     app.command("train")(user_errors(train_cmd.train))
+
+    from starflow_mlx.apps import serve_cmd
+
+    app.command("serve")(user_errors(serve_cmd.serve))

@@ -44,8 +44,11 @@ NOT_RUN = [
                                          "small)"),
     (r"^starflow train .*--steps (2000|2500|4000)", "trains for 45 minutes or more on a CPU (tests/test_training.py "
                                                    "and tests/test_video_demo.py train small)"),
+    (r"\bstarflow serve\b", "serves until stopped (tests/test_serve.py starts the same app on a free port)"),
+    (r"^curl ", "needs the server above running (tests/test_serve.py sends the same requests)"),
 ]
 PYTHON_NOT_RUN = [
+    (r"OpenAI\(base_url=", "needs a running `starflow serve`; tests/test_serve.py makes the same call against one"),
     (r'VideoPipeline\.from_pretrained\("starflow-v"\)', "needs a converted STARFlow-V folder (7B weights); "
                                                         "tests/test_video_pipeline.py makes the same calls on a "
                                                         "tiny video model"),
