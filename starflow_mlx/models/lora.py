@@ -152,8 +152,12 @@ def _parent(model: nn.Module, path: str) -> tuple[Any, str]:
 
 
 def _get(model: nn.Module, path: str) -> Any:
-    node, key = _parent(model, path)
-    return node[int(key)] if isinstance(node, list) else node.get(key)
+    """The module at ``path``, or None where the model has nothing there."""
+    try:
+        node, key = _parent(model, path)
+        return node[int(key)] if isinstance(node, list) else node.get(key)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return None
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
