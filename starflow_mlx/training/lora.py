@@ -53,12 +53,28 @@ def _linear_shapes(config: FlowConfig, block: int) -> list[tuple[int, int]]:
     return attn + mlp
 
 
+def base_weight_bytes(config: FlowConfig, bits: int | None, float_bytes: int) -> int:
+    """Bytes of the frozen flow's weights, counted on a model built lazily (MLX allocates nothing
+    until evaluated); with ``bits``, the layers the default policy quantizes hold integers plus a scale
+    and a bias per group of 64."""
+    from starflow_mlx.models.starflow import STARFlow
+    from starflow_mlx.quantize.policy import plan_quantization
+
+    model = STARFlow(config)
+    total = sum(a.size for _, a in tree_flatten(model.parameters())) * float_bytes
+    if bits is not None:
+        modules = dict(model.named_modules())
+        for path in plan_quantization(model, bits, QUANT_GROUP)["layers"]:
+            weights = modules[path].weight.size
+            total -= weights * float_bytes - weights * (bits / 8 + 2 * float_bytes / QUANT_GROUP)
+    return int(total)
+
+
 def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
                         frames: int = 0) -> dict[str, int]:
     """An estimate, on the generous side, of a LoRA training step's memory, in parts:
 
-    ``base``: the frozen weights (float, or ``base_bits`` integers with a scale and bias per group of
-    64); ``adapter``: the LoRA matrices with their gradients and AdamW's two moments (float32);
+    ``base``: the frozen weights (:func:`base_weight_bytes`); ``adapter``: the LoRA matrices with their gradients and AdamW's two moments (float32);
     ``activations``: what backpropagation keeps for the adapted blocks (:func:`layer_activations`
     per layer, or with ``grad_checkpoint`` each layer's input), plus the working set of running one
     layer forward and backward, taken as 4 times that layer's :func:`layer_activations` (measured
@@ -66,13 +82,11 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
     ``frames``: video clips of that many latent frames (frame-local shallow blocks attend within a frame).
     """
     frame_tokens = (config.latent_size // config.patch_size) ** 2
-    per_weight = float_bytes if settings.base_bits is None else settings.base_bits / 8 + 2 * float_bytes / QUANT_GROUP
     deep = config.num_blocks - 1
     adapted = range(config.num_blocks) if settings.blocks == "all" else [deep]
-    base = adapter = kept = largest = 0.0
+    adapter = kept = largest = 0.0
     for block, layers in enumerate(config.layers_per_block):
         shapes = _linear_shapes(config, block)
-        base += layers * per_weight * sum(o * i for o, i in shapes)
         width, heads = config.block_channels(block), config.block_heads(block)
         local = frames and config.shallow_block_local and block != deep
         text = config.txt_size if config.block_sees_text(block) else 0
@@ -82,9 +96,7 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
         if block in adapted:
             adapter += layers * 4 * settings.rank * sum(o + i for o, i in shapes)
             kept += layers * (sequences * tokens * width if settings.grad_checkpoint else one_layer)
-    # proj_in/out/txt, norms, SOS stay float: small next to the layers, counted at their width.
-    base += float_bytes * config.num_blocks * config.channels * (2 * config.token_channels + config.txt_dim + 8)
-    return {"base": int(base), "adapter": int(4 * adapter),
+    return {"base": base_weight_bytes(config, settings.base_bits, float_bytes), "adapter": int(4 * adapter),
             "activations": int(4 * batch * (kept + WORKING_LAYERS * largest))}
 
 
