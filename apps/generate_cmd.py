@@ -253,8 +253,9 @@ def generate(
                lora=None if lora is None else str(lora), lora_scale=lora_scale)
     default = None
     if from_metadata is not None:
-        if prompt is not None:
-            raise ValueError("give a prompt or --from-metadata IMAGE, not both")
+        if prompt is not None or lora is not None:
+            raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
+                             "both (the image records its adapter)")
         job = options_from_metadata(from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:

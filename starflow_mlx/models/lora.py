@@ -50,8 +50,8 @@ class AdapterConfig(JSONConfig):
     rank: int = field(metadata={"min": 1, "max": MAX_RANK})
     alpha: float = field(metadata={"min": 0, "max": 1e6})
     targets: list[str] = field(metadata={"max_len": 1 << 16})
+    base_hash: str = field(metadata={"max_len": 64})
     blocks: str = field(default="deep", metadata={"choices": BLOCK_CHOICES})
-    base_hash: str = field(default="", metadata={"max_len": 64})
     base_shape: str = field(default="", metadata={"max_len": 1000})  # for messages: "channels 64, layers [2, 2, 4]"
     source: dict[str, Any] = field(default_factory=dict)  # how it was trained (base name, data, steps, bits/dim)
     format: int = 1
