@@ -15,7 +15,7 @@ from starflow_mlx.apps.commands import register
 from starflow_mlx.loading import load_flow
 from starflow_mlx.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoRALinear, apply_lora,
                                       lora_layers, target_paths)
-from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline
+from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.training.data import load_digits_split
 from starflow_mlx.training.lora import LoRASettings, LoRATrainer, lora_training_bytes
 from starflow_mlx.training.trainer import TrainConfig, Trainer
