@@ -229,3 +229,36 @@ def test_an_adapter_with_other_shapes_is_refused_by_name(base_folder, digits, tm
     flow = load_flow(base_folder)
     with pytest.raises(AdapterError, match="not .*a linear layer"):
         apply_lora(flow, ["blocks.1.attn_blocks.5.attention.qkv"], 2, 1.0)
+
+
+def test_folder_data_is_labelled_with_the_base_classes(base_folder, tmp_path):
+    from starflow_mlx.training.data import DataError
+    from starflow_mlx.training.lora import load_lora_data
+
+    config = load_flow(base_folder).config
+    classes = [str(d) for d in range(10)]
+    for name, value in (("7", 200), ("3", 40)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (16, 16), value + i).save(tmp_path / "data" / name / f"{i}.png")
+    train, held_out = load_lora_data(str(tmp_path / "data"), classes, config)
+    labels = np.concatenate([train.labels, held_out.labels])
+    images = np.concatenate([train.images, held_out.images])
+    assert train.classes == classes and images.shape[1:] == (8, 8, 1) and len(labels) == 6
+    assert set(labels.tolist()) == {3, 7} and np.all((images.mean(axis=(1, 2, 3)) > 0) == (labels == 7))
+    (tmp_path / "data" / "cat").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "data" / "cat" / "0.png")
+    with pytest.raises(DataError, match="has class 'cat', which the base model does not know"):
+        load_lora_data(str(tmp_path / "data"), classes, config)
+
+
+def test_text_models_are_refused_for_fine_tuning_for_now(base_folder, tmp_path):
+    import json
+    import shutil
+
+    text = tmp_path / "text-model"
+    shutil.copytree(base_folder, text)
+    manifest = json.loads((text / "starflow.json").read_text())
+    (text / "starflow.json").write_text(json.dumps({**manifest, "kind": "text-to-image", "classes": []}))
+    res = runner.invoke(app, ["train", "--lora", "--base", str(text), "-o", str(tmp_path / "out")])
+    assert "is a text-to-image model" in one_line(res) and not (tmp_path / "out").exists()
