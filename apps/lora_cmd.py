@@ -19,6 +19,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     from starflow_mlx.loading import load_flow
     from starflow_mlx.model_folder import Manifest, resolve_model
     from starflow_mlx.models.lora import BLOCK_CHOICES, check_rank, trainable_count
+    from starflow_mlx.pipelines.image import check_memory
     from starflow_mlx.quantize.policy import check_setting
     from starflow_mlx.staging import check_output
     from starflow_mlx.training.lora import LoRASettings, LoRATrainer, check_lora_memory, load_lora_data
@@ -47,6 +48,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
                         noise_std=config.noise_std, drop_label=drop_label, cfg=config.cfg,
                         checkpoint_every=checkpoint_every, seed=seed)
     train_set, test_set = load_lora_data(data, manifest.classes, config, manifest.pixel_scale, seed)
+    check_memory(folder, config)  # the base must load at all (it loads in float before --base-bits quantizes it)
     need = check_lora_memory(config, batch_size, settings)  # before the base is loaded
     typer.echo(f"estimated memory of a training step: {need / 2**30:.2f} GB", err=True)
     trainer = LoRATrainer(load_flow(folder), train, settings, train_set,

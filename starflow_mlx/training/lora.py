@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 from starflow_mlx.models.layers import AttentionBlock
-from starflow_mlx.models.lora import (BLOCK_CHOICES, AdapterConfig, AdapterError, apply_lora, base_identity,
+from starflow_mlx.models.lora import (BLOCK_CHOICES, MAX_RANK, AdapterConfig, AdapterError, apply_lora, base_identity,
                                       check_rank, lora_weights, save_adapter, target_paths)
 from starflow_mlx.staging import staged_folder
 from starflow_mlx.training.data import DataError, Dataset, load_digits_split, load_image_folder, one_hot_labels
@@ -36,7 +36,7 @@ WORKING_LAYERS = 4  # one layer's forward and backward working set, in units of 
 class LoRASettings(JSONConfig):
     LABEL = "LoRA settings"
 
-    rank: int = field(default=8, metadata={"min": 1, "max": 4096})
+    rank: int = field(default=8, metadata={"min": 1, "max": MAX_RANK})
     alpha: float = field(default=16.0, metadata={"min": 0, "max": 1e6})
     blocks: str = field(default="deep", metadata={"choices": BLOCK_CHOICES})
     base_bits: int | None = field(default=None, metadata={"choices": (None, 4, 8)})
@@ -74,7 +74,8 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
                         frames: int = 0) -> dict[str, int]:
     """An estimate, on the generous side, of a LoRA training step's memory, in parts:
 
-    ``base``: the frozen weights (:func:`base_weight_bytes`); ``adapter``: the LoRA matrices with their gradients and AdamW's two moments (float32);
+    ``base``: the frozen weights (:func:`base_weight_bytes`; a quantized base counts at its bits);
+    ``adapter``: the LoRA matrices with their gradients and AdamW's two moments (float32);
     ``activations``: what backpropagation keeps for the adapted blocks (:func:`layer_activations`
     per layer, or with ``grad_checkpoint`` each layer's input), plus the working set of running one
     layer forward and backward, taken as 4 times that layer's :func:`layer_activations` (measured
@@ -96,7 +97,8 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
         if block in adapted:
             adapter += layers * 4 * settings.rank * sum(o + i for o, i in shapes)
             kept += layers * (sequences * tokens * width if settings.grad_checkpoint else one_layer)
-    return {"base": base_weight_bytes(config, settings.base_bits, float_bytes), "adapter": int(4 * adapter),
+    bits = settings.base_bits or (config.quantization or {}).get("bits")
+    return {"base": base_weight_bytes(config, bits, float_bytes), "adapter": int(4 * adapter),
             "activations": int(4 * batch * (kept + WORKING_LAYERS * largest))}
 
 
