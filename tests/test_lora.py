@@ -209,6 +209,8 @@ def test_bad_input_is_one_line_and_writes_nothing(base_folder, tmp_path):
         (["generate", "3", "--model", "demo", "--lora", str(adapter), "-o", str(tmp_path / "x.png")],
          "trained for another base model"),
         (["fuse", "demo", "--lora", str(adapter), "-o", str(out)], "trained for another base model"),
+        (["generate", "3", "--model", str(base_folder), "--lora", str(adapter), "--lora-scale", "nan",
+          "-o", str(tmp_path / "x.png")], "--lora-scale must be a number"),
         (["fuse", str(base_folder), "--lora", str(broken), "-o", str(out)], "has no adapter.safetensors"),
         (["score", str(image), "-p", "3", "--model", "demo", "--lora", str(tmp_path / "none")], "not found"),
     ]
