@@ -38,3 +38,6 @@ def register(app) -> None:
     from starflow_mlx.apps import serve_cmd
 
     app.command("serve")(user_errors(serve_cmd.serve))
+    from starflow_mlx.apps import lora_cmd
+
+    app.command("fuse")(user_errors(lora_cmd.fuse))

@@ -215,6 +215,9 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="Video models: start the video from this image."),
     video: Optional[Path] = typer.Option(None, "--video", help="Video models: continue this clip (its frames come "
                                                                "first; --frames counts both)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
+                                        help="Add a LoRA adapter folder (starflow train --lora) to the model."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="Video models: decode in spatial tiles of this many "
                                                                     "latent cells (less memory; blends change pixels "
                                                                     "slightly). Off by default."),
@@ -232,6 +235,8 @@ def generate(
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
     if is_video_job(model, from_metadata):
+        if lora is not None:
+            raise ValueError("--lora is for image models for now")
         from starflow_mlx.apps.generate_video import generate_video
 
         return generate_video(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio,
@@ -248,11 +253,13 @@ def generate(
     jacobi_threshold = 0.005 if jacobi_threshold is None else jacobi_threshold
     job = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_images=num_images,
                jacobi=jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-               jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, dtype=dtype, index=None, batch_size=batch_size)
+               jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, dtype=dtype, index=None, batch_size=batch_size,
+               lora=None if lora is None else str(lora), lora_scale=lora_scale)
     default = None
     if from_metadata is not None:
-        if prompt is not None:
-            raise ValueError("give a prompt or --from-metadata IMAGE, not both")
+        if prompt is not None or lora is not None:
+            raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
+                             "both (the image records its adapter)")
         job = options_from_metadata(from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:
@@ -266,14 +273,14 @@ def generate(
         check_writable(path)
     check_aspect_ratio(job["aspect_ratio"])
     parse_dtype(job["dtype"])
-    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], lora=job["lora"], lora_scale=job["lora_scale"])
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
     batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"], job["batch_size"])
     check_job(pipe, plan, len(wanted), job["aspect_ratio"])
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
-                  batch_size=batch_size)
+                  batch_size=batch_size, lora=job["lora"], lora_scale=job["lora_scale"])
     with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size, stages)
@@ -292,6 +299,9 @@ def score(
     image: Path = typer.Argument(..., readable=False, help="Image to score."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
+    lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
+                                        help="Add a LoRA adapter folder (starflow train --lora) to the model."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
 ) -> None:
     """Print the image's exact negative log-likelihood under the flow, in bits per dimension."""
     from starflow_mlx.image_input import open_image
@@ -300,7 +310,7 @@ def score(
     picture = open_image(image)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bpd = Pipeline.from_pretrained(model).score(picture, prompt)
+        bpd = Pipeline.from_pretrained(model, lora=lora, lora_scale=lora_scale).score(picture, prompt)
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     typer.echo(f"{bpd:.4f} bits/dim")

@@ -62,10 +62,12 @@ def check_weight_bytes(config, path: Path) -> None:
                              f"{held:,}: the config and weights do not belong together")
 
 
-def load_weights_strict(model, path: Path) -> None:
+def load_weights_strict(model, path: Path, only: dict | None = None) -> None:
     """Load safetensors into ``model``, naming the first missing, extra, misshapen or mistyped tensor.
 
     The file's header is checked first (see ``read_header``), so nothing unexpected is ever loaded.
+    ``only`` (names -> current arrays) loads just those parameters, e.g. a LoRA adapter's; the file must
+    hold exactly them.
     """
     from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
     from starflow_mlx.convert.tensor_names import check_tensor_names
@@ -76,7 +78,7 @@ def load_weights_strict(model, path: Path) -> None:
         header = read_header(path)
     except SafetensorsError as exc:
         raise ModelLoadError(str(exc)) from None
-    expected = dict(tree_flatten(model.parameters()))
+    expected = dict(tree_flatten(model.parameters())) if only is None else only
     mismatch = "it does not match its config.json"
     check_tensor_names(expected, header, str(path), ModelLoadError, mismatch, mismatch)
     for name, arr in expected.items():
@@ -91,13 +93,15 @@ def load_weights_strict(model, path: Path) -> None:
         weights = mx.load(str(path))
     except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
         raise ModelLoadError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    model.load_weights(list(weights.items()), strict=True)
+    model.load_weights(list(weights.items()), strict=only is None)
 
 
-def load_flow(path: str | Path, dtype: str | None = None) -> STARFlow:
+def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | None = None,
+              lora_scale: float = 1.0) -> STARFlow:
     """Load the flow of a model folder (or 'demo', or a repo id).
 
-    ``dtype`` casts the float weights; by default :func:`auto_dtype` picks per device.
+    ``dtype`` casts the float weights; by default :func:`auto_dtype` picks per device. ``lora`` adds a
+    LoRA adapter folder (``starflow train --lora``), its update multiplied by ``lora_scale``.
     """
     from starflow_mlx.model_folder import resolve_model
     from starflow_mlx.quantize.policy import apply_quantization
@@ -108,10 +112,18 @@ def load_flow(path: str | Path, dtype: str | None = None) -> STARFlow:
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from None
     check_weight_bytes(config, folder / "model.safetensors")
+    if lora is not None:  # a wrong or broken adapter is refused before the base weights are read
+        from starflow_mlx.models.lora import check_adapter
+
+        check_adapter(lora, config, lora_scale)
     model = STARFlow(config)
     if config.quantization:
         apply_quantization(model, config.quantization)
     load_weights_strict(model, folder / "model.safetensors")
+    if lora is not None:
+        from starflow_mlx.models.lora import load_adapter
+
+        load_adapter(model, lora, lora_scale)
     target = parse_dtype(dtype) if dtype is not None else auto_dtype(bool(config.quantization))
     if target is not None:
         cast_floats(model, target)

@@ -150,18 +150,24 @@ class Pipeline:
         self._last_text = None  # (prompt, aspect ratio) -> features: batches of one prompt encode it once
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, dtype: str | None = None) -> "Pipeline":
-        """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
+    def from_pretrained(cls, name: str | Path, dtype: str | None = None, lora: str | Path | None = None,
+                        lora_scale: float = 1.0) -> "Pipeline":
+        """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once).
+
+        ``lora``: a LoRA adapter folder (``starflow train --lora``) added to the flow, its update times ``lora_scale``.
+        """
         folder = resolve_model(name)
         manifest = Manifest.load(folder)
         if (manifest.kind in VIDEO_KINDS) != cls.VIDEO:
             if cls.VIDEO:
                 raise ValueError(f"{name} is a {manifest.kind} model: use starflow_mlx.Pipeline for images")
+            if lora is not None:
+                raise ValueError(f"{name} is a video model: LoRA adapters are for image models for now")
             from starflow_mlx.pipelines.video import VideoPipeline
 
             return VideoPipeline.from_pretrained(folder, dtype=dtype)
         check_memory(folder, FlowConfig.load(folder / "config.json"))
-        flow = load_flow(folder, dtype=dtype)
+        flow = load_flow(folder, dtype=dtype, lora=lora, lora_scale=lora_scale)
         text_encoder = vae = None
         if manifest.text_encoder:
             from starflow_mlx.text_encoder import load_text_encoder

@@ -86,16 +86,21 @@ def nll_per_dim(flow: STARFlow, x: mx.array, y: mx.array) -> mx.array:
     return 0.5 * mx.mean(mx.square(z.reshape(z.shape[0], -1)), axis=1) - logdet / dims
 
 
+def layer_activations(tokens: int, width: int, heads: int) -> int:
+    """float32 values backpropagation keeps per transformer layer and sample: measured at about 37 per token
+    and channel (40 here) besides the attention scores."""
+    return 40 * tokens * width + 4 * heads * tokens * tokens
+
+
 def training_bytes(config: FlowConfig, batch: int) -> int:
     """Memory a training step needs, on the generous side: float32 weights, their gradients and AdamW's two
-    moments, and what backpropagation keeps per layer and sample, measured at about 37 float32 values per
-    token and channel (40 here) besides the attention scores."""
+    moments, and what backpropagation keeps per layer and sample (:func:`layer_activations`)."""
     tokens = (config.latent_size // config.patch_size) ** 2 * max(config.num_frames, 1) + config.txt_size
     params = activations = 0
     for block, layers in enumerate(config.layers_per_block):
         width, heads = config.block_channels(block), config.block_heads(block)
         params += layers * 12 * width * width
-        activations += layers * (40 * tokens * width + 4 * heads * tokens * tokens)
+        activations += layers * layer_activations(tokens, width, heads)
     return 4 * (4 * params + batch * activations)
 
 
@@ -110,6 +115,15 @@ def check_training_memory(config: FlowConfig, batch: int) -> None:
             f"but {total / 2**30:.1f} GB is available: use a smaller --batch-size or --channels")
 
 
+def make_optimizer(train: TrainConfig) -> optim.Optimizer:
+    """AdamW with linear warm-up then cosine decay to ``min_lr``."""
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(train.lr * 1e-3, train.lr, max(train.warmup, 1)),
+         optim.cosine_decay(train.lr, max(train.steps - train.warmup, 1), train.min_lr)],
+        [max(train.warmup, 1)])
+    return optim.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+
+
 class Trainer:
     def __init__(self, train: TrainConfig, data: Dataset, checkpoint_dir: Path):
         self.train, self.data, self.checkpoint_dir = train, data, Path(checkpoint_dir)
@@ -117,11 +131,7 @@ class Trainer:
         check_training_memory(self.config, train.batch_size)
         mx.random.seed(train.seed)
         self.model = STARFlow(self.config)
-        schedule = optim.join_schedules(
-            [optim.linear_schedule(train.lr * 1e-3, train.lr, max(train.warmup, 1)),
-             optim.cosine_decay(train.lr, max(train.steps - train.warmup, 1), train.min_lr)],
-            [max(train.warmup, 1)])
-        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+        self.optimizer = make_optimizer(train)
         self.step = 0
         self.y_all, self.y_empty = data.features()
         self._compile()
