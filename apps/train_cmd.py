@@ -28,6 +28,7 @@ def train(
     image_size: int = typer.Option(16, help="Image size for folder datasets; the canvas for moving-digits."),
     frames: int = typer.Option(5, help="Frames per training clip (moving-digits)."),
     patch_size: int = typer.Option(1, help="Pixels per token side (2: a quarter of the tokens)."),
+    image_every: int = typer.Option(0, help="Video data: every n-th step trains on single first frames (0: never)."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
     checkpoint_every: int = typer.Option(250, help="Steps between checkpoints (0: none)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, readable=False, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
@@ -76,7 +77,8 @@ def train(
     # Checked before the data is read: the seed also splits it.
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
                          layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
-                         checkpoint_every=checkpoint_every, seed=seed, patch_size=patch_size)
+                         checkpoint_every=checkpoint_every, seed=seed, patch_size=patch_size,
+                         image_every=image_every)
     if channels % config.head_dim:
         raise ValueError(f"--channels {channels} must be a multiple of {config.head_dim}, the attention head width")
     if data == "digits":
@@ -92,7 +94,8 @@ def train(
     test_bpd = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
               "channels": channels, "layers": layer_list, "patch_size": patch_size,
-              "frames": frames if data == "moving-digits" else None, "noise_std": noise_std,
+              "frames": frames if data == "moving-digits" else None, "image_every": image_every,
+              "noise_std": noise_std,
               "seconds": round(run.seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
     trainer.export(output, source, force or resume)

@@ -47,6 +47,9 @@ class TrainConfig(JSONConfig):
     layers: list[int] = field(default_factory=lambda: [2, 2, 2, 4], metadata={"min": 1, "max": 1024, "max_len": 64})
     head_dim: int = field(default=32, metadata={"min": 1, "max": 1024})
     patch_size: int = field(default=1, metadata={"min": 1, "max": 64})
+    # Video data: every n-th step trains on single frames, as many as the clips' frames (0: never). A clip's label is
+    # worth a few nats against hundreds of dimensions mostly fixed by motion; alone, a first frame makes it count.
+    image_every: int = field(default=0, metadata={"min": 0, "max": 10**6})
     noise_std: float = field(default=0.1, metadata={"min": 0, "max": 100})
     drop_label: float = field(default=0.1, metadata={"min": 0, "max": 1})
     cfg: float = field(default=2.0, metadata={"min": 0, "max": 1000})
@@ -161,9 +164,13 @@ class Trainer:
     def batch(self, step: int) -> tuple[mx.array, mx.array, mx.array]:
         """Data and random key for a given step: fixed by the seed, so a resumed run is identical."""
         rng = np.random.default_rng((self.train.seed, step))
-        idx = rng.choice(len(self.data), size=self.train.batch_size, replace=len(self.data) < self.train.batch_size)
+        images, count = self.data.images, self.train.batch_size
+        every = self.train.image_every
+        if images.ndim == 5 and every and step % every == every - 1:  # first frames alone, the clips' worth of them
+            images, count = images[:, :1], count * images.shape[1]
+        idx = rng.choice(len(self.data), size=count, replace=len(self.data) < count)
         key = mx.random.key(int(rng.integers(2**31)))
-        return mx.array(self.data.images[idx]), mx.array(self.y_all[idx]), key
+        return mx.array(images[idx]), mx.array(self.y_all[idx]), key
 
     def run(self, steps: int | None = None, on_step: Callable[[int, float], None] | None = None) -> list[float]:
         """Train until ``steps`` (default: the configured total); returns the losses of this call."""
