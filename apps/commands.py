@@ -34,3 +34,10 @@ def register(app) -> None:
     from starflow_mlx.apps import train_cmd
 
     app.command("train")(user_errors(train_cmd.train))
+
+    from starflow_mlx.apps import serve_cmd
+
+    app.command("serve")(user_errors(serve_cmd.serve))
+    from starflow_mlx.apps import lora_cmd
+
+    app.command("fuse")(user_errors(lora_cmd.fuse))

@@ -133,14 +133,17 @@ def check_job(pipe, plan: OutputPlan, count: int, aspect_ratio: str) -> None:
 
 
 def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
-    """An mp4 to regenerate, a folder whose manifest says text-to-video, or a registered video model."""
+    """An mp4 to regenerate, a folder (or built-in model) whose manifest says it makes videos, or a registered
+    video model."""
     if from_metadata is not None:
         return from_metadata.suffix.lower() == ".mp4"
-    from starflow_mlx.model_folder import MANIFEST, Manifest
+    from starflow_mlx.model_folder import BUILT_IN, MANIFEST, VIDEO_KINDS, Manifest
 
     folder = Path(model).expanduser()
+    if not folder.is_dir() and model in BUILT_IN:
+        folder = BUILT_IN[model]
     if folder.is_dir():
-        return (folder / MANIFEST).is_file() and Manifest.load(folder).kind == "text-to-video"
+        return (folder / MANIFEST).is_file() and Manifest.load(folder).kind in VIDEO_KINDS
     from starflow_mlx.hub import load_registry
 
     entry = load_registry().get("models", {}).get(model)
@@ -178,12 +181,12 @@ def write_file(plan: OutputPlan, images: list, params: dict, index: Optional[int
 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt, or a class name for class models ('7' for the demo)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
     seed: int = typer.Option(0, help="Noise seed (image i uses seed + i): same seed and options give the same bytes."),
     cfg: Optional[float] = typer.Option(None, help="Guidance weight (default: the model's)."),
     aspect_ratio: Optional[str] = typer.Option(None, "--aspect-ratio", "-a",
                                                help="1:1, 2:3, 3:2, 16:9, 9:16, 4:5, 5:4, 21:9, 9:21 (default 1:1; "
-                                                    "16:9 for video)."),
+                                                    "16:9 for video models trained on several)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images to generate (a grid in one file without --output-dir)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images sampled together (default: what memory allows, at most 16)."),
     jacobi: Optional[bool] = typer.Option(None, "--jacobi/--no-jacobi", show_default=False,
@@ -206,12 +209,16 @@ def generate(
     from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", readable=False,
                                                  help="Regenerate the image or mp4 these "
                                                                                "parameters came from."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Video models: frames, 1 + 4k (default 81)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Video models: frames, 1 + 4k with the Wan VAE "
+                                        "(default: the model's training length, 81 for STARFlow-V)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Video models: frame rate, in the prompt and the mp4 "
                                                           "(default 16)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Video models: start the video from this image."),
     video: Optional[Path] = typer.Option(None, "--video", help="Video models: continue this clip (its frames come "
                                                                "first; --frames counts both)."),
+    lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
+                                        help="Add a LoRA adapter folder (starflow train --lora) to the model."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="Video models: decode in spatial tiles of this many "
                                                                     "latent cells (less memory; blends change pixels "
                                                                     "slightly). Off by default."),
@@ -237,6 +244,8 @@ def generate(
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
     if is_video_job(model, from_metadata):
+        if lora is not None:
+            raise ValueError("--lora is for image models for now")
         from starflow_mlx.apps.generate_video import generate_video
 
         return generate_video(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio,
@@ -254,11 +263,13 @@ def generate(
     jacobi_threshold = 0.005 if jacobi_threshold is None else jacobi_threshold
     job = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_images=num_images,
                jacobi=jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-               jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, dtype=dtype, index=None, batch_size=batch_size)
+               jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, dtype=dtype, index=None, batch_size=batch_size,
+               lora=None if lora is None else str(lora), lora_scale=lora_scale)
     default = None
     if from_metadata is not None:
-        if prompt is not None:
-            raise ValueError("give a prompt or --from-metadata IMAGE, not both")
+        if prompt is not None or lora is not None:
+            raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
+                             "both (the image records its adapter)")
         job = options_from_metadata(from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:
@@ -274,7 +285,8 @@ def generate(
     parse_dtype(job["dtype"])
     world = dist.open_world(pipeline)
     layers = dist.deep_layers(world, job["model"], pipeline)
-    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], layers=layers)
+    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], lora=job["lora"], lora_scale=job["lora_scale"],
+                                    layers=layers)
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
@@ -282,12 +294,11 @@ def generate(
                             dist.default_batch(world, layers, job["batch_size"], wanted))
     check_job(pipe, plan, len(wanted), job["aspect_ratio"])
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
-                  batch_size=batch_size)
+                  batch_size=batch_size, lora=job["lora"], lora_scale=job["lora_scale"])
     with dist.stage_progress(world) as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if dist.data_parallel(world, layers):
-            images = dist.sample_images(world, pipe, job["prompt"], options, wanted, batch_size, stages,
-                                        job["aspect_ratio"])
+            images = dist.sample_images(world, pipe, job["prompt"], options, wanted, batch_size, stages)
         else:
             with world.sampling():
                 images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
@@ -310,7 +321,10 @@ def generate(
 def score(
     image: Path = typer.Argument(..., readable=False, help="Image to score."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
+    lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
+                                        help="Add a LoRA adapter folder (starflow train --lora) to the model."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
 ) -> None:
     """Print the image's exact negative log-likelihood under the flow, in bits per dimension."""
     from starflow_mlx.image_input import open_image
@@ -319,7 +333,7 @@ def score(
     picture = open_image(image)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bpd = Pipeline.from_pretrained(model).score(picture, prompt)
+        bpd = Pipeline.from_pretrained(model, lora=lora, lora_scale=lora_scale).score(picture, prompt)
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     typer.echo(f"{bpd:.4f} bits/dim")

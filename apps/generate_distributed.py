@@ -61,18 +61,13 @@ def stage_progress(world: World):
     return StageProgress(console=Console(file=io.StringIO()), live=False)
 
 
-def item_shape(width: int, height: int, channels: int) -> tuple[int, ...]:
-    return (height, width) if channels == 1 else (height, width, channels)
-
-
-def sample_images(world: World, pipe, prompt: str, options: dict, wanted: range, batch_size: int, stages,
-                  aspect_ratio: str) -> list | None:
+def sample_images(world: World, pipe, prompt: str, options: dict, wanted: range, batch_size: int,
+                  stages) -> list | None:
     """This rank's batches of ``wanted``; rank 0 returns every image in order, the others None."""
     from PIL import Image
 
     shares = world.batches(wanted, batch_size)
     mine = shares[world.rank]
-    shape = item_shape(*pipe.image_size(aspect_ratio))
     started = time.perf_counter()
     pixels = []
     stages("images", 0, len(mine))
@@ -81,8 +76,7 @@ def sample_images(world: World, pipe, prompt: str, options: dict, wanted: range,
                                                images=(mine.start, mine.stop), **options):
             pixels.extend(np.asarray(image) for image in images)
             stages("images", len(pixels), len(mine))
-    local = np.stack(pixels) if pixels else np.zeros((0, *shape), np.uint8)
-    every = world.gather(local, [len(s) for s in shares], shape, time.perf_counter() - started)
+    every = world.gather(np.stack(pixels) if pixels else None, [len(s) for s in shares], time.perf_counter() - started)
     return None if every is None else [Image.fromarray(a) for a in every]
 
 
@@ -91,14 +85,11 @@ def sample_videos(world: World, pipe, prompt: str, options: dict, stages) -> lis
     count = options["num_videos"]
     shares = world.batches(range(count), math.ceil(count / world.size))
     mine = shares[world.rank]
-    height, width = pipe.size(options["aspect_ratio"])
-    shape = (options["frames"], height, width, 3)
     started = time.perf_counter()
+    local = None
     if len(mine):
         share = dict(options, seed=options["seed"] + mine.start, num_videos=len(mine))
         local = np.concatenate(list(pipe.stream(prompt, progress=stages, **share)), axis=1)
-    else:
-        local = np.zeros((0, *shape), np.uint8)
-    every = world.gather(local, [len(s) for s in shares], shape, time.perf_counter() - started)
+    every = world.gather(local, [len(s) for s in shares], time.perf_counter() - started)
     return None if every is None else [every]
 

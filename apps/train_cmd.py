@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -11,10 +12,11 @@ import typer
 
 
 def train(
-    data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of <class>/<images>."),
+    data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits), 'moving-digits' (those digits "
+                             "moving across a canvas: a video model) or a folder of <class>/<images>."),
     output: Path = typer.Option(..., "--output", "-o", readable=False, help="New model folder to write."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
-    steps: int = typer.Option(2000, help="Optimizer steps."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 2000; 300 with --lora)."),
     batch_size: int = typer.Option(64, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
     warmup: int = typer.Option(100, help="Linear warm-up steps before the cosine decay."),
@@ -23,20 +25,48 @@ def train(
     noise_std: float = typer.Option(0.1, help="Gaussian noise added to the data (in [-1, 1] units)."),
     drop_label: float = typer.Option(0.1, help="Probability of training on the empty class (for guidance)."),
     cfg: float = typer.Option(2.0, help="Default guidance weight stored with the model."),
-    image_size: int = typer.Option(16, help="Image size for folder datasets."),
+    image_size: int = typer.Option(16, help="Image size for folder datasets; the canvas for moving-digits."),
+    frames: int = typer.Option(5, help="Frames per training clip (moving-digits)."),
+    patch_size: int = typer.Option(1, help="Pixels per token side (2: a quarter of the tokens)."),
+    image_every: int = typer.Option(0, help="Video data: every n-th step trains on single first frames (0: never)."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
     checkpoint_every: int = typer.Option(250, help="Steps between checkpoints (0: none)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, readable=False, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
     seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
+    lora: bool = typer.Option(False, "--lora", help="Fine-tune a LoRA adapter on --base instead of training a model; "
+                                                    "OUTPUT is the adapter folder."),
+    base: Optional[str] = typer.Option(None, help="--lora: the model to fine-tune (folder or 'demo'), kept frozen."),
+    rank: Optional[int] = typer.Option(None, help="--lora: rank of the low-rank updates (default 8)."),
+    alpha: Optional[float] = typer.Option(None, help="--lora: the updates are scaled by alpha / rank (default 2 x rank)."),
+    lora_blocks: Optional[str] = typer.Option(None, help="--lora: 'deep' (the deep block, default) or 'all' blocks."),
+    base_bits: Optional[int] = typer.Option(None, help="--lora: quantize the frozen base to 4 or 8 bits (QLoRA)."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint",
+                                         help="--lora: recompute each layer in the backward pass (less memory, slower)."),
 ) -> None:
-    """Train with the upstream objective (noise + exact NLL), AdamW, warm-up + cosine, clipping, label dropout."""
-    import mlx.core as mx
+    """Train with the upstream objective (noise + exact NLL), AdamW, warm-up + cosine, clipping, label dropout.
 
-    from starflow_mlx.progress import StageProgress
-    from starflow_mlx.training.data import load_digits_split, load_image_folder
+    With --lora, fine-tune LoRA matrices on a frozen --base model by the same loss and write an adapter folder.
+    """
     from starflow_mlx.staging import check_output
-    from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim
+
+    lora_only = [name for name, value in (("--base", base), ("--rank", rank), ("--alpha", alpha),
+                                          ("--lora-blocks", lora_blocks), ("--base-bits", base_bits),
+                                          ("--grad-checkpoint", grad_checkpoint or None)) if value is not None]
+    if lora_only and not lora:
+        raise ValueError(f"{lora_only[0]} is for LoRA fine-tuning: add --lora")
+    if lora:
+        from starflow_mlx.apps.lora_cmd import train_adapter
+
+        return train_adapter(base=base, data=data, output=output, force=force, steps=300 if steps is None else steps,
+                             batch_size=batch_size, lr=lr, warmup=warmup, drop_label=drop_label,
+                             checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume, seed=seed,
+                             rank=8 if rank is None else rank, alpha=alpha, lora_blocks=lora_blocks or "deep",
+                             base_bits=base_bits, grad_checkpoint=grad_checkpoint)
+    steps = 2000 if steps is None else steps
+    from starflow_mlx.training.data import load_digits_split, load_image_folder
+    from starflow_mlx.training.moving_digits import load_moving_digits_split
+    from starflow_mlx.training.trainer import TrainConfig, Trainer
 
     # Before training, not after it; resuming may replace the folder an earlier run of this training wrote.
     check_output(output, force or resume)
@@ -47,19 +77,60 @@ def train(
     # Checked before the data is read: the seed also splits it.
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
                          layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
-                         checkpoint_every=checkpoint_every, seed=seed)
+                         checkpoint_every=checkpoint_every, seed=seed, patch_size=patch_size,
+                         image_every=image_every)
     if channels % config.head_dim:
         raise ValueError(f"--channels {channels} must be a multiple of {config.head_dim}, the attention head width")
     if data == "digits":
         train_set, test_set = load_digits_split(seed=seed)
+    elif data == "moving-digits":
+        train_set, test_set = load_moving_digits_split(frames, image_size, seed=seed)
     else:
         train_set, test_set = load_image_folder(data, image_size, image_channels, seed=seed)
     trainer = Trainer(config, train_set, checkpoint_dir or output.with_name(output.name + ".checkpoints"))
     if resume:
         trainer.load_checkpoint()
-    first = trainer.step
-    start = time.perf_counter()
-    first_done = None  # the first step also traces the graph, and builds MLX's CPU kernels on a first run
+    run = run_with_progress(trainer, steps)
+    test_bpd = trainer.evaluate(test_set)
+    source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
+              "channels": channels, "layers": layer_list, "patch_size": patch_size,
+              "frames": frames if data == "moving-digits" else None, "image_every": image_every,
+              "noise_std": noise_std,
+              "seconds": round(run.seconds, 1),
+              "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
+    trainer.export(output, source, force or resume)
+    typer.echo(f"{output}: {run.summary(trainer.step)}, test {test_bpd:.3f} bits/dim, peak memory {run.peak_gb():.2f} GB")
+
+
+@dataclass
+class TrainingRun:
+    first: int  # the step training started from (a resumed run's saved step)
+    seconds: float
+    first_done: float | None  # when the first step ended: it also traces the graph and may build kernels
+    end: float
+
+    def summary(self, step: int) -> str:
+        ran = step - self.first
+        resumed = f" (steps {self.first + 1} to {step})" if self.first else ""
+        rate = f"{self.seconds / max(ran, 1):.2f} s/step"
+        if ran > 1:  # what more steps would cost, without the first step's one-off compilation
+            rate += f"; {(self.end - self.first_done) / (ran - 1):.2f} s/step after the first"
+        return f"{ran} steps{resumed} in {self.seconds / 60:.1f} min ({rate})"
+
+    @staticmethod
+    def peak_gb() -> float:
+        import mlx.core as mx
+
+        return mx.get_peak_memory() / 2**30
+
+
+def run_with_progress(trainer, steps: int) -> TrainingRun:
+    """Run ``trainer`` to ``steps`` with a progress bar showing the loss and bits/dim."""
+    from starflow_mlx.progress import StageProgress
+    from starflow_mlx.training.trainer import bits_per_dim
+
+    first, start = trainer.step, time.perf_counter()
+    first_done = None
 
     def on_step(step: int, loss: float) -> None:
         nonlocal first_done
@@ -69,16 +140,5 @@ def train(
     with StageProgress() as stages:
         stages("training", first, steps)
         trainer.run(on_step=on_step)
-    seconds = time.perf_counter() - start
-    test_bpd = trainer.evaluate(test_set)
-    source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
-              "channels": channels, "layers": layer_list, "noise_std": noise_std, "seconds": round(seconds, 1),
-              "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
-    trainer.export(output, source, force or resume)
-    ran = trainer.step - first
-    resumed = f" (steps {first + 1} to {trainer.step})" if first else ""
-    rate = f"{seconds / max(ran, 1):.2f} s/step"
-    if ran > 1:  # what more steps would cost, without the first step's one-off compilation
-        rate += f"; {(start + seconds - first_done) / (ran - 1):.2f} s/step after the first"
-    typer.echo(f"{output}: {ran} steps{resumed} in {seconds / 60:.1f} min ({rate}), test {test_bpd:.3f} bits/dim, "
-               f"peak memory {mx.get_peak_memory() / 2**30:.2f} GB")
+    end = time.perf_counter()
+    return TrainingRun(first, end - start, first_done, end)

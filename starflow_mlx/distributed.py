@@ -137,16 +137,25 @@ class World:
             first += taken
         return shares
 
-    def gather(self, mine: np.ndarray, counts: list[int], item_shape: tuple[int, ...], worked: float) -> np.ndarray | None:
-        """Every rank's items (uint8, ``counts[r]`` of ``item_shape`` from rank r) in rank order, on rank 0 only.
+    def gather(self, mine: np.ndarray | None, counts: list[int], worked: float) -> np.ndarray | None:
+        """Every rank's items (uint8, ``counts[r]`` from rank r; ``None`` from a rank with none) in rank
+        order, on rank 0 only.
 
         A rank that finished early waits for the others; it gives them the timeout plus as long
         as it worked itself (they do as much work) before it calls them lost.
         """
-        most = max(counts)
-        padded = np.zeros((most, *item_shape), np.uint8)
-        padded[: len(mine)] = mine
+        header = np.zeros(8, np.int32)  # an item's rank and shape, so that a rank with no items learns them
+        if mine is not None:
+            header[0] = mine.ndim - 1
+            header[1 : mine.ndim] = mine.shape[1:]
         with self.collective(self.timeout + worked, "while gathering the results"):
+            headers = np.array(mx.distributed.all_gather(mx.array(header), group=self.group)).reshape(self.size, -1)
+            widest = headers.max(axis=0)
+            item = tuple(int(d) for d in widest[1 : 1 + widest[0]])
+            most = max(counts)
+            padded = np.zeros((most, *item), np.uint8)
+            if mine is not None:
+                padded[: len(mine)] = mine
             every = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
         if not self.is_main:
             return None

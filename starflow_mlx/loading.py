@@ -62,14 +62,15 @@ def check_weight_bytes(config, path: Path) -> None:
                              f"{held:,}: the config and weights do not belong together")
 
 
-def load_weights_strict(model, path: Path, file_names: dict[str, str] | None = None,
+def load_weights_strict(model, path: Path, only: dict | None = None, file_names: dict[str, str] | None = None,
                         unread: set[str] = frozenset()) -> None:
     """Load safetensors into ``model``, naming the first missing, extra, misshapen or mistyped tensor.
 
     The file's header is checked first (see ``read_header``), so nothing unexpected is ever loaded.
-    ``file_names`` maps a parameter to its name in the file where they differ, and ``unread`` names
-    tensors the file holds that this model leaves alone (another rank's layers): MLX reads
-    safetensors lazily, so they never reach memory.
+    ``only`` (names -> current arrays) loads just those parameters, e.g. a LoRA adapter's; the file must
+    hold exactly them. ``file_names`` maps a parameter to its name in the file where they differ, and
+    ``unread`` names tensors the file holds that this model leaves alone (another rank's layers): MLX
+    reads safetensors lazily, so they never reach memory.
     """
     from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
     from starflow_mlx.convert.tensor_names import check_tensor_names
@@ -81,8 +82,9 @@ def load_weights_strict(model, path: Path, file_names: dict[str, str] | None = N
     except SafetensorsError as exc:
         raise ModelLoadError(str(exc)) from None
     file_names = file_names or {}
-    local = {file_names.get(name, name): name for name, _ in tree_flatten(model.parameters())}
-    expected = {stored: arr for stored, (_, arr) in zip(local, tree_flatten(model.parameters()))}
+    params = tree_flatten(model.parameters()) if only is None else list(only.items())
+    local = {file_names.get(name, name): name for name, _ in params}
+    expected = {stored: arr for stored, (_, arr) in zip(local, params)}
     mismatch = "it does not match its config.json"
     check_tensor_names(expected, set(header) - set(unread), str(path), ModelLoadError, mismatch, mismatch)
     for name, arr in expected.items():
@@ -97,15 +99,17 @@ def load_weights_strict(model, path: Path, file_names: dict[str, str] | None = N
         weights = mx.load(str(path))
     except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
         raise ModelLoadError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    model.load_weights([(local[name], weights[name]) for name in expected], strict=True)
+    model.load_weights([(local[name], weights[name]) for name in expected], strict=only is None)
 
 
-def load_flow(path: str | Path, dtype: str | None = None, layers: range | None = None) -> STARFlow:
+def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | None = None,
+              lora_scale: float = 1.0, layers: range | None = None) -> STARFlow:
     """Load the flow of a model folder (or 'demo', or a repo id).
 
-    ``dtype`` casts the float weights; by default :func:`auto_dtype` picks per device. ``layers``
-    keeps only those layers of the deep block, and reads only their weights (one rank's share
-    under pipeline parallelism, :mod:`starflow_mlx.distributed`).
+    ``dtype`` casts the float weights; by default :func:`auto_dtype` picks per device. ``lora`` adds a
+    LoRA adapter folder (``starflow train --lora``), its update multiplied by ``lora_scale``. ``layers``
+    keeps only those layers of the deep block, and reads only their weights (one rank's share under
+    pipeline parallelism, :mod:`starflow_mlx.distributed`).
     """
     from starflow_mlx.model_folder import resolve_model
     from starflow_mlx.quantize.policy import apply_quantization
@@ -116,6 +120,10 @@ def load_flow(path: str | Path, dtype: str | None = None, layers: range | None =
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from None
     check_weight_bytes(config, folder / "model.safetensors")
+    if lora is not None:  # a wrong or broken adapter is refused before the base weights are read
+        from starflow_mlx.models.lora import check_adapter
+
+        check_adapter(lora, config, lora_scale)
     model = STARFlow(config)
     if config.quantization:
         apply_quantization(model, config.quantization)
@@ -124,7 +132,11 @@ def load_flow(path: str | Path, dtype: str | None = None, layers: range | None =
         from starflow_mlx.distributed import keep_deep_layers
 
         file_names, unread = keep_deep_layers(model, layers)
-    load_weights_strict(model, folder / "model.safetensors", file_names, unread)
+    load_weights_strict(model, folder / "model.safetensors", file_names=file_names, unread=unread)
+    if lora is not None:
+        from starflow_mlx.models.lora import load_adapter
+
+        load_adapter(model, lora, lora_scale)
     target = parse_dtype(dtype) if dtype is not None else auto_dtype(bool(config.quantization))
     if target is not None:
         cast_floats(model, target)

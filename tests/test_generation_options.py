@@ -25,8 +25,9 @@ GOOD = {"prompt": "7", "model": "demo", "seed": 1, "cfg": 2.0, "aspect_ratio": "
 
 
 def test_good_metadata_round_trips():
-    # Files from before batching and quantized caches: one batch, a float cache.
-    expected = {**{k: v for k, v in GOOD.items() if k != "version"}, "batch_size": None, "kv_bits": None}
+    # Files from before batching, quantized caches and LoRA: one batch, a float cache, no adapter.
+    expected = {**{k: v for k, v in GOOD.items() if k != "version"}, "batch_size": None, "kv_bits": None,
+                "lora": None, "lora_scale": 1.0}
     assert GenerationOptions.from_metadata(GOOD, "x.png") == expected
 
 
@@ -38,6 +39,7 @@ def test_good_metadata_round_trips():
     ("jacobi_threshold", float("nan"), "jacobi_threshold must be a finite number"),
     ("jacobi_threshold", 0, "jacobi_threshold must be at least"),
     ("jacobi_max_iter", 10**9, "jacobi_max_iter must be at most"),
+    ("lora_scale", float("inf"), "lora_scale must be a finite number"),
     ("num_images", 10**13, "num_images must be at most"),
     ("index", 5, "index 5 is not one of the 2 images"),
     ("dtype", "float8", "dtype must be one of"),

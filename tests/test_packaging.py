@@ -19,10 +19,12 @@ def test_wheel_layout(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert all(t in ("starflow_mlx", "starflow_mlx_blas.pth") or t.endswith(".dist-info") for t in tops), tops
     assert "starflow_mlx_blas.pth" in names  # the start-up hook of starflow_mlx/blas.py
-    for sub in ("convert", "quantize", "apps", "benchmarks", "models", "sampling", "pipelines", "training", "coreml"):
+    for sub in ("convert", "quantize", "apps", "benchmarks", "models", "sampling", "pipelines", "training", "coreml", "server"):
         assert f"starflow_mlx/{sub}/__init__.py" in names, sub
     assert "starflow_mlx/registry.json" in names
-    assert "starflow_mlx/demo/model.safetensors" in names and "starflow_mlx/demo/starflow.json" in names
+    for demo in ("demo", "demo_video"):  # the built-in models ship whole
+        assert {f"starflow_mlx/{demo}/{f}" for f in ("config.json", "model.safetensors", "starflow.json")} <= set(names)
+    assert "starflow_mlx/server/static/index.html" in names and "starflow_mlx/server/static/app.js" in names
 
 
 def test_editable_install_maps_top_level_folders():

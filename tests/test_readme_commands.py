@@ -42,11 +42,15 @@ NOT_RUN = [
     (r"--data path/to/folder", "stands for the reader's own image folder"),
     (r"^starflow quantize demo --report", "measures for about 10 minutes on 2 cores (tests/test_quantize.py runs it "
                                          "small)"),
-    (r"^starflow train .*--steps (2000|4000)", "trains for hours on a CPU (tests/test_training.py trains small)"),
+    (r"^starflow train .*--steps (2000|2500|4000)", "trains for 45 minutes or more on a CPU (tests/test_training.py "
+                                                   "and tests/test_video_demo.py train small)"),
+    (r"\bstarflow serve\b", "serves until stopped (tests/test_serve.py starts the same app on a free port)"),
+    (r"^curl ", "needs the server above running (tests/test_serve.py sends the same requests)"),
     (r"^mlx\.distributed_config ", "configures the network of several Macs over ssh"),
     (r"^mlx\.launch --hostfile ", "needs several Macs (tests/test_distributed.py runs the same code on two local ranks)"),
 ]
 PYTHON_NOT_RUN = [
+    (r"OpenAI\(base_url=", "needs a running `starflow serve`; tests/test_serve.py makes the same call against one"),
     (r'VideoPipeline\.from_pretrained\("starflow-v"\)', "needs a converted STARFlow-V folder (7B weights); "
                                                         "tests/test_video_pipeline.py makes the same calls on a "
                                                         "tiny video model"),

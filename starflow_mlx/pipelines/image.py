@@ -24,8 +24,8 @@ from PIL import Image
 
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
-from starflow_mlx.model_folder import Manifest, resolve_model
-from starflow_mlx.pipelines.prompts import latent_size, nearest_aspect_ratio, prepare_prompt
+from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest, resolve_model
+from starflow_mlx.pipelines.prompts import class_features, latent_size, nearest_aspect_ratio, prepare_prompt
 from starflow_mlx.sampling.denoise import score_denoise
 
 MIN_PIXEL_SIDE = 64  # tiny pixel-space outputs (8x8 digits) are enlarged so they can be seen
@@ -158,21 +158,25 @@ class Pipeline:
         self._last_text = None  # (prompt, aspect ratio) -> features: batches of one prompt encode it once
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, dtype: str | None = None, layers: range | None = None) -> "Pipeline":
+    def from_pretrained(cls, name: str | Path, dtype: str | None = None, lora: str | Path | None = None,
+                        lora_scale: float = 1.0, layers: range | None = None) -> "Pipeline":
         """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once).
 
+        ``lora``: a LoRA adapter folder (``starflow train --lora``) added to the flow, its update times ``lora_scale``.
         ``layers``: hold only those layers of the deep block (a rank's share, :mod:`starflow_mlx.distributed`).
         """
         folder = resolve_model(name)
         manifest = Manifest.load(folder)
-        if (manifest.kind == "text-to-video") != cls.VIDEO:
+        if (manifest.kind in VIDEO_KINDS) != cls.VIDEO:
             if cls.VIDEO:
                 raise ValueError(f"{name} is a {manifest.kind} model: use starflow_mlx.Pipeline for images")
+            if lora is not None:
+                raise ValueError(f"{name} is a video model: LoRA adapters are for image models for now")
             from starflow_mlx.pipelines.video import VideoPipeline
 
             return VideoPipeline.from_pretrained(folder, dtype=dtype, layers=layers)
         check_memory(folder, FlowConfig.load(folder / "config.json"), layers)
-        flow = load_flow(folder, dtype=dtype, layers=layers)
+        flow = load_flow(folder, dtype=dtype, lora=lora, lora_scale=lora_scale, layers=layers)
         text_encoder = vae = None
         if manifest.text_encoder:
             from starflow_mlx.text_encoder import load_text_encoder
@@ -193,7 +197,7 @@ class Pipeline:
     # -- conditioning --------------------------------------------------------------------
     @property
     def is_class_model(self) -> bool:
-        return self.manifest.kind == "class-to-image"
+        return self.manifest.kind in CLASS_KINDS
 
     @property
     def has_finetuned_decoder(self) -> bool:
@@ -205,7 +209,8 @@ class Pipeline:
         if prompt == "":
             return len(classes)
         if prompt not in classes:
-            raise ValueError(f"unknown class {prompt!r}: this model generates {', '.join(classes)}")
+            wanted = self.manifest.prompt_help or ", ".join(classes)
+            raise ValueError(f"unknown class {prompt!r}: this model generates {wanted}")
         return classes.index(prompt)
 
     def conditioning(self, prompt: str, count: int, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:
@@ -222,8 +227,8 @@ class Pipeline:
 
     def _text_features(self, prompt: str, aspect_ratio: str | None, fps: int) -> tuple[mx.array, mx.array]:
         if self.is_class_model:
-            eye = np.eye(len(self.manifest.classes) + 1, dtype=np.float32)
-            return mx.array(eye[self.class_index(prompt)][None, None]), mx.array(eye[-1][None, None])
+            table = class_features(self.manifest.classes, self.manifest.words)
+            return mx.array(table[self.class_index(prompt)][None]), mx.array(table[-1][None])
         length = self.config.txt_size
         text = prepare_prompt(prompt, self.config, aspect_ratio, fps)
         tokens = self.text_encoder.count_tokens(text)

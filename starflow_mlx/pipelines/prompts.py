@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from starflow_mlx.config import FlowConfig
+import numpy as np
+
+from starflow_mlx.config import ConfigError, FlowConfig
 
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
 
@@ -19,6 +21,24 @@ def prepare_prompt(prompt: str, config: FlowConfig, aspect_ratio: str | None, fp
     if config.mix_aspect and aspect_ratio is not None:
         text = f"{text}\n in a {aspect_ratio} aspect ratio.\n"
     return text
+
+
+def class_features(classes: list[str], words: list[str] | None = None) -> np.ndarray:
+    """The "text" of every class, then of the empty class (last, for guidance): (classes + 1, L, D) float32.
+
+    Without ``words`` a class is one one-hot row over the classes plus the empty class, like upstream's label
+    conditioning. With ``words`` a class name is a short sentence, and each of its words found in ``words`` is a
+    one-hot row over them plus an empty word, so classes that share a word share what was learnt from it: "7 moving
+    right" and "7 moving up" both teach the model its 7s.
+    """
+    if not words:
+        return np.eye(len(classes) + 1, dtype=np.float32)[:, None, :]
+    vocabulary = {word: i for i, word in enumerate(words)}
+    rows = [[vocabulary[w] for w in name.split() if w in vocabulary] for name in classes]
+    if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
+        raise ConfigError("every class name must hold the same number of words from the model's vocabulary")
+    eye = np.eye(len(words) + 1, dtype=np.float32)
+    return np.stack([eye[r] for r in rows] + [np.repeat(eye[-1:], len(rows[0]), axis=0)])
 
 
 def check_aspect_ratio(aspect_ratio: str) -> None:

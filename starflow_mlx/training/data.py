@@ -19,9 +19,18 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    images: np.ndarray  # (N, H, W, C) float32 in [-1, 1]
+    images: np.ndarray  # (N, H, W, C) images or (N, T, H, W, C) clips, float32 in [-1, 1]
     labels: np.ndarray  # (N,) int
     classes: list[str]
+    prompt_help: str | None = None  # what a prompt looks like, when class names follow a pattern
+    words: list[str] | None = None  # class names are sentences of these words (pipelines.prompts.class_features)
+
+    def features(self) -> np.ndarray:
+        """The label "text" of every sample, (N, L, D), and of the empty class, (L, D)."""
+        from starflow_mlx.pipelines.prompts import class_features
+
+        table = class_features(self.classes, self.words)
+        return table[self.labels], table[-1]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,7 +87,3 @@ def load_image_folder(folder: str | Path, size: int, channels: int = 1, test_fra
         labels.append(index)
     return _split(np.stack(images), np.array(labels), classes, test_fraction, seed)
 
-
-def one_hot_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Class conditioning as a length-1 'text': one-hot rows over the classes plus the empty class (last)."""
-    return np.eye(num_classes + 1, dtype=np.float32)[labels][:, None, :]

@@ -27,7 +27,7 @@ from starflow_mlx.loading import load_weights_strict
 from starflow_mlx.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.staging import staged_folder
-from starflow_mlx.training.data import Dataset, one_hot_labels
+from starflow_mlx.training.data import Dataset
 
 LOG2 = math.log(2.0)
 
@@ -46,6 +46,10 @@ class TrainConfig(JSONConfig):
     channels: int = field(default=96, metadata={"min": 1, "max": 1 << 16})
     layers: list[int] = field(default_factory=lambda: [2, 2, 2, 4], metadata={"min": 1, "max": 1024, "max_len": 64})
     head_dim: int = field(default=32, metadata={"min": 1, "max": 1024})
+    patch_size: int = field(default=1, metadata={"min": 1, "max": 64})
+    # Video data: every n-th step trains on single frames, as many as the clips' frames (0: never). A clip's label is
+    # worth a few nats against hundreds of dimensions mostly fixed by motion; alone, a first frame makes it count.
+    image_every: int = field(default=0, metadata={"min": 0, "max": 10**6})
     noise_std: float = field(default=0.1, metadata={"min": 0, "max": 100})
     drop_label: float = field(default=0.1, metadata={"min": 0, "max": 1})
     cfg: float = field(default=2.0, metadata={"min": 0, "max": 1000})
@@ -54,15 +58,22 @@ class TrainConfig(JSONConfig):
 
 
 def flow_config(train: TrainConfig, data: Dataset) -> FlowConfig:
-    _, h, w, c = data.images.shape
+    """Images (N, H, W, c) train a STARFlow; clips (N, T, H, W, c) a STARFlow-V: a temporally causal deep
+    block over all frames and frame-local shallow blocks, in pixel space."""
+    *_, h, w, c = data.images.shape
     if h != w:
         raise ValueError(f"training images must be square, got {h}x{w}")
+    if h % train.patch_size:
+        raise ValueError(f"--patch-size {train.patch_size} does not divide the {h}-pixel images")
+    frames = data.images.shape[1] if data.images.ndim == 5 else 0
     n_classes = len(data.classes)
+    text_len, text_dim = data.features()[1].shape  # the empty label's rows: one per word
     return FlowConfig(
         in_channels=c, channels=train.channels, layers_per_block=list(train.layers), latent_size=h,
-        head_dim=train.head_dim, txt_size=1, txt_dim=n_classes + 1, sos=True, seq_order="L2R",
-        use_softplus=True, cond_top_only=True, use_final_norm=True, soft_clip=4.0, noise_std=train.noise_std,
-        cfg=train.cfg, num_classes=n_classes, vae_factor=1,
+        patch_size=train.patch_size, head_dim=train.head_dim, txt_size=text_len, txt_dim=text_dim, sos=True,
+        seq_order="L2R", use_softplus=True, cond_top_only=True, use_final_norm=True, soft_clip=4.0,
+        noise_std=train.noise_std, cfg=train.cfg, num_classes=n_classes, vae_factor=1, num_frames=frames,
+        temporal_causal=int(frames > 0), shallow_block_local=frames > 0,
     )
 
 
@@ -78,16 +89,21 @@ def nll_per_dim(flow: STARFlow, x: mx.array, y: mx.array) -> mx.array:
     return 0.5 * mx.mean(mx.square(z.reshape(z.shape[0], -1)), axis=1) - logdet / dims
 
 
+def layer_activations(tokens: int, width: int, heads: int) -> int:
+    """float32 values backpropagation keeps per transformer layer and sample: measured at about 37 per token
+    and channel (40 here) besides the attention scores."""
+    return 40 * tokens * width + 4 * heads * tokens * tokens
+
+
 def training_bytes(config: FlowConfig, batch: int) -> int:
     """Memory a training step needs, on the generous side: float32 weights, their gradients and AdamW's two
-    moments, and what backpropagation keeps per layer and sample, measured at about 37 float32 values per
-    token and channel (40 here) besides the attention scores."""
-    tokens = (config.latent_size // config.patch_size) ** 2 + config.txt_size
+    moments, and what backpropagation keeps per layer and sample (:func:`layer_activations`)."""
+    tokens = (config.latent_size // config.patch_size) ** 2 * max(config.num_frames, 1) + config.txt_size
     params = activations = 0
     for block, layers in enumerate(config.layers_per_block):
         width, heads = config.block_channels(block), config.block_heads(block)
         params += layers * 12 * width * width
-        activations += layers * (40 * tokens * width + 4 * heads * tokens * tokens)
+        activations += layers * layer_activations(tokens, width, heads)
     return 4 * (4 * params + batch * activations)
 
 
@@ -102,6 +118,15 @@ def check_training_memory(config: FlowConfig, batch: int) -> None:
             f"but {total / 2**30:.1f} GB is available: use a smaller --batch-size or --channels")
 
 
+def make_optimizer(train: TrainConfig) -> optim.Optimizer:
+    """AdamW with linear warm-up then cosine decay to ``min_lr``."""
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(train.lr * 1e-3, train.lr, max(train.warmup, 1)),
+         optim.cosine_decay(train.lr, max(train.steps - train.warmup, 1), train.min_lr)],
+        [max(train.warmup, 1)])
+    return optim.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+
+
 class Trainer:
     def __init__(self, train: TrainConfig, data: Dataset, checkpoint_dir: Path):
         self.train, self.data, self.checkpoint_dir = train, data, Path(checkpoint_dir)
@@ -109,18 +134,14 @@ class Trainer:
         check_training_memory(self.config, train.batch_size)
         mx.random.seed(train.seed)
         self.model = STARFlow(self.config)
-        schedule = optim.join_schedules(
-            [optim.linear_schedule(train.lr * 1e-3, train.lr, max(train.warmup, 1)),
-             optim.cosine_decay(train.lr, max(train.steps - train.warmup, 1), train.min_lr)],
-            [max(train.warmup, 1)])
-        self.optimizer = optim.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+        self.optimizer = make_optimizer(train)
         self.step = 0
-        self.y_all = one_hot_labels(data.labels, len(data.classes))
+        self.y_all, self.y_empty = data.features()
         self._compile()
 
     def _compile(self) -> None:
-        train, n_classes = self.train, len(self.data.classes)
-        empty = mx.array(np.eye(n_classes + 1, dtype=np.float32)[n_classes])
+        train = self.train
+        empty = mx.array(self.y_empty)
         state = [self.model.state, self.optimizer.state]
 
         def loss_fn(model, x, y, key):
@@ -143,9 +164,13 @@ class Trainer:
     def batch(self, step: int) -> tuple[mx.array, mx.array, mx.array]:
         """Data and random key for a given step: fixed by the seed, so a resumed run is identical."""
         rng = np.random.default_rng((self.train.seed, step))
-        idx = rng.choice(len(self.data), size=self.train.batch_size, replace=len(self.data) < self.train.batch_size)
+        images, count = self.data.images, self.train.batch_size
+        every = self.train.image_every
+        if images.ndim == 5 and every and step % every == every - 1:  # first frames alone, the clips' worth of them
+            images, count = images[:, :1], count * images.shape[1]
+        idx = rng.choice(len(self.data), size=count, replace=len(self.data) < count)
         key = mx.random.key(int(rng.integers(2**31)))
-        return mx.array(self.data.images[idx]), mx.array(self.y_all[idx]), key
+        return mx.array(images[idx]), mx.array(self.y_all[idx]), key
 
     def run(self, steps: int | None = None, on_step: Callable[[int, float], None] | None = None) -> list[float]:
         """Train until ``steps`` (default: the configured total); returns the losses of this call."""
@@ -200,12 +225,15 @@ class Trainer:
             self.config.save(tmp / "config.json")
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())),
                                 metadata={"format": "mlx"})
-            Manifest(kind="class-to-image", classes=list(self.data.classes), source=source or {}).save(tmp)
+            kind = "class-to-video" if self.config.is_video else "class-to-image"
+            Manifest(kind=kind, classes=list(self.data.classes), prompt_help=self.data.prompt_help,
+                     words=list(self.data.words or []),
+                     source=source or {}).save(tmp)
 
 
 def evaluate_bits_per_dim(flow: STARFlow, data: Dataset, noise_std: float, batch: int = 256, seed: int = 1) -> float:
     rng = np.random.default_rng(seed)
-    y_all = one_hot_labels(data.labels, len(data.classes))
+    y_all, _ = data.features()
     total, count = 0.0, 0
     for start in range(0, len(data), batch):
         x = data.images[start : start + batch]

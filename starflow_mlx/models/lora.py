@@ -1,0 +1,249 @@
+"""LoRA for the flow: low-rank updates of the attention and MLP linears, their adapter files, and fusing.
+
+A LoRA layer computes ``base(x) + scale * (x A^T) B^T`` with A (rank, in) and B (out, rank),
+so it adds ``scale * B @ A`` to the base weight (``nn.Linear`` layout). B starts at zero: a
+fresh adapter leaves the model exactly as it was. ``scale`` is ``alpha / rank`` times the
+user's ``lora_scale``. The base may be quantized (QLoRA): it is only read.
+
+An adapter folder holds ``adapter.safetensors`` (the A and B matrices, nothing else) and
+``adapter.json`` (:class:`AdapterConfig`): rank, alpha, the layers it targets, and the identity
+of the base model it was trained on (a hash of the base's architecture, so a float base and its
+quantized copy share it; an adapter for another model shape is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from starflow_mlx.config import FlowConfig
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig
+
+ADAPTER_CONFIG = "adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+BLOCK_CHOICES = ("deep", "all")
+MAX_RANK = 4096
+# The linears of a transformer layer that LoRA adapts (GELU MLP as main.0 / main.2, or SwiGLU).
+_TARGET = re.compile(r"blocks\.(\d+)\.attn_blocks\.\d+\.(attention\.(qkv|proj)|mlp\.(main\.[02]|gate_proj|up_proj|down_proj))")
+# How a model is stored or sampled by default, not what it computes: an adapter fits a float model and its
+# quantized copy alike.
+_NOT_IDENTITY = ("dtype", "quantization", "cfg", "extra")
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter is missing, damaged, or made for another model."""
+
+
+@dataclass
+class AdapterConfig(JSONConfig):
+    LABEL = "LoRA adapter config"
+
+    rank: int = field(metadata={"min": 1, "max": MAX_RANK})
+    alpha: float = field(metadata={"min": 0, "max": 1e6})
+    targets: list[str] = field(metadata={"max_len": 1 << 16})
+    base_hash: str = field(metadata={"max_len": 64})
+    blocks: str = field(default="deep", metadata={"choices": BLOCK_CHOICES})
+    base_shape: str = field(default="", metadata={"max_len": 1000})  # for messages: "channels 64, layers [2, 2, 4]"
+    source: dict[str, Any] = field(default_factory=dict)  # how it was trained (base name, data, steps, bits/dim)
+    format: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [t for t in self.targets if not _TARGET.fullmatch(t)]
+        if bad:
+            raise ConfigError(f"{self.LABEL}: target {bad[0][:80]!r} is not an attention or MLP linear of a flow")
+        if not self.targets:
+            raise ConfigError(f"{self.LABEL}: targets is empty: the adapter changes nothing")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def check_rank(rank: int, alpha: float | None = None) -> None:
+    if not 1 <= rank <= MAX_RANK:
+        raise AdapterError(f"--rank must be between 1 and {MAX_RANK}, got {rank}")
+    if alpha is not None and not 0 <= alpha < math.inf:
+        raise AdapterError(f"--alpha must be a number 0 or more, got {alpha}")
+
+
+def check_scale(scale: float) -> None:
+    if not -1e3 <= scale <= 1e3:  # NaN fails too
+        raise AdapterError(f"--lora-scale must be a number between -1000 and 1000, got {scale}")
+
+
+def base_identity(config: FlowConfig) -> tuple[str, str]:
+    """(hash, short description) of what a base model computes, ignoring how it is stored."""
+    arch = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    shape = f"channels {config.channels}, layers {list(config.layers_per_block)}, {config.latent_size}x{config.latent_size}"
+    return digest, shape
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a float or quantized linear layer."""
+    out_dims, packed = layer.weight.shape
+    return out_dims, packed * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else packed
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * (x A^T) B^T``; only ``lora_a`` and ``lora_b`` are meant to train."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float):
+        super().__init__()
+        out_dims, in_dims = linear_dims(base)
+        self.base = base
+        self.scale = scale
+        bound = 1.0 / math.sqrt(in_dims)  # nn.Linear's own initialisation for A
+        self.lora_a = mx.random.uniform(-bound, bound, (rank, in_dims))
+        self.lora_b = mx.zeros((out_dims, rank))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        update = (x.astype(self.lora_a.dtype) @ self.lora_a.T) @ self.lora_b.T
+        return y + (self.scale * update).astype(y.dtype)
+
+    def delta(self) -> mx.array:
+        """What fusing adds to the base weight: ``scale * B @ A`` (out, in), float32."""
+        return self.scale * (self.lora_b.astype(mx.float32) @ self.lora_a.astype(mx.float32))
+
+    def fused(self) -> nn.Module:
+        """The base layer with the update added (a quantized base is re-quantized with its own settings)."""
+        base = self.base
+        quantized = isinstance(base, nn.QuantizedLinear)
+        if quantized:
+            weight = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
+            dtype = base.scales.dtype
+        else:
+            weight, dtype = base.weight, base.weight.dtype
+        out_dims, in_dims = weight.shape
+        layer = nn.Linear(in_dims, out_dims, bias="bias" in base)
+        layer.weight = (weight.astype(mx.float32) + self.delta()).astype(dtype)
+        if "bias" in base:
+            layer.bias = base.bias
+        return layer.to_quantized(group_size=base.group_size, bits=base.bits) if quantized else layer
+
+
+def target_paths(model: nn.Module, blocks: str) -> list[str]:
+    """The attention and MLP linears of the deep block (``deep``) or of every block (``all``)."""
+    if blocks not in BLOCK_CHOICES:
+        raise AdapterError(f"--lora-blocks must be {' or '.join(BLOCK_CHOICES)}, got {blocks!r}")
+    deep = str(len(model.blocks) - 1)
+    return [path for path, _ in model.named_modules()
+            if (m := _TARGET.fullmatch(path)) and (blocks == "all" or m.group(1) == deep)]
+
+
+def _parent(model: nn.Module, path: str) -> tuple[Any, str]:
+    """The container holding the module at ``path`` (a module or a list) and its key in it."""
+    *parts, last = path.split(".")
+    node: Any = model
+    for part in parts:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node, last
+
+
+def _get(model: nn.Module, path: str) -> Any:
+    """The module at ``path``, or None where the model has nothing there."""
+    try:
+        node, key = _parent(model, path)
+        return node[int(key)] if isinstance(node, list) else node.get(key)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return None
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    node, key = _parent(model, path)
+    if isinstance(node, list):
+        node[int(key)] = module
+    else:
+        setattr(node, key, module)
+
+
+def apply_lora(model: nn.Module, targets: list[str], rank: int, scale: float) -> None:
+    """Wrap each target linear in a :class:`LoRALinear`; freeze everything but the LoRA matrices."""
+    for path in targets:
+        layer = _get(model, path)
+        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+            raise AdapterError(f"the adapter targets {path}, which this model does not have as a linear layer")
+        _set(model, path, LoRALinear(layer, rank, scale))
+    model.freeze()
+    for path in targets:
+        _get(model, path).unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_weights(model: nn.Module) -> dict[str, mx.array]:
+    """Just the A and B matrices, by parameter name."""
+    return {f"{path}.{name}": getattr(m, name) for path, m in lora_layers(model) for name in ("lora_a", "lora_b")}
+
+
+def fuse_lora(model: nn.Module) -> None:
+    """Replace every LoRA layer by its base with the update added: an ordinary model again."""
+    for path, layer in lora_layers(model):
+        _set(model, path, layer.fused())
+    model.unfreeze()
+
+
+def save_adapter(model: nn.Module, config: AdapterConfig, folder: Path) -> None:
+    """Write ``adapter.safetensors`` and ``adapter.json`` into an existing (staging) folder."""
+    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), lora_weights(model), metadata={"format": "mlx"})
+    config.save(folder / ADAPTER_CONFIG)
+
+
+def read_adapter_config(folder: str | Path) -> AdapterConfig:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise AdapterError(f"LoRA adapter {folder} not found: pass the folder starflow train --lora wrote")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise AdapterError(f"{folder} has no {name}: it is not a complete LoRA adapter (train it again)")
+    try:
+        return AdapterConfig.load(folder / ADAPTER_CONFIG)
+    except ConfigError as exc:
+        raise AdapterError(str(exc)) from None
+
+
+def check_base(config: AdapterConfig, flow_config: FlowConfig, where: str) -> None:
+    digest, shape = base_identity(flow_config)
+    if config.base_hash != digest:
+        raise AdapterError(f"LoRA adapter {where} was trained for another base model ({config.base_shape or 'unknown'}; "
+                           f"this one: {shape}): load it with the model it was made for")
+
+
+def check_adapter(folder: str | Path, flow_config: FlowConfig, scale: float = 1.0) -> AdapterConfig:
+    """The adapter's config, once it is known to fit a model of ``flow_config`` (before any weights are read)."""
+    check_scale(scale)
+    config = read_adapter_config(folder)
+    check_base(config, flow_config, str(folder))
+    return config
+
+
+def load_adapter(model: nn.Module, folder: str | Path, scale: float = 1.0) -> AdapterConfig:
+    """Add the adapter in ``folder`` to ``model`` (a loaded flow), its update multiplied by ``scale``."""
+    from starflow_mlx.loading import ModelLoadError, load_weights_strict
+
+    folder = Path(folder).expanduser()
+    config = check_adapter(folder, model.config, scale)
+    apply_lora(model, config.targets, config.rank, config.scale * scale)
+    try:
+        load_weights_strict(model, folder / ADAPTER_WEIGHTS, only=lora_weights(model))
+    except ModelLoadError as exc:
+        raise AdapterError(str(exc).replace("config.json", ADAPTER_CONFIG)) from None
+    mx.eval(model.parameters())
+    return config
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(a.size for _, a in tree_flatten(model.trainable_parameters()))

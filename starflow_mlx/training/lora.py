@@ -1,0 +1,230 @@
+"""LoRA fine-tuning of a trained flow by exact likelihood: the training loss, on a frozen (optionally quantized) base.
+
+:class:`LoRATrainer` is a :class:`~starflow_mlx.training.trainer.Trainer` whose model is a loaded
+base with LoRA layers (:mod:`starflow_mlx.models.lora`) and whose only trainable parameters are
+the LoRA matrices; the loss (noise + ``nll_per_dim``), label dropout, schedule, data order and
+step loop are the Trainer's. Its checkpoints are adapter folders plus the optimizer state, and
+a resumed run continues at the saved step with the same batches and noise.
+
+Fine-tuning reads class-conditional pixel-space bases (the kind ``starflow train`` makes, like
+``demo``): data is ``digits`` or a folder of ``<class>/<images>`` whose class names are the base's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from starflow_mlx.config import FlowConfig
+from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
+from starflow_mlx.models.layers import AttentionBlock
+from starflow_mlx.models.lora import (BLOCK_CHOICES, MAX_RANK, AdapterConfig, AdapterError, apply_lora, base_identity,
+                                      check_rank, lora_weights, save_adapter, target_paths)
+from starflow_mlx.staging import staged_folder
+from starflow_mlx.training.data import DataError, Dataset, load_digits_split, load_image_folder
+from starflow_mlx.training.trainer import TrainConfig, Trainer, layer_activations, make_optimizer
+
+QUANT_GROUP = 64
+WORKING_LAYERS = 4  # one layer's forward and backward working set, in units of its kept activations
+
+
+@dataclass
+class LoRASettings(JSONConfig):
+    LABEL = "LoRA settings"
+
+    rank: int = field(default=8, metadata={"min": 1, "max": MAX_RANK})
+    alpha: float = field(default=16.0, metadata={"min": 0, "max": 1e6})
+    blocks: str = field(default="deep", metadata={"choices": BLOCK_CHOICES})
+    base_bits: int | None = field(default=None, metadata={"choices": (None, 4, 8)})
+    grad_checkpoint: bool = False
+
+
+# -- memory ------------------------------------------------------------------------------
+def _linear_shapes(config: FlowConfig, block: int) -> list[tuple[int, int]]:
+    """(out, in) of the attention and MLP linears of one layer of ``block``."""
+    width, heads, kv = config.block_channels(block), config.block_heads(block), config.block_kv_heads(block)
+    hidden = int(width * config.expansion)
+    attn = [((heads + 2 * kv) * config.head_dim, width), (width, heads * config.head_dim)]
+    mlp = [(hidden, width)] * (2 if config.use_swiglu else 1) + [(width, hidden)]
+    return attn + mlp
+
+
+def base_weight_bytes(config: FlowConfig, bits: int | None, float_bytes: int) -> int:
+    """Bytes of the frozen flow's weights, counted on a model built lazily (MLX allocates nothing
+    until evaluated); with ``bits``, the layers the default policy quantizes hold integers plus a scale
+    and a bias per group of 64."""
+    from starflow_mlx.models.starflow import STARFlow
+    from starflow_mlx.quantize.policy import plan_quantization
+
+    model = STARFlow(config)
+    total = sum(a.size for _, a in tree_flatten(model.parameters())) * float_bytes
+    if bits is not None:
+        modules = dict(model.named_modules())
+        for path in plan_quantization(model, bits, QUANT_GROUP)["layers"]:
+            weights = modules[path].weight.size
+            total -= weights * float_bytes - weights * (bits / 8 + 2 * float_bytes / QUANT_GROUP)
+    return int(total)
+
+
+def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
+                        frames: int = 0) -> dict[str, int]:
+    """An estimate, on the generous side, of a LoRA training step's memory, in parts:
+
+    ``base``: the frozen weights (:func:`base_weight_bytes`; a quantized base counts at its bits);
+    ``adapter``: the LoRA matrices with their gradients and AdamW's two moments (float32);
+    ``activations``: what backpropagation keeps for the adapted blocks (:func:`layer_activations`
+    per layer, or with ``grad_checkpoint`` each layer's input), plus the working set of running one
+    layer forward and backward, taken as 4 times that layer's :func:`layer_activations` (measured
+    peaks with checkpointing were 1.8 times on the ``small`` bench shape and 3.3 times on the demo).
+    ``frames``: video clips of that many latent frames (frame-local shallow blocks attend within a frame).
+    """
+    frame_tokens = (config.latent_size // config.patch_size) ** 2
+    deep = config.num_blocks - 1
+    adapted = range(config.num_blocks) if settings.blocks == "all" else [deep]
+    adapter = kept = largest = 0.0
+    for block, layers in enumerate(config.layers_per_block):
+        shapes = _linear_shapes(config, block)
+        width, heads = config.block_channels(block), config.block_heads(block)
+        local = frames and config.shallow_block_local and block != deep
+        text = config.txt_size if config.block_sees_text(block) else 0
+        sequences, tokens = (frames, frame_tokens) if local else (1, frame_tokens * max(frames, 1) + text)
+        one_layer = sequences * layer_activations(tokens, width, heads)
+        largest = max(largest, one_layer)
+        if block in adapted:
+            adapter += layers * 4 * settings.rank * sum(o + i for o, i in shapes)
+            kept += layers * (sequences * tokens * width if settings.grad_checkpoint else one_layer)
+    bits = settings.base_bits or (config.quantization or {}).get("bits")
+    return {"base": base_weight_bytes(config, bits, float_bytes), "adapter": int(4 * adapter),
+            "activations": int(4 * batch * (kept + WORKING_LAYERS * largest))}
+
+
+def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4) -> int:
+    """The estimated bytes of a step; refuses, with the numbers, a step this machine cannot hold."""
+    from starflow_mlx.pipelines.image import InsufficientMemoryError, memory_limit
+
+    need = sum(lora_training_bytes(config, batch, settings, float_bytes).values())
+    total = memory_limit()
+    if total is not None and need > total:
+        hints = [] if settings.grad_checkpoint else ["--grad-checkpoint"]
+        hints += ["a smaller --batch-size"] + ([] if settings.base_bits == 4 else ["--base-bits 4"])
+        raise InsufficientMemoryError(f"LoRA training with --batch-size {batch} needs about {need / 2**30:.1f} GB but "
+                                      f"{total / 2**30:.1f} GB is available: use {', '.join(hints)}")
+    return need
+
+
+# -- gradient checkpointing ----------------------------------------------------------------
+class CheckpointedBlock(AttentionBlock):
+    """A transformer layer that keeps only its input for the backward pass and recomputes the rest
+    (``mx.checkpoint``). Layers become this class in place, so parameter names do not change."""
+
+    def __call__(self, x, rope, mask="causal", cache=None):
+        def run(params, x, *tables):
+            self.update(params)
+            return AttentionBlock.__call__(self, x, tables or None, mask, cache)
+
+        return mx.checkpoint(run)(self.trainable_parameters(), x, *(rope or ()))
+
+
+def checkpoint_layers(model) -> None:
+    for block in model.blocks:
+        for layer in getattr(block, "attn_blocks", []):
+            layer.__class__ = CheckpointedBlock
+
+
+# -- data ----------------------------------------------------------------------------------
+def load_lora_data(data: str, classes: list[str], config: FlowConfig, pixel_scale: float = 1.0,
+                   seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, held-out) from ``digits`` or a folder of ``<class>/<images>``, labelled with the base's classes."""
+    if data == "digits":
+        if (config.latent_size, config.in_channels) != (8, 1):
+            raise DataError(f"the digits data is 8x8 grayscale but the base model makes {config.latent_size}x"
+                            f"{config.latent_size} images with {config.in_channels} channels: use a folder of images")
+        train, test = load_digits_split(seed=seed)
+    else:
+        train, test = load_image_folder(data, config.latent_size, config.in_channels, seed=seed)
+    unknown = [name for name in train.classes if name not in classes]
+    if unknown:
+        raise DataError(f"{data} has class {unknown[0]!r}, which the base model does not know: name the "
+                        f"sub-folders after its classes ({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''})")
+    to_base = np.array([classes.index(name) for name in train.classes])
+    return tuple(Dataset(d.images * pixel_scale, to_base[d.labels], list(classes)) for d in (train, test))
+
+
+# -- training ------------------------------------------------------------------------------
+class LoRATrainer(Trainer):
+    """Train LoRA matrices on a frozen base flow; the rest is the Trainer's (loss, schedule, batches, loop)."""
+
+    def __init__(self, base, train: TrainConfig, settings: LoRASettings, data: Dataset, checkpoint_dir: Path,
+                 base_name: str = ""):
+        """``base``: a loaded float or quantized flow (``load_flow``), changed in place."""
+        from starflow_mlx.quantize.policy import apply_quantization, plan_quantization
+
+        check_rank(settings.rank, settings.alpha)
+        self.train, self.settings, self.data, self.checkpoint_dir = train, settings, data, Path(checkpoint_dir)
+        self.base_name = base_name
+        self.config = base.config
+        if len(data.classes) != self.config.num_classes or self.config.txt_dim != len(data.classes) + 1:
+            raise DataError(f"the data has {len(data.classes)} classes but the base model is conditioned on "
+                            f"{self.config.num_classes}: fine-tune a class-conditional model on its own classes")
+        if settings.base_bits is not None:
+            if self.config.quantization:
+                raise AdapterError("the base model is already quantized: leave out --base-bits")
+            plan = plan_quantization(base, settings.base_bits, QUANT_GROUP)
+            apply_quantization(base, plan)
+            self.config.quantization = plan
+        mx.random.seed(train.seed)
+        self.targets = sorted(target_paths(base, settings.blocks))
+        apply_lora(base, self.targets, settings.rank, settings.alpha / settings.rank)
+        if settings.grad_checkpoint:
+            checkpoint_layers(base)
+        self.model = base
+        self.optimizer = make_optimizer(train)
+        self.step = 0
+        self.y_all, self.y_empty = data.features()
+        self._compile()
+
+    def adapter_config(self, source: dict | None = None) -> AdapterConfig:
+        digest, shape = base_identity(self.config)
+        return AdapterConfig(rank=self.settings.rank, alpha=self.settings.alpha, targets=list(self.targets),
+                             blocks=self.settings.blocks, base_hash=digest, base_shape=shape, source=source or {})
+
+    # -- checkpoints: an adapter folder plus the optimizer state and the step ------------
+    def save_checkpoint(self) -> Path:
+        final = self.checkpoint_dir / "latest"
+        with staged_folder(final, force=True) as tmp:
+            save_adapter(self.model, self.adapter_config(), tmp)
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            write_json(tmp / "trainer.json", {"step": self.step, "train": self.train.to_dict(),
+                                              "lora": self.settings.to_dict(), "base": self.base_name})
+        return final
+
+    def load_checkpoint(self, folder: Path | None = None) -> None:
+        from starflow_mlx.convert.safetensors_stream import read_header
+        from starflow_mlx.loading import load_weights_strict
+        from starflow_mlx.models.lora import ADAPTER_WEIGHTS, check_base, read_adapter_config
+
+        folder = Path(folder or self.checkpoint_dir / "latest")
+        if not (folder / "trainer.json").is_file():
+            raise FileNotFoundError(f"no checkpoint at {folder}: nothing to resume")
+        meta = read_json(folder / "trainer.json", "training checkpoint")
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+            raise ConfigError(f"{folder / 'trainer.json'} is damaged (no step count): delete {folder} to start over")
+        saved = LoRASettings.from_dict(meta.get("lora"), str(folder / "trainer.json"))
+        if (saved.rank, saved.blocks) != (self.settings.rank, self.settings.blocks):
+            raise ValueError(f"checkpoint {folder} is for --rank {saved.rank} --lora-blocks {saved.blocks}: "
+                             "resume with those settings")
+        check_base(read_adapter_config(folder), self.config, str(folder))
+        load_weights_strict(self.model, folder / ADAPTER_WEIGHTS, only=lora_weights(self.model))
+        read_header(folder / "optimizer.safetensors")  # exact offsets and sizes before MLX maps anything
+        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        self.step = meta["step"]
+        self._compile()
+
+    def export(self, output: Path, source: dict | None = None, force: bool = False) -> None:
+        """Write the adapter folder (``adapter.safetensors`` + ``adapter.json``), atomically."""
+        with staged_folder(output, force) as tmp:
+            save_adapter(self.model, self.adapter_config(source), tmp)

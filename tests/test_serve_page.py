@@ -1,0 +1,86 @@
+"""The page at ``/`` in a real browser: Debian's headless Chromium driven by Playwright (no browser download).
+
+``.ci/run`` installs chromium; elsewhere these tests skip, saying why. With
+``STARFLOW_SCREENSHOT=docs/serve.png`` the image test also saves what the page showed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from fixtures_serve import serving, started
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; "
+                                                         ".ci/run installs it)")
+TIMEOUT_MS = 600_000  # a loaded 2-core machine takes minutes for what an idle one does in seconds
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_page_makes_demo_images_with_live_progress(tmp_path, browser):
+    with started("demo", tmp_path / "out") as runner, serving(runner, api_key="page-key") as url:
+        page = browser.new_page(viewport={"width": 1100, "height": 640})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector("#keybox", state="visible")  # asked for the key: every API call needs it
+        page.fill("#key", "page-key")
+        page.fill("#prompt", "7")
+        page.fill("#n", "8")
+        page.fill("#seed", "0")
+        page.click("#generate")
+        # The card shows the job while it runs (progress events), then its images.
+        page.wait_for_selector("article.job[data-status]", timeout=TIMEOUT_MS)
+        page.wait_for_selector("article.job[data-status=completed] .gallery img:nth-child(8)", timeout=TIMEOUT_MS)
+        page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth === 64)",
+                               timeout=TIMEOUT_MS)
+        assert page.eval_on_selector("article.job progress", "p => p.value") == 100
+        assert "seed 0" in page.inner_text("article.job .meta")
+        assert page.inner_text("#model") == "demo · class-to-image"
+        # A second job, then the first list again after a reload: the page reads the server's jobs.
+        page.fill("#prompt", "3")
+        page.fill("#n", "8")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('article.job[data-status=completed]').length === 2",
+                               timeout=TIMEOUT_MS)
+        page.reload()
+        page.wait_for_function("document.querySelectorAll('.gallery img').length === 16", timeout=TIMEOUT_MS)
+        page.wait_for_function("[...document.images].every(i => i.complete && i.naturalWidth === 64)",
+                               timeout=TIMEOUT_MS)
+        if os.environ.get("STARFLOW_SCREENSHOT"):
+            page.screenshot(path=os.environ["STARFLOW_SCREENSHOT"], full_page=True)
+        assert not errors
+
+
+def test_page_plays_a_video_job(tmp_path, browser):
+    pytest.importorskip("torch")
+    from fixtures_video import make_video_model
+
+    model = make_video_model(tmp_path / "video")
+    with started(model, tmp_path / "out") as runner, serving(runner) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#frames", state="visible")  # a video model: frames and fps, no image count
+        assert not page.is_visible("#n")
+        page.fill("#prompt", "a cat")
+        page.fill("#frames", "5")
+        page.click("#generate")
+        page.wait_for_selector("article.job[data-status=completed] video", timeout=TIMEOUT_MS)
+        # Chromium decoded the mp4 (H.264): 5 frames at 16 fps.
+        page.wait_for_function("document.querySelector('video').readyState >= 1", timeout=TIMEOUT_MS)
+        assert page.eval_on_selector("video", "v => v.duration") == pytest.approx(5 / 16, abs=0.02)
+        assert page.eval_on_selector("video", "v => v.videoWidth") == 48
