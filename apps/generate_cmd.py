@@ -290,8 +290,9 @@ def generate(
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
-    batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"],
-                            dist.default_batch(world, layers, job["batch_size"], wanted))
+    # Ranks with less memory may plan smaller batches: all take the smallest, as they must cut the job alike.
+    batch_size = world.smallest(plan_batch(pipe.folder, pipe.config, job["num_images"],
+                                           dist.default_batch(world, layers, job["batch_size"], wanted), layers))
     check_job(pipe, plan, len(wanted), job["aspect_ratio"])
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
                   batch_size=batch_size, lora=job["lora"], lora_scale=job["lora_scale"])

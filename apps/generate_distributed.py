@@ -32,7 +32,9 @@ def deep_layers(world: World, model: str, pipeline: bool) -> range | None:
     folder = resolve_model(model)
     config = FlowConfig.load(folder / "config.json")
     total = memory_limit()
-    if not pipeline and (total is None or needed_bytes(folder, config) <= total):
+    fits = total is None or needed_bytes(folder, config) <= total
+    # Every rank must take the same road: the flow is split when any of them cannot hold it.
+    if not pipeline and world.smallest(int(fits)):
         return None
     return layer_share(config.layers_per_block[-1], world.size, world.rank)
 

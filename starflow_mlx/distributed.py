@@ -161,6 +161,13 @@ class World:
             return None
         return np.concatenate([every[r * most : r * most + n] for r, n in enumerate(counts)])
 
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's ``value``: choices that depend on a machine's memory must agree."""
+        if self.size == 1:
+            return value
+        with self.collective(self.timeout, "while agreeing on the job"):
+            return int(mx.distributed.all_min(mx.array(value, dtype=mx.int32), group=self.group).item())
+
     @contextmanager
     def collective(self, seconds: float, what: str):
         """Work that waits on other ranks: bounded by the watchdog, a lost peer turned into one line."""

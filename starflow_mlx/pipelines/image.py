@@ -103,18 +103,24 @@ def check_memory(folder: Path, config, layers: range | None = None) -> None:
             f"quantize it first (starflow quantize {folder} --bits 4 -o {folder.name}-4bit)")
 
 
-def plan_batch(folder: Path, config, num_images: int, batch_size: int | None = None) -> int:
-    """Images sampled together: ``batch_size`` if it fits in memory, else the most that fit (at most 16)."""
+def plan_batch(folder: Path, config, num_images: int, batch_size: int | None = None,
+               layers: range | None = None) -> int:
+    """Images sampled together: ``batch_size`` if it fits in memory, else the most that fit (at most 16).
+
+    ``layers``: this process holds only those layers of the deep block (pipeline parallel).
+    """
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     total = memory_limit()
-    fits = MAX_DEFAULT_BATCH if total is None else (total - needed_bytes(folder, config, 0)) // image_bytes(config)
+    fits = (MAX_DEFAULT_BATCH if total is None
+            else (total - needed_bytes(folder, config, 0, layers)) // image_bytes(config))
     if batch_size is None:
         return max(1, min(num_images, MAX_DEFAULT_BATCH, fits))
     batch_size = min(batch_size, num_images)  # a batch larger than the job samples the job: only that must fit
     if batch_size > fits:
+        needed = needed_bytes(folder, config, batch_size, layers)
         raise InsufficientMemoryError(
-            f"a batch of {batch_size} images needs about {needed_bytes(folder, config, batch_size) / 2**30:.1f} GB "
+            f"a batch of {batch_size} images needs about {needed / 2**30:.1f} GB "
             f"of memory but {total / 2**30:.1f} GB is available: use --batch-size {max(fits, 1)} or less")
     return batch_size
 
@@ -314,7 +320,7 @@ class Pipeline:
         num_images = options.get("num_images", 1)
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
-        size = plan_batch(self.folder, self.config, num_images, batch_size)
+        size = plan_batch(self.folder, self.config, num_images, batch_size, self.layers)
         start, stop = images or (0, num_images)
         report = progress or (lambda *a, **k: None)
         for first in range(start - start % size, stop, size):
