@@ -49,15 +49,20 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    from starflow_mlx.advice import cli_message
+
+    text = cli_message(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _message(exc: BaseException) -> str:
-    """One line, except the hub's list of missing files and how to fetch them, which is meant to be read."""
+    """One line in the command line's words (its options, not Python's parameters); the hub's missing files
+    add a second, the commands that fetch them."""
+    from starflow_mlx.advice import cli_message
     from starflow_mlx.hub import HubError
 
-    return str(exc).strip() if isinstance(exc, HubError) and str(exc).strip() else _first_line(exc)
+    text = cli_message(exc).strip()
+    return text if isinstance(exc, HubError) and text else _first_line(exc)
 
 
 def user_errors(command):

@@ -196,8 +196,9 @@ def generate(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Keep the KV caches quantized to 8 or 4 bits: "
                                                                   "about half or a quarter of float16's memory, "
                                                                   "samples change slightly (default: float)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp; a grid when -n > 1). "
-                                                                      "Default: PROMPT-seedSEED.png here."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp; a grid when -n > 1), "
+                                                                      ".mp4 for video models. Default: "
+                                                                      "PROMPT-seedSEED.png (.mp4) here."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image, named PROMPT-seedSEED-INDEX.png."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files instead of refusing."),
     dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16 (default: as stored; "

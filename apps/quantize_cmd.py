@@ -14,8 +14,9 @@ def quantize(
     group_size: int = typer.Option(64, "--group-size", help="32, 64 or 128 weights share one scale and bias."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", readable=False, help="New folder for the quantized model."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
-    deep_bits: Optional[int] = typer.Option(None, help="Bits for the deep block (overrides --bits there)."),
-    shallow_bits: Optional[int] = typer.Option(None, help="Bits for the shallow blocks."),
+    deep_bits: Optional[int] = typer.Option(None, help="Bits for the deep block (instead of --bits there; its "
+                                                       "input/output projections still stay float16)."),
+    shallow_bits: Optional[int] = typer.Option(None, help="Bits for the shallow blocks (the same way)."),
     override: List[str] = typer.Option([], "--override", help="PATTERN=BITS for matching layers; 0 keeps float16."),
     text_bits: int = typer.Option(8, help="Bits for the T5 encoder of a full model folder (0: keep float16)."),
     report: bool = typer.Option(False, "--report", help="Measure float16, 8-bit, 4-bit and mixed instead of writing."),
@@ -25,7 +26,7 @@ def quantize(
 ) -> None:
     """Quantize the linear layers group-wise (input/output projections and norms stay float16)."""
     from starflow_mlx.model_folder import resolve_model
-    from starflow_mlx.quantize.quantize_folder import block_overrides, parse_overrides, quantize_model_folder
+    from starflow_mlx.quantize.quantize_folder import block_bits, parse_overrides, quantize_model_folder
 
     folder = resolve_model(model)
     if report:
@@ -47,6 +48,7 @@ def quantize(
     from starflow_mlx.config import FlowConfig
 
     num_blocks = FlowConfig.load(folder / "config.json").num_blocks
-    overrides = {**block_overrides(num_blocks, deep_bits, shallow_bits), **parse_overrides(override)}
-    summary = quantize_model_folder(folder, output, bits, group_size, overrides, text_bits or None, force)
+    blocks = block_bits(num_blocks, deep_bits, shallow_bits)
+    summary = quantize_model_folder(folder, output, bits, group_size, parse_overrides(override), text_bits or None,
+                                    force, blocks)
     typer.echo(f"{output}: {summary}")

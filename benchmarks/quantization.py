@@ -24,7 +24,7 @@ import numpy as np
 
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST, Manifest, resolve_model
-from starflow_mlx.quantize.quantize_folder import block_overrides, quantize_flow, save_flow
+from starflow_mlx.quantize.quantize_folder import block_bits, quantize_flow, save_flow
 
 VARIANTS = (
     ("float16", None, None),
@@ -143,8 +143,8 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
             if bits is None:
                 flow = load_flow(folder, dtype="float16")
             else:
-                overrides = block_overrides(ref.config.num_blocks, 4, 8) if mode == "mixed" else None
-                flow, _ = quantize_flow(folder, bits, group_size, overrides)
+                blocks = block_bits(ref.config.num_blocks, 4, 8) if mode == "mixed" else None
+                flow, _ = quantize_flow(folder, bits, group_size, blocks=blocks)
             save_flow(flow, out)
             for extra in folder.iterdir():
                 if extra.name not in ("config.json", "model.safetensors"):

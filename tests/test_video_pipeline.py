@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from starflow_mlx.advice import cli_message
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 
@@ -272,8 +273,11 @@ def test_a_quantized_kv_cache_needs_less_memory_and_is_offered_when_memory_is_sh
     assert pipe.needed_bytes(21, 1, "16:9", kv_bits=4) < pipe.needed_bytes(21, 1, "16:9", kv_bits=8) \
         < pipe.needed_bytes(21, 1, "16:9")
     monkeypatch.setattr(video, "memory_limit", lambda: 1 << 20)
-    with pytest.raises(MemoryError, match=r"a quantized KV cache \(--kv-bits 8 or 4\)"):
+    with pytest.raises(MemoryError, match=r"a quantized KV cache \(kv_bits=8 or 4\)") as refused:
         pipe.sample("a cat", frames=81)
+    # Python names its parameters; the command line's wording of the same advice names its options.
+    assert "--" not in str(refused.value)
+    assert "a quantized KV cache (--kv-bits 8 or 4)" in cli_message(refused.value)
 
 
 def test_kv_bits_reach_the_flow_and_the_mp4s_metadata(model, tmp_path):

@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from starflow_mlx.advice import with_cli_message
 from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
 from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
@@ -173,11 +174,14 @@ class VideoPipeline(Pipeline):
     def check_memory(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> None:
         total, needed = memory_limit(), self.needed_bytes(latent_frames, count, aspect_ratio, kv_bits)
         if total is not None and needed > total:
-            smaller_cache = "a quantized KV cache (--kv-bits 8 or 4), " if kv_bits != 4 else ""
-            raise InsufficientMemoryError(
-                f"{count} video(s) of {4 * latent_frames - 3} frames need about {needed / 2**30:.1f} GB but the "
-                f"machine has {total / 2**30:.1f} GB: use fewer frames, {smaller_cache}decode in tiles "
-                "(--vae-tile 16) or a 4-bit model (starflow quantize)")
+            message = (f"{count} video(s) of {4 * latent_frames - 3} frames need about {needed / 2**30:.1f} GB but the "
+                       f"machine has {total / 2**30:.1f} GB: use fewer frames, ")
+            cache, cli_cache = ("a quantized KV cache (kv_bits=8 or 4), ",
+                                "a quantized KV cache (--kv-bits 8 or 4), ") if kv_bits != 4 else ("", "")
+            raise with_cli_message(
+                InsufficientMemoryError(message + cache + "decode in tiles (vae.tile = 16) or a 4-bit model "
+                                        "(starflow_mlx.quantize)"),
+                message + cli_cache + "decode in tiles (--vae-tile 16) or a 4-bit model (starflow quantize)")
 
     # -- conditioning frames --------------------------------------------------------------
     def encode(self, frames) -> mx.array:
@@ -258,8 +262,9 @@ class VideoPipeline(Pipeline):
         frames = frame_count(frames)
         latent_frames = (frames - 1) // 4 + 1
         if latent_frames > self.training_latent_frames and not jacobi:
-            raise ValueError(f"{frames} frames is longer than the model's window ({4 * self.training_latent_frames - 3} "
-                             "frames): only Jacobi sampling slides the window, drop --no-jacobi")
+            message = (f"{frames} frames is longer than the model's window ({4 * self.training_latent_frames - 3} "
+                       "frames): only Jacobi sampling slides the window, ")
+            raise with_cli_message(ValueError(message + "pass jacobi=True"), message + "drop --no-jacobi")
         check_kv_bits(kv_bits, self.config.head_dim)
         self.check_memory(latent_frames, num_videos, aspect_ratio, kv_bits)
         h, w = latent_size(self.config, aspect_ratio)
@@ -268,7 +273,8 @@ class VideoPipeline(Pipeline):
         keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
         context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys])
         if context is not None and context.shape[1] >= latent_frames:
-            raise ValueError(f"the clip already has {4 * context.shape[1] - 3} frames: ask for more --frames than that")
+            message = f"the clip already has {4 * context.shape[1] - 3} frames: ask for more "
+            raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
         report("text", 0, 1)
         y, y_u = self.conditioning(prompt, num_videos, aspect_ratio, fps=fps if frames > 1 else 0)
         mx.eval(y, y_u)
