@@ -147,24 +147,71 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
     return isinstance(entry, dict) and entry.get("kind") == "text-to-video"
 
 
+# -- resuming --------------------------------------------------------------------------------
+def written_image(path: Path) -> Optional[dict]:
+    """The metadata of a whole image file written here, or None (not ours, damaged, cut short)."""
+    from starflow_mlx.image_input import open_image
+    from starflow_mlx.pipelines.image_files import read_metadata
+
+    try:
+        open_image(path).load()  # every pixel decodes: the file is complete
+        return read_metadata(path)
+    except (OSError, ValueError):
+        return None
+
+
+def resumable_batch_size(plan: OutputPlan) -> Optional[int]:
+    """The batch size the interrupted job recorded (image i's pixels depend on its batch), if a file says."""
+    for path in plan.names.values():
+        meta = written_image(path) if path.exists() else None
+        if meta is not None and isinstance(meta.get(BATCH_KEY), int):
+            return meta[BATCH_KEY]
+    return None
+
+
+def finished_images(plan: OutputPlan, params: dict, overwrite: bool) -> set[int]:
+    """Indices whose file already holds that image of this job (``--resume``); any other file is refused."""
+    done = set()
+    for index, path in plan.names.items():
+        if not path.exists():
+            continue
+        meta = written_image(path)
+        expected = dict(params, index=index)
+        if meta is not None and all(meta.get(key) == value for key, value in expected.items() if key != "version"):
+            done.add(index)
+        elif not overwrite:
+            raise ValueError(f"{path} exists but is not image {index} of this job (other options, or damaged): "
+                             "run the interrupted command again with --resume, or pass --overwrite to replace it")
+    return done
+
+
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
-                batch_size: Optional[int], stages) -> list:
-    """Sample ``wanted`` batch by batch; files of a folder are written per batch, a grid's images returned."""
+                batch_size: int, stages, done: frozenset = frozenset()) -> list:
+    """Sample ``wanted`` batch by batch; files of a folder are written per batch, a grid's images returned.
+
+    ``done``: images already written; a batch holding only those is skipped, and batches stay cut where
+    the whole job cuts them, so every image comes out as in an uninterrupted run.
+    """
     from starflow_mlx.pipelines.image_files import save_images
 
+    spans = [(wanted.start, wanted.stop)]
+    if done:
+        spans = [(first, min(first + batch_size, wanted.stop)) for first in range(wanted.start, wanted.stop, batch_size)
+                 if not set(range(first, min(first + batch_size, wanted.stop))) <= done]
     kept = []
-    stages("images", 0, len(wanted))
-    done = 0
-    for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
-                                               images=(wanted.start, wanted.stop), **options):
-        if plan.file is None:
-            save_images([(image, plan.names[first + k], dict(params, index=first + k))
-                         for k, image in enumerate(images)])
-        else:
-            kept.extend(images)
-        done += len(images)
-        stages("images", done, len(wanted))
+    count = len(done)
+    stages("images", count, len(wanted))
+    for start, stop in spans:
+        for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
+                                                   images=(start, stop), **options):
+            if plan.file is None:
+                save_images([(image, plan.names[first + k], dict(params, index=first + k))
+                             for k, image in enumerate(images) if first + k not in done])
+            else:
+                kept.extend(images)
+            count += sum(first + k not in done for k in range(len(images)))
+            stages("images", count, len(wanted))
     return kept
 
 
@@ -201,6 +248,8 @@ def generate(
                                                                       "PROMPT-seedSEED.png (.mp4) here."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image, named PROMPT-seedSEED-INDEX.png."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files instead of refusing."),
+    resume: bool = typer.Option(False, "--resume", help="With --output-dir: keep the images an interrupted run of "
+                                                        "this same command wrote and make the rest."),
     dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16 (default: as stored; "
                                                    "float32 scales for quantized models on a CPU)."),
     from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", readable=False,
@@ -258,7 +307,9 @@ def generate(
         raise ValueError(f"--num-images must be at least 1, got {job['num_images']}")
     index = job["index"]
     wanted = range(index, index + 1) if index is not None else range(job["num_images"])
-    plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite, default)
+    if resume and (output_dir is None or index is not None):
+        raise ValueError("--resume continues an --output-dir job: give the same --output-dir and options")
+    plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite or resume, default)
     for path in plan.paths:
         check_writable(path)
     check_aspect_ratio(job["aspect_ratio"])
@@ -267,22 +318,28 @@ def generate(
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
+    if resume and job["batch_size"] is None:  # the default depends on free memory: keep the interrupted run's
+        job["batch_size"] = resumable_batch_size(plan)
     batch_size = plan_batch(pipe.folder, pipe.config, job["num_images"], job["batch_size"])
-    check_job(pipe, plan, len(wanted), job["aspect_ratio"])
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
                   batch_size=batch_size)
+    done = frozenset(finished_images(plan, params, overwrite) if resume else ())
+    check_job(pipe, plan, len(wanted) - len(done), job["aspect_ratio"])
     with StageProgress() as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size, stages)
+        images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size, stages, done)
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     if plan.file is not None:
         write_file(plan, images, params, wanted.start if len(wanted) == 1 else None)
     stages.log(stages.summary())
-    for path in plan.paths[:3]:
+    new = [path for i, path in plan.names.items() if i not in done] if plan.file is None else plan.paths
+    for path in new[:3]:
         typer.echo(f"wrote {path}" + (f" ({plan.taken} exists)" if plan.taken else ""))
-    if len(plan.paths) > 3:
-        typer.echo(f"wrote {len(plan.paths) - 3} more in {plan.paths[0].parent}")
+    if len(new) > 3:
+        typer.echo(f"wrote {len(new) - 3} more in {new[0].parent}")
+    if done:
+        typer.echo(f"kept {len(done)} image(s) an earlier run had written")
 
 
 def score(

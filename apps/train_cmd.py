@@ -25,9 +25,11 @@ def train(
     cfg: float = typer.Option(2.0, help="Default guidance weight stored with the model."),
     image_size: int = typer.Option(16, help="Image size for folder datasets."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
-    checkpoint_every: int = typer.Option(250, help="Steps between checkpoints (0: none)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (0: none; default 250, "
+                                                              "or the resumed checkpoint's)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, readable=False, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
-    resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint (written every --checkpoint-every "
+                                            "steps, at the end, and on Ctrl-C)."),
     seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
 ) -> None:
     """Train with the upstream objective (noise + exact NLL), AdamW, warm-up + cosine, clipping, label dropout."""
@@ -36,7 +38,7 @@ def train(
     from starflow_mlx.progress import StageProgress
     from starflow_mlx.training.data import load_digits_split, load_image_folder
     from starflow_mlx.staging import check_output
-    from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim
+    from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim, read_checkpoint
 
     # Before training, not after it; resuming may replace the folder an earlier run of this training wrote.
     check_output(output, force or resume)
@@ -44,6 +46,9 @@ def train(
     layer_list = [int(v) for v in layers.split() if v.isdecimal()]
     if len(layer_list) < 2 or len(layer_list) < len(layers.split()) or any(v < 1 for v in layer_list):
         raise ValueError(f"--layers {layers!r}: give at least two positive counts, e.g. '2 2 4'")
+    checkpoints = checkpoint_dir or output.with_name(output.name + ".checkpoints")
+    if checkpoint_every is None:  # a resumed run keeps checkpointing as the run it continues did
+        checkpoint_every = read_checkpoint(checkpoints / "latest")[1].checkpoint_every if resume else 250
     # Checked before the data is read: the seed also splits it.
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
                          layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
@@ -54,7 +59,7 @@ def train(
         train_set, test_set = load_digits_split(seed=seed)
     else:
         train_set, test_set = load_image_folder(data, image_size, image_channels, seed=seed)
-    trainer = Trainer(config, train_set, checkpoint_dir or output.with_name(output.name + ".checkpoints"))
+    trainer = Trainer(config, train_set, checkpoints)
     if resume:
         trainer.load_checkpoint()
     first = trainer.step
@@ -63,20 +68,31 @@ def train(
 
     def on_step(step: int, loss: float) -> None:
         nonlocal first_done
-        first_done = first_done or time.perf_counter()
+        now = time.perf_counter()
+        first_done = first_done or now
+        if step == first + 2 and step < steps:  # the first step that shows the rate: say what the rest will take
+            left = (now - first_done) * (steps - step)
+            stages.log(f"training: about {left / 60:.0f} min for the {steps - step} steps left "
+                       f"({now - first_done:.2f} s/step here); Ctrl-C saves a checkpoint to --resume from")
         stages("training", step, steps, note=f"loss {loss:.4f}  {bits_per_dim(loss):.3f} bits/dim")
 
     with StageProgress() as stages:
         stages("training", first, steps)
-        trainer.run(on_step=on_step)
+        try:
+            trainer.run(on_step=on_step)
+        except KeyboardInterrupt:
+            saved = f": checkpoint at step {trainer.saved_step}, continue with --resume" if checkpoint_every else ""
+            typer.echo(f"error: interrupted at step {trainer.step}{saved}", err=True)
+            raise typer.Exit(130) from None
     seconds = time.perf_counter() - start
     test_bpd = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
-              "channels": channels, "layers": layer_list, "noise_std": noise_std, "seconds": round(seconds, 1),
+              "channels": channels, "layers": layer_list, "noise_std": noise_std,
+              "seconds": round(trainer.seconds, 1),  # every run of this training, resumed ones included
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
     trainer.export(output, source, force or resume)
     ran = trainer.step - first
-    resumed = f" (steps {first + 1} to {trainer.step})" if first else ""
+    resumed = f" (steps {first + 1} to {trainer.step}; {trainer.seconds / 60:.1f} min in all)" if first else ""
     rate = f"{seconds / max(ran, 1):.2f} s/step"
     if ran > 1:  # what more steps would cost, without the first step's one-off compilation
         rate += f"; {(start + seconds - first_done) / (ran - 1):.2f} s/step after the first"

@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from starflow_mlx.loading import load_flow
 from starflow_mlx.pipelines.image import Pipeline
@@ -45,6 +46,59 @@ def test_resume_continues_identically(digits, tmp_path):
     tail = resumed.run()
     assert resumed.step == 6
     assert np.allclose(head + tail, straight, rtol=1e-5, atol=1e-6)
+
+
+def test_an_interrupted_run_resumes_without_repeating_a_step(digits, tmp_path):
+    """Ctrl-C checkpoints the last finished step; the resumed run does each remaining step once, ends with the
+    uninterrupted run's weights and checkpoint, and its seconds add to the first run's."""
+    config = dict(TINY, checkpoint_every=4)
+    straight = Trainer(TrainConfig(steps=6, **config), digits[0], tmp_path / "a")
+    straight.run()
+    first = Trainer(TrainConfig(steps=6, **config), digits[0], tmp_path / "b")
+    done = []
+
+    def interrupt_after_3(step, loss):
+        done.append(step)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run(on_step=interrupt_after_3)
+    before = first.seconds
+    resumed = Trainer(TrainConfig(steps=6, **config), digits[0], tmp_path / "b")
+    resumed.load_checkpoint()
+    assert resumed.step == 3 and resumed.seconds == pytest.approx(before, abs=1e-3)
+    resumed.run(on_step=lambda step, loss: done.append(step))
+    assert done == [1, 2, 3, 4, 5, 6]
+    assert resumed.seconds > before
+    ours, theirs = dict(tree_flatten(resumed.model.parameters())), dict(tree_flatten(straight.model.parameters()))
+    assert all(np.allclose(np.array(ours[k]), np.array(v), rtol=1e-5, atol=1e-6) for k, v in theirs.items())
+    # The last step is checkpointed (6 is not a multiple of 4): resuming a finished run has nothing to redo.
+    again = Trainer(TrainConfig(steps=6, **config), digits[0], tmp_path / "b")
+    again.load_checkpoint()
+    assert again.step == 6 and again.run() == []
+
+
+def test_cli_resume_keeps_the_checkpoint_interval_and_adds_up_the_seconds(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+
+    register(app)
+    tiny = ["--channels", "32", "--layers", "1 1", "--batch-size", "8", "-o", str(tmp_path / "m")]
+    assert CliRunner().invoke(app, ["train", "--steps", "3", "--checkpoint-every", "2", *tiny]).exit_code == 0
+    ckpt = json.loads((tmp_path / "m.checkpoints" / "latest" / "trainer.json").read_text())
+    assert ckpt["step"] == 3 and ckpt["train"]["checkpoint_every"] == 2
+    res = CliRunner().invoke(app, ["train", "--steps", "5", "--resume", *tiny])
+    assert res.exit_code == 0, res.output
+    assert "steps 4 to 5" in res.output
+    ckpt = json.loads((tmp_path / "m.checkpoints" / "latest" / "trainer.json").read_text())
+    assert ckpt["step"] == 5 and ckpt["train"]["checkpoint_every"] == 2 and ckpt["seconds"] > 0
+    manifest = json.loads((tmp_path / "m" / "starflow.json").read_text())
+    assert manifest["source"]["seconds"] == pytest.approx(ckpt["seconds"], abs=0.1)
 
 
 def test_exported_folder_reloads_and_samples_identically(digits, tmp_path):
