@@ -139,16 +139,16 @@ def failure_reason(exc: Exception, file: HubFile) -> str:
 
 
 def missing_message(missing: list[tuple[HubFile, str]], why: str, cache: Path) -> str:
-    """One line naming what is missing and why, then one line of commands that fetch it (to paste as is)."""
+    """One line saying what is missing and why, then one line of commands that fetch it (to paste as is)."""
     by_repo: dict[tuple[str, str], list[str]] = {}
-    for file, reason in missing:
-        by_repo.setdefault((file.repo, file.revision), []).append(file.filename + (f" ({reason})" if reason else ""))
-    repos = "; ".join(f"{repo}: {', '.join(names)}" for (repo, _), names in by_repo.items())
-    commands = " && ".join(
-        f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "") + " "
-        + " ".join(f.filename for f, _ in missing if (f.repo, f.revision) == (repo, rev)) for repo, rev in by_repo)
-    return (f"{len(missing)} file(s) missing from the Hugging Face cache {cache} ({why}): {repos}; "
-            f"fetch them on a connected machine and copy that cache here, or convert a local checkpoint "
+    for file, _ in missing:
+        by_repo.setdefault((file.repo, file.revision), []).append(file.filename)
+    counts = ", ".join(f"{repo} ({len(names)})" for (repo, _), names in by_repo.items())
+    reasons = "".join(f"; {file.repo}/{file.filename}: {reason}" for file, reason in missing if reason)
+    commands = " && ".join(f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "")
+                           + " " + " ".join(names) for (repo, rev), names in by_repo.items())
+    return (f"{len(missing)} file(s) of {counts} missing from the Hugging Face cache {cache} ({why}){reasons}: "
+            f"fetch them on a connected machine as below and copy that cache here, or convert a local checkpoint "
             f"(starflow convert)\n  {commands}")
 
 
