@@ -343,18 +343,41 @@ def generate(
 
 
 def score(
-    image: Path = typer.Argument(..., readable=False, help="Image to score."),
+    image: Path = typer.Argument(..., readable=False, help="Image to score, or an .mp4 for a video model."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Video models: the frame rate the clip is resampled to "
+                                                          "and named in the prompt (default 16)."),
 ) -> None:
-    """Print the image's exact negative log-likelihood under the flow, in bits per dimension."""
-    from starflow_mlx.image_input import open_image
-    from starflow_mlx.pipelines.image import Pipeline
+    """Print the image's (or clip's) exact negative log-likelihood under the flow, in bits per dimension.
 
-    picture = open_image(image)
+    A clip also gets one line per latent frame, each scored given the frames before it.
+    """
+    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS, VideoPipeline
+
+    video = image.suffix.lower() == ".mp4"
+    if video:
+        from starflow_mlx.pipelines.video_io import read_video
+
+        clip, _ = read_video(image, fps=fps or VIDEO_DEFAULTS["fps"])  # a missing or broken file before the model
+    else:
+        from starflow_mlx.image_input import open_image
+
+        if fps is not None:
+            raise ValueError("--fps is for scoring an .mp4 with a video model")
+        picture = open_image(image)
+    pipe = Pipeline.from_pretrained(model)
+    if video != isinstance(pipe, VideoPipeline):
+        raise ValueError(f"{model} is {'a video' if not video else 'an image'} model: score "
+                         f"{'an .mp4' if not video else 'an image'} with it")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bpd = Pipeline.from_pretrained(model).score(picture, prompt)
+        per_frame = pipe.score_frames(clip, prompt, fps=fps or VIDEO_DEFAULTS["fps"]) if video else None
+        bpd = sum(per_frame) / len(per_frame) if video else pipe.score(picture, prompt)
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
-    typer.echo(f"{bpd:.4f} bits/dim")
+    for k, frame_bpd in enumerate(per_frame or []):
+        pixels = "pixel frame 0" if k == 0 else f"pixel frames {4 * k - 3}-{4 * k}"
+        typer.echo(f"latent frame {k} ({pixels}): {frame_bpd:.4f} bits/dim")
+    typer.echo(f"{bpd:.4f} bits/dim" + (" (all frames)" if video else ""))

@@ -21,8 +21,10 @@ def quantize(
     text_bits: int = typer.Option(8, help="Bits for the T5 encoder of a full model folder (0: keep float16)."),
     report: bool = typer.Option(False, "--report", help="Measure float16, 8-bit, 4-bit and mixed instead of writing."),
     json_out: bool = typer.Option(False, "--json", help="With --report: print JSON."),
-    samples: int = typer.Option(64, help="With --report: images sampled per variant for the speed and error "
-                                         "columns (the demo's accuracy samples 20 per digit)."),
+    samples: int = typer.Option(32, help="With --report: images sampled per variant for the speed and error "
+                                         "columns."),
+    per_class: int = typer.Option(10, help="With --report on the demo: digits sampled per class for the accuracy "
+                                           "column."),
 ) -> None:
     """Quantize the linear layers group-wise (input/output projections and norms stay float16)."""
     from starflow_mlx.model_folder import resolve_model
@@ -35,7 +37,8 @@ def quantize(
         from starflow_mlx.progress import StageProgress
 
         with StageProgress() as stages:
-            rows = measure_variants(folder, group_size=group_size, samples=samples, progress=stages)
+            rows = measure_variants(folder, group_size=group_size, samples=samples, per_class=per_class,
+                                    progress=stages, log=stages.log)
         if json_out:
             import json
 

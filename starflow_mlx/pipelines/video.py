@@ -346,6 +346,22 @@ class VideoPipeline(Pipeline):
         ratio (the one generating exactly its size, else the nearest), trimmed to 1 + 4k
         frames and encoded (no noise is added).
         """
+        x, y = self.prepare_score(video, prompt, fps)
+        log_prob = self.flow.log_prob(x, y)
+        return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))
+
+    def score_frames(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> list[float]:
+        """Bits per dimension of each latent frame, prepared as :meth:`score` does; their mean is its result.
+
+        Latent frame 0 is pixel frame 0, frame k >= 1 pixel frames 4k-3 to 4k; each is scored given
+        the frames before it (``STARFlow.log_prob_frames``).
+        """
+        x, y = self.prepare_score(video, prompt, fps)
+        per_frame = self.flow.log_prob_frames(x, y)[0]
+        return (-per_frame / (math.prod(x.shape[2:]) * math.log(2))).tolist()
+
+    def prepare_score(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> tuple[mx.array, mx.array]:
+        """(x, y): the clip's latents and the prompt's features, as :meth:`score` evaluates them."""
         if isinstance(video, (str, Path)):
             from starflow_mlx.pipelines.video_io import read_video
 
@@ -358,8 +374,7 @@ class VideoPipeline(Pipeline):
         clip, usable, changed = clip_pixels(frames, height, width)
         if usable != len(frames) or changed:
             warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is scored as "
-                          f"{usable} frames of {width}x{height} ({ratio})", stacklevel=2)
+                          f"{usable} frames of {width}x{height} ({ratio})", stacklevel=3)
         x = self.encode(clip[None])
         y, _ = self.conditioning(prompt, 1, ratio, fps=fps if usable > 1 else 0)
-        log_prob = self.flow.log_prob(x, y)
-        return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))
+        return x, y
