@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import typer
 
@@ -96,7 +97,11 @@ def user_errors(command):
 
 
 def main() -> None:
-    from starflow_mlx.apps import commands
+    try:
+        from starflow_mlx.apps import commands
 
-    commands.register(app)
-    app()
+        commands.register(app)  # imports every command: seconds on a busy machine, before user_errors can help
+        app()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -83,8 +83,9 @@ def plan_outputs(prompt: str, seed: int, indices: range, output: Optional[Path],
         names = {i: output_dir / f"{stem}-{i:0{width}d}{suffix}" for i in indices}
         taken = [path for path in names.values() if path.exists()] if not overwrite else []
         if taken:
-            raise ValueError(f"{taken[0]} already exists ({len(taken)} of the files would be replaced): "
-                             "pass --overwrite to replace them, or use another --output-dir or --seed")
+            raise ValueError(f"{taken[0]} already exists ({len(taken)} of the files would be replaced): pass --resume "
+                             "to keep them and make the rest (an interrupted job), --overwrite to replace them, or "
+                             "use another --output-dir or --seed")
         return OutputPlan(names=names)
     if output is None:
         wanted = default or Path(f"{file_stem(prompt, seed)}{suffix}")

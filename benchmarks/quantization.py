@@ -27,9 +27,10 @@ from starflow_mlx.model_folder import MANIFEST, Manifest, resolve_model
 from starflow_mlx.quantize.quantize_folder import block_bits, quantize_flow, save_flow
 
 # The four variants took this many times the reference pass's time per image, times the images they sample
-# (--samples plus the demo's per-class digits), in `python -m starflow_mlx.benchmarks.quantization --model demo
-# --per-class 10 --samples 32` on the shared 2-core CPU of README.md.
-REST_PER_IMAGE = 0.0
+# (--samples plus the demo's per-class digits): 804 s after a 26.2 s reference pass of 32 images, sampling 132,
+# in `python -m starflow_mlx.benchmarks.quantization --model demo --per-class 10 --samples 32` on the shared
+# 2-core CPU of README.md.
+REST_PER_IMAGE = 7.45
 
 VARIANTS = (
     ("float16", None, None),

@@ -1,5 +1,7 @@
 """MLX training: the loss goes down, resuming is exact, exported folders reload and sample identically."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -145,3 +147,28 @@ def test_cli_reports_the_step_rate_without_the_first_compiling_step(tmp_path):
     assert res.exit_code == 0, res.output
     line = res.output.strip().splitlines()[-1]
     assert re.search(r": 3 steps in \S+ min \(\S+ s/step; \S+ s/step after the first\), test \S+ bits/dim, peak memory \S+ GB$", line), line
+
+
+def test_cli_ctrl_c_checkpoints_and_says_so_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+    from starflow_mlx.training import trainer
+
+    register(app)
+    steps = []
+
+    def interrupt_at_step_3(loss):  # the progress note of each step: the third one is "interrupted"
+        steps.append(loss)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return 0.0
+
+    monkeypatch.setattr(trainer, "bits_per_dim", interrupt_at_step_3)
+    tiny = ["--channels", "32", "--layers", "1 1", "--batch-size", "8", "-o", str(tmp_path / "m")]
+    res = CliRunner().invoke(app, ["train", "--steps", "50", "--checkpoint-every", "20", *tiny])
+    assert res.exit_code == 130
+    assert res.output.strip().splitlines()[-1] == "error: interrupted at step 3: checkpoint at step 3, continue with --resume"
+    assert not (tmp_path / "m").exists()  # no model folder from a run cut short
+    assert json.loads((tmp_path / "m.checkpoints" / "latest" / "trainer.json").read_text())["step"] == 3
