@@ -87,6 +87,8 @@ def user_errors(command):
             fail("the input is nested too deeply to be a real model file")
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except typer.Exit:  # a command that has said why it stops, with its own status
+            raise
         except Exception as exc:  # a bug, not the user's mistake: still one line, with how to learn more
             if os.environ.get("STARFLOW_DEBUG"):
                 raise

@@ -168,7 +168,7 @@ def test_cli_ctrl_c_checkpoints_and_says_so_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "bits_per_dim", interrupt_at_step_3)
     tiny = ["--channels", "32", "--layers", "1 1", "--batch-size", "8", "-o", str(tmp_path / "m")]
     res = CliRunner().invoke(app, ["train", "--steps", "50", "--checkpoint-every", "20", *tiny])
-    assert res.exit_code == 130
+    assert res.exit_code == 130, res.output
     assert res.output.strip().splitlines()[-1] == "error: interrupted at step 3: checkpoint at step 3, continue with --resume"
     assert not (tmp_path / "m").exists()  # no model folder from a run cut short
     assert json.loads((tmp_path / "m.checkpoints" / "latest" / "trainer.json").read_text())["step"] == 3
