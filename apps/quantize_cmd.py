@@ -19,7 +19,8 @@ def quantize(
     shallow_bits: Optional[int] = typer.Option(None, help="Bits for the shallow blocks (the same way)."),
     override: List[str] = typer.Option([], "--override", help="PATTERN=BITS for matching layers; 0 keeps float16."),
     text_bits: int = typer.Option(8, help="Bits for the T5 encoder of a full model folder (0: keep float16)."),
-    report: bool = typer.Option(False, "--report", help="Measure float16, 8-bit, 4-bit and mixed instead of writing."),
+    report: bool = typer.Option(False, "--report", help="Measure float16, 8-bit, 4-bit and mixed instead of writing "
+                                                             "(minutes: it says how many once it has started)."),
     json_out: bool = typer.Option(False, "--json", help="With --report: print JSON."),
     samples: int = typer.Option(32, help="With --report: images sampled per variant for the speed and error "
                                          "columns."),
