@@ -134,14 +134,17 @@ def check_job(pipe, plan: OutputPlan, count: int, aspect_ratio: str) -> None:
 
 
 def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
-    """An mp4 to regenerate, a folder whose manifest says text-to-video, or a registered video model."""
+    """An mp4 to regenerate, a folder (or built-in model) whose manifest says it makes videos, or a registered
+    video model."""
     if from_metadata is not None:
         return from_metadata.suffix.lower() == ".mp4"
-    from starflow_mlx.model_folder import MANIFEST, Manifest
+    from starflow_mlx.model_folder import BUILT_IN, MANIFEST, VIDEO_KINDS, Manifest
 
     folder = Path(model).expanduser()
+    if not folder.is_dir() and model in BUILT_IN:
+        folder = BUILT_IN[model]
     if folder.is_dir():
-        return (folder / MANIFEST).is_file() and Manifest.load(folder).kind == "text-to-video"
+        return (folder / MANIFEST).is_file() and Manifest.load(folder).kind in VIDEO_KINDS
     from starflow_mlx.hub import load_registry
 
     entry = load_registry().get("models", {}).get(model)
@@ -225,12 +228,12 @@ def write_file(plan: OutputPlan, images: list, params: dict, index: Optional[int
 
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt, or a class name for class models ('7' for the demo)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
     seed: int = typer.Option(0, help="Noise seed (image i uses seed + i): same seed and options give the same bytes."),
     cfg: Optional[float] = typer.Option(None, help="Guidance weight (default: the model's)."),
     aspect_ratio: Optional[str] = typer.Option(None, "--aspect-ratio", "-a",
                                                help="1:1, 2:3, 3:2, 16:9, 9:16, 4:5, 5:4, 21:9, 9:21 (default 1:1; "
-                                                    "16:9 for video)."),
+                                                    "16:9 for video models trained on several)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images to generate (a grid in one file without --output-dir)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images sampled together (default: what memory allows, at most 16)."),
     jacobi: Optional[bool] = typer.Option(None, "--jacobi/--no-jacobi", show_default=False,
@@ -256,7 +259,8 @@ def generate(
     from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", readable=False,
                                                  help="Regenerate the image or mp4 these "
                                                                                "parameters came from."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Video models: frames, 1 + 4k (default 81)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Video models: frames, 1 + 4k with the Wan VAE "
+                                        "(default: the model's training length, 81 for STARFlow-V)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Video models: frame rate, in the prompt and the mp4 "
                                                           "(default 16)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Video models: start the video from this image."),
@@ -346,7 +350,7 @@ def generate(
 def score(
     image: Path = typer.Argument(..., readable=False, help="Image to score, or an .mp4 for a video model."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Video models: the frame rate the clip is resampled to "
                                                           "and named in the prompt (default 16)."),
 ) -> None:
@@ -379,6 +383,7 @@ def score(
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     for k, frame_bpd in enumerate(per_frame or []):
-        pixels = "pixel frame 0" if k == 0 else f"pixel frames {4 * k - 3}-{4 * k}"
+        first, last = (pipe.pixel_frames(k) if k else 0), pipe.pixel_frames(k + 1) - 1
+        pixels = f"pixel frame {first}" if first == last else f"pixel frames {first}-{last}"
         typer.echo(f"latent frame {k} ({pixels}): {frame_bpd:.4f} bits/dim")
     typer.echo(f"{bpd:.4f} bits/dim" + (" (all frames)" if video else ""))

@@ -10,6 +10,8 @@ import typer
 
 from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
 
+# Upstream's video script's values for options every video model shares (frames, cfg and aspect ratio depend on it).
+SCRIPT_DEFAULTS = ("fps", "jacobi", "jacobi_block_size", "jacobi_threshold", "jacobi_max_iter")
 SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_videos", "frames", "fps", "jacobi", "jacobi_block_size",
                  "jacobi_threshold", "jacobi_max_iter", "image", "video", "kv_bits")
 
@@ -73,16 +75,14 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     if chosen["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata VIDEO)")
     # Unset options take upstream's video-script values (auto sampling is an image-model choice: video keeps Jacobi,
-    # which the sliding window past the training length needs).
-    job = {key: VIDEO_DEFAULTS[key] if chosen.get(key) is None and key in VIDEO_DEFAULTS else chosen[key]
+    # which the sliding window past the training length needs); frames, guidance and shape follow the model.
+    job = {key: VIDEO_DEFAULTS[key] if chosen.get(key) is None and key in SCRIPT_DEFAULTS else chosen[key]
            for key in chosen}
-    check_aspect_ratio(job["aspect_ratio"])
+    if job["aspect_ratio"] is not None:
+        check_aspect_ratio(job["aspect_ratio"])
+    if job["frames"] is not None:
+        frame_count(job["frames"], 1)  # the range, before the model loads; its frame rule comes after
     parse_dtype(job["dtype"])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        job["frames"] = frame_count(job["frames"])
-    for warning in caught:
-        typer.echo(f"warning: {warning.message}", err=True)
     index = job["index"]
     wanted = range(index, index + 1) if index is not None else range(job["num_videos"])
     plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite, default, suffix=".mp4",
@@ -92,7 +92,16 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     if vae_tile is not None and vae_tile < 2:
         raise ValueError(f"--vae-tile must be at least 2 latent cells, got {vae_tile}")
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"])
+    if vae_tile is not None and pipe.pixel_space:
+        raise ValueError(f"--vae-tile: {job['model']} works on pixels and has no VAE to tile")
     pipe.vae.tile = vae_tile
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job["frames"] = pipe.frame_count(job["frames"])
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    job["aspect_ratio"] = job["aspect_ratio"] or pipe.default_aspect_ratio
+    job["cfg"] = pipe.default_cfg if job["cfg"] is None else job["cfg"]
     options = {key: job[key] for key in SAMPLING_KEYS}
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
                   image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])

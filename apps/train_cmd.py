@@ -11,7 +11,8 @@ import typer
 
 
 def train(
-    data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits) or a folder of <class>/<images>."),
+    data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits), 'moving-digits' (those digits "
+                             "moving across a canvas: a video model) or a folder of <class>/<images>."),
     output: Path = typer.Option(..., "--output", "-o", readable=False, help="New model folder to write."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     steps: int = typer.Option(2000, help="Optimizer steps."),
@@ -23,8 +24,12 @@ def train(
     noise_std: float = typer.Option(0.1, help="Gaussian noise added to the data (in [-1, 1] units)."),
     drop_label: float = typer.Option(0.1, help="Probability of training on the empty class (for guidance)."),
     cfg: float = typer.Option(2.0, help="Default guidance weight stored with the model."),
-    image_size: int = typer.Option(8, help="Side of the square images for folder datasets (8: as many tokens as "
-                                          "the digits; 16 has 4 times as many and takes several times longer)."),
+    image_size: Optional[int] = typer.Option(None, help="Side of the square images for folder datasets (default 8: "
+                                                        "as many tokens as the digits; 16 has 4 times as many and "
+                                                        "takes several times longer); the canvas for moving-digits "
+                                                        "(default 16)."),
+    frames: int = typer.Option(5, help="Frames per training clip (moving-digits)."),
+    patch_size: int = typer.Option(1, help="Pixels per token side (2: a quarter of the tokens)."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (0: none; default 250, "
                                                               "or the resumed checkpoint's)."),
@@ -38,6 +43,7 @@ def train(
 
     from starflow_mlx.progress import StageProgress
     from starflow_mlx.training.data import load_digits_split, load_image_folder
+    from starflow_mlx.training.moving_digits import load_moving_digits_split
     from starflow_mlx.staging import check_output
     from starflow_mlx.training.trainer import TrainConfig, Trainer, bits_per_dim, read_checkpoint
 
@@ -53,13 +59,15 @@ def train(
     # Checked before the data is read: the seed also splits it.
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
                          layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
-                         checkpoint_every=checkpoint_every, seed=seed)
+                         checkpoint_every=checkpoint_every, seed=seed, patch_size=patch_size)
     if channels % config.head_dim:
         raise ValueError(f"--channels {channels} must be a multiple of {config.head_dim}, the attention head width")
     if data == "digits":
         train_set, test_set = load_digits_split(seed=seed)
+    elif data == "moving-digits":
+        train_set, test_set = load_moving_digits_split(frames, image_size or 16, seed=seed)
     else:
-        train_set, test_set = load_image_folder(data, image_size, image_channels, seed=seed)
+        train_set, test_set = load_image_folder(data, image_size or 8, image_channels, seed=seed)
     trainer = Trainer(config, train_set, checkpoints)
     if resume:
         trainer.load_checkpoint()
@@ -88,7 +96,8 @@ def train(
     seconds = time.perf_counter() - start
     test_bpd = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
-              "channels": channels, "layers": layer_list, "noise_std": noise_std,
+              "channels": channels, "layers": layer_list, "patch_size": patch_size, "frames": frames if data == "moving-digits" else None,
+              "noise_std": noise_std,
               "seconds": round(trainer.seconds, 1),  # every run of this training, resumed ones included
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
     trainer.export(output, source, force or resume)

@@ -22,8 +22,12 @@ from starflow_mlx.advice import with_cli_message
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 
 MANIFEST = "starflow.json"
-KINDS = ("text-to-image", "class-to-image", "text-to-video")
+KINDS = ("text-to-image", "class-to-image", "text-to-video", "class-to-video")
+VIDEO_KINDS = ("text-to-video", "class-to-video")
+CLASS_KINDS = ("class-to-image", "class-to-video")
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
+# Models that ship in the package, by the name --model takes: the digits image model and the moving-digits video model.
+BUILT_IN = {"demo": DEMO_DIR, "demo-video": DEMO_DIR.with_name("demo_video")}
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Manifest(JSONConfig):
     text_encoder: str | None = None  # sub-folder, for text models
     vae: str | None = None  # sub-folder; None means the flow works in pixel space
     classes: list[str] = field(default_factory=list, metadata={"max_len": 1 << 16})  # class names; index len(classes) is the empty class
+    prompt_help: str | None = field(default=None, metadata={"max_len": 500})  # class models: what a prompt looks like
     pixel_scale: float = field(default=1.0, metadata={"min": 1e-3, "max": 1e3})  # pixel-space models: data = pixels in [-1, 1] times this
     source: dict[str, Any] = field(default_factory=dict)  # where each part came from (repo ids, files)
     format: int = 1
@@ -66,10 +71,11 @@ def resolve_model(name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if str(name) == "demo":
-        if not (DEMO_DIR / "config.json").is_file():
-            raise ConfigError("the built-in demo model is missing from this install: reinstall starflow-mlx")
-        return DEMO_DIR
+    if str(name) in BUILT_IN:
+        folder = BUILT_IN[str(name)]
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"the built-in {name} model is missing from this install: reinstall starflow-mlx")
+        return folder
     if "/" in str(name) and not path.exists() and not str(name).startswith((".", "/", "~")):
         from starflow_mlx.hub import ensure_model
 
@@ -77,7 +83,7 @@ def resolve_model(name: str | Path) -> Path:
     from starflow_mlx.hub import load_registry
 
     # A typo of a known name ('dmeo', 'starflow') is the likeliest first mistake: name the fix.
-    close = difflib.get_close_matches(str(name), ["demo", *load_registry().get("models", {})], n=1)
+    close = difflib.get_close_matches(str(name), [*BUILT_IN, *load_registry().get("models", {})], n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     raise ConfigError(f"model {name!r} not found{hint}: pass a model folder, 'demo', or a Hugging Face repo id "
                       "like apple/starflow")

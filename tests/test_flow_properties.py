@@ -99,6 +99,18 @@ def test_jacobi_equals_sequential_at_tiny_threshold(fields, frames, schedule):
     assert rel(jac, seq) < 1e-4
 
 
+@pytest.mark.parametrize("schedule", ["chunk", "window"])
+def test_zero_first_guess_past_the_first_frame_reaches_the_same_video(schedule):
+    flow = random_flow(**VIDEO)
+    z, y, y_u = flow_inputs(flow, frames=3)
+    seq = flow.reverse(z, y, y_uncond=y_u, cfg=2.0)
+    options = dict(jacobi=True, jacobi_block_size=3, jacobi_threshold=1e-14, jacobi_max_iter=64, jacobi_schedule=schedule)
+    zero = flow.reverse(z, y, y_uncond=y_u, cfg=2.0, jacobi_init="zero", **options)
+    assert rel(zero, seq) < 1e-4
+    with pytest.raises(ValueError, match="unknown Jacobi first guess 'noise'"):
+        flow.reverse(z, y, y_uncond=y_u, cfg=2.0, jacobi_init="noise", **options)
+
+
 def test_jacobi_traces_each_chunk_shape_once():
     flow = random_flow(**IMAGE)
     z, y, y_u = flow_inputs(flow)

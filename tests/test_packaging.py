@@ -22,7 +22,8 @@ def test_wheel_layout(tmp_path):
     for sub in ("convert", "quantize", "apps", "benchmarks", "models", "sampling", "pipelines", "training", "coreml"):
         assert f"starflow_mlx/{sub}/__init__.py" in names, sub
     assert "starflow_mlx/registry.json" in names
-    assert "starflow_mlx/demo/model.safetensors" in names and "starflow_mlx/demo/starflow.json" in names
+    for demo in ("demo", "demo_video"):  # the built-in models ship whole
+        assert {f"starflow_mlx/{demo}/{f}" for f in ("config.json", "model.safetensors", "starflow.json")} <= set(names)
 
 
 def test_editable_install_maps_top_level_folders():

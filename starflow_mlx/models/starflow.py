@@ -222,6 +222,7 @@ class STARFlow(nn.Module):
         jacobi_max_iter: int = 32,
         jacobi_check_every: int = 1,
         jacobi_schedule: str = "chunk",
+        jacobi_init: str = "previous",
         context_frames: int | None = None,
         context: mx.array | None = None,
         kv_bits: int | None = None,
@@ -238,7 +239,9 @@ class STARFlow(nn.Module):
         picks the faster sampler for the device (:mod:`starflow_mlx.sampling.auto`);
         ``jacobi_schedule`` is ``"chunk"`` (upstream's), ``"window"`` (a sliding window that
         commits converged tokens) or ``"adaptive"`` (chunk sizes per block from measured
-        convergence; :mod:`starflow_mlx.sampling.jacobi`); a video longer
+        convergence; :mod:`starflow_mlx.sampling.jacobi`); ``jacobi_init`` is the first guess for
+        video tokens past the first frame: ``"previous"`` (the previous frame's, upstream's) or
+        ``"zero"``; a video longer
         than the training length is generated with a sliding window of
         ``context_frames`` re-encoded frames. ``context`` (B, P, H, W, c) holds known first
         frames in data space (an encoded image or clip): they condition the deep block
@@ -265,7 +268,8 @@ class STARFlow(nn.Module):
         solver = dict(y=y, y_uncond=y_uncond, cfg=cfg, jacobi=jacobi, progress=progress, kv_bits=kv_bits,
                       jacobi_options=dict(block_size=jacobi_block_size, threshold=jacobi_threshold,
                                           max_iter=jacobi_max_iter, check_every=jacobi_check_every,
-                                          context_frames=context_frames, stats=stats, schedule=jacobi_schedule))
+                                          context_frames=context_frames, stats=stats, schedule=jacobi_schedule,
+                                          init=jacobi_init))
         deep = self.blocks[-1]
         shallow = [b for b in reversed(self.blocks[:-1]) if not b.is_identity]
         if shallow and self._frames_pipeline(x) and resolve_pipeline(pipeline):

@@ -25,7 +25,7 @@ from PIL import Image
 from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
-from starflow_mlx.model_folder import Manifest, resolve_model
+from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest, resolve_model
 from starflow_mlx.pipelines.prompts import latent_size, nearest_aspect_ratio, prepare_prompt
 from starflow_mlx.sampling.denoise import score_denoise
 
@@ -158,7 +158,7 @@ class Pipeline:
         """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
         folder = resolve_model(name)
         manifest = Manifest.load(folder)
-        if (manifest.kind == "text-to-video") != cls.VIDEO:
+        if (manifest.kind in VIDEO_KINDS) != cls.VIDEO:
             if cls.VIDEO:
                 raise ValueError(f"{name} is a {manifest.kind} model: use starflow_mlx.Pipeline for images")
             from starflow_mlx.pipelines.video import VideoPipeline
@@ -184,7 +184,7 @@ class Pipeline:
     # -- conditioning --------------------------------------------------------------------
     @property
     def is_class_model(self) -> bool:
-        return self.manifest.kind == "class-to-image"
+        return self.manifest.kind in CLASS_KINDS
 
     @property
     def has_finetuned_decoder(self) -> bool:
@@ -196,7 +196,8 @@ class Pipeline:
         if prompt == "":
             return len(classes)
         if prompt not in classes:
-            raise ValueError(f"unknown class {prompt!r}: this model generates {', '.join(classes)}")
+            wanted = self.manifest.prompt_help or ", ".join(classes)
+            raise ValueError(f"unknown class {prompt!r}: this model generates {wanted}")
         return classes.index(prompt)
 
     def conditioning(self, prompt: str, count: int, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:

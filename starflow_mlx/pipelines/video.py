@@ -4,7 +4,8 @@ The spine is the image pipeline's (text features, noise, flow sampling, denoisin
 decoding); what differs for video lives here:
 
 - sizes: ``frames`` must be 1 + 4k (the Wan2.2 VAE's causal 4x time compression);
-  other counts are rounded up, with a warning;
+  other counts are rounded up, with a warning (pixel-space models, which have no VAE,
+  take any count);
 - the prompt template carries the frame rate (``A video with 16 fps:``);
 - conditioning frames (an image, or a clip to continue) are encoded, noised with the
   training noise, and fed to the flow's deep block as context;
@@ -13,7 +14,10 @@ decoding); what differs for video lives here:
   by ``vae_temporal_scale`` (0.6) in flow space, undone before the VAE decode.
 
 Defaults are those of upstream's video script (cfg 3.5, Jacobi block 32 and threshold
-0.001, 81 frames at 16 fps, 16:9), not ``sample.py``'s overriding CLI defaults.
+0.001, 81 frames at 16 fps, 16:9), not ``sample.py``'s overriding CLI defaults. The
+frame count defaults to the model's training length (81 for STARFlow-V); class models
+trained here (``class-to-video``, the built-in moving digits) keep their own guidance
+weight, and square-only models generate 1:1.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
 from starflow_mlx.pipelines.image import (InsufficientMemoryError, Pipeline, check_finite, check_options, memory_limit,
                                           weight_bytes)
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
+from starflow_mlx.pixel_video import PixelVideo
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
 VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=True, jacobi_block_size=32,
@@ -58,18 +63,21 @@ def kv_cache_bytes(config, latent_frames: int, frame_tokens: int, count: int, it
     return int(2 * count * tokens * per_token * kv_bytes_per_value(bits, itemsize, config.head_dim))
 
 
-def frame_count(frames: int) -> int:
-    """``frames`` rounded up to 1 + 4k (what the VAE can produce), with a warning when it changes."""
+def frame_count(frames: int, temporal_factor: int = 4) -> int:
+    """``frames`` rounded up to 1 + 4k (what the VAE can produce), with a warning when it changes.
+
+    ``temporal_factor`` is the codec's pixel frames per latent frame after the first (1: any count)."""
     if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_FRAMES:
         raise ValueError(f"frames must be a whole number from 1 to {MAX_FRAMES}, got {frames!r}")
-    rounded = 1 + 4 * math.ceil((frames - 1) / 4)
+    f = temporal_factor
+    rounded = 1 + f * math.ceil((frames - 1) / f)
     if rounded != frames:
-        warnings.warn(f"{frames} frames is not 1 + 4k: generating {rounded} (the VAE decodes 1 frame, then 4 per "
+        warnings.warn(f"{frames} frames is not 1 + {f}k: generating {rounded} (the VAE decodes 1 frame, then {f} per "
                       "latent)", stacklevel=3)
     return rounded
 
 
-def cover_crop(image: Image.Image, height: int, width: int) -> tuple[np.ndarray, bool]:
+def cover_crop(image: Image.Image, height: int, width: int, resample=Image.BILINEAR) -> tuple[np.ndarray, bool]:
     """RGB ``image`` resized to cover (height, width) and centre-cropped: float32 [-1, 1] and whether it changed.
 
     Sides are rounded up, never truncated, so the crop never pads a row or column.
@@ -79,25 +87,33 @@ def cover_crop(image: Image.Image, height: int, width: int) -> tuple[np.ndarray,
     if changed:
         scale = max(height / rgb.height, width / rgb.width)
         size = (max(width, math.ceil(rgb.width * scale - 1e-6)), max(height, math.ceil(rgb.height * scale - 1e-6)))
-        rgb = rgb.resize(size, Image.BILINEAR)
+        rgb = rgb.resize(size, resample)
         left, top = int(round((size[0] - width) / 2.0)), int(round((size[1] - height) / 2.0))
         rgb = rgb.crop((left, top, left + width, top + height))
     return np.asarray(rgb, np.float32) / 127.5 - 1.0, changed
 
 
-def clip_pixels(frames: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int, bool]:
-    """A uint8 clip (T, H, W, 3) as the VAE takes it: trimmed to 1 + 4k frames, each frame covered and cropped.
+def clip_pixels(frames: np.ndarray, height: int, width: int, temporal_factor: int = 4,
+                resample=Image.BILINEAR) -> tuple[np.ndarray, int, bool]:
+    """A uint8 clip (T, H, W, 3) as the codec takes it: trimmed to 1 + 4k frames (``temporal_factor`` k),
+    each frame covered and cropped.
 
     Returns the float32 frames in [-1, 1], how many source frames were kept, and whether they were resized.
     """
-    usable = 1 + 4 * ((len(frames) - 1) // 4)
-    converted = [cover_crop(Image.fromarray(np.asarray(f, np.uint8)), height, width) for f in frames[:usable]]
+    usable = 1 + temporal_factor * ((len(frames) - 1) // temporal_factor)
+    converted = [cover_crop(Image.fromarray(np.asarray(f, np.uint8)), height, width, resample)
+                 for f in frames[:usable]]
     return np.stack([c[0] for c in converted]), usable, converted[0][1]
 
 
 def to_uint8(frames: mx.array) -> np.ndarray:
     """Frames in [-1, 1] (clamped) as uint8."""
     return np.array(mx.clip((frames.astype(mx.float32) + 1.0) * 127.5, 0, 255).round().astype(mx.uint8))
+
+
+def is_pixel_space(manifest, config) -> bool:
+    """A model trained on pixels (no VAE named, no spatial factor), like the built-in moving digits."""
+    return manifest.vae is None and config.vae_factor == 1
 
 
 class VideoPipeline(Pipeline):
@@ -107,9 +123,13 @@ class VideoPipeline(Pipeline):
     dtype: str | None = None  # what the flow was cast to, to reload it the same way after a release
 
     def __init__(self, folder: Path, flow, manifest, text_encoder=None, vae=None):
-        if text_encoder is None or vae is None:
-            raise ValueError(f"{folder} lacks its {'text encoder' if text_encoder is None else 'video VAE'}: rebuild it "
-                             "with starflow convert --text-encoder google/flan-t5-xl --vae Wan-AI/Wan2.2-TI2V-5B")
+        if is_pixel_space(manifest, flow.config):  # frames are its data
+            vae = PixelVideo(flow.config.in_channels, manifest.pixel_scale)
+        missing = "text encoder" if text_encoder is None and manifest.kind == "text-to-video" else (
+            "video VAE" if vae is None else None)
+        if missing:
+            raise ValueError(f"{folder} lacks its {missing}: rebuild it with starflow convert --text-encoder "
+                             "google/flan-t5-xl --vae Wan-AI/Wan2.2-TI2V-5B")
         super().__init__(folder, flow, manifest, text_encoder, vae)
 
     @classmethod
@@ -134,6 +154,37 @@ class VideoPipeline(Pipeline):
     def training_latent_frames(self) -> int:
         return self.config.local_attn_window or self.config.num_frames or 1
 
+    @property
+    def pixel_space(self) -> bool:
+        return is_pixel_space(self.manifest, self.config)
+
+    @property
+    def resample(self):
+        """How input frames are resized: block averages undo the enlargement of pixel-space output exactly."""
+        return Image.BOX if self.pixel_space else Image.BILINEAR
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Frames the codec makes of ``latent_frames``: 4k - 3 for the Wan2.2 VAE, as many in pixel space."""
+        return self.vae.temporal_factor * (latent_frames - 1) + 1
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.vae.temporal_factor + 1
+
+    def frame_count(self, frames: int | None) -> int:
+        """``frames`` as this model can make them (None: its training length), with a warning when rounded."""
+        if frames is None:
+            return self.pixel_frames(self.training_latent_frames)
+        return frame_count(frames, self.vae.temporal_factor)
+
+    @property
+    def default_aspect_ratio(self) -> str:
+        return VIDEO_DEFAULTS["aspect_ratio"] if self.config.mix_aspect else "1:1"
+
+    @property
+    def default_cfg(self) -> float:
+        """Upstream's video script's weight, or the model's own for class models trained here."""
+        return self.config.cfg if self.is_class_model else VIDEO_DEFAULTS["cfg"]
+
     def size(self, aspect_ratio: str) -> tuple[int, int]:
         """(height, width) in pixels."""
         h, w = latent_size(self.config, aspect_ratio)
@@ -146,11 +197,12 @@ class VideoPipeline(Pipeline):
         h, w = latent_size(cfg, aspect_ratio)
         itemsize = self.flow.blocks[-1].dtype.size if self.flow is not None else (4 if cfg.dtype == "float32" else 2)
         kv = kv_cache_bytes(cfg, min(latent_frames, self.training_latent_frames), h * w, count, itemsize, kv_bits)
-        frames = 4 * latent_frames - 3
+        frames = self.pixel_frames(latent_frames)
         pixels = h * w * self.vae.factor**2
         tile = self.vae.tile
         decoded = (min(h, tile) * min(w, tile) if tile else h * w) * self.vae.factor**2  # decoded at once
-        return weight_bytes(self.folder) + max(kv, decoded * VAE_BYTES_PER_PIXEL) + count * frames * pixels * 3
+        vae_work = 0 if self.pixel_space else decoded * VAE_BYTES_PER_PIXEL
+        return weight_bytes(self.folder) + max(kv, vae_work) + count * frames * pixels * 3
 
     def release_if_short(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> bool:
         """Free the flow and text encoder before decoding when they would crowd the VAE's working set.
@@ -169,13 +221,14 @@ class VideoPipeline(Pipeline):
             from starflow_mlx.text_encoder import load_text_encoder
 
             self.flow = load_flow(self.folder, dtype=self.dtype)
-            self.text_encoder = load_text_encoder(self.folder / self.manifest.text_encoder, dtype=self.dtype)
+            if self.manifest.text_encoder:
+                self.text_encoder = load_text_encoder(self.folder / self.manifest.text_encoder, dtype=self.dtype)
 
     def check_memory(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> None:
         total, needed = memory_limit(), self.needed_bytes(latent_frames, count, aspect_ratio, kv_bits)
         if total is not None and needed > total:
-            message = (f"{count} video(s) of {4 * latent_frames - 3} frames need about {needed / 2**30:.1f} GB but the "
-                       f"machine has {total / 2**30:.1f} GB: use fewer frames, ")
+            message = (f"{count} video(s) of {self.pixel_frames(latent_frames)} frames need about "
+                       f"{needed / 2**30:.1f} GB but the machine has {total / 2**30:.1f} GB: use fewer frames, ")
             cache, cli_cache = ("a quantized KV cache (kv_bits=8 or 4), ",
                                 "a quantized KV cache (--kv-bits 8 or 4), ") if kv_bits != 4 else ("", "")
             raise with_cli_message(
@@ -203,7 +256,7 @@ class VideoPipeline(Pipeline):
             raise ValueError("give an image or a video to start from, not both")
         if image is not None:
             picture = image if isinstance(image, Image.Image) else open_image(image)
-            pixels, changed = cover_crop(picture, height, width)
+            pixels, changed = cover_crop(picture, height, width, self.resample)
             if changed:
                 warnings.warn(f"the image is {picture.width}x{picture.height}: resized to cover {width}x{height} and "
                               "centre-cropped", stacklevel=4)
@@ -214,7 +267,7 @@ class VideoPipeline(Pipeline):
             frames, rate = read_video(video, fps=fps) if not isinstance(video, np.ndarray) else (video, fps)
             if isinstance(video, (str, Path)) and abs(rate - fps) > 1e-3:
                 warnings.warn(f"the clip is not at {fps} fps: resampled to {fps}", stacklevel=4)
-            clip, usable, changed = clip_pixels(frames, height, width)
+            clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
             if usable != len(frames):
                 warnings.warn(f"the clip's last {len(frames) - usable} frame(s) are dropped to make 1 + 4k frames",
                               stacklevel=4)
@@ -231,12 +284,12 @@ class VideoPipeline(Pipeline):
         self,
         prompt: str,
         *,
-        frames: int = VIDEO_DEFAULTS["frames"],
+        frames: int | None = None,
         image=None,
         video=None,
         seed: int = 0,
         cfg: float | None = None,
-        aspect_ratio: str = VIDEO_DEFAULTS["aspect_ratio"],
+        aspect_ratio: str | None = None,
         num_videos: int = 1,
         fps: int = VIDEO_DEFAULTS["fps"],
         jacobi: bool = VIDEO_DEFAULTS["jacobi"],
@@ -251,19 +304,23 @@ class VideoPipeline(Pipeline):
 
         ``image`` (path or PIL image) starts the video from that picture; ``video`` (path or
         uint8 frames) is a clip to continue: its frames come first and the rest is generated,
-        ``frames`` counting both. ``cfg=None`` is 3.5 (upstream's video script). ``kv_bits`` (8 or
-        4) keeps the KV caches quantized: the deep block's is most of a long video's memory.
+        ``frames`` counting both (None: the model's training length). ``cfg=None`` is 3.5
+        (upstream's video script), or a class model's own weight. ``aspect_ratio=None`` is 16:9, or
+        1:1 for square-only models. ``kv_bits`` (8 or 4) keeps the KV caches quantized: the deep
+        block's is most of a long video's memory.
         """
         self._reload()
-        cfg = VIDEO_DEFAULTS["cfg"] if cfg is None else cfg
+        cfg = self.default_cfg if cfg is None else cfg
+        aspect_ratio = aspect_ratio or self.default_aspect_ratio
         check_options(seed, cfg, num_videos, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
         if not isinstance(fps, int) or not 1 <= fps <= 120:
             raise ValueError(f"fps must be a whole number from 1 to 120, got {fps!r}")
-        frames = frame_count(frames)
-        latent_frames = (frames - 1) // 4 + 1
+        frames = self.frame_count(frames)
+        latent_frames = self.latent_frames(frames)
         if latent_frames > self.training_latent_frames and not jacobi:
-            message = (f"{frames} frames is longer than the model's window ({4 * self.training_latent_frames - 3} "
-                       "frames): only Jacobi sampling slides the window, ")
+            message = (f"{frames} frames is longer than the model's window "
+                       f"({self.pixel_frames(self.training_latent_frames)} frames): only Jacobi sampling slides the "
+                       "window, ")
             raise with_cli_message(ValueError(message + "pass jacobi=True"), message + "drop --no-jacobi")
         check_kv_bits(kv_bits, self.config.head_dim)
         self.check_memory(latent_frames, num_videos, aspect_ratio, kv_bits)
@@ -273,7 +330,7 @@ class VideoPipeline(Pipeline):
         keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
         context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys])
         if context is not None and context.shape[1] >= latent_frames:
-            message = f"the clip already has {4 * context.shape[1] - 3} frames: ask for more "
+            message = f"the clip already has {self.pixel_frames(context.shape[1])} frames: ask for more "
             raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
         report("text", 0, 1)
         y, y_u = self.conditioning(prompt, num_videos, aspect_ratio, fps=fps if frames > 1 else 0)
@@ -310,12 +367,13 @@ class VideoPipeline(Pipeline):
         report = progress or (lambda *a, **k: None)
         latents = self.unscale(latents)
         total = latents.shape[1]
-        report("VAE frames", 0, 4 * total - 3)
+        label = "frames" if self.pixel_space else "VAE frames"
+        report(label, 0, self.pixel_frames(total))
         done = 0
         for chunk in self.vae.decode_frames(latents):
             done += chunk.shape[1]
             yield to_uint8(chunk)
-            report("VAE frames", done, 4 * total - 3)
+            report(label, done, self.pixel_frames(total))
 
     def decode(self, latents: mx.array) -> mx.array:
         """Flow-space latents -> frames (B, T, H, W, 3) in [-1, 1] (temporal scale undone, then clamped)."""
@@ -330,7 +388,7 @@ class VideoPipeline(Pipeline):
         """
         latents = self.sample(prompt, progress=progress, **options)
         if self.release_if_short(latents.shape[1], latents.shape[0],
-                                 options.get("aspect_ratio", VIDEO_DEFAULTS["aspect_ratio"]), options.get("kv_bits")):
+                                 options.get("aspect_ratio") or self.default_aspect_ratio, options.get("kv_bits")):
             warnings.warn("memory is short: the flow was released before the VAE decode", stacklevel=2)
         return self.decode_frames(latents, progress)
 
@@ -353,8 +411,8 @@ class VideoPipeline(Pipeline):
     def score_frames(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> list[float]:
         """Bits per dimension of each latent frame, prepared as :meth:`score` does; their mean is its result.
 
-        Latent frame 0 is pixel frame 0, frame k >= 1 pixel frames 4k-3 to 4k; each is scored given
-        the frames before it (``STARFlow.log_prob_frames``).
+        Latent frame k >= 1 holds pixel frames ``pixel_frames(k)`` to ``pixel_frames(k + 1) - 1`` (with Wan2.2:
+        frame 0, then 4 a frame); each is scored given the frames before it (``STARFlow.log_prob_frames``).
         """
         x, y = self.prepare_score(video, prompt, fps)
         per_frame = self.flow.log_prob_frames(x, y)[0]
@@ -371,7 +429,7 @@ class VideoPipeline(Pipeline):
         exact = [r for r in ASPECT_RATIOS if self.config.mix_aspect and self.size(r) == frames.shape[1:3]]
         ratio = exact[0] if exact else nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
         height, width = self.size(ratio)
-        clip, usable, changed = clip_pixels(frames, height, width)
+        clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
         if usable != len(frames) or changed:
             warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is scored as "
                           f"{usable} frames of {width}x{height} ({ratio})", stacklevel=3)

@@ -42,6 +42,7 @@ from starflow_mlx.sampling.stepper import ChunkStepper, compiled_steps
 
 
 SCHEDULES = ("chunk", "window", "adaptive")
+INITS = ("previous", "zero")  # first guess for tokens past the first video frame
 
 
 class ChunkSizer:
@@ -153,6 +154,7 @@ def invert_jacobi(
     schedule: str = "chunk",
     kv_bits: int | None = None,
     on_frame: Callable[[int, mx.array], None] | None = None,
+    init: str = "previous",
 ) -> mx.array:
     """Invert ``block`` on ``z`` (B, N, c) in its token order; ``y`` stacks [cond; uncond] when ``cfg > 0``.
 
@@ -164,7 +166,8 @@ def invert_jacobi(
     context, kept as they are in the output, and sampling continues after them (the matching
     rows of ``z`` are ignored). ``kv_bits`` (8, 4) stores the KV cache quantized. ``on_frame(t, tokens)``
     is called as each video frame of the deep block becomes final, known ones included (see
-    :class:`FrameHook`).
+    :class:`FrameHook`). ``init``: the first guess for tokens past the first video frame, the same
+    tokens of the previous frame (``"previous"``, upstream's) or zeros (``"zero"``).
     """
     if not block.use_sos:
         raise ValueError("Jacobi sampling needs a start-of-sequence token")
@@ -172,6 +175,8 @@ def invert_jacobi(
         raise ValueError("jacobi block size, max iterations and check interval must be positive")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown Jacobi schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
+    if init not in INITS:
+        raise ValueError(f"unknown Jacobi first guess {init!r}: use {' or '.join(INITS)}")
     zz = mx.concatenate([z, z], axis=0) if cfg > 0 else z
     batch, n, c = zz.shape
     text_len = y.shape[1] if (block.sees_text and y is not None) else 0
@@ -211,7 +216,8 @@ def invert_jacobi(
                 # Tokens entering the window past the first frame start from the previous frame (as upstream).
                 lo = max(guessed[0], start + 1, frame + 1)
                 if lo <= end:
-                    x_full[:, lo : end + 1] = x_full[:, lo - frame : end + 1 - frame]
+                    x_full[:, lo : end + 1] = (x_full[:, lo - frame : end + 1 - frame] if init == "previous"
+                                               else mx.zeros_like(x_full[:, lo : end + 1]))
                 guessed[0] = max(guessed[0], end + 1)
             z_chunk = padded(zz[:, start:end], size)
             tokens = padded(x_full[:, start:end], size)
@@ -236,7 +242,9 @@ def invert_jacobi(
             size = sizer.size(limit) if sizer is not None else limit
             valid = min(size, target - start)
             z_chunk = padded(zz[:, start : start + valid], size)
-            shifted = start > frame  # the first iteration reads the previous frame, so it is not exact
+            shifted = start > frame and init == "previous"  # the first iteration reads the previous frame: not exact
+            if start > frame and init == "zero" and valid > 1:
+                x_full[:, start + 1 : start + valid] = mx.zeros_like(x_full[:, start + 1 : start + valid])
             # Token i of the chunk is exact after i + 1 iterations (its inputs are then final), so
             # ``valid`` iterations (+1 when shifted) finish the chunk whatever its residual.
             cap = min(max_iter, valid + shifted)

@@ -19,9 +19,10 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    images: np.ndarray  # (N, H, W, C) float32 in [-1, 1]
+    images: np.ndarray  # (N, H, W, C) images or (N, T, H, W, C) clips, float32 in [-1, 1]
     labels: np.ndarray  # (N,) int
     classes: list[str]
+    prompt_help: str | None = None  # what a prompt looks like, when class names follow a pattern
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -47,6 +47,7 @@ class TrainConfig(JSONConfig):
     channels: int = field(default=96, metadata={"min": 1, "max": 1 << 16})
     layers: list[int] = field(default_factory=lambda: [2, 2, 2, 4], metadata={"min": 1, "max": 1024, "max_len": 64})
     head_dim: int = field(default=32, metadata={"min": 1, "max": 1024})
+    patch_size: int = field(default=1, metadata={"min": 1, "max": 64})
     noise_std: float = field(default=0.1, metadata={"min": 0, "max": 100})
     drop_label: float = field(default=0.1, metadata={"min": 0, "max": 1})
     cfg: float = field(default=2.0, metadata={"min": 0, "max": 1000})
@@ -55,15 +56,21 @@ class TrainConfig(JSONConfig):
 
 
 def flow_config(train: TrainConfig, data: Dataset) -> FlowConfig:
-    _, h, w, c = data.images.shape
+    """Images (N, H, W, c) train a STARFlow; clips (N, T, H, W, c) a STARFlow-V: a temporally causal deep
+    block over all frames and frame-local shallow blocks, in pixel space."""
+    *_, h, w, c = data.images.shape
     if h != w:
         raise ValueError(f"training images must be square, got {h}x{w}")
+    if h % train.patch_size:
+        raise ValueError(f"--patch-size {train.patch_size} does not divide the {h}-pixel images")
+    frames = data.images.shape[1] if data.images.ndim == 5 else 0
     n_classes = len(data.classes)
     return FlowConfig(
         in_channels=c, channels=train.channels, layers_per_block=list(train.layers), latent_size=h,
-        head_dim=train.head_dim, txt_size=1, txt_dim=n_classes + 1, sos=True, seq_order="L2R",
-        use_softplus=True, cond_top_only=True, use_final_norm=True, soft_clip=4.0, noise_std=train.noise_std,
-        cfg=train.cfg, num_classes=n_classes, vae_factor=1,
+        patch_size=train.patch_size, head_dim=train.head_dim, txt_size=1, txt_dim=n_classes + 1, sos=True,
+        seq_order="L2R", use_softplus=True, cond_top_only=True, use_final_norm=True, soft_clip=4.0,
+        noise_std=train.noise_std, cfg=train.cfg, num_classes=n_classes, vae_factor=1, num_frames=frames,
+        temporal_causal=int(frames > 0), shallow_block_local=frames > 0,
     )
 
 
@@ -83,7 +90,7 @@ def training_bytes(config: FlowConfig, batch: int) -> int:
     """Memory a training step needs, on the generous side: float32 weights, their gradients and AdamW's two
     moments, and what backpropagation keeps per layer and sample, measured at about 37 float32 values per
     token and channel (40 here) besides the attention scores."""
-    tokens = (config.latent_size // config.patch_size) ** 2 + config.txt_size
+    tokens = (config.latent_size // config.patch_size) ** 2 * max(config.num_frames, 1) + config.txt_size
     params = activations = 0
     for block, layers in enumerate(config.layers_per_block):
         width, heads = config.block_channels(block), config.block_heads(block)
@@ -217,7 +224,9 @@ class Trainer:
             self.config.save(tmp / "config.json")
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())),
                                 metadata={"format": "mlx"})
-            Manifest(kind="class-to-image", classes=list(self.data.classes), source=source or {}).save(tmp)
+            kind = "class-to-video" if self.config.is_video else "class-to-image"
+            Manifest(kind=kind, classes=list(self.data.classes), prompt_help=self.data.prompt_help,
+                     source=source or {}).save(tmp)
 
 
 def read_checkpoint(folder: Path) -> tuple[dict, TrainConfig]:
