@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from starflow_mlx.advice import cli_message
 from starflow_mlx.loading import load_flow
 from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.training.data import DataError, load_digits_split, load_image_folder
@@ -34,8 +35,10 @@ def test_memory_estimate_covers_a_step_and_refuses_what_cannot_fit(digits, tmp_p
     trainer.run()
     assert 0 < mx.get_peak_memory() <= training_bytes(trainer.config, trainer.train.batch_size)
     monkeypatch.setattr("starflow_mlx.pipelines.image.memory_limit", lambda: 2**30)
-    with pytest.raises(InsufficientMemoryError, match="--batch-size 65536 needs about .* GB but 1.0 GB is available"):
+    with pytest.raises(InsufficientMemoryError, match="batch_size 65536 needs about .* GB but 1.0 GB is available: "
+                                                      "use a smaller batch_size or channels") as refused:
         Trainer(TrainConfig(steps=1, **{**TINY, "batch_size": 65536}), digits[0], tmp_path / "ck2")
+    assert "--batch-size 65536 needs about" in cli_message(refused.value)  # the command line's words
 
 
 def test_resume_continues_identically(digits, tmp_path):

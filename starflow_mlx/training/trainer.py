@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.safetensors_stream import read_header
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
@@ -105,9 +106,11 @@ def check_training_memory(config: FlowConfig, batch: int) -> None:
 
     total, need = memory_limit(), training_bytes(config, batch)
     if total is not None and need > total:
-        raise InsufficientMemoryError(
-            f"training with --channels {config.channels} and --batch-size {batch} needs about {need / 2**30:.1f} GB "
-            f"but {total / 2**30:.1f} GB is available: use a smaller --batch-size or --channels")
+        message = (f"training with {{}} {config.channels} and {{}} {batch} needs about {need / 2**30:.1f} GB but "
+                   f"{total / 2**30:.1f} GB is available: use a smaller {{}} or {{}}")
+        raise with_cli_message(
+            InsufficientMemoryError(message.format("channels", "batch_size", "batch_size", "channels")),
+            message.format("--channels", "--batch-size", "--batch-size", "--channels"))
 
 
 class Trainer:
