@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+RATE_STEPS = (2, 6)  # the time estimate divides the time between these steps of a run (the first compiles)
+
 
 def train(
     data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits), 'moving-digits' (those digits "
@@ -74,15 +76,18 @@ def train(
     first = trainer.step
     start = time.perf_counter()
     first_done = None  # the first step also traces the graph, and builds MLX's CPU kernels on a first run
+    timed = {}  # when steps first + 2 and first + 6 ended: the rate is measured between them, past the warm-up
 
     def on_step(step: int, loss: float) -> None:
         nonlocal first_done
         now = time.perf_counter()
         first_done = first_done or now
-        if step == first + 2 and step < steps:  # the first step that shows the rate: say what the rest will take
-            left = (now - first_done) * (steps - step)
-            stages.log(f"training: about {left / 60:.0f} min for the {steps - step} steps left "
-                       f"({now - first_done:.2f} s/step here); Ctrl-C saves a checkpoint to --resume from")
+        if step - first in RATE_STEPS:
+            timed[step - first] = now
+        if step - first == RATE_STEPS[1] and step < steps:  # early, and past the first steps' warm-up
+            rate = (now - timed[RATE_STEPS[0]]) / (RATE_STEPS[1] - RATE_STEPS[0])
+            stages.log(f"training: about {rate * (steps - step) / 60:.0f} min for the {steps - step} steps left "
+                       f"({rate:.2f} s/step here); Ctrl-C saves a checkpoint to --resume from")
         stages("training", step, steps, note=f"loss {loss:.4f}  {bits_per_dim(loss):.3f} bits/dim")
 
     with StageProgress() as stages:

@@ -1,6 +1,7 @@
 """MLX training: the loss goes down, resuming is exact, exported folders reload and sample identically."""
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -162,16 +163,20 @@ def test_cli_ctrl_c_checkpoints_and_says_so_in_one_line(tmp_path, monkeypatch):
     register(app)
     steps = []
 
-    def interrupt_at_step_3(loss):  # the progress note of each step: the third one is "interrupted"
+    def interrupt_at_step_8(loss):  # the progress note of each step: the eighth one is "interrupted"
         steps.append(loss)
-        if len(steps) == 3:
+        if len(steps) == 8:
             raise KeyboardInterrupt
         return 0.0
 
-    monkeypatch.setattr(trainer, "bits_per_dim", interrupt_at_step_3)
+    monkeypatch.setattr(trainer, "bits_per_dim", interrupt_at_step_8)
     tiny = ["--channels", "32", "--layers", "1 1", "--batch-size", "8", "-o", str(tmp_path / "m")]
     res = CliRunner().invoke(app, ["train", "--steps", "50", "--checkpoint-every", "20", *tiny])
     assert res.exit_code == 130, res.output
-    assert res.output.strip().splitlines()[-1] == "error: interrupted at step 3: checkpoint at step 3, continue with --resume"
+    lines = res.output.strip().splitlines()
+    # The time the rest will take is said early, measured past the first (compiling) steps.
+    assert re.fullmatch(r"training: about \d+ min for the 44 steps left \(\S+ s/step here\); Ctrl-C saves a "
+                        r"checkpoint to --resume from", lines[0]), lines[0]
+    assert lines[-1] == "error: interrupted at step 8: checkpoint at step 8, continue with --resume"
     assert not (tmp_path / "m").exists()  # no model folder from a run cut short
-    assert json.loads((tmp_path / "m.checkpoints" / "latest" / "trainer.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "m.checkpoints" / "latest" / "trainer.json").read_text())["step"] == 8
