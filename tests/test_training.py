@@ -138,8 +138,6 @@ def test_image_folder_dataset(tmp_path):
 
 
 def test_cli_reports_the_step_rate_without_the_first_compiling_step(tmp_path):
-    import re
-
     from typer.testing import CliRunner
 
     from starflow_mlx.apps.cli import app
