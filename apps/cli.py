@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import typer
 
@@ -50,15 +51,20 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    from starflow_mlx.advice import cli_message
+
+    text = cli_message(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _message(exc: BaseException) -> str:
-    """One line, except the hub's list of missing files and how to fetch them, which is meant to be read."""
+    """One line in the command line's words (its options, not Python's parameters); the hub's missing files
+    add a second, the commands that fetch them."""
+    from starflow_mlx.advice import cli_message
     from starflow_mlx.hub import HubError
 
-    return str(exc).strip() if isinstance(exc, HubError) and str(exc).strip() else _first_line(exc)
+    text = cli_message(exc).strip()
+    return text if isinstance(exc, HubError) and text else _first_line(exc)
 
 
 def user_errors(command):
@@ -82,6 +88,8 @@ def user_errors(command):
             fail("the input is nested too deeply to be a real model file")
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except typer.Exit:  # a command that has said why it stops, with its own status
+            raise
         except Exception as exc:  # a bug, not the user's mistake: still one line, with how to learn more
             if os.environ.get("STARFLOW_DEBUG"):
                 raise
@@ -92,7 +100,11 @@ def user_errors(command):
 
 
 def main() -> None:
-    from starflow_mlx.apps import commands
+    try:
+        from starflow_mlx.apps import commands
 
-    commands.register(app)
-    app()
+        commands.register(app)  # imports every command: seconds on a busy machine, before user_errors can help
+        app()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -16,7 +16,9 @@ def convert(
     dtype: str = typer.Option("float16", help="Weight dtype: float32, float16 or bfloat16."),
     vae_factor: Optional[int] = typer.Option(None, help="VAE downsampling, if the config's VAE is not a known one."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="T5 folder or Hugging Face repo id to include."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="SD-VAE (diffusers) folder or repo id to include."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE to include: an SD-VAE (diffusers) folder or repo id, or for video "
+                                                          "the Wan2.2 VAE (Wan2.2_VAE.pth, a folder holding it, or "
+                                                          "Wan-AI/Wan2.2-TI2V-5B)."),
     decoder: Optional[str] = typer.Option(None, "--decoder", help="Fine-tuned VAE decoder weights (file or folder)."),
     quantize: Optional[int] = typer.Option(None, "--quantize", help="Quantize the result to 4 or 8 bits."),
     group_size: int = typer.Option(64, "--group-size", help="Quantization group size (32, 64, 128)."),

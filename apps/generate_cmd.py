@@ -83,8 +83,9 @@ def plan_outputs(prompt: str, seed: int, indices: range, output: Optional[Path],
         names = {i: output_dir / f"{stem}-{i:0{width}d}{suffix}" for i in indices}
         taken = [path for path in names.values() if path.exists()] if not overwrite else []
         if taken:
-            raise ValueError(f"{taken[0]} already exists ({len(taken)} of the files would be replaced): "
-                             "pass --overwrite to replace them, or use another --output-dir or --seed")
+            raise ValueError(f"{taken[0]} already exists ({len(taken)} of the files would be replaced): pass --resume "
+                             "to keep them and make the rest (an interrupted job), --overwrite to replace them, or "
+                             "use another --output-dir or --seed")
         return OutputPlan(names=names)
     if output is None:
         wanted = default or Path(f"{file_stem(prompt, seed)}{suffix}")
@@ -150,25 +151,72 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
     return isinstance(entry, dict) and entry.get("kind") == "text-to-video"
 
 
+# -- resuming --------------------------------------------------------------------------------
+def written_image(path: Path) -> Optional[dict]:
+    """The metadata of a whole image file written here, or None (not ours, damaged, cut short)."""
+    from starflow_mlx.image_input import open_image
+    from starflow_mlx.pipelines.image_files import read_metadata
+
+    try:
+        open_image(path).load()  # every pixel decodes: the file is complete
+        return read_metadata(path)
+    except (OSError, ValueError):
+        return None
+
+
+def resumable_batch_size(plan: OutputPlan) -> Optional[int]:
+    """The batch size the interrupted job recorded (image i's pixels depend on its batch), if a file says."""
+    for path in plan.names.values():
+        meta = written_image(path) if path.exists() else None
+        if meta is not None and isinstance(meta.get(BATCH_KEY), int):
+            return meta[BATCH_KEY]
+    return None
+
+
+def finished_images(plan: OutputPlan, params: dict, overwrite: bool) -> set[int]:
+    """Indices whose file already holds that image of this job (``--resume``); any other file is refused."""
+    done = set()
+    for index, path in plan.names.items():
+        if not path.exists():
+            continue
+        meta = written_image(path)
+        expected = dict(params, index=index)
+        if meta is not None and all(meta.get(key) == value for key, value in expected.items() if key != "version"):
+            done.add(index)
+        elif not overwrite:
+            raise ValueError(f"{path} exists but is not image {index} of this job (other options, or damaged): "
+                             "run the interrupted command again with --resume, or pass --overwrite to replace it")
+    return done
+
+
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
-                batch_size: Optional[int], stages, write: bool = True) -> list:
+                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True) -> list:
     """Sample ``wanted`` batch by batch; files of a folder are written per batch (unless not ``write``: a
-    pipeline rank other than 0), a grid's images returned."""
+    pipeline rank other than 0), a grid's images returned.
+
+    ``done``: images already written; a batch holding only those is skipped, and batches stay cut where
+    the whole job cuts them, so every image comes out as in an uninterrupted run.
+    """
     from starflow_mlx.pipelines.image_files import save_images
 
+    spans = [(wanted.start, wanted.stop)]
+    if done:
+        spans = [(first, min(first + batch_size, wanted.stop)) for first in range(wanted.start, wanted.stop, batch_size)
+                 if not set(range(first, min(first + batch_size, wanted.stop))) <= done]
     kept = []
-    stages("images", 0, len(wanted))
-    done = 0
-    for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
-                                               images=(wanted.start, wanted.stop), **options):
-        if plan.file is None and write:
-            save_images([(image, plan.names[first + k], dict(params, index=first + k))
-                         for k, image in enumerate(images)])
-        else:
-            kept.extend(images)
-        done += len(images)
-        stages("images", done, len(wanted))
+    count = len(done)
+    stages("images", count, len(wanted))
+    for start, stop in spans:
+        for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
+                                                   images=(start, stop), **options):
+            if plan.file is None and write:
+                save_images([(image, plan.names[first + k], dict(params, index=first + k))
+                             for k, image in enumerate(images) if first + k not in done])
+            else:
+                kept.extend(images)
+            count += sum(first + k not in done for k in range(len(images)))
+            stages("images", count, len(wanted))
     return kept
 
 
@@ -200,10 +248,13 @@ def generate(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Keep the KV caches quantized to 8 or 4 bits: "
                                                                   "about half or a quarter of float16's memory, "
                                                                   "samples change slightly (default: float)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp; a grid when -n > 1). "
-                                                                      "Default: PROMPT-seedSEED.png here."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image file (.png, .jpg, .webp; a grid when -n > 1), "
+                                                                      ".mp4 for video models. Default: "
+                                                                      "PROMPT-seedSEED.png (.mp4) here."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Folder for one PNG per image, named PROMPT-seedSEED-INDEX.png."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files instead of refusing."),
+    resume: bool = typer.Option(False, "--resume", help="With --output-dir: keep the images an interrupted run of "
+                                                        "this same command wrote and make the rest."),
     dtype: Optional[str] = typer.Option(None, help="Cast weights: float32, float16 or bfloat16 (default: as stored; "
                                                    "float32 scales for quantized models on a CPU)."),
     from_metadata: Optional[Path] = typer.Option(None, "--from-metadata", readable=False,
@@ -278,24 +329,31 @@ def generate(
         raise ValueError(f"--num-images must be at least 1, got {job['num_images']}")
     index = job["index"]
     wanted = range(index, index + 1) if index is not None else range(job["num_images"])
-    plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite, default)
+    if resume and (output_dir is None or index is not None):
+        raise ValueError("--resume continues an --output-dir job: give the same --output-dir and options")
+    plan = plan_outputs(job["prompt"], job["seed"], wanted, output, output_dir, overwrite or resume, default)
     for path in plan.paths:
         check_writable(path)
     check_aspect_ratio(job["aspect_ratio"])
     parse_dtype(job["dtype"])
     world = dist.open_world(pipeline)
+    if resume and world.size > 1:
+        raise ValueError("--resume works in one process for now: each rank would find other files")
     layers = dist.deep_layers(world, job["model"], pipeline)
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], lora=job["lora"], lora_scale=job["lora_scale"],
                                     layers=layers)
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
+    if resume and job["batch_size"] is None:  # the default depends on free memory: keep the interrupted run's
+        job["batch_size"] = resumable_batch_size(plan)
     # Ranks with less memory may plan smaller batches: all take the smallest, as they must cut the job alike.
     batch_size = world.smallest(plan_batch(pipe.folder, pipe.config, job["num_images"],
                                            dist.default_batch(world, layers, job["batch_size"], wanted), layers))
-    check_job(pipe, plan, len(wanted), job["aspect_ratio"])
     params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
                   batch_size=batch_size, lora=job["lora"], lora_scale=job["lora_scale"])
+    done = frozenset(finished_images(plan, params, overwrite) if resume else ())
+    check_job(pipe, plan, len(wanted) - len(done), job["aspect_ratio"])
     with dist.stage_progress(world) as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if dist.data_parallel(world, layers):
@@ -303,7 +361,7 @@ def generate(
         else:
             with world.sampling():
                 images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
-                                     world.beating(stages), write=world.is_main)
+                                     world.beating(stages), done, write=world.is_main)
     if not world.is_main:
         return
     for warning in caught:
@@ -313,28 +371,55 @@ def generate(
     elif dist.data_parallel(world, layers):
         save_images([(image, plan.names[i], dict(params, index=i)) for i, image in zip(wanted, images)])
     stages.log(stages.summary())
-    for path in plan.paths[:3]:
+    new = [path for i, path in plan.names.items() if i not in done] if plan.file is None else plan.paths
+    for path in new[:3]:
         typer.echo(f"wrote {path}" + (f" ({plan.taken} exists)" if plan.taken else ""))
-    if len(plan.paths) > 3:
-        typer.echo(f"wrote {len(plan.paths) - 3} more in {plan.paths[0].parent}")
+    if len(new) > 3:
+        typer.echo(f"wrote {len(new) - 3} more in {new[0].parent}")
+    if done:
+        typer.echo(f"kept {len(done)} image(s) an earlier run had written")
 
 
 def score(
-    image: Path = typer.Argument(..., readable=False, help="Image to score."),
+    image: Path = typer.Argument(..., readable=False, help="Image to score, or an .mp4 for a video model."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
     lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
                                         help="Add a LoRA adapter folder (starflow train --lora) to the model."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Video models: the frame rate the clip is resampled to "
+                                                          "and named in the prompt (default 16)."),
 ) -> None:
-    """Print the image's exact negative log-likelihood under the flow, in bits per dimension."""
-    from starflow_mlx.image_input import open_image
-    from starflow_mlx.pipelines.image import Pipeline
+    """Print the image's (or clip's) exact negative log-likelihood under the flow, in bits per dimension.
 
-    picture = open_image(image)
+    A clip also gets one line per latent frame, each scored given the frames before it.
+    """
+    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS, VideoPipeline
+
+    video = image.suffix.lower() == ".mp4"
+    if video:
+        from starflow_mlx.pipelines.video_io import read_video
+
+        clip, _ = read_video(image, fps=fps or VIDEO_DEFAULTS["fps"])  # a missing or broken file before the model
+    else:
+        from starflow_mlx.image_input import open_image
+
+        if fps is not None:
+            raise ValueError("--fps is for scoring an .mp4 with a video model")
+        picture = open_image(image)
+    pipe = Pipeline.from_pretrained(model, lora=lora, lora_scale=lora_scale)
+    if video != isinstance(pipe, VideoPipeline):
+        raise ValueError(f"{model} is {'a video' if not video else 'an image'} model: score "
+                         f"{'an .mp4' if not video else 'an image'} with it")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bpd = Pipeline.from_pretrained(model, lora=lora, lora_scale=lora_scale).score(picture, prompt)
+        per_frame = pipe.score_frames(clip, prompt, fps=fps or VIDEO_DEFAULTS["fps"]) if video else None
+        bpd = sum(per_frame) / len(per_frame) if video else pipe.score(picture, prompt)
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
-    typer.echo(f"{bpd:.4f} bits/dim")
+    for k, frame_bpd in enumerate(per_frame or []):
+        first, last = (pipe.pixel_frames(k) if k else 0), pipe.pixel_frames(k + 1) - 1
+        pixels = f"pixel frame {first}" if first == last else f"pixel frames {first}-{last}"
+        typer.echo(f"latent frame {k} ({pixels}): {frame_bpd:.4f} bits/dim")
+    typer.echo(f"{bpd:.4f} bits/dim" + (" (all frames)" if video else ""))

@@ -53,17 +53,24 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import frame_count
-    from starflow_mlx.pipelines.video_io import write_videos
+    from starflow_mlx.pipelines.video_io import check_input, input_record, write_videos
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                   jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits,
-                  image=str(image) if image else None, video=str(video) if video else None, dtype=dtype, index=None)
+                  image=None, video=None, image_sha256=None, video_sha256=None, dtype=dtype, index=None)
+    inputs = (("image", image), ("video", video))
+    for role, path in inputs:  # recorded by absolute path and content, for --from-metadata anywhere
+        if path is not None:
+            chosen[role], chosen[f"{role}_sha256"] = input_record(path, role)
     default = None
     if from_metadata is not None:
         if prompt is not None:
             raise ValueError("give a prompt or --from-metadata VIDEO, not both")
         chosen = video_options_from_metadata(from_metadata)
+        for role, _ in inputs:
+            if chosen[role] is not None:
+                check_input(chosen[role], chosen[f"{role}_sha256"], role, from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again.mp4")
     if chosen["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata VIDEO)")
@@ -98,7 +105,8 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     job["aspect_ratio"] = job["aspect_ratio"] or pipe.default_aspect_ratio
     job["cfg"] = pipe.default_cfg if job["cfg"] is None else job["cfg"]
     options = {key: job[key] for key in SAMPLING_KEYS}
-    params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__)
+    params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
+                  image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])
     if index is not None:  # video i of a batch is drawn from seed + i: make just that one
         options.update(seed=job["seed"] + index, num_videos=1)
     # Each file: its parameters and which video of the sampled batch it shows (None: all of them, in a grid).

@@ -65,7 +65,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
               "held_out_bits_per_dim_before": round(before, 4), "held_out_bits_per_dim_after": round(after, 4)}
     trainer.export(output, source, force or resume)
     size = sum(p.stat().st_size for p in output.iterdir())
-    typer.echo(f"{output}: {run.summary(trainer.step)}, held-out bits/dim {before:.3f} -> {after:.3f} "
+    typer.echo(f"{output}: {run.summary(trainer)}, held-out bits/dim {before:.3f} -> {after:.3f} "
                f"({len(test_set)} images), adapter {trainable_count(trainer.model):,} parameters "
                f"({size / 1024:.0f} KB), peak memory {run.peak_gb():.2f} GB")
 

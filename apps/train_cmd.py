@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+RATE_STEPS = (2, 6)  # the time estimate divides the time between these steps of a run (the first compiles)
+
 
 def train(
     data: str = typer.Option("digits", help="'digits' (scikit-learn's 8x8 digits), 'moving-digits' (those digits "
@@ -25,14 +27,19 @@ def train(
     noise_std: float = typer.Option(0.1, help="Gaussian noise added to the data (in [-1, 1] units)."),
     drop_label: float = typer.Option(0.1, help="Probability of training on the empty class (for guidance)."),
     cfg: float = typer.Option(2.0, help="Default guidance weight stored with the model."),
-    image_size: int = typer.Option(16, help="Image size for folder datasets; the canvas for moving-digits."),
+    image_size: Optional[int] = typer.Option(None, help="Side of the square images for folder datasets (default 8: "
+                                                        "as many tokens as the digits; 16 has 4 times as many and "
+                                                        "takes several times longer); the canvas for moving-digits "
+                                                        "(default 16)."),
     frames: int = typer.Option(5, help="Frames per training clip (moving-digits)."),
     patch_size: int = typer.Option(1, help="Pixels per token side (2: a quarter of the tokens)."),
     image_every: int = typer.Option(0, help="Video data: every n-th step trains on single first frames (0: never)."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
-    checkpoint_every: int = typer.Option(250, help="Steps between checkpoints (0: none)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (0: none; default 250, "
+                                                              "or the resumed checkpoint's)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, readable=False, help="Where checkpoints go (default: OUTPUT.checkpoints)."),
-    resume: bool = typer.Option(False, help="Continue from the latest checkpoint."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint (written every --checkpoint-every "
+                                            "steps, at the end, and on Ctrl-C)."),
     seed: int = typer.Option(0, help="Seeds weights, noise and batch order."),
     lora: bool = typer.Option(False, "--lora", help="Fine-tune a LoRA adapter on --base instead of training a model; "
                                                     "OUTPUT is the adapter folder."),
@@ -66,7 +73,7 @@ def train(
     steps = 2000 if steps is None else steps
     from starflow_mlx.training.data import load_digits_split, load_image_folder
     from starflow_mlx.training.moving_digits import load_moving_digits_split
-    from starflow_mlx.training.trainer import TrainConfig, Trainer
+    from starflow_mlx.training.trainer import TrainConfig, Trainer, read_checkpoint
 
     # Before training, not after it; resuming may replace the folder an earlier run of this training wrote.
     check_output(output, force or resume)
@@ -74,6 +81,9 @@ def train(
     layer_list = [int(v) for v in layers.split() if v.isdecimal()]
     if len(layer_list) < 2 or len(layer_list) < len(layers.split()) or any(v < 1 for v in layer_list):
         raise ValueError(f"--layers {layers!r}: give at least two positive counts, e.g. '2 2 4'")
+    checkpoints = checkpoint_dir or output.with_name(output.name + ".checkpoints")
+    if checkpoint_every is None:  # a resumed run keeps checkpointing as the run it continues did
+        checkpoint_every = read_checkpoint(checkpoints / "latest")[1].checkpoint_every if resume else 250
     # Checked before the data is read: the seed also splits it.
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, channels=channels,
                          layers=layer_list, noise_std=noise_std, drop_label=drop_label, cfg=cfg,
@@ -84,10 +94,10 @@ def train(
     if data == "digits":
         train_set, test_set = load_digits_split(seed=seed)
     elif data == "moving-digits":
-        train_set, test_set = load_moving_digits_split(frames, image_size, seed=seed)
+        train_set, test_set = load_moving_digits_split(frames, image_size or 16, seed=seed)
     else:
-        train_set, test_set = load_image_folder(data, image_size, image_channels, seed=seed)
-    trainer = Trainer(config, train_set, checkpoint_dir or output.with_name(output.name + ".checkpoints"))
+        train_set, test_set = load_image_folder(data, image_size or 8, image_channels, seed=seed)
+    trainer = Trainer(config, train_set, checkpoints)
     if resume:
         trainer.load_checkpoint()
     run = run_with_progress(trainer, steps)
@@ -96,10 +106,10 @@ def train(
               "channels": channels, "layers": layer_list, "patch_size": patch_size,
               "frames": frames if data == "moving-digits" else None, "image_every": image_every,
               "noise_std": noise_std,
-              "seconds": round(run.seconds, 1),
+              "seconds": round(trainer.seconds, 1),  # every run of this training, resumed ones included
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}
     trainer.export(output, source, force or resume)
-    typer.echo(f"{output}: {run.summary(trainer.step)}, test {test_bpd:.3f} bits/dim, peak memory {run.peak_gb():.2f} GB")
+    typer.echo(f"{output}: {run.summary(trainer)}, test {test_bpd:.3f} bits/dim, peak memory {run.peak_gb():.2f} GB")
 
 
 @dataclass
@@ -109,9 +119,9 @@ class TrainingRun:
     first_done: float | None  # when the first step ended: it also traces the graph and may build kernels
     end: float
 
-    def summary(self, step: int) -> str:
-        ran = step - self.first
-        resumed = f" (steps {self.first + 1} to {step})" if self.first else ""
+    def summary(self, trainer) -> str:
+        ran = trainer.step - self.first
+        resumed = f" (steps {self.first + 1} to {trainer.step}; {trainer.seconds / 60:.1f} min in all)" if self.first else ""
         rate = f"{self.seconds / max(ran, 1):.2f} s/step"
         if ran > 1:  # what more steps would cost, without the first step's one-off compilation
             rate += f"; {(self.end - self.first_done) / (ran - 1):.2f} s/step after the first"
@@ -125,20 +135,35 @@ class TrainingRun:
 
 
 def run_with_progress(trainer, steps: int) -> TrainingRun:
-    """Run ``trainer`` to ``steps`` with a progress bar showing the loss and bits/dim."""
+    """Run ``trainer`` to ``steps`` with a progress bar showing the loss and bits/dim, a time estimate early on,
+    and a checkpoint on Ctrl-C."""
     from starflow_mlx.progress import StageProgress
     from starflow_mlx.training.trainer import bits_per_dim
 
     first, start = trainer.step, time.perf_counter()
     first_done = None
+    timed = {}  # when steps first + 2 and first + 6 ended: the rate is measured between them, past the warm-up
 
     def on_step(step: int, loss: float) -> None:
         nonlocal first_done
-        first_done = first_done or time.perf_counter()
+        now = time.perf_counter()
+        first_done = first_done or now
+        if step - first in RATE_STEPS:
+            timed[step - first] = now
+        if step - first == RATE_STEPS[1] and step < steps:  # early, and past the first steps' warm-up
+            rate = (now - timed[RATE_STEPS[0]]) / (RATE_STEPS[1] - RATE_STEPS[0])
+            stages.log(f"training: about {rate * (steps - step) / 60:.0f} min for the {steps - step} steps left "
+                       f"({rate:.2f} s/step here); Ctrl-C saves a checkpoint to --resume from")
         stages("training", step, steps, note=f"loss {loss:.4f}  {bits_per_dim(loss):.3f} bits/dim")
 
     with StageProgress() as stages:
         stages("training", first, steps)
-        trainer.run(on_step=on_step)
+        try:
+            trainer.run(on_step=on_step)
+        except KeyboardInterrupt:
+            every = trainer.train.checkpoint_every
+            saved = f": checkpoint at step {trainer.saved_step}, continue with --resume" if every else ""
+            typer.echo(f"error: interrupted at step {trainer.step}{saved}", err=True)
+            raise typer.Exit(130) from None
     end = time.perf_counter()
     return TrainingRun(first, end - start, first_done, end)

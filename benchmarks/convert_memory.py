@@ -90,4 +90,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from starflow_mlx.benchmarks.entry import run
+
+    run(main)

@@ -101,4 +101,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from starflow_mlx.benchmarks.entry import run
+
+    run(main)

@@ -109,4 +109,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from starflow_mlx.benchmarks.entry import run
+
+    run(main)

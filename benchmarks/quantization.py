@@ -24,7 +24,13 @@ import numpy as np
 
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST, Manifest, resolve_model
-from starflow_mlx.quantize.quantize_folder import block_overrides, quantize_flow, save_flow
+from starflow_mlx.quantize.quantize_folder import block_bits, quantize_flow, save_flow
+
+# The four variants took this many times the reference pass's time per image, times the images they sample
+# (--samples plus the demo's per-class digits): 804 s after a 26.2 s reference pass of 32 images, sampling 132,
+# in `python -m starflow_mlx.benchmarks.quantization --model demo --per-class 10 --samples 32` on the shared
+# 2-core CPU of README.md.
+REST_PER_IMAGE = 7.45
 
 VARIANTS = (
     ("float16", None, None),
@@ -107,9 +113,10 @@ def demo_metrics(folder: Path, per_class: int, dtype: str | None, step=lambda: N
     return {"accuracy": result["accuracy"], "test_bits_per_dim": result["bits_per_dim"]}
 
 
-def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64, seed: int = 0,
-                     per_class: int = 20, progress=None) -> list[dict]:
-    """One row per variant; ``progress(label, done, total)`` reports the reference and each variant's parts."""
+def measure_variants(model: str | Path, group_size: int = 64, samples: int = 32, seed: int = 0,
+                     per_class: int = 10, progress=None, log=None) -> list[dict]:
+    """One row per variant; ``progress(label, done, total)`` reports the reference and each variant's parts,
+    ``log(line)`` how long the rest will take, once the reference pass has shown the machine's speed."""
     report = progress or (lambda *a, **k: None)
     folder = resolve_model(model)
     ref = load_flow(folder, dtype="float32")
@@ -121,11 +128,17 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
     y, y_u = conditioning(ref, samples, seed)
     cfg_weight = ref.config.cfg if y is not None else 0.0
     report("float32 reference", 0, 1)
+    start = time.perf_counter()
     x_ref = ref.reverse(z, y, y_uncond=y_u, cfg=cfg_weight, jacobi=True)
     z_ref, _ = ref.forward(x_ref, y)
     reference = {"x": x_ref, "z": z_ref, "log_prob": ref.log_prob(x_ref, y), "samples": x_ref}
     mx.eval(reference)
     report("float32 reference", 1, 1)
+    if log is not None:
+        per_image = (time.perf_counter() - start) / samples
+        images = samples + (per_class * len(Manifest.load(folder).classes) if is_demo else 0)
+        log(f"about {per_image * images * REST_PER_IMAGE / 60:.0f} min for the four variants (estimated from the "
+            "reference pass; quantized products are slower on a CPU)")
     # quantize, sequential, Jacobi; the demo's quality measure, most of the time, reports each digit and bits/dim
     parts = 3 + 11 if is_demo else 3
     # MLX's CPU kernels for quantized products are far slower with float16 scales, so on a CPU the
@@ -143,8 +156,8 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 64,
             if bits is None:
                 flow = load_flow(folder, dtype="float16")
             else:
-                overrides = block_overrides(ref.config.num_blocks, 4, 8) if mode == "mixed" else None
-                flow, _ = quantize_flow(folder, bits, group_size, overrides)
+                blocks = block_bits(ref.config.num_blocks, 4, 8) if mode == "mixed" else None
+                flow, _ = quantize_flow(folder, bits, group_size, blocks=blocks)
             save_flow(flow, out)
             for extra in folder.iterdir():
                 if extra.name not in ("config.json", "model.safetensors"):
@@ -180,16 +193,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from starflow_mlx.progress import StageProgress
 
     with StageProgress() as stages:
-        rows = measure_variants(args.model, args.group_size, args.samples, per_class=args.per_class, progress=stages)
+        rows = measure_variants(args.model, args.group_size, args.samples, per_class=args.per_class, progress=stages,
+                                log=stages.log)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
 
 
 if __name__ == "__main__":
-    main()
+    from starflow_mlx.benchmarks.entry import run
+
+    run(main)

@@ -36,22 +36,30 @@ def check_setting(bits: int, group_size: int, option: str = "--bits") -> None:
 
 
 def plan_quantization(model: nn.Module, bits: int, group_size: int = 64, keep=DEFAULT_KEEP,
-                      overrides: dict[str, int] | None = None) -> dict[str, Any]:
+                      overrides: dict[str, int] | None = None,
+                      block_bits: dict[str, int] | None = None) -> dict[str, Any]:
     """Choose bits per linear layer.
 
-    ``overrides`` maps glob patterns over layer paths to bits (0 keeps the layer in
-    float); the last matching pattern wins, e.g. ``{"blocks.5.*": 4, "blocks.[0-4].*": 8}``.
+    ``block_bits`` maps glob patterns to the bits that replace ``bits`` there (the deep and
+    shallow blocks' own widths): layers in ``keep`` still stay float. ``overrides`` maps glob
+    patterns over layer paths to bits (0 keeps the layer in float) and wins over both, kept
+    layers included; the last matching pattern wins, e.g. ``{"blocks.5.*": 4, "blocks.[0-4].*": 8}``.
     """
     check_setting(bits, group_size)
-    overrides = overrides or {}
-    for pattern, value in overrides.items():
+    overrides, block_bits = overrides or {}, block_bits or {}
+    for pattern, value in {**block_bits, **overrides}.items():
         if value not in (0, *SUPPORTED_BITS):
             raise QuantizationError(f"override {pattern}={value}: bits must be 0 (keep float), 4 or 8")
     layers: dict[str, dict[str, int]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
-        chosen = 0 if _matches(path, keep) else bits
+        chosen = bits
+        for pattern, value in block_bits.items():
+            if fnmatch.fnmatchcase(path, pattern):
+                chosen = value
+        if _matches(path, keep):
+            chosen = 0
         for pattern, value in overrides.items():
             if fnmatch.fnmatchcase(path, pattern):
                 chosen = value
@@ -59,7 +67,7 @@ def plan_quantization(model: nn.Module, bits: int, group_size: int = 64, keep=DE
         if chosen and in_dims % group_size == 0:
             layers[path] = {"bits": chosen, "group_size": group_size}
     return {"bits": bits, "group_size": group_size, "layers": layers,
-            "keep": list(keep), "overrides": dict(overrides)}
+            "keep": list(keep), "overrides": dict(overrides), "block_bits": dict(block_bits)}
 
 
 def apply_quantization(model: nn.Module, spec: dict[str, Any]) -> None:

@@ -27,8 +27,8 @@ from starflow_mlx.quantize.policy import (DEFAULT_KEEP, SUPPORTED_BITS, Quantiza
 FLOW_FILES = ("config.json", "model.safetensors")
 
 
-def block_overrides(num_blocks: int, deep_bits: int | None, shallow_bits: int | None) -> dict[str, int]:
-    """Patterns giving the deep block and the shallow blocks their own bit widths."""
+def block_bits(num_blocks: int, deep_bits: int | None, shallow_bits: int | None) -> dict[str, int]:
+    """Patterns giving the deep block and the shallow blocks their own bit widths (kept layers stay float)."""
     overrides: dict[str, int] = {}
     if shallow_bits is not None:
         for i in range(num_blocks - 1):
@@ -62,8 +62,11 @@ def check_overrides_match(model, overrides: dict[str, int]) -> None:
 
 
 def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides: dict[str, int] | None = None,
-                  keep=DEFAULT_KEEP):
-    """Load a float flow folder and quantize it in memory; returns the model and its plan."""
+                  keep=DEFAULT_KEEP, blocks: dict[str, int] | None = None):
+    """Load a float flow folder and quantize it in memory; returns the model and its plan.
+
+    ``blocks``: per-block bit widths from :func:`block_bits`; ``overrides`` win over them and over ``keep``.
+    """
     from starflow_mlx.pipelines.image import check_memory
 
     check_memory(Path(folder), FlowConfig.load(Path(folder) / "config.json"))  # before the model is built
@@ -72,7 +75,7 @@ def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides
         raise QuantizationError(f"{folder} is already quantized ({describe(flow.config.quantization)}): "
                                 "quantize the float model instead")
     check_overrides_match(flow, overrides or {})
-    plan = plan_quantization(flow, bits, group_size, keep, overrides)
+    plan = plan_quantization(flow, bits, group_size, keep, overrides, blocks)
     apply_quantization(flow, plan)
     flow.config.quantization = plan
     mx.eval(flow.parameters())
@@ -92,9 +95,9 @@ def _quantize_text_encoder(src: Path, dst: Path, bits: int, group_size: int) -> 
 
 
 def write_quantized(src: Path, staging: Path, bits: int, group_size: int = 64, overrides=None,
-                    text_bits: int | None = 8) -> str:
+                    text_bits: int | None = 8, blocks: dict[str, int] | None = None) -> str:
     """Write the quantized copy of the folder ``src`` into the existing (staging) folder ``staging``."""
-    flow, plan = quantize_flow(src, bits, group_size, overrides)
+    flow, plan = quantize_flow(src, bits, group_size, overrides, blocks=blocks)
     save_flow(flow, staging)
     summary = describe(plan)
     manifest = src / MANIFEST
@@ -116,7 +119,7 @@ def write_quantized(src: Path, staging: Path, bits: int, group_size: int = 64, o
 
 def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_size: int = 64,
                           overrides: dict[str, int] | None = None, text_bits: int | None = 8,
-                          force: bool = False) -> str:
+                          force: bool = False, blocks: dict[str, int] | None = None) -> str:
     """Write a quantized copy of ``src`` (a folder, 'demo' or a repo id) to ``output``; returns a one-line summary."""
     from starflow_mlx.model_folder import resolve_model
 
@@ -126,4 +129,4 @@ def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_
     check_output(output, force, QuantizationError)
     src = resolve_model(src)
     with staged_folder(output, force, QuantizationError) as staging:
-        return write_quantized(src, staging, bits, group_size, overrides, text_bits)
+        return write_quantized(src, staging, bits, group_size, overrides, text_bits, blocks)

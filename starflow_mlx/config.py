@@ -40,6 +40,7 @@ class QuantizationRecord(JSONConfig):
     layers: dict[str, LayerQuantization] = field(default_factory=dict, metadata={"max_len": 1 << 16})
     keep: list[str] = field(default_factory=list, metadata={"max_len": 1024})
     overrides: dict[str, int] = field(default_factory=dict, metadata={"max_len": 1024})
+    block_bits: dict[str, int] = field(default_factory=dict, metadata={"max_len": 1024})
 
 
 def check_quantization(record: dict[str, Any] | None, where: str) -> None:

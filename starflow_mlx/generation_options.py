@@ -80,6 +80,8 @@ class VideoOptions(SamplingOptions):
     fps: int = field(metadata={"min": 1, "max": 120})
     image: str | None = field(default=None, metadata={"max_len": 4096})
     video: str | None = field(default=None, metadata={"max_len": 4096})
+    image_sha256: str | None = field(default=None, metadata={"max_len": 64})
+    video_sha256: str | None = field(default=None, metadata={"max_len": 64})
     index: int | None = field(default=None, metadata={"min": 0, "max": 63})
 
     def __post_init__(self) -> None:

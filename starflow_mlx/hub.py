@@ -8,7 +8,7 @@ resumes interrupted files and shows progress.
 Converted folders live in ``~/.cache/starflow-mlx/<org>--<name>--<revision>`` (or under
 ``STARFLOW_MLX_CACHE``) and are reused as they are once complete. Offline
 (``HF_HUB_OFFLINE=1``, or a hub that does not answer within seconds), every file missing
-from the Hugging Face cache is listed in one message that says how to get it.
+from the Hugging Face cache is named in one line, followed by one line of commands that get them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,7 +29,6 @@ REGISTRY = Path(__file__).with_name("registry.json")
 REGISTRY_ENV, CACHE_ENV = "STARFLOW_MLX_REGISTRY", "STARFLOW_MLX_CACHE"
 TRUE = {"1", "on", "yes", "true"}
 PROBE_SECONDS = 3.0
-LINE = 100  # message lines are wrapped to this width
 
 
 class HubError(OSError):
@@ -141,23 +139,17 @@ def failure_reason(exc: Exception, file: HubFile) -> str:
 
 
 def missing_message(missing: list[tuple[HubFile, str]], why: str, cache: Path) -> str:
-    """Every missing file by repo, and the commands that fetch them, in short lines."""
+    """One line saying what is missing and why, then one line of commands that fetch it (to paste as is)."""
     by_repo: dict[tuple[str, str], list[str]] = {}
-    for file, reason in missing:
-        by_repo.setdefault((file.repo, file.revision), []).append(file.filename + (f" ({reason})" if reason else ""))
-    lines = [f"{len(missing)} file(s) missing from the Hugging Face cache {cache} ({why}):"]
-    lines += [textwrap.fill(f"  {repo}: {', '.join(names)}", LINE, subsequent_indent="      ", break_on_hyphens=False)
-              for (repo, _), names in by_repo.items()]
-    lines.append("Get them on a connected machine and copy that cache here:")
-    for repo, rev in by_repo:
-        command = f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "") + " " \
-            + " ".join(f.filename for f, _ in missing if (f.repo, f.revision) == (repo, rev))
-        # Continued with backslashes, so the wrapped command still pastes into a shell.
-        lines.append(" \\\n".join(textwrap.wrap(command, LINE - 2, initial_indent="  ", subsequent_indent="      ",
-                                                  break_on_hyphens=False, break_long_words=False)))
-    lines.append("Or convert a local checkpoint and pass --model MODEL:")
-    lines.append("  starflow convert CKPT --config YAML --text-encoder T5_DIR --vae VAE_DIR -o MODEL")
-    return "\n".join(lines)
+    for file, _ in missing:
+        by_repo.setdefault((file.repo, file.revision), []).append(file.filename)
+    counts = ", ".join(f"{repo} ({len(names)})" for (repo, _), names in by_repo.items())
+    reasons = "".join(f"; {file.repo}/{file.filename}: {reason}" for file, reason in missing if reason)
+    commands = " && ".join(f"{cli_name()} download {repo}" + (f" --revision {rev}" if rev != "main" else "")
+                           + " " + " ".join(names) for (repo, rev), names in by_repo.items())
+    return (f"{len(missing)} file(s) of {counts} missing from the Hugging Face cache {cache} ({why}){reasons}: "
+            f"fetch them on a connected machine as below and copy that cache here, or convert a local checkpoint "
+            f"(starflow convert)\n  {commands}")
 
 
 def endpoint() -> str:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from starflow_mlx.advice import with_cli_message
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 
 MANIFEST = "starflow.json"
@@ -57,8 +58,9 @@ class Manifest(JSONConfig):
     def load(cls, folder: str | Path) -> "Manifest":
         path = Path(folder, MANIFEST)
         if not path.is_file():
-            raise ConfigError(f"{folder} has no {MANIFEST}: build a full model folder with starflow convert "
-                              "--text-encoder/--vae, or use --model demo")
+            message = f"{folder} has no {MANIFEST}: build a full model folder with starflow convert "
+            raise with_cli_message(ConfigError(message + "(with a text encoder and a VAE), or use the built-in 'demo'"),
+                                   message + "--text-encoder/--vae, or use --model demo")
         data = read_json(path, "model manifest")
         if isinstance(data, dict):  # fields added by later versions are ignored, not refused
             data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}

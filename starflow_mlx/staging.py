@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from starflow_mlx.advice import with_cli_message
+
 MARKER = ".starflow-mlx"  # in every folder this project writes; holds the writer's pid while staging
 STAGING_SUFFIX = ".starflow-tmp"
 OLD_SUFFIX = ".starflow-old"
@@ -98,8 +100,9 @@ def check_output(output: str | Path, force: bool = False, error: type[Exception]
         raise error(f"output {output} already exists and is not empty, and starflow-mlx did not write it: "
                     "choose a new folder (nothing in it was touched)")
     if not force:
-        raise error(f"output {output} already exists and is not empty: pass --force to replace it "
-                    "(starflow-mlx wrote it), or choose a new folder")
+        message = "output {} already exists and is not empty: pass {} to replace it (starflow-mlx wrote it), or " \
+            "choose a new folder"
+        raise with_cli_message(error(message.format(output, "force=True")), message.format(output, "--force"))
 
 
 def _missing_parents(folder: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -182,5 +183,30 @@ def test_resumed_training_reports_the_steps_it_ran(tmp_path):
     assert runner.invoke(app, ["train", *small, "--steps", "2"]).exit_code == 0
     res = runner.invoke(app, ["train", *small, "--steps", "3", "--resume"])
     assert res.exit_code == 0, res.output
-    assert ": 1 steps (steps 3 to 3) in" in res.output, res.output
+    assert re.search(r": 1 steps \(steps 3 to 3; \S+ min in all\) in", res.output), res.output
     assert os.path.isdir(tmp_path / "m")
+
+
+def test_resume_makes_only_the_missing_images_and_the_same_bytes(tmp_path):
+    job = ("3", "--model", "demo", "-n", 5, "--batch-size", 2, "--seed", 4, "--output-dir")
+    assert generate(*job, tmp_path / "whole").exit_code == 0
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    # An interrupted run: batch 0 written, batch 1 cut short after its first file, batch 2 never reached,
+    # and a half-written file where image 2 goes.
+    part = tmp_path / "part"
+    part.mkdir()
+    for name in ("3-seed4-000.png", "3-seed4-001.png", "3-seed4-003.png"):
+        (part / name).write_bytes(whole[name])
+    (part / "3-seed4-002.png").write_bytes(whole["3-seed4-002.png"][:200])
+    kept = {name: (part / name).stat().st_mtime_ns for name in ("3-seed4-000.png", "3-seed4-001.png")}
+    refused = generate(*job, part)
+    assert refused.exit_code == 1 and "--resume" in refused.output  # without the flag nothing is replaced
+    damaged = generate(*job, part, "--resume")
+    assert damaged.exit_code == 1 and "3-seed4-002.png exists but is not image 2 of this job" in damaged.output
+    (part / "3-seed4-002.png").unlink()
+    res = runner.invoke(app, ["generate", *map(str, job), str(part), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "kept 3 image(s)" in res.output and res.output.count("wrote ") == 2
+    assert {p.name: p.read_bytes() for p in part.iterdir()} == whole  # the same pixels and metadata
+    assert all((part / name).stat().st_mtime_ns == ns for name, ns in kept.items())  # batch 0 was not redone
+    assert generate("3", "--model", "demo", "-o", tmp_path / "x.png", "--resume").exit_code == 1

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
+from starflow_mlx.advice import cli_message
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.staging import MARKER, OutputFolderError, staged_folder
@@ -56,9 +57,10 @@ def test_own_folder_is_replaced_only_with_force(tmp_path):
     out = tmp_path / "model"
     with staged_folder(out) as staging:
         (staging / "v").write_text("1")
-    with pytest.raises(OutputFolderError, match="--force"):
+    with pytest.raises(OutputFolderError, match="pass force=True") as refused:  # Python's words; the CLI's below
         with staged_folder(out):
             pass
+    assert "pass --force to replace it" in cli_message(refused.value)
     with staged_folder(out, force=True) as staging:
         (staging / "v").write_text("2")
     assert (out / "v").read_text() == "2" and leftovers(tmp_path) == []

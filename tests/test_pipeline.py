@@ -108,8 +108,22 @@ def test_score_is_the_flows_likelihood_in_bits_per_dim(pipe, tmp_path):
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipe):
-    with pytest.warns(UserWarning, match="the rest is cut off"):
-        pipe.generate("a very long prompt about many things " * 8)
+    prompt = "a very long prompt about many things " * 8
+    with pytest.warns(UserWarning, match="the rest is cut off") as caught:
+        pipe.generate(prompt)
+    # The count the user can act on is their own prompt's; the template's share is named as such.
+    own = pipe.text_encoder.count_tokens(prompt)
+    templated = pipe.text_encoder.count_tokens(prepare_prompt(prompt, pipe.config, "1:1"))
+    assert f"the prompt is {own} tokens, {templated} with the model's prompt template" in str(caught[0].message)
+
+
+def test_score_warns_of_a_shape_change_only_when_the_aspect_ratio_changes(pipe):
+    (image,) = pipe.generate("a dog", seed=1)
+    with pytest.warns(UserWarning, match="resized before scoring") as square:
+        pipe.prepare_score(image.resize((64, 64)), "a dog")
+    assert "shape changed" not in str(square[0].message)
+    with pytest.warns(UserWarning, match=r"resized \(and its shape changed\) before scoring"):
+        pipe.prepare_score(image.resize((90, 50)), "a dog")
 
 
 def test_bad_options_are_refused(pipe):

@@ -85,8 +85,13 @@ def test_quantize_report_reports_each_variants_parts(tmp_path):
     for name in ("config.json", "model.safetensors"):
         (flow_only / name).write_bytes((resolve_model("demo") / name).read_bytes())
     calls = Recorder()
-    rows = measure_variants(flow_only, samples=2, progress=calls)
+    rows = measure_variants(flow_only, samples=2, progress=calls, log=lambda line: calls("estimate", line, None))
     assert len(rows) == 4
+    # The time estimate comes once the reference pass is done, before any variant starts.
+    labels = [label for label, *_ in calls.calls]
+    assert labels.count("estimate") == 1
+    assert labels.index("estimate") == labels.index("float32 reference") + 2 == labels.index("float16") - 1
+    assert "min for the four variants (estimated from the reference pass" in calls.calls[labels.index("estimate")][1]
     for name in ("float32 reference", "float16", "int8", "int4", "mixed (deep 4 / shallow 8)"):
         steps = [(d, t) for label, d, t in calls.calls if label == name]
         assert steps[0][0] == 0 and steps[-1][0] == steps[-1][1] and len(steps) == steps[-1][1] + 1, (name, steps)

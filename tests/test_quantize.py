@@ -13,7 +13,7 @@ from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.loading import ModelLoadError, auto_dtype, load_flow
 from starflow_mlx.quantize.policy import QuantizationError
-from starflow_mlx.quantize.quantize_folder import block_overrides, parse_overrides, quantize_model_folder
+from starflow_mlx.quantize.quantize_folder import block_bits, parse_overrides, quantize_model_folder
 
 register(app)
 
@@ -66,11 +66,19 @@ def test_default_policy_keeps_projections_in_float(float_folder, tmp_path):
 
 
 def test_mixed_deep_and_shallow_bits(float_folder, tmp_path):
-    overrides = block_overrides(4, deep_bits=4, shallow_bits=8)
-    quantize_model_folder(float_folder, tmp_path / "q", bits=4, group_size=32, overrides=overrides)
+    blocks = block_bits(4, deep_bits=4, shallow_bits=8)
+    quantize_model_folder(float_folder, tmp_path / "q", bits=4, group_size=32, blocks=blocks)
     q = load_flow(tmp_path / "q")
     assert q.blocks[-1].attn_blocks[0].attention.qkv.bits == 4
     assert q.blocks[0].attn_blocks[0].attention.qkv.bits == 8
+    # Per-block widths keep the default policy: projections stay float, as with --bits alone.
+    for block in (b for b in q.blocks if not b.is_identity):
+        assert type(block.proj_in) is nn.Linear and type(block.proj_out) is nn.Linear
+    assert type(q.blocks[-1].proj_txt) is nn.Linear
+    # An explicit override still reaches a kept layer.
+    forced = parse_overrides(["blocks.3.proj_out=8"])
+    quantize_model_folder(float_folder, tmp_path / "o", bits=4, group_size=32, overrides=forced, blocks=blocks)
+    assert load_flow(tmp_path / "o").blocks[3].proj_out.bits == 8
     keep = parse_overrides(["blocks.3.attn_blocks.1.*=0"])
     quantize_model_folder(float_folder, tmp_path / "k", bits=4, group_size=32, overrides=keep)
     k = load_flow(tmp_path / "k")

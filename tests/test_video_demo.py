@@ -70,6 +70,21 @@ def test_a_label_is_one_one_hot_row_per_word():
         class_features(["7 moving right", "7 right up"], WORDS)
 
 
+def test_image_steps_train_on_first_frames_alone(tmp_path):
+    from starflow_mlx.training.trainer import TrainConfig, Trainer
+
+    train, _ = load_moving_digits_split(frames=3, canvas=8)
+    config = TrainConfig(steps=2, batch_size=4, channels=32, layers=[1, 1], patch_size=2, image_every=2, warmup=1,
+                         checkpoint_every=0)
+    trainer = Trainer(config, train, tmp_path / "ck")
+    clips, labels, _ = trainer.batch(0)
+    frames, frame_labels, _ = trainer.batch(1)
+    assert clips.shape == (4, 3, 8, 8, 1) and labels.shape == (4, 2, 15)
+    assert frames.shape == (12, 1, 8, 8, 1) and frame_labels.shape == (12, 2, 15)  # as many frames as the clips held
+    losses = trainer.run()
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
 def test_trained_folder_is_a_pixel_space_class_video_model(tiny_video_model):
     manifest = json.loads((tiny_video_model / "starflow.json").read_text())
     config = json.loads((tiny_video_model / "config.json").read_text())

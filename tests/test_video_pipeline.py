@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from starflow_mlx.advice import cli_message
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 
@@ -133,7 +134,7 @@ def test_image_and_clip_from_the_command_line(model, tmp_path):
     i2v = tmp_path / "i2v.mp4"
     res = generate("a cat", "--model", model, "--frames", 9, "--image", picture, "-o", i2v)
     assert res.exit_code == 0, res.output
-    assert read(i2v)[0].shape == (9, 32, 48, 3) and read(i2v)[2]["image"] == str(picture)
+    assert read(i2v)[0].shape == (9, 32, 48, 3) and read(i2v)[2]["image"] == str(picture.resolve())
     longer = tmp_path / "longer.mp4"
     res = generate("a cat", "--model", model, "--frames", 17, "--video", i2v, "-o", longer)
     assert res.exit_code == 0, res.output
@@ -141,6 +142,32 @@ def test_image_and_clip_from_the_command_line(model, tmp_path):
     res = generate("a cat", "--model", model, "--frames", 9, "--video", i2v, "-o", tmp_path / "short.mp4")
     assert res.exit_code == 1 and "ask for more --frames" in res.output
     assert not (tmp_path / "short.mp4").exists()
+
+
+def test_from_metadata_finds_the_input_from_anywhere_and_knows_when_it_changed(model, tmp_path, monkeypatch):
+    import hashlib
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    Image.fromarray(np.full((64, 96, 3), 120, np.uint8)).save("start.png")  # a relative path, as typed
+    res = generate("a cat", "--model", model, "--frames", 5, "--image", "start.png", "-o", tmp_path / "i2v.mp4")
+    assert res.exit_code == 0, res.output
+    meta = read(tmp_path / "i2v.mp4")[2]
+    picture = tmp_path / "work" / "start.png"
+    assert meta["image"] == str(picture.resolve())
+    assert meta["image_sha256"] == hashlib.sha256(picture.read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)  # elsewhere, the recorded path still finds the image
+    res = generate("--from-metadata", "i2v.mp4", "-o", "again.mp4")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "again.mp4").read_bytes() == (tmp_path / "i2v.mp4").read_bytes()
+    Image.fromarray(np.full((64, 96, 3), 121, np.uint8)).save(picture)
+    res = generate("--from-metadata", "i2v.mp4", "-o", "changed.mp4")
+    assert res.exit_code == 1 and f"the image {picture.resolve()} has changed since i2v.mp4 was made" in res.output
+    picture.unlink()
+    res = generate("--from-metadata", "i2v.mp4", "-o", "gone.mp4")
+    assert res.exit_code == 1 and f"from the image {picture.resolve()}, which is missing" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "changed.mp4").exists() and not (tmp_path / "gone.mp4").exists()
 
 
 def test_decode_undoes_the_temporal_scale_before_the_vae(pipe):
@@ -182,6 +209,36 @@ def test_score_is_the_flows_likelihood_of_the_encoded_clip(pipe):
     y, _ = pipe.conditioning("a dog", 1, "16:9", fps=16)
     expected = -float(pipe.flow.log_prob(x, y)[0].item()) / (x.size * np.log(2))
     assert bpd == pytest.approx(expected, rel=1e-5)
+    per_frame = pipe.score_frames(clip, "a dog")
+    assert len(per_frame) == x.shape[1] == 2 and np.mean(per_frame) == pytest.approx(bpd, rel=1e-5)
+
+
+def test_per_frame_log_density_is_each_frame_given_the_ones_before(pipe):
+    """The frames' shares sum to log_prob, and changing a later frame leaves the earlier frames' shares alone
+    (temporally causal deep block, frame-local shallow blocks)."""
+    x = mx.random.normal((1, 3, 4, 6, pipe.config.in_channels), key=mx.random.key(1))
+    y, _ = pipe.conditioning("a dog", 1, "16:9", fps=16)
+    frames = pipe.flow.log_prob_frames(x, y)
+    assert frames.shape == (1, 3)
+    np.testing.assert_allclose(np.array(frames.sum(axis=1)), np.array(pipe.flow.log_prob(x, y)), rtol=1e-5)
+    changed = mx.concatenate([x[:, :2], x[:, 2:] + 1.0], axis=1)
+    again = pipe.flow.log_prob_frames(changed, y)
+    np.testing.assert_allclose(np.array(again[:, :2]), np.array(frames[:, :2]), rtol=1e-5, atol=1e-4)
+    assert abs(float(again[0, 2] - frames[0, 2])) > 1e-2
+
+
+def test_score_command_takes_an_mp4(model, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    assert generate("a dog", "--model", model, "--frames", 5, "-o", clip).exit_code == 0
+    res = runner.invoke(app, ["score", str(clip), "--prompt", "a dog", "--model", str(model)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0].startswith("latent frame 0 (pixel frame 0): ") and lines[1].startswith("latent frame 1 (pixel frames 1-4): ")
+    assert lines[-1].endswith(" bits/dim (all frames)")
+    values = [float(line.split(": ")[-1].split()[0]) for line in lines[:2]]
+    assert float(lines[-1].split()[0]) == pytest.approx(np.mean(values), abs=1e-3)
+    image = runner.invoke(app, ["score", str(clip), "--prompt", "7", "--model", "demo"])
+    assert image.exit_code == 1 and "demo is an image model: score an image with it" in image.output
 
 
 def test_missing_denoiser_is_named_at_conversion(tmp_path):
@@ -272,8 +329,11 @@ def test_a_quantized_kv_cache_needs_less_memory_and_is_offered_when_memory_is_sh
     assert pipe.needed_bytes(21, 1, "16:9", kv_bits=4) < pipe.needed_bytes(21, 1, "16:9", kv_bits=8) \
         < pipe.needed_bytes(21, 1, "16:9")
     monkeypatch.setattr(video, "memory_limit", lambda: 1 << 20)
-    with pytest.raises(MemoryError, match=r"a quantized KV cache \(--kv-bits 8 or 4\)"):
+    with pytest.raises(MemoryError, match=r"a quantized KV cache \(kv_bits=8 or 4\)") as refused:
         pipe.sample("a cat", frames=81)
+    # Python names its parameters; the command line's wording of the same advice names its options.
+    assert "--" not in str(refused.value)
+    assert "a quantized KV cache (--kv-bits 8 or 4)" in cli_message(refused.value)
 
 
 def test_kv_bits_reach_the_flow_and_the_mp4s_metadata(model, tmp_path):

@@ -152,17 +152,22 @@ class STARFlow(nn.Module):
         z, logdet = self._forward_blocks(self._patchify(x.astype(mx.float32)), y, self.blocks)
         return self._unpatchify(z), logdet
 
-    def _forward_blocks(self, x: mx.array, y: mx.array | None, blocks) -> tuple[mx.array, mx.array]:
-        logdet = mx.zeros((x.shape[0],), dtype=mx.float32)
+    def _forward_blocks(self, x: mx.array, y: mx.array | None, blocks,
+                        elementwise: bool = False) -> tuple[mx.array, mx.array]:
+        """``z`` and log|det| per sample (B,), or with ``elementwise`` per element of ``x``'s grid."""
+        logdet = mx.zeros(x.shape if elementwise else (x.shape[0],), dtype=mx.float32)
         for block in blocks:
             if block.is_identity:
                 continue
             layout = self._layout(x, block.index)
             y_block, text_len = self._text_for(block, y)
             seq = layout.permute(layout.to_sequence(x), block.flips, self._in_frame)
-            z, ld = block.forward(seq, y_block, self.rope(layout, text_len))
+            z, ld = block.forward(seq, y_block, self.rope(layout, text_len), elementwise=elementwise)
             x = layout.to_grid(layout.permute(z, block.flips, self._in_frame))
-            logdet = logdet + ld.reshape(layout.batch, -1).sum(axis=1)
+            if elementwise:  # back in grid order, like z
+                logdet = logdet + layout.to_grid(layout.permute(ld, block.flips, self._in_frame))
+            else:
+                logdet = logdet + ld.reshape(layout.batch, -1).sum(axis=1)
         return x, logdet
 
     def _context_tokens(self, context: mx.array, z: mx.array, y: mx.array | None) -> mx.array:
@@ -189,6 +194,19 @@ class STARFlow(nn.Module):
         z = z.reshape(z.shape[0], -1)
         dims = z.shape[1]
         return -0.5 * mx.sum(z * z, axis=1) - 0.5 * dims * math.log(2 * math.pi) + logdet
+
+    def log_prob_frames(self, x: mx.array, y: mx.array | None = None) -> mx.array:
+        """A video's exact log-density split by frame, in nats, (B, T): the rows sum to :meth:`log_prob`.
+
+        With a temporally causal deep block and frame-local shallow blocks (STARFlow-V), frame t's
+        entry is log p(x_t | x_<t): how well the model predicts that frame from the ones before it.
+        """
+        self._check_input(x, "x")
+        if x.ndim != 5:
+            raise ValueError(f"x must be a video (B, T, H, W, c) to split by frame, got {tuple(x.shape)}")
+        z, logdet = self._forward_blocks(self._patchify(x.astype(mx.float32)), y, self.blocks, elementwise=True)
+        per_element = -0.5 * z * z - 0.5 * math.log(2 * math.pi) + logdet
+        return per_element.reshape(x.shape[0], x.shape[1], -1).sum(axis=2)
 
     # -- sampling ------------------------------------------------------------------------
     def reverse(

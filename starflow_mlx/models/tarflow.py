@@ -83,8 +83,9 @@ class MetaBlock(nn.Module):
         return self.proj_txt(y.astype(compute_dtype(self.proj_txt)))
 
     # -- forward: data -> noise ----------------------------------------------------------
-    def forward(self, x: mx.array, y: mx.array | None, rope) -> tuple[mx.array, mx.array]:
-        """``x`` (B, N, c) in this block's token order. Returns ``z`` (B, N, c) and log|det| (B,)."""
+    def forward(self, x: mx.array, y: mx.array | None, rope, elementwise: bool = False) -> tuple[mx.array, mx.array]:
+        """``x`` (B, N, c) in this block's token order. Returns ``z`` (B, N, c) and log|det| (B,), or with
+        ``elementwise`` each element's share of it (B, N, c)."""
         x = x.astype(mx.float32)
         B = x.shape[0]
         if self.use_sos:
@@ -109,8 +110,8 @@ class MetaBlock(nn.Module):
             a = mx.concatenate([mx.ones_like(a[:, :1]), a[:, :-1]], axis=1)
             b = mx.concatenate([mx.zeros_like(b[:, :1]), b[:, :-1]], axis=1)
         z = (x - b) / a
-        logdet = -mx.log(a).reshape(B, -1).sum(axis=1)
-        return z, logdet
+        logdet = -mx.log(a)
+        return z, logdet if elementwise else logdet.reshape(B, -1).sum(axis=1)
 
     # -- steps used by the samplers ------------------------------------------------------
     def new_cache(self, batch: int, length: int, bits: int | None = None) -> KVCache:

@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest, resolve_model
@@ -119,9 +120,10 @@ def plan_batch(folder: Path, config, num_images: int, batch_size: int | None = N
     batch_size = min(batch_size, num_images)  # a batch larger than the job samples the job: only that must fit
     if batch_size > fits:
         needed = needed_bytes(folder, config, batch_size, layers)
-        raise InsufficientMemoryError(
-            f"a batch of {batch_size} images needs about {needed / 2**30:.1f} GB "
-            f"of memory but {total / 2**30:.1f} GB is available: use --batch-size {max(fits, 1)} or less")
+        message = (f"a batch of {batch_size} images needs about {needed / 2**30:.1f} GB of memory but "
+                   f"{total / 2**30:.1f} GB is available: ")
+        raise with_cli_message(InsufficientMemoryError(message + f"pass batch_size={max(fits, 1)} or less"),
+                               message + f"use --batch-size {max(fits, 1)} or less")
     return batch_size
 
 
@@ -133,8 +135,10 @@ def check_finite(x: mx.array) -> mx.array:
     """``x``, unless it holds NaN or infinity: then damaged weights (or an overflow in a low-precision dtype)
     made it, and writing it would give a blank image or video instead of an error."""
     if not mx.all(mx.isfinite(x)).item():
-        raise NonFiniteSampleError("the model produced NaN or infinite values: its weights may be damaged (convert or "
-                                   "download the model again), or try --dtype float32")
+        message = ("the model produced NaN or infinite values: its weights may be damaged (convert or download the "
+                   "model again), or try ")
+        raise with_cli_message(NonFiniteSampleError(message + "loading it with dtype='float32'"),
+                               message + "--dtype float32")
     return x
 
 
@@ -239,7 +243,10 @@ class Pipeline:
         text = prepare_prompt(prompt, self.config, aspect_ratio, fps)
         tokens = self.text_encoder.count_tokens(text)
         if tokens > length:
-            warnings.warn(f"prompt is {tokens} tokens; the model reads {length}, the rest is cut off", stacklevel=5)
+            # The user wrote the prompt, not the training template around it: count both, say which is which.
+            own = self.text_encoder.count_tokens(prompt)
+            warnings.warn(f"the prompt is {own} tokens, {tokens} with the model's prompt template; the model reads "
+                          f"{length}, the rest is cut off", stacklevel=5)
         feats = self.text_encoder.encode([text, prepare_prompt("", self.config, aspect_ratio, fps)], length)
         return feats[:1], feats[1:]
 
@@ -361,8 +368,11 @@ class Pipeline:
         exact = (image.width, image.height) == (width, height) or (
             self.vae is None and image.width % w == 0 and image.width * h == image.height * w)
         if not exact:
+            # Only a different aspect ratio changes the picture's shape; a plain rescale does not.
+            reshaped = image.width * height != image.height * width
             warnings.warn(f"the image is {image.width}x{image.height} but the model scores {width}x{height} images: "
-                          "it was resized (and its shape changed) before scoring", stacklevel=3)
+                          f"it was resized{' (and its shape changed)' if reshaped else ''} before scoring",
+                          stacklevel=3)
         if self.vae is not None:
             size = (w * self.vae.factor, h * self.vae.factor)
             rgb = image.convert("RGB")

@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from starflow_mlx.advice import with_cli_message
 from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
 from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
@@ -226,11 +227,14 @@ class VideoPipeline(Pipeline):
     def check_memory(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> None:
         total, needed = memory_limit(), self.needed_bytes(latent_frames, count, aspect_ratio, kv_bits)
         if total is not None and needed > total:
-            smaller_cache = "a quantized KV cache (--kv-bits 8 or 4), " if kv_bits != 4 else ""
-            raise InsufficientMemoryError(
-                f"{count} video(s) of {self.pixel_frames(latent_frames)} frames need about {needed / 2**30:.1f} GB but the "
-                f"machine has {total / 2**30:.1f} GB: use fewer frames, {smaller_cache}decode in tiles "
-                "(--vae-tile 16) or a 4-bit model (starflow quantize)")
+            message = (f"{count} video(s) of {self.pixel_frames(latent_frames)} frames need about "
+                       f"{needed / 2**30:.1f} GB but the machine has {total / 2**30:.1f} GB: use fewer frames, ")
+            cache, cli_cache = ("a quantized KV cache (kv_bits=8 or 4), ",
+                                "a quantized KV cache (--kv-bits 8 or 4), ") if kv_bits != 4 else ("", "")
+            raise with_cli_message(
+                InsufficientMemoryError(message + cache + "decode in tiles (vae.tile = 16) or a 4-bit model "
+                                        "(starflow_mlx.quantize)"),
+                message + cli_cache + "decode in tiles (--vae-tile 16) or a 4-bit model (starflow quantize)")
 
     # -- conditioning frames --------------------------------------------------------------
     def encode(self, frames) -> mx.array:
@@ -314,8 +318,10 @@ class VideoPipeline(Pipeline):
         frames = self.frame_count(frames)
         latent_frames = self.latent_frames(frames)
         if latent_frames > self.training_latent_frames and not jacobi:
-            raise ValueError(f"{frames} frames is longer than the model's window ({self.pixel_frames(self.training_latent_frames)} "
-                             "frames): only Jacobi sampling slides the window, drop --no-jacobi")
+            message = (f"{frames} frames is longer than the model's window "
+                       f"({self.pixel_frames(self.training_latent_frames)} frames): only Jacobi sampling slides the "
+                       "window, ")
+            raise with_cli_message(ValueError(message + "pass jacobi=True"), message + "drop --no-jacobi")
         check_kv_bits(kv_bits, self.config.head_dim)
         self.check_memory(latent_frames, num_videos, aspect_ratio, kv_bits)
         h, w = latent_size(self.config, aspect_ratio)
@@ -324,8 +330,8 @@ class VideoPipeline(Pipeline):
         keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
         context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys])
         if context is not None and context.shape[1] >= latent_frames:
-            raise ValueError(f"the clip already has {self.pixel_frames(context.shape[1])} frames: ask for more --frames "
-                             "than that")
+            message = f"the clip already has {self.pixel_frames(context.shape[1])} frames: ask for more "
+            raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
         report("text", 0, 1)
         y, y_u = self.conditioning(prompt, num_videos, aspect_ratio, fps=fps if frames > 1 else 0)
         mx.eval(y, y_u)
@@ -398,6 +404,22 @@ class VideoPipeline(Pipeline):
         ratio (the one generating exactly its size, else the nearest), trimmed to 1 + 4k
         frames and encoded (no noise is added).
         """
+        x, y = self.prepare_score(video, prompt, fps)
+        log_prob = self.flow.log_prob(x, y)
+        return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))
+
+    def score_frames(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> list[float]:
+        """Bits per dimension of each latent frame, prepared as :meth:`score` does; their mean is its result.
+
+        Latent frame k >= 1 holds pixel frames ``pixel_frames(k)`` to ``pixel_frames(k + 1) - 1`` (with Wan2.2:
+        frame 0, then 4 a frame); each is scored given the frames before it (``STARFlow.log_prob_frames``).
+        """
+        x, y = self.prepare_score(video, prompt, fps)
+        per_frame = self.flow.log_prob_frames(x, y)[0]
+        return (-per_frame / (math.prod(x.shape[2:]) * math.log(2))).tolist()
+
+    def prepare_score(self, video, prompt: str, fps: int = VIDEO_DEFAULTS["fps"]) -> tuple[mx.array, mx.array]:
+        """(x, y): the clip's latents and the prompt's features, as :meth:`score` evaluates them."""
         if isinstance(video, (str, Path)):
             from starflow_mlx.pipelines.video_io import read_video
 
@@ -410,8 +432,7 @@ class VideoPipeline(Pipeline):
         clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
         if usable != len(frames) or changed:
             warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is scored as "
-                          f"{usable} frames of {width}x{height} ({ratio})", stacklevel=2)
+                          f"{usable} frames of {width}x{height} ({ratio})", stacklevel=3)
         x = self.encode(clip[None])
         y, _ = self.conditioning(prompt, 1, ratio, fps=fps if usable > 1 else 0)
-        log_prob = self.flow.log_prob(x, y)
-        return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))
+        return x, y

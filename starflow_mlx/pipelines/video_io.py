@@ -8,6 +8,7 @@ never leaves a half-written mp4 under the requested name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -138,6 +139,33 @@ def read_metadata(path: str | Path) -> dict:
     if not isinstance(params, dict):
         raise ValueError(f"{path} has damaged starflow-mlx metadata")
     return params
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_record(path: str | Path, role: str) -> tuple[str, str]:
+    """What an mp4's metadata records of the image or clip it started from: the absolute path and its sha256,
+    so ``--from-metadata`` works from any folder and knows when the file is not the one used."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{role} {path} not found")
+    return str(path.resolve()), file_sha256(path)
+
+
+def check_input(path: str, sha256: str | None, role: str, made: str | Path) -> None:
+    """Refuse to regenerate ``made`` from an input that is gone or no longer holds what it held."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{made} was made from the {role} {path}, which is missing: put it back at that path "
+                                "to regenerate the video")
+    if sha256 is not None and file_sha256(path) != sha256:  # files written before hashes were kept have none
+        raise ValueError(f"the {role} {path} has changed since {made} was made (its sha256 differs): put the "
+                         "original back to regenerate the video")
 
 
 def read_video(path: str | Path, fps: int | None = None, max_frames: int = 10_000) -> tuple[np.ndarray, float]:

@@ -183,7 +183,8 @@ class LoRATrainer(Trainer):
             checkpoint_layers(base)
         self.model = base
         self.optimizer = make_optimizer(train)
-        self.step = 0
+        self.step = self.saved_step = 0
+        self.seconds = 0.0  # training time over every run that led here (a resumed run adds its own)
         self.y_all, self.y_empty = data.features()
         self._compile()
 
@@ -198,8 +199,10 @@ class LoRATrainer(Trainer):
         with staged_folder(final, force=True) as tmp:
             save_adapter(self.model, self.adapter_config(), tmp)
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-            write_json(tmp / "trainer.json", {"step": self.step, "train": self.train.to_dict(),
-                                              "lora": self.settings.to_dict(), "base": self.base_name})
+            write_json(tmp / "trainer.json", {"step": self.step, "seconds": round(self.seconds, 3),
+                                              "train": self.train.to_dict(), "lora": self.settings.to_dict(),
+                                              "base": self.base_name})
+        self.saved_step = self.step
         return final
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
@@ -221,7 +224,11 @@ class LoRATrainer(Trainer):
         load_weights_strict(self.model, folder / ADAPTER_WEIGHTS, only=lora_weights(self.model))
         read_header(folder / "optimizer.safetensors")  # exact offsets and sizes before MLX maps anything
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-        self.step = meta["step"]
+        seconds = meta.get("seconds", 0.0)
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e9:
+            raise ConfigError(f"{folder / 'trainer.json'} is damaged (seconds {seconds!r}): delete {folder} to start over")
+        self.step = self.saved_step = meta["step"]
+        self.seconds = float(seconds)
         self._compile()
 
     def export(self, output: Path, source: dict | None = None, force: bool = False) -> None:

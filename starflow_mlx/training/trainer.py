@@ -9,6 +9,7 @@ dropout swaps in, so classifier-free guidance works at sampling time.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.safetensors_stream import read_header
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
@@ -113,9 +115,11 @@ def check_training_memory(config: FlowConfig, batch: int) -> None:
 
     total, need = memory_limit(), training_bytes(config, batch)
     if total is not None and need > total:
-        raise InsufficientMemoryError(
-            f"training with --channels {config.channels} and --batch-size {batch} needs about {need / 2**30:.1f} GB "
-            f"but {total / 2**30:.1f} GB is available: use a smaller --batch-size or --channels")
+        message = (f"training with {{}} {config.channels} and {{}} {batch} needs about {need / 2**30:.1f} GB but "
+                   f"{total / 2**30:.1f} GB is available: use a smaller {{}} or {{}}")
+        raise with_cli_message(
+            InsufficientMemoryError(message.format("channels", "batch_size", "batch_size", "channels")),
+            message.format("--channels", "--batch-size", "--batch-size", "--channels"))
 
 
 def make_optimizer(train: TrainConfig) -> optim.Optimizer:
@@ -136,6 +140,8 @@ class Trainer:
         self.model = STARFlow(self.config)
         self.optimizer = make_optimizer(train)
         self.step = 0
+        self.seconds = 0.0  # training time over every run that led here (a resumed run adds its own)
+        self.saved_step = 0  # the step of the latest checkpoint
         self.y_all, self.y_empty = data.features()
         self._compile()
 
@@ -173,19 +179,32 @@ class Trainer:
         return mx.array(images[idx]), mx.array(self.y_all[idx]), key
 
     def run(self, steps: int | None = None, on_step: Callable[[int, float], None] | None = None) -> list[float]:
-        """Train until ``steps`` (default: the configured total); returns the losses of this call."""
+        """Train until ``steps`` (default: the configured total); returns the losses of this call.
+
+        With checkpoints on, the last step is checkpointed too, and so is the last finished step when
+        the run is interrupted (Ctrl-C), so ``--resume`` never does a step twice.
+        """
         losses = []
         end = self.train.steps if steps is None else min(self.train.steps, steps)
-        while self.step < end:
-            x, y, key = self.batch(self.step)
-            loss, _ = self._step(x, y, key)
-            mx.eval(self._state, loss)
-            self.step += 1
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(self.step, losses[-1])
-            if self.train.checkpoint_every and self.step % self.train.checkpoint_every == 0:
+        start, before = time.perf_counter(), self.seconds
+        try:
+            while self.step < end:
+                x, y, key = self.batch(self.step)
+                loss, _ = self._step(x, y, key)
+                mx.eval(self._state, loss)
+                self.step += 1
+                self.seconds = before + time.perf_counter() - start
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(self.step, losses[-1])
+                if self.train.checkpoint_every and self.step % self.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if self.train.checkpoint_every and self.step > self.saved_step:
                 self.save_checkpoint()
+            raise
+        if self.train.checkpoint_every and self.step > self.saved_step:
+            self.save_checkpoint()
         return losses
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -195,23 +214,24 @@ class Trainer:
         with staged_folder(final, force=True) as tmp:
             mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(self.model.parameters())))
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-            write_json(tmp / "trainer.json", {"step": self.step, "train": self.train.to_dict()})
+            write_json(tmp / "trainer.json", {"step": self.step, "seconds": round(self.seconds, 3),
+                                              "train": self.train.to_dict()})
+        self.saved_step = self.step
         return final
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
         folder = Path(folder or self.checkpoint_dir / "latest")
-        if not (folder / "trainer.json").is_file():
-            raise FileNotFoundError(f"no checkpoint at {folder}: nothing to resume")
-        meta = read_json(folder / "trainer.json", "training checkpoint")
-        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
-            raise ConfigError(f"{folder / 'trainer.json'} is damaged (no step count): delete {folder} to start over")
-        saved = TrainConfig.from_dict(meta.get("train"), str(folder / "trainer.json"))
+        meta, saved = read_checkpoint(folder)
+        seconds = meta.get("seconds", 0.0)  # absent from checkpoints written before it was recorded
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e9:
+            raise ConfigError(f"{folder / 'trainer.json'} is damaged (seconds {seconds!r}): delete {folder} to start over")
         if (saved.channels, saved.layers, saved.head_dim) != (self.train.channels, self.train.layers, self.train.head_dim):
             raise ValueError(f"checkpoint {folder} is for another model shape: resume with its settings")
         load_weights_strict(self.model, folder / "model.safetensors")
         read_header(folder / "optimizer.safetensors")  # exact offsets and sizes before MLX maps anything
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-        self.step = int(meta["step"])
+        self.step = self.saved_step = int(meta["step"])
+        self.seconds = float(seconds)
         self._compile()
 
     # -- evaluation and export -----------------------------------------------------------
@@ -229,6 +249,17 @@ class Trainer:
             Manifest(kind=kind, classes=list(self.data.classes), prompt_help=self.data.prompt_help,
                      words=list(self.data.words or []),
                      source=source or {}).save(tmp)
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, TrainConfig]:
+    """A checkpoint's record (step, seconds) and the training settings it was saved with."""
+    folder = Path(folder)
+    if not (folder / "trainer.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {folder}: nothing to resume")
+    meta = read_json(folder / "trainer.json", "training checkpoint")
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise ConfigError(f"{folder / 'trainer.json'} is damaged (no step count): delete {folder} to start over")
+    return meta, TrainConfig.from_dict(meta.get("train"), str(folder / "trainer.json"))
 
 
 def evaluate_bits_per_dim(flow: STARFlow, data: Dataset, noise_std: float, batch: int = 256, seed: int = 1) -> float:
