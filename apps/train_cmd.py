@@ -67,7 +67,8 @@ def train(
 
         return train_adapter(base=base, data=data, output=output, force=force, steps=300 if steps is None else steps,
                              batch_size=batch_size, lr=lr, warmup=warmup, drop_label=drop_label,
-                             checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume, seed=seed,
+                             checkpoint_every=250 if checkpoint_every is None else checkpoint_every,
+                             checkpoint_dir=checkpoint_dir, resume=resume, seed=seed,
                              rank=8 if rank is None else rank, alpha=alpha, lora_blocks=lora_blocks or "deep",
                              base_bits=base_bits, grad_checkpoint=grad_checkpoint)
     steps = 2000 if steps is None else steps

@@ -176,7 +176,7 @@ def test_cli_trains_an_adapter_that_generate_and_score_use(base_folder, tmp_path
     res = runner.invoke(app, ["train", "--lora", "--base", str(base_folder), "--steps", "5", "--batch-size", "8",
                               "--rank", "2", "--checkpoint-every", "2", "--resume", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "3 steps (steps 3 to 5)" in res.output  # from the checkpoint at step 2, not from 0
+    assert "2 steps (steps 4 to 5;" in res.output  # from the checkpoint the first run wrote at its end
     res = runner.invoke(app, ["generate", "3", "--model", str(base_folder), "--lora", str(out), "--lora-scale", "0.5",
                               "-o", str(tmp_path / "a.png")])
     assert res.exit_code == 0, res.output
@@ -217,7 +217,7 @@ def test_bad_input_is_one_line_and_writes_nothing(base_folder, tmp_path):
     for args, message in cases:
         assert message in one_line(runner.invoke(app, args)), args
     assert not out.exists() and not (tmp_path / "x.png").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "broken", "empty", "in"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter.checkpoints", "broken", "empty", "in"]
 
 
 def test_an_adapter_with_other_shapes_is_refused_by_name(base_folder, digits, tmp_path):
