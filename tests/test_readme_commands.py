@@ -46,6 +46,8 @@ NOT_RUN = [
                                                    "and tests/test_video_demo.py train small)"),
     (r"\bstarflow serve\b", "serves until stopped (tests/test_serve.py starts the same app on a free port)"),
     (r"^curl ", "needs the server above running (tests/test_serve.py sends the same requests)"),
+    (r"--image three\.png", "needs three.png from the README's Python block above (bash and Python blocks run apart); "
+                            "that block makes the same call"),
     (r"^mlx\.distributed_config ", "configures the network of several Macs over ssh"),
     (r"^mlx\.launch --hostfile ", "needs several Macs (tests/test_distributed.py runs the same code on two local ranks)"),
 ]
