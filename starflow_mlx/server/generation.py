@@ -105,14 +105,15 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     from starflow_mlx import __version__
     from starflow_mlx.apps.generate_cmd import file_stem
     from starflow_mlx.apps.generate_video import SAMPLING_KEYS
-    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS, frame_count
+    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
     from starflow_mlx.pipelines.video_io import write_videos
 
     seed = pick_seed(request.seed)
     fps = request.fps or VIDEO_DEFAULTS["fps"]
+    # Frames and guidance follow the model (its training length, a class model's own weight), as generate does.
     job = dict(VIDEO_DEFAULTS, seed=seed, num_videos=1, fps=fps, image=None, video=None, kv_bits=None,
-               aspect_ratio=aspect_ratio(pipe, request.size),
-               frames=frame_count(video_frames(request, fps, VIDEO_DEFAULTS["frames"])))
+               aspect_ratio=aspect_ratio(pipe, request.size), cfg=pipe.default_cfg,
+               frames=pipe.frame_count(video_frames(request, fps, None)))
     for key in ("cfg", "jacobi"):
         if getattr(request, key) is not None:
             job[key] = getattr(request, key)

@@ -146,8 +146,9 @@ def aspect_ratio(pipe, size: str | None) -> str:
     return sizes[size]
 
 
-def video_frames(request: VideoRequest, fps: int, default: int) -> int:
-    """Frames from ``frames``, else from ``seconds`` at ``fps``, else ``default`` (the VAE then rounds up to 1 + 4k)."""
+def video_frames(request: VideoRequest, fps: int, default: int | None) -> int | None:
+    """Frames from ``frames``, else from ``seconds`` at ``fps``, else ``default`` (None: the model's training length;
+    with a VAE, counts are then rounded up to 1 + 4k)."""
     if request.frames is not None and request.seconds is not None:
         raise RequestError("request: give seconds or frames, not both", "seconds")
     if request.frames is not None:
