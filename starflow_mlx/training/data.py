@@ -25,7 +25,7 @@ class Dataset:
     prompt_help: str | None = None  # what a prompt looks like, when class names follow a pattern
     words: list[str] | None = None  # class names are sentences of these words (pipelines.prompts.class_features)
 
-    def features(self) -> np.ndarray:
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
         """The label "text" of every sample, (N, L, D), and of the empty class, (L, D)."""
         from starflow_mlx.pipelines.prompts import class_features
 

@@ -28,6 +28,7 @@ from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_js
 from starflow_mlx.loading import load_weights_strict
 from starflow_mlx.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
+from starflow_mlx.pipelines.prompts import class_features
 from starflow_mlx.staging import staged_folder
 from starflow_mlx.training.data import Dataset
 
@@ -69,7 +70,7 @@ def flow_config(train: TrainConfig, data: Dataset) -> FlowConfig:
         raise ValueError(f"--patch-size {train.patch_size} does not divide the {h}-pixel images")
     frames = data.images.shape[1] if data.images.ndim == 5 else 0
     n_classes = len(data.classes)
-    text_len, text_dim = data.features()[1].shape  # the empty label's rows: one per word
+    text_len, text_dim = class_features(data.classes, data.words)[-1].shape  # the empty label: a row per word
     return FlowConfig(
         in_channels=c, channels=train.channels, layers_per_block=list(train.layers), latent_size=h,
         patch_size=train.patch_size, head_dim=train.head_dim, txt_size=text_len, txt_dim=text_dim, sos=True,
