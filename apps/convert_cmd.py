@@ -29,7 +29,7 @@ def convert(
     if quantize is not None:
         from starflow_mlx.quantize.policy import check_setting
 
-        check_setting(quantize, group_size, "--quantize")
+        check_setting(quantize, group_size, "quantize")
     summary = build_model_folder(checkpoint, config, output, text_encoder=text_encoder, vae=vae, decoder=decoder,
                                  dtype=dtype, vae_factor=vae_factor, quantize=quantize, group_size=group_size,
                                  force=force)

@@ -284,6 +284,7 @@ def generate(
     """
     from starflow_mlx import __version__
     from starflow_mlx.loading import parse_dtype
+    from starflow_mlx.model_folder import model_record
     from starflow_mlx.pipelines.image import Pipeline, plan_batch
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
@@ -350,8 +351,9 @@ def generate(
     # Ranks with less memory may plan smaller batches: all take the smallest, as they must cut the job alike.
     batch_size = world.smallest(plan_batch(pipe.folder, pipe.config, job["num_images"],
                                            dist.default_batch(world, layers, job["batch_size"], wanted), layers))
-    params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
-                  batch_size=batch_size, lora=job["lora"], lora_scale=job["lora_scale"])
+    params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"],
+                  version=__version__, batch_size=batch_size,
+                  lora=None if job["lora"] is None else model_record(job["lora"]), lora_scale=job["lora_scale"])
     done = frozenset(finished_images(plan, params, overwrite) if resume else ())
     check_job(pipe, plan, len(wanted) - len(done), job["aspect_ratio"])
     with dist.stage_progress(world) as stages, warnings.catch_warnings(record=True) as caught:

@@ -50,6 +50,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs
     from starflow_mlx.loading import parse_dtype
+    from starflow_mlx.model_folder import model_record
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import frame_count
@@ -105,7 +106,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     job["aspect_ratio"] = job["aspect_ratio"] or pipe.default_aspect_ratio
     job["cfg"] = pipe.default_cfg if job["cfg"] is None else job["cfg"]
     options = {key: job[key] for key in SAMPLING_KEYS}
-    params = dict(options, prompt=job["prompt"], model=str(job["model"]), dtype=job["dtype"], version=__version__,
+    params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"], version=__version__,
                   image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])
     if index is not None:  # video i of a batch is drawn from seed + i: make just that one
         options.update(seed=job["seed"] + index, num_videos=1)

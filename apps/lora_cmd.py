@@ -34,7 +34,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     if lora_blocks not in BLOCK_CHOICES:
         raise ValueError(f"--lora-blocks must be {' or '.join(BLOCK_CHOICES)}, got {lora_blocks!r}")
     if base_bits is not None:
-        check_setting(base_bits, 64, "--base-bits")
+        check_setting(base_bits, 64, "base_bits")
     check_output(output, force or resume)  # before training, not after it
     folder = resolve_model(base)
     manifest = Manifest.load(folder)

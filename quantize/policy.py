@@ -11,6 +11,7 @@ from typing import Any
 
 import mlx.nn as nn
 
+from starflow_mlx.advice import option_error
 from starflow_mlx.config import QUANT_BITS, QUANT_GROUPS
 
 # Errors in these layers are amplified (they set the flow's scale/shift or read raw inputs),
@@ -27,12 +28,12 @@ def _matches(path: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def check_setting(bits: int, group_size: int, option: str = "--bits") -> None:
-    """``option``: the flag the user gave the bits with, for the message."""
+def check_setting(bits: int, group_size: int, name: str = "bits", flag: str | None = None) -> None:
+    """``name`` (and ``flag``, if not ``--`` + ``name``): what the user gave the bits as, for the message."""
     if bits not in SUPPORTED_BITS:
-        raise QuantizationError(f"{option} must be 4 or 8, got {bits}")
+        raise option_error(QuantizationError, name, f" must be 4 or 8, got {bits}", flag)
     if group_size not in SUPPORTED_GROUPS:
-        raise QuantizationError(f"--group-size must be 32, 64 or 128, got {group_size}")
+        raise option_error(QuantizationError, "group_size", f" must be 32, 64 or 128, got {group_size}")
 
 
 def plan_quantization(model: nn.Module, bits: int, group_size: int = 64, keep=DEFAULT_KEEP,

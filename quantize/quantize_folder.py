@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from starflow_mlx.advice import option_error
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST
@@ -57,8 +58,8 @@ def check_overrides_match(model, overrides: dict[str, int]) -> None:
         # "blocks.0.*" of a parameterless (identity) block names the block itself: nothing to quantize, no error.
         if not any(fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path + ".", pattern) for path in paths):
             example = layers[len(layers) // 2] if layers else "none"
-            raise QuantizationError(f"--override {pattern!r} matches no layer of this model "
-                                    f"(layers are named like {example})")
+            raise option_error(QuantizationError, "overrides", f" {pattern!r} matches no layer of this model "
+                               f"(layers are named like {example})", "--override")
 
 
 def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides: dict[str, int] | None = None,
@@ -125,7 +126,7 @@ def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_
 
     check_setting(bits, group_size)
     if text_bits not in (None, 0, *SUPPORTED_BITS):  # before the flow is quantized, named by its own option
-        raise QuantizationError(f"--text-bits must be 0 (keep float16), 4 or 8, got {text_bits}")
+        raise option_error(QuantizationError, "text_bits", f" must be 0 (keep float16), 4 or 8, got {text_bits}")
     check_output(output, force, QuantizationError)
     src = resolve_model(src)
     with staged_folder(output, force, QuantizationError) as staging:

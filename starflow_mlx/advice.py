@@ -18,5 +18,11 @@ def with_cli_message(exc: E, message: str) -> E:
     return exc
 
 
+def option_error(error: type[E], name: str, rest: str, flag: str | None = None) -> E:
+    """``error("<name><rest>")`` for a bad value of the Python parameter ``name``; the command line's
+    message starts with its option instead (``flag``, or ``--`` and ``name`` with dashes)."""
+    return with_cli_message(error(name + rest), (flag or "--" + name.replace("_", "-")) + rest)
+
+
 def cli_message(exc: BaseException) -> str:
     return getattr(exc, "cli_message", None) or str(exc)

@@ -67,6 +67,13 @@ class Manifest(JSONConfig):
         return cls.from_dict(data, str(path))
 
 
+def model_record(name: str | Path) -> str:
+    """How a file's metadata names a model or adapter: a local folder by its absolute path (so that
+    ``--from-metadata`` works from any folder), a built-in name or Hugging Face repo id as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name)
+
+
 def resolve_model(name: str | Path) -> Path:
     """A model folder from a path, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
     path = Path(name).expanduser()

@@ -71,3 +71,4 @@ def test_messages_name_the_option_the_user_gave(tmp_path, args, message):
     line = one_line(runner.invoke(app, [a.format(dir=tmp_path) for a in args]))
     assert message in line
     assert list(tmp_path.iterdir()) == []  # nothing written
+

@@ -210,3 +210,23 @@ def test_resume_makes_only_the_missing_images_and_the_same_bytes(tmp_path):
     assert {p.name: p.read_bytes() for p in part.iterdir()} == whole  # the same pixels and metadata
     assert all((part / name).stat().st_mtime_ns == ns for name, ns in kept.items())  # batch 0 was not redone
     assert generate("3", "--model", "demo", "-o", tmp_path / "x.png", "--resume").exit_code == 1
+
+
+@pytest.mark.parametrize("model, name", [("demo", "seven.png"), ("demo-video", "seven.mp4")])
+def test_a_relative_model_folder_is_recorded_so_metadata_works_from_another_folder(tmp_path, monkeypatch, model,
+                                                                                     name):
+    import shutil
+
+    from starflow_mlx.model_folder import BUILT_IN
+
+    shutil.copytree(BUILT_IN[model], tmp_path / "models" / "mine")
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    prompt = "7" if model == "demo" else "7 moving right"
+    res = generate(prompt, "--model", "models/mine", "--seed", 3, "-o", f"out/{name}")
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path / "out")
+    res = generate("--from-metadata", name)
+    assert res.exit_code == 0, res.output
+    again = tmp_path / "out" / name.replace(".", "-again.")
+    assert again.read_bytes() == (tmp_path / "out" / name).read_bytes()

@@ -73,7 +73,7 @@ def test_targets_are_the_attention_and_mlp_linears_of_the_chosen_blocks():
     deep = target_paths(flow, "deep")
     assert len(deep) == 4 * 4 and all(p.startswith("blocks.2.") for p in deep)
     assert len(target_paths(flow, "all")) == 4 * (2 + 2 + 4)
-    with pytest.raises(AdapterError, match="--lora-blocks"):
+    with pytest.raises(AdapterError, match="^blocks must be deep or all"):
         target_paths(flow, "shallow")
 
 
@@ -148,7 +148,7 @@ def test_resume_continues_without_repeating_steps(base_folder, digits, tmp_path)
     assert len(tail) == 3 and resumed.step == 6
     assert np.allclose(head + tail, straight, rtol=1e-5, atol=1e-6)
     other = lora_trainer(base_folder, digits, steps=6, ck="b", tmp_path=tmp_path, rank=4)
-    with pytest.raises(ValueError, match="--rank 8"):
+    with pytest.raises(ValueError, match="rank=8, blocks='deep'"):
         other.load_checkpoint()
 
 

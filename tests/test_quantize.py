@@ -96,9 +96,9 @@ def test_loading_never_requantizes(float_folder, tmp_path):
 
 
 def test_bad_settings_and_broken_folders(float_folder, tmp_path):
-    with pytest.raises(QuantizationError, match="--bits must be 4 or 8"):
+    with pytest.raises(QuantizationError, match="^bits must be 4 or 8"):
         quantize_model_folder(float_folder, tmp_path / "x", bits=3)
-    with pytest.raises(QuantizationError, match="group-size"):
+    with pytest.raises(QuantizationError, match="^group_size must be"):
         quantize_model_folder(float_folder, tmp_path / "x", bits=4, group_size=48)
     assert not (tmp_path / "x").exists()
     quantize_model_folder(float_folder, tmp_path / "q", bits=4, group_size=32)

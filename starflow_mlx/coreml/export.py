@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from starflow_mlx.advice import option_error, with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.coreml.builder import ExportError, to_numpy
 from starflow_mlx.coreml.deep_block import COMPUTE_UNITS as DEEP_UNITS
@@ -112,11 +113,13 @@ def resolve_chunk(chunk: int | None, tokens: int, sos: bool, unit: str = "image"
     if chunk is None:
         return min(DEFAULT_CHUNK, tokens) if sos else 1
     if chunk < 1:
-        raise ExportError(f"--chunk must be at least 1, got {chunk}")
+        raise option_error(ExportError, "chunk", f" must be at least 1, got {chunk}")
     if chunk > tokens:
-        raise ExportError(f"--chunk {chunk} is larger than the {tokens} tokens of one {unit}: use at most {tokens}")
+        raise option_error(ExportError, "chunk", f" {chunk} is larger than the {tokens} tokens of one {unit}: use at "
+                           f"most {tokens}")
     if chunk > 1 and not sos:
-        raise ExportError("--chunk > 1 (Jacobi) needs a model with a start-of-sequence token: use --chunk 1")
+        message = "{} > 1 (Jacobi) needs a model with a start-of-sequence token: use {} 1"
+        raise with_cli_message(ExportError(message.format("chunk", "chunk=")), message.format("--chunk", "--chunk"))
     return chunk
 
 
@@ -223,7 +226,7 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
     (a video export reports the whole build as one step)."""
     config: FlowConfig = flow.config
     if options.batch < 1:
-        raise ExportError(f"--batch must be at least 1, got {options.batch}")
+        raise option_error(ExportError, "batch", f" must be at least 1, got {options.batch}")
     if config.is_video:
         from starflow_mlx.coreml.video_export import build_video_packages
 
@@ -293,7 +296,7 @@ def export_coreml(model: str | Path, output: str | Path, options: ExportOptions 
 
     options = options or ExportOptions()
     if options.bits is not None and options.bits not in (4, 8):
-        raise ExportError(f"--bits must be 4 or 8, got {options.bits}")
+        raise option_error(ExportError, "bits", f" must be 4 or 8, got {options.bits}")
     folder = resolve_model(model)
     output = Path(output)
     check_output(output, force, ExportError)

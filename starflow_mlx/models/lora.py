@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from starflow_mlx.advice import option_error
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
 
@@ -71,14 +72,14 @@ class AdapterConfig(JSONConfig):
 
 def check_rank(rank: int, alpha: float | None = None) -> None:
     if not 1 <= rank <= MAX_RANK:
-        raise AdapterError(f"--rank must be between 1 and {MAX_RANK}, got {rank}")
+        raise option_error(AdapterError, "rank", f" must be between 1 and {MAX_RANK}, got {rank}")
     if alpha is not None and not 0 <= alpha < math.inf:
-        raise AdapterError(f"--alpha must be a number 0 or more, got {alpha}")
+        raise option_error(AdapterError, "alpha", f" must be a number 0 or more, got {alpha}")
 
 
 def check_scale(scale: float) -> None:
     if not -1e3 <= scale <= 1e3:  # NaN fails too
-        raise AdapterError(f"--lora-scale must be a number between -1000 and 1000, got {scale}")
+        raise option_error(AdapterError, "lora_scale", f" must be a number between -1000 and 1000, got {scale}")
 
 
 def base_identity(config: FlowConfig) -> tuple[str, str]:
@@ -136,7 +137,8 @@ class LoRALinear(nn.Module):
 def target_paths(model: nn.Module, blocks: str) -> list[str]:
     """The attention and MLP linears of the deep block (``deep``) or of every block (``all``)."""
     if blocks not in BLOCK_CHOICES:
-        raise AdapterError(f"--lora-blocks must be {' or '.join(BLOCK_CHOICES)}, got {blocks!r}")
+        raise option_error(AdapterError, "blocks", f" must be {' or '.join(BLOCK_CHOICES)}, got {blocks!r}",
+                           "--lora-blocks")
     deep = str(len(model.blocks) - 1)
     return [path for path, _ in model.named_modules()
             if (m := _TARGET.fullmatch(path)) and (blocks == "all" or m.group(1) == deep)]

@@ -74,6 +74,7 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
     """Sample ``request.n`` images into ``folder``, a batch at a time; returns the files and the options used."""
     from starflow_mlx import __version__
     from starflow_mlx.apps.generate_cmd import SAMPLING_KEYS, file_stem
+    from starflow_mlx.model_folder import model_record
     from starflow_mlx.pipelines.image import plan_batch
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.sampling.auto import resolve_jacobi
@@ -86,7 +87,7 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
     options = {key: job[key] for key in SAMPLING_KEYS}
     batch = plan_batch(pipe.folder, pipe.config, request.n)
     # As generate records them, so that --from-metadata remakes the same bytes (the server loads no LoRA adapter).
-    params = dict(options, prompt=request.prompt, model=model, dtype=None, version=__version__, batch_size=batch,
+    params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__, batch_size=batch,
                   lora=None, lora_scale=1.0)
     stem = file_stem(request.prompt, seed)
     progress = Progress(sampling_blocks(pipe), request.n, batch, IMAGE_WEIGHTS, update, cancelled)
@@ -105,6 +106,7 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     from starflow_mlx import __version__
     from starflow_mlx.apps.generate_cmd import file_stem
     from starflow_mlx.apps.generate_video import SAMPLING_KEYS
+    from starflow_mlx.model_folder import model_record
     from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
     from starflow_mlx.pipelines.video_io import write_videos
 
@@ -118,7 +120,7 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
         if getattr(request, key) is not None:
             job[key] = getattr(request, key)
     options = {key: job[key] for key in SAMPLING_KEYS}
-    params = dict(options, prompt=request.prompt, model=model, dtype=None, version=__version__, index=0)
+    params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__, index=0)
     path = folder / f"{file_stem(request.prompt, seed)}.mp4"
     progress = Progress(sampling_blocks(pipe), 1, 1, VIDEO_WEIGHTS, update, cancelled)
     write_videos(pipe.stream(request.prompt, progress=progress, **options), [(path, params, 0)], fps)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from starflow_mlx.advice import option_error
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -63,9 +65,10 @@ def load_image_folder(folder: str | Path, size: int, channels: int = 1, test_fra
     from starflow_mlx.pipelines.image import memory_limit
 
     if channels not in (1, 3):
-        raise DataError(f"--image-channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        raise option_error(DataError, "channels", f" must be 1 (grayscale) or 3 (RGB), got {channels}",
+                           "--image-channels")
     if size < 1:
-        raise DataError(f"--image-size must be at least 1, got {size}")
+        raise option_error(DataError, "size", f" must be at least 1, got {size}", "--image-size")
     folder = Path(folder)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not classes:

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 from starflow_mlx.models.layers import AttentionBlock
@@ -218,8 +219,9 @@ class LoRATrainer(Trainer):
             raise ConfigError(f"{folder / 'trainer.json'} is damaged (no step count): delete {folder} to start over")
         saved = LoRASettings.from_dict(meta.get("lora"), str(folder / "trainer.json"))
         if (saved.rank, saved.blocks) != (self.settings.rank, self.settings.blocks):
-            raise ValueError(f"checkpoint {folder} is for --rank {saved.rank} --lora-blocks {saved.blocks}: "
-                             "resume with those settings")
+            message = f"checkpoint {folder} is for {{}}: resume with those settings"
+            raise with_cli_message(ValueError(message.format(f"rank={saved.rank}, blocks={saved.blocks!r}")),
+                                   message.format(f"--rank {saved.rank} --lora-blocks {saved.blocks}"))
         check_base(read_adapter_config(folder), self.config, str(folder))
         load_weights_strict(self.model, folder / ADAPTER_WEIGHTS, only=lora_weights(self.model))
         read_header(folder / "optimizer.safetensors")  # exact offsets and sizes before MLX maps anything

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from starflow_mlx.advice import option_error
 from starflow_mlx.training.data import DataError, Dataset, load_digits_split
 
 DIRECTIONS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # (rows, columns) per frame
@@ -62,9 +63,10 @@ def load_moving_digits_split(frames: int = 5, canvas: int = 12, copies: int = 4,
     """(train, test) clips from the digits' own split: ``copies`` placements per digit and direction for
     training, one for testing."""
     if frames < 2:
-        raise DataError(f"--frames {frames}: moving digits need at least 2 frames to move")
+        raise option_error(DataError, "frames", f" {frames}: moving digits need at least 2 frames to move")
     if not DIGIT_SIDE <= canvas <= 256:
-        raise DataError(f"--image-size {canvas}: the moving-digits canvas must be {DIGIT_SIDE} to 256 pixels")
+        raise option_error(DataError, "canvas", f" {canvas}: the moving-digits canvas must be {DIGIT_SIDE} to 256 pixels",
+                           "--image-size")
     from starflow_mlx.pipelines.image import memory_limit
 
     digits_train, digits_test = load_digits_split(test_fraction, seed)

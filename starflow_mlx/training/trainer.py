@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from starflow_mlx.advice import with_cli_message
+from starflow_mlx.advice import option_error, with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.safetensors_stream import read_header
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
@@ -67,7 +67,7 @@ def flow_config(train: TrainConfig, data: Dataset) -> FlowConfig:
     if h != w:
         raise ValueError(f"training images must be square, got {h}x{w}")
     if h % train.patch_size:
-        raise ValueError(f"--patch-size {train.patch_size} does not divide the {h}-pixel images")
+        raise option_error(ValueError, "patch_size", f" {train.patch_size} does not divide the {h}-pixel images")
     frames = data.images.shape[1] if data.images.ndim == 5 else 0
     n_classes = len(data.classes)
     text_len, text_dim = class_features(data.classes, data.words)[-1].shape  # the empty label: a row per word
