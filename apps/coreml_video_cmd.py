@@ -40,9 +40,13 @@ def first_frame(path: Path, manifest, batch_keys: list) -> tuple[np.ndarray, np.
     from starflow_mlx.image_input import open_image
     from starflow_mlx.pipelines.video import cover_crop
 
+    from PIL import Image
+
     f = manifest.video.pixel_factor
     h, w, c = manifest.latent_shape
-    pixels, changed = cover_crop(open_image(path), h * f, w * f)
+    # A pixel-space model's frames are reduced by block averages, as VideoPipeline.resample does.
+    resample = Image.BOX if manifest.video.pixel_space else Image.BILINEAR
+    pixels, changed = cover_crop(open_image(path), h * f, w * f, resample)
     if changed:
         typer.echo(f"warning: the image is resized to cover {w * f}x{h * f} and centre-cropped", err=True)
     noise = np.concatenate([np.array(mx.random.normal((1, 1, h, w, c), key=k[1])) for k in batch_keys])
@@ -55,10 +59,13 @@ def to_uint8(chunk: np.ndarray) -> np.ndarray:
 
 def coreml_video(
     folder: Path = typer.Argument(..., help="A folder written by starflow export-coreml from a full STARFlow-V "
-                                            "model folder (text encoder and VAE packages)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What the video shows."),
+                                            "model folder (text encoder and VAE packages), or from a class "
+                                            "model in pixel space (demo-video)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What the video shows (a class model: one of its "
+                                                          "classes)."),
     output: Path = typer.Option(..., "--output", "-o", readable=False, help="The .mp4 to write."),
-    frames: int = typer.Option(VIDEO_DEFAULTS["frames"], "--frames", help="Pixel frames, 1 + 4k."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Pixel frames, 1 + 4k (default 81); a pixel-space "
+                                                                "model: any count (default its training length)."),
     image: Optional[Path] = typer.Option(None, "--image", help="Start from this picture (image-to-video: the VAE "
                                                                "encoder package, then the known-frame prefix)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed (video i of a batch uses seed + i)."),
@@ -88,7 +95,9 @@ def coreml_video(
     if manifest.video is None:
         raise DriverError(f"{folder} is an image export: coreml-video drives STARFlow-V exports")
     roles = {p.role for p in manifest.packages}
-    if not {"text_encoder", "video_vae_decoder"} <= roles:
+    needed = set() if manifest.classes else {"text_encoder"}
+    needed |= set() if manifest.video.pixel_space else {"video_vae_decoder"}
+    if not needed <= roles:
         raise DriverError(f"{folder} has no text encoder or VAE decoder package: export a full STARFlow-V model "
                           "folder (converted with its T5 and VAE)")
     if not 0 <= seed <= 2**63 - manifest.batch:
@@ -100,24 +109,31 @@ def coreml_video(
     if not interpreter and sys.platform != "darwin":
         raise DriverError("Core ML predictions need macOS 15+: pass --interpreter to run the packages with the "
                           "numpy interpreter")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        frames = frame_count(frames)
-    for warning in caught:
-        typer.echo(f"warning: {warning.message}", err=True)
-    latent_frames = (frames - 1) // 4 + 1
+    if manifest.video.pixel_space:
+        frames = manifest.video.window_frames if frames is None else frame_count(frames, 1)
+        latent_frames, smallest = frames, 2
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frames = frame_count(VIDEO_DEFAULTS["frames"] if frames is None else frames)
+        for warning in caught:
+            typer.echo(f"warning: {warning.message}", err=True)
+        latent_frames, smallest = (frames - 1) // 4 + 1, 5
     if image is not None and latent_frames < 2:
-        raise DriverError(f"--image is the first frame: ask for at least 5 --frames, got {frames}")
+        raise DriverError(f"--image is the first frame: ask for at least {smallest} --frames, got {frames}")
     inner = InterpreterBackend(folder, manifest) if interpreter else CoreMLBackend(folder, manifest)
     backend = TimedBackend(inner)
     sampler = VideoSampler(folder, backend)
-    ids, mask = prompt_tokens(folder, manifest, prompt, fps, frames)
+    if manifest.classes:
+        conditioning = sampler.label_features(prompt)
+    else:
+        conditioning = sampler.prompt_features(*prompt_tokens(folder, manifest, prompt, fps, frames))
     # As VideoPipeline.sample: video i's noise from seed + i, its first key for z, its second for the known frames.
     keys = [mx.random.split(mx.random.key(seed + i)) for i in range(manifest.batch)]
     z = np.concatenate([np.array(mx.random.normal((1, latent_frames, *manifest.latent_shape), key=k[0]))
                         for k in keys])
     pixels, noise = first_frame(image, manifest, keys) if image is not None else (None, None)
-    _, chunks = sampler.stream(ids, mask, z, cfg, frames=pixels, noise=noise)
+    _, chunks = sampler.stream(conditioning, z, cfg, frames=pixels, noise=noise)
     params = {"prompt": prompt, "seed": seed, "cfg": cfg, "frames": frames, "fps": fps, "coreml": str(folder),
               "image": str(image) if image else None}
     written = write_videos((to_uint8(c) for c in chunks), [(output, params, 0 if manifest.batch == 1 else None)],

@@ -239,7 +239,7 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images sampled together (default: what memory allows, at most 16)."),
     jacobi: Optional[bool] = typer.Option(None, "--jacobi/--no-jacobi", show_default=False,
                                           help="Block-wise Jacobi or sequential sampling (default: the faster one "
-                                               "on this device: sequential on a CPU, Jacobi on a GPU; video: Jacobi)."),
+                                               "on this device: sequential on a CPU, Jacobi on a GPU)."),
     jacobi_block_size: Optional[int] = typer.Option(None, help="Tokens solved together per Jacobi chunk "
                                                               "(default 64; 32 for video)."),
     jacobi_threshold: Optional[float] = typer.Option(None, help="Jacobi stops a chunk below this residual "

@@ -51,6 +51,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
+    from starflow_mlx.sampling.auto import resolve_jacobi
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import frame_count
@@ -75,8 +76,8 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         default = from_metadata.with_name(from_metadata.stem + "-again.mp4")
     if chosen["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata VIDEO)")
-    # Unset options take upstream's video-script values (auto sampling is an image-model choice: video keeps Jacobi,
-    # which the sliding window past the training length needs); frames, guidance and shape follow the model.
+    # Unset options take upstream's video-script values (the sampler: the faster one on this device, as for
+    # images; both slide the window past the training length); frames, guidance and shape follow the model.
     job = {key: VIDEO_DEFAULTS[key] if chosen.get(key) is None and key in SCRIPT_DEFAULTS else chosen[key]
            for key in chosen}
     if job["aspect_ratio"] is not None:
@@ -105,6 +106,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         typer.echo(f"warning: {warning.message}", err=True)
     job["aspect_ratio"] = job["aspect_ratio"] or pipe.default_aspect_ratio
     job["cfg"] = pipe.default_cfg if job["cfg"] is None else job["cfg"]
+    job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"], version=__version__,
                   image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])

@@ -9,7 +9,7 @@ Every clip is judged frame by frame, as a person would:
 - **direction**: the clip's circular centre of mass, tracked frame to frame (exact for a
   shift on the wrapping canvas), moves mostly along one axis: that is its direction.
 
-Measured on the model's own sampler and defaults (Jacobi, the model's cfg), against the same
+Measured on the model's own sampler and defaults (the faster sampler here, the model's cfg), against the same
 measures on real test clips:
 
 1. text (class) to video: every prompt, ``--per-class`` clips each, at the training length;
@@ -37,6 +37,7 @@ import numpy as np
 
 from starflow_mlx.benchmarks.demo_quality import to_features
 from starflow_mlx.pipelines.video import VideoPipeline
+from starflow_mlx.sampling.auto import resolve_jacobi
 from starflow_mlx.sampling.jacobi import JacobiStats
 from starflow_mlx.training.data import load_digits_split
 from starflow_mlx.training.moving_digits import DIRECTIONS, load_moving_digits_split, render_clip
@@ -237,7 +238,7 @@ def measure(model: str = "demo-video", per_class: int = 5, given: int = 3, jacob
     test = type(test)(test.images[firsts], test.labels[firsts], test.classes)
     judge = Judge(canvas)
     result = {"model": str(model), "window_frames": window, "canvas": canvas, "cfg": pipe.config.cfg,
-              "sampler": "jacobi (block 32, threshold 0.001)"}
+              "sampler": "jacobi (block 32, threshold 0.001)" if resolve_jacobi(None, pipe.config) else "sequential"}
     result["real_test_clips"] = judge.clips(test.images[..., 0], [int(l) // 4 for l in test.labels],
                                             [list(DIRECTIONS)[int(l) % 4] for l in test.labels])
     with StageProgress() as stages:

@@ -169,7 +169,7 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     stats = SampleStats()
     sampler = VideoSampler(result.folder, InterpreterBackend(result.folder), threshold=1e-12, max_iter=m.chunk,
                            shallow_max_iter=m.tokens)
-    ours = sampler.text_to_video(np.array(ids), np.array(mask), z, cfg, stats=stats)
+    ours = sampler.text_to_video(sampler.prompt_features(np.array(ids), np.array(mask)), z, cfg, stats=stats)
     assert stats.reencodes == 2
     assert np.abs(ours - expected).max() / np.abs(expected).max() < 5e-3  # 7.6e-4 measured
     frames = np.concatenate([np.clip(f, -1, 1) for f in sampler.decode_frames(ours)], axis=1)
@@ -201,7 +201,8 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     gate = Gate()
     stats_stream = SampleStats()
     streamer = VideoSampler(result.folder, gate, threshold=1e-12, max_iter=m.chunk, shallow_max_iter=m.tokens)
-    latents, chunks = streamer.stream(np.array(ids), np.array(mask), z, cfg, stats=stats_stream)
+    latents, chunks = streamer.stream(streamer.prompt_features(np.array(ids), np.array(mask)), z, cfg,
+                                      stats=stats_stream)
     assert gate.waited is True
     np.testing.assert_allclose(latents, ours, rtol=0, atol=1e-6)
     decoded = np.concatenate(list(sampler.decode_frames(ours)), axis=1)
@@ -217,7 +218,8 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     noise = np.array(mx.random.normal((1, 1, 2, 3, 48), key=noise_key))
     pixels = picture[None, None].astype(np.float32) / 127.5 - 1.0
     stats = SampleStats()
-    ours = sampler.text_to_video(np.array(ids), np.array(mask), z, cfg, frames=pixels, noise=noise, stats=stats)
+    ours = sampler.text_to_video(sampler.prompt_features(np.array(ids), np.array(mask)), z, cfg, frames=pixels,
+                                noise=noise, stats=stats)
     error = np.abs(ours - from_image).max() / np.abs(from_image).max()
     assert error < 5e-3 and stats.reencodes == 2
     assert np.abs(from_image - expected).max() / np.abs(from_image).max() > 20 * error  # the image matters
@@ -485,3 +487,59 @@ def test_coreml_encoder_and_known_frames_match_the_interpreter(full_video_export
     assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
     a, b = (s.sample_video(z, text, uncond, 2.5, context=b) for s in (coreml, interpreted))
     assert np.abs(a - b).max() / np.abs(b).max() < 2e-2
+
+
+@pytest.fixture(scope="module")
+def demo_video_export(tmp_path_factory):
+    """The built-in moving-digits model (class labels as words, pixel space) exported without --verify."""
+    return export_coreml("demo-video", tmp_path_factory.mktemp("demo-video") / "coreml").folder
+
+
+def test_a_class_model_in_pixel_space_exports_its_labels_and_samples_over_the_packages(demo_video_export):
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    m = ExportManifest.load(demo_video_export)
+    pipe = VideoPipeline.from_pretrained("demo-video")
+    assert m.classes == pipe.manifest.classes and m.words == pipe.manifest.words and m.video.pixel_space
+    assert m.video.frame_rule.startswith("any number of frames") and m.drive[0].startswith("Labels: ")
+    assert any(step.startswith("Pixel space: frames = latents") for step in m.drive)
+    sampler = VideoSampler(demo_video_export, InterpreterBackend(demo_video_export), threshold=1e-12,
+                           max_iter=m.chunk, shallow_max_iter=m.tokens)  # exact, to compare with the exact MLX
+    cond, uncond = sampler.label_features("7 moving right")
+    y, y_u = pipe.conditioning("7 moving right", 1, "1:1")
+    np.testing.assert_array_equal(cond, np.array(y))
+    np.testing.assert_array_equal(uncond, np.array(y_u))
+    with pytest.raises(DriverError, match="'7 moving sideways' is not one of this export's 40 classes, e.g. "):
+        sampler.label_features("7 moving sideways")
+    z = np.array(mx.random.normal((1, 5, 12, 12, 1), key=mx.random.key(3)))
+    ours = sampler.text_to_video((cond, uncond), z, m.default_cfg)
+    expected = mlx_clip(pipe.flow, z, cond, uncond, m.default_cfg, m.video.frame_tokens, m.video.context_frames)
+    assert np.abs(ours - expected).max() / np.abs(expected).max() < 0.05  # float16 packages
+
+
+def test_cli_makes_a_demo_video_mp4_over_the_packages_from_a_prompt_and_an_image(demo_video_export, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app
+    from starflow_mlx.apps.commands import register
+    from starflow_mlx.pipelines.video_io import read_video
+    from starflow_mlx.training.moving_digits import load_moving_digits_split
+
+    register(app)
+    out = tmp_path / "seven.mp4"
+    res = CliRunner().invoke(app, ["coreml-video", str(demo_video_export), "--prompt", "7 moving right",
+                                   "--interpreter", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert read_video(out)[0].shape == (5, 132, 132, 3)  # the training length, enlarged as generate writes it
+    _, test = load_moving_digits_split(5, 12)
+    first = np.round((test.images[0, 0, ..., 0] + 1) * 127.5).astype(np.uint8)
+    Image.fromarray(first).save(tmp_path / "digit.png")
+    res = CliRunner().invoke(app, ["coreml-video", str(demo_video_export), "--prompt", test.classes[test.labels[0]],
+                                   "--image", str(tmp_path / "digit.png"), "--frames", "7", "--interpreter",
+                                   "-o", str(tmp_path / "from-image.mp4")])
+    assert res.exit_code == 0, res.output
+    frames = read_video(tmp_path / "from-image.mp4")[0]
+    assert frames.shape == (7, 132, 132, 3)
+    shown = frames[0, 5::11, 5::11, 0].astype(np.float32)  # one pixel inside each enlarged 11x11 cell
+    assert np.abs(shown - first).max() < 40  # the given digit, with the training noise and H.264's losses

@@ -65,3 +65,26 @@ def test_bad_context_is_refused(setup):
         flow.reverse(z, y, context=z)
     with pytest.raises(ValueError, match="match the noise"):
         flow.reverse(z, y, context=z[:1, :1])
+
+
+@pytest.mark.parametrize("known", [0, 1, 3])
+@pytest.mark.parametrize("cfg", [0.0, 2.0])
+def test_sequential_slides_the_window_as_exact_jacobi_does(setup, known, cfg):
+    """Past the window the sequential sampler restarts the cache from the last context frames, as Jacobi does:
+    the two solve the same equations, so at a vanishing threshold they agree (with and without known frames)."""
+    _, _, y, y_u = setup
+    long_flow = random_flow(7, **{**VIDEO, "num_frames": 2})
+    z = mx.random.normal((1, 5, 2, 2, 4), key=mx.random.key(5))
+    first = long_flow.reverse(z, y[:1], y_uncond=y_u[:1], cfg=cfg)[:, :known] if known else None
+    options = dict(y_uncond=y_u[:1], cfg=cfg, context_frames=1, context=first)
+    jacobi = long_flow.reverse(z, y[:1], jacobi=True, jacobi_block_size=2, jacobi_threshold=0.0,
+                               jacobi_max_iter=8, **options)
+    sequential = long_flow.reverse(z, y[:1], jacobi=False, **options)
+    np.testing.assert_allclose(np.array(sequential), np.array(jacobi), atol=2e-4, rtol=1e-4)
+    if not known:  # with all 5 frames in view (as if trained on 5) the sample differs: the window mattered
+        long_flow.config.num_frames = 5
+        try:
+            wide = long_flow.reverse(z, y[:1], jacobi=False, **options)
+        finally:
+            long_flow.config.num_frames = 2
+        assert float(mx.abs(wide - sequential).max()) > 1e-3

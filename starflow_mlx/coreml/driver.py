@@ -322,6 +322,21 @@ class Sampler:
         req = self._request(z, text, text_uncond, cfg, stats)
         return self._shallow(self._deep(req), req)
 
+    def label_features(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """A class model's prompt (one of the manifest's classes) -> its label and the empty label, each
+        (batch, text_length, text_dim), as the manifest's drive steps build them."""
+        from starflow_mlx.pipelines.prompts import class_features
+
+        m = self.manifest
+        if not m.classes:
+            raise DriverError(f"{self.folder} is not a class model: its prompts go through the text encoder")
+        if prompt not in m.classes:
+            raise DriverError(f"{prompt!r} is not one of this export's {len(m.classes)} classes, e.g. "
+                              f"{', '.join(repr(c) for c in m.classes[:3])}")
+        table = class_features(m.classes, m.words or None)
+        rows = table[[m.classes.index(prompt), -1]]
+        return tuple(np.ascontiguousarray(np.broadcast_to(r, (m.batch, *r.shape))) for r in rows)
+
     def text_features(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Tokenized prompts -> features with the text-encoder package (rows as the manifest exports them)."""
         return self.backend.predict("text_encoder", {"input_ids": np.asarray(input_ids, np.int32),

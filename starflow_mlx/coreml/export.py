@@ -278,6 +278,7 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
         guided=guided, default_cfg=float(config.cfg) if guided else 0.0, chunk=chunk, sos=config.sos,
         start_token=start, order=order, packages=packages,
         classes=list(model_manifest.classes) if model_manifest else [],
+        words=list(model_manifest.words or []) if model_manifest else [],
         pixel_scale=float(model_manifest.pixel_scale) if model_manifest else 1.0,
     )
     manifest.drive = drive_steps(manifest)

@@ -83,6 +83,7 @@ class VideoContract(JSONConfig):
     context_order: list[str] = field(default_factory=list)
     prompt_template: str = "{prompt}"  # the text the encoder reads: replace {prompt} and {fps}
     image_prompt_template: str = "{prompt}"  # the same for a one-frame video (an image)
+    pixel_space: bool = False  # no VAE: latents are pixels times the manifest's pixel_scale, any frame count
 
 
 @dataclass
@@ -108,6 +109,7 @@ class ExportManifest(JSONConfig):
     jacobi_threshold: float = field(default=0.005, metadata={"min": 1e-12, "max": 1e3})
     jacobi_max_iter: int = field(default=32, metadata={"min": 1, "max": 10000})
     classes: list[str] = field(default_factory=list)
+    words: list[str] = field(default_factory=list)  # a class model whose labels are one-hot words
     pixel_scale: float = field(default=1.0, metadata={"min": 1e-3, "max": 1e3})
     drive: list[str] = field(default_factory=list)
     video: VideoContract | None = None  # STARFlow-V: latent_shape/token_grid are one frame's
@@ -143,11 +145,24 @@ class ExportManifest(JSONConfig):
             raise ManifestError(f"{exc}: re-export the model") from None
 
 
+def label_steps(m: ExportManifest) -> list[str]:
+    """How a class model's prompt becomes the flow's 'text' (no text encoder)."""
+    if not m.classes:
+        return []
+    empty = f"the empty label (guidance) is one-hot at index {m.text_dim - 1}"
+    if m.words:
+        return [f"Labels: a prompt is one of 'classes'; each of its words found in 'words' is a row one-hot at that "
+                f"word's index (length {m.text_dim}), {m.text_length} rows in the prompt's word order -> text "
+                f"(1, {m.text_length}, {m.text_dim}); {empty}, in every row."]
+    return [f"Labels: class i of 'classes' is one row one-hot at i (length {m.text_dim}) -> text (1, 1, "
+            f"{m.text_dim}); {empty}."]
+
+
 def drive_steps(m: ExportManifest) -> list[str]:
     """The sampling loop in words, written into the manifest for other hosts (Swift, C++)."""
     deep = m.package(m.order[0])
     names = {p.name for p in m.packages}
-    steps = []
+    steps = label_steps(m)
     if "text_encoder" in names:
         rows = "[prompts; empty prompts]" if m.guided else "prompts"
         steps.append(f"text_encoder: tokenize {rows} with tokenizer/ (pad and truncate to {m.text_length}) -> "

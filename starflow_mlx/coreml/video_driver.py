@@ -172,10 +172,25 @@ class VideoSampler(Sampler):
             raise DriverError(missing)
         return pkg
 
+    @property
+    def _pixels(self):
+        """A pixel-space export's codec (no VAE packages): the MLX pipeline's own."""
+        from starflow_mlx.pixel_video import PixelVideo
+
+        return PixelVideo(self.manifest.latent_shape[2], self.manifest.pixel_scale)
+
     def encode_frames(self, pixels) -> np.ndarray:
         """Pixel frames (batch, 1 + 4k, H', W', 3) in [-1, 1] -> flow-space latents (batch, 1 + k, H, W, C) with
         the VAE encoder package: frame 0 by ``first``, then 4 frames per ``step``, the caches threaded; latent
-        frames 1.. multiplied by the temporal scale (what ``VideoPipeline.encode`` returns)."""
+        frames 1.. multiplied by the temporal scale (what ``VideoPipeline.encode`` returns). A pixel-space
+        export takes any number of frames at the latent size."""
+        m = self.manifest
+        if m.video.pixel_space:
+            x = np.asarray(pixels, np.float32)
+            if x.ndim != 5 or x.shape[0] != m.batch or x.shape[2:] != (*m.latent_shape[:2], 3):
+                raise DriverError(f"pixels must be ({m.batch}, frames, {m.latent_shape[0]}, {m.latent_shape[1]}, 3) "
+                                  f"frames in [-1, 1], got {x.shape}")
+            return np.array(self._pixels.encode(x))
         pkg = self._package("video_vae_encoder", "this export has no video VAE encoder: export a full model folder "
                                                  "whose VAE was converted with its encoder")
         first = pkg.functions["first"].inputs[0].shape  # (batch, 1, H', W', 3)
@@ -203,27 +218,28 @@ class VideoSampler(Sampler):
             raise DriverError(f"noise must be {latents.shape} (the encoded frames' latents), got {noise.shape}")
         return latents + self.manifest.video.noise_std * noise
 
-    def _conditioning(self, input_ids, attention_mask):
-        """Features of the tokenized [prompts; empty prompts]: (cond, uncond or None)."""
+    def prompt_features(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features of the tokenized [prompts; empty prompts] (as the text encoder is exported): (cond, uncond or
+        None), the ``conditioning`` of :meth:`text_to_video` and :meth:`stream`; a class model's is
+        :meth:`label_features`."""
         b = self.manifest.batch
         features = self.text_features(input_ids, attention_mask)
         return features[:b], features[b:] if self.manifest.guided else None
 
-    def text_to_video(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray,
-                      cfg: float | None = None, *, frames=None, noise=None, context_frames: int | None = None,
-                      stats: SampleStats | None = None) -> np.ndarray:
-        """Tokenized [prompts; empty prompts] (as the text encoder is exported) and Gaussian ``z`` (batch, T, H, W,
-        C) -> flow-space latents, denoised when the export has the denoiser (what ``VideoPipeline.sample`` returns).
+    def text_to_video(self, conditioning: tuple, z: np.ndarray, cfg: float | None = None, *, frames=None,
+                      noise=None, context_frames: int | None = None, stats: SampleStats | None = None) -> np.ndarray:
+        """``conditioning`` (cond, uncond) features and Gaussian ``z`` (batch, T, H, W, C) -> flow-space latents,
+        denoised when the export has the denoiser (what ``VideoPipeline.sample`` returns).
 
         Image-to-video: ``frames`` (batch, 1 + 4k, H', W', 3) in [-1, 1] are pixels to start from (an image is
         one frame), encoded and noised with Gaussian ``noise`` by :meth:`known_frames`; the video starts with them.
         """
-        cond, uncond = self._conditioning(input_ids, attention_mask)
+        cond, uncond = conditioning
         context = None if frames is None else self.known_frames(frames, noise)
         x = self.sample_video(z, cond, uncond, cfg, context=context, context_frames=context_frames, stats=stats)
         return self.denoise(x, cond) if self.manifest.video.denoiser_frames else x
 
-    def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, z: np.ndarray, cfg: float | None = None,
+    def stream(self, conditioning: tuple, z: np.ndarray, cfg: float | None = None,
                *, frames=None, noise=None, context_frames: int | None = None,
                stats: SampleStats | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """``text_to_video`` (``frames``/``noise`` as there) and ``decode_frames`` as one pipeline: (latents, pixel
@@ -234,7 +250,7 @@ class VideoSampler(Sampler):
         shallow blocks (Neural Engine) and the VAE decoder overlap the deep block's next frames.
         """
         self._check_decoder()
-        cond, uncond = self._conditioning(input_ids, attention_mask)
+        cond, uncond = conditioning
         context = None if frames is None else self.known_frames(frames, noise)
         req = self._request(z, cond, uncond, cfg, stats)
         count = req.z.shape[1]
@@ -268,7 +284,8 @@ class VideoSampler(Sampler):
 
     # -- VAE decoder ---------------------------------------------------------------------
     def _check_decoder(self) -> None:
-        self._package("video_vae_decoder", "this export has no video VAE decoder (export a full model folder)")
+        if not self.manifest.video.pixel_space:
+            self._package("video_vae_decoder", "this export has no video VAE decoder (export a full model folder)")
 
     def _vae_call(self, name: str, first: bool, inputs: dict, caches: dict) -> tuple[dict, dict]:
         """One call of a VAE package (``first``, else ``step`` with ``caches``): its outputs, and the caches for
@@ -278,6 +295,10 @@ class VideoSampler(Sampler):
 
     def _decode_frame(self, t: int, frame: np.ndarray, caches: dict) -> tuple[np.ndarray, dict]:
         """Latent frame ``t`` (flow space) -> (its pixel frames, the caches for frame t + 1)."""
+        if self.manifest.video.pixel_space:  # enlarged to watch, as the MLX pipeline writes its mp4s; numpy, as
+            k = self._pixels.enlargement(*frame.shape[1:3])  # this runs on the decoding thread
+            x = np.repeat(np.repeat(frame[:, None] / self.manifest.pixel_scale, k, axis=2), k, axis=3)
+            return np.ascontiguousarray(np.broadcast_to(x, (*x.shape[:-1], 3))), caches
         x = frame if t == 0 else frame / self.manifest.video.temporal_scale
         out, caches = self._vae_call("vae_decoder", t == 0, {"latents": np.ascontiguousarray(x, np.float32)}, caches)
         return out["frames"], caches

@@ -21,11 +21,12 @@ from starflow_mlx.coreml.builder import ExportError, to_numpy
 from starflow_mlx.coreml.deep_block import DeepShapes
 from starflow_mlx.coreml.export import (ExportOptions, component_packages, deep_package, is_guided, resolve_chunk,
                                         shallow_packages)
-from starflow_mlx.coreml.manifest import ExportManifest, PackageInfo, VideoContract
+from starflow_mlx.coreml.manifest import ExportManifest, PackageInfo, VideoContract, label_steps
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.denoise import DENOISER_STEP
 
 FRAME_RULE = "1 + 4k pixel frames; latent frames = (frames - 1) / 4 + 1"
+PIXEL_FRAME_RULE = "any number of frames; latent frames = frames (pixel space, no VAE)"
 MAX_CONTEXT_FRAMES = 16  # upstream's default cap on re-encoded frames
 
 
@@ -78,16 +79,19 @@ def build_video_packages(flow, folder: Path, source: str, source_folder: Path, o
         if model_manifest.vae:
             packages += video_vae_packages(source_folder / model_manifest.vae, folder, options.batch, (lat_h, lat_w),
                                            report)
-    factor = max(config.vae_factor, 1) if (model_manifest is None or model_manifest.vae) else 1
-    video = VideoContract(ratio, FRAME_RULE, factor, float(config.vae_temporal_scale or 1.0), frame, window,
+    pixel_space = model_manifest is not None and not model_manifest.vae
+    factor = 1 if pixel_space else max(config.vae_factor, 1)
+    video = VideoContract(ratio, PIXEL_FRAME_RULE if pixel_space else FRAME_RULE, factor, float(config.vae_temporal_scale or 1.0), frame, window,
                           min(MAX_CONTEXT_FRAMES, window - 1), **denoiser, noise_std=float(config.noise_std),
-                          context_order=order[:0:-1], **prompt_templates(config, ratio))
+                          context_order=order[:0:-1], **prompt_templates(config, ratio), pixel_space=pixel_space)
     manifest = ExportManifest(
         source=source, kind=model_manifest.kind if model_manifest else None, batch=options.batch,
         latent_shape=[lat_h, lat_w, config.in_channels], patch_size=p, token_grid=list(grid), token_channels=c,
         text_length=text_len, text_dim=config.txt_dim if text_len else 0, guided=guided,
         default_cfg=float(config.cfg) if guided else 0.0, chunk=chunk, sos=config.sos,
         start_token=to_numpy(deep.sos_embed).reshape(-1).tolist(), order=order, packages=packages,
+        classes=list(model_manifest.classes) if model_manifest else [],
+        words=list(model_manifest.words or []) if model_manifest else [],
         pixel_scale=float(model_manifest.pixel_scale) if model_manifest else 1.0, video=video,
     )
     manifest.drive = video_drive_steps(manifest)
@@ -158,14 +162,20 @@ def video_vae_packages(vae_folder: Path, folder: Path, batch: int, latent_hw: tu
 def known_frame_steps(m: ExportManifest) -> list[str]:
     """Image-to-video in words: encode the known pixels, noise them, map them to deep tokens, prefill the cache."""
     v, n, L = m.video, m.video.frame_tokens, m.text_length
-    if not any(p.role == "video_vae_encoder" for p in m.packages):
+    if v.pixel_space:
+        first = (f"Image-to-video in pixel space: the known frames (batch, P, {m.latent_shape[0]}, "
+                 f"{m.latent_shape[1]}, {m.latent_shape[2]}) in [-1, 1], times {m.pixel_scale}, plus {v.noise_std} * "
+                 "Gaussian noise, are the P known latent frames (P < T).")
+    elif any(p.role == "video_vae_encoder" for p in m.packages):
+        first = ("Image-to-video, vae_encoder (float16 weights: MLX never quantizes the VAE): pixels channels-last "
+                 "float32 in [-1, 1], 1 + 4k frames (an image is 1); first(pixels: frame 0 (batch, 1, H', W', 3)) -> "
+                 "latents (batch, H, W, C) and new_cache_j; then for each next 4 frames step(pixels, cache_j = the "
+                 "previous call's new_cache_j) -> the next latent frame. Multiply latent frames 1.. by the temporal "
+                 f"scale {v.temporal_scale} and add {v.noise_std} * Gaussian noise: the P known frames (P < T).")
+    else:
         return []
     return [
-        "Image-to-video, vae_encoder (float16 weights: MLX never quantizes the VAE): pixels channels-last float32 "
-        "in [-1, 1], 1 + 4k frames (an image is 1); first(pixels: frame 0 (batch, 1, H', W', 3)) -> latents "
-        "(batch, H, W, C) and new_cache_j; then for each next 4 frames step(pixels, cache_j = the previous call's "
-        f"new_cache_j) -> the next latent frame. Multiply latent frames 1.. by the temporal scale "
-        f"{v.temporal_scale} and add {v.noise_std} * Gaussian noise: the P known frames (P < T).",
+        first,
         "Known tokens: patch each known frame as z; for each package in video.context_order (the shallow blocks "
         "forward, flipped within the frame where 'flip'): a, b = package(x; text where declared, guidance: [0]); "
         f"x = (x - b) / a. They are x[:, 1:1+P*{n}] of the deep block (its frame order); after encode_text, "
@@ -180,7 +190,7 @@ def video_drive_steps(m: ExportManifest) -> list[str]:
     v, deep = m.video, m.package(m.order[0])
     n, k, L = v.frame_tokens, m.chunk, m.text_length
     guidance = ", guidance: [cfg]" if deep.guided else ""
-    steps = []
+    steps = label_steps(m)
     if any(p.role == "text_encoder" for p in m.packages):
         rows = "[prompts; empty prompts]" if m.guided else "prompts"
         steps.append(f"text_encoder: fill video.prompt_template ({{prompt}}, {{fps}}; image_prompt_template for one "
@@ -225,6 +235,8 @@ def video_drive_steps(m: ExportManifest) -> list[str]:
                      "for each later latent frame step(latents, cache_j = the previous call's new_cache_j) -> "
                      f"frames ({v.pixel_factor}x larger, 4 pixel frames) and new_cache_j. Pixels are float32 in "
                      "about [-1, 1], not clipped.")
+    elif v.pixel_space:
+        steps.append(f"Pixel space: frames = latents / {m.pixel_scale}, in about [-1, 1].")
     else:
         steps.append(f"Divide latent frames 1.. by the temporal scale {v.temporal_scale} before a VAE decode (no "
                      "VAE decoder in this export: a flow-only folder).")

@@ -286,7 +286,7 @@ class STARFlow(nn.Module):
     def _invert_block(self, block: MetaBlock, x: mx.array, known: mx.array | None, solver: dict,
                       on_frame: Callable[[int, mx.array], None] | None = None) -> mx.array:
         """Invert one block on the grid ``x``; ``known``: its first tokens, already final (block order)."""
-        from starflow_mlx.sampling.jacobi import invert_jacobi
+        from starflow_mlx.sampling.jacobi import attention_window, invert_jacobi, window_context
         from starflow_mlx.sampling.sequential import invert_sequential
 
         cfg, progress = solver["cfg"], solver["progress"]
@@ -305,9 +305,15 @@ class STARFlow(nn.Module):
                                 on_chunk=report, on_frame=on_frame, kv_bits=solver["kv_bits"],
                                 **solver["jacobi_options"])
         else:
+            window = attention_window(self, block, layout)
+            if window is not None and not block.use_sos:
+                raise ValueError("a video longer than the model's window needs a start-of-sequence token to slide it")
+            context_frames = solver["jacobi_options"]["context_frames"]
             cos, sin = self.rope(layout, text_len)
             out = invert_sequential(block, seq, y_block, cos, sin, cfg if guided else 0.0, report, prefix=known,
-                                    on_frame=on_frame, frame_size=layout.frame_size, kv_bits=solver["kv_bits"])
+                                    on_frame=on_frame, frame_size=layout.frame_size, kv_bits=solver["kv_bits"],
+                                    window=window,
+                                    context_frames=window_context(window, context_frames) if window else 1)
         return layout.to_grid(layout.permute(out, block.flips, self._in_frame))
 
     def _reverse_pipelined(self, x: mx.array, deep: MetaBlock, shallow: list[MetaBlock], known: mx.array | None,

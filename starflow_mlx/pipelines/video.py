@@ -39,9 +39,10 @@ from starflow_mlx.pipelines.image import (InsufficientMemoryError, Pipeline, che
                                           weight_bytes)
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.pixel_video import PixelVideo
+from starflow_mlx.sampling.auto import resolve_jacobi
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
-VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=True, jacobi_block_size=32,
+VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=None, jacobi_block_size=32,
                       jacobi_threshold=0.001, jacobi_max_iter=32)
 MAX_FRAMES = 2001  # ~2 minutes at 16 fps: far beyond what the model was trained for
 # The streamed VAE decode's working set beyond its weights, per output pixel of a frame (or of a tile):
@@ -292,7 +293,7 @@ class VideoPipeline(Pipeline):
         aspect_ratio: str | None = None,
         num_videos: int = 1,
         fps: int = VIDEO_DEFAULTS["fps"],
-        jacobi: bool = VIDEO_DEFAULTS["jacobi"],
+        jacobi: bool | None = VIDEO_DEFAULTS["jacobi"],
         jacobi_block_size: int = VIDEO_DEFAULTS["jacobi_block_size"],
         jacobi_threshold: float = VIDEO_DEFAULTS["jacobi_threshold"],
         jacobi_max_iter: int = VIDEO_DEFAULTS["jacobi_max_iter"],
@@ -306,8 +307,9 @@ class VideoPipeline(Pipeline):
         uint8 frames) is a clip to continue: its frames come first and the rest is generated,
         ``frames`` counting both (None: the model's training length). ``cfg=None`` is 3.5
         (upstream's video script), or a class model's own weight. ``aspect_ratio=None`` is 16:9, or
-        1:1 for square-only models. ``kv_bits`` (8 or 4) keeps the KV caches quantized: the deep
-        block's is most of a long video's memory.
+        1:1 for square-only models. ``jacobi=None`` runs the faster sampler on this device (sequential on
+        a CPU, Jacobi on a GPU; both slide the window past the training length). ``kv_bits`` (8 or 4)
+        keeps the KV caches quantized: the deep block's is most of a long video's memory.
         """
         self._reload()
         cfg = self.default_cfg if cfg is None else cfg
@@ -317,11 +319,6 @@ class VideoPipeline(Pipeline):
             raise ValueError(f"fps must be a whole number from 1 to 120, got {fps!r}")
         frames = self.frame_count(frames)
         latent_frames = self.latent_frames(frames)
-        if latent_frames > self.training_latent_frames and not jacobi:
-            message = (f"{frames} frames is longer than the model's window "
-                       f"({self.pixel_frames(self.training_latent_frames)} frames): only Jacobi sampling slides the "
-                       "window, ")
-            raise with_cli_message(ValueError(message + "pass jacobi=True"), message + "drop --no-jacobi")
         check_kv_bits(kv_bits, self.config.head_dim)
         self.check_memory(latent_frames, num_videos, aspect_ratio, kv_bits)
         h, w = latent_size(self.config, aspect_ratio)
@@ -338,7 +335,7 @@ class VideoPipeline(Pipeline):
         report("text", 1, 1)
         shape = (1, latent_frames, h, w, self.config.in_channels)
         z = mx.concatenate([mx.random.normal(shape, key=k[0]) for k in keys])
-        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos,
+        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=resolve_jacobi(jacobi, self.config),
                               jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                               jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
                               kv_bits=kv_bits, progress=progress)

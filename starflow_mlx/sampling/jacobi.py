@@ -122,7 +122,7 @@ class JacobiStats:
         return sum(c.size * c.iterations for c in self.chunks if block is None or c.block == block)
 
 
-def _window(model, block: MetaBlock, layout) -> int | None:
+def attention_window(model, block: MetaBlock, layout) -> int | None:
     """Frames the deep block may attend to, when sampling must use a local window."""
     cfg = model.config
     if block.index != cfg.num_blocks - 1 or not layout.frames:
@@ -132,6 +132,14 @@ def _window(model, block: MetaBlock, layout) -> int | None:
     if cfg.num_frames and layout.frames > cfg.num_frames:
         return cfg.num_frames
     return None
+
+
+def window_context(window: int, context_frames: int | None) -> int:
+    """Frames re-encoded when the window slides: ``context_frames``, or upstream's default, checked."""
+    context_frames = min(16, window - 1) if context_frames is None else context_frames
+    if not 0 < context_frames < window:
+        raise ValueError(f"context frames must be between 1 and {window - 1}")
+    return context_frames
 
 
 def invert_jacobi(
@@ -182,12 +190,10 @@ def invert_jacobi(
     text_len = y.shape[1] if (block.sees_text and y is not None) else 0
     frame = layout.frame_size if layout.seq_frames > 1 else n
     big = 4 * block_size if layout.seq_frames > 1 else block_size
-    window = _window(model, block, layout)
+    window = attention_window(model, block, layout)
     span = n if window is None else min(n, window * frame)
     if window is not None:
-        context_frames = min(16, window - 1) if context_frames is None else context_frames
-        if not 0 < context_frames < window:
-            raise ValueError(f"context frames must be between 1 and {window - 1}")
+        context_frames = window_context(window, context_frames)
     pad = big
     cos, sin = model.rope(layout, text_len, pad=pad)
     cache = block.new_cache(batch, text_len + span + pad, kv_bits)

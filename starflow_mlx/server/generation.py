@@ -109,6 +109,7 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
     from starflow_mlx.pipelines.video_io import write_videos
+    from starflow_mlx.sampling.auto import resolve_jacobi
 
     seed = pick_seed(request.seed)
     fps = request.fps or VIDEO_DEFAULTS["fps"]
@@ -119,6 +120,7 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     for key in ("cfg", "jacobi"):
         if getattr(request, key) is not None:
             job[key] = getattr(request, key)
+    job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__, index=0)
     path = folder / f"{file_stem(request.prompt, seed)}.mp4"
