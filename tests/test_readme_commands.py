@@ -42,7 +42,7 @@ NOT_RUN = [
     (r"--data path/to/folder", "stands for the reader's own image folder"),
     (r"^starflow quantize demo --report", "measured 14 minutes on 2 cores under load (tests/test_quantize.py runs it "
                                          "small)"),
-    (r"^starflow train .*--steps (2000|2500|4000)", "trains for 45 minutes or more on a CPU (tests/test_training.py "
+    (r"^starflow train .*--steps (2000|2500|4000|8000)", "trains for 45 minutes or more on a CPU (tests/test_training.py "
                                                    "and tests/test_video_demo.py train small)"),
     (r"\bstarflow serve\b", "serves until stopped (tests/test_serve.py starts the same app on a free port)"),
     (r"^curl ", "needs the server above running (tests/test_serve.py sends the same requests)"),

@@ -91,7 +91,7 @@ def test_trained_folder_is_a_pixel_space_class_video_model(tiny_video_model):
     assert manifest["kind"] == "class-to-video" and manifest["vae"] is None and manifest["text_encoder"] is None
     assert manifest["words"][:2] == ["0", "1"] and config["txt_size"] == 2 and config["txt_dim"] == 15
     assert config["num_frames"] == 3 and config["shallow_block_local"] and config["temporal_causal"] == 1
-    assert manifest["source"]["frames"] == 3 and manifest["source"]["seconds"] > 0
+    assert manifest["source"]["frames"] == 3 and manifest["source"]["seconds"] >= 0  # a few tiny steps: 0.0 s
 
 
 def test_generate_writes_an_mp4_with_the_frames_and_rate_asked(tiny_video_model, tmp_path):
