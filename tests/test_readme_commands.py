@@ -59,7 +59,7 @@ PYTHON_NOT_RUN = [
 ]
 SLOW = [
     r"^starflow export-coreml demo ",  # about a minute on 2 cores
-    r"^starflow export-coreml demo-video ",  # minutes: --verify runs three clips through the interpreter
+    r"^starflow export-coreml demo-video ",  # about a minute: --verify runs three clips through the interpreter
     r"^starflow coreml-video demo-video-coreml ",  # needs the export above
     r"^starflow train --data digits --output \S+ --steps 20$",  # the README's timing measurement: minutes
 ]
