@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from starflow_mlx.advice import with_cli_message
+from starflow_mlx.advice import option_error, with_cli_message
 from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
 from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
@@ -69,7 +69,7 @@ def frame_count(frames: int, temporal_factor: int = 4) -> int:
 
     ``temporal_factor`` is the codec's pixel frames per latent frame after the first (1: any count)."""
     if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= MAX_FRAMES:
-        raise ValueError(f"frames must be a whole number from 1 to {MAX_FRAMES}, got {frames!r}")
+        raise option_error(ValueError, "frames", f" must be a whole number from 1 to {MAX_FRAMES}, got {frames!r}")
     f = temporal_factor
     rounded = 1 + f * math.ceil((frames - 1) / f)
     if rounded != frames:
