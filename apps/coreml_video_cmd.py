@@ -36,11 +36,10 @@ def prompt_tokens(folder: Path, manifest, prompt: str, fps: int, frames: int) ->
 def first_frame(path: Path, manifest, batch_keys: list) -> tuple[np.ndarray, np.ndarray]:
     """The picture covered and cropped to the frame, (batch, 1, H', W', 3) in [-1, 1], and its latent noise."""
     import mlx.core as mx
+    from PIL import Image
 
     from starflow_mlx.image_input import open_image
     from starflow_mlx.pipelines.video import cover_crop
-
-    from PIL import Image
 
     f = manifest.video.pixel_factor
     h, w, c = manifest.latent_shape

@@ -295,8 +295,9 @@ class VideoSampler(Sampler):
 
     def _decode_frame(self, t: int, frame: np.ndarray, caches: dict) -> tuple[np.ndarray, dict]:
         """Latent frame ``t`` (flow space) -> (its pixel frames, the caches for frame t + 1)."""
-        if self.manifest.video.pixel_space:  # enlarged to watch, as the MLX pipeline writes its mp4s; numpy, as
-            k = self._pixels.enlargement(*frame.shape[1:3])  # this runs on the decoding thread
+        if self.manifest.video.pixel_space:
+            # Enlarged to watch, as the MLX pipeline writes its mp4s; in numpy, as this runs on the decoding thread.
+            k = self._pixels.enlargement(*frame.shape[1:3])
             x = np.repeat(np.repeat(frame[:, None] / self.manifest.pixel_scale, k, axis=2), k, axis=3)
             return np.ascontiguousarray(np.broadcast_to(x, (*x.shape[:-1], 3))), caches
         x = frame if t == 0 else frame / self.manifest.video.temporal_scale
