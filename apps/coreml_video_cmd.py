@@ -108,18 +108,17 @@ def coreml_video(
     if not interpreter and sys.platform != "darwin":
         raise DriverError("Core ML predictions need macOS 15+: pass --interpreter to run the packages with the "
                           "numpy interpreter")
-    if manifest.video.pixel_space:
-        frames = manifest.video.window_frames if frames is None else frame_count(frames, 1)
-        latent_frames, smallest = frames, 2
-    else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            frames = frame_count(VIDEO_DEFAULTS["frames"] if frames is None else frames)
-        for warning in caught:
-            typer.echo(f"warning: {warning.message}", err=True)
-        latent_frames, smallest = (frames - 1) // 4 + 1, 5
+    # Pixel frames per latent frame after the first: 4 for the Wan2.2 VAE, 1 without a VAE.
+    factor = 1 if manifest.video.pixel_space else 4
+    default = manifest.video.window_frames if manifest.video.pixel_space else VIDEO_DEFAULTS["frames"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frames = frame_count(default if frames is None else frames, factor)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    latent_frames = (frames - 1) // factor + 1
     if image is not None and latent_frames < 2:
-        raise DriverError(f"--image is the first frame: ask for at least {smallest} --frames, got {frames}")
+        raise DriverError(f"--image is the first frame: ask for at least {factor + 1} --frames, got {frames}")
     inner = InterpreterBackend(folder, manifest) if interpreter else CoreMLBackend(folder, manifest)
     backend = TimedBackend(inner)
     sampler = VideoSampler(folder, backend)

@@ -108,8 +108,8 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     job["cfg"] = pipe.default_cfg if job["cfg"] is None else job["cfg"]
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
-    params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"], version=__version__,
-                  image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])
+    params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"],
+                  version=__version__, image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])
     if index is not None:  # video i of a batch is drawn from seed + i: make just that one
         options.update(seed=job["seed"] + index, num_videos=1)
     # Each file: its parameters and which video of the sampled batch it shows (None: all of them, in a grid).

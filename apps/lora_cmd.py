@@ -18,7 +18,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     from starflow_mlx.config import FlowConfig
     from starflow_mlx.loading import load_flow
     from starflow_mlx.model_folder import Manifest, resolve_model
-    from starflow_mlx.models.lora import BLOCK_CHOICES, check_rank, trainable_count
+    from starflow_mlx.models.lora import check_blocks, check_rank, trainable_count
     from starflow_mlx.pipelines.image import check_memory
     from starflow_mlx.quantize.policy import check_setting
     from starflow_mlx.staging import check_output
@@ -31,8 +31,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
         raise ValueError("--lora needs --base MODEL: the model to fine-tune (a folder, or 'demo')")
     alpha = 2.0 * rank if alpha is None else alpha
     check_rank(rank, alpha)
-    if lora_blocks not in BLOCK_CHOICES:
-        raise ValueError(f"--lora-blocks must be {' or '.join(BLOCK_CHOICES)}, got {lora_blocks!r}")
+    check_blocks(lora_blocks)
     if base_bits is not None:
         check_setting(base_bits, 64, "base_bits")
     check_output(output, force or resume)  # before training, not after it

@@ -28,10 +28,10 @@ def _matches(path: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
-def check_setting(bits: int, group_size: int, name: str = "bits", flag: str | None = None) -> None:
-    """``name`` (and ``flag``, if not ``--`` + ``name``): what the user gave the bits as, for the message."""
+def check_setting(bits: int, group_size: int, name: str = "bits") -> None:
+    """``name``: the parameter the user gave the bits as (its option on the command line), for the message."""
     if bits not in SUPPORTED_BITS:
-        raise option_error(QuantizationError, name, f" must be 4 or 8, got {bits}", flag)
+        raise option_error(QuantizationError, name, f" must be 4 or 8, got {bits}")
     if group_size not in SUPPORTED_GROUPS:
         raise option_error(QuantizationError, "group_size", f" must be 32, 64 or 128, got {group_size}")
 

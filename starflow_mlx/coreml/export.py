@@ -109,6 +109,14 @@ def check_export_memory(config: FlowConfig, factor: int, lat_h: int, lat_w: int)
                           f"{total / 2**30:.0f} GB is available: give a smaller --height/--width")
 
 
+def from_model_manifest(model_manifest) -> dict:
+    """What an export's manifest carries over from the model folder's: class names, label words, pixel scale."""
+    if model_manifest is None:  # a flow-only folder
+        return {}
+    return dict(classes=list(model_manifest.classes), words=list(model_manifest.words or []),
+                pixel_scale=float(model_manifest.pixel_scale))
+
+
 def resolve_chunk(chunk: int | None, tokens: int, sos: bool, unit: str = "image") -> int:
     if chunk is None:
         return min(DEFAULT_CHUNK, tokens) if sos else 1
@@ -277,9 +285,7 @@ def build_packages(flow, folder: Path, source: str, source_folder: Path, options
         token_channels=config.token_channels, text_length=text_len, text_dim=config.txt_dim if text_len else 0,
         guided=guided, default_cfg=float(config.cfg) if guided else 0.0, chunk=chunk, sos=config.sos,
         start_token=start, order=order, packages=packages,
-        classes=list(model_manifest.classes) if model_manifest else [],
-        words=list(model_manifest.words or []) if model_manifest else [],
-        pixel_scale=float(model_manifest.pixel_scale) if model_manifest else 1.0,
+        **from_model_manifest(model_manifest),
     )
     manifest.drive = drive_steps(manifest)
     return manifest

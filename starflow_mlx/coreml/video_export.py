@@ -19,8 +19,8 @@ import numpy as np
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.coreml.builder import ExportError, to_numpy
 from starflow_mlx.coreml.deep_block import DeepShapes
-from starflow_mlx.coreml.export import (ExportOptions, component_packages, deep_package, is_guided, resolve_chunk,
-                                        shallow_packages)
+from starflow_mlx.coreml.export import (ExportOptions, component_packages, deep_package, from_model_manifest,
+                                        is_guided, resolve_chunk, shallow_packages)
 from starflow_mlx.coreml.manifest import ExportManifest, PackageInfo, VideoContract, label_steps
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.denoise import DENOISER_STEP
@@ -81,7 +81,8 @@ def build_video_packages(flow, folder: Path, source: str, source_folder: Path, o
                                            report)
     pixel_space = model_manifest is not None and not model_manifest.vae
     factor = 1 if pixel_space else max(config.vae_factor, 1)
-    video = VideoContract(ratio, PIXEL_FRAME_RULE if pixel_space else FRAME_RULE, factor, float(config.vae_temporal_scale or 1.0), frame, window,
+    video = VideoContract(ratio, PIXEL_FRAME_RULE if pixel_space else FRAME_RULE, factor,
+                          float(config.vae_temporal_scale or 1.0), frame, window,
                           min(MAX_CONTEXT_FRAMES, window - 1), **denoiser, noise_std=float(config.noise_std),
                           context_order=order[:0:-1], **prompt_templates(config, ratio), pixel_space=pixel_space)
     manifest = ExportManifest(
@@ -90,9 +91,7 @@ def build_video_packages(flow, folder: Path, source: str, source_folder: Path, o
         text_length=text_len, text_dim=config.txt_dim if text_len else 0, guided=guided,
         default_cfg=float(config.cfg) if guided else 0.0, chunk=chunk, sos=config.sos,
         start_token=to_numpy(deep.sos_embed).reshape(-1).tolist(), order=order, packages=packages,
-        classes=list(model_manifest.classes) if model_manifest else [],
-        words=list(model_manifest.words or []) if model_manifest else [],
-        pixel_scale=float(model_manifest.pixel_scale) if model_manifest else 1.0, video=video,
+        video=video, **from_model_manifest(model_manifest),
     )
     manifest.drive = video_drive_steps(manifest)
     return manifest

@@ -77,6 +77,12 @@ def check_rank(rank: int, alpha: float | None = None) -> None:
         raise option_error(AdapterError, "alpha", f" must be a number 0 or more, got {alpha}")
 
 
+def check_blocks(blocks: str) -> None:
+    if blocks not in BLOCK_CHOICES:
+        raise option_error(AdapterError, "blocks", f" must be {' or '.join(BLOCK_CHOICES)}, got {blocks!r}",
+                           "--lora-blocks")
+
+
 def check_scale(scale: float) -> None:
     if not -1e3 <= scale <= 1e3:  # NaN fails too
         raise option_error(AdapterError, "lora_scale", f" must be a number between -1000 and 1000, got {scale}")
@@ -136,9 +142,7 @@ class LoRALinear(nn.Module):
 
 def target_paths(model: nn.Module, blocks: str) -> list[str]:
     """The attention and MLP linears of the deep block (``deep``) or of every block (``all``)."""
-    if blocks not in BLOCK_CHOICES:
-        raise option_error(AdapterError, "blocks", f" must be {' or '.join(BLOCK_CHOICES)}, got {blocks!r}",
-                           "--lora-blocks")
+    check_blocks(blocks)
     deep = str(len(model.blocks) - 1)
     return [path for path, _ in model.named_modules()
             if (m := _TARGET.fullmatch(path)) and (blocks == "all" or m.group(1) == deep)]

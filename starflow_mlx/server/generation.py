@@ -87,8 +87,8 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
     options = {key: job[key] for key in SAMPLING_KEYS}
     batch = plan_batch(pipe.folder, pipe.config, request.n)
     # As generate records them, so that --from-metadata remakes the same bytes (the server loads no LoRA adapter).
-    params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__, batch_size=batch,
-                  lora=None, lora_scale=1.0)
+    params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__,
+                  batch_size=batch, lora=None, lora_scale=1.0)
     stem = file_stem(request.prompt, seed)
     progress = Progress(sampling_blocks(pipe), request.n, batch, IMAGE_WEIGHTS, update, cancelled)
     paths = []

@@ -65,8 +65,8 @@ def load_moving_digits_split(frames: int = 5, canvas: int = 12, copies: int = 4,
     if frames < 2:
         raise option_error(DataError, "frames", f" {frames}: moving digits need at least 2 frames to move")
     if not DIGIT_SIDE <= canvas <= 256:
-        raise option_error(DataError, "canvas", f" {canvas}: the moving-digits canvas must be {DIGIT_SIDE} to 256 pixels",
-                           "--image-size")
+        raise option_error(DataError, "canvas", f" {canvas}: the moving-digits canvas must be {DIGIT_SIDE} to 256 "
+                           "pixels", "--image-size")
     from starflow_mlx.pipelines.image import memory_limit
 
     digits_train, digits_test = load_digits_split(test_fraction, seed)
