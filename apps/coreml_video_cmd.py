@@ -87,6 +87,7 @@ def coreml_video(
     from starflow_mlx.coreml.video_driver import VideoSampler
     from starflow_mlx.pipelines.video import frame_count
     from starflow_mlx.pipelines.video_io import write_videos
+    from starflow_mlx.progress import StageProgress
 
     check_mp4(output)
     check_writable(output)
@@ -108,8 +109,7 @@ def coreml_video(
     if not interpreter and sys.platform != "darwin":
         raise DriverError("Core ML predictions need macOS 15+: pass --interpreter to run the packages with the "
                           "numpy interpreter")
-    # Pixel frames per latent frame after the first: 4 for the Wan2.2 VAE, 1 without a VAE.
-    factor = 1 if manifest.video.pixel_space else 4
+    factor = manifest.video.frames_per_latent
     default = manifest.video.window_frames if manifest.video.pixel_space else VIDEO_DEFAULTS["frames"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -131,7 +131,8 @@ def coreml_video(
     z = np.concatenate([np.array(mx.random.normal((1, latent_frames, *manifest.latent_shape), key=k[0]))
                         for k in keys])
     pixels, noise = first_frame(image, manifest, keys) if image is not None else (None, None)
-    _, chunks = sampler.stream(conditioning, z, cfg, frames=pixels, noise=noise)
+    with StageProgress() as stages:
+        _, chunks = sampler.stream(conditioning, z, cfg, frames=pixels, noise=noise, progress=stages)
     params = {"prompt": prompt, "seed": seed, "cfg": cfg, "frames": frames, "fps": fps, "coreml": str(folder),
               "image": str(image) if image else None}
     written = write_videos((to_uint8(c) for c in chunks), [(output, params, 0 if manifest.batch == 1 else None)],

@@ -201,9 +201,13 @@ def test_text_to_video_over_the_packages_reproduces_the_pipeline(tmp_path):
     gate = Gate()
     stats_stream = SampleStats()
     streamer = VideoSampler(result.folder, gate, threshold=1e-12, max_iter=m.chunk, shallow_max_iter=m.tokens)
+    reports = []
     latents, chunks = streamer.stream(streamer.prompt_features(np.array(ids), np.array(mask)), z, cfg,
-                                      stats=stats_stream)
+                                      stats=stats_stream, progress=lambda *r: reports.append(r))
     assert gate.waited is True
+    # Progress on the caller's thread: the deep block's 5 latent frames one by one, then the 17 pixel frames.
+    assert [r for r in reports if r[0] == "deep block"] == [("deep block", t, 5) for t in range(6)]
+    assert [r for r in reports if r[0] == "frames"] == [("frames", t, 17) for t in (0, 1, 5, 9, 13, 17)]
     np.testing.assert_allclose(latents, ours, rtol=0, atol=1e-6)
     decoded = np.concatenate(list(sampler.decode_frames(ours)), axis=1)
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), decoded, rtol=0, atol=1e-5)
@@ -534,6 +538,7 @@ def test_cli_makes_a_demo_video_mp4_over_the_packages_from_a_prompt_and_an_image
                                    "--interpreter", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert read_video(out)[0].shape == (5, 132, 132, 3)  # the training length, enlarged as generate writes it
+    assert "deep block: 5/5 in " in res.output and "frames: 5/5 in " in res.output  # stages timed as they end
     _, test = load_moving_digits_split(5, 12)
     first = np.round((test.images[0, 0, ..., 0] + 1) * 127.5).astype(np.uint8)
     Image.fromarray(first).save(tmp_path / "digit.png")

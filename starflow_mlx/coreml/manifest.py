@@ -85,6 +85,14 @@ class VideoContract(JSONConfig):
     image_prompt_template: str = "{prompt}"  # the same for a one-frame video (an image)
     pixel_space: bool = False  # no VAE: latents are pixels times the manifest's pixel_scale, any frame count
 
+    @property
+    def frames_per_latent(self) -> int:
+        """Pixel frames each latent frame after the first decodes to: 4 for the Wan2.2 VAE, 1 without a VAE."""
+        return 1 if self.pixel_space else 4
+
+    def pixel_frames(self, latent_frames: int) -> int:
+        return 1 + (latent_frames - 1) * self.frames_per_latent
+
 
 @dataclass
 class ExportManifest(JSONConfig):

@@ -101,9 +101,10 @@ class VideoSampler(Sampler):
         return out
 
     def _sample(self, req: _Request, out: np.ndarray, frame_done, context_frames: int | None = None,
-                context=None) -> None:
+                context=None, deep_done=None) -> None:
         """Latent frames into ``out``; each frame's shallow blocks run on a second thread as soon as the deep block
-        has finished it, then ``frame_done(t)`` (on that thread, frames in order; known frames first)."""
+        has finished it, then ``frame_done(t)`` (on that thread, frames in order; known frames first).
+        ``deep_done(frames)`` is called on this thread with how many frames the deep block has finished."""
         m, v = self.manifest, self.manifest.video
         batch, frames, h, w, _ = req.z.shape
         context_frames = v.context_frames if context_frames is None else int(context_frames)
@@ -125,10 +126,17 @@ class VideoSampler(Sampler):
             out[:, t] = self._shallow(tokens[:, ::-1] if pkg.flip else tokens, req)
             frame_done(t)
 
+        def deep_frame(t: int, tokens: np.ndarray) -> None:
+            pending.append(pool.submit(shallow, t, tokens.copy()))
+            if deep_done is not None:
+                deep_done(t + 1)
+
         with ThreadPoolExecutor(1, thread_name_prefix="shallow") as pool:
             pending = [pool.submit(copy_known, t) for t in range(0 if context is None else context.shape[1])]
-            self._invert_window(pkg, self._flip_frames(seq) if pkg.flip else seq, req, context_frames,
-                                lambda t, tokens: pending.append(pool.submit(shallow, t, tokens.copy())), known)
+            if deep_done is not None and pending:  # known frames are finished already
+                deep_done(len(pending))
+            self._invert_window(pkg, self._flip_frames(seq) if pkg.flip else seq, req, context_frames, deep_frame,
+                                known)
             for job in pending:
                 job.result()
 
@@ -241,9 +249,10 @@ class VideoSampler(Sampler):
 
     def stream(self, conditioning: tuple, z: np.ndarray, cfg: float | None = None,
                *, frames=None, noise=None, context_frames: int | None = None,
-               stats: SampleStats | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+               stats: SampleStats | None = None, progress=None) -> tuple[np.ndarray, list[np.ndarray]]:
         """``text_to_video`` (``frames``/``noise`` as there) and ``decode_frames`` as one pipeline: (latents, pixel
-        chunks).
+        chunks). ``progress(label, done, total)``, on this thread: latent frames the deep block has finished
+        ("deep block"), then pixel frames out of the pipeline ("frames").
 
         Behind the deep block, one thread runs each finished frame's shallow blocks and then every denoiser
         chunk whose frames are all there; a third decodes the frames each chunk finalised. On Core ML the
@@ -259,7 +268,7 @@ class VideoSampler(Sampler):
             chunks, extra = self._denoise_plan(count), self._denoiser_inputs(cond)
         else:
             chunks, extra = [(t, t + 1, t) for t in range(count)], None
-        progress = {"shallow": 0, "chunk": 0}
+        ready = {"shallow": 0, "chunk": 0}
         caches: dict = {}
         with ThreadPoolExecutor(1, thread_name_prefix="vae") as vae:
             decoded = []
@@ -271,16 +280,25 @@ class VideoSampler(Sampler):
                 return pixels
 
             def frame_done(t: int) -> None:  # on the shallow thread, frames in order
-                progress["shallow"] = t + 1
-                while progress["chunk"] < len(chunks) and chunks[progress["chunk"]][1] <= progress["shallow"]:
-                    start, stop, first = chunks[progress["chunk"]]
+                ready["shallow"] = t + 1
+                while ready["chunk"] < len(chunks) and chunks[ready["chunk"]][1] <= ready["shallow"]:
+                    start, stop, first = chunks[ready["chunk"]]
                     if extra is not None:
                         self._denoise_chunk(latents, start, stop, first, extra)
                     decoded.extend(vae.submit(decode, k, latents[:, k].copy()) for k in range(first, stop))
-                    progress["chunk"] += 1
+                    ready["chunk"] += 1
 
-            self._sample(req, latents, frame_done, context_frames, context)
-            return latents, [job.result() for job in decoded]
+            report = progress or (lambda *a: None)
+            report("deep block", 0, count)
+            self._sample(req, latents, frame_done, context_frames, context,
+                         lambda done: report("deep block", done, count))
+            pixels, done, total = [], 0, self.manifest.video.pixel_frames(count)
+            report("frames", 0, total)
+            for job in decoded:
+                pixels.append(job.result())
+                done += pixels[-1].shape[1]
+                report("frames", done, total)
+            return latents, pixels
 
     # -- VAE decoder ---------------------------------------------------------------------
     def _check_decoder(self) -> None:
