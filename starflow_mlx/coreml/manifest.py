@@ -61,6 +61,9 @@ class PackageInfo(JSONConfig):
     quantized_layers: int = 0  # linears stored as constexpr_blockwise_shift_scale constants
 
 
+VAE_FRAMES_PER_LATENT = 4  # the Wan2.2 VAE: frame 0 alone, then 4 pixel frames per latent frame
+
+
 @dataclass
 class VideoContract(JSONConfig):
     """What a host needs to drive a STARFlow-V export frame by frame (the flow packages are per frame/window)."""
@@ -88,7 +91,7 @@ class VideoContract(JSONConfig):
     @property
     def frames_per_latent(self) -> int:
         """Pixel frames each latent frame after the first decodes to: 4 for the Wan2.2 VAE, 1 without a VAE."""
-        return 1 if self.pixel_space else 4
+        return 1 if self.pixel_space else VAE_FRAMES_PER_LATENT
 
     def pixel_frames(self, latent_frames: int) -> int:
         return 1 + (latent_frames - 1) * self.frames_per_latent

@@ -21,11 +21,12 @@ from starflow_mlx.coreml.builder import ExportError, to_numpy
 from starflow_mlx.coreml.deep_block import DeepShapes
 from starflow_mlx.coreml.export import (ExportOptions, component_packages, deep_package, from_model_manifest,
                                         is_guided, resolve_chunk, shallow_packages)
-from starflow_mlx.coreml.manifest import ExportManifest, PackageInfo, VideoContract, label_steps
+from starflow_mlx.coreml.manifest import (VAE_FRAMES_PER_LATENT, ExportManifest, PackageInfo, VideoContract,
+                                          label_steps)
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.denoise import DENOISER_STEP
 
-FRAME_RULE = "1 + 4k pixel frames; latent frames = (frames - 1) / 4 + 1"
+FRAME_RULE = f"1 + {VAE_FRAMES_PER_LATENT}k pixel frames; latent frames = (frames - 1) / {VAE_FRAMES_PER_LATENT} + 1"
 PIXEL_FRAME_RULE = "any number of frames; latent frames = frames (pixel space, no VAE)"
 MAX_CONTEXT_FRAMES = 16  # upstream's default cap on re-encoded frames
 
