@@ -101,7 +101,7 @@ def check_job(pipe, plan: OutputPlan, count: int, aspect_ratio: str) -> None:
     """Refuse, before sampling, a grid larger than memory or files larger than the free disk."""
     from PIL import Image
 
-    from starflow_mlx.pipelines.image import InsufficientMemoryError, memory_limit, needed_bytes
+    from starflow_mlx.memory import InsufficientMemoryError, memory_limit, needed_bytes
     from starflow_mlx.pipelines.image_files import file_bytes, grid_shape
 
     width, height, channels = pipe.image_size(aspect_ratio)
@@ -285,7 +285,8 @@ def generate(
     from starflow_mlx import __version__
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
-    from starflow_mlx.pipelines.image import Pipeline, plan_batch
+    from starflow_mlx.memory import plan_batch
+    from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.sampling.auto import resolve_jacobi
@@ -396,7 +397,7 @@ def score(
 
     A clip also gets one line per latent frame, each scored given the frames before it.
     """
-    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.load import load_pipeline
     from starflow_mlx.pipelines.video import VIDEO_DEFAULTS, VideoPipeline
 
     video = image.suffix.lower() == ".mp4"
@@ -410,7 +411,7 @@ def score(
         if fps is not None:
             raise ValueError("--fps is for scoring an .mp4 with a video model")
         picture = open_image(image)
-    pipe = Pipeline.from_pretrained(model, lora=lora, lora_scale=lora_scale)
+    pipe = load_pipeline(model, lora=lora, lora_scale=lora_scale)
     if video != isinstance(pipe, VideoPipeline):
         raise ValueError(f"{model} is {'a video' if not video else 'an image'} model: score "
                          f"{'an .mp4' if not video else 'an image'} with it")

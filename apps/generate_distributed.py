@@ -26,8 +26,8 @@ def deep_layers(world: World, model: str, pipeline: bool) -> range | None:
     if world.size < 2:
         return None
     from starflow_mlx.config import FlowConfig
-    from starflow_mlx.model_folder import resolve_model
-    from starflow_mlx.pipelines.image import memory_limit, needed_bytes
+    from starflow_mlx.resolve import resolve_model
+    from starflow_mlx.memory import memory_limit, needed_bytes
 
     folder = resolve_model(model)
     config = FlowConfig.load(folder / "config.json")

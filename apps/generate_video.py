@@ -52,9 +52,8 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.sampling.auto import resolve_jacobi
-    from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
-    from starflow_mlx.pipelines.video import frame_count
+    from starflow_mlx.pipelines.video import VideoPipeline, frame_count
     from starflow_mlx.pipelines.video_io import check_input, input_record, write_videos
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
@@ -95,7 +94,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         raise ValueError(f"--vae-tile must be at least 2 latent cells, got {vae_tile}")
     world = dist.open_world(pipeline)
     layers = dist.deep_layers(world, job["model"], pipeline)
-    pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], layers=layers)
+    pipe = VideoPipeline.from_pretrained(job["model"], dtype=job["dtype"], layers=layers)
     if vae_tile is not None and pipe.pixel_space:
         raise ValueError(f"--vae-tile: {job['model']} works on pixels and has no VAE to tile")
     pipe.vae.tile = vae_tile

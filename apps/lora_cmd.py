@@ -17,9 +17,10 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     """Fine-tune LoRA matrices on a frozen base by exact likelihood and write the adapter folder."""
     from starflow_mlx.config import FlowConfig
     from starflow_mlx.loading import load_flow
-    from starflow_mlx.model_folder import Manifest, resolve_model
+    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.resolve import resolve_model
     from starflow_mlx.models.lora import check_blocks, check_rank, trainable_count
-    from starflow_mlx.pipelines.image import check_memory
+    from starflow_mlx.memory import check_memory
     from starflow_mlx.quantize.policy import check_setting
     from starflow_mlx.staging import check_output
     from starflow_mlx.training.lora import LoRASettings, LoRATrainer, check_lora_memory, load_lora_data
@@ -79,9 +80,10 @@ def fuse(
     """Merge a LoRA adapter into its base: an ordinary model folder (a quantized base is re-quantized)."""
     from starflow_mlx.config import FlowConfig
     from starflow_mlx.loading import cast_floats, load_flow, parse_dtype
-    from starflow_mlx.model_folder import MANIFEST, Manifest, resolve_model
+    from starflow_mlx.model_folder import MANIFEST, Manifest
+    from starflow_mlx.resolve import resolve_model
     from starflow_mlx.models.lora import fuse_lora, read_adapter_config
-    from starflow_mlx.pipelines.image import check_memory
+    from starflow_mlx.memory import check_memory
     from starflow_mlx.quantize.quantize_folder import FLOW_FILES, save_flow
     from starflow_mlx.staging import check_output, staged_folder
 

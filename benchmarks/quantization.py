@@ -23,7 +23,8 @@ import mlx.core as mx
 import numpy as np
 
 from starflow_mlx.loading import load_flow
-from starflow_mlx.model_folder import MANIFEST, Manifest, resolve_model
+from starflow_mlx.model_folder import MANIFEST, Manifest
+from starflow_mlx.resolve import resolve_model
 from starflow_mlx.quantize.quantize_folder import block_bits, quantize_flow, save_flow
 
 # The four variants took this many times the reference pass's time per image, times the images they sample
@@ -57,7 +58,7 @@ def conditioning(flow, batch: int, seed: int = 0):
 
 def check_samples(folder: Path, config, samples: int) -> None:
     """Every variant samples all of them in one batch: refuse, with the numbers, what memory cannot hold."""
-    from starflow_mlx.pipelines.image import InsufficientMemoryError, image_bytes, memory_limit, needed_bytes
+    from starflow_mlx.memory import InsufficientMemoryError, image_bytes, memory_limit, needed_bytes
 
     if samples < 1:
         raise ValueError(f"--samples must be at least 1, got {samples}")

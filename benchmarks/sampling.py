@@ -199,7 +199,7 @@ def jacobi_summary(stats: JacobiStats, blocks: list[int]) -> dict:
 # -- the benchmark ---------------------------------------------------------------------------
 def check_memory(config, opts: BenchOptions) -> None:
     """Refuse, with the numbers, a batch or a bandwidth array that memory cannot hold (MLX would crash)."""
-    from starflow_mlx.pipelines.image import InsufficientMemoryError, image_bytes, memory_limit
+    from starflow_mlx.memory import InsufficientMemoryError, image_bytes, memory_limit
 
     total = memory_limit()
     if total is None:

@@ -35,7 +35,7 @@ WEIGHT_BYTES = {"float32": 2.22e9, "float16": 1.11e9, "bfloat16": 1.11e9}  # mea
 
 def check_size(frames: int, height: int, width: int, dtype: str, tile: int | None) -> None:
     """Refuse, in one line, a decode this machine cannot hold; say up front how long the rest will take."""
-    from starflow_mlx.pipelines.image import memory_limit
+    from starflow_mlx.memory import memory_limit
     from starflow_mlx.pipelines.video import VAE_BYTES_PER_PIXEL
 
     if (frames - 1) % 4 or height % 16 or width % 16:

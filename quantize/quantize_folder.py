@@ -19,11 +19,12 @@ from mlx.utils import tree_flatten
 
 from starflow_mlx.advice import option_error
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.loading import load_flow
-from starflow_mlx.model_folder import MANIFEST
-from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.memory import check_memory
+from starflow_mlx.model_folder import MANIFEST, local_model
 from starflow_mlx.quantize.policy import (DEFAULT_KEEP, SUPPORTED_BITS, QuantizationError, apply_quantization,
                                           check_setting, describe, plan_quantization)
+from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.weights import build_flow, cast_floats
 
 FLOW_FILES = ("config.json", "model.safetensors")
 
@@ -68,10 +69,9 @@ def quantize_flow(folder: str | Path, bits: int, group_size: int = 64, overrides
 
     ``blocks``: per-block bit widths from :func:`block_bits`; ``overrides`` win over them and over ``keep``.
     """
-    from starflow_mlx.pipelines.image import check_memory
-
     check_memory(Path(folder), FlowConfig.load(Path(folder) / "config.json"))  # before the model is built
-    flow = load_flow(folder, dtype="float16")
+    flow = build_flow(Path(folder))
+    cast_floats(flow, mx.float16)
     if flow.config.quantization:
         raise QuantizationError(f"{folder} is already quantized ({describe(flow.config.quantization)}): "
                                 "quantize the float model instead")
@@ -121,13 +121,20 @@ def write_quantized(src: Path, staging: Path, bits: int, group_size: int = 64, o
 def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_size: int = 64,
                           overrides: dict[str, int] | None = None, text_bits: int | None = 8,
                           force: bool = False, blocks: dict[str, int] | None = None) -> str:
-    """Write a quantized copy of ``src`` (a folder, 'demo' or a repo id) to ``output``; returns a one-line summary."""
-    from starflow_mlx.model_folder import resolve_model
+    """Write a quantized copy of ``src`` (a folder or a built-in name) to ``output``; returns a one-line summary.
+
+    A Hugging Face repo id is resolved first (``starflow_mlx.resolve.resolve_model``): conversion, which
+    quantizes too, sits below name resolution.
+    """
 
     check_setting(bits, group_size)
     if text_bits not in (None, 0, *SUPPORTED_BITS):  # before the flow is quantized, named by its own option
         raise option_error(QuantizationError, "text_bits", f" must be 0 (keep float16), 4 or 8, got {text_bits}")
     check_output(output, force, QuantizationError)
-    src = resolve_model(src)
+    folder = local_model(src)
+    if folder is None:
+        raise QuantizationError(f"{src} is not a model folder or a built-in model: pass a folder, or resolve a "
+                                "repo id first with starflow_mlx.resolve.resolve_model")
+    src = folder
     with staged_folder(output, force, QuantizationError) as staging:
         return write_quantized(src, staging, bits, group_size, overrides, text_bits, blocks)

@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_video_vae": ("starflow_mlx.video_vae", "load_video_vae"),
     "Pipeline": ("starflow_mlx.pipelines.image", "Pipeline"),
     "VideoPipeline": ("starflow_mlx.pipelines.video", "VideoPipeline"),
+    "load_pipeline": ("starflow_mlx.pipelines.load", "load_pipeline"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

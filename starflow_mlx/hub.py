@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
-
-from starflow_mlx.model_folder import MANIFEST
 
 REGISTRY = Path(__file__).with_name("registry.json")
 REGISTRY_ENV, CACHE_ENV = "STARFLOW_MLX_REGISTRY", "STARFLOW_MLX_CACHE"
@@ -209,52 +204,3 @@ def fetch_component(repo: str, role: str, registry: str | Path | None = None) ->
     files = component_files(load_registry(registry), repo, role)
     paths = download(files)
     return snapshot_dir(paths[files[0]], files[0].filename)
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def ensure_model(repo_id: str, registry: str | Path | None = None) -> Path:
-    """A converted model folder for a registered repo id: downloaded and converted on first use, then reused."""
-    reg = load_registry(registry)
-    files = model_files(reg, repo_id)
-    entry = reg["models"][repo_id]
-    revision = entry.get("revision", "main")
-    root = cache_root()
-    target = root / f"{repo_id.replace('/', '--')}--{revision}"
-    if (target / MANIFEST).is_file():
-        return target
-    if target.exists():
-        raise HubError(f"{target} holds an incomplete conversion: delete it and run again")
-    paths = download([f for group in files.values() for f in group])
-
-    def origin(role: str) -> str:
-        file = files[role][0]
-        where = snapshot_dir(paths[file], file.filename)
-        return f"{file.repo}@{where.name}" + (f"/{file.filename}" if role in ("checkpoint", "config", "decoder") else "")
-
-    from starflow_mlx.convert.full_model import build_model_folder
-
-    _log(f"converting {repo_id} into {target} (once; later runs reuse it)")
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
-        first = {role: group[0] for role, group in files.items() if group}
-        build_model_folder(
-            paths[first["checkpoint"]], paths[first["config"]], staging / "model",
-            text_encoder=snapshot_dir(paths[first["text_encoder"]], first["text_encoder"].filename),
-            vae=snapshot_dir(paths[first["vae"]], first["vae"].filename),
-            decoder=paths[first["decoder"]] if "decoder" in first else None,
-            dtype=entry.get("dtype", "float16"),
-            source={"repo": repo_id, "revision": revision, "checkpoint": origin("checkpoint"),
-                    "config": origin("config"), "text_encoder": origin("text_encoder"), "vae": origin("vae"),
-                    "finetuned_decoder": origin("decoder") if "decoder" in first else None})
-        try:
-            (staging / "model").rename(target)
-        except OSError:
-            if not (target / MANIFEST).is_file():  # not another process that finished first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -13,7 +13,6 @@ pipeline needs the manifest.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -74,8 +73,8 @@ def model_record(name: str | Path) -> str:
     return str(path.resolve()) if path.is_dir() else str(name)
 
 
-def resolve_model(name: str | Path) -> Path:
-    """A model folder from a path, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
+def local_model(name: str | Path) -> Path | None:
+    """The folder of a local path or a built-in model name; None for anything else (a repo id, a typo)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -84,14 +83,4 @@ def resolve_model(name: str | Path) -> Path:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"the built-in {name} model is missing from this install: reinstall starflow-mlx")
         return folder
-    if "/" in str(name) and not path.exists() and not str(name).startswith((".", "/", "~")):
-        from starflow_mlx.hub import ensure_model
-
-        return ensure_model(str(name))
-    from starflow_mlx.hub import load_registry
-
-    # A typo of a known name ('dmeo', 'starflow') is the likeliest first mistake: name the fix.
-    close = difflib.get_close_matches(str(name), [*BUILT_IN, *load_registry().get("models", {})], n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"model {name!r} not found{hint}: pass a model folder, 'demo', or a Hugging Face repo id "
-                      "like apple/starflow")
+    return None

@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
-from starflow_mlx.loading import DTYPES, ModelLoadError, auto_dtype, load_weights_strict, parse_dtype
+from starflow_mlx.weights import DTYPES, ModelLoadError, auto_dtype, load_weights_strict, parse_dtype
 from starflow_mlx.models.t5 import T5Config, T5Encoder
 from starflow_mlx.quantize.policy import apply_quantization, describe, plan_quantization
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
-from starflow_mlx.loading import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
+from starflow_mlx.weights import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 
 

@@ -65,9 +65,9 @@ class HeldPipeline:
 
 
 def held_loader(model):
-    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.load import load_pipeline
 
-    return HeldPipeline(Pipeline.from_pretrained(model))
+    return HeldPipeline(load_pipeline(model))
 
 
 def wait_for(predicate, timeout=600.0, every=0.02):

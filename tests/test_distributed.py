@@ -80,7 +80,7 @@ def test_pipeline_is_chosen_when_the_model_does_not_fit_one_machine(monkeypatch)
     two = World(rank=1, size=2)
     assert deep_layers(two, "demo", pipeline=False) is None  # the demo fits: data parallel
     assert deep_layers(two, "demo", pipeline=True) == range(2, 4)
-    monkeypatch.setattr("starflow_mlx.pipelines.image.memory_limit", lambda: 1 << 20)
+    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: 1 << 20)
     assert deep_layers(two, "demo", pipeline=False) == range(2, 4)
     assert deep_layers(World(), "demo", pipeline=False) is None  # one process never pipelines
 
@@ -102,7 +102,7 @@ def test_pipeline_images_match_one_process_and_each_rank_holds_half_the_deep_blo
     assert np.abs(two - one).max() <= 1  # float32 sums in another order may move a pixel by one level
 
     from starflow_mlx.model_folder import DEMO_DIR
-    from starflow_mlx.pipelines.image import weight_bytes
+    from starflow_mlx.memory import weight_bytes
 
     halves = [weight_bytes(DEMO_DIR, layer_share(4, 2, r)) for r in range(2)]
     assert halves[0] == halves[1] < weight_bytes(DEMO_DIR)

@@ -15,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from starflow_mlx import hub
+from starflow_mlx import hub, resolve
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.convert.flow_checkpoint import ConversionError
@@ -84,7 +84,7 @@ def test_registry_names_real_files_for_apple_starflow():
 
 def test_converts_once_then_reuses(offline, monkeypatch, tmp_path):
     tmp, src = offline
-    folder = hub.ensure_model("fake/starflow")
+    folder = resolve.ensure_model("fake/starflow")
     assert folder == tmp / "converted" / "fake--starflow--main"
     manifest = json.loads((folder / "starflow.json").read_text())
     assert manifest["kind"] == "text-to-image"
@@ -100,8 +100,8 @@ def test_converts_once_then_reuses(offline, monkeypatch, tmp_path):
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr("starflow_mlx.convert.full_model.build_model_folder", no_second_conversion)
-    assert hub.ensure_model("fake/starflow") == folder
+    monkeypatch.setattr("starflow_mlx.resolve.build_model_folder", no_second_conversion)
+    assert resolve.ensure_model("fake/starflow") == folder
     res = runner.invoke(app, ["generate", "a cat", "--model", "fake/starflow", "-o", str(tmp_path / "cat.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cat.png").is_file()
@@ -168,7 +168,7 @@ def test_unreachable_hub_fails_at_once_with_the_offline_message(fake_hub, tmp_pa
 
 def test_unknown_repo_names_the_known_ones(offline):
     with pytest.raises(hub.HubError, match="known models are apple/starflow, apple/starflow-v, fake/incomplete, fake/starflow"):
-        hub.ensure_model("nobody/nothing")
+        resolve.ensure_model("nobody/nothing")
 
 
 def test_convert_takes_repo_ids_for_the_components(offline, tmp_path):

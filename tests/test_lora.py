@@ -160,7 +160,7 @@ def test_memory_estimate_covers_a_step_and_refuses_what_cannot_fit(base_folder, 
         trainer.run()
         estimate = sum(lora_training_bytes(trainer.config, 16, trainer.settings).values())
         assert 0 < mx.get_peak_memory() <= estimate
-    monkeypatch.setattr("starflow_mlx.pipelines.image.memory_limit", lambda: 2 * 2**30)  # loading fits, a step not
+    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: 2 * 2**30)  # loading fits, a step not
     res = runner.invoke(app, ["train", "--lora", "--base", str(base_folder), "--batch-size", "4096",
                               "-o", str(tmp_path / "out")])
     assert "needs about" in one_line(res) and "use --grad-checkpoint" in one_line(res)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.pipelines import image as image_module
-from starflow_mlx.pipelines.image import InsufficientMemoryError, Pipeline
+from starflow_mlx import memory
+from starflow_mlx.memory import InsufficientMemoryError
+from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio, prepare_prompt
 from starflow_mlx.sampling.denoise import score_denoise
 
@@ -148,7 +149,7 @@ def test_class_models_take_class_names(class_model):
 
 
 def test_not_enough_memory_is_one_line_with_the_numbers(model, monkeypatch):
-    monkeypatch.setattr(image_module, "physical_memory", lambda: 2**20)
+    monkeypatch.setattr(memory, "physical_memory", lambda: 2**20)
     with pytest.raises(InsufficientMemoryError) as err:
         Pipeline.from_pretrained(model)
     message = str(err.value)
@@ -157,15 +158,20 @@ def test_not_enough_memory_is_one_line_with_the_numbers(model, monkeypatch):
 
 
 def test_video_folders_go_to_the_video_pipeline(class_model, tmp_path):
-    """A folder that says text-to-video is handed to VideoPipeline, which names what this one lacks."""
+    """load_pipeline hands a folder that says text-to-video to VideoPipeline, which names what this one lacks;
+    each pipeline class refuses the other kind and names the right one."""
+    from starflow_mlx import load_pipeline
+    from starflow_mlx.pipelines.video import VideoPipeline
+
     folder = tmp_path / "video"
     shutil.copytree(class_model, folder)
     manifest = json.loads((folder / "starflow.json").read_text())
     (folder / "starflow.json").write_text(json.dumps({**manifest, "kind": "text-to-video"}))
     with pytest.raises(ValueError, match="lacks its text encoder"):
+        load_pipeline(folder)
+    with pytest.raises(ValueError, match="text-to-video model: use starflow_mlx.VideoPipeline"):
         Pipeline.from_pretrained(folder)
-    from starflow_mlx.pipelines.video import VideoPipeline
-
     with pytest.raises(ValueError, match="class-to-image model: use starflow_mlx.Pipeline"):
         VideoPipeline.from_pretrained(class_model)
+    assert type(load_pipeline(class_model)) is Pipeline
 

@@ -78,7 +78,7 @@ def test_on_a_terminal_bars_are_drawn_and_no_log_lines_are_printed():
 
 def test_quantize_report_reports_each_variants_parts(tmp_path):
     from starflow_mlx.benchmarks.quantization import measure_variants
-    from starflow_mlx.model_folder import resolve_model
+    from starflow_mlx.resolve import resolve_model
 
     flow_only = tmp_path / "flow"  # the demo's flow without its manifest: no digit-classifier pass
     flow_only.mkdir()

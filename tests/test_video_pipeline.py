@@ -36,9 +36,9 @@ def model(sources, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(model):
-    from starflow_mlx import Pipeline
+    from starflow_mlx import VideoPipeline
 
-    return Pipeline.from_pretrained(model)
+    return VideoPipeline.from_pretrained(model)
 
 
 def generate(*args):

@@ -95,7 +95,7 @@ def check_export_memory(config: FlowConfig, factor: int, lat_h: int, lat_w: int)
     """Refuse, with the numbers, a size this machine cannot export: numpy would fail on a terabyte array, or the
     process be killed. The estimate is sampling's at that size plus the shallow packages' float16 causal mask
     over all tokens, built and then serialised (it grows with the square of the tokens)."""
-    from starflow_mlx.pipelines.image import image_bytes, memory_limit
+    from starflow_mlx.memory import image_bytes, memory_limit
 
     total = memory_limit()
     side = max(lat_h, lat_w)
@@ -299,7 +299,7 @@ def export_coreml(model: str | Path, output: str | Path, options: ExportOptions 
     ``report`` gets one line per step; ``progress(label, done, total)`` counts packages, then verification.
     ``force`` replaces an ``output`` this project wrote (the rule of :mod:`starflow_mlx.staging`).
     """
-    from starflow_mlx.model_folder import resolve_model
+    from starflow_mlx.resolve import resolve_model
 
     options = options or ExportOptions()
     if options.bits is not None and options.bits not in (4, 8):

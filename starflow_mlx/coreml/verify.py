@@ -27,7 +27,7 @@ from starflow_mlx.coreml.builder import ExportError, coremltools
 from starflow_mlx.coreml.driver import InterpreterBackend, Sampler, SampleStats, channels_first, channels_last
 from starflow_mlx.coreml.interpreter import Program
 from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, ExportManifest, PackageInfo
-from starflow_mlx.loading import cast_floats
+from starflow_mlx.weights import cast_floats
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.guidance import guide
 

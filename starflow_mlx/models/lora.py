@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 from starflow_mlx.advice import option_error
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
+from starflow_mlx.weights import ModelLoadError, load_weights_strict
 
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -238,8 +239,6 @@ def check_adapter(folder: str | Path, flow_config: FlowConfig, scale: float = 1.
 
 def load_adapter(model: nn.Module, folder: str | Path, scale: float = 1.0) -> AdapterConfig:
     """Add the adapter in ``folder`` to ``model`` (a loaded flow), its update multiplied by ``scale``."""
-    from starflow_mlx.loading import ModelLoadError, load_weights_strict
-
     folder = Path(folder).expanduser()
     config = check_adapter(folder, model.config, scale)
     apply_lora(model, config.targets, config.rank, config.scale * scale)

@@ -34,9 +34,9 @@ from PIL import Image
 from starflow_mlx.advice import option_error, with_cli_message
 from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
+from starflow_mlx.memory import InsufficientMemoryError, memory_limit, weight_bytes
 from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
-from starflow_mlx.pipelines.image import (InsufficientMemoryError, Pipeline, check_finite, check_options, memory_limit,
-                                          weight_bytes)
+from starflow_mlx.pipelines.image import Pipeline, check_finite, check_options
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.pixel_video import PixelVideo
 from starflow_mlx.sampling.auto import resolve_jacobi

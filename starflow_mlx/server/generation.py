@@ -75,7 +75,7 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
     from starflow_mlx import __version__
     from starflow_mlx.apps.generate_cmd import SAMPLING_KEYS, file_stem
     from starflow_mlx.model_folder import model_record
-    from starflow_mlx.pipelines.image import plan_batch
+    from starflow_mlx.memory import plan_batch
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.sampling.auto import resolve_jacobi
 

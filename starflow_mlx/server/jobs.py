@@ -129,7 +129,7 @@ class Job:
 class JobRunner:
     """Loads ``model`` on its worker thread, then runs submitted jobs one at a time.
 
-    ``loader(model)`` returns the pipeline (``Pipeline.from_pretrained`` by default, which hands
+    ``loader(model)`` returns the pipeline (``load_pipeline`` by default, which hands
     video models to ``VideoPipeline``).
     """
 
@@ -249,9 +249,9 @@ class JobRunner:
         if self.loader is not None:
             self.pipe = self.loader(self.model)
         else:
-            from starflow_mlx.pipelines.image import Pipeline
+            from starflow_mlx.pipelines.load import load_pipeline
 
-            self.pipe = Pipeline.from_pretrained(self.model)
+            self.pipe = load_pipeline(self.model)
 
     def _work(self) -> None:
         try:

@@ -105,7 +105,7 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
 
 def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4) -> int:
     """The estimated bytes of a step; refuses, with the numbers, a step this machine cannot hold."""
-    from starflow_mlx.pipelines.image import InsufficientMemoryError, memory_limit
+    from starflow_mlx.memory import InsufficientMemoryError, memory_limit
 
     need = sum(lora_training_bytes(config, batch, settings, float_bytes).values())
     total = memory_limit()
@@ -208,7 +208,7 @@ class LoRATrainer(Trainer):
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
         from starflow_mlx.convert.safetensors_stream import read_header
-        from starflow_mlx.loading import load_weights_strict
+        from starflow_mlx.weights import load_weights_strict
         from starflow_mlx.models.lora import ADAPTER_WEIGHTS, check_base, read_adapter_config
 
         folder = Path(folder or self.checkpoint_dir / "latest")

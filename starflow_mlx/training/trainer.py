@@ -25,7 +25,7 @@ from starflow_mlx.advice import option_error, with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.safetensors_stream import read_header
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
-from starflow_mlx.loading import load_weights_strict
+from starflow_mlx.weights import load_weights_strict
 from starflow_mlx.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.pipelines.prompts import class_features
@@ -112,7 +112,7 @@ def training_bytes(config: FlowConfig, batch: int) -> int:
 
 def check_training_memory(config: FlowConfig, batch: int) -> None:
     """Refuse, with the numbers, a training step the machine cannot hold, before the kernel kills the process."""
-    from starflow_mlx.pipelines.image import InsufficientMemoryError, memory_limit
+    from starflow_mlx.memory import InsufficientMemoryError, memory_limit
 
     total, need = memory_limit(), training_bytes(config, batch)
     if total is not None and need > total:
