@@ -19,10 +19,10 @@ import numpy as np
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.coreml.builder import ExportError, to_numpy
 from starflow_mlx.coreml.deep_block import DeepShapes
-from starflow_mlx.coreml.export import (ExportOptions, component_packages, deep_package, from_model_manifest,
-                                        is_guided, resolve_chunk, shallow_packages)
 from starflow_mlx.coreml.manifest import (VAE_FRAMES_PER_LATENT, ExportManifest, PackageInfo, VideoContract,
                                           label_steps)
+from starflow_mlx.coreml.packages import (ExportOptions, component_packages, deep_package, from_model_manifest,
+                                          is_guided, resolve_chunk, shallow_packages)
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.denoise import DENOISER_STEP
 
