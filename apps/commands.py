@@ -5,7 +5,7 @@ Each command is wrapped by ``user_errors`` so bad input ends in a one-line error
 
 from __future__ import annotations
 
-from starflow_mlx.apps.cli import user_errors
+from starflow_mlx.apps.errors import user_errors
 
 
 def register(app) -> None:
