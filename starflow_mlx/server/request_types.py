@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import secrets
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ MAX_IMAGES = 10  # OpenAI's own limit on n
 MAX_FRAMES = 241  # 15 s at 16 fps; the model was trained on 81
 SEED_LIMIT = 2**63 - 1 - MAX_IMAGES  # image i of a request uses seed + i
 RESPONSE_FORMATS = ("b64_json", "url")
+DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 
 class RequestError(ValueError):
@@ -155,10 +157,9 @@ def video_frames(request: VideoRequest, fps: int, default: int | None) -> int | 
         return request.frames
     if request.seconds is None:
         return default
-    try:
-        seconds = float(request.seconds)
-    except ValueError:
-        seconds = math.nan
+    # A decimal number only: Python's float() also takes "1_0", " 1", "1e1" and "inf", which no client means.
+    text = str(request.seconds)
+    seconds = float(text) if isinstance(request.seconds, float) or DECIMAL.fullmatch(text) else math.nan
     if not 0 < seconds <= MAX_FRAMES / fps:
         raise RequestError(f"request: seconds must be a number above 0 and at most {MAX_FRAMES / fps:g} "
                            f"at {fps} fps, got {str(request.seconds)[:16]!r}", "seconds")
