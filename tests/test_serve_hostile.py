@@ -21,10 +21,18 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.routing import Mount, Route  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from fixtures_serve import serving, started  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from fixtures_serve import serving, started, wait_for  # noqa: E402
+from starflow_mlx.apps.cli import app as cli  # noqa: E402
+from starflow_mlx.apps.commands import register  # noqa: E402
+from starflow_mlx.pipelines.video_io import read_video  # noqa: E402
 from starflow_mlx.server import jobs  # noqa: E402
 from starflow_mlx.server.app import create_app  # noqa: E402
 from starflow_mlx.server.jobs import RECORD  # noqa: E402
+from starflow_mlx.server.limits import BoundedH11Protocol, connection_limit  # noqa: E402
+
+register(cli)
 
 LOCAL = "http://localhost"
 SECRET = b"secret-marker-0f1e"  # stands for a system file: it must never come back
@@ -136,6 +144,13 @@ def test_video_requests_are_checked_before_they_are_queued(tmp_path):
             assert res.json()["error"]["param"] == param, body
         assert client.post("/v1/images/generations", json={"prompt": "cat"}).status_code == 400
         assert client.get("/v1/jobs").json()["data"] == []  # refused, not failed jobs
+        # The README's request for this model: queued, made, downloaded.
+        video = client.post("/v1/videos", json={"prompt": "7 moving right", "frames": 20}).json()
+        wait_for(lambda: runner.get(video["id"]).finished.is_set())
+        assert runner.get(video["id"]).status == "completed", runner.get(video["id"]).error
+        (tmp_path / "seven.mp4").write_bytes(client.get(f"/v1/videos/{video['id']}/content").content)
+        frames, fps = read_video(tmp_path / "seven.mp4")
+        assert (frames.shape[0], fps) == (20, 16)
 
 
 def test_a_job_deleted_as_it_finishes_answers_its_waiter_404(tmp_path, monkeypatch):
@@ -326,3 +341,19 @@ def test_idle_half_sent_and_surplus_connections_are_closed(tmp_path):
             assert time.monotonic() < deadline, "the server did not recover from a full house"
             time.sleep(0.1)
         assert raw(url, health).startswith(b"HTTP/1.1 200")
+
+
+def test_serve_command_runs_the_bounded_server_and_its_allowed_hosts(tmp_path, monkeypatch):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.setdefault("config", self.config))
+    res = CliRunner().invoke(cli, ["serve", "--model", "demo", "--port", "0", "--output-dir", str(tmp_path / "out"),
+                                   "--allowed-host", "mymac.lan", "--allowed-host", "studio.local"])
+    assert res.exit_code == 0, res.output
+    config = seen["config"]
+    assert issubclass(config.http, BoundedH11Protocol) and config.limit_concurrency == connection_limit()
+    client = TestClient(config.app, base_url="http://mymac.lan:8000")
+    assert client.get("/health").status_code == 200
+    assert client.get("/health", headers={"host": "studio.local"}).status_code == 200
+    assert client.get("/health", headers={"host": "evil.example"}).status_code == 403
