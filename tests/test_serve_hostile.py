@@ -142,6 +142,11 @@ def test_video_requests_are_checked_before_they_are_queued(tmp_path):
             res = client.post("/v1/videos", json=body)
             assert res.status_code == 400, (body, res.text)
             assert res.json()["error"]["param"] == param, body
+        # OpenAI's client posts a multipart form: its numbers are plain decimals too.
+        for field, text in [("frames", "1_0"), ("fps", " 16"), ("seed", "1e3"), ("cfg", "inf"), ("cfg", "nan"),
+                            ("seconds", "1_0"), ("frames", "9" * 5000)]:
+            res = client.post("/v1/videos", files={"prompt": (None, "7 moving right"), field: (None, text)})
+            assert res.status_code == 400 and res.json()["error"]["param"] == field, (field, text, res.text)
         assert client.post("/v1/images/generations", json={"prompt": "cat"}).status_code == 400
         assert client.get("/v1/jobs").json()["data"] == []  # refused, not failed jobs
         # The README's request for this model: queued, made, downloaded.
