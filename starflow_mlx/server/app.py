@@ -11,7 +11,8 @@ Endpoints (errors are OpenAI's shape, ``{"error": {"message", "type", "param", "
 - ``GET /v1/models``, ``GET /health``, and the page at ``/``.
 
 With an API key, every request but the page itself (``/`` and ``/static/``, which hold no data) must carry
-``Authorization: Bearer KEY``.
+``Authorization: Bearer KEY``. Key or not, web pages of other sites are kept out (browser_guard.py), and bodies
+are bounded in size and time (limits.py).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class JobRecord(JSONConfig):
     created_at: float = field(metadata={"min": 0, "max": 2**40})  # to the microsecond: it orders the jobs
     completed_at: int = field(metadata={"min": 0, "max": 2**40})
     seconds: float = field(metadata={"min": 0, "max": 1e9})
-    request: dict[str, Any] = field(default_factory=dict, metadata={"max_len": 64})  # checked as a request below
+    request: dict[str, Any] = field(default_factory=dict, metadata={"max_len": 64})  # read back as a request is (from_record)
     params: dict[str, Scalar] = field(default_factory=dict, metadata={"max_len": 64})
     files: list[str] = field(default_factory=list, metadata={"max_len": 1024})
 
@@ -92,12 +92,8 @@ class JobRecord(JSONConfig):
                 raise ConfigError(f"{self.LABEL}: {name[:40]!r} is not a plain file name")
         if any(Path(name).suffix not in MEDIA_TYPES for name in self.files):
             raise ConfigError(f"{self.LABEL}: files must be .png or .mp4")
-        # A record is read back into the API's answers: what it reads, typed as a request's (and the request
-        # itself is one, in Job.from_record).
+        # A record is read back into the API's answers: what they read of it is typed as a request's.
         ShownParams.from_dict({k: v for k, v in self.params.items() if k in SHOWN_PARAMS}, f"{self.LABEL}: params")
-
-    def request_type(self) -> type:
-        return ImageRequest if self.kind == "image" else VideoRequest
 
 
 SHOWN_PARAMS = {f.name for f in dataclasses.fields(ShownParams)}
@@ -122,7 +118,8 @@ class Job:
 
     @classmethod
     def from_record(cls, record: JobRecord) -> "Job":
-        request = record.request_type().from_dict(record.request, "request")
+        kind = ImageRequest if record.kind == "image" else VideoRequest
+        request = kind.from_dict(record.request, f"{record.LABEL}: request")
         job = cls(record.kind, request, record.model, record.id)
         job.status, job.progress, job.stage = "completed", 100, "done"
         job.created_at, job.completed_at, job.seconds = record.created_at, record.completed_at, record.seconds
