@@ -331,6 +331,9 @@ def test_idle_half_sent_and_surplus_connections_are_closed(tmp_path):
             assert closed_within(sock, 10), "a connection that never finished its request was kept"
             sock.close()
         assert time.monotonic() - started_at < 15
+        # A head that goes on past 16 KB without ending: refused, not buffered on.
+        huge = raw(url, b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40_000, timeout=10)
+        assert huge.startswith(b"HTTP/1.1 400"), huge[:80]
         # Half a body: 408 once the body deadline passes, and the connection closes.
         slow = raw(url, b"POST /v1/images/generations HTTP/1.1\r\nHost: localhost\r\n"
                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ", timeout=10)

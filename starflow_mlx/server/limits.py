@@ -5,7 +5,8 @@ never finish their request lock everyone out, so:
 
 - :class:`BoundedH11Protocol` (uvicorn's h11 protocol) closes a connection whose request line and headers have not
   all arrived ``head_seconds`` after it opened (or after its previous response), and closes at once any connection
-  beyond the cap, rather than holding its file. h11 bounds the head's size (16 KB).
+  beyond the cap, rather than holding its file. An unfinished head is held up to ``HEAD_BYTES``, then
+  answered 400.
 - :class:`BodyLimits` (ASGI) reads each body within ``seconds`` and ``max_bytes`` before the app sees it: 408 or 413
   otherwise, and the connection is closed.
 """
@@ -21,6 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 HEAD_SECONDS = 10.0  # a real client sends its headers in one packet
 BODY_SECONDS = 30.0  # 64 KB at the slowest link worth serving
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default, stated: an idle connection between requests
+HEAD_BYTES = 16 * 1024  # a real client's request line and headers are well under 1 KB (h11's default, stated)
 MAX_CONNECTIONS = 1000
 FILES_KEPT = 64  # for the model's files, the job folders, logs, the listening socket
 
@@ -39,7 +41,8 @@ def server_config(app, head_seconds: float = HEAD_SECONDS, connections: int | No
     """uvicorn's config for ``app`` with these bounds (``options`` go to uvicorn.Config)."""
     protocol = type("BoundedH11Protocol", (BoundedH11Protocol,), {"head_seconds": head_seconds})
     return uvicorn.Config(app, http=protocol, limit_concurrency=connections or connection_limit(),
-                          timeout_keep_alive=KEEP_ALIVE_SECONDS, log_level="warning", **options)
+                          timeout_keep_alive=KEEP_ALIVE_SECONDS, h11_max_incomplete_event_size=HEAD_BYTES,
+                          log_level="warning", **options)
 
 
 class BoundedH11Protocol(H11Protocol):
