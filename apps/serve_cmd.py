@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -53,6 +53,9 @@ def serve(
                                           help="Key every request must carry (Authorization: Bearer KEY); also read "
                                                "from STARFLOW_API_KEY, which keeps it out of the process list."),
     queue_size: int = typer.Option(8, "--queue-size", help="Jobs that may wait; more are refused with 429."),
+    allowed_host: List[str] = typer.Option([], "--allowed-host",
+                                           help="A host name the server answers to besides localhost and IP "
+                                                "addresses (e.g. mymac.local); repeat for several."),
 ) -> None:
     """Serve a model over HTTP: OpenAI's images and videos APIs, a job queue, and a web page at /."""
     try:
@@ -60,6 +63,7 @@ def serve(
 
         from starflow_mlx.server.app import create_app
         from starflow_mlx.server.jobs import JobRunner
+        from starflow_mlx.server.limits import server_config
     except ImportError:
         raise ValueError(MISSING) from None
     if not is_loopback(host) and not api_key:
@@ -83,7 +87,7 @@ def serve(
                 runner.stop(timeout=0)
                 super().handle_exit(sig, frame)
 
-        server = Server(uvicorn.Config(create_app(runner, api_key), log_level="warning"))
+        server = Server(server_config(create_app(runner, api_key, allowed_hosts=[host, *allowed_host])))
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn has shut down, then passes Ctrl-C on: stopping is what was asked

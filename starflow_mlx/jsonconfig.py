@@ -108,6 +108,8 @@ def _check(value: Any, kind: Any, where: str) -> Any:
     if kind is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str):  # said as such, not as "must be str or null"
+            _text(value, where)
         for option in args:
             try:
                 return _check(value, option, where)
@@ -130,7 +132,7 @@ def _check(value: Any, kind: Any, where: str) -> Any:
             return float(value)
     elif kind is str:
         if isinstance(value, str):
-            return value
+            return _text(value, where)
     elif origin is list or kind is list:
         if isinstance(value, list):
             return [_check(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -143,6 +145,17 @@ def _check(value: Any, kind: Any, where: str) -> Any:
     else:
         raise TypeError(f"unsupported config annotation {kind!r} for {where}")
     raise ConfigError(f"{where} must be {_type_name(kind)}, got {_describe(value)}")
+
+
+def _text(value: str, where: str) -> str:
+    """``value`` if it is text UTF-8 can hold: JSON's ``"\\ud800"`` escape parses to a lone surrogate, which no
+    encoder writes out again (a response or file holding it fails long after it was accepted)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{where} is not valid text: it holds a lone surrogate ({value[exc.start]!r} at "
+                          f"character {exc.start})") from None
+    return value
 
 
 def _describe(value: Any) -> str:

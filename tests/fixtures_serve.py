@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from starflow_mlx.apps.serve_cmd import listen
 from starflow_mlx.server.app import create_app
 from starflow_mlx.server.jobs import JobRunner
+from starflow_mlx.server.limits import server_config
 
 
 @contextmanager
@@ -23,12 +24,13 @@ def started(model, output_dir, **options):
 
 
 @contextmanager
-def serving(runner, api_key=None):
-    """The app under uvicorn on 127.0.0.1 at a free port, in a thread; yields its base URL."""
+def serving(runner, api_key=None, app_options=None, **limits):
+    """The app under uvicorn on 127.0.0.1 at a free port, in a thread, as ``starflow serve`` runs it (``limits`` go to
+    server_config, ``app_options`` to create_app); yields its base URL."""
     import uvicorn
 
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(runner, api_key), log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(runner, api_key, **(app_options or {})), **limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

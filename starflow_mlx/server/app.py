@@ -11,7 +11,8 @@ Endpoints (errors are OpenAI's shape, ``{"error": {"message", "type", "param", "
 - ``GET /v1/models``, ``GET /health``, and the page at ``/``.
 
 With an API key, every request but the page itself (``/`` and ``/static/``, which hold no data) must carry
-``Authorization: Bearer KEY``.
+``Authorization: Bearer KEY``. Key or not, web pages of other sites are kept out (browser_guard.py), and bodies
+are bounded in size and time (limits.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from starflow_mlx.jsonconfig import ConfigError, parse_json
+from starflow_mlx.server.browser_guard import BrowserGuard
+from starflow_mlx.server.generation import check_request
 from starflow_mlx.server.jobs import FINISHED, Job, JobRunner, QueueFull
+from starflow_mlx.server.limits import BODY_SECONDS, BodyLimits
 from starflow_mlx.server.request_types import (MAX_BODY_BYTES, ImageRequest, RequestError, VideoRequest,
                                                image_sizes, parse_request)
 
@@ -42,6 +46,8 @@ PUBLIC = ("/", "/static/")  # the page and its script: no data, and a browser ca
 WAIT_POLL = 0.05  # seconds between looks at a running job, for a request waiting on it
 EVENT_POLL = 0.2
 KEEPALIVE = 15.0  # a comment line on a quiet event stream, so proxies and clients keep it open
+# Bodies a web page cannot post cross-site without the browser asking first (text/plain and URL-encoded forms can).
+BODY_TYPES = ("application/json", "multipart/form-data")
 
 log = logging.getLogger("starflow.serve")
 
@@ -60,8 +66,11 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
-    """The app over a started ``runner``; with ``api_key``, every request but the page's must carry it."""
+def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), body_seconds: float = BODY_SECONDS):
+    """The app over a started ``runner``; with ``api_key``, every request but the page's must carry it.
+
+    Host names other than IP addresses and localhost are served only when in ``allowed_hosts``; a body must arrive
+    within ``body_seconds`` (:mod:`starflow_mlx.server.limits`)."""
     model_id = Path(runner.model).name if Path(runner.model).expanduser().is_dir() else str(runner.model)
     started = int(time.time())
 
@@ -83,25 +92,24 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
 
     def submit(kind: str, request) -> Job:
         try:
+            check_request(runner.pipe, request)
+        except RequestError as exc:
+            raise ApiError(400, str(exc), "invalid_value", exc.param) from None
+        try:
             return runner.submit(kind, request)
         except QueueFull as exc:
             raise ApiError(429, str(exc), "queue_full", kind="rate_limit_error",
                            headers={"Retry-After": str(exc.retry_after)}) from None
 
     async def body(request: Request, kind: type):
-        """The request's body as ``kind``: JSON (whatever the content type says: ``curl -d`` says a form), or a
-        multipart form without files; bounded in size before it is read."""
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large")
-        data = b""
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large")
+        """The request's body as ``kind``: JSON, or a multipart form without files (BodyLimits has bounded it)."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in BODY_TYPES:
+            raise ApiError(415, f"the body must be JSON (Content-Type: application/json) or a multipart form, not "
+                                f"{content_type[:64] or 'untyped'}", "unsupported_media_type")
+        data = await request.body()
         try:
-            if content_type == "multipart/form-data":  # OpenAI's videos API; anything else is read as JSON
+            if content_type == "multipart/form-data":  # OpenAI's videos API
                 return parse_request(kind, await form_fields(request, data), from_form=True)
             try:
                 parsed = parse_json(data.decode("utf-8"), "the request body", "request")
@@ -141,7 +149,7 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
     async def models(request: Request) -> Response:
         pipe = runner.pipe
         entry = {"id": model_id, "object": "model", "created": started, "owned_by": "starflow-mlx",
-                 "kind": pipe.manifest.kind, "sizes": list(image_sizes(pipe)),
+                 "kind": pipe.manifest.kind, "makes": runner.kind, "sizes": list(image_sizes(pipe)),
                  "classes": list(pipe.manifest.classes) or None}
         return JSONResponse({"object": "list", "data": [entry]})
 
@@ -161,9 +169,27 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
             base = str(request.base_url).rstrip("/")
             data = [{"url": f"{base}/v1/files/{job.id}/{name}"} for name in job.files]
         else:
-            data = [{"b64_json": base64.b64encode(runner.path(job, name).read_bytes()).decode("ascii")}
-                    for name in job.files]
+            data = [{"b64_json": base64.b64encode(read_file(job, name)).decode("ascii")} for name in job.files]
         return JSONResponse({"created": int(job.created_at), "data": data, "id": job.id})
+
+    def read_file(job: Job, name: str) -> bytes:
+        path = runner.path(job, name)
+        try:
+            if path is not None:
+                return path.read_bytes()
+        except OSError:  # deleted between the look and the read
+            pass
+        raise ApiError(404, f"job {job.id} was deleted before its files were sent", "not_found")
+
+    def views(jobs: list[Job], view) -> list[dict]:
+        """Each job as ``view`` shows it; one that cannot be shown is left out (and logged), never the whole list."""
+        shown = []
+        for job in jobs:
+            try:
+                shown.append(view(job))
+            except Exception:
+                log.error("job %s left out of a list:\n%s", job.id, traceback.format_exc())
+        return shown
 
     def video_view(job: Job) -> dict:
         params = job.params
@@ -188,7 +214,7 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
         return JSONResponse(video_view(submit("video", req)))
 
     async def list_videos(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [video_view(j) for j in runner.listing("video")]})
+        return JSONResponse({"object": "list", "data": views(runner.listing("video"), video_view)})
 
     async def get_video(request: Request) -> Response:
         return JSONResponse(video_view(job_or_404(request.path_params["job_id"], "video")))
@@ -196,6 +222,8 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
     async def video_content(request: Request) -> Response:
         job = job_or_404(request.path_params["job_id"], "video")
         path = runner.path(job, job.files[0]) if job.files else None
+        if path is None and job.status == "completed":
+            raise ApiError(404, f"video {job.id} was deleted", "not_found")
         if path is None:
             raise ApiError(404, f"video {job.id} is {job.status}: its content is there once it is completed",
                            "not_ready")
@@ -209,7 +237,7 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
     async def list_jobs(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [job.view() for job in runner.listing()]})
+        return JSONResponse({"object": "list", "data": views(runner.listing(), Job.view)})
 
     async def get_job(request: Request) -> Response:
         return JSONResponse(job_or_404(request.path_params["job_id"]).view())
@@ -275,7 +303,9 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
 
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                        Exception: server_error})
-    return ApiKeyCheck(app, api_key) if api_key else app
+    refuse = lambda status, message, code: ApiError(status, message, code).response()  # noqa: E731
+    guarded = BodyLimits(app, MAX_BODY_BYTES, body_seconds, refuse)
+    return BrowserGuard(ApiKeyCheck(guarded, api_key) if api_key else guarded, allowed_hosts, refuse)
 
 
 class ApiKeyCheck:

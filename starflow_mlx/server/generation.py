@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from starflow_mlx.server.request_types import ImageRequest, VideoRequest, aspect_ratio, pick_seed, video_frames
+from starflow_mlx.server.request_types import (ImageRequest, RequestError, VideoRequest, aspect_ratio, pick_seed,
+                                               video_frames)
 
 # Share of one batch's (or video's) time per part of the work: an estimate for the percent only
 # (the stage name and its own done/total are reported as they are).
@@ -62,6 +63,21 @@ class Progress:
         percent = int(100 * (self.first + size * in_batch) / self.units)
         self.percent = max(self.percent, min(percent, 99))  # 100 only once the files are in place
         self.update(self.percent, f"{label} {done}/{total}")
+
+
+def check_request(pipe, request: ImageRequest | VideoRequest) -> None:
+    """Refuse, before a job is queued, what the job would refuse once it ran: a prompt that is none of a class
+    model's classes, a size the model does not make, a length out of range (RequestError naming the field)."""
+    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+
+    if pipe.is_class_model:
+        try:
+            pipe.class_index(request.prompt)
+        except ValueError as exc:
+            raise RequestError(str(exc), "prompt") from None
+    aspect_ratio(pipe, request.size)
+    if isinstance(request, VideoRequest):
+        video_frames(request, request.fps or VIDEO_DEFAULTS["fps"], None)
 
 
 def sampling_blocks(pipe) -> int:

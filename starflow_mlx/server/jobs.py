@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 import traceback
@@ -28,8 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
+from starflow_mlx.pipelines.prompts import ASPECT_RATIOS
 from starflow_mlx.server.generation import JobCancelled, run_images, run_video
-from starflow_mlx.server.request_types import ImageRequest, VideoRequest
+from starflow_mlx.server.request_types import MAX_FRAMES, ImageRequest, VideoRequest
 from starflow_mlx.staging import is_ours, staged_folder
 
 RECORD = "job.json"
@@ -51,6 +53,21 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+Scalar = str | int | float | bool | None
+
+
+@dataclass(kw_only=True)
+class ShownParams(JSONConfig):
+    """The parameters of a record that the API reads back (the others are only shown): typed as a request's."""
+
+    LABEL = "job record params"
+
+    seed: int | None = field(default=None, metadata={"min": 0})
+    frames: int | None = field(default=None, metadata={"min": 1, "max": MAX_FRAMES})
+    fps: int | None = field(default=None, metadata={"min": 1, "max": 120})
+    aspect_ratio: str | None = field(default=None, metadata={"choices": (None, *ASPECT_RATIOS)})
+
+
 @dataclass(kw_only=True)
 class JobRecord(JSONConfig):
     """``job.json``: a completed job as the API shows it (its files lie beside it)."""
@@ -63,8 +80,8 @@ class JobRecord(JSONConfig):
     created_at: float = field(metadata={"min": 0, "max": 2**40})  # to the microsecond: it orders the jobs
     completed_at: int = field(metadata={"min": 0, "max": 2**40})
     seconds: float = field(metadata={"min": 0, "max": 1e9})
-    request: dict[str, Any] = field(default_factory=dict, metadata={"max_len": 64})
-    params: dict[str, Any] = field(default_factory=dict, metadata={"max_len": 64})
+    request: dict[str, Any] = field(default_factory=dict, metadata={"max_len": 64})  # read back as a request is (from_record)
+    params: dict[str, Scalar] = field(default_factory=dict, metadata={"max_len": 64})
     files: list[str] = field(default_factory=list, metadata={"max_len": 1024})
 
     def __post_init__(self) -> None:
@@ -75,6 +92,11 @@ class JobRecord(JSONConfig):
                 raise ConfigError(f"{self.LABEL}: {name[:40]!r} is not a plain file name")
         if any(Path(name).suffix not in MEDIA_TYPES for name in self.files):
             raise ConfigError(f"{self.LABEL}: files must be .png or .mp4")
+        # A record is read back into the API's answers: what they read of it is typed as a request's.
+        ShownParams.from_dict({k: v for k, v in self.params.items() if k in SHOWN_PARAMS}, f"{self.LABEL}: params")
+
+
+SHOWN_PARAMS = {f.name for f in dataclasses.fields(ShownParams)}
 
 
 class Job:
@@ -97,8 +119,7 @@ class Job:
     @classmethod
     def from_record(cls, record: JobRecord) -> "Job":
         kind = ImageRequest if record.kind == "image" else VideoRequest
-        fields = {f.name for f in dataclasses.fields(kind)}
-        request = kind(**{k: v for k, v in record.request.items() if k in fields})
+        request = kind.from_dict(record.request, f"{record.LABEL}: request")
         job = cls(record.kind, request, record.model, record.id)
         job.status, job.progress, job.stage = "completed", 100, "done"
         job.created_at, job.completed_at, job.seconds = record.created_at, record.completed_at, record.seconds
@@ -124,6 +145,20 @@ class Job:
                 "warnings": list(self.warnings), "request": self.request.to_dict(), "params": dict(self.params),
                 "files": [{"name": name, "url": f"/v1/files/{self.id}/{name}",
                            "type": MEDIA_TYPES[Path(name).suffix]} for name in self.files]}
+
+
+def job_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` if it is a regular file in that very folder: a symlink, at either level, could point
+    anywhere on the machine (a restored folder is only as trusted as whoever could write in it)."""
+    path = folder / name
+    try:
+        if folder.is_symlink() or not stat.S_ISREG(path.lstat().st_mode):
+            return None
+        if path.resolve(strict=True).parent != folder.resolve(strict=True):
+            return None
+    except OSError:  # gone (a job deleted meanwhile) or unreadable
+        return None
+    return path
 
 
 class JobRunner:
@@ -214,19 +249,19 @@ class JobRunner:
         return True
 
     def delete(self, job: Job) -> None:
-        """Remove a finished job and its folder (only a folder this project wrote)."""
+        """Remove a finished job and its folder (only a folder this project wrote); of two deletes, one does it."""
+        with self.lock:
+            if self.jobs.pop(job.id, None) is None:
+                return
         folder = self.output_dir / job.id
         if is_ours(folder):
             shutil.rmtree(folder)
-        with self.lock:
-            self.jobs.pop(job.id, None)
 
     def path(self, job: Job, name: str) -> Path | None:
-        """The file ``name`` of a completed job, None when it has no such file."""
+        """The file ``name`` of a completed job, None when it has no such file (or it is gone)."""
         if job.status != "completed" or name not in job.files:
             return None
-        path = self.output_dir / job.id / name
-        return path if path.is_file() else None
+        return job_file(self.output_dir / job.id, name)
 
     # -- the worker's side -------------------------------------------------------------------
     def _restore(self) -> None:
@@ -236,7 +271,7 @@ class JobRunner:
                 continue
             try:
                 record = JobRecord.load(record_path)
-                if record.id != folder.name or not all((folder / name).is_file() for name in record.files):
+                if record.id != folder.name or not all(job_file(folder, name) for name in record.files):
                     raise ValueError("its files do not match its record")
                 job = Job.from_record(record)
             except (ValueError, OSError) as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import secrets
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ MAX_IMAGES = 10  # OpenAI's own limit on n
 MAX_FRAMES = 241  # 15 s at 16 fps; the model was trained on 81
 SEED_LIMIT = 2**63 - 1 - MAX_IMAGES  # image i of a request uses seed + i
 RESPONSE_FORMATS = ("b64_json", "url")
+DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+INTEGER = re.compile(r"-?[0-9]{1,64}")  # longer: int() refuses past 4300 digits, bounds say it sooner
 
 
 class RequestError(ValueError):
@@ -90,13 +93,13 @@ def _from_text(kind: type, name: str, value: Any) -> Any:
     options = typing.get_args(hints[name]) or (hints[name],)
     if str in options:
         return value
-    try:
-        if int in options:
-            return int(value)
-        if float in options:
-            return float(value)
-    except ValueError:
-        raise RequestError(f"request: {name} must be a number, got {value[:40]!r}", name) from None
+    # Plain decimals only: int() and float() also take "1_0", " 1", "1e1" and "inf", which no client means.
+    if int in options and INTEGER.fullmatch(value):
+        return int(value)
+    if float in options and DECIMAL.fullmatch(value.removeprefix("-")):
+        return float(value)
+    if int in options or float in options:
+        raise RequestError(f"request: {name} must be a number, got {value[:40]!r}", name)
     if bool in options and value.lower() in ("true", "false"):
         return value.lower() == "true"
     raise RequestError(f"request: {name} must be true or false, got {value[:40]!r}", name)
@@ -155,10 +158,8 @@ def video_frames(request: VideoRequest, fps: int, default: int | None) -> int | 
         return request.frames
     if request.seconds is None:
         return default
-    try:
-        seconds = float(request.seconds)
-    except ValueError:
-        seconds = math.nan
+    text = str(request.seconds)  # OpenAI's field is a string: a plain decimal, as form numbers are (_from_text)
+    seconds = float(text) if isinstance(request.seconds, float) or DECIMAL.fullmatch(text) else math.nan
     if not 0 < seconds <= MAX_FRAMES / fps:
         raise RequestError(f"request: seconds must be a number above 0 and at most {MAX_FRAMES / fps:g} "
                            f"at {fps} fps, got {str(request.seconds)[:16]!r}", "seconds")

@@ -1,10 +1,11 @@
 // The page of `starflow serve`: submit jobs, follow their progress (server-sent events), show images and videos.
 // Plain browser JavaScript, no build step. Every request carries the API key when one is set, so media is fetched
-// as blobs (an <img src> cannot send a header).
+// as blobs (an <img src> cannot send a header). The key is kept for this tab only (sessionStorage): other pages and
+// later visits cannot read it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { key: localStorage.getItem("starflow-key") || "", kind: "image", following: new Set() };
+const state = { key: sessionStorage.getItem("starflow-key") || "", kind: "image", following: new Set() };
 
 function headers(extra = {}) {
   return state.key ? { ...extra, Authorization: `Bearer ${state.key}` } : extra;
@@ -28,7 +29,7 @@ function setOptions(select, values) {
 async function connect() {
   $("error").textContent = "";
   const model = (await api("/v1/models")).data[0];
-  state.kind = model.kind === "text-to-video" ? "video" : "image";
+  state.kind = model.makes;  // "image" or "video", whatever conditions it (text, classes)
   $("model").textContent = `${model.id} · ${model.kind}`;
   setOptions($("size"), model.sizes);
   $("classes").replaceChildren(...(model.classes || []).map((name) => new Option(name)));
@@ -137,7 +138,7 @@ async function submit(event) {
   $("error").textContent = "";
   if ($("key").value) {
     state.key = $("key").value;
-    localStorage.setItem("starflow-key", state.key);
+    sessionStorage.setItem("starflow-key", state.key);
   }
   const body = { prompt: $("prompt").value, size: $("size").value || undefined, seed: number("seed"),
                  cfg: number("cfg"), jacobi: $("jacobi").value === "" ? undefined : $("jacobi").value === "true" };
