@@ -10,8 +10,33 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer.core import TyperGroup
+
+
+class SectionedGroup(TyperGroup):
+    """``starflow --help`` lists the commands under the README tour's headings, in its order (each command's
+    ``rich_help_panel``, set in ``commands.register``), with plain click formatting."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)  # registration order, not alphabetical
+
+    def format_commands(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        commands = [(name, cmd) for name, cmd in commands if cmd is not None and not cmd.hidden]
+        if not commands:
+            return
+        limit = formatter.width - 6 - max(len(name) for name, _ in commands)
+        for name, cmd in commands:
+            sections.setdefault(getattr(cmd, "rich_help_panel", None) or "Commands", []).append(
+                (name, cmd.get_short_help_str(limit)))
+        for title, rows in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
+
 
 app = typer.Typer(
+    cls=SectionedGroup,
     name="starflow",
     help="Run Apple's STARFlow flows with MLX: generate images and videos, score images, convert, quantize, "
          "train, export to Core ML, bench.",

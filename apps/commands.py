@@ -1,43 +1,46 @@
 """Registers every ``starflow`` sub-command on the typer app (one line per command).
 
-Each command is wrapped by ``user_errors`` so bad input ends in a one-line error.
+Each command is wrapped by ``user_errors`` so bad input ends in a one-line error. ``starflow --help`` lists
+them under the headings of the README's tour, in its order: what a new user runs first comes first.
 """
 
 from __future__ import annotations
 
 from starflow_mlx.apps.errors import user_errors
 
+IMAGES, SERVE, TRAIN, MODELS, MACS, MEASURE = ("Images and video", "Server", "Training and LoRA",
+                                              "Core ML, quantization and conversion", "Several Macs",
+                                              "Benchmarks")
+
 
 def register(app) -> None:
     if app.registered_commands:
         return
-    # `starflow --help` lists commands in this order: what a new user runs first comes first.
+
+    def add(name: str, function, section: str) -> None:
+        app.command(name, rich_help_panel=section)(user_errors(function))
+
     from starflow_mlx.apps import generate_cmd
 
-    app.command("generate")(user_errors(generate_cmd.generate))
-    app.command("score")(user_errors(generate_cmd.score))
-
-    from starflow_mlx.apps import convert_cmd
-
-    app.command("convert")(user_errors(convert_cmd.convert))
-
-    from starflow_mlx.apps import quantize_cmd
-
-    app.command("quantize")(user_errors(quantize_cmd.quantize))
-
-    from starflow_mlx.apps import export_cmd; app.command("export-coreml")(user_errors(export_cmd.export_coreml))
-    from starflow_mlx.apps import coreml_video_cmd
-
-    app.command("coreml-video")(user_errors(coreml_video_cmd.coreml_video))
-    from starflow_mlx.apps import bench_cmd; app.command("bench")(user_errors(bench_cmd.bench))
-
-    from starflow_mlx.apps import train_cmd
-
-    app.command("train")(user_errors(train_cmd.train))
+    add("generate", generate_cmd.generate, IMAGES)
+    add("score", generate_cmd.score, IMAGES)
 
     from starflow_mlx.apps import serve_cmd
 
-    app.command("serve")(user_errors(serve_cmd.serve))
-    from starflow_mlx.apps import lora_cmd
+    add("serve", serve_cmd.serve, SERVE)
 
-    app.command("fuse")(user_errors(lora_cmd.fuse))
+    from starflow_mlx.apps import lora_cmd, train_cmd
+
+    add("train", train_cmd.train, TRAIN)
+    add("fuse", lora_cmd.fuse, TRAIN)
+
+    from starflow_mlx.apps import convert_cmd, coreml_video_cmd, export_cmd, quantize_cmd
+
+    add("export-coreml", export_cmd.export_coreml, MODELS)
+    add("coreml-video", coreml_video_cmd.coreml_video, MODELS)
+    add("quantize", quantize_cmd.quantize, MODELS)
+    add("convert", convert_cmd.convert, MODELS)
+
+    from starflow_mlx.apps import bench_cmd
+
+    add("bench", bench_cmd.bench, MEASURE)
