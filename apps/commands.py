@@ -35,6 +35,11 @@ def register(app) -> None:
 
     app.command("train")(user_errors(train_cmd.train))
 
+    from starflow_mlx.apps import launch_cmd
+
+    app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        user_errors(launch_cmd.launch))
+
     from starflow_mlx.apps import serve_cmd
 
     app.command("serve")(user_errors(serve_cmd.serve))
