@@ -294,7 +294,8 @@ def launched() -> bool:
 def ring_hosts() -> list | None:
     """The ring backend's ranks, one list of ``ip:port`` addresses each, from ``MLX_HOSTFILE``; None for
     another backend (JACCL, MPI). Checked here because MLX reports a bad hostfile as an internal error."""
-    if "MLX_RANK" not in os.environ or any(name in os.environ for name in ("MLX_IBV_DEVICES", *LAUNCH_VARIABLES[1:])):
+    others = ("MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR", "MLX_WORLD_SIZE", *LAUNCH_VARIABLES[1:])  # JACCL, NCCL, MPI
+    if "MLX_RANK" not in os.environ or any(name in os.environ for name in others):
         return None
     import json
 

@@ -70,6 +70,15 @@ def test_the_command_line_exits_non_zero_with_one_line_for_a_users_mistake_and_s
     assert res.stdout == "" and not (tmp_path / "x.png").exists()
 
 
+def test_resume_under_data_parallel_says_it_needs_pipeline(tmp_path):
+    res = starflow("launch", "-n", 2, "--", BIN / "starflow", "generate", "3", "--model", "demo", "-n", 2,
+                   "--output-dir", tmp_path / "out", "--resume")
+    assert res.returncode == 1 and not (tmp_path / "out").exists()
+    assert res.stderr.splitlines() == ["error: rank 0: --resume under several processes continues a --pipeline job "
+                                       "(data parallel writes every file at the end, so it leaves none half done): "
+                                       "add --pipeline, or run in one process"], res.stderr
+
+
 def test_launch_options_are_checked(tmp_path):
     assert starflow("launch", "--", "true").stderr == "error: give either -n N (ranks on this machine) or " \
                                                       "--hostfile FILE (one rank per host)\n"
