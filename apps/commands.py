@@ -37,7 +37,8 @@ def register(app) -> None:
 
     from starflow_mlx.apps import launch_cmd
 
-    app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+    app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                options_metavar="[OPTIONS] -- COMMAND...")(
         user_errors(launch_cmd.launch))
 
     from starflow_mlx.apps import serve_cmd

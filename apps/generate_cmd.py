@@ -191,13 +191,15 @@ def finished_images(plan: OutputPlan, params: dict, overwrite: bool) -> set[int]
 
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
-                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True, saved=None) -> list:
+                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True, saved=None,
+                verify=None) -> list:
     """Sample ``wanted`` batch by batch; files of a folder are written per batch (unless not ``write``: a
     pipeline rank other than 0), a grid's images returned.
 
     ``done``: images already written; a batch holding only those is skipped, and batches stay cut where
-    the whole job cuts them, so every image comes out as in an uninterrupted run. ``saved(count)``: called
-    after each batch's files are on disk, with how many of the job's files are.
+    the whole job cuts them, so every image comes out as in an uninterrupted run. ``verify()``: called before
+    a batch's files are written (the other ranks took part to the end); ``saved(count)``: after, with how many
+    of the job's files are on disk.
     """
     from starflow_mlx.pipelines.image_files import save_images
 
@@ -211,6 +213,8 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
     for start, stop in spans:
         for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
                                                    images=(start, stop), **options):
+            if verify is not None:
+                verify()
             if plan.file is None and write:
                 save_images([(image, plan.names[first + k], dict(params, index=first + k))
                              for k, image in enumerate(images) if first + k not in done])
@@ -374,7 +378,8 @@ def generate(
             with world.sampling():
                 images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
                                      world.beating(stages), done, write=world.is_main,
-                                     saved=lambda count: world.wrote(count, len(wanted), output_dir))
+                                     saved=lambda count: world.wrote(count, len(wanted), output_dir),
+                                     verify=world.verify)
     if not world.is_main:
         return
     for warning in caught:

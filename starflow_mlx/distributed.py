@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 TIMEOUT_ENV = "STARFLOW_DISTRIBUTED_TIMEOUT"
+SIGN = 0x5F10  # ends each rank's row of a checked gather (World.verify)
 DEFAULT_TIMEOUT = 120.0
 # Set by mlx.launch (ring, JACCL) or by MPI: without them the process is alone and never touches the engine.
 LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -196,8 +197,11 @@ class World:
         if mine is not None:
             header[0] = mine.ndim - 1
             header[1 : mine.ndim] = mine.shape[1:]
+        header[-2:] = SIGN, self.rank
         with self.collective(self.timeout + worked, "while gathering the results"):
             headers = np.array(mx.distributed.all_gather(mx.array(header), group=self.group)).reshape(self.size, -1)
+            self._signed(headers)
+            headers = headers[:, :-2]
             widest = headers.max(axis=0)
             item = tuple(int(d) for d in widest[1 : 1 + widest[0]])
             most = max(counts)
@@ -205,9 +209,25 @@ class World:
             if mine is not None:
                 padded[: len(mine)] = mine
             every = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
+            self.verify()
         if not self.is_main:
             return None
         return np.concatenate([every[r * most : r * most + n] for r, n in enumerate(counts)])
+
+    def verify(self) -> None:
+        """Every rank was there to the end of the exchanges before this one. MLX's ring may hand back a
+        collective's buffer unfilled, without an error, when a peer dies during it: a dead peer cannot sign."""
+        if self.size == 1:
+            return
+        with self.collective(self.timeout, "while checking the exchanges"):
+            mine = mx.array([SIGN, self.rank], dtype=mx.int32)
+            self._signed(np.array(mx.distributed.all_gather(mine, group=self.group)).reshape(self.size, -1))
+
+    def _signed(self, rows: np.ndarray) -> None:
+        """Each rank's row of a gather ends with the sign and its rank: otherwise the connection was lost."""
+        if not (np.all(rows[:, -2] == SIGN) and np.array_equal(rows[:, -1], np.arange(self.size))):
+            raise DistributedError(f"lost the connection to another rank during an exchange (it died or its "
+                                   f"network went down): {self.outcome()}")
 
     def from_main(self, value: int | None) -> int | None:
         """Rank 0's ``value`` on every rank: what only rank 0 can read (the files it wrote)."""

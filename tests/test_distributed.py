@@ -216,7 +216,8 @@ def test_a_rank_that_dies_mid_job_stops_the_other_with_one_line_and_no_file(tmp_
 
 def test_a_rank_that_hangs_is_given_up_on_at_the_gather_with_one_line_and_no_file(tmp_path):
     hosts = hostfile(tmp_path)
-    first, second = (rank(r, hosts, tmp_path / "out", 3, pipeline=False) for r in range(2))
+    # Rank 1 hangs (stopped, with a timeout long enough that its own watchdog does not end it first).
+    first, second = (rank(r, hosts, tmp_path / "out", 60 if r else 3, pipeline=False) for r in range(2))
     wait_until_sampling(first)
     second.send_signal(signal.SIGSTOP)
     try:
@@ -236,6 +237,7 @@ def test_a_stopped_rank_is_killed_by_its_own_watchdog(tmp_path):
     second.send_signal(signal.SIGSTOP)
     try:
         _, rest = second.communicate(timeout=60)  # mlx.launch would have waited for it forever
+        _, first_rest = first.communicate(timeout=60)
     finally:
         for process in (first, second):
             process.kill()
@@ -243,6 +245,9 @@ def test_a_stopped_rank_is_killed_by_its_own_watchdog(tmp_path):
     assert second.returncode == -signal.SIGKILL
     assert error_lines(rest) == ["error: rank 1: stopped (SIGSTOP) and made no progress for 3 s: killed it "
                                  "(STARFLOW_DISTRIBUTED_TIMEOUT sets the limit)"]
+    # Rank 0 loses it at the gather, or during it (where MLX may hand back an unfilled buffer without an error).
+    assert "lost the connection to another rank" in one_error_line(first_rest)
+    assert first.returncode == 1 and not (tmp_path / "out").exists()
 
 
 def test_a_slow_rank_0_is_waited_for_as_long_as_the_timeout_says(tmp_path):
