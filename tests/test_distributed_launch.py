@@ -24,9 +24,14 @@ def starflow(*args, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
-def test_ranks_get_their_rank_and_a_ring_hostfile_and_success_exits_0(capfd):
+@pytest.mark.parametrize("from_hostfile", [False, True])
+def test_ranks_get_their_rank_and_a_ring_hostfile_and_success_exits_0(capfd, tmp_path, from_hostfile):
     script = 'python -c "import json, os; print(os.environ[\'MLX_RANK\'], json.load(open(os.environ[\'MLX_HOSTFILE\'])))"'
-    assert launch(["sh", "-c", script.replace("python", sys.executable)], local_hosts(2)) == 0
+    hosts = local_hosts(2)
+    if from_hostfile:  # mlx.launch's hostfile naming this machine twice: no ssh
+        (tmp_path / "hosts.json").write_text('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "localhost"}]')
+        hosts = read_hostfile(tmp_path / "hosts.json")
+    assert launch(["sh", "-c", script.replace("python", sys.executable)], hosts) == 0
     out = sorted(capfd.readouterr().out.splitlines())
     assert [line.split()[0] for line in out] == ["0", "1"]
     hosts = json.loads(out[0].split(" ", 1)[1].replace("'", '"'))
@@ -112,3 +117,20 @@ def test_a_missing_or_malformed_hostfile_or_a_rank_past_the_size_is_one_line(tmp
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: rank {rank}: ") and words in lines[0], res.stderr
+
+
+def test_the_script_ssh_runs_on_another_mac_gives_the_rank_its_hostfile_and_timeout(tmp_path, monkeypatch):
+    from starflow_mlx.launcher import remote_script, ring_hostfile
+
+    (tmp_path / "hosts.json").write_text('[{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]')
+    ring = ring_hostfile(read_hostfile(tmp_path / "hosts.json"), 32323)
+    show = ("import os; print(os.environ['MLX_RANK'], open(os.environ['MLX_HOSTFILE']).read(), "
+            "os.environ['STARFLOW_DISTRIBUTED_TIMEOUT'], os.getcwd(), sep='\\n')")
+    monkeypatch.setenv("STARFLOW_DISTRIBUTED_TIMEOUT", "7")
+    script = remote_script(1, ring, [sys.executable, "-c", show])
+    monkeypatch.delenv("STARFLOW_DISTRIBUTED_TIMEOUT")
+    # What ssh would run on the other Mac, run here from another folder and environment.
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=TIMEOUT, cwd="/")
+    rank, hostfile, timeout, cwd = res.stdout.splitlines()
+    assert (rank, timeout, cwd) == ("1", "7", os.getcwd())
+    assert json.loads(hostfile) == [["10.0.0.1:32323"], ["10.0.0.2:32324"]]
