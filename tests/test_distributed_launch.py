@@ -26,7 +26,8 @@ def starflow(*args, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("from_hostfile", [False, True])
 def test_ranks_get_their_rank_and_a_ring_hostfile_and_success_exits_0(capfd, tmp_path, from_hostfile):
-    script = 'python -c "import json, os; print(os.environ[\'MLX_RANK\'], json.load(open(os.environ[\'MLX_HOSTFILE\'])))"'
+    script = ('python -c "import json, os; '
+              'print(os.environ[\'MLX_RANK\'], json.load(open(os.environ[\'MLX_HOSTFILE\'])))"')
     hosts = local_hosts(2)
     if from_hostfile:  # mlx.launch's hostfile naming this machine twice: no ssh
         (tmp_path / "hosts.json").write_text('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "localhost"}]')
@@ -49,7 +50,8 @@ def test_a_killed_rank_fails_the_launch_with_its_line_and_a_survivor_is_killed_a
 
 def test_a_stopped_rank_is_killed_and_the_failing_ranks_line_comes_first(capfd):
     # Rank 1 stops itself (mlx.launch would wait for it forever); rank 0 fails with a line of its own.
-    command = 'if [ "$MLX_RANK" = 1 ]; then kill -STOP $$; else sleep 0.5; echo "error: rank 0: gave up" >&2; exit 1; fi'
+    command = ('if [ "$MLX_RANK" = 1 ]; then kill -STOP $$; '
+               'else sleep 0.5; echo "error: rank 0: gave up" >&2; exit 1; fi')
     started = time.monotonic()
     assert launch(["sh", "-c", command], local_hosts(2), grace=1) == 1
     assert time.monotonic() - started < 30
@@ -59,7 +61,8 @@ def test_a_stopped_rank_is_killed_and_the_failing_ranks_line_comes_first(capfd):
 
 def test_an_error_line_is_found_after_other_text_on_its_line_and_the_same_line_is_said_once(capfd):
     # MLX's threads write '[ring] ...' in pieces: the rank's line may follow one on the same line.
-    command = 'printf "[ring] Receiving from socket 7 failed with errno 104error: rank $MLX_RANK: bad class\\n" >&2; exit 1'
+    command = ('printf "[ring] Receiving from socket 7 failed with errno 104error: rank $MLX_RANK: bad class\\n" >&2; '
+               'exit 1')
     assert launch(["sh", "-c", command], local_hosts(3)) == 1
     assert capfd.readouterr().err.splitlines() == ["error: rank 0: bad class"]
 

@@ -156,7 +156,6 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
         raise ValueError("jacobi_block_size and jacobi_max_iter must be at least 1 and jacobi_threshold above 0")
 
 
-
 def class_index(manifest: Manifest, prompt: str) -> int:
     """The class a prompt names; the empty prompt is the unconditional (last) class."""
     classes = manifest.classes
@@ -166,6 +165,7 @@ def class_index(manifest: Manifest, prompt: str) -> int:
         wanted = manifest.prompt_help or ", ".join(classes)
         raise ValueError(f"unknown class {prompt!r}: this model generates {wanted}")
     return classes.index(prompt)
+
 
 class Pipeline:
     VIDEO = False  # which manifest kind this class runs; from_pretrained hands video models to VideoPipeline
