@@ -17,8 +17,8 @@ def register(app) -> None:
     if app.registered_commands:
         return
 
-    def add(name: str, function, section: str) -> None:
-        app.command(name, rich_help_panel=section)(user_errors(function))
+    def add(name: str, function, section: str, **settings) -> None:
+        app.command(name, rich_help_panel=section, **settings)(user_errors(function))
 
     from starflow_mlx.apps import generate_cmd
 
@@ -40,6 +40,11 @@ def register(app) -> None:
     add("coreml-video", coreml_video_cmd.coreml_video, MODELS)
     add("quantize", quantize_cmd.quantize, MODELS)
     add("convert", convert_cmd.convert, MODELS)
+
+    from starflow_mlx.apps import launch_cmd
+
+    add("launch", launch_cmd.launch, MACS, options_metavar="[OPTIONS] -- COMMAND...",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 
     from starflow_mlx.apps import bench_cmd
 

@@ -191,12 +191,15 @@ def finished_images(plan: OutputPlan, params: dict, overwrite: bool) -> set[int]
 
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
-                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True) -> list:
+                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True, saved=None,
+                verify=None) -> list:
     """Sample ``wanted`` batch by batch; files of a folder are written per batch (unless not ``write``: a
     pipeline rank other than 0), a grid's images returned.
 
     ``done``: images already written; a batch holding only those is skipped, and batches stay cut where
-    the whole job cuts them, so every image comes out as in an uninterrupted run.
+    the whole job cuts them, so every image comes out as in an uninterrupted run. ``verify()``: called before
+    a batch's files are written (the other ranks took part to the end); ``saved(count)``: after, with how many
+    of the job's files are on disk.
     """
     from starflow_mlx.pipelines.image_files import save_images
 
@@ -210,12 +213,16 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
     for start, stop in spans:
         for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
                                                    images=(start, stop), **options):
+            if verify is not None:
+                verify()
             if plan.file is None and write:
                 save_images([(image, plan.names[first + k], dict(params, index=first + k))
                              for k, image in enumerate(images) if first + k not in done])
             else:
                 kept.extend(images)
             count += sum(first + k not in done for k in range(len(images)))
+            if saved is not None and plan.file is None and write:
+                saved(count)
             stages("images", count, len(wanted))
     return kept
 
@@ -338,25 +345,32 @@ def generate(
         check_writable(path)
     check_aspect_ratio(job["aspect_ratio"])
     parse_dtype(job["dtype"])
+    dist.check_before_connecting(job["model"], job["prompt"])
     world = dist.open_world(pipeline)
-    if resume and world.size > 1:
-        raise ValueError("--resume works in one process for now: each rank would find other files")
     layers = dist.deep_layers(world, job["model"], pipeline)
+    if resume and dist.data_parallel(world, layers):
+        raise ValueError("--resume under several processes continues a --pipeline job (data parallel writes "
+                         "every file at the end, so it leaves none half done): add --pipeline, or run in one process")
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], lora=job["lora"], lora_scale=job["lora_scale"],
                                     layers=layers)
     job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
     options = {key: job[key] for key in SAMPLING_KEYS}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
     if resume and job["batch_size"] is None:  # the default depends on free memory: keep the interrupted run's
-        job["batch_size"] = resumable_batch_size(plan)
+        # Rank 0 writes the files: only its folder says what an interrupted run did.
+        job["batch_size"] = world.from_main(resumable_batch_size(plan) if world.is_main else None)
     # Ranks with less memory may plan smaller batches: all take the smallest, as they must cut the job alike.
     batch_size = world.smallest(plan_batch(pipe.folder, pipe.config, job["num_images"],
                                            dist.default_batch(world, layers, job["batch_size"], wanted), layers))
     params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"],
                   version=__version__, batch_size=batch_size,
                   lora=None if job["lora"] is None else model_record(job["lora"]), lora_scale=job["lora_scale"])
-    done = frozenset(finished_images(plan, params, overwrite) if resume else ())
+    done = frozenset(finished_images(plan, params, overwrite) if resume and world.is_main else ())
+    if resume:
+        done = frozenset(world.indices_from_main(done, wanted.stop))
     check_job(pipe, plan, len(wanted) - len(done), job["aspect_ratio"])
+    if plan.file is None:
+        world.wrote(len(done), len(wanted), output_dir)
     with dist.stage_progress(world) as stages, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if dist.data_parallel(world, layers):
@@ -364,7 +378,9 @@ def generate(
         else:
             with world.sampling():
                 images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
-                                     world.beating(stages), done, write=world.is_main)
+                                     world.beating(stages), done, write=world.is_main,
+                                     saved=lambda count: world.wrote(count, len(wanted), output_dir),
+                                     verify=world.verify)
     if not world.is_main:
         return
     for warning in caught:

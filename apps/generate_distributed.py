@@ -10,7 +10,20 @@ import time
 
 import numpy as np
 
-from starflow_mlx.distributed import World, current, layer_share
+from starflow_mlx.distributed import World, current, launched, layer_share
+
+
+def check_before_connecting(model: str, prompt: str) -> None:
+    """Under a launcher, the mistakes every rank would make alike, found before the ranks connect: each rank
+    stops with its one line and none waits for the others (the model folder, a class model's class)."""
+    if not launched():
+        return
+    from starflow_mlx.model_folder import CLASS_KINDS, Manifest, resolve_model
+    from starflow_mlx.pipelines.image import class_index
+
+    manifest = Manifest.load(resolve_model(model))
+    if manifest.kind in CLASS_KINDS:
+        class_index(manifest, prompt)
 
 
 def open_world(pipeline: bool) -> World:

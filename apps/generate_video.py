@@ -92,6 +92,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         check_writable(path)
     if vae_tile is not None and vae_tile < 2:
         raise ValueError(f"--vae-tile must be at least 2 latent cells, got {vae_tile}")
+    dist.check_before_connecting(job["model"], job["prompt"])
     world = dist.open_world(pipeline)
     layers = dist.deep_layers(world, job["model"], pipeline)
     pipe = VideoPipeline.from_pretrained(job["model"], dtype=job["dtype"], layers=layers)

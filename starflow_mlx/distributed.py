@@ -14,8 +14,11 @@
 A rank that dies makes the ring backend fail the next collective on the others, which is
 turned into one line. A rank that hangs or never connects is caught by :class:`Watchdog`:
 no answer within the timeout (``STARFLOW_DISTRIBUTED_TIMEOUT`` seconds, plus, for the
-final gather, the time the waiting rank itself worked) prints one line and kills the rank;
-no output file exists yet, since rank 0 writes only after it has gathered everything.
+final gather, the time the waiting rank itself worked) prints one line and kills the rank.
+The same watchdog kills its own rank when that rank has been stopped (SIGSTOP) for longer
+than the timeout, so a frozen rank never holds the job forever. Data parallel writes no file
+before the last gather; pipeline parallel writes each finished batch, and the line then says
+how many files are whole and that ``--resume`` finishes the job.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 TIMEOUT_ENV = "STARFLOW_DISTRIBUTED_TIMEOUT"
+SIGN = 0x5F10  # ends each rank's row of a checked gather (World.verify)
 DEFAULT_TIMEOUT = 120.0
 # Set by mlx.launch (ring, JACCL) or by MPI: without them the process is alone and never touches the engine.
 LAUNCH_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -39,12 +43,32 @@ class DistributedError(OSError):
 
 
 # The watchdog runs as a small separate process: a rank blocked inside MLX (connecting, or a
-# collective) may hold the GIL, so no thread or signal handler of its own would ever run.
+# collective) may hold the GIL, so no thread or signal handler of its own would ever run. It also
+# looks at its rank's state once a second: a rank stopped by SIGSTOP answers nobody, and neither
+# mlx.launch (which only sends SIGTERM, held while a process is stopped) nor the other ranks end it.
 WATCHER = r"""
-import os, select, signal, sys, time
-parent, deadline, message, pending = int(sys.argv[1]), None, "", b""
+import os, select, signal, subprocess, sys, time
+parent, rank, limit = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+deadline, message, pending, stopped_since = None, "", b"", None
+
+def stopped():
+    try:
+        with open(f"/proc/{parent}/stat") as stat:  # Linux; state T is SIGSTOP (t, a debugger's stop, is left alone)
+            return stat.read().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        pass
+    except (OSError, IndexError):
+        return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(parent)], capture_output=True, text=True).stdout
+    return state.strip().startswith("T")
+
+def end(line):
+    os.write(2, (line + "\n").encode())  # one write: lines from several processes never run together
+    os.kill(parent, signal.SIGKILL)
+    sys.exit(0)
+
 while True:
-    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+    wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
     if select.select([0], [], [], wait)[0]:
         data = os.read(0, 65536)
         if not data:
@@ -54,11 +78,17 @@ while True:
             line, pending = pending.split(b"\n", 1)
             seconds, _, message = line.decode().partition(" ")
             deadline = None if seconds == "-" else time.monotonic() + float(seconds)
-    elif deadline is not None:
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
-        os.kill(parent, signal.SIGKILL)
-        sys.exit(0)
+        continue
+    now = time.monotonic()
+    if stopped():
+        stopped_since = stopped_since or now
+        if now - stopped_since >= limit:
+            end(f"error: rank {rank}: stopped (SIGSTOP) and made no progress for {limit:.0f} s: killed it "
+                "(STARFLOW_DISTRIBUTED_TIMEOUT sets the limit)")
+        continue
+    stopped_since = None
+    if deadline is not None and now >= deadline:
+        end(message)
 """
 
 
@@ -70,26 +100,27 @@ class Watchdog:
     after the last collective.
     """
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, timeout: float):
         import subprocess
 
         self.rank = rank
-        self.process = subprocess.Popen([sys.executable, "-c", WATCHER, str(os.getpid())], stdin=subprocess.PIPE)
+        self.process = subprocess.Popen([sys.executable, "-c", WATCHER, str(os.getpid()), str(rank), str(timeout)],
+                                        stdin=subprocess.PIPE)
 
     def _send(self, line: str) -> None:
         self.process.stdin.write(line.encode() + b"\n")
         self.process.stdin.flush()
 
-    def arm(self, seconds: float, what: str) -> None:
-        self._send(f"{seconds} error: rank {self.rank}: no answer from the other ranks {what} within {seconds:.0f} s "
-                   f"(a rank died, hangs or cannot connect; {TIMEOUT_ENV} sets the limit): stopped, nothing written")
+    def arm(self, seconds: float, line: str) -> None:
+        """Kill this rank after ``seconds`` unless disarmed or re-armed first, printing ``error: rank R: line``."""
+        self._send(f"{seconds} error: rank {self.rank}: {line}")
 
     def disarm(self) -> None:
         self._send("-")
 
     @contextmanager
-    def watching(self, seconds: float, what: str):
-        self.arm(seconds, what)
+    def watching(self, seconds: float, line: str):
+        self.arm(seconds, line)
         try:
             yield
         finally:
@@ -119,6 +150,24 @@ class World:
     timeout: float = DEFAULT_TIMEOUT
     watchdog: Watchdog | None = None
     steps_wait: bool = False  # inside :meth:`sampling`: progress reports are the ranks' heartbeat
+    written: tuple | None = None  # (files whole on disk, files of the job, folder): rank 0 of a pipelined --output-dir
+
+    def wrote(self, count: int, total: int, folder) -> None:
+        """``count`` of the job's ``total`` files are whole in ``folder`` (written through a temporary name)."""
+        self.written = (count, total, folder)
+
+    def outcome(self) -> str:
+        """What a failure leaves behind, in the words of the line that reports it."""
+        if not self.is_main:
+            return "stopped (rank 0 says what was written)"
+        if self.written is None or self.written[0] == 0:
+            return "stopped, nothing written"
+        count, total, folder = self.written
+        return f"stopped: {count} of {total} written to {folder}; rerun with --resume to finish"
+
+    def silence(self, seconds: float, what: str) -> str:
+        return (f"no answer from the other ranks {what} within {seconds:.0f} s (a rank died, hangs or cannot "
+                f"connect; {TIMEOUT_ENV} sets the limit): {self.outcome()}")
 
     @property
     def is_main(self) -> bool:
@@ -148,8 +197,11 @@ class World:
         if mine is not None:
             header[0] = mine.ndim - 1
             header[1 : mine.ndim] = mine.shape[1:]
+        header[-2:] = SIGN, self.rank
         with self.collective(self.timeout + worked, "while gathering the results"):
             headers = np.array(mx.distributed.all_gather(mx.array(header), group=self.group)).reshape(self.size, -1)
+            self._signed(headers)
+            headers = headers[:, :-2]
             widest = headers.max(axis=0)
             item = tuple(int(d) for d in widest[1 : 1 + widest[0]])
             most = max(counts)
@@ -157,9 +209,43 @@ class World:
             if mine is not None:
                 padded[: len(mine)] = mine
             every = np.array(mx.distributed.all_gather(mx.array(padded), group=self.group))
+            self.verify()
         if not self.is_main:
             return None
         return np.concatenate([every[r * most : r * most + n] for r, n in enumerate(counts)])
+
+    def verify(self) -> None:
+        """Every rank was there to the end of the exchanges before this one. MLX's ring may hand back a
+        collective's buffer unfilled, without an error, when a peer dies during it: a dead peer cannot sign."""
+        if self.size == 1:
+            return
+        with self.collective(self.timeout, "while checking the exchanges"):
+            mine = mx.array([SIGN, self.rank], dtype=mx.int32)
+            self._signed(np.array(mx.distributed.all_gather(mine, group=self.group)).reshape(self.size, -1))
+
+    def _signed(self, rows: np.ndarray) -> None:
+        """Each rank's row of a gather ends with the sign and its rank: otherwise the connection was lost."""
+        if not (np.all(rows[:, -2] == SIGN) and np.array_equal(rows[:, -1], np.arange(self.size))):
+            raise DistributedError(f"lost the connection to another rank during an exchange (it died or its "
+                                   f"network went down): {self.outcome()}")
+
+    def from_main(self, value: int | None) -> int | None:
+        """Rank 0's ``value`` on every rank: what only rank 0 can read (the files it wrote)."""
+        sent = self._from_main(np.array([value is not None, value or 0], np.int32))
+        return int(sent[1]) if sent[0] else None
+
+    def indices_from_main(self, indices, count: int) -> set[int]:
+        """Rank 0's set of ``indices`` (each below ``count``) on every rank."""
+        mask = np.zeros(count, np.int32)
+        mask[list(indices)] = 1
+        return {int(i) for i in np.flatnonzero(self._from_main(mask))}
+
+    def _from_main(self, values: np.ndarray) -> np.ndarray:
+        if self.size == 1:
+            return values
+        mine = values if self.is_main else np.zeros_like(values)
+        with self.collective(self.timeout, "while agreeing on the job"):
+            return np.array(mx.distributed.all_sum(mx.array(mine), group=self.group))
 
     def smallest(self, value: int) -> int:
         """The smallest of every rank's ``value``: choices that depend on a machine's memory must agree."""
@@ -171,7 +257,7 @@ class World:
     @contextmanager
     def collective(self, seconds: float, what: str):
         """Work that waits on other ranks: bounded by the watchdog, a lost peer turned into one line."""
-        with self.watchdog.watching(seconds, what), peer_errors():
+        with self.watchdog.watching(seconds, self.silence(seconds, what)), peer_errors(self.outcome):
             yield
 
     @contextmanager
@@ -195,22 +281,27 @@ class World:
 
         def report(*args, **kwargs):
             if self.steps_wait:
-                self.watchdog.arm(self.timeout, "during sampling")
+                self.watchdog.arm(self.timeout, self.silence(self.timeout, "during sampling"))
             return progress(*args, **kwargs)
 
         return report
 
 
 @contextmanager
-def peer_errors():
-    """MLX's ring backend raises RuntimeError when a peer's connection drops: a one-line DistributedError."""
+def peer_errors(outcome=lambda: "stopped, nothing written"):
+    """MLX's ring backend raises RuntimeError when a peer's connection drops: a one-line DistributedError,
+    ending with ``outcome()``, what the failure leaves behind."""
     try:
         yield
     except RuntimeError as exc:
-        if "[ring]" not in str(exc) and "[jaccl]" not in str(exc) and "[mpi]" not in str(exc):
+        if not is_backend_error(exc):
             raise
-        raise DistributedError("lost the connection to another rank (it died or its network went down): "
-                               "stopped, nothing written") from None
+        raise DistributedError(f"lost the connection to another rank (it died or its network went down): "
+                               f"{outcome()}") from None
+
+
+def is_backend_error(exc: BaseException) -> bool:
+    return any(tag in str(exc) for tag in ("[ring]", "[jaccl]", "[mpi]"))
 
 
 _WORLD: World | None = None
@@ -220,20 +311,84 @@ def launched() -> bool:
     return any(name in os.environ for name in LAUNCH_VARIABLES)
 
 
+def ring_hosts() -> list | None:
+    """The ring backend's ranks, one list of ``ip:port`` addresses each, from ``MLX_HOSTFILE``; None for
+    another backend (JACCL, MPI). Checked here because MLX reports a bad hostfile as an internal error."""
+    others = ("MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR", "MLX_WORLD_SIZE", *LAUNCH_VARIABLES[1:])  # JACCL, NCCL, MPI
+    if "MLX_RANK" not in os.environ or any(name in os.environ for name in others):
+        return None
+    import json
+
+    name = os.environ.get("MLX_HOSTFILE")
+    if not name:
+        raise DistributedError("MLX_RANK is set but MLX_HOSTFILE is not: start the ranks with starflow launch or "
+                               "mlx.launch, which write the hostfile that says where every rank listens")
+    try:
+        text = open(name, encoding="utf-8").read(1 << 20)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DistributedError(f"cannot read MLX_HOSTFILE {name} ({getattr(exc, 'strerror', None) or exc}): "
+                               "start the ranks with starflow launch or mlx.launch") from None
+    if not text.strip():
+        return []  # mlx.launch -n 1 writes an empty hostfile: one rank
+    expected = 'a JSON list with one list of "ip:port" addresses per rank, as mlx.launch writes'
+    try:
+        hosts = json.loads(text)
+    except ValueError:
+        raise DistributedError(f"MLX_HOSTFILE {name} is not JSON: expected {expected}") from None
+    if not (isinstance(hosts, list) and hosts and all(isinstance(h, list) and h for h in hosts)
+            and all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for h in hosts for a in h)):
+        raise DistributedError(f"MLX_HOSTFILE {name} is not a ring hostfile: expected {expected}")
+    return hosts
+
+
+def connect_line(rank: int, size: int, seconds: float) -> str:
+    """What it means when the ranks are not all connected after ``seconds``."""
+    waited = f"rank {1 - rank} did not connect" if size == 2 else "not every rank connected"
+    return (f"{waited} within {seconds:.0f} s (not started, still starting, or unreachable at the address in "
+            f"MLX_HOSTFILE; {TIMEOUT_ENV} sets the limit): stopped, nothing written")
+
+
+def connect(watchdog: Watchdog, rank: int, size: int, timeout: float):
+    """``mx.distributed.init`` within ``timeout``. MLX's ring gives up connecting to a peer that is not listening
+    yet after about 15 s, whatever the timeout: trying again until the deadline lets a slow rank start.
+    (The first connection of a ring is the last rank's, to rank 0, so nothing is half-connected then.)"""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with watchdog.watching(timeout, connect_line(rank, size, timeout)):
+        while True:
+            try:
+                group = mx.distributed.init(strict=True)
+                # One exchange before any work: every rank is there and answering.
+                mx.eval(mx.distributed.all_sum(mx.ones(1), group=group))
+                return group
+            except RuntimeError as exc:
+                if "Can't parse address" in str(exc):  # an address of MLX_HOSTFILE that does not resolve
+                    raise DistributedError(f"MLX_HOSTFILE: {exc}: give each rank an ip:port") from None
+                if not is_backend_error(exc):
+                    raise
+                if "connect" not in str(exc) or time.monotonic() >= deadline:
+                    raise DistributedError(connect_line(rank, size, timeout)) from None
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
 def current() -> World:
     """The job's world, connected once: a single rank unless the process was started by ``mlx.launch``."""
     global _WORLD
     if _WORLD is None:
-        if not launched():
+        hosts = ring_hosts() if launched() else []
+        if not launched() or hosts == []:
             _WORLD = World()
         else:
             timeout = timeout_seconds()
-            rank = int(os.environ.get("MLX_RANK", "0") or 0)
-            watchdog = Watchdog(rank)
-            with watchdog.watching(timeout, "while connecting"), peer_errors():
-                group = mx.distributed.init(strict=True)
-                # One exchange before any work: every rank is there and answering.
-                mx.eval(mx.distributed.all_sum(mx.ones(1), group=group))
+            text = os.environ.get("MLX_RANK", "0")
+            rank = int(text) if text.isdigit() else -1
+            size = len(hosts) if hosts is not None else 0
+            if rank < 0 or (hosts is not None and rank >= size):
+                raise DistributedError(f"MLX_RANK is {text!r} but MLX_HOSTFILE lists {size} ranks: a rank is "
+                                       f"0 to {size - 1} (start the ranks with starflow launch or mlx.launch)")
+            watchdog = Watchdog(rank, timeout)
+            group = connect(watchdog, rank, size, timeout)
             watchdog.rank = group.rank()
             _WORLD = World(group.rank(), group.size(), group, timeout, watchdog)
     return _WORLD

@@ -18,7 +18,7 @@ FOLDERS = {"starflow_mlx": "starflow_mlx", "convert": "starflow_mlx.convert", "q
 LAYERS = {
     "base": ["advice", "jsonconfig", "config", "safe_text", "progress", "blas"],
     "model": ["models", "sampling"],
-    "io": ["staging", "weights", "hub", "model_folder", "memory", "distributed", "image_input", "pixel_video",
+    "io": ["staging", "weights", "hub", "model_folder", "memory", "distributed", "launcher", "image_input", "pixel_video",
            "convert", "quantize", "text_encoder", "vae", "video_vae", "resolve", "loading", "generation_options"],
     "pipelines": ["pipelines", "training"],
     "products": ["coreml", "server", "apps", "benchmarks", "__main__"],

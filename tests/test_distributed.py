@@ -7,6 +7,7 @@ with one line and no output file.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -144,18 +145,25 @@ def test_pipeline_video_latents_match_one_process_within_float32(video_model, tm
 
 
 def test_data_parallel_videos_are_each_videos_own_bytes(video_model, tmp_path):
-    launch(BIN / "starflow", "generate", "a fox", "--model", video_model, "-n", 2, "--frames", 5,
+    # Five videos on two ranks (3 + 2): rank 1's first video is video 3, drawn from seed + 3, where a rule
+    # by rank (seed + 1) or by position in the rank's share (seed + 0) would differ; two videos could not tell.
+    launch(BIN / "starflow", "generate", "a fox", "--model", video_model, "-n", 5, "--frames", 5, "--seed", 4,
            "--output-dir", tmp_path / "two")
-    made = sorted((tmp_path / "two").iterdir())
-    assert [p.name for p in made] == ["a-fox-seed0-000.mp4", "a-fox-seed0-001.mp4"]
-    # Rank 1 sampled video 1 alone, as regenerating it from its metadata does.
-    single("generate", "--from-metadata", made[1], "-o", tmp_path / "again.mp4")
-    assert (tmp_path / "again.mp4").read_bytes() == made[1].read_bytes()
+    single("generate", "a fox", "--model", video_model, "-n", 5, "--frames", 5, "--seed", 4,
+           "--output-dir", tmp_path / "one")
+    made = files(tmp_path / "two")
+    assert sorted(made) == [f"a-fox-seed4-{i:03d}.mp4" for i in range(5)]
+    assert made == files(tmp_path / "one")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Starflow's own lines, wherever they start: MLX's ring backend logs '[ring] ...' from its threads in
+    pieces, which may run into the line starflow writes (in one write, so it is never cut itself)."""
+    return [found.group(0) for found in map(re.compile(r"error: .*$").search, stderr.splitlines()) if found]
 
 
 def one_error_line(stderr: str) -> str:
-    """Starflow's own lines (MLX's ring backend logs '[ring] ...' lines of its own when a socket closes)."""
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("[ring]")]
+    lines = error_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("error: rank 0:"), stderr
     return lines[0]
 
@@ -190,7 +198,7 @@ def test_a_rank_that_never_connects_stops_the_other_with_one_line_and_no_file(tm
     alone = rank(0, hostfile(tmp_path), tmp_path / "out", timeout=3)
     _, stderr = alone.communicate(timeout=TIMEOUT)
     assert alone.returncode != 0 and time.monotonic() - started < 60
-    assert "while connecting within 3 s" in one_error_line(stderr)
+    assert "rank 1 did not connect within 3 s" in one_error_line(stderr)
     assert not (tmp_path / "out").exists()
 
 
@@ -208,7 +216,8 @@ def test_a_rank_that_dies_mid_job_stops_the_other_with_one_line_and_no_file(tmp_
 
 def test_a_rank_that_hangs_is_given_up_on_at_the_gather_with_one_line_and_no_file(tmp_path):
     hosts = hostfile(tmp_path)
-    first, second = (rank(r, hosts, tmp_path / "out", 3, pipeline=False) for r in range(2))
+    # Rank 1 hangs (stopped, with a timeout long enough that its own watchdog does not end it first).
+    first, second = (rank(r, hosts, tmp_path / "out", 60 if r else 3, pipeline=False) for r in range(2))
     wait_until_sampling(first)
     second.send_signal(signal.SIGSTOP)
     try:
@@ -217,5 +226,81 @@ def test_a_rank_that_hangs_is_given_up_on_at_the_gather_with_one_line_and_no_fil
         second.kill()
         second.communicate()
     assert first.returncode != 0
-    assert "while gathering the results" in [line for line in rest.splitlines() if line.startswith("error:")][0]
+    assert "while gathering the results" in one_error_line(rest)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stopped_rank_is_killed_by_its_own_watchdog(tmp_path):
+    hosts = hostfile(tmp_path)
+    first, second = (rank(r, hosts, tmp_path / "out", 3, pipeline=False) for r in range(2))
+    wait_until_sampling(first)
+    second.send_signal(signal.SIGSTOP)
+    try:
+        _, rest = second.communicate(timeout=60)  # mlx.launch would have waited for it forever
+        _, first_rest = first.communicate(timeout=60)
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.communicate()
+    assert second.returncode == -signal.SIGKILL
+    assert error_lines(rest) == ["error: rank 1: stopped (SIGSTOP) and made no progress for 3 s: killed it "
+                                 "(STARFLOW_DISTRIBUTED_TIMEOUT sets the limit)"]
+    # Rank 0 loses it at the gather, or during it (where MLX may hand back an unfilled buffer without an error).
+    assert "lost the connection to another rank" in one_error_line(first_rest)
+    assert first.returncode == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_slow_rank_0_is_waited_for_as_long_as_the_timeout_says(tmp_path):
+    # MLX's ring gives up connecting after about 15 s; rank 1 keeps trying for the whole timeout.
+    hosts = hostfile(tmp_path)
+    env = {**os.environ, "MLX_HOSTFILE": str(hosts), "STARFLOW_DISTRIBUTED_TIMEOUT": "90"}
+    command = [str(BIN / "starflow"), "generate", "3", "--model", "demo", "-o", str(tmp_path / "x.png")]
+    second = subprocess.Popen(command, env={**env, "MLX_RANK": "1"}, stderr=subprocess.PIPE, text=True)
+    time.sleep(20)
+    first = subprocess.run(command, env={**env, "MLX_RANK": "0"}, capture_output=True, text=True, timeout=TIMEOUT)
+    _, rest = second.communicate(timeout=TIMEOUT)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + rest
+    assert (tmp_path / "x.png").exists()
+
+
+def test_a_rank_0_that_never_starts_is_named(tmp_path):
+    alone = rank(1, hostfile(tmp_path), tmp_path / "out", timeout=3)
+    _, stderr = alone.communicate(timeout=TIMEOUT)
+    assert alone.returncode != 0
+    assert error_lines(stderr) == ["error: rank 1: rank 0 did not connect within 3 s (not started, still starting, "
+                                   "or unreachable at the address in MLX_HOSTFILE; STARFLOW_DISTRIBUTED_TIMEOUT "
+                                   "sets the limit): stopped, nothing written"]
+
+
+KILL_AFTER_FIRST_FILE = """
+if [ "$MLX_RANK" = 1 ]; then
+  (until ls "$1"/*.png >/dev/null 2>&1; do sleep 0.1; done; kill -9 $$) &
+fi
+exec "$0" generate 3 --model demo -n 4 --batch-size 1 --pipeline --output-dir "$1" $2
+"""
+
+
+def test_a_pipeline_rank_killed_mid_job_leaves_whole_files_that_resume_finishes(tmp_path):
+    out = tmp_path / "out"
+    command = [str(BIN / "starflow"), "launch", "-n", 2, "--", "sh", "-c", KILL_AFTER_FIRST_FILE, BIN / "starflow", out]
+    res = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=TIMEOUT)
+    kept = files(out)
+    assert res.returncode == 1 and 1 <= len(kept) < 4  # rank 1 died after rank 0 had written a file
+    assert error_lines(res.stderr) == [
+        "error: rank 1 was killed by SIGKILL (from outside, or by the system for lack of memory)",
+        f"error: rank 0: lost the connection to another rank (it died or its network went down): stopped: "
+        f"{len(kept)} of 4 written to {out}; rerun with --resume to finish"], res.stderr
+
+    command = [BIN / "starflow", "launch", "-n", 2, "--", BIN / "starflow", "generate", 3, "--model", "demo", "-n", 4,
+               "--batch-size", 1, "--pipeline", "--output-dir", out, "--resume"]
+    res = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    assert f"kept {len(kept)} image(s)" in res.stdout
+    finished = files(out)
+    assert len(finished) == 4 and all(finished[name] == data for name, data in kept.items())
+    single("generate", 3, "--model", "demo", "-n", 4, "--batch-size", 1, "--output-dir", tmp_path / "one")
+    from PIL import Image
+
+    for name in finished:
+        two, one = (np.asarray(Image.open(folder / name), np.int16) for folder in (out, tmp_path / "one"))
+        assert np.abs(two - one).max() <= 1

@@ -62,6 +62,17 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
         raise ValueError("jacobi_block_size and jacobi_max_iter must be at least 1 and jacobi_threshold above 0")
 
 
+def class_index(manifest: Manifest, prompt: str) -> int:
+    """The class a prompt names; the empty prompt is the unconditional (last) class."""
+    classes = manifest.classes
+    if prompt == "":
+        return len(classes)
+    if prompt not in classes:
+        wanted = manifest.prompt_help or ", ".join(classes)
+        raise ValueError(f"unknown class {prompt!r}: this model generates {wanted}")
+    return classes.index(prompt)
+
+
 class Pipeline:
     VIDEO = False  # which manifest kind this class runs; from_pretrained hands video models to VideoPipeline
 
@@ -116,14 +127,7 @@ class Pipeline:
         return bool(self.manifest.source.get("finetuned_decoder"))
 
     def class_index(self, prompt: str) -> int:
-        """The class a prompt names; the empty prompt is the unconditional (last) class."""
-        classes = self.manifest.classes
-        if prompt == "":
-            return len(classes)
-        if prompt not in classes:
-            wanted = self.manifest.prompt_help or ", ".join(classes)
-            raise ValueError(f"unknown class {prompt!r}: this model generates {wanted}")
-        return classes.index(prompt)
+        return class_index(self.manifest, prompt)
 
     def conditioning(self, prompt: str, count: int, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:
         """(y, y_uncond), each (count, L, D): the prompt's features and the empty prompt's (``fps`` for video)."""
