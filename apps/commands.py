@@ -16,6 +16,9 @@ def register(app) -> None:
 
     app.command("generate")(user_errors(generate_cmd.generate))
     app.command("score")(user_errors(generate_cmd.score))
+    from starflow_mlx.apps import inversion_cmd
+
+    app.command("encode")(user_errors(inversion_cmd.encode))
 
     from starflow_mlx.apps import convert_cmd
 
