@@ -19,6 +19,7 @@ def register(app) -> None:
     from starflow_mlx.apps import inversion_cmd
 
     app.command("encode")(user_errors(inversion_cmd.encode))
+    app.command("edit")(user_errors(inversion_cmd.edit))
 
     from starflow_mlx.apps import convert_cmd
 

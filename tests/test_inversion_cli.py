@@ -81,3 +81,76 @@ def test_noise_files_of_another_model_or_damaged_are_one_line_and_write_nothing(
     assert "already exists" in one_line(run("encode", source, "-p", "1", "-m", models["image"], "-o", noise))
     assert "weights differ" in one_line(run("generate", "--from-noise", noise, "-m", models["other"], "-o", out))
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_edit_and_inpaint_from_the_command_line_and_again_from_metadata(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source, mask = tmp_path / "src.png", tmp_path / "mask.png"
+    run("generate", "0", "-m", models["image"], "-o", source)
+    Image.fromarray(np.where(np.arange(64)[:, None] >= 32, 255, 0).astype(np.uint8).repeat(64, 1)).save(mask)
+    res = run("edit", source, "--from", "0", "--to", "2", "--strength", 0.4, "--seed", 3, "-m", models["image"])
+    assert res.exit_code == 0, res.output
+    edited = tmp_path / "src-edit.png"
+    from starflow_mlx.pipelines.image_files import read_metadata
+
+    meta = read_metadata(edited)
+    assert (meta["operation"], meta["source_prompt"], meta["prompt"], meta["strength"], meta["seed"]) == \
+        ("edit", "0", "2", 0.4, 3)
+    assert run("edit", "--from-metadata", edited, "-o", "again.png").exit_code == 0
+    assert (tmp_path / "again.png").read_bytes() == edited.read_bytes()
+    res = run("edit", source, "--to", "1", "--mask", mask, "--method", "resample", "-m", models["image"], "-o", "in.png")
+    assert res.exit_code == 0, res.output
+    out = np.asarray(Image.open("in.png"))
+    assert np.array_equal(out[:32], np.asarray(Image.open(source))[:32])
+    assert read_metadata("in.png")["mask_sha256"] is not None
+    assert run("edit", "--from-metadata", "in.png", "-o", "in2.png").exit_code == 0
+    assert (tmp_path / "in2.png").read_bytes() == (tmp_path / "in.png").read_bytes()
+    mask.rename(tmp_path / "moved.png")
+    assert "the mask in.png was made from is missing" in one_line(run("edit", "--from-metadata", "in.png", "-o", "x.png"))
+    assert run("edit", "--from-metadata", "in.png", "--mask", "moved.png", "-o", "x.png").exit_code == 0
+    assert "sha256 differs" in one_line(run("edit", "--from-metadata", "in.png", "--mask", source, "-o", "y.png"))
+    assert "not made by starflow edit" in one_line(run("edit", "--from-metadata", source, "-o", "y.png"))
+
+
+def test_bad_edits_are_one_line_and_write_nothing(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run("generate", "0", "-m", models["image"], "-o", "src.png")
+    Image.new("L", (10, 10), 255).save("small.png")
+    Image.new("L", (64, 64), 0).save("black.png")
+    Image.new("L", (64, 64), 255).save("white.png")
+    image = ("edit", "src.png", "-m", models["image"], "-o", "out.png")
+    assert "mask is 10x10" in one_line(run(*image, "--to", "1", "--mask", "small.png"))
+    assert "no white pixels" in one_line(run(*image, "--to", "1", "--mask", "black.png"))
+    assert "all white" in one_line(run(*image, "--to", "1", "--mask", "white.png"))
+    assert "mask missing.png not found" in one_line(run(*image, "--to", "1", "--mask", "missing.png"))
+    assert "--strength has no effect with --mask" in one_line(run(*image, "--to", "1", "--mask", "white.png",
+                                                                  "--strength", 0.5))
+    assert "give --from PROMPT" in one_line(run(*image, "--to", "1"))
+    assert "--method is for inpainting" in one_line(run(*image, "--from", "0", "--to", "1", "--method", "replace"))
+    assert "--strength must be from 0 to 1" in one_line(run(*image, "--from", "0", "--to", "1", "--strength", 2))
+    assert "unknown class" in one_line(run(*image, "--from", "0", "--to", "7"))
+    assert "--method must be replace or resample" in one_line(run(*image, "--to", "1", "--mask", "small.png",
+                                                                "--method", "x"))
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_video_to_video_and_clip_inpainting_write_mp4s(models, tmp_path, monkeypatch):
+    from starflow_mlx.pipelines.video_io import read_metadata, read_video
+
+    monkeypatch.chdir(tmp_path)
+    run("generate", "3 moving right", "-m", models["video"], "-o", "src.mp4")
+    res = run("edit", "src.mp4", "--from", "3 moving right", "--to", "8 moving right", "-m", models["video"])
+    assert res.exit_code == 0, res.output
+    assert read_video("src-edit.mp4")[0].shape == read_video("src.mp4")[0].shape
+    assert read_metadata("src-edit.mp4")["prompt"] == "8 moving right"
+    frame = read_video("src.mp4")[0].shape[1:3]
+    Image.new("L", frame[::-1], 255).save("all.png")
+    res = run("edit", "src.mp4", "--to", "8 moving right", "--mask", "all.png", "--mask-frames", "1-2",
+              "-m", models["video"], "-o", "in.mp4")
+    assert res.exit_code == 0, res.output
+    assert read_metadata("in.mp4")["mask_frames"] == [1, 2]
+    assert "--mask-frames is for an .mp4" in one_line(run("edit", "all.png", "--to", "1", "--mask", "all.png",
+                                                          "--mask-frames", "0", "-m", models["image"]))
+    assert "mask frame 7 is not among" in one_line(run("edit", "src.mp4", "--to", "8 moving right", "--mask",
+                                                       "all.png", "--mask-frames", "7", "-m", models["video"],
+                                                       "-o", "x.mp4"))

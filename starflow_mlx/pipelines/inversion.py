@@ -51,7 +51,8 @@ class Inversion:
         return self.noise.ndim == 5
 
 
-def _cfg(pipe, cfg: float | None) -> float:
+def guidance(pipe, cfg: float | None) -> float:
+    """The guidance weight to use: ``cfg``, or the model's own."""
     cfg = (pipe.default_cfg if pipe.VIDEO else pipe.config.cfg) if cfg is None else cfg
     if not 0 <= cfg < math.inf:
         raise ValueError(f"cfg must be a number 0 or more, got {cfg}")
@@ -90,7 +91,7 @@ def prepare(pipe, source, fps: int | None = None) -> tuple[mx.array, str, int]:
 
 def invert(pipe, source, prompt: str, cfg: float | None = None, fps: int | None = None) -> Inversion:
     """The noise that sampling ``prompt`` with guidance ``cfg`` (None: the model's) maps back to ``source``."""
-    cfg = _cfg(pipe, cfg)
+    cfg = guidance(pipe, cfg)
     x, ratio, fps = prepare(pipe, source, fps)
     y, y_u = pipe.conditioning(prompt, 1, ratio, fps)
     z = flow_inversion.encode(pipe.flow, x, y, y_u, cfg)
@@ -161,7 +162,7 @@ def edit(pipe, source, source_prompt: str, prompt: str, *, strength: float = 0.0
     """``source`` (described by ``source_prompt``) remade as ``prompt``: an image, or frames (T, H, W, 3)."""
     from starflow_mlx.pipelines.image import check_options
 
-    cfg = _cfg(pipe, cfg)
+    cfg = guidance(pipe, cfg)
     check_options(seed, cfg, 1, 1, 1.0, 1)
     inverted = invert(pipe, source, source_prompt, cfg, fps)
     z = mix_noise(inverted.noise, strength, seed)
@@ -234,7 +235,7 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
     rounds = DEFAULT_ROUNDS[method] if rounds is None else rounds
     if not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
         raise ValueError(f"rounds must be a whole number from 1 to {MAX_ROUNDS}, got {rounds!r}")
-    cfg = _cfg(pipe, cfg)
+    cfg = guidance(pipe, cfg)
     check_options(seed, cfg, 1, 1, 1.0, 1)
     pixels = _source_pixels(pipe, source, fps)
     height, width = pixels.shape[1:3] if pipe.VIDEO else pixels.shape[:2]
