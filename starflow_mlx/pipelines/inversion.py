@@ -111,7 +111,7 @@ def _reverse(pipe, z: mx.array, prompt: str, cfg: float, ratio: str, fps: int, j
     return x, y
 
 
-def _denoise(pipe, x: mx.array, y: mx.array) -> mx.array:
+def denoise(pipe, x: mx.array, y: mx.array) -> mx.array:
     """The cleanup generation applies to the flow's (noisy) samples."""
     if pipe.VIDEO:
         return pipe.denoise(x, y, lambda *a, **k: None)
@@ -167,7 +167,7 @@ def edit(pipe, source, source_prompt: str, prompt: str, *, strength: float = 0.0
     inverted = invert(pipe, source, source_prompt, cfg, fps)
     z = mix_noise(inverted.noise, strength, seed)
     x, y = _reverse(pipe, z, prompt, cfg, inverted.aspect_ratio, inverted.fps, jacobi, progress)
-    return to_output(pipe, _denoise(pipe, x, y))
+    return to_output(pipe, denoise(pipe, x, y))
 
 
 # -- inpainting ---------------------------------------------------------------------------------
@@ -243,22 +243,30 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
     known_x, ratio, fps = prepare(pipe, pixels if pipe.VIDEO else Image.fromarray(pixels), fps)
     data_hole = _data_hole(pipe, hole, known_x.shape)
     y, y_u = pipe.conditioning(prompt, 1, ratio, fps)
-    flow = pipe.flow
-    eps = mx.random.normal(known_x.shape, key=mx.random.key(seed))
-    tokens_known = flow_inversion.token_mask(flow, mx.logical_not(data_hole))
-    x = _composite(known_x, mx.zeros_like(known_x), data_hole)  # mid-grey (zero latents) in the hole
-    for _ in range(rounds):
-        filled = _composite(known_x, x, data_hole)
-        if method == "replace":
-            _, inputs = flow_inversion.encode_blocks(flow, filled, y, y_u, cfg)
-            x = flow_inversion.reverse_known(flow, eps, inputs, tokens_known, y, y_u, cfg)
-        else:
-            z = flow_inversion.encode(flow, filled, y, y_u, cfg)
-            z = mx.where(flow._unpatchify(tokens_known), z, eps)
-            x = flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=_sampler(jacobi, pipe), progress=progress)
-        mx.eval(x)
-    made = to_output(pipe, _denoise(pipe, x, y))
+    noise = mx.random.normal(known_x.shape, key=mx.random.key(seed))
+    x = inpaint_data(pipe.flow, known_x, data_hole, noise, y, y_u, cfg, method, rounds, _sampler(jacobi, pipe),
+                     progress)
+    made = to_output(pipe, denoise(pipe, x, y))
     return _paste(pixels, made, hole, pipe.VIDEO)
+
+
+def inpaint_data(flow, known: mx.array, hole: mx.array, noise: mx.array, y, y_uncond, cfg: float,
+                 method: str = "replace", rounds: int = 1, jacobi: bool = False, progress=None) -> mx.array:
+    """Inpainting on the flow's data (batched): ``known`` data, ``hole`` (bool, data-shaped: True = regenerate),
+    ``noise`` for the hole. Returns the flow's sample (not denoised, known part not yet pasted back)."""
+    tokens_known = flow_inversion.token_mask(flow, mx.logical_not(hole))
+    x = _composite(known, mx.zeros_like(known), hole)  # mid-grey (zero latents) in the hole to start
+    for _ in range(rounds):
+        filled = _composite(known, x, hole)
+        if method == "replace":
+            _, inputs = flow_inversion.encode_blocks(flow, filled, y, y_uncond, cfg)
+            x = flow_inversion.reverse_known(flow, noise, inputs, tokens_known, y, y_uncond, cfg)
+        else:
+            z = flow_inversion.encode(flow, filled, y, y_uncond, cfg)
+            z = mx.where(flow._unpatchify(tokens_known), z, noise)
+            x = flow.reverse(z, y, y_uncond=y_uncond, cfg=cfg, jacobi=jacobi, progress=progress)
+        mx.eval(x)
+    return x
 
 
 def _source_pixels(pipe, source, fps: int | None) -> np.ndarray:

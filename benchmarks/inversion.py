@@ -1,0 +1,223 @@
+"""Exact inversion on the built-in models: round trips, prompt edits, inpainting, and what each costs.
+
+1. Round trip: real test digits (scikit-learn's, never seen in training) and real test clips of
+   the moving digits, each inverted under its own label and decoded again (sequential sampler):
+   the largest difference in the flow's data and in 8-bit pixels.
+2. Edits a -> b on all 90 ordered digit pairs (``--per-pair`` real test digits of a each) at
+   strengths 0 .. 1: how often the digit classifier of ``demo_quality`` says b, and the mean
+   absolute pixel distance to the source, next to a fresh sample of b from the same seed
+   (strength 1 is that sample).
+3. Inpainting real test digits under their own label, the bottom, top, left half or a random
+   3x3 patch regenerated: classifier accuracy and mean absolute error in the hole, for the
+   replace and resample methods and for mid-grey fill (the hole left at 0).
+4. Seconds per image of each operation against generating from scratch (median of ``--repeats``).
+
+    python -m starflow_mlx.benchmarks.inversion --per-pair 2 --digits 100 --clips 20 --inpaint 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from starflow_mlx.benchmarks.demo_quality import digit_classifier, to_features
+from starflow_mlx.pipelines import inversion
+from starflow_mlx.pipelines.image import Pipeline
+from starflow_mlx.sampling import inversion as flow_inversion
+from starflow_mlx.sampling.denoise import score_denoise
+from starflow_mlx.training.data import load_digits_split
+
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def as_data(images: np.ndarray) -> mx.array:
+    """Real digits in [-1, 1] as 8-bit pixels would hold them (what a PNG of them gives), as the flow's data."""
+    return mx.array(np.round((images + 1) * 127.5) / 127.5 - 1.0, dtype=mx.float32)
+
+
+def to_uint8(x) -> np.ndarray:
+    return np.clip(np.round((np.array(x) + 1) * 127.5), 0, 255).astype(np.int64)
+
+
+def by_label(labels: np.ndarray, count: int) -> dict[int, np.ndarray]:
+    """Indices of the first ``count`` test items, grouped by label."""
+    chosen = np.arange(min(count, len(labels)))
+    return {int(k): chosen[labels[chosen] == k] for k in np.unique(labels[chosen])}
+
+
+def round_trip_digits(pipe, test, count: int) -> dict:
+    flow, cfg = pipe.flow, pipe.config.cfg
+    data_err = pixel_err = 0.0
+    for digit, idx in by_label(test.labels, count).items():
+        x = as_data(test.images[idx])
+        y, y_u = pipe.conditioning(str(digit), len(idx), "1:1")
+        z = flow_inversion.encode(flow, x, y, y_u, cfg)
+        back = flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=False)
+        data_err = max(data_err, float(mx.abs(back - x).max()))
+        pixel_err = max(pixel_err, float(np.abs(to_uint8(back) - to_uint8(x)).max()))
+    return {"images": int(min(count, len(test.labels))), "largest_data_error": data_err,
+            "largest_pixel_error_8bit": pixel_err}
+
+
+def round_trip_clips(count: int) -> dict:
+    from starflow_mlx.training.moving_digits import DIRECTIONS, load_moving_digits_split
+
+    pipe = Pipeline.from_pretrained("demo-video")
+    _, test = load_moving_digits_split()
+    names = list(DIRECTIONS)
+    data_err = pixel_err = 0.0
+    for clip, label in list(zip(test.images, test.labels))[:count]:
+        digit, way = divmod(int(label), len(names))
+        frames = np.repeat(np.round((clip[: pipe.config.num_frames, ..., 0] + 1) * 127.5).astype(np.uint8)[..., None],
+                           3, axis=-1)
+        inverted = pipe.invert(frames, f"{digit} moving {names[way]}")
+        again = pipe.clip_input(pipe.from_noise(inverted))[0]  # the decoded frames as the flow reads them
+        data_err = max(data_err, float(mx.abs(again - inverted.data).max()))
+        pixel_err = max(pixel_err, float(np.abs(to_uint8(again)[0, ..., 0] - frames[..., 0]).max()))
+    return {"clips": count, "largest_data_error": data_err, "largest_pixel_error_8bit": pixel_err}
+
+
+def edits(pipe, clf, test, per_pair: int, seed: int) -> dict:
+    """Every a -> b (a != b) on ``per_pair`` test digits of a, at each strength, batched per target b."""
+    flow, cfg = pipe.flow, pipe.config.cfg
+    sources, from_labels = [], []
+    for a in range(10):
+        idx = np.flatnonzero(test.labels == a)[:per_pair]
+        sources.append(test.images[idx])
+        from_labels += [a] * len(idx)
+    sources = np.concatenate(sources)
+    from_labels = np.array(from_labels)
+    x = as_data(sources)
+    src_pixels = to_uint8(x).astype(np.float64)
+    count = len(from_labels)
+    y_from = mx.concatenate([pipe.conditioning(str(a), 1, "1:1")[0] for a in from_labels])
+    y_u = mx.repeat(pipe.conditioning("", 1, "1:1")[1], count, axis=0)
+    z = flow_inversion.encode(flow, x, y_from, y_u, cfg)
+    eps = mx.concatenate([mx.random.normal((1, *x.shape[1:]), key=mx.random.key(seed + i)) for i in range(count)])
+    curve = []
+    for strength in STRENGTHS:
+        said_b = distance = 0.0
+        pairs = 0
+        for b in range(10):
+            keep = from_labels != b
+            y_b = mx.repeat(pipe.conditioning(str(b), 1, "1:1")[0], int(keep.sum()), axis=0)
+            mixed = (math.sqrt(1 - strength**2) * z + strength * eps)[mx.array(np.flatnonzero(keep))]
+            out = flow.reverse(mixed, y_b, y_uncond=y_u[: int(keep.sum())], cfg=cfg, jacobi=False)
+            out = np.clip(np.array(score_denoise(flow, out, y_b, pipe.config.noise_std)), -1, 1)
+            said_b += float((clf.predict(to_features(out)) == b).sum())
+            distance += float(np.abs(to_uint8(out) - src_pixels[keep]).sum() / (out[0].size * 255 / 2))
+            pairs += int(keep.sum())
+        curve.append({"strength": strength, "classifier_says_b": said_b / pairs,
+                      "mean_abs_distance_to_source": distance / pairs})
+    return {"edits_per_strength": count * 9, "pairs": 90, "per_pair": per_pair, "curve": curve,
+            "note": "strength 1 is a fresh sample of b from the same seed; distances in [-1, 1] pixel units"}
+
+
+def masks(size: int, seed: int, count: int) -> dict[str, np.ndarray]:
+    """Holes (True = regenerate), (count, size, size, 1) each."""
+    half = size // 2
+    grid = np.zeros((size, size), bool)
+    shapes = {"bottom half": grid.copy(), "top half": grid.copy(), "left half": grid.copy()}
+    shapes["bottom half"][half:] = True
+    shapes["top half"][:half] = True
+    shapes["left half"][:, :half] = True
+    out = {name: np.broadcast_to(m[None, ..., None], (count, size, size, 1)) for name, m in shapes.items()}
+    rng = np.random.default_rng(seed)
+    patch = np.zeros((count, size, size, 1), bool)
+    for i, (r, c) in enumerate(rng.integers(0, size - 2, size=(count, 2))):
+        patch[i, r: r + 3, c: c + 3] = True
+    out["random 3x3 patch"] = patch
+    return out
+
+
+def inpainting(pipe, clf, test, count: int, seed: int) -> dict:
+    flow, cfg = pipe.flow, pipe.config.cfg
+    labels = test.labels[:count]
+    x = as_data(test.images[:count])
+    y = mx.concatenate([pipe.conditioning(str(k), 1, "1:1")[0] for k in labels])
+    y_u = mx.repeat(pipe.conditioning("", 1, "1:1")[1], count, axis=0)
+    noise = mx.concatenate([mx.random.normal((1, *x.shape[1:]), key=mx.random.key(seed + i)) for i in range(count)])
+    methods = {"mid-grey fill": None, "replace (1 round)": ("replace", 1), "replace (3 rounds)": ("replace", 3),
+               "resample (4 rounds)": ("resample", 4)}
+    results = {}
+    for name, hole in masks(x.shape[1], seed, count).items():
+        hole_mx = mx.array(hole)
+        row = {}
+        for label, method in methods.items():
+            if method is None:
+                out = mx.where(hole_mx, 0.0, x)
+            else:
+                made = inversion.inpaint_data(flow, x, hole_mx, noise, y, y_u, cfg, *method)
+                out = mx.where(hole_mx, mx.clip(score_denoise(flow, made, y, pipe.config.noise_std), -1, 1), x)
+            out = np.array(out)
+            row[label] = {"accuracy": float((clf.predict(to_features(out)) == labels).mean()),
+                          "hole_mean_abs_error": float(np.abs(out - np.array(x))[hole].mean())}
+        results[name] = row
+    return {"digits": count, "masks": results}
+
+
+def timings(pipe, repeats: int) -> dict:
+    """Seconds per image (batch of one, sequential sampler), median of ``repeats`` after a warm-up."""
+    source = pipe.generate("3", seed=1, jacobi=False)[0]
+    hole = np.zeros((source.height, source.width), np.uint8)
+    hole[source.height // 2:] = 255
+    from PIL import Image
+
+    mask = Image.fromarray(hole)
+    inverted = pipe.invert(source, "3")
+    jobs = {
+        "generate (from scratch)": lambda: pipe.generate("8", seed=2, jacobi=False),
+        "invert": lambda: pipe.invert(source, "3"),
+        "from noise": lambda: pipe.from_noise(inverted),
+        "edit 3 -> 8": lambda: pipe.edit(source, "3", "8", strength=0.5),
+        "inpaint replace (1 round)": lambda: pipe.inpaint(source, mask, "3", method="replace", rounds=1),
+        "inpaint replace (3 rounds)": lambda: pipe.inpaint(source, mask, "3", method="replace", rounds=3),
+        "inpaint resample (4 rounds)": lambda: pipe.inpaint(source, mask, "3", method="resample", rounds=4),
+    }
+    out = {}
+    for name, job in jobs.items():
+        job()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            job()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
+
+
+def measure(per_pair: int = 2, digits: int = 100, clips: int = 20, inpaint: int = 50, repeats: int = 3,
+            seed: int = 0) -> dict:
+    pipe = Pipeline.from_pretrained("demo")
+    train, test = load_digits_split()
+    clf = digit_classifier(train)
+    return {
+        "round_trip_digits": round_trip_digits(pipe, test, digits),
+        "round_trip_clips": round_trip_clips(clips),
+        "edits": edits(pipe, clf, test, per_pair, seed),
+        "inpainting": inpainting(pipe, clf, test, inpaint, seed),
+        "seconds_per_image": timings(pipe, repeats),
+        "cfg": pipe.config.cfg,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-pair", type=int, default=2)
+    parser.add_argument("--digits", type=int, default=100)
+    parser.add_argument("--clips", type=int, default=20)
+    parser.add_argument("--inpaint", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.per_pair, args.digits, args.clips, args.inpaint, args.repeats, args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()
