@@ -43,10 +43,20 @@ def options_from_metadata(path: Path) -> dict:
     from starflow_mlx.pipelines.image_files import read_metadata
 
     meta = read_metadata(path)
+    refuse_edits(path, meta)
     options = GenerationOptions.from_metadata(meta, f"{path} has damaged starflow-mlx metadata")
     # Files written before batching were sampled in one batch.
     options[BATCH_KEY] = options[BATCH_KEY] or options["num_images"]
     return options
+
+
+def refuse_edits(path: Path, meta: dict) -> None:
+    """Files that ``starflow edit`` or ``generate --from-noise`` made record another job: say which command redoes it."""
+    if meta.get("operation") in ("edit", "inpaint"):
+        raise ValueError(f"{path} was made by starflow edit: redo it with starflow edit --from-metadata {path}")
+    if meta.get("operation") == "from-noise":
+        raise ValueError(f"{path} was decoded from the noise file {meta.get('noise')}: decode it again with "
+                         "starflow generate --from-noise")
 
 
 # -- output files ----------------------------------------------------------------------------

@@ -110,6 +110,7 @@ def test_edit_and_inpaint_from_the_command_line_and_again_from_metadata(models, 
     assert run("edit", "--from-metadata", "in.png", "--mask", "moved.png", "-o", "x.png").exit_code == 0
     assert "sha256 differs" in one_line(run("edit", "--from-metadata", "in.png", "--mask", source, "-o", "y.png"))
     assert "not made by starflow edit" in one_line(run("edit", "--from-metadata", source, "-o", "y.png"))
+    assert "made by starflow edit: redo it with starflow edit" in one_line(run("generate", "--from-metadata", "in.png"))
 
 
 def test_bad_edits_are_one_line_and_write_nothing(models, tmp_path, monkeypatch):

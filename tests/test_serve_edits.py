@@ -50,3 +50,17 @@ def test_openai_client_edits_the_transparent_part_and_keeps_the_rest(tmp_path):
             client.images.edit(image=("digit.png", png(source), "image/png"), prompt="9",
                                mask=("mask.png", png(mask), "image/png"))
         assert not list((tmp_path / "out" / ".uploads").iterdir())
+
+
+def test_uploads_of_jobs_that_will_not_run_are_swept(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from starflow_mlx.server.edits import UPLOADS, EditRequest, sweep
+
+    kept, stale = tmp_path / UPLOADS / "kept", tmp_path / UPLOADS / "stale"
+    kept.mkdir(parents=True)
+    stale.mkdir()
+    job = SimpleNamespace(request=EditRequest(prompt="1", image_file=str(kept / "image.png")))
+    sweep(SimpleNamespace(lock=threading.Condition(), waiting=[job], running=None, output_dir=tmp_path))
+    assert kept.is_dir() and not stale.exists()

@@ -102,6 +102,17 @@ def regenerate_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image
     return Image.fromarray(hole.astype(np.uint8) * 255)
 
 
+def sweep(runner) -> None:
+    """Remove the uploads of edit jobs that will not run (cancelled while queued, or before a restart)."""
+    with runner.lock:
+        jobs = [*runner.waiting, *([runner.running] if runner.running else [])]
+        live = {Path(job.request.image_file).parent.name for job in jobs if isinstance(job.request, EditRequest)}
+    folder = Path(runner.output_dir) / UPLOADS
+    for uploads in folder.iterdir() if folder.is_dir() else []:
+        if uploads.name not in live:
+            shutil.rmtree(uploads, ignore_errors=True)
+
+
 def endpoint(runner, check_model, submit, finished, api_error):
     """The handler of ``POST /v1/images/edits``, built from ``create_app``'s helpers."""
     from starlette.requests import Request
@@ -156,6 +167,7 @@ def endpoint(runner, check_model, submit, finished, api_error):
         except RequestError as exc:
             raise api_error(400, str(exc), "invalid_value", exc.param) from None
         check_model(req.model, "image")
+        sweep(runner)
         uploads = Path(runner.output_dir) / UPLOADS / secrets.token_hex(12)
         uploads.mkdir(parents=True)
         image.save(uploads / "image.png")
