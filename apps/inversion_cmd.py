@@ -186,7 +186,7 @@ def edit(
     method: Optional[str] = typer.Option(None, "--method", help="Inpainting: replace (known tokens held in every "
                                                                 "block, default) or resample (known noise kept)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Inpainting: re-encode and redo this many times "
-                                                                "(default 1 for replace, 4 for resample)."),
+                                                                "(default 3 for replace, 4 for resample)."),
     seed: int = typer.Option(0, help="Seed of the fresh noise."),
     cfg: Optional[float] = typer.Option(None, help="Guidance weight (default: the model's)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Video: the rate the clip is read and written at "

@@ -10,7 +10,9 @@
 3. Inpainting real test digits under their own label, the bottom, top, left half or a random
    3x3 patch regenerated: classifier accuracy and mean absolute error in the hole, for the
    replace and resample methods and for mid-grey fill (the hole left at 0).
-4. Seconds per image of each operation against generating from scratch (median of ``--repeats``).
+4. The same on real test clips of the moving digits (the right half of every frame, or the last three
+   frames whole), judged by ``video_demo``'s digit and direction judge.
+5. Seconds per image of each operation against generating from scratch (median of ``--repeats``).
 
     python -m starflow_mlx.benchmarks.inversion --per-pair 2 --digits 100 --clips 20 --inpaint 50
 """
@@ -162,6 +164,47 @@ def inpainting(pipe, clf, test, count: int, seed: int) -> dict:
     return {"digits": count, "masks": results}
 
 
+def video_inpainting(count: int, seed: int) -> dict:
+    """Real test clips under their own prompt, the right half of every frame (or the last three frames whole)
+    regenerated; judged frame by frame by ``video_demo``'s digit and direction judge."""
+    from starflow_mlx.benchmarks.video_demo import Judge
+    from starflow_mlx.training.moving_digits import DIRECTIONS, load_moving_digits_split
+
+    pipe = Pipeline.from_pretrained("demo-video")
+    flow, cfg, frames = pipe.flow, pipe.config.cfg, pipe.config.num_frames
+    _, test = load_moving_digits_split()
+    names = list(DIRECTIONS)
+    clips, labels = test.images[:count, :frames], test.labels[:count]
+    digits, ways = [int(k) // len(names) for k in labels], [names[int(k) % len(names)] for k in labels]
+    x = as_data(clips)
+    ys = [pipe.conditioning(f"{d} moving {w}", 1, "1:1") for d, w in zip(digits, ways)]
+    y, y_u = mx.concatenate([a for a, _ in ys]), mx.concatenate([b for _, b in ys])
+    noise = mx.concatenate([mx.random.normal((1, *x.shape[1:]), key=mx.random.key(seed + i)) for i in range(count)])
+    judge = Judge(pipe.config.latent_size)
+    side = x.shape[3]
+    right = np.zeros(x.shape, bool)
+    right[:, :, :, side // 2:] = True
+    last = np.zeros(x.shape, bool)
+    last[:, 2:] = True
+    methods = {"mid-grey fill": None, "replace (1 round)": ("replace", 1), "replace (3 rounds)": ("replace", 3),
+               "resample (4 rounds)": ("resample", 4)}
+    results = {"real clips": judge.clips(np.array(x[..., 0]), digits, ways)}
+    for name, hole in (("right half of every frame", right), ("frames 2-4 whole", last)):
+        hole_mx, row = mx.array(hole), {}
+        for label, method in methods.items():
+            if method is None:
+                out = mx.where(hole_mx, 0.0, x)
+            else:
+                made = inversion.inpaint_data(flow, x, hole_mx, noise, y, y_u, cfg, *method)
+                out = mx.where(hole_mx, mx.clip(score_denoise(flow, made, y, pipe.config.noise_std), -1, 1), x)
+            out = np.array(out)
+            judged = judge.clips(out[..., 0], digits, ways)
+            row[label] = {"digit_accuracy": judged["digit_accuracy"], "direction_accuracy": judged["direction_accuracy"],
+                          "hole_mean_abs_error": float(np.abs(out - np.array(x))[hole].mean())}
+        results[name] = row
+    return {"clips": count, "masks": results}
+
+
 def timings(pipe, repeats: int) -> dict:
     """Seconds per image (batch of one, sequential sampler), median of ``repeats`` after a warm-up."""
     source = pipe.generate("3", seed=1, jacobi=False)[0]
@@ -192,19 +235,27 @@ def timings(pipe, repeats: int) -> dict:
     return out
 
 
+PARTS = ("round-trip", "edits", "inpainting", "video-inpainting", "timings")
+
+
 def measure(per_pair: int = 2, digits: int = 100, clips: int = 20, inpaint: int = 50, repeats: int = 3,
-            seed: int = 0) -> dict:
+            seed: int = 0, parts: tuple[str, ...] = PARTS) -> dict:
     pipe = Pipeline.from_pretrained("demo")
     train, test = load_digits_split()
     clf = digit_classifier(train)
-    return {
-        "round_trip_digits": round_trip_digits(pipe, test, digits),
-        "round_trip_clips": round_trip_clips(clips),
-        "edits": edits(pipe, clf, test, per_pair, seed),
-        "inpainting": inpainting(pipe, clf, test, inpaint, seed),
-        "seconds_per_image": timings(pipe, repeats),
-        "cfg": pipe.config.cfg,
-    }
+    out = {"cfg": pipe.config.cfg}
+    if "round-trip" in parts:
+        out["round_trip_digits"] = round_trip_digits(pipe, test, digits)
+        out["round_trip_clips"] = round_trip_clips(clips)
+    if "edits" in parts:
+        out["edits"] = edits(pipe, clf, test, per_pair, seed)
+    if "inpainting" in parts:
+        out["inpainting"] = inpainting(pipe, clf, test, inpaint, seed)
+    if "video-inpainting" in parts:
+        out["video_inpainting"] = video_inpainting(clips, seed)
+    if "timings" in parts:
+        out["seconds_per_image"] = timings(pipe, repeats)
+    return out
 
 
 def main() -> None:
@@ -215,8 +266,14 @@ def main() -> None:
     parser.add_argument("--inpaint", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args()
-    print(json.dumps(measure(args.per_pair, args.digits, args.clips, args.inpaint, args.repeats, args.seed), indent=2))
+    parts = tuple(p.strip() for p in args.parts.split(","))
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part {sorted(unknown)[0]!r}: choose from {', '.join(PARTS)}")
+    print(json.dumps(measure(args.per_pair, args.digits, args.clips, args.inpaint, args.repeats, args.seed, parts),
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from starflow_mlx.sampling import inversion as flow_inversion
 from starflow_mlx.sampling.denoise import score_denoise
 
 METHODS = ("replace", "resample")
-DEFAULT_ROUNDS = {"replace": 1, "resample": 4}
+DEFAULT_ROUNDS = {"replace": 3, "resample": 4}  # benchmarks/README.md: 3 rounds of replace win on clips
 MAX_ROUNDS = 100
 
 
