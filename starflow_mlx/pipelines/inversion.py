@@ -59,19 +59,12 @@ def guidance(pipe, cfg: float | None) -> float:
     return float(cfg)
 
 
-def _frames(video) -> np.ndarray:
-    if isinstance(video, (str, Path)):
-        from starflow_mlx.pipelines.video_io import read_video
-
-        return read_video(video)[0]
-    return np.asarray(video)
-
-
 def prepare(pipe, source, fps: int | None = None) -> tuple[mx.array, str, int]:
     """(flow data (1, ...), aspect ratio, fps) of an image (path or PIL) or a clip (path or uint8 frames)."""
     if pipe.VIDEO:
         from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
 
+        pipe._reload()  # a long video's decode may have released the flow
         fps = fps or VIDEO_DEFAULTS["fps"]
         if isinstance(source, (str, Path)):
             from starflow_mlx.pipelines.video_io import read_video
@@ -142,6 +135,9 @@ def from_noise(pipe, inversion: Inversion, prompt: str | None = None, cfg: float
         raise ValueError(f"the noise was inverted with cfg {inversion.cfg:g}: decoding it with cfg {cfg:g} does "
                          "not give the input back (use edit to change the image)")
     prompt = inversion.prompt if prompt is None else prompt
+    if pipe.VIDEO:
+        pipe._reload()
+        pipe.check_memory(inversion.noise.shape[1], 1, inversion.aspect_ratio)
     x, _ = _reverse(pipe, inversion.noise, prompt, inversion.cfg, inversion.aspect_ratio, inversion.fps, jacobi,
                     progress)
     return to_output(pipe, x)
