@@ -4,7 +4,7 @@
    the moving digits, each inverted under its own label and decoded again (sequential sampler):
    the largest difference in the flow's data and in 8-bit pixels.
 2. Edits a -> b on all 90 ordered digit pairs (``--per-pair`` real test digits of a each) at
-   strengths 0 .. 1: how often the digit classifier of ``demo_quality`` says b, and the mean
+   strengths 0 .. 1 (and, as ``edit-guidance``, at strengths 0 and 1 with other guidance weights): how often the digit classifier of ``demo_quality`` says b, and the mean
    absolute pixel distance to the source, next to a fresh sample of b from the same seed
    (strength 1 is that sample).
 3. Inpainting real test digits under their own label, the bottom, top, left half or a random
@@ -85,9 +85,12 @@ def round_trip_clips(count: int) -> dict:
     return {"clips": count, "largest_data_error": data_err, "largest_pixel_error_8bit": pixel_err}
 
 
-def edits(pipe, clf, test, per_pair: int, seed: int) -> dict:
-    """Every a -> b (a != b) on ``per_pair`` test digits of a, at each strength, batched per target b."""
-    flow, cfg = pipe.flow, pipe.config.cfg
+def edits(pipe, clf, test, per_pair: int, seed: int, cfg: float | None = None,
+          strengths: tuple[float, ...] = STRENGTHS) -> dict:
+    """Every a -> b (a != b) on ``per_pair`` test digits of a, at each strength, batched per target b; inverted and
+    decoded with guidance ``cfg`` (None: the model's)."""
+    flow = pipe.flow
+    cfg = pipe.config.cfg if cfg is None else cfg
     sources, from_labels = [], []
     for a in range(10):
         idx = np.flatnonzero(test.labels == a)[:per_pair]
@@ -103,7 +106,7 @@ def edits(pipe, clf, test, per_pair: int, seed: int) -> dict:
     z = flow_inversion.encode(flow, x, y_from, y_u, cfg)
     eps = mx.concatenate([mx.random.normal((1, *x.shape[1:]), key=mx.random.key(seed + i)) for i in range(count)])
     curve = []
-    for strength in STRENGTHS:
+    for strength in strengths:
         said_b = distance = 0.0
         pairs = 0
         for b in range(10):
@@ -117,7 +120,7 @@ def edits(pipe, clf, test, per_pair: int, seed: int) -> dict:
             pairs += int(keep.sum())
         curve.append({"strength": strength, "classifier_says_b": said_b / pairs,
                       "mean_abs_distance_to_source": distance / pairs})
-    return {"edits_per_strength": count * 9, "pairs": 90, "per_pair": per_pair, "curve": curve,
+    return {"edits_per_strength": count * 9, "pairs": 90, "per_pair": per_pair, "cfg": cfg, "curve": curve,
             "note": "strength 1 is a fresh sample of b from the same seed; distances in [-1, 1] pixel units"}
 
 
@@ -235,7 +238,8 @@ def timings(pipe, repeats: int) -> dict:
     return out
 
 
-PARTS = ("round-trip", "edits", "inpainting", "video-inpainting", "timings")
+PARTS = ("round-trip", "edits", "edit-guidance", "inpainting", "video-inpainting", "timings")
+EDIT_GUIDANCE = (0.0, 1.0, 4.0)  # besides the model's own (2 for the demo), at strengths 0 and 1
 
 
 def measure(per_pair: int = 2, digits: int = 100, clips: int = 20, inpaint: int = 50, repeats: int = 3,
@@ -249,6 +253,8 @@ def measure(per_pair: int = 2, digits: int = 100, clips: int = 20, inpaint: int 
         out["round_trip_clips"] = round_trip_clips(clips)
     if "edits" in parts:
         out["edits"] = edits(pipe, clf, test, per_pair, seed)
+    if "edit-guidance" in parts:
+        out["edit_guidance"] = [edits(pipe, clf, test, per_pair, seed, cfg, (0.0, 1.0)) for cfg in EDIT_GUIDANCE]
     if "inpainting" in parts:
         out["inpainting"] = inpainting(pipe, clf, test, inpaint, seed)
     if "video-inpainting" in parts:
