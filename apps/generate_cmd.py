@@ -51,7 +51,8 @@ def options_from_metadata(path: Path) -> dict:
 
 
 def refuse_edits(path: Path, meta: dict) -> None:
-    """Files that ``starflow edit`` or ``generate --from-noise`` made record another job: say which command redoes it."""
+    """Files that ``starflow edit`` or ``generate --from-noise`` made record another job: name the command that
+    redoes it."""
     if meta.get("operation") in ("edit", "inpaint"):
         raise ValueError(f"{path} was made by starflow edit: redo it with starflow edit --from-metadata {path}")
     if meta.get("operation") == "from-noise":

@@ -4,7 +4,8 @@
    the moving digits, each inverted under its own label and decoded again (sequential sampler):
    the largest difference in the flow's data and in 8-bit pixels.
 2. Edits a -> b on all 90 ordered digit pairs (``--per-pair`` real test digits of a each) at
-   strengths 0 .. 1 (and, as ``edit-guidance``, at strengths 0 and 1 with other guidance weights): how often the digit classifier of ``demo_quality`` says b, and the mean
+   strengths 0 .. 1 (and, as ``edit-guidance``, at strengths 0 and 1 with other guidance weights):
+   how often the digit classifier of ``demo_quality`` says b, and the mean
    absolute pixel distance to the source, next to a fresh sample of b from the same seed
    (strength 1 is that sample).
 3. Inpainting real test digits under their own label, the bottom, top, left half or a random
@@ -202,7 +203,8 @@ def video_inpainting(count: int, seed: int) -> dict:
                 out = mx.where(hole_mx, mx.clip(score_denoise(flow, made, y, pipe.config.noise_std), -1, 1), x)
             out = np.array(out)
             judged = judge.clips(out[..., 0], digits, ways)
-            row[label] = {"digit_accuracy": judged["digit_accuracy"], "direction_accuracy": judged["direction_accuracy"],
+            row[label] = {"digit_accuracy": judged["digit_accuracy"],
+                          "direction_accuracy": judged["direction_accuracy"],
                           "hole_mean_abs_error": float(np.abs(out - np.array(x))[hole].mean())}
         results[name] = row
     return {"clips": count, "masks": results}

@@ -435,7 +435,8 @@ class VideoPipeline(Pipeline):
         height, width = self.size(ratio)
         clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
         # A pixel-space model's own output is its data enlarged by a whole factor: reading it back loses nothing.
-        enlarged = self.pixel_space and frames.shape[1] % height == 0 and frames.shape[1] * width == frames.shape[2] * height
+        enlarged = (self.pixel_space and frames.shape[1] % height == 0
+                    and frames.shape[1] * width == frames.shape[2] * height)
         if usable != len(frames) or (changed and not enlarged):
             warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is read as "
                           f"{usable} frames of {width}x{height} ({ratio})", stacklevel=4)
