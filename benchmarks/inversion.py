@@ -11,9 +11,11 @@
 3. Inpainting real test digits under their own label, the bottom, top, left half or a random
    3x3 patch regenerated: classifier accuracy and mean absolute error in the hole, for the
    replace and resample methods and for mid-grey fill (the hole left at 0).
-4. The same on real test clips of the moving digits (the right half of every frame, or the last three
+4. Video to video: real test clips "a moving w" edited to "a+1 moving w": the new digit, the kept
+   direction, the centre-of-mass track against the source's.
+5. Inpainting on real test clips of the moving digits (the right half of every frame, or the last three
    frames whole), judged by ``video_demo``'s digit and direction judge.
-5. Seconds per image of each operation against generating from scratch (median of ``--repeats``).
+6. Seconds per image of each operation against generating from scratch (median of ``--repeats``).
 
     python -m starflow_mlx.benchmarks.inversion --per-pair 2 --digits 100 --clips 20 --inpaint 50
 """
@@ -210,6 +212,45 @@ def video_inpainting(count: int, seed: int) -> dict:
     return {"clips": count, "masks": results}
 
 
+def video_edits(count: int, seed: int, cfgs: tuple[float, ...] = (2.0, 0.0)) -> dict:
+    """Real test clips "a moving w" edited to "(a+1) mod 10 moving w" (strength 0): is the new digit drawn, does
+    it keep the clip's direction, and how far is its track from the source's."""
+    from starflow_mlx.benchmarks.video_demo import Judge, centre_track
+    from starflow_mlx.training.moving_digits import DIRECTIONS, load_moving_digits_split
+
+    pipe = Pipeline.from_pretrained("demo-video")
+    flow, frames = pipe.flow, pipe.config.num_frames
+    _, test = load_moving_digits_split()
+    names = list(DIRECTIONS)
+    labels = test.labels[:count]
+    digits, ways = [int(k) // len(names) for k in labels], [names[int(k) % len(names)] for k in labels]
+    targets = [(d + 1) % 10 for d in digits]
+    x = as_data(test.images[:count, :frames])
+
+    def conditioning(ds):
+        ys = [pipe.conditioning(f"{d} moving {w}", 1, "1:1") for d, w in zip(ds, ways)]
+        return mx.concatenate([a for a, _ in ys]), mx.concatenate([b for _, b in ys])
+
+    (y_a, y_u), (y_b, _) = conditioning(digits), conditioning(targets)
+    judge = Judge(pipe.config.latent_size)
+    source_tracks = [centre_track(clip) for clip in np.array(x[..., 0])]
+    out = {"clips": count}
+    fresh = mx.concatenate([mx.random.normal((1, *x.shape[1:]), key=mx.random.key(seed + i)) for i in range(count)])
+    for cfg in (*cfgs, None):  # None: a fresh sample of the new prompt (model's cfg), for comparison
+        z = fresh if cfg is None else flow_inversion.encode(flow, x, y_a, y_u, cfg)
+        cfg, name = (pipe.config.cfg, "fresh sample") if cfg is None else (cfg, f"edit, cfg {cfg:g}")
+        made = flow.reverse(z, y_b, y_uncond=y_u, cfg=cfg, jacobi=False)
+        clips = np.clip(np.array(score_denoise(flow, made, y_b, pipe.config.noise_std))[..., 0], -1, 1)
+        judged = judge.clips(clips, targets, ways)
+        size = np.array(clips.shape[2:4], np.float64)
+        drift = [float(np.abs((centre_track(c) - t + size / 2) % size - size / 2).mean())
+                 for c, t in zip(clips, source_tracks)]
+        out[name] = {"new_digit_accuracy": judged["digit_accuracy"],
+                               "direction_kept": judged["direction_accuracy"],
+                               "mean_track_distance_pixels": float(np.mean(drift))}
+    return out
+
+
 def timings(pipe, repeats: int) -> dict:
     """Seconds per image (batch of one, sequential sampler), median of ``repeats`` after a warm-up."""
     source = pipe.generate("3", seed=1, jacobi=False)[0]
@@ -240,7 +281,7 @@ def timings(pipe, repeats: int) -> dict:
     return out
 
 
-PARTS = ("round-trip", "edits", "edit-guidance", "inpainting", "video-inpainting", "timings")
+PARTS = ("round-trip", "edits", "edit-guidance", "video-edits", "inpainting", "video-inpainting", "timings")
 EDIT_GUIDANCE = (0.0, 1.0, 4.0)  # besides the model's own (2 for the demo), at strengths 0 and 1
 
 
@@ -257,6 +298,8 @@ def measure(per_pair: int = 2, digits: int = 100, clips: int = 20, inpaint: int 
         out["edits"] = edits(pipe, clf, test, per_pair, seed)
     if "edit-guidance" in parts:
         out["edit_guidance"] = [edits(pipe, clf, test, per_pair, seed, cfg, (0.0, 1.0)) for cfg in EDIT_GUIDANCE]
+    if "video-edits" in parts:
+        out["video_edits"] = video_edits(clips, seed)
     if "inpainting" in parts:
         out["inpainting"] = inpainting(pipe, clf, test, inpaint, seed)
     if "video-inpainting" in parts:
