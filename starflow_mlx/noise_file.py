@@ -96,6 +96,10 @@ def load_noise(path: str | Path) -> tuple[dict[str, mx.array], dict]:
                              "(1, h, w, c) or (1, T, h, w, c)")
     if not mx.all(mx.isfinite(noise)).item():
         raise NoiseFileError(f"{path} holds NaN or infinite noise: the file is damaged")
+    latents = arrays.get("latents")
+    if latents is not None and (latents.dtype != mx.float32 or latents.shape != noise.shape
+                                or not mx.all(mx.isfinite(latents)).item()):
+        raise NoiseFileError(f"{path} holds latents that do not match its noise: the file is damaged")
     return arrays, dict(meta, cfg=cfg, fps=fps)
 
 

@@ -155,3 +155,20 @@ def test_video_to_video_and_clip_inpainting_write_mp4s(models, tmp_path, monkeyp
     assert "mask frame 7 is not among" in one_line(run("edit", "src.mp4", "--to", "8 moving right", "--mask",
                                                        "all.png", "--mask-frames", "7", "-m", models["video"],
                                                        "-o", "x.mp4"))
+
+
+def test_a_noise_file_whose_latents_do_not_match_is_refused(tmp_path):
+    import mlx.core as mx
+
+    from starflow_mlx.noise_file import FORMAT, VERSION, NoiseFileError, load_noise
+
+    meta = {"format": FORMAT, "format_version": VERSION, "model": "demo", "model_fingerprint": "x", "prompt": "1",
+            "cfg": "2.0", "aspect_ratio": "1:1", "fps": "0", "source": "/a.png", "source_sha256": "y"}
+    mx.save_safetensors(str(tmp_path / "n.safetensors"), {"noise": mx.zeros((1, 4, 4, 4)),
+                                                          "latents": mx.zeros((1, 4, 4, 3))}, metadata=meta)
+    with pytest.raises(NoiseFileError, match="latents that do not match"):
+        load_noise(tmp_path / "n.safetensors")
+    mx.save_safetensors(str(tmp_path / "n.safetensors"), {"noise": mx.zeros((1, 4, 4, 4))},
+                        metadata=dict(meta, cfg="nan"))
+    with pytest.raises(NoiseFileError, match="cfg or fps"):
+        load_noise(tmp_path / "n.safetensors")

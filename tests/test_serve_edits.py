@@ -64,3 +64,10 @@ def test_uploads_of_jobs_that_will_not_run_are_swept(tmp_path):
     job = SimpleNamespace(request=EditRequest(prompt="1", image_file=str(kept / "image.png")))
     sweep(SimpleNamespace(lock=threading.Condition(), waiting=[job], running=None, output_dir=tmp_path))
     assert kept.is_dir() and not stale.exists()
+
+
+def test_the_uploads_paths_stay_off_the_api():
+    from starflow_mlx.server.edits import EditRequest
+
+    shown = EditRequest(prompt="1", image_file="/srv/out/.uploads/x/image.png", mask_file="/srv/m.png").to_dict()
+    assert "image_file" not in shown and "mask_file" not in shown and shown["prompt"] == "1"

@@ -35,6 +35,10 @@ class EditRequest(ImageRequest):
     image_file: str = field(default="", metadata={"max_len": 4096})  # set by the endpoint, not the client
     mask_file: str = field(default="", metadata={"max_len": 4096})
 
+    def to_dict(self) -> dict:
+        """As the API shows and records it: the uploads' paths on the server stay private."""
+        return {k: v for k, v in super().to_dict().items() if k not in ("image_file", "mask_file")}
+
     @staticmethod
     def run_job(pipe, model: str, request: "EditRequest", folder: Path, update, cancelled):
         """Inpaint ``request.n`` images into ``folder`` (the JobRunner's hook for requests that bring their own)."""
