@@ -17,8 +17,6 @@ import typer
 from starflow_mlx.apps.generate_cmd import DEFAULT_MODEL
 
 NOISE_SUFFIX = ".safetensors"
-EDIT_KEYS = ("operation", "source_prompt", "prompt", "strength", "seed", "cfg", "method", "rounds", "mask_frames",
-             "fps", "jacobi")
 
 
 def _echo_warnings(caught) -> None:

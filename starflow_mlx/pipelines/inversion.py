@@ -40,15 +40,13 @@ class Inversion:
     """An input's noise, the flow data it came from, and what it was inverted under."""
 
     noise: mx.array  # (1, h, w, c) or (1, T, h, w, c)
-    data: mx.array  # the flow's input: latents for latent models, scaled pixels for pixel-space ones
+    # The flow's input: latents for latent models, scaled pixels for pixel-space ones (None when read from a
+    # noise file, which keeps only latents).
+    data: mx.array | None
     prompt: str
     cfg: float
     aspect_ratio: str
     fps: int = 0  # video: the frame rate the clip was read at (0 for images)
-
-    @property
-    def is_video(self) -> bool:
-        return self.noise.ndim == 5
 
 
 def guidance(pipe, cfg: float | None) -> float:
