@@ -25,6 +25,11 @@ def register(app) -> None:
     add("generate", generate_cmd.generate, IMAGES)
     add("score", generate_cmd.score, IMAGES)
 
+    from starflow_mlx.apps import inversion_cmd
+
+    add("encode", inversion_cmd.encode, IMAGES)
+    add("edit", inversion_cmd.edit, IMAGES)
+
     from starflow_mlx.apps import serve_cmd
 
     add("serve", serve_cmd.serve, SERVE)

@@ -43,10 +43,21 @@ def options_from_metadata(path: Path) -> dict:
     from starflow_mlx.pipelines.image_files import read_metadata
 
     meta = read_metadata(path)
+    refuse_edits(path, meta)
     options = GenerationOptions.from_metadata(meta, f"{path} has damaged starflow-mlx metadata")
     # Files written before batching were sampled in one batch.
     options[BATCH_KEY] = options[BATCH_KEY] or options["num_images"]
     return options
+
+
+def refuse_edits(path: Path, meta: dict) -> None:
+    """Files that ``starflow edit`` or ``generate --from-noise`` made record another job: name the command that
+    redoes it."""
+    if meta.get("operation") in ("edit", "inpaint"):
+        raise ValueError(f"{path} was made by starflow edit: redo it with starflow edit --from-metadata {path}")
+    if meta.get("operation") == "from-noise":
+        raise ValueError(f"{path} was decoded from the noise file {meta.get('noise')}: decode it again with "
+                         "starflow generate --from-noise")
 
 
 # -- output files ----------------------------------------------------------------------------
@@ -283,6 +294,9 @@ def generate(
     pipeline: bool = typer.Option(False, "--pipeline", help="Under mlx.launch: split the deep block's layers over "
                                                             "the processes instead of the images (automatic when "
                                                             "the model does not fit one machine)."),
+    from_noise: Optional[Path] = typer.Option(None, "--from-noise", readable=False,
+                                              help="Decode a noise file (starflow encode): the encoded input again, "
+                                                   "or it as PROMPT when one is given."),
 ) -> None:
     """Generate images, or mp4 videos with a video model; files carry their generation parameters.
 
@@ -303,6 +317,17 @@ def generate(
 
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
+    if from_noise is not None:
+        from starflow_mlx.apps.inversion_cmd import generate_from_noise
+
+        fixed = dict(seed=seed != 0, aspect_ratio=aspect_ratio, num_images=num_images != 1, batch_size=batch_size,
+                     jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold, kv_bits=kv_bits,
+                     output_dir=output_dir, resume=resume or None, from_metadata=from_metadata, frames=frames, fps=fps,
+                     image=image, video=video, lora=lora, vae_tile=vae_tile, pipeline=pipeline or None)
+        return generate_from_noise(path=from_noise, model=None if model == DEFAULT_MODEL else model, prompt=prompt,
+                                   cfg=cfg, jacobi=jacobi, output=output, overwrite=overwrite, dtype=dtype,
+                                   unused=["--" + k.replace("_", "-") for k, v in fixed.items()
+                                           if v not in (None, False)])
     if is_video_job(model, from_metadata):
         if lora is not None:
             raise ValueError("--lora is for image models for now")

@@ -21,7 +21,11 @@ def video_options_from_metadata(path: Path) -> dict:
     from starflow_mlx.generation_options import VideoOptions
     from starflow_mlx.pipelines.video_io import read_metadata
 
-    return VideoOptions.from_metadata(read_metadata(path), f"{path} has damaged starflow-mlx metadata")
+    from starflow_mlx.apps.generate_cmd import refuse_edits
+
+    meta = read_metadata(path)
+    refuse_edits(path, meta)
+    return VideoOptions.from_metadata(meta, f"{path} has damaged starflow-mlx metadata")
 
 
 def check_mp4(path: Path) -> None:

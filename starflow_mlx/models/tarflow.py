@@ -87,6 +87,14 @@ class MetaBlock(nn.Module):
         """``x`` (B, N, c) in this block's token order. Returns ``z`` (B, N, c) and log|det| (B,), or with
         ``elementwise`` each element's share of it (B, N, c)."""
         x = x.astype(mx.float32)
+        a, b = self.affine(x, y, rope)
+        z = (x - b) / a
+        logdet = -mx.log(a)
+        return z, logdet if elementwise else logdet.reshape(x.shape[0], -1).sum(axis=1)
+
+    def affine(self, x: mx.array, y: mx.array | None, rope) -> tuple[mx.array, mx.array]:
+        """Every token's float32 ``(a, b)`` (B, N, c), each predicted from the tokens of ``x`` before it."""
+        x = x.astype(mx.float32)
         B = x.shape[0]
         if self.use_sos:
             shifted = mx.concatenate([mx.broadcast_to(self.sos_embed, (B, 1, x.shape[-1])).astype(x.dtype), x[:, :-1]], 1)
@@ -109,9 +117,7 @@ class MetaBlock(nn.Module):
             # Without SOS token t is predicted from token t-1 and token 0 passes through.
             a = mx.concatenate([mx.ones_like(a[:, :1]), a[:, :-1]], axis=1)
             b = mx.concatenate([mx.zeros_like(b[:, :1]), b[:, :-1]], axis=1)
-        z = (x - b) / a
-        logdet = -mx.log(a)
-        return z, logdet if elementwise else logdet.reshape(B, -1).sum(axis=1)
+        return a, b
 
     # -- steps used by the samplers ------------------------------------------------------
     def new_cache(self, batch: int, length: int, bits: int | None = None) -> KVCache:

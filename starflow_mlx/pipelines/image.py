@@ -306,3 +306,28 @@ class Pipeline:
         x, y = self.prepare_score(image, prompt)
         log_prob = self.flow.log_prob(x, y)
         return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))
+
+    # -- exact inversion: editing, inpainting (starflow_mlx.pipelines.inversion) ---------------
+    def invert(self, source, prompt: str, cfg: float | None = None, fps: int | None = None):
+        """An image (or a clip, video models) -> the noise sampling ``prompt`` with ``cfg`` maps back to it."""
+        from starflow_mlx.pipelines import inversion
+
+        return inversion.invert(self, source, prompt, cfg, fps)
+
+    def from_noise(self, inverted, prompt: str | None = None, cfg: float | None = None, **options):
+        """An :meth:`invert` result back to an image (or frames), under its prompt unless another is given."""
+        from starflow_mlx.pipelines import inversion
+
+        return inversion.from_noise(self, inverted, prompt, cfg, **options)
+
+    def edit(self, source, source_prompt: str, prompt: str, **options):
+        """``source`` remade as ``prompt`` (strength, seed, cfg, fps, jacobi: :func:`inversion.edit`)."""
+        from starflow_mlx.pipelines import inversion
+
+        return inversion.edit(self, source, source_prompt, prompt, **options)
+
+    def inpaint(self, source, mask, prompt: str, **options):
+        """The mask's white part regenerated under ``prompt``, the rest kept (:func:`inversion.inpaint`)."""
+        from starflow_mlx.pipelines import inversion
+
+        return inversion.inpaint(self, source, mask, prompt, **options)

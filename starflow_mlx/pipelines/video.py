@@ -423,13 +423,21 @@ class VideoPipeline(Pipeline):
             frames, _ = read_video(video, fps=fps)
         else:
             frames = np.asarray(video)
+        x, ratio, usable = self.clip_input(frames)
+        y, _ = self.conditioning(prompt, 1, ratio, fps=fps if usable > 1 else 0)
+        return x, y
+
+    def clip_input(self, frames: np.ndarray) -> tuple[mx.array, str, int]:
+        """uint8 frames (T, H, W, 3) -> the flow's data (1, T_lat, h, w, c) at the generation size of their aspect
+        ratio (the one generating exactly their size, else the nearest), the ratio, and the frames kept."""
         exact = [r for r in ASPECT_RATIOS if self.config.mix_aspect and self.size(r) == frames.shape[1:3]]
         ratio = exact[0] if exact else nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
         height, width = self.size(ratio)
         clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
-        if usable != len(frames) or changed:
-            warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is scored as "
-                          f"{usable} frames of {width}x{height} ({ratio})", stacklevel=3)
-        x = self.encode(clip[None])
-        y, _ = self.conditioning(prompt, 1, ratio, fps=fps if usable > 1 else 0)
-        return x, y
+        # A pixel-space model's own output is its data enlarged by a whole factor: reading it back loses nothing.
+        enlarged = (self.pixel_space and frames.shape[1] % height == 0
+                    and frames.shape[1] * width == frames.shape[2] * height)
+        if usable != len(frames) or (changed and not enlarged):
+            warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is read as "
+                          f"{usable} frames of {width}x{height} ({ratio})", stacklevel=4)
+        return self.encode(clip[None]), ratio, usable

@@ -4,6 +4,7 @@ Endpoints (errors are OpenAI's shape, ``{"error": {"message", "type", "param", "
 
 - ``POST /v1/images/generations``: OpenAI's; extensions ``seed``, ``cfg``, ``jacobi``, and ``wait: false``
   to get the job at once (then follow it below) instead of waiting for the images.
+- ``POST /v1/images/edits``: OpenAI's image edits as inpainting (:mod:`starflow_mlx.server.edits`).
 - ``POST /v1/videos``, ``GET /v1/videos[/{id}]``, ``GET /v1/videos/{id}/content``, ``DELETE /v1/videos/{id}``:
   OpenAI's videos API (JSON or form bodies); extensions ``frames``, ``fps``, ``seed``, ``cfg``, ``jacobi``.
 - ``GET /v1/jobs[/{id}]``, ``GET /v1/jobs/{id}/events`` (server-sent events), ``DELETE /v1/jobs/{id}``,
@@ -34,6 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from starflow_mlx.jsonconfig import ConfigError, parse_json
+from starflow_mlx.server import edits
 from starflow_mlx.server.browser_guard import BrowserGuard
 from starflow_mlx.server.generation import check_request
 from starflow_mlx.server.jobs import FINISHED, Job, JobRunner, QueueFull
@@ -280,6 +282,7 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
     routes = [
         Route("/", index), Route("/health", health), Route("/v1/models", models),
         Route("/v1/images/generations", images, methods=["POST"]),
+        Route("/v1/images/edits", edits.endpoint(runner, check_model, submit, finished, ApiError), methods=["POST"]),
         Route("/v1/videos", create_video, methods=["POST"]), Route("/v1/videos", list_videos),
         Route("/v1/videos/{job_id}", get_video), Route("/v1/videos/{job_id}", delete_video, methods=["DELETE"]),
         Route("/v1/videos/{job_id}/content", video_content),

@@ -330,7 +330,8 @@ class JobRunner:
         def update(percent: int, stage: str) -> None:
             job.changed(progress=percent, stage=stage, seconds=time.perf_counter() - start)
 
-        run = run_images if job.kind == "image" else run_video
+        # Requests that bring their own job (image edits) run it; the rest are generations.
+        run = getattr(job.request, "run_job", None) or (run_images if job.kind == "image" else run_video)
         try:
             with warnings.catch_warnings(record=True) as caught, staged_folder(self.output_dir / job.id) as folder:
                 warnings.simplefilter("always")

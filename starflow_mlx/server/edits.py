@@ -1,0 +1,201 @@
+"""``POST /v1/images/edits``: OpenAI's image edits, as inpainting on a served image model.
+
+A multipart form with ``image`` (a file), optional ``mask`` (a file of the image's size: its
+TRANSPARENT pixels mark the part to regenerate, as OpenAI's; without one, the image's own
+transparent pixels do), ``prompt``, ``n``, ``size`` (the image's own, or "auto"), ``response_format``,
+and this project's ``seed``, ``cfg``, ``method`` (replace or resample). Every other pixel is kept
+exactly (:func:`starflow_mlx.pipelines.inversion.inpaint`). The uploads are checked before a job is
+queued; the job runs on the server's worker like any image job and lands in ``/v1/jobs`` and
+``/v1/files``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from starflow_mlx.server.request_types import ImageRequest, RequestError, parse_request, pick_seed
+
+MAX_EDIT_BYTES = 32 << 20  # two uploaded images and the form's fields
+UPLOADS = ".uploads"  # under the output folder; a job's uploads are removed when it has run
+
+
+@dataclass(kw_only=True)
+class EditRequest(ImageRequest):
+    LABEL = "image edit request"
+
+    method: str = field(default="replace", metadata={"choices": ("replace", "resample")})
+    image_file: str = field(default="", metadata={"max_len": 4096})  # set by the endpoint, not the client
+    mask_file: str = field(default="", metadata={"max_len": 4096})
+
+    def to_dict(self) -> dict:
+        """As the API shows and records it: the uploads' paths on the server stay private."""
+        return {k: v for k, v in super().to_dict().items() if k not in ("image_file", "mask_file")}
+
+    @staticmethod
+    def run_job(pipe, model: str, request: "EditRequest", folder: Path, update, cancelled):
+        """Inpaint ``request.n`` images into ``folder`` (the JobRunner's hook for requests that bring their own)."""
+        from starflow_mlx import __version__
+        from starflow_mlx.model_folder import model_record
+        from starflow_mlx.pipelines.image_files import save_images
+        from starflow_mlx.pipelines.inversion import DEFAULT_ROUNDS, guidance
+        from starflow_mlx.pipelines.video_io import file_sha256
+        from starflow_mlx.server.generation import JobCancelled
+
+        uploads = Path(request.image_file).parent
+        try:
+            source, mask = Image.open(request.image_file), Image.open(request.mask_file)
+            seed, cfg = pick_seed(request.seed), guidance(pipe, request.cfg)
+            params = dict(operation="inpaint", prompt=request.prompt, seed=seed, cfg=cfg, method=request.method,
+                          rounds=DEFAULT_ROUNDS[request.method], model=model_record(model),
+                          source_sha256=file_sha256(request.image_file), mask_sha256=file_sha256(request.mask_file),
+                          version=__version__)
+            paths = []
+            for i in range(request.n):
+                if cancelled():
+                    raise JobCancelled()
+                update(int(100 * i / request.n), f"image {i + 1}/{request.n}")
+                out = pipe.inpaint(source, mask, request.prompt, method=request.method, seed=seed + i, cfg=cfg)
+                path = folder / f"edit-seed{seed}-{i:03d}.png"
+                save_images([(out, path, dict(params, seed=seed + i, index=i))])
+                paths.append(path)
+            return paths, params
+        finally:
+            shutil.rmtree(uploads, ignore_errors=True)
+
+
+def _image(data: bytes, name: str) -> Image.Image:
+    """An uploaded image, bounded as ``open_image`` bounds files."""
+    from starflow_mlx.image_input import MAX_PIXELS
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise RequestError(f"request: {name} declares {img.width}x{img.height} pixels, more than accepted",
+                                   name)
+            img.load()
+            return img.copy()
+    except RequestError:
+        raise
+    except Exception:  # PIL's many errors for a file that is not an image
+        raise RequestError(f"request: {name} is not a readable image (PNG, JPEG or WebP)", name) from None
+
+
+def regenerate_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """OpenAI's mask (transparent = edit; the image's own alpha without one) as this project's (white = regenerate)."""
+    carrier, name = (mask, "mask") if mask is not None else (image, "image")
+    if mask is not None and mask.size != image.size:
+        raise RequestError(f"request: the mask is {mask.width}x{mask.height} but the image is "
+                           f"{image.width}x{image.height}: send a mask of the image's size", "mask")
+    if "A" not in carrier.getbands() and not (carrier.mode == "P" and "transparency" in carrier.info):
+        raise RequestError(f"request: the {name} has no transparent pixels to mark what to edit: send a mask whose "
+                           "transparent pixels mark it", name)
+    hole = np.asarray(carrier.convert("RGBA").getchannel("A")) < 128
+    if not hole.any():
+        raise RequestError(f"request: the {name} has no transparent pixels: nothing to edit", name)
+    if hole.all():
+        raise RequestError(f"request: the {name} is transparent everywhere: nothing would be kept; use "
+                           "/v1/images/generations", name)
+    return Image.fromarray(hole.astype(np.uint8) * 255)
+
+
+def sweep(runner) -> None:
+    """Remove the uploads of edit jobs that will not run (cancelled while queued, or before a restart)."""
+    with runner.lock:
+        jobs = [*runner.waiting, *([runner.running] if runner.running else [])]
+        live = {Path(job.request.image_file).parent.name for job in jobs if isinstance(job.request, EditRequest)}
+    folder = Path(runner.output_dir) / UPLOADS
+    for uploads in folder.iterdir() if folder.is_dir() else []:
+        if uploads.name not in live:
+            shutil.rmtree(uploads, ignore_errors=True)
+
+
+def endpoint(runner, check_model, submit, finished, api_error):
+    """The handler of ``POST /v1/images/edits``, built from ``create_app``'s helpers."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    async def read_form(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_EDIT_BYTES):
+            raise api_error(413, f"the request body is larger than {MAX_EDIT_BYTES} bytes", "request_too_large")
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_EDIT_BYTES:
+                raise api_error(413, f"the request body is larger than {MAX_EDIT_BYTES} bytes", "request_too_large")
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+            raise api_error(400, "send a multipart/form-data body with the image file (as OpenAI's images.edit does)",
+                            "invalid_form")
+
+        async def replay():
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=2, max_fields=32)
+        except Exception as exc:  # the multipart parser's own errors
+            raise api_error(400, f"the form cannot be read ({getattr(exc, 'detail', None) or type(exc).__name__})",
+                            "invalid_form") from None
+        fields, files = {}, {}
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = value
+            else:
+                files[name] = await value.read()
+        return {"fields": fields, "files": files}
+
+    async def edits(request: Request):
+        form = await read_form(request)
+        fields, files = form["fields"], form["files"]
+        try:
+            for name in ("image_file", "mask_file"):
+                if name in fields:
+                    raise RequestError(f"request: {name} is not a field of this endpoint", name)
+            fields.pop("image[]", None)
+            req = parse_request(EditRequest, fields, from_form=True)
+            if "image" not in files and "image[]" not in files:
+                raise RequestError("request: send the image to edit as the file field image", "image")
+            image = _image(files.get("image", files.get("image[]")), "image")
+            mask = _image(files["mask"], "mask") if "mask" in files else None
+            if req.size not in (None, "auto", f"{image.width}x{image.height}"):
+                raise RequestError(f"request: size {req.size[:32]!r}: an edit keeps the image's size "
+                                   f"({image.width}x{image.height}); leave size out", "size")
+            hole = regenerate_mask(image, mask)
+        except RequestError as exc:
+            raise api_error(400, str(exc), "invalid_value", exc.param) from None
+        check_model(req.model, "image")
+        sweep(runner)
+        uploads = Path(runner.output_dir) / UPLOADS / secrets.token_hex(12)
+        uploads.mkdir(parents=True)
+        image.save(uploads / "image.png")
+        hole.save(uploads / "mask.png")
+        req.image_file, req.mask_file = str(uploads / "image.png"), str(uploads / "mask.png")
+        try:
+            job = submit("image", req)
+        except BaseException:
+            shutil.rmtree(uploads, ignore_errors=True)
+            raise
+        if not req.wait:
+            return JSONResponse(job.view(), status_code=202)
+        await finished(job)
+        if job.status != "completed":
+            error = job.error or {}
+            status = 500 if error.get("code") == "internal_error" else 400
+            raise api_error(status, error.get("message", f"the job was {job.status}"), error.get("code"),
+                            kind="server_error" if status == 500 else "invalid_request_error")
+        if req.response_format == "url":
+            base = str(request.base_url).rstrip("/")
+            data = [{"url": f"{base}/v1/files/{job.id}/{name}"} for name in job.files]
+        else:
+            data = [{"b64_json": base64.b64encode(runner.path(job, name).read_bytes()).decode("ascii")}
+                    for name in job.files]
+        return JSONResponse({"created": int(job.created_at), "data": data, "id": job.id})
+
+    return edits
