@@ -8,7 +8,9 @@ decoding); what differs for video lives here:
   take any count);
 - the prompt template carries the frame rate (``A video with 16 fps:``);
 - conditioning frames (an image, or a clip to continue) are encoded, noised with the
-  training noise, and fed to the flow's deep block as context;
+  training noise, and fed to the flow's deep block as context; the output starts with
+  them as given (their clean latents replace the sampled ones after denoising, so a
+  pixel-space model returns them exactly and a latent one as its VAE reconstructs them);
 - the learnable denoiser runs in overlapping chunks of the training length;
 - flow latents are "temporally scaled": latent frames after the first are multiplied
   by ``vae_temporal_scale`` (0.6) in flow space, undone before the VAE decode.
@@ -249,8 +251,8 @@ class VideoPipeline(Pipeline):
         latents = self.vae.encode(mx.array(frames, dtype=mx.float32))
         return mx.concatenate([latents[:, :1], latents[:, 1:] * self.temporal_scale], axis=1)
 
-    def _context(self, image, video, height: int, width: int, fps: int, keys: list) -> mx.array | None:
-        """Noised flow-space latents of the conditioning image or clip, one noise draw per key (video)."""
+    def _context(self, image, video, height: int, width: int, fps: int) -> mx.array | None:
+        """Flow-space latents (1, P, h, w, c) of the conditioning image or clip, without noise."""
         if image is None and video is None:
             return None
         if image is not None and video is not None:
@@ -275,10 +277,7 @@ class VideoPipeline(Pipeline):
             if changed:
                 warnings.warn(f"the clip is {frames.shape[2]}x{frames.shape[1]}: resized to cover {width}x{height} and "
                               "centre-cropped", stacklevel=4)
-        latents = self.encode(clip[None])
-        # As upstream: the conditioning latents carry the training noise, like everything the flow models.
-        return mx.concatenate([latents + self.config.noise_std * mx.random.normal(latents.shape, key=key)
-                               for key in keys])
+        return self.encode(clip[None])
 
     # -- generation -----------------------------------------------------------------------
     def sample(
@@ -304,8 +303,9 @@ class VideoPipeline(Pipeline):
         """Denoised flow-space latents (B, T_lat, h, w, c) for ``prompt``.
 
         ``image`` (path or PIL image) starts the video from that picture; ``video`` (path or
-        uint8 frames) is a clip to continue: its frames come first and the rest is generated,
-        ``frames`` counting both (None: the model's training length). ``cfg=None`` is 3.5
+        uint8 frames) is a clip to continue: its frames come first and the rest is generated, ``frames``
+        counting both (None: the model's training length). The given image or frames come back unchanged:
+        exactly for a pixel-space model, as the VAE reconstructs them for a latent one. ``cfg=None`` is 3.5
         (upstream's video script), or a class model's own weight. ``aspect_ratio=None`` is 16:9, or
         1:1 for square-only models. ``jacobi=None`` runs the faster sampler on this device (sequential on
         a CPU, Jacobi on a GPU; both slide the window past the training length). ``kv_bits`` (8 or 4)
@@ -325,10 +325,15 @@ class VideoPipeline(Pipeline):
         report = progress or (lambda *a, **k: None)
         # Video i draws from seed + i, so one video of a batch can be made again on its own.
         keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
-        context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys])
-        if context is not None and context.shape[1] >= latent_frames:
-            message = f"the clip already has {self.pixel_frames(context.shape[1])} frames: ask for more "
-            raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
+        given = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps)
+        context = None
+        if given is not None:
+            if given.shape[1] >= latent_frames:
+                message = f"the clip already has {self.pixel_frames(given.shape[1])} frames: ask for more "
+                raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
+            # As upstream: the conditioning latents carry the training noise, like everything the flow models.
+            context = mx.concatenate([given + self.config.noise_std * mx.random.normal(given.shape, key=k[1])
+                                      for k in keys])
         report("text", 0, 1)
         y, y_u = self.conditioning(prompt, num_videos, aspect_ratio, fps=fps if frames > 1 else 0)
         mx.eval(y, y_u)
@@ -339,7 +344,12 @@ class VideoPipeline(Pipeline):
                               jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                               jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
                               kv_bits=kv_bits, progress=progress)
-        return check_finite(self.denoise(x, y, report))
+        x = check_finite(self.denoise(x, y, report))
+        if given is None:
+            return x
+        # The given frames come back as given, not as the flow and denoiser redrew them from their noised copy.
+        known = mx.broadcast_to(given.astype(x.dtype), (x.shape[0], *given.shape[1:]))
+        return mx.concatenate([known, x[:, given.shape[1]:]], axis=1)
 
     def denoise(self, x: mx.array, y: mx.array, report: Callable[..., None]) -> mx.array:
         """Remove the training noise: the learnable denoiser in chunks, or one score step without it."""

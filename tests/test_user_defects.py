@@ -1,0 +1,64 @@
+"""What a user finds after the tour: given frames kept, options that take effect, honest messages."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from starflow_mlx.apps.cli import app
+from starflow_mlx.apps.commands import register
+
+register(app)
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def demo_video():
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    return VideoPipeline.from_pretrained("demo-video")
+
+
+def moving_digit(frames: int) -> np.ndarray:
+    """A test clip of the demo's kind on its 12x12 canvas, uint8 RGB (T, 12, 12, 3)."""
+    from starflow_mlx.training.data import load_digits_split
+    from starflow_mlx.training.moving_digits import render_clip
+
+    clip = render_clip(load_digits_split()[1].images[0, ..., 0], "right", frames, 12, 2, 2)[..., 0]
+    return np.repeat(np.round((clip + 1) * 127.5).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+# -- a continued clip, or a starting image, comes back as given ---------------------------------
+def test_a_continued_clip_keeps_its_frames_exactly_in_a_pixel_model(demo_video):
+    given = moving_digit(3)
+    out = demo_video.generate("3 moving right", frames=5, video=given, seed=1)[0]
+    k = out.shape[1] // 12  # the written frames are the canvas enlarged k times
+    assert out.shape[0] == 5
+    np.testing.assert_array_equal(out[:3, ::k, ::k], given)
+
+
+def test_a_starting_image_is_the_first_frame_exactly(demo_video):
+    from PIL import Image
+
+    given = moving_digit(1)[0]
+    out = demo_video.generate("3 moving right", frames=3, image=Image.fromarray(given), seed=2)[0]
+    k = out.shape[1] // 12
+    np.testing.assert_array_equal(out[0, ::k, ::k], given)
+
+
+def test_a_latent_model_returns_the_clean_latents_of_the_given_frames(tmp_path):
+    """Through the VAE: the sample's first latent frames are the clip's encoding, without the training noise."""
+    from fixtures_video import make_video_model
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained(make_video_model(tmp_path))
+    height, width = pipe.size("16:9")
+    clip = np.random.default_rng(0).integers(0, 256, (5, height, width, 3), dtype=np.uint8)
+    x = pipe.sample("a cat", frames=9, video=clip, seed=0, num_videos=2)
+    clean = np.array(pipe.encode(clip[None]))
+    assert clean.shape[1] == 2
+    for video in np.array(x):
+        np.testing.assert_allclose(video[:2], clean[0], atol=1e-6)
