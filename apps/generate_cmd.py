@@ -49,6 +49,13 @@ def options_from_metadata(path: Path) -> dict:
     return options
 
 
+def ran_settings(record: dict) -> dict:
+    """A file's options with Jacobi settings only when Jacobi ran (older files recorded unused ones)."""
+    from starflow_mlx.sampling.auto import JACOBI_SETTINGS
+
+    return record if record["jacobi"] else dict(record, **dict.fromkeys(JACOBI_SETTINGS))
+
+
 # -- output files ----------------------------------------------------------------------------
 def file_stem(prompt: str, seed: int) -> str:
     from starflow_mlx.pipelines.image_files import slug
@@ -241,10 +248,11 @@ def generate(
                                           help="Block-wise Jacobi or sequential sampling (default: the faster one "
                                                "on this device: sequential on a CPU, Jacobi on a GPU)."),
     jacobi_block_size: Optional[int] = typer.Option(None, help="Tokens solved together per Jacobi chunk "
-                                                              "(default 64; 32 for video)."),
+                                                              "(default 64; 32 for video). Any --jacobi-* "
+                                                              "option selects Jacobi."),
     jacobi_threshold: Optional[float] = typer.Option(None, help="Jacobi stops a chunk below this residual "
                                                                "(default 0.005; 0.001 for video)."),
-    jacobi_max_iter: int = typer.Option(32, help="Most Jacobi iterations per chunk."),
+    jacobi_max_iter: Optional[int] = typer.Option(None, help="Most Jacobi iterations per chunk (default 32)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Keep the KV caches quantized to 8 or 4 bits: "
                                                                   "about half or a quarter of float16's memory, "
                                                                   "samples change slightly (default: float)."),
@@ -285,16 +293,18 @@ def generate(
     from starflow_mlx import __version__
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
-    from starflow_mlx.pipelines.image import Pipeline, plan_batch
+    from starflow_mlx.pipelines.image import IMAGE_JACOBI, Pipeline, plan_batch
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
-    from starflow_mlx.sampling.auto import resolve_jacobi
+    from starflow_mlx.sampling.auto import JACOBI_SETTINGS, implied_jacobi, jacobi_settings
 
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.models.kv_cache import KV_BITS
 
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
+    jacobi = implied_jacobi(jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+                            jacobi_max_iter=jacobi_max_iter)
     if is_video_job(model, from_metadata):
         if lora is not None:
             raise ValueError("--lora is for image models for now")
@@ -311,8 +321,6 @@ def generate(
     if video_only:
         raise ValueError(f"{video_only[0]} is for video models; {model} generates images")
     aspect_ratio = aspect_ratio or "1:1"
-    jacobi_block_size = 64 if jacobi_block_size is None else jacobi_block_size
-    jacobi_threshold = 0.005 if jacobi_threshold is None else jacobi_threshold
     job = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_images=num_images,
                jacobi=jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, dtype=dtype, index=None, batch_size=batch_size,
@@ -322,7 +330,7 @@ def generate(
         if prompt is not None or lora is not None:
             raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
                              "both (the image records its adapter)")
-        job = options_from_metadata(from_metadata)
+        job = ran_settings(options_from_metadata(from_metadata))
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata IMAGE)")
@@ -343,8 +351,10 @@ def generate(
     layers = dist.deep_layers(world, job["model"], pipeline)
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], lora=job["lora"], lora_scale=job["lora_scale"],
                                     layers=layers)
-    job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
-    options = {key: job[key] for key in SAMPLING_KEYS}
+    # The file records the sampler that ran, and the Jacobi settings only when Jacobi ran.
+    job["jacobi"], settings = jacobi_settings(job["jacobi"], pipe.config, IMAGE_JACOBI,
+                                              **{key: job[key] for key in JACOBI_SETTINGS})
+    options = {key: settings.get(key, job[key]) for key in SAMPLING_KEYS if key not in JACOBI_SETTINGS or settings}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
     if resume and job["batch_size"] is None:  # the default depends on free memory: keep the interrupted run's
         job["batch_size"] = resumable_batch_size(plan)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from fixtures_cli import one_line
+
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 
@@ -62,3 +64,63 @@ def test_a_latent_model_returns_the_clean_latents_of_the_given_frames(tmp_path):
     assert clean.shape[1] == 2
     for video in np.array(x):
         np.testing.assert_allclose(video[:2], clean[0], atol=1e-6)
+
+
+# -- a --jacobi-* option asks for Jacobi; a sequential run records no Jacobi settings -----------
+JACOBI_KEYS = ("jacobi_block_size", "jacobi_threshold", "jacobi_max_iter")
+
+
+@pytest.mark.parametrize("option, value", [("--jacobi-block-size", 8), ("--jacobi-threshold", 0.01),
+                                           ("--jacobi-max-iter", 4)])
+def test_a_jacobi_setting_selects_jacobi_and_is_recorded(tmp_path, option, value):
+    from starflow_mlx.pipelines.image_files import read_metadata
+
+    res = cli("generate", "7", "--model", "demo", option, value, "-o", tmp_path / "j.png")
+    assert res.exit_code == 0, res.output
+    meta = read_metadata(tmp_path / "j.png")
+    assert meta["jacobi"] is True and meta[option[2:].replace("-", "_")] == value
+    assert all(meta[key] is not None for key in JACOBI_KEYS)  # the settings Jacobi ran with, defaults included
+
+
+def test_a_sequential_image_records_no_jacobi_settings_and_is_made_again(tmp_path):
+    from starflow_mlx.pipelines.image_files import read_metadata
+
+    res = cli("generate", "7", "--model", "demo", "--no-jacobi", "-o", tmp_path / "s.png")
+    assert res.exit_code == 0, res.output
+    meta = read_metadata(tmp_path / "s.png")
+    assert meta["jacobi"] is False and not any(key in meta for key in JACOBI_KEYS)
+    res = cli("generate", "--model", "demo", "--from-metadata", tmp_path / "s.png", "-o", tmp_path / "again.png")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "s.png").read_bytes()
+
+
+def test_a_video_jacobi_setting_selects_jacobi_and_is_recorded(tmp_path):
+    from starflow_mlx.pipelines.video_io import read_metadata
+
+    res = cli("generate", "2 moving down", "--model", "demo-video", "--jacobi-block-size", 8, "-o", tmp_path / "j.mp4")
+    assert res.exit_code == 0, res.output
+    meta = read_metadata(tmp_path / "j.mp4")
+    assert meta["jacobi"] is True and meta["jacobi_block_size"] == 8 and meta["jacobi_threshold"] == 0.001
+    res = cli("generate", "2 moving down", "--model", "demo-video", "--no-jacobi", "-o", tmp_path / "s.mp4")
+    assert res.exit_code == 0, res.output
+    meta = read_metadata(tmp_path / "s.mp4")
+    assert meta["jacobi"] is False and not any(key in meta for key in JACOBI_KEYS)
+
+
+@pytest.mark.parametrize("model, out", [("demo", "x.png"), ("demo-video", "x.mp4")])
+def test_a_jacobi_setting_with_no_jacobi_is_one_error_line(tmp_path, model, out):
+    res = cli("generate", "7" if model == "demo" else "7 moving up", "--model", model, "--no-jacobi",
+              "--jacobi-threshold", 0.01, "-o", tmp_path / out)
+    line = one_line(res)
+    assert "--jacobi-threshold" in line and "--no-jacobi" in line and not (tmp_path / out).exists()
+
+
+def test_the_python_api_takes_a_jacobi_setting_as_asking_for_jacobi():
+    from starflow_mlx.pipelines.image import Pipeline
+
+    pipe = Pipeline.from_pretrained("demo")
+    implied = np.array(pipe.sample("3", seed=4, jacobi_block_size=8))
+    np.testing.assert_array_equal(implied, np.array(pipe.sample("3", seed=4, jacobi=True, jacobi_block_size=8)))
+    assert not np.array_equal(implied, np.array(pipe.sample("3", seed=4, jacobi=False)))
+    with pytest.raises(ValueError, match="jacobi_block_size is for Jacobi sampling"):
+        pipe.sample("3", jacobi=False, jacobi_block_size=8)

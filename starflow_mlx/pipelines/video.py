@@ -41,7 +41,7 @@ from starflow_mlx.pipelines.image import (InsufficientMemoryError, Pipeline, che
                                           weight_bytes)
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.pixel_video import PixelVideo
-from starflow_mlx.sampling.auto import resolve_jacobi
+from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
 VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=None, jacobi_block_size=32,
@@ -293,9 +293,9 @@ class VideoPipeline(Pipeline):
         num_videos: int = 1,
         fps: int = VIDEO_DEFAULTS["fps"],
         jacobi: bool | None = VIDEO_DEFAULTS["jacobi"],
-        jacobi_block_size: int = VIDEO_DEFAULTS["jacobi_block_size"],
-        jacobi_threshold: float = VIDEO_DEFAULTS["jacobi_threshold"],
-        jacobi_max_iter: int = VIDEO_DEFAULTS["jacobi_max_iter"],
+        jacobi_block_size: int | None = None,
+        jacobi_threshold: float | None = None,
+        jacobi_max_iter: int | None = None,
         context_frames: int | None = None,
         kv_bits: int | None = None,
         progress: Callable[..., None] | None = None,
@@ -308,13 +308,16 @@ class VideoPipeline(Pipeline):
         exactly for a pixel-space model, as the VAE reconstructs them for a latent one. ``cfg=None`` is 3.5
         (upstream's video script), or a class model's own weight. ``aspect_ratio=None`` is 16:9, or
         1:1 for square-only models. ``jacobi=None`` runs the faster sampler on this device (sequential on
-        a CPU, Jacobi on a GPU; both slide the window past the training length). ``kv_bits`` (8 or 4)
+        a CPU, Jacobi on a GPU; both slide the window past the training length), or Jacobi when a ``jacobi_*``
+        setting is given (None: 32, 0.001 and 32); a setting with ``jacobi=False`` is an error. ``kv_bits`` (8 or 4)
         keeps the KV caches quantized: the deep block's is most of a long video's memory.
         """
         self._reload()
         cfg = self.default_cfg if cfg is None else cfg
         aspect_ratio = aspect_ratio or self.default_aspect_ratio
-        check_options(seed, cfg, num_videos, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
+        jacobi, settings = jacobi_settings(jacobi, self.config, VIDEO_DEFAULTS, jacobi_block_size=jacobi_block_size,
+                                           jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter)
+        check_options(seed, cfg, num_videos, **(settings or {k: VIDEO_DEFAULTS[k] for k in JACOBI_SETTINGS}))
         if not isinstance(fps, int) or not 1 <= fps <= 120:
             raise ValueError(f"fps must be a whole number from 1 to 120, got {fps!r}")
         frames = self.frame_count(frames)
@@ -340,10 +343,8 @@ class VideoPipeline(Pipeline):
         report("text", 1, 1)
         shape = (1, latent_frames, h, w, self.config.in_channels)
         z = mx.concatenate([mx.random.normal(shape, key=k[0]) for k in keys])
-        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=resolve_jacobi(jacobi, self.config),
-                              jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-                              jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
-                              kv_bits=kv_bits, progress=progress)
+        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi, context_frames=context_frames,
+                              context=context, kv_bits=kv_bits, progress=progress, **settings)
         x = check_finite(self.denoise(x, y, report))
         if given is None:
             return x
