@@ -59,8 +59,8 @@ class Manifest(JSONConfig):
         path = Path(folder, MANIFEST)
         if not path.is_file():
             message = f"{folder} has no {MANIFEST}: build a full model folder with starflow convert "
-            raise with_cli_message(ConfigError(message + "(with a text encoder and a VAE), or use the built-in 'demo'"),
-                                   message + "--text-encoder/--vae, or use --model demo")
+            raise with_cli_message(ConfigError(message + "(with a text encoder and a VAE), or use the built-in 'demo' or 'demo-video'"),
+                                   message + "--text-encoder/--vae, or use --model demo or demo-video")
         data = read_json(path, "model manifest")
         if isinstance(data, dict):  # fields added by later versions are ignored, not refused
             data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
@@ -75,7 +75,7 @@ def model_record(name: str | Path) -> str:
 
 
 def resolve_model(name: str | Path) -> Path:
-    """A model folder from a path, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
+    """A model folder from a path, a built-in name (``demo``, ``demo-video``), or a Hugging Face repo id (downloaded and converted once)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -93,5 +93,5 @@ def resolve_model(name: str | Path) -> Path:
     # A typo of a known name ('dmeo', 'starflow') is the likeliest first mistake: name the fix.
     close = difflib.get_close_matches(str(name), [*BUILT_IN, *load_registry().get("models", {})], n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"model {name!r} not found{hint}: pass a model folder, 'demo', or a Hugging Face repo id "
-                      "like apple/starflow")
+    raise ConfigError(f"model {name!r} not found{hint}: pass a model folder, 'demo', 'demo-video', or a Hugging Face "
+                      "repo id like apple/starflow")

@@ -124,3 +124,22 @@ def test_the_python_api_takes_a_jacobi_setting_as_asking_for_jacobi():
     assert not np.array_equal(implied, np.array(pipe.sample("3", seed=4, jacobi=False)))
     with pytest.raises(ValueError, match="jacobi_block_size is for Jacobi sampling"):
         pipe.sample("3", jacobi=False, jacobi_block_size=8)
+
+
+# -- the built-in video model is named wherever the built-in image model is ---------------------
+def test_an_unknown_model_error_names_both_built_in_models(tmp_path):
+    line = one_line(cli("generate", "7", "--model", "no-such-model", "-o", tmp_path / "x.png"))
+    assert "'demo'" in line and "'demo-video'" in line
+
+
+@pytest.mark.parametrize("command", [["generate"], ["score", "x.png"], ["serve"], ["quantize"]])
+def test_help_names_demo_video_beside_demo(command):
+    res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0 and "'demo-video'" in res.output, res.output
+
+
+def test_a_folder_without_a_manifest_suggests_both_built_in_models(tmp_path):
+    from starflow_mlx.model_folder import Manifest
+
+    with pytest.raises(ValueError, match="'demo' or 'demo-video'"):
+        Manifest.load(tmp_path)
