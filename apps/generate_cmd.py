@@ -387,7 +387,8 @@ def generate(
     for path in new[:3]:
         typer.echo(f"wrote {path}" + (f" ({plan.taken} exists)" if plan.taken else ""))
     if len(new) > 3:
-        typer.echo(f"wrote {len(new) - 3} more in {new[0].parent}")
+        more = len(new) - 3
+        typer.echo(f"wrote {more} more {'file' if more == 1 else 'files'} in {new[0].parent} ({len(new)} in all)")
     if done:
         typer.echo(f"kept {len(done)} image(s) an earlier run had written")
 

@@ -143,3 +143,32 @@ def test_a_folder_without_a_manifest_suggests_both_built_in_models(tmp_path):
 
     with pytest.raises(ValueError, match="'demo' or 'demo-video'"):
         Manifest.load(tmp_path)
+
+
+# -- small sizes never read as 0 MB ---------------------------------------------------------------
+def test_byte_sizes_keep_small_sizes_visible():
+    from starflow_mlx.byte_sizes import describe_bytes
+
+    assert describe_bytes(300) == "300 bytes" and describe_bytes(150_000) == "146 KB"
+    assert describe_bytes(3 * 2**20 + 2**19) == "3.50 MB" and describe_bytes(5 * 2**30) == "5.00 GB"
+
+
+def test_a_config_larger_than_a_tiny_checkpoint_names_both_sizes(tmp_path):
+    """A checkpoint of one tensor against a small model's config: the message gave 'at least 0 MB'."""
+    import torch
+    import yaml
+
+    from fixtures_cli import ARGS
+
+    torch.save({"blocks.0.proj_in.weight": torch.zeros(4, 4)}, tmp_path / "c.pth")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"arguments": ARGS}))
+    line = one_line(cli("convert", tmp_path / "c.pth", "-c", tmp_path / "c.yaml", "-o", tmp_path / "out"))
+    assert "do not belong together" in line and " 0 MB" not in line and "KB" in line, line
+
+
+def test_the_files_past_the_first_three_are_counted_in_plain_words(tmp_path):
+    res = cli("generate", "3", "--model", "demo", "-n", 4, "--output-dir", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert f"wrote 1 more file in {tmp_path / 'out'} (4 in all)" in res.output.splitlines()
+    res = cli("generate", "3", "--model", "demo", "-n", 5, "--output-dir", tmp_path / "five")
+    assert f"wrote 2 more files in {tmp_path / 'five'} (5 in all)" in res.output.splitlines()
