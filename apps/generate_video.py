@@ -55,7 +55,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import frame_count
-    from starflow_mlx.pipelines.video_io import check_input, input_record, write_videos
+    from starflow_mlx.pipelines.video_io import check_input, grid_layout, input_record, write_videos
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
@@ -134,6 +134,11 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         typer.echo(f"warning: {warning.message}", err=True)
     stages.log(stages.summary())
     stages.log(report_memory())
+    height, width = pipe.frame_size(job["aspect_ratio"])
+    shape = f"{written} frames of {width}x{height} at {options['fps']} fps"
+    if plan.file is not None and len(wanted) > 1:  # one file for several videos: say how they share it
+        _, _, grid_h, grid_w = grid_layout(len(wanted), height, width)
+        shape = (f"{len(wanted)} videos side by side in one {grid_w}x{grid_h} grid, {shape} each; --output-dir DIR "
+                 "writes one file per video")
     for path in plan.paths:
-        typer.echo(f"wrote {path} ({written} frames at {options['fps']} fps)"
-                   + (f" ({plan.taken} exists)" if plan.taken else ""))
+        typer.echo(f"wrote {path} ({shape})" + (f" ({plan.taken} exists)" if plan.taken else ""))

@@ -172,3 +172,47 @@ def test_the_files_past_the_first_three_are_counted_in_plain_words(tmp_path):
     assert f"wrote 1 more file in {tmp_path / 'out'} (4 in all)" in res.output.splitlines()
     res = cli("generate", "3", "--model", "demo", "-n", 5, "--output-dir", tmp_path / "five")
     assert f"wrote 2 more files in {tmp_path / 'five'} (5 in all)" in res.output.splitlines()
+
+
+# -- video sizes are the written ones; several videos in one file say so ------------------------
+def test_a_video_is_reported_at_its_written_size_and_a_grid_says_so(tmp_path):
+    from starflow_mlx.pipelines.video_io import read_video
+
+    res = cli("generate", "7 moving right", "--model", "demo-video", "-o", tmp_path / "one.mp4")
+    assert res.exit_code == 0, res.output
+    assert f"wrote {tmp_path / 'one.mp4'} (5 frames of 132x132 at 16 fps)" in res.output.splitlines()
+    res = cli("generate", "7 moving right", "--model", "demo-video", "-n", 2, "-o", tmp_path / "two.mp4")
+    assert res.exit_code == 0, res.output
+    frames, _ = read_video(tmp_path / "two.mp4")
+    assert frames.shape[1:3] == (132, 266)
+    line = next(line for line in res.output.splitlines() if line.startswith("wrote"))
+    assert "2 videos side by side in one 266x132 grid" in line and "--output-dir" in line
+
+
+def test_the_server_lists_a_pixel_video_models_written_size(demo_video):
+    from starflow_mlx.server.request_types import aspect_ratio, image_sizes
+
+    assert list(image_sizes(demo_video)) == ["132x132"] and aspect_ratio(demo_video, "132x132") == "1:1"
+    assert demo_video.size("1:1") == (12, 12) and demo_video.frame_size("1:1") == (132, 132)
+
+
+# -- the model's own enlarged frames are read back without a resize warning ---------------------
+def test_the_models_own_clip_and_frames_are_read_back_quietly(tmp_path):
+    from PIL import Image
+
+    from starflow_mlx.pipelines.video_io import read_video
+
+    clip = tmp_path / "seven.mp4"
+    assert cli("generate", "7 moving right", "--model", "demo-video", "-o", clip).exit_code == 0
+    Image.fromarray(read_video(clip)[0][0]).save(tmp_path / "first.png")
+    runs = [cli("score", clip, "--prompt", "7 moving right", "--model", "demo-video"),
+            cli("generate", "7 moving right", "--model", "demo-video", "--video", clip, "--frames", 7,
+                "-o", tmp_path / "more.mp4"),
+            cli("generate", "7 moving right", "--model", "demo-video", "--image", tmp_path / "first.png",
+                "-o", tmp_path / "from-image.mp4")]
+    for res in runs:
+        assert res.exit_code == 0 and "warning" not in res.output, res.output
+    Image.fromarray(read_video(clip)[0][0]).resize((100, 100)).save(tmp_path / "other.png")
+    res = cli("generate", "7 moving right", "--model", "demo-video", "--image", tmp_path / "other.png",
+              "-o", tmp_path / "other.mp4")
+    assert res.exit_code == 0 and "warning: the image is 100x100: resized to cover 12x12" in res.output

@@ -166,6 +166,12 @@ class VideoPipeline(Pipeline):
         """How input frames are resized: block averages undo the enlargement of pixel-space output exactly."""
         return Image.BOX if self.pixel_space else Image.BILINEAR
 
+    def exact_reduction(self, width: int, height: int, canvas: tuple[int, int]) -> bool:
+        """Whether a width x height frame reaches the (height, width) ``canvas`` without loss: a pixel-space model's
+        own frames are the canvas enlarged a whole number of times, which block averages undo exactly."""
+        h, w = canvas
+        return self.pixel_space and width % w == 0 and height % h == 0 and width // w == height // h
+
     def pixel_frames(self, latent_frames: int) -> int:
         """Frames the codec makes of ``latent_frames``: 4k - 3 for the Wan2.2 VAE, as many in pixel space."""
         return self.vae.temporal_factor * (latent_frames - 1) + 1
@@ -189,9 +195,15 @@ class VideoPipeline(Pipeline):
         return self.config.cfg if self.is_class_model else VIDEO_DEFAULTS["cfg"]
 
     def size(self, aspect_ratio: str) -> tuple[int, int]:
-        """(height, width) in pixels."""
+        """(height, width) in pixels: the model's canvas, what inputs are resized to."""
         h, w = latent_size(self.config, aspect_ratio)
         return h * self.vae.factor, w * self.vae.factor
+
+    def frame_size(self, aspect_ratio: str) -> tuple[int, int]:
+        """(height, width) of the frames written: the canvas, enlarged for a pixel-space model."""
+        height, width = self.size(aspect_ratio)
+        k = self.vae.enlargement(height, width) if self.pixel_space else 1
+        return height * k, width * k
 
     def needed_bytes(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> int:
         """Weights, then the larger of the deep block's guided KV cache (sampling) and the VAE's streaming
@@ -260,7 +272,7 @@ class VideoPipeline(Pipeline):
         if image is not None:
             picture = image if isinstance(image, Image.Image) else open_image(image)
             pixels, changed = cover_crop(picture, height, width, self.resample)
-            if changed:
+            if changed and not self.exact_reduction(picture.width, picture.height, (height, width)):
                 warnings.warn(f"the image is {picture.width}x{picture.height}: resized to cover {width}x{height} and "
                               "centre-cropped", stacklevel=4)
             clip = pixels[None]
@@ -274,7 +286,7 @@ class VideoPipeline(Pipeline):
             if usable != len(frames):
                 warnings.warn(f"the clip's last {len(frames) - usable} frame(s) are dropped to make 1 + 4k frames",
                               stacklevel=4)
-            if changed:
+            if changed and not self.exact_reduction(frames.shape[2], frames.shape[1], (height, width)):
                 warnings.warn(f"the clip is {frames.shape[2]}x{frames.shape[1]}: resized to cover {width}x{height} and "
                               "centre-cropped", stacklevel=4)
         return self.encode(clip[None])
@@ -438,7 +450,8 @@ class VideoPipeline(Pipeline):
         ratio = exact[0] if exact else nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
         height, width = self.size(ratio)
         clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
-        if usable != len(frames) or changed:
+        if usable != len(frames) or changed and not self.exact_reduction(frames.shape[2], frames.shape[1],
+                                                                         (height, width)):
             warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is scored as "
                           f"{usable} frames of {width}x{height} ({ratio})", stacklevel=3)
         x = self.encode(clip[None])
