@@ -216,3 +216,50 @@ def test_the_models_own_clip_and_frames_are_read_back_quietly(tmp_path):
     res = cli("generate", "7 moving right", "--model", "demo-video", "--image", tmp_path / "other.png",
               "-o", tmp_path / "other.mp4")
     assert res.exit_code == 0 and "warning: the image is 100x100: resized to cover 12x12" in res.output
+
+
+# -- each README bash block makes the files it reads ---------------------------------------------
+# Inputs a block may take from elsewhere: the reader's own files, or a Python block's (bash and Python run apart).
+OUTSIDE_INPUTS = {"fox.jpg": "the reader's own picture", "fox.png": "the reader's own picture",
+                  "three.png": "written by the Python block just above"}
+
+
+def block_inputs_and_outputs(block: str) -> tuple[list[str], set[str], list[str]]:
+    """Files a README block reads (in order), files it writes, and folders it writes into."""
+    import re
+    import shlex
+
+    from starflow_mlx.apps.generate_cmd import file_stem
+
+    reads, writes, folders = [], set(), []
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+        words = shlex.split(line, comments=True)
+        for command in " ".join(shlex.quote(w) for w in words).split(" '&&' ") if words else []:
+            argv = shlex.split(command)
+            if len(argv) < 2 or not argv[0].endswith("starflow"):
+                continue
+            options = dict(zip(argv, argv[1:]))
+            if argv[1] == "score":
+                reads.append(argv[2])
+            reads += [options[flag] for flag in ("--image", "--video", "--from-metadata") if flag in options]
+            out = options.get("-o") or options.get("--output")
+            if out:
+                writes.add(out)
+            elif "--output-dir" in options:
+                folders.append(options["--output-dir"])
+            elif argv[1] == "generate" and not argv[2].startswith("-"):
+                suffix = ".mp4" if "demo-video" in argv else ".png"
+                writes.add(file_stem(argv[2], int(options.get("--seed", 0))) + suffix)
+    return reads, writes, folders
+
+
+def test_every_readme_block_makes_the_files_it_reads():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S):
+        reads, writes, folders = block_inputs_and_outputs(block)
+        for name in reads:
+            made = name in writes or any(name.startswith(folder) for folder in folders) or name in OUTSIDE_INPUTS
+            assert made, f"a README block reads {name} without making it:\n{block}"
