@@ -263,3 +263,24 @@ def test_every_readme_block_makes_the_files_it_reads():
         for name in reads:
             made = name in writes or any(name.startswith(folder) for folder in folders) or name in OUTSIDE_INPUTS
             assert made, f"a README block reads {name} without making it:\n{block}"
+
+
+# -- a first image that builds kernels is named while it runs, off a terminal -------------------
+def test_a_stage_gets_a_line_within_seconds_when_not_on_a_terminal(monkeypatch):
+    import io
+    import time
+
+    from rich.console import Console
+
+    from starflow_mlx import progress as progress_module
+    from starflow_mlx.progress import StageProgress
+
+    monkeypatch.setattr(progress_module, "LOG_FIRST", 0.1)  # 5 s in use: scaled down, as LOG_EVERY's test does
+    out = io.StringIO()
+    with StageProgress(Console(file=out, width=200), live=False) as stages:
+        stages("block 2 (deep)", 0, 64)
+        time.sleep(0.6)  # building kernels: no report meanwhile, and far less than LOG_EVERY (30 s)
+        stages("block 2 (deep)", 64, 64)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("block 2 (deep): 0/64, ") and lines[0].endswith("s so far"), lines
+    assert len(lines) == 2 and lines[1].startswith("block 2 (deep): 64/64 in "), lines  # once, not every beat
