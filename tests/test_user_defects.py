@@ -284,3 +284,15 @@ def test_a_stage_gets_a_line_within_seconds_when_not_on_a_terminal(monkeypatch):
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("block 2 (deep): 0/64, ") and lines[0].endswith("s so far"), lines
     assert len(lines) == 2 and lines[1].startswith("block 2 (deep): 64/64 in "), lines  # once, not every beat
+
+
+# -- the video benchmark prints the rows README.md's table shows --------------------------------
+def test_the_video_benchmarks_row_labels_are_the_readmes():
+    from pathlib import Path
+
+    from starflow_mlx.benchmarks.video_demo import JACOBI_LABELS, row_labels
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    # The README's run: --per-class 5, the default 3 given frames, demo-video's 5-frame window.
+    for label in [*row_labels(5, 3, 5).values(), *JACOBI_LABELS.values()]:
+        assert f"\n| {label} |" in readme, label
