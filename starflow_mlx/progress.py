@@ -22,6 +22,15 @@ LOG_EVERY = 30.0  # seconds between lines of a running stage when not on a termi
 LOG_FIRST = 5.0  # a stage still running after this long gets its first line at once (silence reads as a hang)
 
 
+def about(seconds: float) -> str:
+    """A time estimate in words: seconds when under two minutes, minutes under two hours, then hours."""
+    if seconds < 120:
+        return f"about {max(5, round(seconds / 5) * 5)} s" if seconds >= 5 else "a few seconds"
+    if seconds < 7200:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
 def describe_info(info: dict) -> str:
     if "iterations" in info:
         return f"{info['iterations']} it, residual {info['residual']:.1e}"

@@ -296,3 +296,60 @@ def test_the_video_benchmarks_row_labels_are_the_readmes():
     # The README's run: --per-class 5, the default 3 given frames, demo-video's 5-frame window.
     for label in [*row_labels(5, 3, 5).values(), *JACOBI_LABELS.values()]:
         assert f"\n| {label} |" in readme, label
+
+
+# -- time estimates: seconds when short -------------------------------------------------------------
+@pytest.mark.parametrize("seconds, words", [(0.4, "a few seconds"), (20, "about 20 s"), (63, "about 65 s"),
+                                            (170, "about 3 min"), (4000, "about 67 min"), (40680, "about 11.3 h")])
+def test_estimates_are_in_seconds_when_short(seconds, words):
+    from starflow_mlx.progress import about
+
+    assert about(seconds) == words
+
+
+# -- quantized layers on a CPU: many rows go through the BLAS ---------------------------------------
+def quantized_layer(bits):
+    import mlx.nn as nn
+
+    from starflow_mlx.models.quantized_linear import use_row_aware_layers
+
+    model = nn.Sequential(nn.Linear(64, 192).to_quantized(group_size=64, bits=bits))
+    use_row_aware_layers(model)
+    return model.layers[0]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_layer_gives_mlxs_result_for_few_and_many_rows(bits):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    layer = quantized_layer(bits)
+    for rows in (2, 64):
+        x = mx.random.normal((rows, 64), key=mx.random.key(rows))
+        np.testing.assert_allclose(np.array(layer(x)), np.array(nn.QuantizedLinear.__call__(layer, x)), atol=2e-5)
+
+
+def test_many_rows_on_a_cpu_skip_mlxs_quantized_kernel(monkeypatch):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from starflow_mlx.models.quantized_linear import DEQUANTIZE_ROWS
+
+    layer = quantized_layer(8)
+    calls = []
+    original = nn.QuantizedLinear.__call__
+    monkeypatch.setattr(nn.QuantizedLinear, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
+    layer(mx.zeros((2, DEQUANTIZE_ROWS // 2, 64)))  # batch 2 of a Jacobi chunk: 16 rows, past MLX's fast range
+    assert calls == [] and mx.default_device().type == mx.DeviceType.cpu
+    layer(mx.zeros((2, 64)))  # a sequential step's two rows keep MLX's kernel
+    assert calls == [(2, 64)]
+
+
+def test_a_loaded_quantized_model_uses_the_row_aware_layer(tmp_path):
+    from starflow_mlx.loading import load_flow
+    from starflow_mlx.models.quantized_linear import QuantizedLinear
+    from starflow_mlx.quantize.quantize_folder import quantize_model_folder
+
+    quantize_model_folder("demo", tmp_path / "q8", 8)
+    layers = [m for _, m in load_flow(tmp_path / "q8").named_modules() if "Quantized" in type(m).__name__]
+    assert layers and all(type(m) is QuantizedLinear for m in layers)
