@@ -339,7 +339,7 @@ def test_many_rows_on_a_cpu_skip_mlxs_quantized_kernel(monkeypatch):
     calls = []
     original = nn.QuantizedLinear.__call__
     monkeypatch.setattr(nn.QuantizedLinear, "__call__", lambda self, x: calls.append(x.shape) or original(self, x))
-    layer(mx.zeros((2, DEQUANTIZE_ROWS // 2, 64)))  # batch 2 of a Jacobi chunk: 16 rows, past MLX's fast range
+    layer(mx.zeros((2, DEQUANTIZE_ROWS[8] // 2, 64)))  # 16 rows (8 images with guidance): past MLX's fast range
     assert calls == [] and mx.default_device().type == mx.DeviceType.cpu
     layer(mx.zeros((2, 64)))  # a sequential step's two rows keep MLX's kernel
     assert calls == [(2, 64)]
