@@ -132,7 +132,7 @@ def test_an_unknown_model_error_names_both_built_in_models(tmp_path):
     assert "'demo'" in line and "'demo-video'" in line
 
 
-@pytest.mark.parametrize("command", [["generate"], ["score", "x.png"], ["serve"], ["quantize"]])
+@pytest.mark.parametrize("command", [["generate"], ["score", "x.png"], ["serve"], ["quantize"], ["export-coreml"]])
 def test_help_names_demo_video_beside_demo(command):
     res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "400"})
     assert res.exit_code == 0 and "'demo-video'" in res.output, res.output
