@@ -51,6 +51,24 @@ def test_a_starting_image_is_the_first_frame_exactly(demo_video):
     np.testing.assert_array_equal(out[0, ::k, ::k], given)
 
 
+def test_a_clip_continued_from_the_command_line_comes_back_up_to_h264(tmp_path):
+    """Its frames went through H.264 twice (read, then written again): a few grey levels, not the sampler's 100+."""
+    from starflow_mlx.pipelines.video_io import read_video
+
+    clip, more = tmp_path / "seven.mp4", tmp_path / "more.mp4"
+    assert cli("generate", "7 moving right", "--model", "demo-video", "-o", clip).exit_code == 0
+    res = cli("generate", "7 moving right", "--model", "demo-video", "--video", clip, "--frames", 8, "-o", more)
+    assert res.exit_code == 0, res.output
+    given, out = read_video(clip)[0], read_video(more)[0]
+    assert out.shape[0] == 8
+
+    def canvas(frames):  # what the model reads: each 11x11 block of the 132x132 frame averaged
+        return frames.reshape(len(frames), 12, 11, 12, 11, 3).mean(axis=(2, 4))
+
+    difference = np.abs(canvas(out[:5]) - canvas(given))
+    assert difference.mean() < 1 and difference.max() < 10, (difference.mean(), difference.max())  # sampled: 3.5, 30
+
+
 def test_a_latent_model_returns_the_clean_latents_of_the_given_frames(tmp_path):
     """Through the VAE: the sample's first latent frames are the clip's encoding, without the training noise."""
     from fixtures_video import make_video_model
