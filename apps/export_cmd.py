@@ -9,7 +9,7 @@ import typer
 
 
 def export_coreml(
-    model: str = typer.Argument(..., help="Model folder or name ('demo')."),
+    model: str = typer.Argument(..., help="Model folder or name ('demo', 'demo-video')."),
     output: Path = typer.Option(..., "--output", "-o", readable=False, help="New folder for the .mlpackage files and manifest.json."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if starflow-mlx wrote it (only when done)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Quantize a float model to 4 or 8 bits on export."),

@@ -60,6 +60,13 @@ def refuse_edits(path: Path, meta: dict) -> None:
                          "starflow generate --from-noise")
 
 
+def ran_settings(record: dict) -> dict:
+    """A file's options with Jacobi settings only when Jacobi ran (older files recorded unused ones)."""
+    from starflow_mlx.sampling.auto import JACOBI_SETTINGS
+
+    return record if record["jacobi"] else dict(record, **dict.fromkeys(JACOBI_SETTINGS))
+
+
 # -- output files ----------------------------------------------------------------------------
 def file_stem(prompt: str, seed: int) -> str:
     from starflow_mlx.pipelines.image_files import slug
@@ -259,10 +266,11 @@ def generate(
                                           help="Block-wise Jacobi or sequential sampling (default: the faster one "
                                                "on this device: sequential on a CPU, Jacobi on a GPU)."),
     jacobi_block_size: Optional[int] = typer.Option(None, help="Tokens solved together per Jacobi chunk "
-                                                              "(default 64; 32 for video)."),
+                                                              "(default 64; 32 for video). Any --jacobi-* "
+                                                              "option selects Jacobi."),
     jacobi_threshold: Optional[float] = typer.Option(None, help="Jacobi stops a chunk below this residual "
                                                                "(default 0.005; 0.001 for video)."),
-    jacobi_max_iter: int = typer.Option(32, help="Most Jacobi iterations per chunk."),
+    jacobi_max_iter: Optional[int] = typer.Option(None, help="Most Jacobi iterations per chunk (default 32)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Keep the KV caches quantized to 8 or 4 bits: "
                                                                   "about half or a quarter of float16's memory, "
                                                                   "samples change slightly (default: float)."),
@@ -307,10 +315,10 @@ def generate(
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.memory import plan_batch
-    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.image import IMAGE_JACOBI, Pipeline
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
-    from starflow_mlx.sampling.auto import resolve_jacobi
+    from starflow_mlx.sampling.auto import JACOBI_SETTINGS, implied_jacobi, jacobi_settings
 
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.models.kv_cache import KV_BITS
@@ -321,13 +329,15 @@ def generate(
         from starflow_mlx.apps.inversion_cmd import generate_from_noise
 
         fixed = dict(seed=seed != 0, aspect_ratio=aspect_ratio, num_images=num_images != 1, batch_size=batch_size,
-                     jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold, kv_bits=kv_bits,
-                     output_dir=output_dir, resume=resume or None, from_metadata=from_metadata, frames=frames, fps=fps,
+                     jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+                     jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, output_dir=output_dir, resume=resume or None, from_metadata=from_metadata, frames=frames, fps=fps,
                      image=image, video=video, lora=lora, vae_tile=vae_tile, pipeline=pipeline or None)
         return generate_from_noise(path=from_noise, model=None if model == DEFAULT_MODEL else model, prompt=prompt,
                                    cfg=cfg, jacobi=jacobi, output=output, overwrite=overwrite, dtype=dtype,
                                    unused=["--" + k.replace("_", "-") for k, v in fixed.items()
                                            if v not in (None, False)])
+    jacobi = implied_jacobi(jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+                            jacobi_max_iter=jacobi_max_iter)
     if is_video_job(model, from_metadata):
         if lora is not None:
             raise ValueError("--lora is for image models for now")
@@ -344,8 +354,6 @@ def generate(
     if video_only:
         raise ValueError(f"{video_only[0]} is for video models; {model} generates images")
     aspect_ratio = aspect_ratio or "1:1"
-    jacobi_block_size = 64 if jacobi_block_size is None else jacobi_block_size
-    jacobi_threshold = 0.005 if jacobi_threshold is None else jacobi_threshold
     job = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_images=num_images,
                jacobi=jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, dtype=dtype, index=None, batch_size=batch_size,
@@ -355,7 +363,7 @@ def generate(
         if prompt is not None or lora is not None:
             raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
                              "both (the image records its adapter)")
-        job = options_from_metadata(from_metadata)
+        job = ran_settings(options_from_metadata(from_metadata))
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata IMAGE)")
@@ -378,8 +386,10 @@ def generate(
                          "every file at the end, so it leaves none half done): add --pipeline, or run in one process")
     pipe = Pipeline.from_pretrained(job["model"], dtype=job["dtype"], lora=job["lora"], lora_scale=job["lora_scale"],
                                     layers=layers)
-    job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
-    options = {key: job[key] for key in SAMPLING_KEYS}
+    # The file records the sampler that ran, and the Jacobi settings only when Jacobi ran.
+    job["jacobi"], settings = jacobi_settings(job["jacobi"], pipe.config, IMAGE_JACOBI,
+                                              **{key: job[key] for key in JACOBI_SETTINGS})
+    options = {key: settings.get(key, job[key]) for key in SAMPLING_KEYS if key not in JACOBI_SETTINGS or settings}
     options["cfg"] = pipe.config.cfg if job["cfg"] is None else job["cfg"]
     if resume and job["batch_size"] is None:  # the default depends on free memory: keep the interrupted run's
         # Rank 0 writes the files: only its folder says what an interrupted run did.
@@ -419,7 +429,8 @@ def generate(
     for path in new[:3]:
         typer.echo(f"wrote {path}" + (f" ({plan.taken} exists)" if plan.taken else ""))
     if len(new) > 3:
-        typer.echo(f"wrote {len(new) - 3} more in {new[0].parent}")
+        more = len(new) - 3
+        typer.echo(f"wrote {more} more {'file' if more == 1 else 'files'} in {new[0].parent} ({len(new)} in all)")
     if done:
         typer.echo(f"kept {len(done)} image(s) an earlier run had written")
 

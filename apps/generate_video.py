@@ -11,7 +11,7 @@ import typer
 from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
 
 # Upstream's video script's values for options every video model shares (frames, cfg and aspect ratio depend on it).
-SCRIPT_DEFAULTS = ("fps", "jacobi", "jacobi_block_size", "jacobi_threshold", "jacobi_max_iter")
+SCRIPT_DEFAULTS = ("fps", "jacobi")
 SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_videos", "frames", "fps", "jacobi", "jacobi_block_size",
                  "jacobi_threshold", "jacobi_max_iter", "image", "video", "kv_bits")
 
@@ -52,13 +52,13 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
-    from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs
+    from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs, ran_settings
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
-    from starflow_mlx.sampling.auto import resolve_jacobi
+    from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import VideoPipeline, frame_count
-    from starflow_mlx.pipelines.video_io import check_input, input_record, write_videos
+    from starflow_mlx.pipelines.video_io import check_input, grid_layout, input_record, write_videos
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
@@ -72,7 +72,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     if from_metadata is not None:
         if prompt is not None:
             raise ValueError("give a prompt or --from-metadata VIDEO, not both")
-        chosen = video_options_from_metadata(from_metadata)
+        chosen = ran_settings(video_options_from_metadata(from_metadata))
         for role, _ in inputs:
             if chosen[role] is not None:
                 check_input(chosen[role], chosen[f"{role}_sha256"], role, from_metadata)
@@ -110,8 +110,10 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         typer.echo(f"warning: {warning.message}", err=True)
     job["aspect_ratio"] = job["aspect_ratio"] or pipe.default_aspect_ratio
     job["cfg"] = pipe.default_cfg if job["cfg"] is None else job["cfg"]
-    job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
-    options = {key: job[key] for key in SAMPLING_KEYS}
+    # The file records the sampler that ran, and the Jacobi settings only when Jacobi ran.
+    job["jacobi"], settings = jacobi_settings(job["jacobi"], pipe.config, VIDEO_DEFAULTS,
+                                              **{key: job[key] for key in JACOBI_SETTINGS})
+    options = {key: settings.get(key, job[key]) for key in SAMPLING_KEYS if key not in JACOBI_SETTINGS or settings}
     params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"],
                   version=__version__, image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])
     if index is not None:  # video i of a batch is drawn from seed + i: make just that one
@@ -136,6 +138,11 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         typer.echo(f"warning: {warning.message}", err=True)
     stages.log(stages.summary())
     stages.log(report_memory())
+    height, width = pipe.frame_size(job["aspect_ratio"])
+    shape = f"{written} frames of {width}x{height} at {options['fps']} fps"
+    if plan.file is not None and len(wanted) > 1:  # one file for several videos: say how they share it
+        _, _, grid_h, grid_w = grid_layout(len(wanted), height, width)
+        shape = (f"{len(wanted)} videos side by side in one {grid_w}x{grid_h} grid, {shape} each; --output-dir DIR "
+                 "writes one file per video")
     for path in plan.paths:
-        typer.echo(f"wrote {path} ({written} frames at {options['fps']} fps)"
-                   + (f" ({plan.taken} exists)" if plan.taken else ""))
+        typer.echo(f"wrote {path} ({shape})" + (f" ({plan.taken} exists)" if plan.taken else ""))

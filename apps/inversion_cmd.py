@@ -50,9 +50,9 @@ def _read_source(source: Path, fps: Optional[int]):
 
 def _load(model: str, video: Optional[bool], dtype: Optional[str] = None):
     """The model's pipeline; ``video``: whether the input is a clip (None: not checked here)."""
-    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.load import load_pipeline
 
-    pipe = Pipeline.from_pretrained(model, dtype=dtype)
+    pipe = load_pipeline(model, dtype=dtype)
     if video is not None and video != pipe.VIDEO:
         raise ValueError(f"{model} is {'a video' if pipe.VIDEO else 'an image'} model: give it "
                          f"{'an .mp4' if pipe.VIDEO else 'an image'}")

@@ -9,7 +9,7 @@ import typer
 
 
 def quantize(
-    model: str = typer.Argument(..., help="Model folder or name ('demo')."),
+    model: str = typer.Argument(..., help="Model folder or name ('demo', 'demo-video')."),
     bits: int = typer.Option(4, "--bits", "-b", help="4 or 8."),
     group_size: int = typer.Option(64, "--group-size", help="32, 64 or 128 weights share one scale and bias."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", readable=False, help="New folder for the quantized model."),

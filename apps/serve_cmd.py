@@ -44,7 +44,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', or a Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; any but loopback needs --api-key."),
     port: int = typer.Option(8000, help="Port to listen on (0: any free one, printed)."),
     output_dir: Path = typer.Option(Path("starflow-outputs"), "--output-dir",

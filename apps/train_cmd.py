@@ -138,7 +138,7 @@ class TrainingRun:
 def run_with_progress(trainer, steps: int) -> TrainingRun:
     """Run ``trainer`` to ``steps`` with a progress bar showing the loss and bits/dim, a time estimate early on,
     and a checkpoint on Ctrl-C."""
-    from starflow_mlx.progress import StageProgress
+    from starflow_mlx.progress import StageProgress, about
     from starflow_mlx.training.trainer import bits_per_dim
 
     first, start = trainer.step, time.perf_counter()
@@ -153,7 +153,7 @@ def run_with_progress(trainer, steps: int) -> TrainingRun:
             timed[step - first] = now
         if step - first == RATE_STEPS[1] and step < steps:  # early, and past the first steps' warm-up
             rate = (now - timed[RATE_STEPS[0]]) / (RATE_STEPS[1] - RATE_STEPS[0])
-            stages.log(f"training: about {rate * (steps - step) / 60:.0f} min for the {steps - step} steps left "
+            stages.log(f"training: {about(rate * (steps - step))} for the {steps - step} steps left "
                        f"({rate:.2f} s/step here); Ctrl-C saves a checkpoint to --resume from")
         stages("training", step, steps, note=f"loss {loss:.4f}  {bits_per_dim(loss):.3f} bits/dim")
 

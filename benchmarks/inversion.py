@@ -33,7 +33,7 @@ import numpy as np
 
 from starflow_mlx.benchmarks.demo_quality import digit_classifier, to_features
 from starflow_mlx.pipelines import inversion
-from starflow_mlx.pipelines.image import Pipeline
+from starflow_mlx.pipelines.load import load_pipeline
 from starflow_mlx.sampling import inversion as flow_inversion
 from starflow_mlx.sampling.denoise import score_denoise
 from starflow_mlx.training.data import load_digits_split
@@ -73,7 +73,7 @@ def round_trip_digits(pipe, test, count: int) -> dict:
 def round_trip_clips(count: int) -> dict:
     from starflow_mlx.training.moving_digits import DIRECTIONS, load_moving_digits_split
 
-    pipe = Pipeline.from_pretrained("demo-video")
+    pipe = load_pipeline("demo-video")
     _, test = load_moving_digits_split()
     names = list(DIRECTIONS)
     data_err = pixel_err = 0.0
@@ -176,7 +176,7 @@ def video_inpainting(count: int, seed: int) -> dict:
     from starflow_mlx.benchmarks.video_demo import Judge
     from starflow_mlx.training.moving_digits import DIRECTIONS, load_moving_digits_split
 
-    pipe = Pipeline.from_pretrained("demo-video")
+    pipe = load_pipeline("demo-video")
     flow, cfg, frames = pipe.flow, pipe.config.cfg, pipe.config.num_frames
     _, test = load_moving_digits_split()
     names = list(DIRECTIONS)
@@ -218,7 +218,7 @@ def video_edits(count: int, seed: int, cfgs: tuple[float, ...] = (2.0, 0.0)) -> 
     from starflow_mlx.benchmarks.video_demo import Judge, centre_track
     from starflow_mlx.training.moving_digits import DIRECTIONS, load_moving_digits_split
 
-    pipe = Pipeline.from_pretrained("demo-video")
+    pipe = load_pipeline("demo-video")
     flow, frames = pipe.flow, pipe.config.num_frames
     _, test = load_moving_digits_split()
     names = list(DIRECTIONS)
@@ -287,7 +287,7 @@ EDIT_GUIDANCE = (0.0, 1.0, 4.0)  # besides the model's own (2 for the demo), at 
 
 def measure(per_pair: int = 2, digits: int = 100, clips: int = 20, inpaint: int = 50, repeats: int = 3,
             seed: int = 0, parts: tuple[str, ...] = PARTS) -> dict:
-    pipe = Pipeline.from_pretrained("demo")
+    pipe = load_pipeline("demo")
     train, test = load_digits_split()
     clf = digit_classifier(train)
     out = {"cfg": pipe.config.cfg}

@@ -24,14 +24,14 @@ import numpy as np
 
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import MANIFEST, Manifest
+from starflow_mlx.progress import about
 from starflow_mlx.resolve import resolve_model
 from starflow_mlx.quantize.quantize_folder import block_bits, quantize_flow, save_flow
 
-# The four variants took this many times the reference pass's time per image, times the images they sample
-# (--samples plus the demo's per-class digits): 804 s after a 26.2 s reference pass of 32 images, sampling 132,
-# in `python -m starflow_mlx.benchmarks.quantization --model demo --per-class 10 --samples 32` on the shared
-# 2-core CPU of README.md.
-REST_PER_IMAGE = 7.45
+# A quantized variant's time over the float16 variant's (the first one, measured in the same run): what the
+# estimate of the rest multiplies by. 1.42 in `starflow quantize demo --report --samples 4 --per-class 1` (int8 25 s,
+# int4 45 s, mixed 20 s after float16 21 s; the shared 2-core CPU at load average 12).
+QUANTIZED_FACTOR = 1.4
 
 VARIANTS = (
     ("float16", None, None),
@@ -117,7 +117,7 @@ def demo_metrics(folder: Path, per_class: int, dtype: str | None, step=lambda: N
 def measure_variants(model: str | Path, group_size: int = 64, samples: int = 32, seed: int = 0,
                      per_class: int = 10, progress=None, log=None) -> list[dict]:
     """One row per variant; ``progress(label, done, total)`` reports the reference and each variant's parts,
-    ``log(line)`` how long the rest will take, once the reference pass has shown the machine's speed."""
+    ``log(line)`` how long the rest will take, once the float16 variant has shown the machine's speed."""
     report = progress or (lambda *a, **k: None)
     folder = resolve_model(model)
     ref = load_flow(folder, dtype="float32")
@@ -129,23 +129,18 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 32,
     y, y_u = conditioning(ref, samples, seed)
     cfg_weight = ref.config.cfg if y is not None else 0.0
     report("float32 reference", 0, 1)
-    start = time.perf_counter()
     x_ref = ref.reverse(z, y, y_uncond=y_u, cfg=cfg_weight, jacobi=True)
     z_ref, _ = ref.forward(x_ref, y)
     reference = {"x": x_ref, "z": z_ref, "log_prob": ref.log_prob(x_ref, y), "samples": x_ref}
     mx.eval(reference)
     report("float32 reference", 1, 1)
-    if log is not None:
-        per_image = (time.perf_counter() - start) / samples
-        images = samples + (per_class * len(Manifest.load(folder).classes) if is_demo else 0)
-        log(f"about {per_image * images * REST_PER_IMAGE / 60:.0f} min for the four variants (estimated from the "
-            "reference pass; quantized products are slower on a CPU)")
     # quantize, sequential, Jacobi; the demo's quality measure, most of the time, reports each digit and bits/dim
     parts = 3 + 11 if is_demo else 3
     # MLX's CPU kernels for quantized products are far slower with float16 scales, so on a CPU the
     # float parts (scales, biases, kept layers) run in float32; on a GPU they stay as stored.
     compute = "float32" if mx.default_device() == mx.cpu else None
     rows = []
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name, bits, mode in VARIANTS:
             def step(name=name, ticks=itertools.count(1)):
@@ -170,6 +165,10 @@ def measure_variants(model: str | Path, group_size: int = 64, samples: int = 32,
                 row.update(demo_metrics(out, per_class, compute, step))
             rows.append(row)
             mx.clear_cache()
+            if log is not None and len(rows) == 1:  # a whole variant, timed on this machine, sizes the rest
+                left = len(VARIANTS) - 1
+                log(f"{about((time.perf_counter() - started) * QUANTIZED_FACTOR * left)} for the {left} quantized "
+                    "variants left (estimated from the float16 one)")
     return rows
 
 

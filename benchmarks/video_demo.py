@@ -238,6 +238,7 @@ def measure(model: str = "demo-video", per_class: int = 5, given: int = 3, jacob
     test = type(test)(test.images[firsts], test.labels[firsts], test.classes)
     judge = Judge(canvas)
     result = {"model": str(model), "window_frames": window, "canvas": canvas, "cfg": pipe.config.cfg,
+              "per_class": per_class, "given": given,
               "sampler": "jacobi (block 32, threshold 0.001)" if resolve_jacobi(None, pipe.config) else "sequential"}
     result["real_test_clips"] = judge.clips(test.images[..., 0], [int(l) // 4 for l in test.labels],
                                             [list(DIRECTIONS)[int(l) % 4] for l in test.labels])
@@ -269,27 +270,37 @@ def measure(model: str = "demo-video", per_class: int = 5, given: int = 3, jacob
     return result
 
 
+# The Jacobi rows by first guess, as README.md's table names them.
+JACOBI_LABELS = {"previous": "Jacobi, previous frame as first guess (upstream's)", "zero": "Jacobi, zeros as first guess"}
+
+
+def row_labels(per_class: int, given: int, window: int) -> dict[str, str]:
+    """Each measure's row label, as README.md's table names it (frames counted from 0)."""
+    return {"real_test_clips": "real test clips (the judge's own score)",
+            "text_to_video": f"text to video, {per_class} per prompt",
+            "image_to_video": f"image to video from frame 0 of a test clip (frames 1-{window - 1})",
+            "continuation": f"continuation of {given} test frames to {2 * window} (the {2 * window - given} new ones)",
+            "long_video": f"long video, {2 * window} frames (twice the window)"}
+
+
 def report(r: dict) -> str:
     def clips(name: str, m: dict) -> str:
-        return (f"{name:<34} digit {m['digit_accuracy']:6.1%} of {m['frames']:4d} frames, direction "
+        return (f"{name}: digit {m['digit_accuracy']:6.1%} of {m['frames']:4d} frames, direction "
                 f"{m['direction_accuracy']:6.1%} of {m['clips']:3d} clips, {m['mean_speed']:.2f} px/frame")
 
     lines = [f"{r['model']}: {r['window_frames']}-frame window, {r['canvas']}x{r['canvas']} canvas, cfg {r['cfg']}, "
-             f"{r['sampler']}",
-             clips("real test clips (the judge's own)", r["real_test_clips"]),
-             clips("text to video", r["text_to_video"]),
-             clips("image to video (frames 2..)", r["image_to_video"]),
-             clips(f"continuation (new frames, to {2 * r['window_frames']})", r["continuation"]),
-             clips(f"long video ({2 * r['window_frames']} frames)", r["long_video"])]
+             f"{r['sampler']}"]
+    for key, label in row_labels(r["per_class"], r["given"], r["window_frames"]).items():
+        lines.append(clips(label, r[key]))
     if "first_new_frame_mean_abs_error" in r["image_to_video"]:
         lines.append(f"image to video: first new frame differs from the true next frame by "
                      f"{r['image_to_video']['first_new_frame_mean_abs_error']:.3f} on average (pixels in [-1, 1])")
     j = r["jacobi"]
     lines.append(f"sequential: {j['sequential']['token_evaluations']} token evaluations, "
                  f"{j['sequential']['seconds']:.3f} s for {j['clips']} clips")
-    for init in ("previous", "zero"):
+    for init, label in JACOBI_LABELS.items():
         m = j[f"jacobi_{init}"]
-        lines.append(f"jacobi, {init + ' frame' if init == 'previous' else 'zeros'} first: "
+        lines.append(f"{label}: "
                      f"{m['token_evaluations']} token evaluations ({m['deep_token_evaluations']} in the deep block, "
                      f"{m['deep_round_trips']} round-trips), {m['seconds']:.3f} s, max difference "
                      f"{m['max_abs_difference']:.2e}, mean {m['mean_abs_difference']:.2e}")

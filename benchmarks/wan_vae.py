@@ -24,6 +24,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.loading import cast_floats, parse_dtype
+from starflow_mlx.progress import about
 from starflow_mlx.models.wan_vae import CausalConv3d, WanVAE, WanVAEConfig
 from starflow_mlx.video_vae import VideoVAE
 
@@ -44,8 +45,8 @@ def check_size(frames: int, height: int, width: int, dtype: str, tile: int | Non
     if tile is None and total is not None and needed > total:
         raise SystemExit(f"error: decoding {height} x {width} needs about {needed / 2**30:.0f} GB but "
                          f"{total / 2**30:.0f} GB is available: use a smaller --height/--width, or --tile 16")
-    minutes = SECONDS_PER_PIXEL * frames * height * width / 60
-    print(f"decoding {frames} frames of {height} x {width} in {dtype}: about {minutes:.0f} min on the shared 2-core "
+    seconds = SECONDS_PER_PIXEL * frames * height * width
+    print(f"decoding {frames} frames of {height} x {width} in {dtype}: {about(seconds)} on the shared 2-core "
           "CPU of benchmarks/README.md (less on a GPU); Ctrl-C stops it", file=sys.stderr, flush=True)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
+from starflow_mlx.byte_sizes import describe_bytes
 from starflow_mlx.config import ConfigError, FlowConfig
 from starflow_mlx.convert.safetensors_stream import to_dtype, write_safetensors
 from starflow_mlx.convert.tensor_names import check_tensor_names
@@ -88,9 +89,10 @@ def write_flow(checkpoint: str | Path, config_yaml: str | Path, folder: Path, dt
         except ConfigError as exc:
             raise ConversionError(str(exc)) from None
         config.dtype = dtype
-        if config.min_weight_bytes() > Path(checkpoint).stat().st_size:  # before building the model
-            raise ConversionError(f"the config describes at least {config.min_weight_bytes() / 2**20:.0f} MB of "
-                                  f"weights but {checkpoint} is smaller: they do not belong together")
+        needed, held = config.min_weight_bytes(), Path(checkpoint).stat().st_size
+        if needed > held:  # before building the model
+            raise ConversionError(f"the config describes at least {describe_bytes(needed)} of weights but {checkpoint} "
+                                  f"holds {describe_bytes(held)}: they do not belong together")
         shapes = expected_shapes(config)
         check_tensors(tensors, shapes)
         entries = [(name, dtype, shapes[name], lambda ref=tensors[name]: to_dtype(ref.read(), dtype, ref.dtype))

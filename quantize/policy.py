@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from starflow_mlx.advice import option_error
 from starflow_mlx.config import QUANT_BITS, QUANT_GROUPS
+from starflow_mlx.models.quantized_linear import use_row_aware_layers
 
 # Errors in these layers are amplified (they set the flow's scale/shift or read raw inputs),
 # so they stay in floating point unless a pattern overrides it.
@@ -88,6 +89,7 @@ def apply_quantization(model: nn.Module, spec: dict[str, Any]) -> None:
         return {"bits": int(setting["bits"]), "group_size": int(setting["group_size"])}
 
     nn.quantize(model, class_predicate=predicate)
+    use_row_aware_layers(model)  # many rows on a CPU: through the BLAS (models/quantized_linear.py)
 
 
 def describe(spec: dict[str, Any]) -> str:

@@ -41,9 +41,10 @@ class SamplingOptions(FromMetadata, JSONConfig):
     cfg: float = field(metadata={"min": 0, "max": 1000})
     aspect_ratio: str = field(metadata={"max_len": 16})
     jacobi: bool
-    jacobi_block_size: int = field(metadata={"min": 1, "max": 1 << 16})
-    jacobi_threshold: float = field(metadata={"min": 1e-12, "max": 1e3})
-    jacobi_max_iter: int = field(metadata={"min": 1, "max": 10000})
+    # Recorded only when Jacobi ran.
+    jacobi_block_size: int | None = field(default=None, metadata={"min": 1, "max": 1 << 16})
+    jacobi_threshold: float | None = field(default=None, metadata={"min": 1e-12, "max": 1e3})
+    jacobi_max_iter: int | None = field(default=None, metadata={"min": 1, "max": 10000})
     dtype: str | None = field(default=None, metadata={"choices": DTYPES})
     kv_bits: int | None = field(default=None, metadata={"choices": (None, *KV_BITS)})
 

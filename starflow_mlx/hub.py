@@ -73,7 +73,7 @@ def model_files(registry: dict, repo_id: str) -> dict[str, list[HubFile]]:
     models = registry.get("models", {})
     if repo_id not in models:
         raise HubError(f"unknown model {repo_id!r}: it is neither a folder here nor a registered Hugging Face model "
-                       f"(known models are {', '.join(sorted(models)) or 'none'}, plus 'demo')")
+                       f"(known models are {', '.join(sorted(models)) or 'none'}, plus 'demo' and 'demo-video')")
     entry = models[repo_id]
     try:
         flow, revision = entry["flow"], entry.get("revision", "main")

@@ -58,8 +58,8 @@ class Manifest(JSONConfig):
         path = Path(folder, MANIFEST)
         if not path.is_file():
             message = f"{folder} has no {MANIFEST}: build a full model folder with starflow convert "
-            raise with_cli_message(ConfigError(message + "(with a text encoder and a VAE), or use the built-in 'demo'"),
-                                   message + "--text-encoder/--vae, or use --model demo")
+            raise with_cli_message(ConfigError(message + "(with a text encoder and a VAE), or use the built-in 'demo' or 'demo-video'"),
+                                   message + "--text-encoder/--vae, or use --model demo or demo-video")
         data = read_json(path, "model manifest")
         if isinstance(data, dict):  # fields added by later versions are ignored, not refused
             data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}

@@ -5,8 +5,9 @@ first report (work reports ``(0, total)`` before it starts) and moves with each 
 one. Stage times are real: MLX evaluates lazily, so the clock is read only after
 ``mx.synchronize()``. A stage that runs again (one per image batch) starts its bar
 over and adds to its time. Without a terminal nothing animates: each finished stage
-is logged as one line on stderr, and a long stage also every 30 seconds while it runs,
-reports or not (a first training step that builds kernels for a minute reports nothing).
+is logged as one line on stderr, and a long stage also once it has run 5 seconds and then every
+30 seconds while it runs, reports or not (a first image or training step that builds MLX's kernels
+for 20 seconds to a minute reports nothing).
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ from contextlib import contextmanager
 import mlx.core as mx
 
 LOG_EVERY = 30.0  # seconds between lines of a running stage when not on a terminal
+LOG_FIRST = 5.0  # a stage still running after this long gets its first line at once (silence reads as a hang)
+
+
+def about(seconds: float) -> str:
+    """A time estimate in words: seconds when under two minutes, minutes under two hours, then hours."""
+    if seconds < 120:
+        return f"about {max(5, round(seconds / 5) * 5)} s" if seconds >= 5 else "a few seconds"
+    if seconds < 7200:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def describe_info(info: dict) -> str:
@@ -43,6 +54,7 @@ class StageProgress:
         self.seconds: dict[str, float] = {}
         self.last = self.logged = time.perf_counter()
         self.current: tuple[str, int, int, dict] | None = None  # the running stage's last report
+        self.named: set[str] = set()  # stages that have had their first line while running
         self.stopped = threading.Event()
         self.beat = threading.Thread(target=self._heartbeat, daemon=True)
 
@@ -59,11 +71,15 @@ class StageProgress:
         self.bars.stop()
 
     def _heartbeat(self) -> None:
-        while not self.stopped.wait(LOG_EVERY / 10):
+        while not self.stopped.wait(min(LOG_FIRST, LOG_EVERY) / 10):
             now, current = time.perf_counter(), self.current
-            if current is not None and now - self.logged >= LOG_EVERY:
-                label, done, total, info = current
-                self._line(f"{label}: {done}/{total}, {now - self.running.get(label, now):.0f}s so far", info, now)
+            if current is None:
+                continue
+            label, done, total, info = current
+            began = self.running.get(label, now)
+            if now - self.logged >= LOG_EVERY or (label not in self.named and now - began >= LOG_FIRST):
+                self.named.add(label)
+                self._line(f"{label}: {done}/{total}, {now - began:.0f}s so far", info, now)
 
     def __call__(self, label: str, done: int, total: int, **info) -> None:
         now = time.perf_counter()

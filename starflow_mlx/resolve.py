@@ -20,7 +20,8 @@ from starflow_mlx.model_folder import BUILT_IN, MANIFEST, local_model
 
 
 def resolve_model(name: str | Path) -> Path:
-    """A model folder from a path, ``demo``, or a Hugging Face repo id (downloaded and converted once)."""
+    """A model folder from a path, a built-in name (``demo``, ``demo-video``), or a Hugging Face repo id (downloaded and
+    converted once)."""
     folder = local_model(name)
     if folder is not None:
         return folder
@@ -30,8 +31,8 @@ def resolve_model(name: str | Path) -> Path:
     # A typo of a known name ('dmeo', 'starflow') is the likeliest first mistake: name the fix.
     close = difflib.get_close_matches(str(name), [*BUILT_IN, *load_registry().get("models", {})], n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    raise ConfigError(f"model {name!r} not found{hint}: pass a model folder, 'demo', or a Hugging Face repo id "
-                      "like apple/starflow")
+    raise ConfigError(f"model {name!r} not found{hint}: pass a model folder, 'demo', 'demo-video', or a Hugging Face "
+                      "repo id like apple/starflow")
 
 
 def _log(message: str) -> None:

@@ -36,7 +36,7 @@ def test_good_metadata_round_trips():
     ("seed", -1, "seed must be at least 0"),
     ("jacobi_block_size", 1e12, "jacobi_block_size must be int"),
     ("jacobi_block_size", 10**12, "jacobi_block_size must be at most"),
-    ("jacobi_threshold", float("nan"), "jacobi_threshold must be a finite number"),
+    ("jacobi_threshold", float("nan"), "jacobi_threshold must be float or null, got NaN"),
     ("jacobi_threshold", 0, "jacobi_threshold must be at least"),
     ("jacobi_max_iter", 10**9, "jacobi_max_iter must be at most"),
     ("lora_scale", float("inf"), "lora_scale must be a finite number"),

@@ -10,16 +10,16 @@ from fixtures_model import make_class_model_folder
 
 @pytest.fixture(scope="module")
 def image_pipe(tmp_path_factory):
-    from starflow_mlx import Pipeline
+    from starflow_mlx import load_pipeline
 
-    return Pipeline.from_pretrained(make_class_model_folder(tmp_path_factory.mktemp("inv-image") / "m"))
+    return load_pipeline(make_class_model_folder(tmp_path_factory.mktemp("inv-image") / "m"))
 
 
 @pytest.fixture(scope="module")
 def video_pipe(tmp_path_factory):
-    from starflow_mlx import Pipeline
+    from starflow_mlx import load_pipeline
 
-    return Pipeline.from_pretrained(make_class_video_folder(tmp_path_factory.mktemp("inv-video") / "m"))
+    return load_pipeline(make_class_video_folder(tmp_path_factory.mktemp("inv-video") / "m"))
 
 
 def pixels(image) -> np.ndarray:

@@ -44,7 +44,7 @@ def test_an_image_survives_encode_and_generate_from_noise(models, tmp_path):
 
 
 def test_a_clip_survives_encode_and_generate_from_noise(models, tmp_path):
-    from starflow_mlx import Pipeline
+    from starflow_mlx import load_pipeline
     from starflow_mlx.pipelines.video_io import read_video
 
     source, noise, back = tmp_path / "src.mp4", tmp_path / "n.safetensors", tmp_path / "back.mp4"
@@ -53,7 +53,7 @@ def test_a_clip_survives_encode_and_generate_from_noise(models, tmp_path):
     res = run("generate", "--from-noise", noise, "-o", back)
     assert res.exit_code == 0, res.output
     # mp4 is lossy: compare what the flow reads of each clip, which the round trip keeps to float32 rounding.
-    pipe = Pipeline.from_pretrained(models["video"])
+    pipe = load_pipeline(models["video"])
     first, second = (np.array(pipe.clip_input(read_video(p)[0])[0]) for p in (source, back))
     assert np.abs(first - second).max() < 0.05
 

@@ -28,9 +28,11 @@ from starflow_mlx.memory import check_memory, plan_batch
 from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest
 from starflow_mlx.pipelines.prompts import class_features, latent_size, nearest_aspect_ratio, prepare_prompt
 from starflow_mlx.resolve import resolve_model
+from starflow_mlx.sampling.auto import jacobi_settings
 from starflow_mlx.sampling.denoise import score_denoise
 
 MIN_PIXEL_SIDE = 64  # tiny pixel-space outputs (8x8 digits) are enlarged so they can be seen
+IMAGE_JACOBI = dict(jacobi_block_size=64, jacobi_threshold=0.005, jacobi_max_iter=32)  # upstream's sample.py
 
 
 class NonFiniteSampleError(ValueError):
@@ -175,9 +177,9 @@ class Pipeline:
         aspect_ratio: str = "1:1",
         num_images: int = 1,
         jacobi: bool | None = None,
-        jacobi_block_size: int = 64,
-        jacobi_threshold: float = 0.005,
-        jacobi_max_iter: int = 32,
+        jacobi_block_size: int | None = None,
+        jacobi_threshold: float | None = None,
+        jacobi_max_iter: int | None = None,
         kv_bits: int | None = None,
         progress: Callable[..., None] | None = None,
         images: tuple[int, int] | None = None,
@@ -185,13 +187,16 @@ class Pipeline:
         """Clean samples in the flow's data space (scaled latents, or pixels in [-1, 1] x pixel_scale).
 
         ``cfg=None`` uses the model's guidance weight. ``jacobi=None`` picks the faster
-        sampler for the device (``starflow_mlx.sampling.auto``). Jacobi needs a
-        start-of-sequence token; models without one are sampled sequentially.
+        sampler for the device (``starflow_mlx.sampling.auto``), or Jacobi when a ``jacobi_*``
+        setting is given (None: 64, 0.005 and 32); a setting with ``jacobi=False`` is an error.
+        Jacobi needs a start-of-sequence token; models without one are sampled sequentially.
         ``images=(start, stop)`` samples only those images of the ``num_images`` (image i
         uses seed + i). ``kv_bits`` (8 or 4) keeps the KV caches quantized.
         """
         cfg = self.config.cfg if cfg is None else cfg
-        check_options(seed, cfg, num_images, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
+        jacobi, settings = jacobi_settings(jacobi, self.config, IMAGE_JACOBI, jacobi_block_size=jacobi_block_size,
+                                           jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter)
+        check_options(seed, cfg, num_images, **(settings or IMAGE_JACOBI))
         start, stop = images or (0, num_images)
         if not 0 <= start < stop <= num_images:
             raise ValueError(f"images {start} to {stop} are not among the {num_images} images")
@@ -201,9 +206,8 @@ class Pipeline:
         mx.eval(y, y_u)
         report("text", 1, 1)
         z = self.noise(seed, start, stop, aspect_ratio)
-        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos,
-                              jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-                              jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, progress=progress)
+        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi and self.config.sos, kv_bits=kv_bits,
+                              progress=progress, **settings)
         # The flow samples latents with its training noise; a fine-tuned decoder expects exactly that.
         if not self.has_finetuned_decoder:
             report("denoise", 0, 1)

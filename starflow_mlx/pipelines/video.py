@@ -8,7 +8,9 @@ decoding); what differs for video lives here:
   take any count);
 - the prompt template carries the frame rate (``A video with 16 fps:``);
 - conditioning frames (an image, or a clip to continue) are encoded, noised with the
-  training noise, and fed to the flow's deep block as context;
+  training noise, and fed to the flow's deep block as context; the output starts with
+  them as given (their clean latents replace the sampled ones after denoising, so a
+  pixel-space model returns them exactly and a latent one as its VAE reconstructs them);
 - the learnable denoiser runs in overlapping chunks of the training length;
 - flow latents are "temporally scaled": latent frames after the first are multiplied
   by ``vae_temporal_scale`` (0.6) in flow space, undone before the VAE decode.
@@ -39,7 +41,7 @@ from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
 from starflow_mlx.pipelines.image import Pipeline, check_finite, check_options
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.pixel_video import PixelVideo
-from starflow_mlx.sampling.auto import resolve_jacobi
+from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
 VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=None, jacobi_block_size=32,
@@ -164,6 +166,12 @@ class VideoPipeline(Pipeline):
         """How input frames are resized: block averages undo the enlargement of pixel-space output exactly."""
         return Image.BOX if self.pixel_space else Image.BILINEAR
 
+    def exact_reduction(self, width: int, height: int, canvas: tuple[int, int]) -> bool:
+        """Whether a width x height frame reaches the (height, width) ``canvas`` without loss: a pixel-space model's
+        own frames are the canvas enlarged a whole number of times, which block averages undo exactly."""
+        h, w = canvas
+        return self.pixel_space and width % w == 0 and height % h == 0 and width // w == height // h
+
     def pixel_frames(self, latent_frames: int) -> int:
         """Frames the codec makes of ``latent_frames``: 4k - 3 for the Wan2.2 VAE, as many in pixel space."""
         return self.vae.temporal_factor * (latent_frames - 1) + 1
@@ -187,9 +195,15 @@ class VideoPipeline(Pipeline):
         return self.config.cfg if self.is_class_model else VIDEO_DEFAULTS["cfg"]
 
     def size(self, aspect_ratio: str) -> tuple[int, int]:
-        """(height, width) in pixels."""
+        """(height, width) in pixels: the model's canvas, what inputs are resized to."""
         h, w = latent_size(self.config, aspect_ratio)
         return h * self.vae.factor, w * self.vae.factor
+
+    def frame_size(self, aspect_ratio: str) -> tuple[int, int]:
+        """(height, width) of the frames written: the canvas, enlarged for a pixel-space model."""
+        height, width = self.size(aspect_ratio)
+        k = self.vae.enlargement(height, width) if self.pixel_space else 1
+        return height * k, width * k
 
     def needed_bytes(self, latent_frames: int, count: int, aspect_ratio: str, kv_bits: int | None = None) -> int:
         """Weights, then the larger of the deep block's guided KV cache (sampling) and the VAE's streaming
@@ -249,8 +263,8 @@ class VideoPipeline(Pipeline):
         latents = self.vae.encode(mx.array(frames, dtype=mx.float32))
         return mx.concatenate([latents[:, :1], latents[:, 1:] * self.temporal_scale], axis=1)
 
-    def _context(self, image, video, height: int, width: int, fps: int, keys: list) -> mx.array | None:
-        """Noised flow-space latents of the conditioning image or clip, one noise draw per key (video)."""
+    def _context(self, image, video, height: int, width: int, fps: int) -> mx.array | None:
+        """Flow-space latents (1, P, h, w, c) of the conditioning image or clip, without noise."""
         if image is None and video is None:
             return None
         if image is not None and video is not None:
@@ -258,7 +272,7 @@ class VideoPipeline(Pipeline):
         if image is not None:
             picture = image if isinstance(image, Image.Image) else open_image(image)
             pixels, changed = cover_crop(picture, height, width, self.resample)
-            if changed:
+            if changed and not self.exact_reduction(picture.width, picture.height, (height, width)):
                 warnings.warn(f"the image is {picture.width}x{picture.height}: resized to cover {width}x{height} and "
                               "centre-cropped", stacklevel=4)
             clip = pixels[None]
@@ -272,13 +286,10 @@ class VideoPipeline(Pipeline):
             if usable != len(frames):
                 warnings.warn(f"the clip's last {len(frames) - usable} frame(s) are dropped to make 1 + 4k frames",
                               stacklevel=4)
-            if changed:
+            if changed and not self.exact_reduction(frames.shape[2], frames.shape[1], (height, width)):
                 warnings.warn(f"the clip is {frames.shape[2]}x{frames.shape[1]}: resized to cover {width}x{height} and "
                               "centre-cropped", stacklevel=4)
-        latents = self.encode(clip[None])
-        # As upstream: the conditioning latents carry the training noise, like everything the flow models.
-        return mx.concatenate([latents + self.config.noise_std * mx.random.normal(latents.shape, key=key)
-                               for key in keys])
+        return self.encode(clip[None])
 
     # -- generation -----------------------------------------------------------------------
     def sample(
@@ -294,9 +305,9 @@ class VideoPipeline(Pipeline):
         num_videos: int = 1,
         fps: int = VIDEO_DEFAULTS["fps"],
         jacobi: bool | None = VIDEO_DEFAULTS["jacobi"],
-        jacobi_block_size: int = VIDEO_DEFAULTS["jacobi_block_size"],
-        jacobi_threshold: float = VIDEO_DEFAULTS["jacobi_threshold"],
-        jacobi_max_iter: int = VIDEO_DEFAULTS["jacobi_max_iter"],
+        jacobi_block_size: int | None = None,
+        jacobi_threshold: float | None = None,
+        jacobi_max_iter: int | None = None,
         context_frames: int | None = None,
         kv_bits: int | None = None,
         progress: Callable[..., None] | None = None,
@@ -304,17 +315,21 @@ class VideoPipeline(Pipeline):
         """Denoised flow-space latents (B, T_lat, h, w, c) for ``prompt``.
 
         ``image`` (path or PIL image) starts the video from that picture; ``video`` (path or
-        uint8 frames) is a clip to continue: its frames come first and the rest is generated,
-        ``frames`` counting both (None: the model's training length). ``cfg=None`` is 3.5
+        uint8 frames) is a clip to continue: its frames come first and the rest is generated, ``frames``
+        counting both (None: the model's training length). The given image or frames come back unchanged:
+        exactly for a pixel-space model, as the VAE reconstructs them for a latent one. ``cfg=None`` is 3.5
         (upstream's video script), or a class model's own weight. ``aspect_ratio=None`` is 16:9, or
         1:1 for square-only models. ``jacobi=None`` runs the faster sampler on this device (sequential on
-        a CPU, Jacobi on a GPU; both slide the window past the training length). ``kv_bits`` (8 or 4)
+        a CPU, Jacobi on a GPU; both slide the window past the training length), or Jacobi when a ``jacobi_*``
+        setting is given (None: 32, 0.001 and 32); a setting with ``jacobi=False`` is an error. ``kv_bits`` (8 or 4)
         keeps the KV caches quantized: the deep block's is most of a long video's memory.
         """
         self._reload()
         cfg = self.default_cfg if cfg is None else cfg
         aspect_ratio = aspect_ratio or self.default_aspect_ratio
-        check_options(seed, cfg, num_videos, jacobi_block_size, jacobi_threshold, jacobi_max_iter)
+        jacobi, settings = jacobi_settings(jacobi, self.config, VIDEO_DEFAULTS, jacobi_block_size=jacobi_block_size,
+                                           jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter)
+        check_options(seed, cfg, num_videos, **(settings or {k: VIDEO_DEFAULTS[k] for k in JACOBI_SETTINGS}))
         if not isinstance(fps, int) or not 1 <= fps <= 120:
             raise ValueError(f"fps must be a whole number from 1 to 120, got {fps!r}")
         frames = self.frame_count(frames)
@@ -325,21 +340,29 @@ class VideoPipeline(Pipeline):
         report = progress or (lambda *a, **k: None)
         # Video i draws from seed + i, so one video of a batch can be made again on its own.
         keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
-        context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys])
-        if context is not None and context.shape[1] >= latent_frames:
-            message = f"the clip already has {self.pixel_frames(context.shape[1])} frames: ask for more "
-            raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
+        given = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps)
+        context = None
+        if given is not None:
+            if given.shape[1] >= latent_frames:
+                message = f"the clip already has {self.pixel_frames(given.shape[1])} frames: ask for more "
+                raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
+            # As upstream: the conditioning latents carry the training noise, like everything the flow models.
+            context = mx.concatenate([given + self.config.noise_std * mx.random.normal(given.shape, key=k[1])
+                                      for k in keys])
         report("text", 0, 1)
         y, y_u = self.conditioning(prompt, num_videos, aspect_ratio, fps=fps if frames > 1 else 0)
         mx.eval(y, y_u)
         report("text", 1, 1)
         shape = (1, latent_frames, h, w, self.config.in_channels)
         z = mx.concatenate([mx.random.normal(shape, key=k[0]) for k in keys])
-        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=resolve_jacobi(jacobi, self.config),
-                              jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-                              jacobi_max_iter=jacobi_max_iter, context_frames=context_frames, context=context,
-                              kv_bits=kv_bits, progress=progress)
-        return check_finite(self.denoise(x, y, report))
+        x = self.flow.reverse(z, y, y_uncond=y_u, cfg=cfg, jacobi=jacobi, context_frames=context_frames,
+                              context=context, kv_bits=kv_bits, progress=progress, **settings)
+        x = check_finite(self.denoise(x, y, report))
+        if given is None:
+            return x
+        # The given frames come back as given, not as the flow and denoiser redrew them from their noised copy.
+        known = mx.broadcast_to(given.astype(x.dtype), (x.shape[0], *given.shape[1:]))
+        return mx.concatenate([known, x[:, given.shape[1]:]], axis=1)
 
     def denoise(self, x: mx.array, y: mx.array, report: Callable[..., None]) -> mx.array:
         """Remove the training noise: the learnable denoiser in chunks, or one score step without it."""
@@ -434,10 +457,8 @@ class VideoPipeline(Pipeline):
         ratio = exact[0] if exact else nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
         height, width = self.size(ratio)
         clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
-        # A pixel-space model's own output is its data enlarged by a whole factor: reading it back loses nothing.
-        enlarged = (self.pixel_space and frames.shape[1] % height == 0
-                    and frames.shape[1] * width == frames.shape[2] * height)
-        if usable != len(frames) or (changed and not enlarged):
+        if usable != len(frames) or changed and not self.exact_reduction(frames.shape[2], frames.shape[1],
+                                                                         (height, width)):
             warnings.warn(f"the clip ({len(frames)} frames of {frames.shape[2]}x{frames.shape[1]}) is read as "
                           f"{usable} frames of {width}x{height} ({ratio})", stacklevel=4)
         return self.encode(clip[None]), ratio, usable

@@ -202,12 +202,18 @@ def read_video(path: str | Path, fps: int | None = None, max_frames: int = 10_00
     return video[np.clip(picks, 0, len(frames) - 1)], float(fps)
 
 
+def grid_layout(count: int, height: int, width: int, pad: int = 2) -> tuple[int, int, int, int]:
+    """(rows, cols, grid height, grid width) of ``count`` frames tiled by :func:`frame_grid`."""
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    return rows, cols, rows * height + (rows - 1) * pad, cols * width + (cols - 1) * pad
+
+
 def frame_grid(frames: np.ndarray, pad: int = 2) -> np.ndarray:
     """(B, H, W, 3) frames tiled row by row in a near-square grid (even-sized, as yuv420p needs)."""
     count, h, w, _ = frames.shape
-    cols = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / cols)
-    canvas = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
+    rows, cols, grid_h, grid_w = grid_layout(count, h, w, pad)
+    canvas = np.full((grid_h, grid_w, 3), 255, np.uint8)
     for i, frame in enumerate(frames):
         r, c = divmod(i, cols)
         canvas[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = frame

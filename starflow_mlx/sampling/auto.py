@@ -33,6 +33,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from starflow_mlx.advice import with_cli_message
+
+# Settings that only the Jacobi sampler reads: giving one asks for Jacobi.
+JACOBI_SETTINGS = ("jacobi_block_size", "jacobi_threshold", "jacobi_max_iter")
+
 
 def choose_jacobi(config, device: mx.Device | None = None) -> bool:
     """True when Jacobi is the faster sampler for a model with ``config`` on ``device``."""
@@ -43,6 +48,29 @@ def choose_jacobi(config, device: mx.Device | None = None) -> bool:
 def resolve_jacobi(jacobi: bool | None, config, device: mx.Device | None = None) -> bool:
     """An explicit choice as given; ``None`` (auto) by :func:`choose_jacobi`."""
     return choose_jacobi(config, device) if jacobi is None else bool(jacobi)
+
+
+def implied_jacobi(jacobi: bool | None, **settings) -> bool | None:
+    """``jacobi``, or True when any of the Jacobi ``settings`` is given (not None) and the choice was left to us.
+
+    With ``jacobi=False`` a given setting could not take effect: that is an error, not a silent no-op.
+    """
+    given = [name for name in JACOBI_SETTINGS if settings.get(name) is not None]
+    if given and jacobi is False:
+        flag = "--" + given[0].replace("_", "-")
+        raise with_cli_message(ValueError(f"{given[0]} is for Jacobi sampling, and jacobi=False asks for sequential: "
+                                          f"drop one of them"),
+                               f"{flag} is for Jacobi sampling, and --no-jacobi asks for sequential: drop one of them")
+    return True if given else jacobi
+
+
+def jacobi_settings(jacobi: bool | None, config, defaults: dict, device: mx.Device | None = None,
+                    **settings) -> tuple[bool, dict]:
+    """The sampler that runs (see :func:`implied_jacobi`, then :func:`resolve_jacobi`) and the Jacobi settings it
+    uses: those given, else ``defaults``; none for a sequential run, so that nothing records settings it ignored."""
+    if not resolve_jacobi(implied_jacobi(jacobi, **settings), config, device):
+        return False, {}
+    return True, {name: defaults[name] if settings.get(name) is None else settings[name] for name in JACOBI_SETTINGS}
 
 
 def choose_pipeline(device: mx.Device | None = None) -> bool:

@@ -198,7 +198,7 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
         size = None
         if params.get("aspect_ratio") and runner.kind == "video":
             try:
-                height, width = runner.pipe.size(params["aspect_ratio"])
+                height, width = runner.pipe.frame_size(params["aspect_ratio"])
                 size = f"{width}x{height}"
             except ValueError:  # a job read back from another model's run, at a ratio this one does not make
                 pass

@@ -93,14 +93,15 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.memory import plan_batch
     from starflow_mlx.pipelines.image_files import save_images
-    from starflow_mlx.sampling.auto import resolve_jacobi
+    from starflow_mlx.pipelines.image import IMAGE_JACOBI
+    from starflow_mlx.sampling.auto import jacobi_settings
 
     seed = pick_seed(request.seed)
+    jacobi, settings = jacobi_settings(request.jacobi, pipe.config, IMAGE_JACOBI)  # recorded only when Jacobi ran
     job = dict(seed=seed, cfg=pipe.config.cfg if request.cfg is None else request.cfg,
-               aspect_ratio=aspect_ratio(pipe, request.size), num_images=request.n,
-               jacobi=resolve_jacobi(request.jacobi, pipe.config), jacobi_block_size=64, jacobi_threshold=0.005,
-               jacobi_max_iter=32, kv_bits=None)
-    options = {key: job[key] for key in SAMPLING_KEYS}
+               aspect_ratio=aspect_ratio(pipe, request.size), num_images=request.n, jacobi=jacobi, kv_bits=None,
+               **settings)
+    options = {key: job[key] for key in SAMPLING_KEYS if key in job}
     batch = plan_batch(pipe.folder, pipe.config, request.n)
     # As generate records them, so that --from-metadata remakes the same bytes (the server loads no LoRA adapter).
     params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__,
@@ -125,7 +126,7 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
     from starflow_mlx.pipelines.video_io import write_videos
-    from starflow_mlx.sampling.auto import resolve_jacobi
+    from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
 
     seed = pick_seed(request.seed)
     fps = request.fps or VIDEO_DEFAULTS["fps"]
@@ -133,11 +134,11 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     job = dict(VIDEO_DEFAULTS, seed=seed, num_videos=1, fps=fps, image=None, video=None, kv_bits=None,
                aspect_ratio=aspect_ratio(pipe, request.size), cfg=pipe.default_cfg,
                frames=pipe.frame_count(video_frames(request, fps, None)))
-    for key in ("cfg", "jacobi"):
-        if getattr(request, key) is not None:
-            job[key] = getattr(request, key)
-    job["jacobi"] = resolve_jacobi(job["jacobi"], pipe.config)  # the file records the sampler that ran
-    options = {key: job[key] for key in SAMPLING_KEYS}
+    if request.cfg is not None:
+        job["cfg"] = request.cfg
+    # The file records the sampler that ran, and the Jacobi settings only when Jacobi ran.
+    job["jacobi"], settings = jacobi_settings(request.jacobi, pipe.config, VIDEO_DEFAULTS)
+    options = {key: job[key] for key in SAMPLING_KEYS if key not in JACOBI_SETTINGS or settings}
     params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__, index=0)
     path = folder / f"{file_stem(request.prompt, seed)}.mp4"
     progress = Progress(sampling_blocks(pipe), 1, 1, VIDEO_WEIGHTS, update, cancelled)

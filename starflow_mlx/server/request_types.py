@@ -129,7 +129,7 @@ def image_sizes(pipe) -> dict[str, str]:
     for ratio in [default, *(r for r in ASPECT_RATIOS if r != default)]:
         try:
             if getattr(pipe, "VIDEO", False):
-                height, width = pipe.size(ratio)
+                height, width = pipe.frame_size(ratio)
             else:
                 width, height, _ = pipe.image_size(ratio)
         except ValueError:  # a model trained on one aspect ratio makes only that one
