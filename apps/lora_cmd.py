@@ -13,7 +13,8 @@ import typer
 def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, steps: int, batch_size: int, lr: float,
                   warmup: int, drop_label: float, checkpoint_every: int, checkpoint_dir: Optional[Path], resume: bool,
                   seed: int, rank: int, alpha: Optional[float], lora_blocks: str, base_bits: Optional[int],
-                  grad_checkpoint: bool) -> None:
+                  grad_checkpoint: bool, holdout: float = 0.1, on_bad_item: str = "fail",
+                  cache_dir: Optional[Path] = None) -> None:
     """Fine-tune LoRA matrices on a frozen base by exact likelihood and write the adapter folder."""
     from starflow_mlx.config import FlowConfig
     from starflow_mlx.loading import load_flow
@@ -38,35 +39,43 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     check_output(output, force or resume)  # before training, not after it
     folder = resolve_model(base)
     manifest = Manifest.load(folder)
-    if manifest.kind != "class-to-image" or manifest.vae:
-        raise ValueError(f"{base} is a {manifest.kind} model: LoRA fine-tuning works on class-conditional pixel-space "
-                         "models (like demo, or what starflow train makes) for now")
+    captioned = manifest.kind in ("text-to-image", "text-to-video")
+    if not captioned and (manifest.kind != "class-to-image" or manifest.vae):
+        raise ValueError(f"{base} is a {manifest.kind} model: LoRA fine-tuning works on text-conditioned models "
+                         "(captioned data) and class-conditional pixel-space image models (like demo)")
     config = FlowConfig.load(folder / "config.json")
     settings = LoRASettings(rank=rank, alpha=alpha, blocks=lora_blocks, base_bits=base_bits,
                             grad_checkpoint=grad_checkpoint)
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=0.0,
                         noise_std=config.noise_std, drop_label=drop_label, cfg=config.cfg,
                         checkpoint_every=checkpoint_every, seed=seed)
-    train_set, test_set = load_lora_data(data, manifest.classes, config, manifest.pixel_scale, seed)
+    checkpoints = checkpoint_dir or output.with_name(output.name + ".checkpoints")
     check_memory(folder, config)  # the base must load at all (it loads in float before --base-bits quantizes it)
     need = check_lora_memory(config, batch_size, settings)  # before the base is loaded
+    if captioned:
+        from starflow_mlx.apps.lora_data import load_captioned_data
+
+        train_set, test_set = load_captioned_data(folder, manifest, config, data, cache_dir or checkpoints / "features",
+                                                  holdout, seed, on_bad_item)
+    else:
+        train_set, test_set = load_lora_data(data, manifest.classes, config, manifest.pixel_scale, seed)
     typer.echo(f"estimated memory of a training step: {need / 2**30:.2f} GB", err=True)
-    trainer = LoRATrainer(load_flow(folder), train, settings, train_set,
-                          checkpoint_dir or output.with_name(output.name + ".checkpoints"), base_name=str(base))
+    trainer = LoRATrainer(load_flow(folder), train, settings, train_set, checkpoints, base_name=str(base))
     before = trainer.evaluate(test_set)  # B starts at zero: this is the base model's own figure
     if resume:
         trainer.load_checkpoint()
     run = run_with_progress(trainer, steps)
     after = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train --lora", "base": str(base), "data": data, "steps": steps,
-              "batch_size": batch_size, "lr": lr, "base_bits": base_bits, "train_images": len(train_set),
+              "batch_size": batch_size, "lr": lr, "base_bits": base_bits, "blocks": lora_blocks,
+              "grad_checkpoint": grad_checkpoint, "train_images": len(train_set),
               "held_out_images": len(test_set), "seconds": round(run.seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}",
               "held_out_bits_per_dim_before": round(before, 4), "held_out_bits_per_dim_after": round(after, 4)}
     trainer.export(output, source, force or resume)
     size = sum(p.stat().st_size for p in output.iterdir())
     typer.echo(f"{output}: {run.summary(trainer)}, held-out bits/dim {before:.3f} -> {after:.3f} "
-               f"({len(test_set)} images), adapter {trainable_count(trainer.model):,} parameters "
+               f"({len(test_set)} {'clips' if config.is_video else 'images'}), adapter {trainable_count(trainer.model):,} parameters "
                f"({size / 1024:.0f} KB), peak memory {run.peak_gb():.2f} GB")
 
 

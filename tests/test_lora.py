@@ -73,8 +73,10 @@ def test_targets_are_the_attention_and_mlp_linears_of_the_chosen_blocks():
     deep = target_paths(flow, "deep")
     assert len(deep) == 4 * 4 and all(p.startswith("blocks.2.") for p in deep)
     assert len(target_paths(flow, "all")) == 4 * (2 + 2 + 4)
-    with pytest.raises(AdapterError, match="^blocks must be deep or all"):
-        target_paths(flow, "shallow")
+    shallow = target_paths(flow, "shallow")
+    assert len(shallow) == 4 * (2 + 2) and not set(shallow) & set(deep)
+    with pytest.raises(AdapterError, match="^blocks must be deep, shallow or all"):
+        target_paths(flow, "top")
 
 
 def test_a_few_steps_lower_the_loss_and_change_only_lora(base_folder, digits, tmp_path):
