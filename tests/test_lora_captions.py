@@ -179,3 +179,43 @@ def test_bad_captioned_runs_are_one_line_errors(model, tmp_path):
         runner.invoke(app, [*base, "--data", str(data), "--on-bad-item", "maybe"]))
     assert "--holdout is for LoRA" in one_line(runner.invoke(app, ["train", "-o", str(tmp_path / "b"),
                                                                    "--holdout", "0.2"]))
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    from fixtures_video import make_video_model
+
+    return make_video_model(tmp_path_factory.mktemp("t2v"))
+
+
+def clips_folder(folder, lengths):
+    from starflow_mlx.pipelines.video_io import write_mp4
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, frames in enumerate(lengths):
+        write_mp4(folder / f"clip{i}.mp4", rng.integers(0, 255, (frames, 32, 48, 3), dtype=np.uint8), fps=16)
+        (folder / f"clip{i}.txt").write_text(f"sq {i}")
+    return folder
+
+
+def test_lora_on_captioned_clips_for_a_video_model(video_model, tmp_path):
+    data = clips_folder(tmp_path / "clips", [9, 12, 9, 5])
+    with pytest.raises(DataError, match="clip3.mp4: 5 frames at 16 fps; the model trains on 9"):
+        load(video_model, data, tmp_path / "cache")
+    lines = []
+    train, held, enc = load(video_model, data, tmp_path / "cache", "skip", lines)
+    assert len(lines) == 1 and (len(train), len(held)) == (2, 1)
+    bucket = train.buckets[0]
+    assert bucket.ratio == "3:2" and bucket.latents.shape[1] == 3 and bucket.latents.shape[-1] == 48  # 3 latent frames
+    out = tmp_path / "adapter"
+    res = runner.invoke(app, ["train", "--lora", "--base", str(video_model), "--data", str(data), "-o", str(out),
+                              "--steps", "2", "--batch-size", "1", "--rank", "2", "--lora-blocks", "all",
+                              "--grad-checkpoint", "--on-bad-item", "skip", "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.output and "(1 clips)" in res.output
+    from starflow_mlx.pipelines.video import VideoPipeline
+    from starflow_mlx.models.lora import lora_layers
+
+    pipe = VideoPipeline.from_pretrained(video_model, lora=out)
+    assert {p.split(".")[1] for p, _ in lora_layers(pipe.flow)} == {"0", "1", "2"}

@@ -125,3 +125,24 @@ def test_generate_video_with_adapters_records_them(video_model, tmp_path):
                                        str(tmp_path / "x.mp4"), "--lora", str(a), "--lora-scale", "1",
                                        "--lora-scale", "2"]))
     assert "1 LoRA adapters but 2 scales" in err
+
+
+def test_serve_refuses_a_missing_adapter_in_one_line(tmp_path):
+    err = one_line(runner.invoke(app, ["serve", "-m", "demo", "--port", "0", "--output-dir", str(tmp_path / "out"),
+                                       "--lora", str(tmp_path / "nothing")]))
+    assert "LoRA adapter" in err and "not found" in err
+
+
+def test_serve_loads_its_adapters_and_records_them(tmp_path):
+    from starflow_mlx.models.lora_stack import adapter_options
+    from starflow_mlx.pipelines.load import load_pipeline
+    from starflow_mlx.server.generation import adapters
+
+    base = tmp_path / "base"
+    from fixtures_model import make_class_model_folder
+
+    make_class_model_folder(base)
+    a = make_adapter(base, tmp_path / "a")
+    adapter, scale = adapter_options([a], [0.5])
+    pipe = load_pipeline(base, lora=adapter, lora_scale=scale)
+    assert adapters(pipe) == {"lora": str(a.resolve()), "lora_scale": 0.5}
