@@ -13,6 +13,8 @@ stripes"); clips move them ("red stripes moving left"). ``starflow train --lora`
 Needs the test extras (transformers and sentencepiece, for the tokenizer):
 
     python -m starflow_mlx.benchmarks.lora_captions --images 100 --clips 24 --steps 150
+
+``--write FOLDER`` only writes the two models and their data, for trying the commands by hand.
 """
 
 from __future__ import annotations
@@ -159,7 +161,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--write", type=Path, help="only write the models and data into this new folder (t2i/, "
+                                                   "t2v/, images/, clips/) to try the commands on, and stop")
     args = parser.parse_args()
+    if args.write is not None:
+        args.write.mkdir(parents=True)
+        model_folder(args.write / "t2i", image_data(args.write / "images", args.images), video=False)
+        if args.clips:
+            model_folder(args.write / "t2v", clip_data(args.write / "clips", args.clips), video=True)
+        print(f"wrote {args.write}: t2i/ (text-to-image), images/ ({args.images} captioned), "
+              f"t2v/ (text-to-video), clips/ ({args.clips} captioned)")
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
