@@ -14,7 +14,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
                   warmup: int, drop_label: float, checkpoint_every: int, checkpoint_dir: Optional[Path], resume: bool,
                   seed: int, rank: int, alpha: Optional[float], lora_blocks: str, base_bits: Optional[int],
                   grad_checkpoint: bool, holdout: float = 0.1, on_bad_item: str = "fail",
-                  cache_dir: Optional[Path] = None) -> None:
+                  cache_dir: Optional[Path] = None, frames: Optional[int] = None) -> None:
     """Fine-tune LoRA matrices on a frozen base by exact likelihood and write the adapter folder."""
     from starflow_mlx.config import FlowConfig
     from starflow_mlx.loading import load_flow
@@ -24,6 +24,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     from starflow_mlx.memory import check_memory
     from starflow_mlx.quantize.policy import check_setting
     from starflow_mlx.staging import check_output
+    from starflow_mlx.training.feature_cache import clip_latent_frames
     from starflow_mlx.training.lora import LoRASettings, LoRATrainer, check_lora_memory, load_lora_data
     from starflow_mlx.training.trainer import TrainConfig
 
@@ -51,12 +52,15 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
                         checkpoint_every=checkpoint_every, seed=seed)
     checkpoints = checkpoint_dir or output.with_name(output.name + ".checkpoints")
     check_memory(folder, config)  # the base must load at all (it loads in float before --base-bits quantizes it)
-    need = check_lora_memory(config, batch_size, settings)  # before the base is loaded
+    latent_frames = clip_latent_frames(config, frames) if manifest.kind == "text-to-video" else 0
+    if frames is not None and not latent_frames:
+        raise ValueError(f"--frames is for video data; {base} is a {manifest.kind} model")
+    need = check_lora_memory(config, batch_size, settings, frames=latent_frames)  # before the base is loaded
     if captioned:
         from starflow_mlx.apps.lora_data import load_captioned_data
 
         train_set, test_set = load_captioned_data(folder, manifest, config, data, cache_dir or checkpoints / "features",
-                                                  holdout, seed, on_bad_item)
+                                                  holdout, seed, on_bad_item, latent_frames)
     else:
         train_set, test_set = load_lora_data(data, manifest.classes, config, manifest.pixel_scale, seed)
     typer.echo(f"estimated memory of a training step: {need / 2**30:.2f} GB", err=True)

@@ -8,7 +8,7 @@ import typer
 
 
 def load_captioned_data(folder: Path, manifest, config, data: str, cache_dir: Path, holdout: float, seed: int,
-                        on_bad_item: str):
+                        on_bad_item: str, latent_frames: int = 0):
     """(train, held-out) CaptionedDatasets; the text encoder and VAE are freed before this returns."""
     from starflow_mlx.progress import StageProgress
     from starflow_mlx.training.captions import BadItems, split_holdout
@@ -18,7 +18,7 @@ def load_captioned_data(folder: Path, manifest, config, data: str, cache_dir: Pa
     with StageProgress() as stages:
         bad = BadItems(on_bad_item, stages.log)
         train, held, encoder = load_captioned(folder, manifest, config, data, cache_dir, holdout, seed, bad,
-                                              lambda label, done, total: stages(label, done, total))
+                                              lambda label, done, total: stages(label, done, total), latent_frames)
     cache = encoder.cache
     typer.echo(f"data: {len(train)} for training, {len(held)} held out, {len(bad.skipped)} skipped; cache {cache_dir}: "
                f"{cache.hits} reused, {cache.misses} encoded", err=True)

@@ -32,7 +32,8 @@ def train(
                                                         "as many tokens as the digits; 16 has 4 times as many and "
                                                         "takes several times longer); the canvas for moving-digits "
                                                         "(default 16)."),
-    frames: int = typer.Option(5, help="Frames per training clip (moving-digits)."),
+    frames: Optional[int] = typer.Option(None, help="Frames per training clip (moving-digits: default 5; --lora on a "
+                                                    "video model: 1 + 4k pixel frames, default its training length)."),
     patch_size: int = typer.Option(1, help="Pixels per token side (2: a quarter of the tokens)."),
     image_every: int = typer.Option(0, help="Video data: every n-th step trains on single first frames (0: never)."),
     image_channels: int = typer.Option(1, help="1 (grayscale) or 3 (RGB) for folder datasets."),
@@ -82,7 +83,7 @@ def train(
                              rank=8 if rank is None else rank, alpha=alpha, lora_blocks=lora_blocks or "deep",
                              base_bits=base_bits, grad_checkpoint=grad_checkpoint,
                              holdout=0.1 if holdout is None else holdout, on_bad_item=on_bad_item or "fail",
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, frames=frames)
     steps = 2000 if steps is None else steps
     from starflow_mlx.training.data import load_digits_split, load_image_folder
     from starflow_mlx.training.moving_digits import load_moving_digits_split
@@ -107,7 +108,7 @@ def train(
     if data == "digits":
         train_set, test_set = load_digits_split(seed=seed)
     elif data == "moving-digits":
-        train_set, test_set = load_moving_digits_split(frames, image_size or 16, seed=seed)
+        train_set, test_set = load_moving_digits_split(frames or 5, image_size or 16, seed=seed)
     else:
         train_set, test_set = load_image_folder(data, image_size or 8, image_channels, seed=seed)
     trainer = Trainer(config, train_set, checkpoints)
@@ -117,7 +118,7 @@ def train(
     test_bpd = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train", "data": data, "steps": steps, "batch_size": batch_size,
               "channels": channels, "layers": layer_list, "patch_size": patch_size,
-              "frames": frames if data == "moving-digits" else None, "image_every": image_every,
+              "frames": (frames or 5) if data == "moving-digits" else None, "image_every": image_every,
               "noise_std": noise_std,
               "seconds": round(trainer.seconds, 1),  # every run of this training, resumed ones included
               "machine": f"{platform.machine()} {platform.system()}", "test_bits_per_dim": round(test_bpd, 4)}

@@ -84,10 +84,10 @@ def test_holdout_split_is_fixed_by_the_seed_and_never_empty():
         split_holdout(10, 1.5, 0)
 
 
-def load(model, data, cache, mode="fail", lines=None):
+def load(model, data, cache, mode="fail", lines=None, latent_frames=0):
     manifest, config = Manifest.load(model), FlowConfig.load(model / "config.json")
     bad = BadItems(mode, (lines if lines is not None else []).append)
-    return load_captioned(model, manifest, config, data, cache, 0.25, 0, bad)
+    return load_captioned(model, manifest, config, data, cache, 0.25, 0, bad, latent_frames=latent_frames)
 
 
 def test_latents_and_text_are_cached_and_reused_without_loading_the_encoders(model, tmp_path):
@@ -219,3 +219,8 @@ def test_lora_on_captioned_clips_for_a_video_model(video_model, tmp_path):
 
     pipe = VideoPipeline.from_pretrained(video_model, lora=out)
     assert {p.split(".")[1] for p, _ in lora_layers(pipe.flow)} == {"0", "1", "2"}
+    # Shorter clips than the training length: --frames 5 is 2 latent frames, and the 5-frame clip is usable then.
+    short, held, _ = load(video_model, data, tmp_path / "cache", latent_frames=2)
+    assert len(short) + len(held) == 4 and short.buckets[0].latents.shape[1] == 2
+    base = ["train", "--lora", "--base", str(video_model), "--data", str(data), "-o", str(tmp_path / "b")]
+    assert "--frames must be 1 + 4k" in one_line(runner.invoke(app, [*base, "--frames", "6"]))

@@ -37,12 +37,22 @@ def _files(folder: Path) -> list[tuple[str, int, int]]:
                   for p in folder.rglob("*") if p.is_file())
 
 
-def encoder_identity(folder: Path, manifest: Manifest, config: FlowConfig, fps: int) -> str:
+def clip_latent_frames(config: FlowConfig, frames: int | None) -> int:
+    """Latent frames of the training clips: ``frames`` pixel frames (1 + 4k, the Wan2.2 VAE's rule), or the
+    model's training length."""
+    if frames is None:
+        return config.local_attn_window or config.num_frames or 1
+    if frames < 1 or (frames - 1) % 4:
+        raise DataError(f"--frames must be 1 + 4k (1, 5, 9, ..., 81: the video VAE's frame rule), got {frames}")
+    return (frames - 1) // 4 + 1
+
+
+def encoder_identity(folder: Path, manifest: Manifest, config: FlowConfig, fps: int, frames: int = 0) -> str:
     """A hash of the encoders' files (names, sizes, modification times) and of the settings that shape what they
     produce."""
     record = {"text": _files(folder / manifest.text_encoder) if manifest.text_encoder else [],
               "vae": _files(folder / manifest.vae) if manifest.vae else [],
-              "config": {k: getattr(config, k) for k in _SHAPING}, "fps": fps, "format": 1}
+              "config": {k: getattr(config, k) for k in _SHAPING}, "fps": fps, "frames": frames, "format": 1}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -118,17 +128,18 @@ class FeatureCache:
 class CaptionEncoder:
     """Items -> (latents, ratio) and prompts -> features, through the cache, for one model."""
 
-    def __init__(self, folder: Path, manifest: Manifest, config: FlowConfig, cache_dir: Path, bad: BadItems):
+    def __init__(self, folder: Path, manifest: Manifest, config: FlowConfig, cache_dir: Path, bad: BadItems,
+                 latent_frames: int = 0):
         from starflow_mlx.model_folder import VIDEO_KINDS
         from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
 
         self.config, self.bad = config, bad
         self.video = manifest.kind in VIDEO_KINDS
         self.fps = VIDEO_DEFAULTS["fps"] if self.video else 0
-        self.encoders = Encoders(folder, manifest, self.video)
-        self.cache = FeatureCache(cache_dir, encoder_identity(folder, manifest, config, self.fps))
-        latent_frames = config.local_attn_window or config.num_frames or 1
+        latent_frames = latent_frames or clip_latent_frames(config, None)
         self.frames = 4 * (latent_frames - 1) + 1 if self.video else 0  # the Wan2.2 VAE: 1 + 4k pixel frames
+        self.encoders = Encoders(folder, manifest, self.video)
+        self.cache = FeatureCache(cache_dir, encoder_identity(folder, manifest, config, self.fps, self.frames))
 
     def pixel_size(self, ratio: str) -> tuple[int, int]:
         h, w = latent_size(self.config, ratio)
@@ -219,11 +230,13 @@ def to_dataset(encoder: CaptionEncoder, encoded: list[tuple[np.ndarray, np.ndarr
 
 def load_captioned(folder: Path, manifest: Manifest, config: FlowConfig, data: str | Path, cache_dir: Path,
                    holdout: float, seed: int, bad: BadItems,
-                   progress: Callable[[str, int, int], None] | None = None) -> tuple[CaptionedDataset, CaptionedDataset, CaptionEncoder]:
-    """(train, held-out) encoded from a captioned folder through the cache; the encoders are freed after."""
+                   progress: Callable[[str, int, int], None] | None = None,
+                   latent_frames: int = 0) -> tuple[CaptionedDataset, CaptionedDataset, CaptionEncoder]:
+    """(train, held-out) encoded from a captioned folder through the cache; the encoders are freed after.
+    ``latent_frames``: clips of that many latent frames (default: the model's training length)."""
     from starflow_mlx.training.captions import scan_captioned, split_holdout
 
-    encoder = CaptionEncoder(folder, manifest, config, cache_dir, bad)
+    encoder = CaptionEncoder(folder, manifest, config, cache_dir, bad, latent_frames)
     items = scan_captioned(data, encoder.video, bad)
     encoded = encode_captioned(encoder, items, progress)
     train_idx, held_idx = split_holdout(len(encoded), holdout, seed)

@@ -104,15 +104,18 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
             "activations": int(4 * batch * (kept + WORKING_LAYERS * largest))}
 
 
-def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4) -> int:
-    """The estimated bytes of a step; refuses, with the numbers, a step this machine cannot hold."""
+def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
+                      frames: int = 0) -> int:
+    """The estimated bytes of a step (on clips of ``frames`` latent frames); refuses, with the numbers, a step this
+    machine cannot hold."""
     from starflow_mlx.memory import InsufficientMemoryError, memory_limit
 
-    need = sum(lora_training_bytes(config, batch, settings, float_bytes, config.num_frames).values())
+    need = sum(lora_training_bytes(config, batch, settings, float_bytes, frames).values())
     total = memory_limit()
     if total is not None and need > total:
         hints = [] if settings.grad_checkpoint else ["--grad-checkpoint"]
         hints += ["a smaller --batch-size"] + ([] if settings.base_bits == 4 else ["--base-bits 4"])
+        hints += ["fewer --frames"] if frames > 1 else []
         raise InsufficientMemoryError(f"LoRA training with --batch-size {batch} needs about {need / 2**30:.1f} GB but "
                                       f"{total / 2**30:.1f} GB is available: use {', '.join(hints)}")
     return need
