@@ -26,7 +26,8 @@ def train(
     channels: int = typer.Option(64, help="Transformer width."),
     layers: str = typer.Option("2 2 4", help="Layers per flow block, shallow first, deep last."),
     noise_std: float = typer.Option(0.1, help="Gaussian noise added to the data (in [-1, 1] units)."),
-    drop_label: float = typer.Option(0.1, help="Probability of training on the empty class (for guidance)."),
+    drop_label: float = typer.Option(0.1, help="Probability of training on the empty class, or with --lora on a "
+                                               "text model the empty caption (for guidance)."),
     cfg: float = typer.Option(2.0, help="Default guidance weight stored with the model."),
     image_size: Optional[int] = typer.Option(None, help="Side of the square images for folder datasets (default 8: "
                                                         "as many tokens as the digits; 16 has 4 times as many and "

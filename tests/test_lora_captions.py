@@ -224,3 +224,28 @@ def test_lora_on_captioned_clips_for_a_video_model(video_model, tmp_path):
     assert len(short) + len(held) == 4 and short.buckets[0].latents.shape[1] == 2
     base = ["train", "--lora", "--base", str(video_model), "--data", str(data), "-o", str(tmp_path / "b")]
     assert "--frames must be 1 + 4k" in one_line(runner.invoke(app, [*base, "--frames", "6"]))
+
+
+def test_batches_come_from_one_bucket_with_captions_dropped_for_guidance():
+    from starflow_mlx.training.captions import Bucket, CaptionedDataset
+
+    rng = np.random.default_rng(0)
+    square = Bucket("1:1", rng.normal(size=(6, 4, 4, 4)).astype(np.float32), rng.normal(size=(6, 3, 2)), np.zeros((3, 2)))
+    wide = Bucket("16:9", rng.normal(size=(2, 3, 5, 4)).astype(np.float32), rng.normal(size=(2, 3, 2)), np.ones((3, 2)))
+    data = CaptionedDataset([square, wide])
+    shapes = set()
+    for step in range(20):
+        x, y, _ = data.batch(seed=0, step=step, count=3, drop=0.0)
+        bucket = square if x.shape[1:] == (4, 4, 4) else wide
+        shapes.add(x.shape[1:])
+        rows = [int(np.flatnonzero((bucket.latents == np.array(x)[i]).all(axis=(1, 2, 3)))[0]) for i in range(3)]
+        np.testing.assert_allclose(np.array(y), bucket.text[rows], rtol=1e-6)
+    assert shapes == {(4, 4, 4), (3, 5, 4)}
+    x, y, _ = data.batch(seed=0, step=5, count=3, drop=1.0)  # every caption dropped: the bucket's empty caption
+    bucket = square if x.shape[1:] == (4, 4, 4) else wide
+    np.testing.assert_array_equal(np.array(y), np.repeat(bucket.empty[None], 3, axis=0))
+    a, b = data.batch(0, 7, 3, 0.5), data.batch(0, 7, 3, 0.5)  # fixed by (seed, step): a resumed run sees the same
+    assert np.array_equal(np.array(a[0]), np.array(b[0])) and np.array_equal(np.array(a[1]), np.array(b[1]))
+    drops = [np.array(data.batch(1, s, 4, 0.1)[1]) for s in range(200)]
+    rate = np.mean([[(row == 0).all() or (row == 1).all() for row in d] for d in drops])
+    assert 0.05 < rate < 0.16

@@ -6,8 +6,11 @@ the LoRA matrices; the loss (noise + ``nll_per_dim``), label dropout, schedule, 
 step loop are the Trainer's. Its checkpoints are adapter folders plus the optimizer state, and
 a resumed run continues at the saved step with the same batches and noise.
 
-Fine-tuning reads class-conditional pixel-space bases (the kind ``starflow train`` makes, like
-``demo``): data is ``digits`` or a folder of ``<class>/<images>`` whose class names are the base's.
+Class-conditional pixel-space bases (the kind ``starflow train`` makes, like ``demo``) train on ``digits``
+or a folder of ``<class>/<images>`` whose class names are the base's; text-conditioned latent bases (the 3B,
+STARFlow-V) on a :class:`~starflow_mlx.training.captions.CaptionedDataset` of cached latents and caption
+features (:mod:`starflow_mlx.training.feature_cache`), whose batches come one aspect-ratio bucket at a time
+with the empty caption swapped in for guidance.
 """
 
 from __future__ import annotations
