@@ -13,7 +13,7 @@ import typer
 def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, steps: int, batch_size: int, lr: float,
                   warmup: int, drop_label: float, checkpoint_every: int, checkpoint_dir: Optional[Path], resume: bool,
                   seed: int, rank: int, alpha: Optional[float], lora_blocks: str, base_bits: Optional[int],
-                  grad_checkpoint: bool, holdout: float = 0.1, on_bad_item: str = "fail",
+                  grad_checkpoint: bool, holdout: Optional[float] = None, on_bad_item: Optional[str] = None,
                   cache_dir: Optional[Path] = None, frames: Optional[int] = None) -> None:
     """Fine-tune LoRA matrices on a frozen base by exact likelihood and write the adapter folder."""
     from starflow_mlx.config import FlowConfig
@@ -52,6 +52,11 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
                         checkpoint_every=checkpoint_every, seed=seed)
     checkpoints = checkpoint_dir or output.with_name(output.name + ".checkpoints")
     check_memory(folder, config)  # the base must load at all (it loads in float before --base-bits quantizes it)
+    captioned_only = [name for name, value in (("--holdout", holdout), ("--on-bad-item", on_bad_item),
+                                               ("--cache-dir", cache_dir)) if value is not None]
+    if captioned_only and not captioned:
+        raise ValueError(f"{captioned_only[0]} is for captioned data (text-to-image and text-to-video models); "
+                         f"{base} is a {manifest.kind} model")
     latent_frames = clip_latent_frames(config, frames) if manifest.kind == "text-to-video" else 0
     if frames is not None and not latent_frames:
         raise ValueError(f"--frames is for video data; {base} is a {manifest.kind} model")
@@ -60,7 +65,8 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
         from starflow_mlx.apps.lora_data import load_captioned_data
 
         train_set, test_set = load_captioned_data(folder, manifest, config, data, cache_dir or checkpoints / "features",
-                                                  holdout, seed, on_bad_item, latent_frames)
+                                                  0.1 if holdout is None else holdout, seed, on_bad_item or "fail",
+                                                  latent_frames)
     else:
         train_set, test_set = load_lora_data(data, manifest.classes, config, manifest.pixel_scale, seed)
     typer.echo(f"estimated memory of a training step: {need / 2**30:.2f} GB", err=True)

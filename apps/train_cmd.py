@@ -83,8 +83,7 @@ def train(
                              checkpoint_dir=checkpoint_dir, resume=resume, seed=seed,
                              rank=8 if rank is None else rank, alpha=alpha, lora_blocks=lora_blocks or "deep",
                              base_bits=base_bits, grad_checkpoint=grad_checkpoint,
-                             holdout=0.1 if holdout is None else holdout, on_bad_item=on_bad_item or "fail",
-                             cache_dir=cache_dir, frames=frames)
+                             holdout=holdout, on_bad_item=on_bad_item, cache_dir=cache_dir, frames=frames)
     steps = 2000 if steps is None else steps
     from starflow_mlx.training.data import load_digits_split, load_image_folder
     from starflow_mlx.training.moving_digits import load_moving_digits_split

@@ -179,6 +179,8 @@ def test_bad_captioned_runs_are_one_line_errors(model, tmp_path):
         runner.invoke(app, [*base, "--data", str(data), "--on-bad-item", "maybe"]))
     assert "--holdout is for LoRA" in one_line(runner.invoke(app, ["train", "-o", str(tmp_path / "b"),
                                                                    "--holdout", "0.2"]))
+    assert "--on-bad-item is for captioned data" in one_line(runner.invoke(
+        app, ["train", "--lora", "--base", "demo", "-o", str(tmp_path / "c"), "--on-bad-item", "skip"]))
 
 
 @pytest.fixture(scope="module")
