@@ -78,15 +78,16 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     after = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train --lora", "base": str(base), "data": data, "steps": steps,
               "batch_size": batch_size, "lr": lr, "base_bits": base_bits, "blocks": lora_blocks,
-              "grad_checkpoint": grad_checkpoint, "train_images": len(train_set),
+              "grad_checkpoint": grad_checkpoint, "frames": 4 * (latent_frames - 1) + 1 if latent_frames else None,
+              "holdout": (0.1 if holdout is None else holdout) if captioned else None, "train_images": len(train_set),
               "held_out_images": len(test_set), "seconds": round(run.seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}",
               "held_out_bits_per_dim_before": round(before, 4), "held_out_bits_per_dim_after": round(after, 4)}
     trainer.export(output, source, force or resume)
     size = sum(p.stat().st_size for p in output.iterdir())
     typer.echo(f"{output}: {run.summary(trainer)}, held-out bits/dim {before:.3f} -> {after:.3f} "
-               f"({len(test_set)} {'clips' if config.is_video else 'images'}), adapter {trainable_count(trainer.model):,} parameters "
-               f"({size / 1024:.0f} KB), peak memory {run.peak_gb():.2f} GB")
+               f"({len(test_set)} {'clips' if config.is_video else 'images'}), adapter "
+               f"{trainable_count(trainer.model):,} parameters ({size / 1024:.0f} KB), peak memory {run.peak_gb():.2f} GB")
 
 
 def fuse(

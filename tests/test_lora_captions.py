@@ -98,7 +98,7 @@ def test_latents_and_text_are_cached_and_reused_without_loading_the_encoders(mod
     # Mixed-aspect model: the 40x32 pictures go to their own bucket, with the empty caption for that ratio.
     assert sorted(b.ratio for b in train.buckets) == ["1:1", "5:4"]
     assert all(b.text.shape[1:] == (32, 32) and b.empty.shape == (32, 32) for b in train.buckets)
-    again, held_again, enc2 = load(model, data, tmp_path / "cache")
+    again, _, enc2 = load(model, data, tmp_path / "cache")
     assert enc2.encoders.loaded == [] and enc2.cache.misses == 0
     for a, b in zip(train.buckets, again.buckets):
         np.testing.assert_array_equal(a.latents, b.latents)
@@ -206,7 +206,7 @@ def test_lora_on_captioned_clips_for_a_video_model(video_model, tmp_path):
     with pytest.raises(DataError, match="clip3.mp4: 5 frames at 16 fps; the model trains on 9"):
         load(video_model, data, tmp_path / "cache")
     lines = []
-    train, held, enc = load(video_model, data, tmp_path / "cache", "skip", lines)
+    train, held, _ = load(video_model, data, tmp_path / "cache", "skip", lines)
     assert len(lines) == 1 and (len(train), len(held)) == (2, 1)
     bucket = train.buckets[0]
     assert bucket.ratio == "3:2" and bucket.latents.shape[1] == 3 and bucket.latents.shape[-1] == 48  # 3 latent frames

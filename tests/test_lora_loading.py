@@ -2,7 +2,6 @@
 loading in the video pipeline and its CLI."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
