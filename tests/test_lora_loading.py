@@ -145,3 +145,18 @@ def test_serve_loads_its_adapters_and_records_them(tmp_path):
     adapter, scale = adapter_options([a], [0.5])
     pipe = load_pipeline(base, lora=adapter, lora_scale=scale)
     assert adapters(pipe) == {"lora": str(a.resolve()), "lora_scale": 0.5}
+
+
+def test_an_image_made_with_several_adapters_is_remade_from_its_metadata(tmp_path):
+    from fixtures_model import make_class_model_folder
+
+    base = make_class_model_folder(tmp_path / "base")
+    a, b = make_adapter(base, tmp_path / "a"), make_adapter(base, tmp_path / "b", "all", seed=5)
+    res = runner.invoke(app, ["generate", "1", "-m", str(base), "--lora", str(a), "--lora", str(b),
+                              "--lora-scale", "0.7", "--lora-scale", "0.3", "-o", str(tmp_path / "x.png")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["generate", "--from-metadata", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "x.png").read_bytes() == (tmp_path / "y.png").read_bytes()
+    res = runner.invoke(app, ["generate", "1", "-m", str(base), "--lora", str(a), "-o", str(tmp_path / "z.png")])
+    assert (tmp_path / "z.png").read_bytes() != (tmp_path / "x.png").read_bytes()
