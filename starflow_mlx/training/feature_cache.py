@@ -69,7 +69,7 @@ class Encoders:
         if self._text is None:
             from starflow_mlx.text_encoder import load_text_encoder
 
-            self._text = load_text_encoder(self.folder / self.manifest.text_encoder, dtype="float32")
+            self._text = load_text_encoder(self.folder / self.manifest.text_encoder)  # as stored, as generate loads it
             self.loaded.append("text")
         return self._text
 
@@ -86,7 +86,7 @@ class Encoders:
             else:
                 from starflow_mlx.vae import load_vae
 
-                self._vae = load_vae(self.folder / self.manifest.vae, dtype="float32")
+                self._vae = load_vae(self.folder / self.manifest.vae)
             self.loaded.append("vae")
         return self._vae
 
