@@ -13,7 +13,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -293,9 +293,11 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="Video models: start the video from this image."),
     video: Optional[Path] = typer.Option(None, "--video", help="Video models: continue this clip (its frames come "
                                                                "first; --frames counts both)."),
-    lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
-                                        help="Add a LoRA adapter folder (starflow train --lora) to the model."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", readable=False,
+                                              help="Add a LoRA adapter folder (starflow train --lora) to the model; "
+                                                   "repeat for several (their updates add up)."),
+    lora_scale: Optional[List[float]] = typer.Option(None, "--lora-scale", help="Multiply the adapter's update by "
+                                                     "this (default 1); repeat to give each --lora its own."),
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="Video models: decode in spatial tiles of this many "
                                                                     "latent cells (less memory; blends change pixels "
                                                                     "slightly). Off by default."),
@@ -322,16 +324,19 @@ def generate(
 
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.models.kv_cache import KV_BITS
+    from starflow_mlx.models.lora_stack import adapter_options, adapter_record
 
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
+    lora, lora_scale = adapter_options(lora, lora_scale)
     if from_noise is not None:
         from starflow_mlx.apps.inversion_cmd import generate_from_noise
 
         fixed = dict(seed=seed != 0, aspect_ratio=aspect_ratio, num_images=num_images != 1, batch_size=batch_size,
                      jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-                     jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, output_dir=output_dir, resume=resume or None, from_metadata=from_metadata, frames=frames, fps=fps,
-                     image=image, video=video, lora=lora, vae_tile=vae_tile, pipeline=pipeline or None)
+                     jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, output_dir=output_dir, resume=resume or None,
+                     from_metadata=from_metadata, frames=frames, fps=fps, image=image, video=video, lora=lora,
+                     vae_tile=vae_tile, pipeline=pipeline or None)
         return generate_from_noise(path=from_noise, model=None if model == DEFAULT_MODEL else model, prompt=prompt,
                                    cfg=cfg, jacobi=jacobi, output=output, overwrite=overwrite, dtype=dtype,
                                    unused=["--" + k.replace("_", "-") for k, v in fixed.items()
@@ -339,8 +344,6 @@ def generate(
     jacobi = implied_jacobi(jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                             jacobi_max_iter=jacobi_max_iter)
     if is_video_job(model, from_metadata):
-        if lora is not None:
-            raise ValueError("--lora is for image models for now")
         from starflow_mlx.apps.generate_video import generate_video
 
         return generate_video(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio,
@@ -348,7 +351,7 @@ def generate(
                               jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, output=output,
                               output_dir=output_dir, overwrite=overwrite, dtype=dtype, from_metadata=from_metadata,
                               frames=frames, fps=fps, image=image, video=video, vae_tile=vae_tile, kv_bits=kv_bits,
-                              pipeline=pipeline)
+                              pipeline=pipeline, lora=lora, lora_scale=lora_scale)
     video_only = [name for name, value in (("--frames", frames), ("--fps", fps), ("--image", image),
                                            ("--video", video), ("--vae-tile", vae_tile)) if value is not None]
     if video_only:
@@ -357,7 +360,7 @@ def generate(
     job = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_images=num_images,
                jacobi=jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits, dtype=dtype, index=None, batch_size=batch_size,
-               lora=None if lora is None else str(lora), lora_scale=lora_scale)
+               lora=lora, lora_scale=lora_scale)
     default = None
     if from_metadata is not None:
         if prompt is not None or lora is not None:
@@ -399,7 +402,7 @@ def generate(
                                            dist.default_batch(world, layers, job["batch_size"], wanted), layers))
     params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"],
                   version=__version__, batch_size=batch_size,
-                  lora=None if job["lora"] is None else model_record(job["lora"]), lora_scale=job["lora_scale"])
+                  lora=adapter_record(job["lora"]), lora_scale=job["lora_scale"])
     done = frozenset(finished_images(plan, params, overwrite) if resume and world.is_main else ())
     if resume:
         done = frozenset(world.indices_from_main(done, wanted.stop))
@@ -439,9 +442,11 @@ def score(
     image: Path = typer.Argument(..., readable=False, help="Image to score, or an .mp4 for a video model."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
-    lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
-                                        help="Add a LoRA adapter folder (starflow train --lora) to the model."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", readable=False,
+                                              help="Add a LoRA adapter folder (starflow train --lora) to the model; "
+                                                   "repeat for several (their updates add up)."),
+    lora_scale: Optional[List[float]] = typer.Option(None, "--lora-scale", help="Multiply the adapter's update by "
+                                                     "this (default 1); repeat to give each --lora its own."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Video models: the frame rate the clip is resampled to "
                                                           "and named in the prompt (default 16)."),
 ) -> None:
@@ -449,8 +454,11 @@ def score(
 
     A clip also gets one line per latent frame, each scored given the frames before it.
     """
+    from starflow_mlx.models.lora_stack import adapter_options
     from starflow_mlx.pipelines.load import load_pipeline
     from starflow_mlx.pipelines.video import VIDEO_DEFAULTS, VideoPipeline
+
+    lora, lora_scale = adapter_options(lora, lora_scale)
 
     video = image.suffix.lower() == ".mp4"
     if video:

@@ -48,7 +48,7 @@ def report_memory() -> str:
 
 def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
                    jacobi_threshold, jacobi_max_iter, output, output_dir, overwrite, dtype, from_metadata,
-                   frames, fps, image, video, vae_tile, kv_bits, pipeline=False) -> None:
+                   frames, fps, image, video, vae_tile, kv_bits, pipeline=False, lora=None, lora_scale=1.0) -> None:
     """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
@@ -59,19 +59,22 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import VideoPipeline, frame_count
     from starflow_mlx.pipelines.video_io import check_input, grid_layout, input_record, write_videos
+    from starflow_mlx.models.lora_stack import adapter_record
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                   jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits,
-                  image=None, video=None, image_sha256=None, video_sha256=None, dtype=dtype, index=None)
+                  image=None, video=None, image_sha256=None, video_sha256=None, dtype=dtype, index=None,
+                  lora=lora, lora_scale=lora_scale)
     inputs = (("image", image), ("video", video))
     for role, path in inputs:  # recorded by absolute path and content, for --from-metadata anywhere
         if path is not None:
             chosen[role], chosen[f"{role}_sha256"] = input_record(path, role)
     default = None
     if from_metadata is not None:
-        if prompt is not None:
-            raise ValueError("give a prompt or --from-metadata VIDEO, not both")
+        if prompt is not None or lora is not None:
+            raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata VIDEO, not "
+                             "both (the video records its adapter)")
         chosen = ran_settings(video_options_from_metadata(from_metadata))
         for role, _ in inputs:
             if chosen[role] is not None:
@@ -99,7 +102,8 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     dist.check_before_connecting(job["model"], job["prompt"])
     world = dist.open_world(pipeline)
     layers = dist.deep_layers(world, job["model"], pipeline)
-    pipe = VideoPipeline.from_pretrained(job["model"], dtype=job["dtype"], layers=layers)
+    pipe = VideoPipeline.from_pretrained(job["model"], dtype=job["dtype"], lora=job["lora"],
+                                         lora_scale=job["lora_scale"], layers=layers)
     if vae_tile is not None and pipe.pixel_space:
         raise ValueError(f"--vae-tile: {job['model']} works on pixels and has no VAE to tile")
     pipe.vae.tile = vae_tile
@@ -115,7 +119,8 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
                                               **{key: job[key] for key in JACOBI_SETTINGS})
     options = {key: settings.get(key, job[key]) for key in SAMPLING_KEYS if key not in JACOBI_SETTINGS or settings}
     params = dict(options, prompt=job["prompt"], model=model_record(job["model"]), dtype=job["dtype"],
-                  version=__version__, image_sha256=job["image_sha256"], video_sha256=job["video_sha256"])
+                  version=__version__, image_sha256=job["image_sha256"], video_sha256=job["video_sha256"],
+                  lora=adapter_record(job["lora"]), lora_scale=job["lora_scale"])
     if index is not None:  # video i of a batch is drawn from seed + i: make just that one
         options.update(seed=job["seed"] + index, num_videos=1)
     # Each file: its parameters and which video of the sampled batch it shows (None: all of them, in a grid).

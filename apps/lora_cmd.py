@@ -13,7 +13,8 @@ import typer
 def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, steps: int, batch_size: int, lr: float,
                   warmup: int, drop_label: float, checkpoint_every: int, checkpoint_dir: Optional[Path], resume: bool,
                   seed: int, rank: int, alpha: Optional[float], lora_blocks: str, base_bits: Optional[int],
-                  grad_checkpoint: bool) -> None:
+                  grad_checkpoint: bool, holdout: Optional[float] = None, on_bad_item: Optional[str] = None,
+                  cache_dir: Optional[Path] = None, frames: Optional[int] = None) -> None:
     """Fine-tune LoRA matrices on a frozen base by exact likelihood and write the adapter folder."""
     from starflow_mlx.config import FlowConfig
     from starflow_mlx.loading import load_flow
@@ -23,6 +24,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     from starflow_mlx.memory import check_memory
     from starflow_mlx.quantize.policy import check_setting
     from starflow_mlx.staging import check_output
+    from starflow_mlx.training.feature_cache import clip_latent_frames
     from starflow_mlx.training.lora import LoRASettings, LoRATrainer, check_lora_memory, load_lora_data
     from starflow_mlx.training.trainer import TrainConfig
 
@@ -38,36 +40,54 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     check_output(output, force or resume)  # before training, not after it
     folder = resolve_model(base)
     manifest = Manifest.load(folder)
-    if manifest.kind != "class-to-image" or manifest.vae:
-        raise ValueError(f"{base} is a {manifest.kind} model: LoRA fine-tuning works on class-conditional pixel-space "
-                         "models (like demo, or what starflow train makes) for now")
+    captioned = manifest.kind in ("text-to-image", "text-to-video")
+    if not captioned and (manifest.kind != "class-to-image" or manifest.vae):
+        raise ValueError(f"{base} is a {manifest.kind} model: LoRA fine-tuning works on text-conditioned models "
+                         "(captioned data) and class-conditional pixel-space image models (like demo)")
     config = FlowConfig.load(folder / "config.json")
     settings = LoRASettings(rank=rank, alpha=alpha, blocks=lora_blocks, base_bits=base_bits,
                             grad_checkpoint=grad_checkpoint)
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=0.0,
                         noise_std=config.noise_std, drop_label=drop_label, cfg=config.cfg,
                         checkpoint_every=checkpoint_every, seed=seed)
-    train_set, test_set = load_lora_data(data, manifest.classes, config, manifest.pixel_scale, seed)
+    checkpoints = checkpoint_dir or output.with_name(output.name + ".checkpoints")
     check_memory(folder, config)  # the base must load at all (it loads in float before --base-bits quantizes it)
-    need = check_lora_memory(config, batch_size, settings)  # before the base is loaded
+    captioned_only = [name for name, value in (("--holdout", holdout), ("--on-bad-item", on_bad_item),
+                                               ("--cache-dir", cache_dir)) if value is not None]
+    if captioned_only and not captioned:
+        raise ValueError(f"{captioned_only[0]} is for captioned data (text-to-image and text-to-video models); "
+                         f"{base} is a {manifest.kind} model")
+    latent_frames = clip_latent_frames(config, frames) if manifest.kind == "text-to-video" else 0
+    if frames is not None and not latent_frames:
+        raise ValueError(f"--frames is for video data; {base} is a {manifest.kind} model")
+    need = check_lora_memory(config, batch_size, settings, frames=latent_frames)  # before the base is loaded
+    if captioned:
+        from starflow_mlx.apps.lora_data import load_captioned_data
+
+        train_set, test_set = load_captioned_data(folder, manifest, config, data, cache_dir or checkpoints / "features",
+                                                  0.1 if holdout is None else holdout, seed, on_bad_item or "fail",
+                                                  latent_frames)
+    else:
+        train_set, test_set = load_lora_data(data, manifest.classes, config, manifest.pixel_scale, seed)
     typer.echo(f"estimated memory of a training step: {need / 2**30:.2f} GB", err=True)
-    trainer = LoRATrainer(load_flow(folder), train, settings, train_set,
-                          checkpoint_dir or output.with_name(output.name + ".checkpoints"), base_name=str(base))
+    trainer = LoRATrainer(load_flow(folder), train, settings, train_set, checkpoints, base_name=str(base))
     before = trainer.evaluate(test_set)  # B starts at zero: this is the base model's own figure
     if resume:
         trainer.load_checkpoint()
     run = run_with_progress(trainer, steps)
     after = trainer.evaluate(test_set)
     source = {"trained_with": "starflow train --lora", "base": str(base), "data": data, "steps": steps,
-              "batch_size": batch_size, "lr": lr, "base_bits": base_bits, "train_images": len(train_set),
+              "batch_size": batch_size, "lr": lr, "base_bits": base_bits, "blocks": lora_blocks,
+              "grad_checkpoint": grad_checkpoint, "frames": 4 * (latent_frames - 1) + 1 if latent_frames else None,
+              "holdout": (0.1 if holdout is None else holdout) if captioned else None, "train_images": len(train_set),
               "held_out_images": len(test_set), "seconds": round(run.seconds, 1),
               "machine": f"{platform.machine()} {platform.system()}",
               "held_out_bits_per_dim_before": round(before, 4), "held_out_bits_per_dim_after": round(after, 4)}
     trainer.export(output, source, force or resume)
     size = sum(p.stat().st_size for p in output.iterdir())
     typer.echo(f"{output}: {run.summary(trainer)}, held-out bits/dim {before:.3f} -> {after:.3f} "
-               f"({len(test_set)} images), adapter {trainable_count(trainer.model):,} parameters "
-               f"({size / 1024:.0f} KB), peak memory {run.peak_gb():.2f} GB")
+               f"({len(test_set)} {'clips' if config.is_video else 'images'}), adapter "
+               f"{trainable_count(trainer.model):,} parameters ({size / 1024:.0f} KB), peak memory {run.peak_gb():.2f} GB")
 
 
 def fuse(

@@ -56,6 +56,11 @@ def serve(
     allowed_host: List[str] = typer.Option([], "--allowed-host",
                                            help="A host name the server answers to besides localhost and IP "
                                                 "addresses (e.g. mymac.local); repeat for several."),
+    lora: Optional[List[Path]] = typer.Option(None, "--lora", readable=False,
+                                              help="Add a LoRA adapter folder (starflow train --lora) to the model; "
+                                                   "repeat for several (their updates add up)."),
+    lora_scale: Optional[List[float]] = typer.Option(None, "--lora-scale", help="Multiply the adapter's update by "
+                                                     "this (default 1); repeat to give each --lora its own."),
 ) -> None:
     """Serve a model over HTTP: OpenAI's images and videos APIs, a job queue, and a web page at /."""
     try:
@@ -71,7 +76,12 @@ def serve(
                          "STARFLOW_API_KEY), or keep the default 127.0.0.1")
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key is empty: give a key, or leave the option out on 127.0.0.1")
-    runner = JobRunner(model, output_dir, queue_size=queue_size)
+    from starflow_mlx.models.lora_stack import adapter_options
+    from starflow_mlx.pipelines.load import load_pipeline
+
+    adapter, scale = adapter_options(lora, lora_scale)
+    runner = JobRunner(model, output_dir, queue_size=queue_size,
+                       loader=lambda name: load_pipeline(name, lora=adapter, lora_scale=scale))
     sock = listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

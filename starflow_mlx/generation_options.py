@@ -62,8 +62,8 @@ class GenerationOptions(SamplingOptions):
     num_images: int = field(metadata={"min": 1, "max": MAX_IMAGES})
     index: int | None = field(default=None, metadata={"min": 0, "max": MAX_IMAGES - 1})
     batch_size: int | None = field(default=None, metadata={"min": 1, "max": MAX_IMAGES})
-    lora: str | None = field(default=None, metadata={"max_len": 4096})  # adapter folder added to the model
-    lora_scale: float = field(default=1.0, metadata={"min": -1000, "max": 1000})
+    lora: str | list[str] | None = field(default=None, metadata={"max_len": 4096})  # adapter folder(s) on the model
+    lora_scale: float | list[float] = field(default=1.0, metadata={"min": -1000, "max": 1000})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +84,8 @@ class VideoOptions(SamplingOptions):
     image_sha256: str | None = field(default=None, metadata={"max_len": 64})
     video_sha256: str | None = field(default=None, metadata={"max_len": 64})
     index: int | None = field(default=None, metadata={"min": 0, "max": 63})
+    lora: str | list[str] | None = field(default=None, metadata={"max_len": 4096})  # adapter folder(s) on the model
+    lora_scale: float | list[float] = field(default=1.0, metadata={"min": -1000, "max": 1000})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,7 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from starflow_mlx.config import ConfigError, FlowConfig
-from starflow_mlx.models.lora import check_adapter, load_adapter
+from starflow_mlx.models.lora import check_adapter
+from starflow_mlx.models.lora_stack import as_adapter_list, load_adapters
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.resolve import resolve_model
 
@@ -16,12 +17,13 @@ from starflow_mlx.weights import (DTYPES, ModelLoadError, auto_dtype, build_flow
                                   check_weight_bytes, load_weights_strict, parse_dtype)
 
 
-def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | None = None,
-              lora_scale: float = 1.0, layers: range | None = None) -> STARFlow:
+def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | list | None = None,
+              lora_scale: float | list[float] = 1.0, layers: range | None = None) -> STARFlow:
     """Load the flow of a model folder (or 'demo', or a repo id).
 
     ``dtype`` casts the float weights; by default :func:`auto_dtype` picks per device. ``lora`` adds a
-    LoRA adapter folder (``starflow train --lora``), its update multiplied by ``lora_scale``. ``layers``
+    LoRA adapter folder (``starflow train --lora``), its update multiplied by ``lora_scale``, or a list of
+    them with a scale each (their updates add up, :mod:`starflow_mlx.models.lora_stack`). ``layers``
     keeps only those layers of the deep block, and reads only their weights (one rank's share under
     pipeline parallelism, :mod:`starflow_mlx.distributed`).
     """
@@ -30,11 +32,12 @@ def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | Non
         config = FlowConfig.load(folder / "config.json")
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from None
-    if lora is not None:  # a wrong or broken adapter is refused before the base weights are read
-        check_adapter(lora, config, lora_scale)
+    adapters, scales = as_adapter_list(lora, lora_scale)
+    for adapter, scale in zip(adapters, scales):  # a wrong or broken adapter is refused before the base weights are read
+        check_adapter(adapter, config, scale)
     model = build_flow(folder, layers)
-    if lora is not None:
-        load_adapter(model, lora, lora_scale)
+    if adapters:
+        load_adapters(model, adapters, scales)
     target = parse_dtype(dtype) if dtype is not None else auto_dtype(bool(config.quantization))
     if target is not None:
         cast_floats(model, target)

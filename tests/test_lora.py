@@ -73,8 +73,10 @@ def test_targets_are_the_attention_and_mlp_linears_of_the_chosen_blocks():
     deep = target_paths(flow, "deep")
     assert len(deep) == 4 * 4 and all(p.startswith("blocks.2.") for p in deep)
     assert len(target_paths(flow, "all")) == 4 * (2 + 2 + 4)
-    with pytest.raises(AdapterError, match="^blocks must be deep or all"):
-        target_paths(flow, "shallow")
+    shallow = target_paths(flow, "shallow")
+    assert len(shallow) == 4 * (2 + 2) and not set(shallow) & set(deep)
+    with pytest.raises(AdapterError, match="^blocks must be deep, shallow or all"):
+        target_paths(flow, "top")
 
 
 def test_a_few_steps_lower_the_loss_and_change_only_lora(base_folder, digits, tmp_path):
@@ -255,13 +257,13 @@ def test_folder_data_is_labelled_with_the_base_classes(base_folder, tmp_path):
         load_lora_data(str(tmp_path / "data"), classes, config)
 
 
-def test_text_models_are_refused_for_fine_tuning_for_now(base_folder, tmp_path):
+def test_class_video_models_are_refused_for_fine_tuning(base_folder, tmp_path):
     import json
     import shutil
 
     text = tmp_path / "text-model"
     shutil.copytree(base_folder, text)
     manifest = json.loads((text / "starflow.json").read_text())
-    (text / "starflow.json").write_text(json.dumps({**manifest, "kind": "text-to-image", "classes": []}))
+    (text / "starflow.json").write_text(json.dumps({**manifest, "kind": "class-to-video"}))
     res = runner.invoke(app, ["train", "--lora", "--base", str(text), "-o", str(tmp_path / "out")])
-    assert "is a text-to-image model" in one_line(res) and not (tmp_path / "out").exists()
+    assert "is a class-to-video model" in one_line(res) and not (tmp_path / "out").exists()

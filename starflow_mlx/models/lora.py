@@ -32,7 +32,7 @@ from starflow_mlx.weights import ModelLoadError, load_weights_strict
 
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-BLOCK_CHOICES = ("deep", "all")
+BLOCK_CHOICES = ("deep", "shallow", "all")
 MAX_RANK = 4096
 # The linears of a transformer layer that LoRA adapts (GELU MLP as main.0 / main.2, or SwiGLU).
 _TARGET = re.compile(r"blocks\.(\d+)\.attn_blocks\.\d+\.(attention\.(qkv|proj)|mlp\.(main\.[02]|gate_proj|up_proj|down_proj))")
@@ -80,7 +80,7 @@ def check_rank(rank: int, alpha: float | None = None) -> None:
 
 def check_blocks(blocks: str) -> None:
     if blocks not in BLOCK_CHOICES:
-        raise option_error(AdapterError, "blocks", f" must be {' or '.join(BLOCK_CHOICES)}, got {blocks!r}",
+        raise option_error(AdapterError, "blocks", f" must be {', '.join(BLOCK_CHOICES[:-1])} or {BLOCK_CHOICES[-1]}, got {blocks!r}",
                            "--lora-blocks")
 
 
@@ -142,11 +142,12 @@ class LoRALinear(nn.Module):
 
 
 def target_paths(model: nn.Module, blocks: str) -> list[str]:
-    """The attention and MLP linears of the deep block (``deep``) or of every block (``all``)."""
+    """The attention and MLP linears of the deep block (``deep``), of the others (``shallow``: frame-local in a
+    video model) or of every block (``all``)."""
     check_blocks(blocks)
     deep = str(len(model.blocks) - 1)
     return [path for path, _ in model.named_modules()
-            if (m := _TARGET.fullmatch(path)) and (blocks == "all" or m.group(1) == deep)]
+            if (m := _TARGET.fullmatch(path)) and (blocks == "all" or (m.group(1) == deep) == (blocks == "deep"))]
 
 
 def _parent(model: nn.Module, path: str) -> tuple[Any, str]:

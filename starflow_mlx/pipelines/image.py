@@ -79,6 +79,8 @@ class Pipeline:
     VIDEO = False  # which manifest kind this class runs; from_pretrained hands video models to VideoPipeline
 
     layers: range | None = None  # the deep block's layers this process holds (pipeline parallel), None: all
+    lora: str | Path | list | None = None  # the LoRA adapter(s) on the flow, and their scale(s)
+    lora_scale: float | list[float] = 1.0
 
     def __init__(self, folder: Path, flow, manifest: Manifest, text_encoder=None, vae=None):
         self.folder, self.flow, self.manifest = folder, flow, manifest
@@ -87,11 +89,12 @@ class Pipeline:
         self._last_text = None  # (prompt, aspect ratio) -> features: batches of one prompt encode it once
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, dtype: str | None = None, lora: str | Path | None = None,
-                        lora_scale: float = 1.0, layers: range | None = None) -> "Pipeline":
+    def from_pretrained(cls, name: str | Path, dtype: str | None = None, lora: str | Path | list | None = None,
+                        lora_scale: float | list[float] = 1.0, layers: range | None = None) -> "Pipeline":
         """Load a model folder, ``demo``, or a Hugging Face repo id (downloaded and converted once).
 
-        ``lora``: a LoRA adapter folder (``starflow train --lora``) added to the flow, its update times ``lora_scale``.
+        ``lora``: a LoRA adapter folder (``starflow train --lora``) added to the flow, its update times ``lora_scale``;
+        or a list of folders with a list of scales (one each), their updates added up.
         ``layers``: hold only those layers of the deep block (a rank's share, :mod:`starflow_mlx.distributed`).
         """
         folder = resolve_model(name)
@@ -111,6 +114,7 @@ class Pipeline:
             vae = cls.load_vae(folder / manifest.vae, dtype)
         pipe = cls(folder, flow, manifest, text_encoder, vae)
         pipe.layers = layers
+        pipe.lora, pipe.lora_scale = lora, lora_scale  # a video pipeline reloads its flow with them
         return pipe
 
     @classmethod

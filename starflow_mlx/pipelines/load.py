@@ -10,12 +10,10 @@ from starflow_mlx.pipelines.video import VideoPipeline
 from starflow_mlx.resolve import resolve_model
 
 
-def load_pipeline(name: str | Path, dtype: str | None = None, lora: str | Path | None = None,
-                  lora_scale: float = 1.0, layers: range | None = None) -> Pipeline:
+def load_pipeline(name: str | Path, dtype: str | None = None, lora: str | Path | list | None = None,
+                  lora_scale: float | list[float] = 1.0, layers: range | None = None) -> Pipeline:
     """``Pipeline.from_pretrained`` for an image model, ``VideoPipeline.from_pretrained`` for a video model."""
     folder = resolve_model(name)
     if Manifest.load(folder).kind in VIDEO_KINDS:
-        if lora is not None:
-            raise ValueError(f"{name} is a video model: LoRA adapters are for image models for now")
-        return VideoPipeline.from_pretrained(folder, dtype=dtype, layers=layers)
+        return VideoPipeline.from_pretrained(folder, dtype=dtype, lora=lora, lora_scale=lora_scale, layers=layers)
     return Pipeline.from_pretrained(folder, dtype=dtype, lora=lora, lora_scale=lora_scale, layers=layers)

@@ -136,8 +136,10 @@ class VideoPipeline(Pipeline):
         super().__init__(folder, flow, manifest, text_encoder, vae)
 
     @classmethod
-    def from_pretrained(cls, name: str | Path, dtype: str | None = None, layers: range | None = None) -> "VideoPipeline":
-        pipe = super().from_pretrained(name, dtype=dtype, layers=layers)
+    def from_pretrained(cls, name: str | Path, dtype: str | None = None, lora: str | Path | list | None = None,
+                        lora_scale: float | list[float] = 1.0, layers: range | None = None) -> "VideoPipeline":
+        """As :meth:`Pipeline.from_pretrained`, LoRA adapters (one or several) included."""
+        pipe = super().from_pretrained(name, dtype=dtype, lora=lora, lora_scale=lora_scale, layers=layers)
         pipe.dtype = dtype
         return pipe
 
@@ -235,7 +237,8 @@ class VideoPipeline(Pipeline):
         if self.flow is None:
             from starflow_mlx.text_encoder import load_text_encoder
 
-            self.flow = load_flow(self.folder, dtype=self.dtype, layers=self.layers)
+            self.flow = load_flow(self.folder, dtype=self.dtype, lora=self.lora, lora_scale=self.lora_scale,
+                                  layers=self.layers)
             if self.manifest.text_encoder:
                 self.text_encoder = load_text_encoder(self.folder / self.manifest.text_encoder, dtype=self.dtype)
 

@@ -65,6 +65,13 @@ class Progress:
         self.update(self.percent, f"{label} {done}/{total}")
 
 
+
+def adapters(pipe) -> dict:
+    """The LoRA adapter(s) the served pipeline carries, as generate records them."""
+    from starflow_mlx.models.lora_stack import adapter_record
+
+    return dict(lora=adapter_record(getattr(pipe, "lora", None)), lora_scale=getattr(pipe, "lora_scale", 1.0))
+
 def check_request(pipe, request: ImageRequest | VideoRequest) -> None:
     """Refuse, before a job is queued, what the job would refuse once it ran: a prompt that is none of a class
     model's classes, a size the model does not make, a length out of range (RequestError naming the field)."""
@@ -103,9 +110,9 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
                **settings)
     options = {key: job[key] for key in SAMPLING_KEYS if key in job}
     batch = plan_batch(pipe.folder, pipe.config, request.n)
-    # As generate records them, so that --from-metadata remakes the same bytes (the server loads no LoRA adapter).
+    # As generate records them, so that --from-metadata remakes the same bytes (adapters: starflow serve --lora).
     params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__,
-                  batch_size=batch, lora=None, lora_scale=1.0)
+                  batch_size=batch, **adapters(pipe))
     stem = file_stem(request.prompt, seed)
     progress = Progress(sampling_blocks(pipe), request.n, batch, IMAGE_WEIGHTS, update, cancelled)
     paths = []
@@ -139,7 +146,8 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     # The file records the sampler that ran, and the Jacobi settings only when Jacobi ran.
     job["jacobi"], settings = jacobi_settings(request.jacobi, pipe.config, VIDEO_DEFAULTS)
     options = {key: job[key] for key in SAMPLING_KEYS if key not in JACOBI_SETTINGS or settings}
-    params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__, index=0)
+    params = dict(options, prompt=request.prompt, model=model_record(model), dtype=None, version=__version__, index=0,
+                  **adapters(pipe))
     path = folder / f"{file_stem(request.prompt, seed)}.mp4"
     progress = Progress(sampling_blocks(pipe), 1, 1, VIDEO_WEIGHTS, update, cancelled)
     write_videos(pipe.stream(request.prompt, progress=progress, **options), [(path, params, 0)], fps)

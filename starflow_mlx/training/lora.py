@@ -6,8 +6,11 @@ the LoRA matrices; the loss (noise + ``nll_per_dim``), label dropout, schedule, 
 step loop are the Trainer's. Its checkpoints are adapter folders plus the optimizer state, and
 a resumed run continues at the saved step with the same batches and noise.
 
-Fine-tuning reads class-conditional pixel-space bases (the kind ``starflow train`` makes, like
-``demo``): data is ``digits`` or a folder of ``<class>/<images>`` whose class names are the base's.
+Class-conditional pixel-space bases (the kind ``starflow train`` makes, like ``demo``) train on ``digits``
+or a folder of ``<class>/<images>`` whose class names are the base's; text-conditioned latent bases (the 3B,
+STARFlow-V) on a :class:`~starflow_mlx.training.captions.CaptionedDataset` of cached latents and caption
+features (:mod:`starflow_mlx.training.feature_cache`), whose batches come one aspect-ratio bucket at a time
+with the empty caption swapped in for guidance.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from starflow_mlx.models.layers import AttentionBlock
 from starflow_mlx.models.lora import (BLOCK_CHOICES, MAX_RANK, AdapterConfig, AdapterError, apply_lora, base_identity,
                                       check_rank, lora_weights, save_adapter, target_paths)
 from starflow_mlx.staging import staged_folder
+from starflow_mlx.training.captions import CaptionedDataset
 from starflow_mlx.training.data import DataError, Dataset, load_digits_split, load_image_folder
 from starflow_mlx.training.trainer import TrainConfig, Trainer, layer_activations, make_optimizer
 
@@ -85,7 +89,7 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
     """
     frame_tokens = (config.latent_size // config.patch_size) ** 2
     deep = config.num_blocks - 1
-    adapted = range(config.num_blocks) if settings.blocks == "all" else [deep]
+    adapted = {"all": range(config.num_blocks), "deep": [deep], "shallow": range(deep)}[settings.blocks]
     adapter = kept = largest = 0.0
     for block, layers in enumerate(config.layers_per_block):
         shapes = _linear_shapes(config, block)
@@ -103,15 +107,18 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
             "activations": int(4 * batch * (kept + WORKING_LAYERS * largest))}
 
 
-def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4) -> int:
-    """The estimated bytes of a step; refuses, with the numbers, a step this machine cannot hold."""
+def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
+                      frames: int = 0) -> int:
+    """The estimated bytes of a step (on clips of ``frames`` latent frames); refuses, with the numbers, a step this
+    machine cannot hold."""
     from starflow_mlx.memory import InsufficientMemoryError, memory_limit
 
-    need = sum(lora_training_bytes(config, batch, settings, float_bytes).values())
+    need = sum(lora_training_bytes(config, batch, settings, float_bytes, frames).values())
     total = memory_limit()
     if total is not None and need > total:
         hints = [] if settings.grad_checkpoint else ["--grad-checkpoint"]
         hints += ["a smaller --batch-size"] + ([] if settings.base_bits == 4 else ["--base-bits 4"])
+        hints += ["fewer --frames"] if frames > 1 else []
         raise InsufficientMemoryError(f"LoRA training with --batch-size {batch} needs about {need / 2**30:.1f} GB but "
                                       f"{total / 2**30:.1f} GB is available: use {', '.join(hints)}")
     return need
@@ -168,7 +175,9 @@ class LoRATrainer(Trainer):
         self.train, self.settings, self.data, self.checkpoint_dir = train, settings, data, Path(checkpoint_dir)
         self.base_name = base_name
         self.config = base.config
-        if len(data.classes) != self.config.num_classes or self.config.txt_dim != len(data.classes) + 1:
+        self.drops_in_batch = isinstance(data, CaptionedDataset)
+        if not self.drops_in_batch and (len(data.classes) != self.config.num_classes
+                                        or self.config.txt_dim != len(data.classes) + 1):
             raise DataError(f"the data has {len(data.classes)} classes but the base model is conditioned on "
                             f"{self.config.num_classes}: fine-tune a class-conditional model on its own classes")
         if settings.base_bits is not None:
@@ -186,8 +195,19 @@ class LoRATrainer(Trainer):
         self.optimizer = make_optimizer(train)
         self.step = self.saved_step = 0
         self.seconds = 0.0  # training time over every run that led here (a resumed run adds its own)
-        self.y_all, self.y_empty = data.features()
+        # Captioned data carries its own features per item and per bucket: batch() picks and drops them.
+        self.y_all, self.y_empty = (None, data.buckets[0].empty) if self.drops_in_batch else data.features()
         self._compile()
+
+    def batch(self, step: int):
+        if not self.drops_in_batch:
+            return super().batch(step)
+        return self.data.batch(self.train.seed, step, self.train.batch_size, self.train.drop_label)
+
+    def evaluate(self, data, batch: int = 256, seed: int = 1) -> float:
+        if isinstance(data, CaptionedDataset):
+            return data.bits_per_dim(self.model, self.train.noise_std, min(batch, 8), seed)
+        return super().evaluate(data, batch, seed)
 
     def adapter_config(self, source: dict | None = None) -> AdapterConfig:
         digest, shape = base_identity(self.config)

@@ -146,15 +146,18 @@ class Trainer:
         self.y_all, self.y_empty = data.features()
         self._compile()
 
+    drops_in_batch = False  # True where batch() already swaps in the empty text (captioned data: one per bucket)
+
     def _compile(self) -> None:
         train = self.train
         empty = mx.array(self.y_empty)
         state = [self.model.state, self.optimizer.state]
+        drop_rate = 0.0 if self.drops_in_batch else train.drop_label
 
         def loss_fn(model, x, y, key):
             k_noise, k_drop = mx.random.split(key)
             x = x + train.noise_std * mx.random.normal(x.shape, key=k_noise)
-            drop = mx.random.uniform(shape=(x.shape[0], 1, 1), key=k_drop) < train.drop_label
+            drop = mx.random.uniform(shape=(x.shape[0], 1, 1), key=k_drop) < drop_rate
             y = mx.where(drop, empty, y)
             return mx.mean(nll_per_dim(model, x, y))
 
