@@ -15,7 +15,10 @@ def register(app) -> None:
     from starflow_mlx.apps import generate_cmd
 
     app.command("generate")(user_errors(generate_cmd.generate))
-    app.command("score")(user_errors(generate_cmd.score))
+    from starflow_mlx.apps import score_many
+
+    app.command("score")(user_errors(score_many.score))
+    from starflow_mlx.apps import classify_cmd; app.command("classify")(user_errors(classify_cmd.classify))
 
     from starflow_mlx.apps import convert_cmd
 

@@ -204,3 +204,27 @@ def _finish(staging: Path, output: Path, force: bool, error: type[Exception]) ->
         old.rename(output)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(path: str | Path, data: bytes) -> None:
+    """One file, whole or not at all: written beside ``path`` under a hidden temporary name, then renamed
+    into place (a crash, Ctrl-C or SIGTERM leaves no partial file). A folder at ``path`` is refused."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=STAGING_SUFFIX, dir=path.parent)
+    with _cleanup_on_termination():
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

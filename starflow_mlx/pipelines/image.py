@@ -400,3 +400,22 @@ class Pipeline:
         x, y = self.prepare_score(image, prompt)
         log_prob = self.flow.log_prob(x, y)
         return float(-log_prob[0].item() / (math.prod(x.shape[1:]) * math.log(2)))
+
+    # -- many inputs (starflow_mlx.pipelines.scoring) -------------------------------------
+    def iter_scores(self, inputs, prompt: str, **options):
+        """Yield a :class:`~starflow_mlx.pipelines.scoring.ScoreRow` per input (files, folders, globs, images or
+        clips), scored in batches; options: fps, batch_size, progress. An unreadable input is a row with its error."""
+        from starflow_mlx.pipelines.scoring import iter_scores
+
+        return iter_scores(self, inputs, prompt, **options)
+
+    def score_many(self, inputs, prompt: str, **options) -> list:
+        """:meth:`iter_scores` as a list."""
+        return list(self.iter_scores(inputs, prompt, **options))
+
+    def classify(self, item, prompts: list[str] | None = None, **options):
+        """p(class | item) over the model's classes (or ``prompts``) by Bayes with a uniform prior
+        (:func:`starflow_mlx.pipelines.scoring.classify`); options: fps, batch_size."""
+        from starflow_mlx.pipelines.scoring import classify
+
+        return classify(self, item, prompts, **options)

@@ -1,0 +1,142 @@
+"""Likelihood as a tool: score many inputs, classify by likelihood (the built-in demo models)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from starflow_mlx.apps.cli import app
+from starflow_mlx.apps.commands import register
+from starflow_mlx.pipelines.image import Pipeline
+from starflow_mlx.training.data import load_digits_split
+
+register(app)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Pipeline.from_pretrained("demo")
+
+
+@pytest.fixture(scope="module")
+def demo_video():
+    return Pipeline.from_pretrained("demo-video")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    _, test = load_digits_split()
+    return [Image.fromarray(((np.clip(a[..., 0], -1, 1) + 1) * 127.5).round().astype(np.uint8))
+            for a in test.images[:10]], [int(v) for v in test.labels[:10]]
+
+
+def to_clip(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 1) in [-1, 1] -> uint8 RGB frames."""
+    return np.repeat(((np.clip(frames, -1, 1) + 1) * 127.5).round().astype(np.uint8), 3, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    from starflow_mlx.training.moving_digits import load_moving_digits_split
+
+    _, test = load_moving_digits_split()
+    return [to_clip(test.images[i]) for i in range(3)], [test.classes[test.labels[i]] for i in range(3)]
+
+
+def test_batched_scores_equal_one_at_a_time(demo, digits):
+    images, _ = digits
+    rows = demo.score_many(images, "3", batch_size=4)
+    alone = [demo.score(image, "3") for image in images]
+    assert [r.error for r in rows] == [None] * len(images)
+    np.testing.assert_allclose([r.bits_per_dim for r in rows], alone, rtol=1e-5, atol=1e-5)
+    assert len({round(v, 3) for v in alone}) > 5  # distinct inputs, distinct scores: the rows are not one value
+
+
+def test_batched_video_scores_equal_one_at_a_time(demo_video, clips):
+    frames, prompts = clips
+    rows = list(demo_video.iter_scores(frames, prompts[0], batch_size=2))
+    for row, clip in zip(rows, frames):
+        alone = demo_video.score_frames(clip, prompts[0])
+        np.testing.assert_allclose(row.frame_bits, alone, rtol=1e-5, atol=1e-5)
+        assert row.bits_per_dim == pytest.approx(np.mean(alone), abs=1e-5)
+
+
+def test_score_folder_with_a_damaged_file(digits, tmp_path):
+    images, labels = digits
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(images[:4]):
+        image.save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG damaged")
+    res = runner.invoke(app, ["score", str(folder), "-p", "5", "--model", "demo", "--csv", str(tmp_path / "s.csv"),
+                              "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 1, res.output
+    assert "error: 1 of 5 inputs could not be scored" in res.output
+    with open(tmp_path / "s.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["path"] for r in table] == [str(folder / n) for n in ("0.png", "1.png", "2.png", "3.png", "broken.png")]
+    assert "cannot read image" in table[-1]["error"] and table[-1]["bits_per_dim"] == ""
+    alone = Pipeline.from_pretrained("demo").score(folder / "2.png", "5")
+    assert float(table[2]["bits_per_dim"]) == pytest.approx(alone, abs=1e-4)
+    assert json.loads((tmp_path / "s.json").read_text())[2]["bits_per_dim"] == pytest.approx(alone, abs=1e-4)
+
+
+def test_sort_and_top_rank_least_likely_first(demo, digits, tmp_path):
+    images, labels = digits
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    scores = {str(tmp_path / f"{i}.png"): r.bits_per_dim for i, r in enumerate(demo.score_many(images, "6"))}
+    res = runner.invoke(app, ["score", str(tmp_path / "*.png"), "-p", "6", "--model", "demo", "--top", "3"])
+    assert res.exit_code == 0, res.output
+    shown = [line.split()[1] for line in res.output.splitlines() if line.strip() and line.split()[1] in scores]
+    assert shown == sorted(scores, key=scores.get, reverse=True)[:3]
+
+
+def test_one_file_prints_as_before(digits, tmp_path):
+    digits[0][0].save(tmp_path / "a.png")
+    res = runner.invoke(app, ["score", str(tmp_path / "a.png"), "-p", "6", "--model", "demo"])
+    assert res.exit_code == 0 and res.output.strip().endswith("bits/dim") and len(res.output.splitlines()) == 1
+
+
+def test_table_options_are_checked_before_scoring(digits, tmp_path):
+    res = runner.invoke(app, ["score", str(tmp_path), "-p", "6", "--model", "demo", "--csv", str(tmp_path)])
+    assert res.exit_code == 1 and "is a folder" in res.output
+    res = runner.invoke(app, ["score", str(tmp_path / "none*.png"), "-p", "6", "--model", "demo"])
+    assert res.exit_code == 1 and "no file matches" in res.output
+
+
+def test_probabilities_sum_to_one_and_a_digit_is_recognised(demo, digits):
+    images, labels = digits
+    right = 0
+    for image, label in zip(images, labels):
+        result = demo.classify(image)
+        assert sum(result.probabilities) == pytest.approx(1.0, abs=1e-9)
+        assert result.prompts == [str(d) for d in range(10)]
+        right += result.best == str(label)
+    assert right >= 9
+
+
+def test_classify_candidates_and_video(demo, demo_video, clips, digits):
+    result = demo.classify(digits[0][0], ["1", str(digits[1][0])])
+    assert result.prompts == ["1", str(digits[1][0])] and result.best == str(digits[1][0])
+    ratio = np.exp(result.log_likelihoods[0] - result.log_likelihoods[1])
+    assert result.probabilities[0] == pytest.approx(ratio / (1 + ratio))
+    frames, prompts = clips
+    video = demo_video.classify(frames[0])
+    assert video.best == prompts[0] and sum(video.probabilities) == pytest.approx(1.0)
+    digit, direction = video.word_marginals().values()
+    assert max(digit, key=digit.get) == prompts[0].split()[0] and max(direction, key=direction.get) == prompts[0].split()[-1]
+
+
+def test_classify_command(digits, tmp_path):
+    digits[0][0].save(tmp_path / "a.png")
+    res = runner.invoke(app, ["classify", str(tmp_path / "a.png"), "--model", "demo"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0].startswith(f"{digits[1][0]} ")
+    assert sum(float(line.split()[0]) for line in res.output.splitlines()[1:11]) == pytest.approx(1.0, abs=1e-3)
