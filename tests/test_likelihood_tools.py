@@ -140,3 +140,33 @@ def test_classify_command(digits, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0].startswith(f"{digits[1][0]} ")
     assert sum(float(line.split()[0]) for line in res.output.splitlines()[1:11]) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["IMAGE", "OPTIONS", "VIDEO"])
+def test_token_split_sums_to_the_log_density(kind):
+    import flow_factory
+
+    flow = flow_factory.random_flow(3, **getattr(flow_factory, kind))
+    x, y, _ = flow_factory.flow_inputs(flow, batch=2, frames=3 if kind == "VIDEO" else 0)
+    tokens = flow.log_prob_tokens(x, y)
+    grid = x.shape[1:-1]
+    assert tokens.shape == (2, *grid[:-2], grid[-2] // flow.config.patch_size, grid[-1] // flow.config.patch_size)
+    np.testing.assert_allclose(np.array(tokens).reshape(2, -1).sum(axis=1), np.array(flow.log_prob(x, y)), rtol=1e-5)
+
+
+def test_heatmap_shares_sum_to_the_score(demo, demo_video, digits, clips, tmp_path):
+    image = digits[0][0]
+    tokens = demo.token_map(image, "6")
+    assert tokens.shares.shape == (1, 8, 8)
+    assert tokens.shares.sum() == pytest.approx(demo.score(image, "6"), abs=1e-4)
+    frames, prompts = clips
+    video = demo_video.token_map(frames[0], prompts[0])
+    assert video.shares.shape == (5, 3, 3)  # 5 frames of 3x3 patches
+    per_frame = video.shares.sum(axis=(1, 2)) * video.shares.shape[0]
+    np.testing.assert_allclose(per_frame, demo_video.score_frames(frames[0], prompts[0]), atol=1e-4)
+    image.save(tmp_path / "a.png")
+    res = runner.invoke(app, ["score", str(tmp_path / "a.png"), "-p", "6", "--model", "demo", "--heatmap",
+                              str(tmp_path / "h.png")])
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "h.png") as drawn:
+        assert drawn.size == (2 * 256 + 4, 256)

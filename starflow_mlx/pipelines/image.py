@@ -419,3 +419,10 @@ class Pipeline:
         from starflow_mlx.pipelines.scoring import classify
 
         return classify(self, item, prompts, **options)
+
+    def token_map(self, item, prompt: str, fps: int | None = None):
+        """Each token's share of the input's bits/dim (they sum to :meth:`score`), for a heat map
+        (:mod:`starflow_mlx.pipelines.heatmap` says how the shallow blocks and the prior are assigned)."""
+        from starflow_mlx.pipelines.heatmap import token_map
+
+        return token_map(self, item, prompt, fps)
