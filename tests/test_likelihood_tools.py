@@ -170,3 +170,49 @@ def test_heatmap_shares_sum_to_the_score(demo, demo_video, digits, clips, tmp_pa
     assert res.exit_code == 0, res.output
     with Image.open(tmp_path / "h.png") as drawn:
         assert drawn.size == (2 * 256 + 4, 256)
+
+
+def test_likelihood_ratio_is_zero_for_the_null_prompt(demo, digits):
+    from starflow_mlx.pipelines.outliers import statistic
+
+    images, labels = digits
+    null = demo.score_many(images[:4], "")
+    assert statistic(demo, "ratio", images[:4], null, "").tolist() == [0.0] * 4
+    given = demo.score_many(images[:4], str(labels[0]))
+    ratio = statistic(demo, "ratio", images[:4], given, str(labels[0]))
+    np.testing.assert_allclose(ratio, [g.bits_per_dim - n.bits_per_dim for g, n in zip(given, null)], atol=1e-9)
+    assert ratio[0] < 0  # a real digit is explained better by its own class than by none
+
+
+def test_complexity_and_typicality(demo, digits):
+    from starflow_mlx.pipelines.outliers import auroc, png_bits_per_dim, statistic, threshold, typicality_test
+
+    images, _ = digits
+    rows = demo.score_many(images, "")
+    flat = Image.new("L", (8, 8), 0)
+    plain = statistic(demo, "complexity", [flat], demo.score_many([flat], ""), "")[0]
+    pixels = np.zeros((1, 8, 8, 1), np.uint8)
+    assert plain == pytest.approx(demo.score(flat, "") - png_bits_per_dim(pixels))
+    assert png_bits_per_dim(pixels) < png_bits_per_dim(np.random.default_rng(0).integers(0, 256, (1, 8, 8, 1), np.uint8))
+    bits = np.array([r.bits_per_dim for r in rows])
+    assert typicality_test(bits[:5], bits).typical
+    assert not typicality_test(bits[:5] + 5.0, bits).typical
+    assert threshold(bits, 0.05) == pytest.approx(np.quantile(bits, 0.95))
+    assert auroc([0, 1], [2, 3]) == 1.0 and auroc([2, 3], [0, 1]) == 0.0 and auroc([1], [1]) == 0.5
+
+
+def test_ood_command(digits, tmp_path):
+    images, _ = digits
+    (tmp_path / "ref").mkdir()
+    for i, image in enumerate(images):
+        image.save(tmp_path / "ref" / f"{i}.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), np.uint8)).save(tmp_path / "noise.png")
+    res = runner.invoke(app, ["score", str(tmp_path / "noise.png"), str(tmp_path / "ref" / "0.png"), "-p", "",
+                              "--model", "demo", "--ood", "complexity", "--reference", str(tmp_path / "ref"),
+                              "--json", str(tmp_path / "o.json")])
+    assert res.exit_code == 0, res.output
+    noise, digit = json.loads((tmp_path / "o.json").read_text())
+    assert noise["outlier"] is True and digit["outlier"] is False
+    assert noise["threshold"] == digit["threshold"] and noise["complexity"] > noise["threshold"]
+    res = runner.invoke(app, ["score", str(tmp_path / "noise.png"), "-p", "", "--model", "demo", "--ood", "ratio"])
+    assert res.exit_code == 1 and "--ood and --reference go together" in res.output
