@@ -50,6 +50,8 @@ def classify(
         raise ValueError(f"--top must be at least 1, got {top}")
     candidates = read_prompts(prompts) if prompts is not None else None
     pipe = Pipeline.from_pretrained(model)
+    if fps is not None and not pipe.VIDEO:
+        raise ValueError("--fps is for classifying .mp4 clips with a video model")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipe.classify(path, candidates, fps=fps)

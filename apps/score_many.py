@@ -135,6 +135,8 @@ def score_table(paths, prompt, model, lora, lora_scale, fps, csv_file, json_file
 
     items = expand_inputs(paths)  # an empty folder or a glob matching nothing, before the model loads
     pipe = Pipeline.from_pretrained(model, lora=lora, lora_scale=lora_scale)
+    if fps is not None and not pipe.VIDEO:
+        raise ValueError("--fps is for scoring .mp4 clips with a video model")
     streaming = not sort and top is None and ood is None
     typer.echo(f"# bits/dim given {prompt!r} (lower is more likely), path")
     rows = []

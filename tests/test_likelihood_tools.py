@@ -109,6 +109,10 @@ def test_table_options_are_checked_before_scoring(digits, tmp_path):
     assert res.exit_code == 1 and "is a folder" in res.output
     res = runner.invoke(app, ["score", str(tmp_path / "none*.png"), "-p", "6", "--model", "demo"])
     assert res.exit_code == 1 and "no file matches" in res.output
+    digits[0][0].save(tmp_path / "a.png")
+    res = runner.invoke(app, ["score", str(tmp_path / "a.png"), str(tmp_path / "a.png"), "-p", "6", "--model", "demo",
+                              "--fps", "8"])
+    assert res.exit_code == 1 and "--fps is for scoring .mp4 clips" in res.output
 
 
 def test_probabilities_sum_to_one_and_a_digit_is_recognised(demo, digits):
