@@ -11,7 +11,8 @@
    bits/dim minus the null prompt's), test digits against: uniform noise, constant images, inverted
    digits (16 - v), digits shifted 2 px, rotated 90 degrees, Gaussian-blurred, dilated strokes; and
    test clips against clips with two frames swapped, reversed, frozen on frame 0. The reference set
-   (typicality's mean) is the train split.
+   (typicality's mean) is the train split. Also bits/dim given the class the input claims (a corrupted
+   input keeps its source's class), where that is known.
 3. **Ranking.** 20 corrupted digits (the image corruptions above, in turn) planted among 1000 real ones:
    how many of them each statistic puts in its top 20.
 4. **Throughput.** ``Pipeline.score_many`` in batches of 16 against one input at a time.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import mlx.core as mx
@@ -110,13 +112,15 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray) ->
 
 
 # -- statistics -----------------------------------------------------------------------------------
-def statistics(pipe, pixels: np.ndarray, x: mx.array, classes: list[str], reference_mean: float) -> dict:
-    """Each outlier statistic (larger: more unusual) for inputs ``x`` whose 8-bit form is ``pixels``."""
+def statistics(pipe, pixels: np.ndarray, x: mx.array, classes: list[str], reference_mean: float,
+               labels: np.ndarray) -> dict:
+    """Each outlier statistic (larger: more unusual) for inputs ``x`` whose 8-bit form is ``pixels``; ``labels``:
+    the class each input claims (a corrupted input keeps its source's)."""
     null = bits_matrix(pipe, x, [""])[:, 0]
-    conditional = bits_matrix(pipe, x, classes).min(axis=1)
+    by_class = bits_matrix(pipe, x, classes)
     png = np.array([png_bits_per_dim(p if p.ndim == 4 else p[None, ..., None]) for p in pixels])
     return {"bits": null, "complexity": null - png, "typicality": np.abs(null - reference_mean),
-            "ratio": conditional - null}
+            "ratio": by_class.min(axis=1) - null, "bits given its class": by_class[np.arange(len(x)), labels]}
 
 
 def batch_typicality(inliers: np.ndarray, outliers: np.ndarray, reference_mean: float, rng, draws: int = 500):
@@ -125,15 +129,17 @@ def batch_typicality(inliers: np.ndarray, outliers: np.ndarray, reference_mean: 
     return auroc(pick(inliers), pick(outliers))
 
 
-def image_outliers(pipe, rng, train, test) -> tuple[dict, float]:
+def image_outliers(pipe, rng, train, test, labels) -> tuple[dict, float]:
     classes = list(pipe.manifest.classes)
     train_x = prepared(pipe, [Image.fromarray(a) for a in to_uint8(train[:500])])
     reference_mean = float(bits_matrix(pipe, train_x, [""])[:, 0].mean())
     real = to_uint8(test)
-    inliers = statistics(pipe, real, prepared(pipe, [Image.fromarray(a) for a in real]), classes, reference_mean)
+    inliers = statistics(pipe, real, prepared(pipe, [Image.fromarray(a) for a in real]), classes, reference_mean,
+                         labels)
     table = {}
     for name, images in corruptions(test, rng).items():
-        stats = statistics(pipe, images, prepared(pipe, [Image.fromarray(a) for a in images]), classes, reference_mean)
+        stats = statistics(pipe, images, prepared(pipe, [Image.fromarray(a) for a in images]), classes, reference_mean,
+                           labels)
         row = {k: auroc(inliers[k], stats[k]) for k in inliers}
         row[f"typicality (batches of {TYPICAL_BATCH})"] = batch_typicality(inliers["bits"], stats["bits"],
                                                                           reference_mean, rng)
@@ -171,10 +177,10 @@ def video_benchmark(count: int, rng) -> dict:
     reference = as_u8(train.images[rng.choice(len(train.images), size=min(count, len(train.images)), replace=False)])
     reference_mean = float(bits_matrix(pipe, prepared(pipe, list(reference)), [""])[:, 0].mean())
     gray = lambda c: c[..., :1]  # noqa: E731 - the compressor sees the model's one channel
-    inliers = statistics(pipe, gray(clips), x, classes, reference_mean)
+    inliers = statistics(pipe, gray(clips), x, classes, reference_mean, labels)
     table = {}
     for name, changed in video_corruptions(clips).items():
-        stats = statistics(pipe, gray(changed), prepared(pipe, list(changed)), classes, reference_mean)
+        stats = statistics(pipe, gray(changed), prepared(pipe, list(changed)), classes, reference_mean, labels)
         row = {k: auroc(inliers[k], stats[k]) for k in inliers}
         row[f"typicality (batches of {TYPICAL_BATCH})"] = batch_typicality(inliers["bits"], stats["bits"],
                                                                           reference_mean, rng)
@@ -187,15 +193,15 @@ def ranking(pipe, rng, reference_mean: float) -> dict:
     """20 corrupted digits among 1000 real ones (all scikit-learn digits but the 20 picked): the top 20 per statistic."""
     from sklearn.datasets import load_digits
 
-    values = load_digits().images
-    order = rng.permutation(len(values))
-    real, victims = values[order[:1000]], values[order[1000:1020]]
+    digits = load_digits()
+    order = rng.permutation(len(digits.images))
+    real, victims = digits.images[order[:1000]], digits.images[order[1000:1020]]
     kinds = corruptions(victims, rng)
     names = list(kinds)
     planted = np.stack([kinds[names[i % len(names)]][i] for i in range(20)])
     images = np.concatenate([to_uint8(real), planted])
     stats = statistics(pipe, images, prepared(pipe, [Image.fromarray(a) for a in images]), list(pipe.manifest.classes),
-                       reference_mean)
+                       reference_mean, digits.target[order[:1020]])
     return {k: int((np.argsort(-v)[:20] >= 1000).sum()) for k, v in stats.items()}
 
 
@@ -211,13 +217,18 @@ def throughput(pipe, images: list, repeats: int = 2) -> dict:
     return out
 
 
+def step(name: str, value) -> None:
+    """A finished part, on stderr as it completes (the whole run takes many minutes on a busy CPU)."""
+    print(f"{name}: {json.dumps(value)}", file=sys.stderr, flush=True)
+
+
 def measure(clips: int = 100, seed: int = 0) -> dict:
     from starflow_mlx.benchmarks.demo_quality import digit_classifier, to_features
     from starflow_mlx.training.data import load_digits_split
 
     rng = np.random.default_rng(seed)
     pipe = Pipeline.from_pretrained("demo")
-    train, labels_train, test, labels = digits_0_16()
+    train, _, test, labels = digits_0_16()
     x = prepared(pipe, [Image.fromarray(a) for a in to_uint8(test)])
     p = posterior(bits_matrix(pipe, x, list(pipe.manifest.classes)), math.prod(x.shape[1:]))
     split_train, split_test = load_digits_split()
@@ -229,9 +240,13 @@ def measure(clips: int = 100, seed: int = 0) -> dict:
         "flow ECE": expected_calibration_error(p, labels),
         "logistic regression accuracy": float((q.argmax(1) == split_test.labels).mean()),
         "logistic regression ECE": expected_calibration_error(q, split_test.labels)}}
-    result["image outliers (AUROC)"], reference_mean = image_outliers(pipe, rng, train, test)
+    step("classifier", result["classifier"])
+    result["image outliers (AUROC)"], reference_mean = image_outliers(pipe, rng, train, test, labels)
+    step("image outliers", result["image outliers (AUROC)"])
     result["ranking (planted in top 20, of 20)"] = ranking(pipe, rng, reference_mean)
+    step("ranking", result["ranking (planted in top 20, of 20)"])
     result["throughput (images/s)"] = throughput(pipe, [Image.fromarray(a) for a in to_uint8(test[:200])])
+    step("throughput", result["throughput (images/s)"])
     result["video"] = video_benchmark(clips, rng)
     return result
 

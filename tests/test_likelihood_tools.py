@@ -220,3 +220,18 @@ def test_ood_command(digits, tmp_path):
     assert noise["threshold"] == digit["threshold"] and noise["complexity"] > noise["threshold"]
     res = runner.invoke(app, ["score", str(tmp_path / "noise.png"), "-p", "", "--model", "demo", "--ood", "ratio"])
     assert res.exit_code == 1 and "--ood and --reference go together" in res.output
+
+
+def test_a_clip_among_images_is_a_row_with_its_error(demo_video, clips, digits, tmp_path):
+    from starflow_mlx.pipelines.video_io import Mp4Writer
+
+    frames, prompts = clips
+    with Mp4Writer(tmp_path / "clip.mp4", 16) as writer:
+        writer.write(frames[0])
+    digits[0][0].save(tmp_path / "a.png")
+    rows = demo_video.score_many([tmp_path], prompts[0])
+    assert [r.path for r in rows] == [str(tmp_path / "a.png"), str(tmp_path / "clip.mp4")]
+    assert rows[0].error == f"{tmp_path / 'a.png'} is an image but the model is a video model"
+    assert rows[1].error is None and len(rows[1].frame_bits) == 5
+    res = runner.invoke(app, ["score", str(tmp_path), "-p", "7", "--model", "demo"])
+    assert res.exit_code == 1 and "clip.mp4 is a video but the model is an image model" in res.output
