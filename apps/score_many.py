@@ -112,12 +112,13 @@ def score(
         if not _single(paths) or table:
             raise ValueError("--heatmap maps one input: give one file, without the table options")
         check_target(heatmap, "--heatmap")
+    if heatmap is not None:
+        from starflow_mlx.apps.heatmap_cmd import write_heatmap
+
+        write_heatmap(paths[0], prompt, model, lora, lora_scale, fps, heatmap)
+        return
     if _single(paths) and not table:
         generate_cmd.score(paths[0], prompt, model, lora, lora_scale, fps)
-        if heatmap is not None:
-            from starflow_mlx.apps.heatmap_cmd import write_heatmap
-
-            write_heatmap(paths[0], prompt, model, lora, lora_scale, fps, heatmap)
         return
     for path, option in ((csv_file, "--csv"), (json_file, "--json")):
         check_target(path, option)

@@ -172,6 +172,7 @@ def test_heatmap_shares_sum_to_the_score(demo, demo_video, digits, clips, tmp_pa
     res = runner.invoke(app, ["score", str(tmp_path / "a.png"), "-p", "6", "--model", "demo", "--heatmap",
                               str(tmp_path / "h.png")])
     assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == f"{demo.score(image, '6'):.4f} bits/dim"
     with Image.open(tmp_path / "h.png") as drawn:
         assert drawn.size == (2 * 256 + 4, 256)
 
