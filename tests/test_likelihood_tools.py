@@ -236,3 +236,22 @@ def test_a_clip_among_images_is_a_row_with_its_error(demo_video, clips, digits, 
     assert rows[1].error is None and len(rows[1].frame_bits) == 5
     res = runner.invoke(app, ["score", str(tmp_path), "-p", "7", "--model", "demo"])
     assert res.exit_code == 1 and "clip.mp4 is a video but the model is an image model" in res.output
+
+
+def test_classify_among_candidate_prompts(digits, tmp_path):
+    images, labels = digits
+    images[0].save(tmp_path / "a.png")
+    (tmp_path / "two.txt").write_text(f"1\n\n{labels[0]}\n")
+    res = runner.invoke(app, ["classify", str(tmp_path / "a.png"), "--model", "demo", "--prompts",
+                              str(tmp_path / "two.txt")])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith(f"{labels[0]} ") and len(lines) == 3
+    (tmp_path / "one.txt").write_text("1\n")
+    res = runner.invoke(app, ["classify", str(tmp_path / "a.png"), "--model", "demo", "--prompts",
+                              str(tmp_path / "one.txt")])
+    assert res.exit_code == 1 and "holds 1 prompts: give 2 to 1000" in res.output
+    (tmp_path / "bad.txt").write_text("1\nseven\n")
+    res = runner.invoke(app, ["classify", str(tmp_path / "a.png"), "--model", "demo", "--prompts",
+                              str(tmp_path / "bad.txt")])
+    assert res.exit_code == 1 and "unknown class 'seven'" in res.output
