@@ -255,3 +255,24 @@ def test_classify_among_candidate_prompts(digits, tmp_path):
     res = runner.invoke(app, ["classify", str(tmp_path / "a.png"), "--model", "demo", "--prompts",
                               str(tmp_path / "bad.txt")])
     assert res.exit_code == 1 and "unknown class 'seven'" in res.output
+
+
+def test_text_model_scores_and_ranks_prompts(tmp_path):
+    from fixtures_model import make_model_folder
+
+    pipe = Pipeline.from_pretrained(make_model_folder(tmp_path))
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), np.uint8))  # 3:2, not 1:1
+    square = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8))
+    rows = pipe.score_many([wide, square, wide], "a cat", batch_size=3)
+    np.testing.assert_allclose([r.bits_per_dim for r in rows], [pipe.score(i, "a cat") for i in (wide, square, wide)],
+                               rtol=1e-5, atol=1e-5)
+    result = pipe.classify(wide, ["a cat", "a dog"])
+    assert result.log_likelihoods[1] == pytest.approx(-pipe.score(wide, "a dog") * result_dims(pipe, wide) * np.log(2),
+                                                      rel=1e-5)
+    with pytest.raises(ValueError, match="candidate prompts"):
+        pipe.classify(wide)
+
+
+def result_dims(pipe, image) -> int:
+    x, _ = pipe.prepare_score(image, "")
+    return int(np.prod(x.shape[1:]))
