@@ -14,6 +14,7 @@ from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.training.data import load_digits_split
+from test_generation_options import bomb_png
 
 register(app)
 runner = CliRunner()
@@ -74,14 +75,17 @@ def test_score_folder_with_a_damaged_file(digits, tmp_path):
     for i, image in enumerate(images[:4]):
         image.save(folder / f"{i}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG damaged")
+    bomb_png(folder / "huge.png", side=9000)  # declares 81 megapixels: refused from its header
     res = runner.invoke(app, ["score", str(folder), "-p", "5", "--model", "demo", "--csv", str(tmp_path / "s.csv"),
                               "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 1, res.output
-    assert "error: 1 of 5 inputs could not be scored" in res.output
+    assert "error: 2 of 6 inputs could not be scored" in res.output
     with open(tmp_path / "s.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [r["path"] for r in table] == [str(folder / n) for n in ("0.png", "1.png", "2.png", "3.png", "broken.png")]
-    assert "cannot read image" in table[-1]["error"] and table[-1]["bits_per_dim"] == ""
+    names = ("0.png", "1.png", "2.png", "3.png", "broken.png", "huge.png")
+    assert [r["path"] for r in table] == [str(folder / n) for n in names]
+    assert "cannot read image" in table[-2]["error"] and table[-2]["bits_per_dim"] == ""
+    assert "a decompression bomb?" in table[-1]["error"] and table[-1]["bits_per_dim"] == ""
     alone = Pipeline.from_pretrained("demo").score(folder / "2.png", "5")
     assert float(table[2]["bits_per_dim"]) == pytest.approx(alone, abs=1e-4)
     assert json.loads((tmp_path / "s.json").read_text())[2]["bits_per_dim"] == pytest.approx(alone, abs=1e-4)
