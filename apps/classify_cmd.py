@@ -36,9 +36,11 @@ def read_prompts(path: Path) -> list[str]:
 
 def classify(
     path: Path = typer.Argument(..., readable=False, help="Image to classify, or an .mp4 for a video model."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", readable=False,
-                                           help="Text file of candidate prompts, one a line (default: the model's classes)."),
+                                           help="Text file of candidate prompts, one a line (default: the model's "
+                                                "classes)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Video models: the frame rate the clip is resampled to."),
     top: Optional[int] = typer.Option(None, "--top", help="List only the K most probable classes."),
 ) -> None:

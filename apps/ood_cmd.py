@@ -35,7 +35,8 @@ def ood_columns(pipe, rows, items, stat: str, reference: Path, prompt: str, fps,
     if stat == "typicality" and len(scored):
         test = typicality_test(scored, reference_bits, ALPHA)
         typer.echo(f"# typicality test of the {test.batch} inputs together: mean bits/dim {scored.mean():.4f} is "
-                   f"{test.distance:.4f} from the reference's {reference_bits.mean():.4f} (threshold {test.threshold:.4f} "
-                   f"from bootstrap batches of {test.batch}): {'typical' if test.typical else 'atypical'}")
-    return [{stat: None if np.isnan(v) else float(v), "threshold": limit, "outlier": None if np.isnan(v) else bool(v > limit)}
-            for v in values]
+                   f"{test.distance:.4f} from the reference's {reference_bits.mean():.4f} (threshold "
+                   f"{test.threshold:.4f} from bootstrap batches of {test.batch}): "
+                   f"{'typical' if test.typical else 'atypical'}")
+    return [{stat: None if np.isnan(v) else float(v), "threshold": limit,
+             "outlier": None if np.isnan(v) else bool(v > limit)} for v in values]

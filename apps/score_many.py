@@ -75,7 +75,8 @@ def score(
     paths: list[Path] = typer.Argument(..., readable=False, help="Images or .mp4 clips (video models): files, "
                                                                    "folders (searched recursively) or globs."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on; '' for none."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                              help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
     lora: Optional[Path] = typer.Option(None, "--lora", readable=False,
                                         help="Add a LoRA adapter folder (starflow train --lora) to the model."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiply the adapter's update by this."),
