@@ -282,3 +282,20 @@ def test_text_model_scores_and_ranks_prompts(tmp_path):
 def result_dims(pipe, image) -> int:
     x, _ = pipe.prepare_score(image, "")
     return int(np.prod(x.shape[1:]))
+
+
+def test_write_file_is_whole_or_absent(tmp_path, monkeypatch):
+    from starflow_mlx import staging
+
+    staging.write_file(tmp_path / "a.csv", b"x,y\n")
+    assert (tmp_path / "a.csv").read_bytes() == b"x,y\n"
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        staging.write_file(tmp_path, b"")
+
+    def broken(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(staging.os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        staging.write_file(tmp_path / "b.csv", b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv"]  # no temporary left behind
