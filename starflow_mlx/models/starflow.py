@@ -212,10 +212,11 @@ class STARFlow(nn.Module):
         """Exact log-density split by token (one patch of one frame), in nats: (B, [T,] H/p, W/p), summing to
         :meth:`log_prob`.
 
-        Each element carries the log-det of every block's affine step on it and its own Gaussian prior
-        term. The deep block's share is exactly log p(token | tokens before it in its order); a shallow
-        block's log-det and the prior of its output are counted where that element sits, a choice that
-        keeps the split exact rather than a conditional density of its own.
+        Each element carries the log-det of every block's affine step on it and the Gaussian prior term of
+        the final noise at its position (blocks keep positions, only their token order flips). The deep
+        block's log-det plus the prior is exactly log p(token | tokens before it) in its order; counting the
+        shallow blocks' log-dets where they act is a choice that keeps the split exact, not a conditional
+        density of its own.
         """
         self._check_input(x, "x")
         z, logdet = self._forward_blocks(self._patchify(x.astype(mx.float32)), y, self.blocks, elementwise=True)
