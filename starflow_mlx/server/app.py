@@ -34,6 +34,7 @@ from starlette.staticfiles import StaticFiles
 
 from starflow_mlx.jsonconfig import ConfigError, parse_json
 from starflow_mlx.server.jobs import FINISHED, Job, JobRunner, QueueFull
+from starflow_mlx.server.scores import scores_endpoint
 from starflow_mlx.server.request_types import (MAX_BODY_BYTES, ImageRequest, RequestError, VideoRequest,
                                                image_sizes, parse_request)
 
@@ -258,6 +259,7 @@ def create_app(runner: JobRunner, api_key: str | None = None) -> Starlette:
         Route("/v1/jobs", list_jobs), Route("/v1/jobs/{job_id}", get_job),
         Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]), Route("/v1/jobs/{job_id}/events", job_events),
         Route("/v1/files/{job_id}/{name}", file),
+        Route("/v1/scores", scores_endpoint(runner), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
 
