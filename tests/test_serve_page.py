@@ -84,3 +84,23 @@ def test_page_plays_a_video_job(tmp_path, browser):
         page.wait_for_function("document.querySelector('video').readyState >= 1", timeout=TIMEOUT_MS)
         assert page.eval_on_selector("video", "v => v.duration") == pytest.approx(5 / 16, abs=0.02)
         assert page.eval_on_selector("video", "v => v.videoWidth") == 48
+
+
+def test_scores_page_ranks_files_least_likely_first(tmp_path, browser):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), np.uint8)).save(tmp_path / "noise.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "blank.png")
+    with started("demo", tmp_path / "out") as runner, serving(runner, api_key="page-key") as url:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/static/scores.html")
+        page.fill("#key", "page-key")
+        page.fill("#prompt", "3")
+        page.set_input_files("#files", [str(tmp_path / "blank.png"), str(tmp_path / "noise.png")])
+        page.click("#score")
+        page.wait_for_selector("#ranked tbody tr:nth-child(2)", timeout=TIMEOUT_MS)
+        names = page.eval_on_selector_all("#ranked tbody tr td:nth-child(2)", "cells => cells.map(c => c.textContent)")
+        assert names == ["noise.png", "blank.png"] and not errors
