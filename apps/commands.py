@@ -23,7 +23,11 @@ def register(app) -> None:
     from starflow_mlx.apps import generate_cmd
 
     add("generate", generate_cmd.generate, IMAGES)
-    add("score", generate_cmd.score, IMAGES)
+
+    from starflow_mlx.apps import classify_cmd, score_many
+
+    add("score", score_many.score, IMAGES)
+    add("classify", classify_cmd.classify, IMAGES)
 
     from starflow_mlx.apps import inversion_cmd
 

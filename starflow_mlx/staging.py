@@ -226,3 +226,14 @@ def staged_file(output: str | Path) -> Iterator[Path]:
             os.replace(staging, output)
         finally:
             staging.unlink(missing_ok=True)
+
+
+def write_file(path: str | Path, data: bytes) -> None:
+    """One file, whole or not at all (:func:`staged_file`). A folder at ``path``, or a missing parent, is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder: give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    with staged_file(path) as staging:
+        staging.write_bytes(data)

@@ -125,3 +125,23 @@ def test_page_makes_what_each_kind_of_model_makes(tmp_path, browser, kind):
             width = page.eval_on_selector(".gallery img", "i => i.naturalWidth")
             assert f"{width}x" in " ".join(image_sizes(runner.pipe))
         assert not errors
+
+
+def test_scores_page_ranks_files_least_likely_first(tmp_path, browser):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), np.uint8)).save(tmp_path / "noise.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "blank.png")
+    with started("demo", tmp_path / "out") as runner, serving(runner, api_key="page-key") as url:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url + "/static/scores.html")
+        page.fill("#key", "page-key")
+        page.fill("#prompt", "3")
+        page.set_input_files("#files", [str(tmp_path / "blank.png"), str(tmp_path / "noise.png")])
+        page.click("#score")
+        page.wait_for_selector("#ranked tbody tr:nth-child(2)", timeout=TIMEOUT_MS)
+        names = page.eval_on_selector_all("#ranked tbody tr td:nth-child(2)", "cells => cells.map(c => c.textContent)")
+        assert names == ["noise.png", "blank.png"] and not errors

@@ -208,6 +208,20 @@ class STARFlow(nn.Module):
         per_element = -0.5 * z * z - 0.5 * math.log(2 * math.pi) + logdet
         return per_element.reshape(x.shape[0], x.shape[1], -1).sum(axis=2)
 
+    def log_prob_tokens(self, x: mx.array, y: mx.array | None = None) -> mx.array:
+        """Exact log-density split by token (one patch of one frame), in nats: (B, [T,] H/p, W/p), summing to
+        :meth:`log_prob`.
+
+        Each element carries the log-det of every block's affine step on it and the Gaussian prior term of
+        the final noise at its position (blocks keep positions, only their token order flips). The deep
+        block's log-det plus the prior is exactly log p(token | tokens before it) in its order; counting the
+        shallow blocks' log-dets where they act is a choice that keeps the split exact, not a conditional
+        density of its own.
+        """
+        self._check_input(x, "x")
+        z, logdet = self._forward_blocks(self._patchify(x.astype(mx.float32)), y, self.blocks, elementwise=True)
+        return (-0.5 * z * z - 0.5 * math.log(2 * math.pi) + logdet).sum(axis=-1)
+
     # -- sampling ------------------------------------------------------------------------
     def reverse(
         self,

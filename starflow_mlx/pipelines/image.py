@@ -339,3 +339,28 @@ class Pipeline:
         from starflow_mlx.pipelines import inversion
 
         return inversion.inpaint(self, source, mask, prompt, **options)
+    # -- many inputs (starflow_mlx.pipelines.scoring) -------------------------------------
+    def iter_scores(self, inputs, prompt: str, **options):
+        """Yield a :class:`~starflow_mlx.pipelines.scoring.ScoreRow` per input (files, folders, globs, images or
+        clips), scored in batches; options: fps, batch_size, progress. An unreadable input is a row with its error."""
+        from starflow_mlx.pipelines.scoring import iter_scores
+
+        return iter_scores(self, inputs, prompt, **options)
+
+    def score_many(self, inputs, prompt: str, **options) -> list:
+        """:meth:`iter_scores` as a list."""
+        return list(self.iter_scores(inputs, prompt, **options))
+
+    def classify(self, item, prompts: list[str] | None = None, **options):
+        """p(class | item) over the model's classes (or ``prompts``) by Bayes with a uniform prior
+        (:func:`starflow_mlx.pipelines.scoring.classify`); options: fps, batch_size."""
+        from starflow_mlx.pipelines.scoring import classify
+
+        return classify(self, item, prompts, **options)
+
+    def token_map(self, item, prompt: str, fps: int | None = None):
+        """Each token's share of the input's bits/dim (they sum to :meth:`score`), for a heat map
+        (:mod:`starflow_mlx.pipelines.heatmap` says how the shallow blocks and the prior are assigned)."""
+        from starflow_mlx.pipelines.heatmap import token_map
+
+        return token_map(self, item, prompt, fps)

@@ -40,6 +40,7 @@ from starflow_mlx.server.browser_guard import BrowserGuard
 from starflow_mlx.server.generation import check_request
 from starflow_mlx.server.jobs import FINISHED, Job, JobRunner, QueueFull
 from starflow_mlx.server.limits import BODY_SECONDS, BodyLimits
+from starflow_mlx.server.scores import scores_endpoint
 from starflow_mlx.server.request_types import (MAX_BODY_BYTES, ImageRequest, RequestError, VideoRequest,
                                                image_sizes, parse_request)
 
@@ -289,6 +290,7 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
         Route("/v1/jobs", list_jobs), Route("/v1/jobs/{job_id}", get_job),
         Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]), Route("/v1/jobs/{job_id}/events", job_events),
         Route("/v1/files/{job_id}/{name}", file),
+        Route("/v1/scores", scores_endpoint(runner), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
 

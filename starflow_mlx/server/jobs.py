@@ -186,6 +186,7 @@ class JobRunner:
         self.unfinished: collections.deque[str] = collections.deque()  # failed and cancelled, oldest first
         self.thread = threading.Thread(target=self._work, name="starflow-serve-worker", daemon=True)
         self.restored = 0
+        self.calls: collections.deque[tuple[Callable, threading.Event, dict]] = collections.deque()
 
     # -- life ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,6 +223,20 @@ class JobRunner:
             self.waiting.append(job)
             self.lock.notify_all()
         return job
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(pipe)`` on the worker thread, before the next job (MLX never sees two threads); its result or
+        its exception. Blocks: call it from a thread, not the event loop."""
+        done, box = threading.Event(), {}
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the server is stopping")
+            self.calls.append((fn, done, box))
+            self.lock.notify_all()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
 
     def retry_after(self) -> int:
         """Seconds until a place in the queue frees up: the running job's remaining share plus one more job."""
@@ -309,15 +324,26 @@ class JobRunner:
     def _serve(self) -> None:
         while True:
             with self.lock:
-                while not self.waiting and not self.stopping:
+                while not self.waiting and not self.calls and not self.stopping:
                     self.lock.wait()
-                if self.stopping:
-                    for job in list(self.waiting):
-                        self._finish(job, "cancelled", error={"code": "cancelled", "message": "the server stopped"})
-                    self.waiting.clear()
-                    return
-                job = self.running = self.waiting.popleft()
-                job.changed(status="in_progress", stage="starting")
+                call = self.calls.popleft() if self.calls else None  # short: served before the next job
+                if call is None:
+                    if self.stopping:
+                        for job in list(self.waiting):
+                            self._finish(job, "cancelled", error={"code": "cancelled",
+                                                                  "message": "the server stopped"})
+                        self.waiting.clear()
+                        return
+                    job = self.running = self.waiting.popleft()
+                    job.changed(status="in_progress", stage="starting")
+            if call is not None:
+                fn, done, box = call
+                try:
+                    box["result"] = fn(self.pipe)
+                except BaseException as exc:  # handed to the caller's thread
+                    box["error"] = exc
+                done.set()
+                continue
             try:
                 self._run(job)
             finally:
