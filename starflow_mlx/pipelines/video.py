@@ -249,8 +249,11 @@ class VideoPipeline(Pipeline):
         latents = self.vae.encode(mx.array(frames, dtype=mx.float32))
         return mx.concatenate([latents[:, :1], latents[:, 1:] * self.temporal_scale], axis=1)
 
-    def _context(self, image, video, height: int, width: int, fps: int, keys: list) -> mx.array | None:
-        """Noised flow-space latents of the conditioning image or clip, one noise draw per key (video)."""
+    def _context(self, image, video, height: int, width: int, fps: int, keys: list,
+                 frames: int | None = None) -> mx.array | None:
+        """Noised flow-space latents of the conditioning image or clip, one noise draw per key (video).
+
+        A clip file is read up to ``frames`` frames: one that long already leaves nothing to generate."""
         if image is None and video is None:
             return None
         if image is not None and video is not None:
@@ -265,16 +268,17 @@ class VideoPipeline(Pipeline):
         else:
             from starflow_mlx.pipelines.video_io import read_video
 
-            frames, rate = read_video(video, fps=fps) if not isinstance(video, np.ndarray) else (video, fps)
+            clip_frames, rate = (read_video(video, fps=fps, frames=frames) if not isinstance(video, np.ndarray)
+                                 else (video, fps))
             if isinstance(video, (str, Path)) and abs(rate - fps) > 1e-3:
                 warnings.warn(f"the clip is not at {fps} fps: resampled to {fps}", stacklevel=4)
-            clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
-            if usable != len(frames):
-                warnings.warn(f"the clip's last {len(frames) - usable} frame(s) are dropped to make 1 + 4k frames",
-                              stacklevel=4)
+            clip, usable, changed = clip_pixels(clip_frames, height, width, self.vae.temporal_factor, self.resample)
+            if usable != len(clip_frames):
+                warnings.warn(f"the clip's last {len(clip_frames) - usable} frame(s) are dropped to make 1 + 4k "
+                              "frames", stacklevel=4)
             if changed:
-                warnings.warn(f"the clip is {frames.shape[2]}x{frames.shape[1]}: resized to cover {width}x{height} and "
-                              "centre-cropped", stacklevel=4)
+                warnings.warn(f"the clip is {clip_frames.shape[2]}x{clip_frames.shape[1]}: resized to cover "
+                              f"{width}x{height} and centre-cropped", stacklevel=4)
         latents = self.encode(clip[None])
         # As upstream: the conditioning latents carry the training noise, like everything the flow models.
         return mx.concatenate([latents + self.config.noise_std * mx.random.normal(latents.shape, key=key)
@@ -325,7 +329,8 @@ class VideoPipeline(Pipeline):
         report = progress or (lambda *a, **k: None)
         # Video i draws from seed + i, so one video of a batch can be made again on its own.
         keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
-        context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys])
+        context = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, [k[1] for k in keys],
+                                frames)
         if context is not None and context.shape[1] >= latent_frames:
             message = f"the clip already has {self.pixel_frames(context.shape[1])} frames: ask for more "
             raise with_cli_message(ValueError(message + "frames than that"), message + "--frames than that")
