@@ -86,8 +86,10 @@ def user_errors(command):
             if os.environ.get("STARFLOW_DEBUG"):
                 raise
             fail("the input is nested too deeply to be a real model file")
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (termination.install): cleaned up by now
+            from starflow_mlx.termination import describe
+
+            fail(*describe(exc))
         except typer.Exit:  # a command that has said why it stops, with its own status
             raise
         except Exception as exc:  # a bug, not the user's mistake: still one line, with how to learn more
@@ -100,11 +102,15 @@ def user_errors(command):
 
 
 def main() -> None:
+    from starflow_mlx.termination import describe, install
+
+    install()
     try:
         from starflow_mlx.apps import commands
 
         commands.register(app)  # imports every command: seconds on a busy machine, before user_errors can help
         app()
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        text, status = describe(exc)
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(status) from None

@@ -74,6 +74,7 @@ def coreml_video(
                                                                   "(any system, slow) instead of Core ML (macOS 15+)."),
     report: bool = typer.Option(False, "--report", help="Print prediction seconds per package and the overlap "
                                                         "with the deep block."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output instead of refusing."),
 ) -> None:
     """Make a video with the Core ML packages of a STARFlow-V export: text encoder, deep and shallow blocks,
     denoiser and VAE decoder (and the VAE encoder with --image), pipelined as the manifest describes."""
@@ -91,6 +92,8 @@ def coreml_video(
 
     check_mp4(output)
     check_writable(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists: pass --overwrite to replace it, or choose another name")
     manifest = ExportManifest.load(folder)
     if manifest.video is None:
         raise DriverError(f"{folder} is an image export: coreml-video drives STARFlow-V exports")
@@ -136,7 +139,7 @@ def coreml_video(
     params = {"prompt": prompt, "seed": seed, "cfg": cfg, "frames": frames, "fps": fps, "coreml": str(folder),
               "image": str(image) if image else None}
     written = write_videos((to_uint8(c) for c in chunks), [(output, params, 0 if manifest.batch == 1 else None)],
-                           fps)
+                           fps, overwrite)
     if report:
         for line in backend.report().lines():
             typer.echo(line)

@@ -191,7 +191,8 @@ def finished_images(plan: OutputPlan, params: dict, overwrite: bool) -> set[int]
 
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
-                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True) -> list:
+                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True,
+                overwrite: bool = False) -> list:
     """Sample ``wanted`` batch by batch; files of a folder are written per batch (unless not ``write``: a
     pipeline rank other than 0), a grid's images returned.
 
@@ -212,7 +213,7 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
                                                    images=(start, stop), **options):
             if plan.file is None and write:
                 save_images([(image, plan.names[first + k], dict(params, index=first + k))
-                             for k, image in enumerate(images) if first + k not in done])
+                             for k, image in enumerate(images) if first + k not in done], overwrite)
             else:
                 kept.extend(images)
             count += sum(first + k not in done for k in range(len(images)))
@@ -220,11 +221,12 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
     return kept
 
 
-def write_file(plan: OutputPlan, images: list, params: dict, index: Optional[int]) -> None:
+def write_file(plan: OutputPlan, images: list, params: dict, index: Optional[int], overwrite: bool = False) -> None:
     from starflow_mlx.pipelines.image_files import grid, save_images
 
     single = len(images) == 1
-    save_images([(images[0] if single else grid(images), plan.file, dict(params, index=index if single else None))])
+    save_images([(images[0] if single else grid(images), plan.file, dict(params, index=index if single else None))],
+                overwrite)
 
 
 def generate(
@@ -363,15 +365,15 @@ def generate(
         else:
             with world.sampling():
                 images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
-                                     world.beating(stages), done, write=world.is_main)
+                                     world.beating(stages), done, write=world.is_main, overwrite=overwrite)
     if not world.is_main:
         return
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     if plan.file is not None:
-        write_file(plan, images, params, wanted.start if len(wanted) == 1 else None)
+        write_file(plan, images, params, wanted.start if len(wanted) == 1 else None, overwrite)
     elif dist.data_parallel(world, layers):
-        save_images([(image, plan.names[i], dict(params, index=i)) for i, image in zip(wanted, images)])
+        save_images([(image, plan.names[i], dict(params, index=i)) for i, image in zip(wanted, images)], overwrite)
     stages.log(stages.summary())
     new = [path for i, path in plan.names.items() if i not in done] if plan.file is None else plan.paths
     for path in new[:3]:

@@ -125,7 +125,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         else:
             with world.sampling():  # samples now; the frames are decoded as they are written (rank 0 only)
                 chunks = pipe.stream(job["prompt"], progress=world.beating(stages), **options)
-        written = write_videos(chunks, items, options["fps"]) if world.is_main else 0
+        written = write_videos(chunks, items, options["fps"], overwrite) if world.is_main else 0
     if not world.is_main:
         return
     for warning in caught:

@@ -145,3 +145,148 @@ def test_pyav_errors_are_one_clear_line(tmp_path):
     path.write_bytes(b"\x00" * 64)
     line = one_line(cli("score", path, "-p", "7", "-m", "demo-video"))
     assert line == f"error: cannot read {path} as a video: Invalid data found when processing input"
+
+
+# -- no clobbering ---------------------------------------------------------------------------
+def failed(res) -> str:
+    """The ``error:`` line that ends a failed run (progress lines may come before it)."""
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and lines[-1].startswith("error:") and sum("error" in ln for ln in lines) == 1, res.output
+    return lines[-1]
+
+
+def beaten_to_it(monkeypatch, cls, method, out):
+    """Make ``cls.method`` (the sampler) write ``out`` first, as a second command on the same name would."""
+    real = getattr(cls, method)
+
+    def racing(self, *args, **kwargs):
+        out.write_bytes(b"the other command's file")
+        yield from real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, racing)
+
+
+def test_a_file_that_appears_while_generating_is_never_replaced(tmp_path, monkeypatch):
+    from starflow_mlx.pipelines.image import Pipeline
+
+    out = tmp_path / "same.png"
+    beaten_to_it(monkeypatch, Pipeline, "generate_batches", out)
+    line = failed(cli("generate", "7", "-m", "demo", "-o", out))
+    assert "appeared while this command ran" in line and "--overwrite" in line
+    assert out.read_bytes() == b"the other command's file" and os.listdir(tmp_path) == ["same.png"]
+    assert cli("generate", "7", "-m", "demo", "-o", out, "--overwrite").exit_code == 0
+    assert Image.open(out).format == "PNG"
+
+
+def test_an_mp4_that_appears_while_generating_is_never_replaced(tmp_path, monkeypatch):
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    out = tmp_path / "same.mp4"
+    beaten_to_it(monkeypatch, VideoPipeline, "stream", out)
+    assert "appeared while this command ran" in failed(cli("generate", "7 moving right", "-m", "demo-video",
+                                                           "-o", out))
+    assert out.read_bytes() == b"the other command's file" and os.listdir(tmp_path) == ["same.mp4"]
+
+
+def test_a_folder_job_publishes_all_its_files_or_none(tmp_path):
+    from starflow_mlx.pipelines.image_files import save_images
+    from starflow_mlx.staged_files import OutputExistsError
+
+    (tmp_path / "b.png").write_bytes(b"kept")
+    with pytest.raises(OutputExistsError):
+        save_images([(Image.new("L", (4, 4)), tmp_path / name, {}) for name in ("a.png", "b.png", "c.png")])
+    assert os.listdir(tmp_path) == ["b.png"] and (tmp_path / "b.png").read_bytes() == b"kept"
+
+
+def test_coreml_video_refuses_an_existing_output_without_overwrite(tmp_path):
+    out = tmp_path / "taken.mp4"
+    out.write_bytes(b"mine")
+    line = one_line(cli("coreml-video", tmp_path / "no-export", "--prompt", "7", "-o", out, "--interpreter"))
+    assert "already exists" in line and "--overwrite" in line and out.read_bytes() == b"mine"
+
+
+# -- signals and leftovers -------------------------------------------------------------------
+STARFLOW = "from starflow_mlx.apps.cli import main; main()"
+# The staged-write path of the command without its model: the CLI's signal handling, then an mp4 that is
+# written frame by frame until a signal comes.
+WRITER = """
+import sys, time
+import numpy as np
+from starflow_mlx.termination import describe, install
+from starflow_mlx.pipelines.video_io import write_videos
+install()
+
+def frames():
+    yield np.zeros((1, 1, 16, 16, 3), np.uint8)
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.05)
+        yield np.zeros((1, 1, 16, 16, 3), np.uint8)
+
+try:
+    write_videos(frames(), [(sys.argv[1], {}, 0)], 16)
+except KeyboardInterrupt as exc:
+    text, status = describe(exc)
+    print("error: " + text, file=sys.stderr)
+    sys.exit(status)
+"""
+
+
+def wait_for_staging(proc, folder):
+    import time
+
+    deadline = time.monotonic() + 120
+    while not any(".starflow-tmp-" in name for name in os.listdir(folder)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+
+
+def start_writer(out):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.communicate()
+    wait_for_staging(proc, out.parent)
+    return proc
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_signals_remove_the_staged_mp4(tmp_path, signum):
+    import signal
+
+    proc = start_writer(tmp_path / "long.mp4")
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, signum), err
+    assert err.strip() == ("error: interrupted" if signum == "SIGINT" else f"error: terminated by {signum}")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_sigterm_stops_generate_and_removes_its_staged_mp4(tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", STARFLOW, "generate", "7 moving right", "-m", "demo-video",
+                             "--frames", "400", "-o", str(tmp_path / "long.mp4")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_staging(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "error: terminated by SIGTERM", err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_writers_leftover_is_swept_by_the_next_write(tmp_path):
+    import signal
+
+    from starflow_mlx.pipelines.video_io import write_mp4
+
+    proc = start_writer(tmp_path / "long.mp4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    leftover = os.listdir(tmp_path)
+    assert len(leftover) == 1 and f"-{proc.pid}-" in leftover[0]
+    mine = tmp_path / f".x.mp4.starflow-tmp-{leftover[0].split('-tmp-')[1][:8]}-{os.getpid()}-abc.mp4"
+    mine.write_bytes(b"a live writer's")  # this process is alive: kept
+    (tmp_path / ".notes.starflow-tmp").write_bytes(b"not ours")
+    write_mp4(tmp_path / "next.mp4", np.zeros((1, 16, 16, 3), np.uint8), 16)
+    assert sorted(os.listdir(tmp_path)) == sorted([mine.name, ".notes.starflow-tmp", "next.mp4"])

@@ -1,8 +1,8 @@
 """mp4 in and out with PyAV (a wheel that ships its own FFmpeg): H.264 yuv420p, parameters in the metadata.
 
-Frames are written as they arrive, into a hidden temporary file beside the target that
-is renamed into place only when the video is complete, so a failure or an interrupt
-never leaves a half-written mp4 under the requested name.
+Frames are written as they arrive, into a staged temporary file beside the target that is
+published only when the video is complete (:mod:`starflow_mlx.staged_files`), so a failure or an
+interrupt never leaves a half-written mp4 under the requested name, and nothing is replaced unasked.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -53,29 +51,23 @@ def pick_codec() -> tuple[str, dict]:
     raise OSError("this FFmpeg build has no H.264 or MPEG-4 encoder: reinstall PyAV (pip install --force-reinstall av)")
 
 
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 class Mp4Writer:
-    """``with Mp4Writer(path, fps, params) as w: w.write(frames)``; ``frames`` uint8 (n, H, W, 3)."""
+    """``with Mp4Writer(path, fps, params) as w: w.write(frames)``; ``frames`` uint8 (n, H, W, 3).
+
+    Writes exactly ``path``: callers write to a staged temporary name (:func:`write_videos`).
+    """
 
     def __init__(self, path: str | Path, fps: int, params: dict | None = None):
         self.path, self.fps, self.params = Path(path), int(fps), params or {}
         if self.fps < 1:
             raise ValueError(f"fps must be at least 1, got {fps}")
         self.frames = 0
-        self._container = self._stream = self._tmp = None
+        self._container = self._stream = None
 
     def __enter__(self) -> "Mp4Writer":
         av = _av()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".mp4", dir=self.path.parent)
-        os.close(fd)
         self.codec, options = pick_codec()
-        self._container = av.open(self._tmp, "w", format="mp4")
+        self._container = av.open(str(self.path), "w", format="mp4")
         self._stream = self._container.add_stream(self.codec, rate=Fraction(self.fps), options=options)
         self._stream.pix_fmt = "yuv420p"
         # The same seed must give the same file: x264's macroblock-tree rate control (off in CODECS)
@@ -107,17 +99,13 @@ class Mp4Writer:
             if kind is None:
                 for packet in self._stream.encode():
                     self._container.mux(packet)
-            self._container.close()
-            if kind is None:
-                os.chmod(self._tmp, _file_mode())
-                os.replace(self._tmp, self.path)
         finally:
-            Path(self._tmp).unlink(missing_ok=True)
+            self._container.close()
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: int, params: dict | None = None) -> None:
-    with Mp4Writer(path, fps, params) as writer:
-        writer.write(frames)
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int, params: dict | None = None,
+              overwrite: bool = False) -> None:
+    write_videos([np.asarray(frames)[None]], [(Path(path), params or {}, 0)], fps, overwrite)
 
 
 def _open(path: str | Path):
@@ -267,14 +255,19 @@ def frame_grid(frames: np.ndarray, pad: int = 2) -> np.ndarray:
     return canvas
 
 
-def write_videos(chunks: Iterable[np.ndarray], items: list[tuple[Path, dict, int | None]], fps: int) -> int:
+def write_videos(chunks: Iterable[np.ndarray], items: list[tuple[Path, dict, int | None]], fps: int,
+                 overwrite: bool = False) -> int:
     """Stream decoded chunks (B, n, H, W, 3) into one mp4 per item as they arrive; returns the frame count.
 
     Each item is (path, params, index): ``index`` picks one video of the batch, ``None``
-    tiles the whole batch in a grid. Every file appears only when all are complete.
+    tiles the whole batch in a grid. Every file is staged (:mod:`starflow_mlx.staged_files`) and
+    appears only when all are complete; an existing file is replaced only with ``overwrite``.
     """
-    with contextlib.ExitStack() as stack:
-        writers = [(stack.enter_context(Mp4Writer(path, fps, params)), index) for path, params, index in items]
+    from starflow_mlx.staged_files import StagedFiles
+
+    with StagedFiles(overwrite) as staged, contextlib.ExitStack() as stack:
+        writers = [(stack.enter_context(Mp4Writer(staged.add(path), fps, params)), index)
+                   for path, params, index in items]
         frames = 0
         for chunk in chunks:
             for writer, index in writers:
