@@ -307,7 +307,7 @@ def generate(
                               jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, output=output,
                               output_dir=output_dir, overwrite=overwrite, dtype=dtype, from_metadata=from_metadata,
                               frames=frames, fps=fps, image=image, video=video, vae_tile=vae_tile, kv_bits=kv_bits,
-                              pipeline=pipeline)
+                              pipeline=pipeline, model_given=model != DEFAULT_MODEL)
     video_only = [name for name, value in (("--frames", frames), ("--fps", fps), ("--image", image),
                                            ("--video", video), ("--vae-tile", vae_tile)) if value is not None]
     if video_only:
@@ -321,10 +321,13 @@ def generate(
                lora=None if lora is None else str(lora), lora_scale=lora_scale)
     default = None
     if from_metadata is not None:
-        if prompt is not None or lora is not None:
-            raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
-                             "both (the image records its adapter)")
+        from starflow_mlx.apps.metadata_paths import confirm_path
+
+        if prompt is not None:
+            raise ValueError("give a prompt or --from-metadata IMAGE, not both")
         job = options_from_metadata(from_metadata)
+        job["model"] = confirm_path(job["model"], None if model == DEFAULT_MODEL else model, "model", from_metadata)
+        job["lora"] = confirm_path(job["lora"], lora, "lora", from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata IMAGE)")

@@ -44,8 +44,10 @@ def report_memory() -> str:
 
 def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
                    jacobi_threshold, jacobi_max_iter, output, output_dir, overwrite, dtype, from_metadata,
-                   frames, fps, image, video, vae_tile, kv_bits, pipeline=False) -> None:
-    """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
+                   frames, fps, image, video, vae_tile, kv_bits, pipeline=False, model_given=True) -> None:
+    """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s.
+
+    ``model_given``: whether --model was given (not its default), which a model folder from metadata needs."""
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs
@@ -55,24 +57,27 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.pipelines.video import frame_count
-    from starflow_mlx.pipelines.video_io import check_input, input_record, write_videos
+    from starflow_mlx.apps.metadata_paths import confirm_input, confirm_path
+    from starflow_mlx.pipelines.video_io import input_record, write_videos
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
                   jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, kv_bits=kv_bits,
                   image=None, video=None, image_sha256=None, video_sha256=None, dtype=dtype, index=None)
     inputs = (("image", image), ("video", video))
-    for role, path in inputs:  # recorded by absolute path and content, for --from-metadata anywhere
-        if path is not None:
-            chosen[role], chosen[f"{role}_sha256"] = input_record(path, role)
     default = None
-    if from_metadata is not None:
+    if from_metadata is None:
+        for role, path in inputs:  # recorded by absolute path and content, for --from-metadata anywhere
+            if path is not None:
+                chosen[role], chosen[f"{role}_sha256"] = input_record(path, role)
+    else:
         if prompt is not None:
             raise ValueError("give a prompt or --from-metadata VIDEO, not both")
         chosen = video_options_from_metadata(from_metadata)
-        for role, _ in inputs:
-            if chosen[role] is not None:
-                check_input(chosen[role], chosen[f"{role}_sha256"], role, from_metadata)
+        chosen["model"] = confirm_path(chosen["model"], model if model_given else None, "model", from_metadata)
+        for role, path in inputs:
+            chosen[role], chosen[f"{role}_sha256"] = confirm_input(chosen[role], chosen[f"{role}_sha256"], path, role,
+                                                                   from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again.mp4")
     if chosen["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata VIDEO)")

@@ -22,6 +22,6 @@ def check_regular_file(path: str | Path, what: str, error: type[Exception] = Val
     except OSError as exc:
         raise error(f"cannot read {what} {path} ({exc.strerror or type(exc).__name__})") from None
     if stat.S_ISDIR(mode):
-        raise error(f"{what} {path} is a folder: give a file")
+        raise error(f"{what} {path} is a folder: give {'an' if what[:1] in 'aeiou' else 'a'} {what} file")
     if not stat.S_ISREG(mode):
         raise error(f"{what} {path} is not a regular file (a FIFO, socket or device): give a file")

@@ -149,7 +149,7 @@ def test_data_parallel_videos_are_each_videos_own_bytes(video_model, tmp_path):
     made = sorted((tmp_path / "two").iterdir())
     assert [p.name for p in made] == ["a-fox-seed0-000.mp4", "a-fox-seed0-001.mp4"]
     # Rank 1 sampled video 1 alone, as regenerating it from its metadata does.
-    single("generate", "--from-metadata", made[1], "-o", tmp_path / "again.mp4")
+    single("generate", "--from-metadata", made[1], "--model", video_model, "-o", tmp_path / "again.mp4")
     assert (tmp_path / "again.mp4").read_bytes() == made[1].read_bytes()
 
 

@@ -290,3 +290,72 @@ def test_a_killed_writers_leftover_is_swept_by_the_next_write(tmp_path):
     (tmp_path / ".notes.starflow-tmp").write_bytes(b"not ours")
     write_mp4(tmp_path / "next.mp4", np.zeros((1, 16, 16, 3), np.uint8), 16)
     assert sorted(os.listdir(tmp_path)) == sorted([mine.name, ".notes.starflow-tmp", "next.mp4"])
+
+
+# -- paths named by metadata -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A demo image and a demo-video clip, and a local 'secret' a crafted file's metadata could point at."""
+    folder = tmp_path_factory.mktemp("made")
+    assert cli("generate", "7", "-m", "demo", "-o", folder / "seven.png").exit_code == 0
+    assert cli("generate", "7 moving right", "-m", "demo-video", "-o", folder / "seven.mp4").exit_code == 0
+    (folder / "secret").write_bytes(b"not for a stranger's file to read")
+    return folder
+
+
+def crafted(made, tmp_path, name, **changes):
+    """``name`` from ``made`` with its pixels, its metadata changed by ``changes``."""
+    from starflow_mlx.pipelines import image_files, video_io
+
+    out = tmp_path / name
+    if name.endswith(".png"):
+        meta = image_files.read_metadata(made / name)
+        image_files.save_images([(Image.open(made / name), out, {**meta, **changes})])
+    else:
+        frames, _ = video_io.read_video(made / name)
+        video_io.write_mp4(out, frames, 16, {**video_io.read_metadata(made / name), **changes})
+    return out
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    from starflow_mlx.pipelines import video_io
+    from starflow_mlx.pipelines.image import Pipeline
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(video_io, "file_sha256", lambda *a, **k: pytest.fail("read a file the metadata named"))
+
+
+@pytest.mark.parametrize("name, field, option, what", [
+    ("seven.png", "model", "--model", "model folder"),
+    ("seven.png", "lora", "--lora", "LoRA adapter"),
+    ("seven.mp4", "model", "--model", "model folder"),
+    ("seven.mp4", "image", "--image", "first frame (image)"),
+    ("seven.mp4", "video", "--video", "clip (video)"),
+])
+def test_a_path_named_by_metadata_is_not_opened_unless_given_again(made, tmp_path, nothing_loaded, name, field,
+                                                                   option, what):
+    secret = made / ("secret" if field in ("image", "video") else "")
+    path = crafted(made, tmp_path, name, **{field: str(secret)})
+    line = one_line(cli("generate", "--from-metadata", path, "-o", tmp_path / ("again" + path.suffix)))
+    assert f"names the {what} {secret}" in line and f"pass {option} {secret}" in line
+
+
+def test_an_input_the_file_was_made_without_is_refused(made, tmp_path, nothing_loaded):
+    line = one_line(cli("generate", "--from-metadata", made / "seven.mp4", "--image", made / "seven.png",
+                        "-o", tmp_path / "again.mp4"))
+    assert line == f"error: {made / 'seven.mp4'} was made without --image: drop --image to make it again"
+    line = one_line(cli("generate", "--from-metadata", made / "seven.png", "--lora", made, "-o", tmp_path / "a.png"))
+    assert "was made without --lora" in line
+
+
+def test_a_model_folder_given_again_is_used(made, tmp_path):
+    import shutil
+
+    from starflow_mlx.model_folder import BUILT_IN
+
+    shutil.copytree(BUILT_IN["demo"], tmp_path / "mine")
+    path = crafted(made, tmp_path, "seven.png", model=str(tmp_path / "mine"))
+    res = cli("generate", "--from-metadata", path, "--model", tmp_path / "mine", "-o", tmp_path / "again.png")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "again.png").read_bytes() == path.read_bytes()

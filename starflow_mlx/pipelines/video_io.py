@@ -154,16 +154,6 @@ def input_record(path: str | Path, role: str) -> tuple[str, str]:
     return str(path.resolve()), file_sha256(path)
 
 
-def check_input(path: str, sha256: str | None, role: str, made: str | Path) -> None:
-    """Refuse to regenerate ``made`` from an input that is gone or no longer holds what it held."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{made} was made from the {role} {path}, which is missing: put it back at that path "
-                                "to regenerate the video")
-    if sha256 is not None and file_sha256(path) != sha256:  # files written before hashes were kept have none
-        raise ValueError(f"the {role} {path} has changed since {made} was made (its sha256 differs): put the "
-                         "original back to regenerate the video")
-
-
 def read_video(path: str | Path, fps: int | None = None, frames: int | None = None) -> tuple[np.ndarray, float]:
     """Decode a clip to uint8 (T, H, W, 3) and its frame rate; with ``fps``, frames are picked at that rate;
     with ``frames``, only that many are read (the rest would not be used).
