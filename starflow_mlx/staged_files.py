@@ -27,6 +27,7 @@ from starflow_mlx.advice import with_cli_message
 
 TEMP_MARK = ".starflow-tmp-"
 NAME_CHARS = 100  # of the destination's name kept in the temporary one: the whole must fit 255 bytes
+_swept: set[Path] = set()  # folders this process has swept
 _TEMP = re.compile(r"^\..*" + re.escape(TEMP_MARK) + r"([0-9a-f]{8})-(\d+)-")
 
 
@@ -75,9 +76,13 @@ def sweep(folder: Path) -> None:
 
 
 def temp_file(path: Path) -> Path:
-    """A new empty temporary file beside ``path`` (its folder created), after sweeping stale ones there."""
+    """A new empty temporary file beside ``path`` (its folder created), after sweeping stale ones there (once a
+    process: a folder job of many files would otherwise list its folder once per file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep(path.parent)
+    folder = path.parent.resolve()
+    if folder not in _swept:
+        sweep(folder)
+        _swept.add(folder)
     prefix = f".{path.name[:NAME_CHARS]}{TEMP_MARK}{_host()}-{os.getpid()}-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
     os.close(fd)
