@@ -92,8 +92,6 @@ def coreml_video(
 
     check_mp4(output)
     check_writable(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists: pass --overwrite to replace it, or choose another name")
     manifest = ExportManifest.load(folder)
     if manifest.video is None:
         raise DriverError(f"{folder} is an image export: coreml-video drives STARFlow-V exports")
@@ -122,6 +120,8 @@ def coreml_video(
     latent_frames = (frames - 1) // factor + 1
     if image is not None and latent_frames < 2:
         raise DriverError(f"--image is the first frame: ask for at least {factor + 1} --frames, got {frames}")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists: pass --overwrite to replace it, or choose another name")
     inner = InterpreterBackend(folder, manifest) if interpreter else CoreMLBackend(folder, manifest)
     backend = TimedBackend(inner)
     sampler = VideoSampler(folder, backend)

@@ -198,13 +198,6 @@ def test_a_folder_job_publishes_all_its_files_or_none(tmp_path):
     assert os.listdir(tmp_path) == ["b.png"] and (tmp_path / "b.png").read_bytes() == b"kept"
 
 
-def test_coreml_video_refuses_an_existing_output_without_overwrite(tmp_path):
-    out = tmp_path / "taken.mp4"
-    out.write_bytes(b"mine")
-    line = one_line(cli("coreml-video", tmp_path / "no-export", "--prompt", "7", "-o", out, "--interpreter"))
-    assert "already exists" in line and "--overwrite" in line and out.read_bytes() == b"mine"
-
-
 # -- signals and leftovers -------------------------------------------------------------------
 STARFLOW = "from starflow_mlx.apps.cli import main; main()"
 # The staged-write path of the command without its model: the CLI's signal handling, then an mp4 that is
