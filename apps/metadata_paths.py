@@ -24,7 +24,10 @@ def is_local(name: str) -> bool:
     (the order of ``model_folder.resolve_model``)."""
     from starflow_mlx.model_folder import BUILT_IN
 
-    if Path(name).expanduser().exists():
+    try:
+        if Path(name).expanduser().exists():
+            return True
+    except (OSError, ValueError):  # a NUL byte, a name too long: not a name the hub or the built-ins know
         return True
     hub = "/" in name and not name.startswith((".", "/", "~"))
     return not (name in BUILT_IN or hub)

@@ -138,6 +138,9 @@ def test_fifos_are_not_regular_files_and_are_never_opened(fifo, tmp_path):
     assert "not a regular file" in one_line(cli("score", mp4, "-p", "7", "-m", "demo-video"))
     assert "not a regular file" in one_line(cli("score", fifo, "-p", "7", "-m", "demo"))
     assert "not found" in one_line(cli("score", tmp_path / "absent.mp4", "-p", "7", "-m", "demo-video"))
+    for name in ("pipe.mp4", "pipe"):
+        line = one_line(cli("generate", "--from-metadata", tmp_path / name, "-o", tmp_path / "x.png"))
+        assert "not a regular file" in line
 
 
 def test_pyav_errors_are_one_clear_line(tmp_path):
