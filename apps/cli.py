@@ -64,11 +64,15 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def main() -> None:
+    from starflow_mlx.termination import describe, install
+
+    install()
     try:
         from starflow_mlx.apps import commands
 
         commands.register(app)  # imports every command: seconds on a busy machine, before user_errors can help
         app()
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        text, status = describe(exc)
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(status) from None

@@ -74,6 +74,7 @@ def coreml_video(
                                                                   "(any system, slow) instead of Core ML (macOS 15+)."),
     report: bool = typer.Option(False, "--report", help="Print prediction seconds per package and the overlap "
                                                         "with the deep block."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output instead of refusing."),
 ) -> None:
     """Make a video with the Core ML packages of a STARFlow-V export: text encoder, deep and shallow blocks,
     denoiser and VAE decoder (and the VAE encoder with --image), pipelined as the manifest describes."""
@@ -119,6 +120,8 @@ def coreml_video(
     latent_frames = (frames - 1) // factor + 1
     if image is not None and latent_frames < 2:
         raise DriverError(f"--image is the first frame: ask for at least {factor + 1} --frames, got {frames}")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists: pass --overwrite to replace it, or choose another name")
     inner = InterpreterBackend(folder, manifest) if interpreter else CoreMLBackend(folder, manifest)
     backend = TimedBackend(inner)
     sampler = VideoSampler(folder, backend)
@@ -136,7 +139,7 @@ def coreml_video(
     params = {"prompt": prompt, "seed": seed, "cfg": cfg, "frames": frames, "fps": fps, "coreml": str(folder),
               "image": str(image) if image else None}
     written = write_videos((to_uint8(c) for c in chunks), [(output, params, 0 if manifest.batch == 1 else None)],
-                           fps)
+                           fps, overwrite)
     if report:
         for line in backend.report().lines():
             typer.echo(line)

@@ -54,8 +54,10 @@ def user_errors(command):
             if os.environ.get("STARFLOW_DEBUG"):
                 raise
             fail("the input is nested too deeply to be a real model file")
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (termination.install): cleaned up by now
+            from starflow_mlx.termination import describe
+
+            fail(*describe(exc))
         except typer.Exit:  # a command that has said why it stops, with its own status
             raise
         except Exception as exc:  # a bug, not the user's mistake: still one line, with how to learn more

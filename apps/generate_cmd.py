@@ -210,7 +210,7 @@ def finished_images(plan: OutputPlan, params: dict, overwrite: bool) -> set[int]
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
                 batch_size: int, stages, done: frozenset = frozenset(), write: bool = True, saved=None,
-                verify=None) -> list:
+                verify=None, overwrite: bool = False) -> list:
     """Sample ``wanted`` batch by batch; files of a folder are written per batch (unless not ``write``: a
     pipeline rank other than 0), a grid's images returned.
 
@@ -235,7 +235,7 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
                 verify()
             if plan.file is None and write:
                 save_images([(image, plan.names[first + k], dict(params, index=first + k))
-                             for k, image in enumerate(images) if first + k not in done])
+                             for k, image in enumerate(images) if first + k not in done], overwrite)
             else:
                 kept.extend(images)
             count += sum(first + k not in done for k in range(len(images)))
@@ -245,11 +245,12 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
     return kept
 
 
-def write_file(plan: OutputPlan, images: list, params: dict, index: Optional[int]) -> None:
+def write_file(plan: OutputPlan, images: list, params: dict, index: Optional[int], overwrite: bool = False) -> None:
     from starflow_mlx.pipelines.image_files import grid, save_images
 
     single = len(images) == 1
-    save_images([(images[0] if single else grid(images), plan.file, dict(params, index=index if single else None))])
+    save_images([(images[0] if single else grid(images), plan.file, dict(params, index=index if single else None))],
+                overwrite)
 
 
 def generate(
@@ -351,7 +352,8 @@ def generate(
                               jacobi_threshold=jacobi_threshold, jacobi_max_iter=jacobi_max_iter, output=output,
                               output_dir=output_dir, overwrite=overwrite, dtype=dtype, from_metadata=from_metadata,
                               frames=frames, fps=fps, image=image, video=video, vae_tile=vae_tile, kv_bits=kv_bits,
-                              pipeline=pipeline, lora=lora, lora_scale=lora_scale)
+                              pipeline=pipeline, lora=lora, lora_scale=lora_scale,
+                              model_given=model != DEFAULT_MODEL)
     video_only = [name for name, value in (("--frames", frames), ("--fps", fps), ("--image", image),
                                            ("--video", video), ("--vae-tile", vae_tile)) if value is not None]
     if video_only:
@@ -363,10 +365,13 @@ def generate(
                lora=lora, lora_scale=lora_scale)
     default = None
     if from_metadata is not None:
-        if prompt is not None or lora is not None:
-            raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
-                             "both (the image records its adapter)")
+        from starflow_mlx.apps.metadata_paths import confirm_adapters, confirm_path
+
+        if prompt is not None:
+            raise ValueError("give a prompt or --from-metadata IMAGE, not both")
         job = ran_settings(options_from_metadata(from_metadata))
+        job["model"] = confirm_path(job["model"], None if model == DEFAULT_MODEL else model, "model", from_metadata)
+        job["lora"] = confirm_adapters(job["lora"], lora, from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata IMAGE)")
@@ -418,15 +423,15 @@ def generate(
                 images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
                                      world.beating(stages), done, write=world.is_main,
                                      saved=lambda count: world.wrote(count, len(wanted), output_dir),
-                                     verify=world.verify)
+                                     verify=world.verify, overwrite=overwrite)
     if not world.is_main:
         return
     for warning in caught:
         typer.echo(f"warning: {warning.message}", err=True)
     if plan.file is not None:
-        write_file(plan, images, params, wanted.start if len(wanted) == 1 else None)
+        write_file(plan, images, params, wanted.start if len(wanted) == 1 else None, overwrite)
     elif dist.data_parallel(world, layers):
-        save_images([(image, plan.names[i], dict(params, index=i)) for i, image in zip(wanted, images)])
+        save_images([(image, plan.names[i], dict(params, index=i)) for i, image in zip(wanted, images)], overwrite)
     stages.log(stages.summary())
     new = [path for i, path in plan.names.items() if i not in done] if plan.file is None else plan.paths
     for path in new[:3]:

@@ -48,8 +48,11 @@ def report_memory() -> str:
 
 def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi, jacobi_block_size,
                    jacobi_threshold, jacobi_max_iter, output, output_dir, overwrite, dtype, from_metadata,
-                   frames, fps, image, video, vae_tile, kv_bits, pipeline=False, lora=None, lora_scale=1.0) -> None:
-    """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
+                   frames, fps, image, video, vae_tile, kv_bits, pipeline=False, lora=None, lora_scale=1.0,
+                   model_given=True) -> None:
+    """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s.
+
+    ``model_given``: whether --model was given (not its default), which a model folder from metadata needs."""
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs, ran_settings
@@ -57,9 +60,10 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
-    from starflow_mlx.pipelines.video import VideoPipeline, frame_count
-    from starflow_mlx.pipelines.video_io import check_input, grid_layout, input_record, write_videos
+    from starflow_mlx.apps.metadata_paths import confirm_adapters, confirm_input, confirm_path
     from starflow_mlx.models.lora_stack import adapter_record
+    from starflow_mlx.pipelines.video import VideoPipeline, frame_count
+    from starflow_mlx.pipelines.video_io import grid_layout, input_record, write_videos
 
     chosen = dict(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio, num_videos=num_videos,
                   frames=frames, fps=fps, jacobi=jacobi, jacobi_block_size=jacobi_block_size,
@@ -67,18 +71,20 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
                   image=None, video=None, image_sha256=None, video_sha256=None, dtype=dtype, index=None,
                   lora=lora, lora_scale=lora_scale)
     inputs = (("image", image), ("video", video))
-    for role, path in inputs:  # recorded by absolute path and content, for --from-metadata anywhere
-        if path is not None:
-            chosen[role], chosen[f"{role}_sha256"] = input_record(path, role)
     default = None
-    if from_metadata is not None:
-        if prompt is not None or lora is not None:
-            raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata VIDEO, not "
-                             "both (the video records its adapter)")
+    if from_metadata is None:
+        for role, path in inputs:  # recorded by absolute path and content, for --from-metadata anywhere
+            if path is not None:
+                chosen[role], chosen[f"{role}_sha256"] = input_record(path, role)
+    else:
+        if prompt is not None:
+            raise ValueError("give a prompt or --from-metadata VIDEO, not both")
         chosen = ran_settings(video_options_from_metadata(from_metadata))
-        for role, _ in inputs:
-            if chosen[role] is not None:
-                check_input(chosen[role], chosen[f"{role}_sha256"], role, from_metadata)
+        chosen["model"] = confirm_path(chosen["model"], model if model_given else None, "model", from_metadata)
+        chosen["lora"] = confirm_adapters(chosen.get("lora"), lora, from_metadata)
+        for role, path in inputs:
+            chosen[role], chosen[f"{role}_sha256"] = confirm_input(chosen[role], chosen[f"{role}_sha256"], path, role,
+                                                                   from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again.mp4")
     if chosen["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata VIDEO)")
@@ -136,7 +142,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         else:
             with world.sampling():  # samples now; the frames are decoded as they are written (rank 0 only)
                 chunks = pipe.stream(job["prompt"], progress=world.beating(stages), **options)
-        written = write_videos(chunks, items, options["fps"]) if world.is_main else 0
+        written = write_videos(chunks, items, options["fps"], overwrite) if world.is_main else 0
     if not world.is_main:
         return
     for warning in caught:

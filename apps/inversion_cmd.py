@@ -115,7 +115,9 @@ def generate_from_noise(*, path: Path, model: Optional[str], prompt: Optional[st
     if cfg is not None and cfg != meta["cfg"]:
         raise ValueError(f"{path} was encoded with cfg {meta['cfg']:g}: decoding it with --cfg {cfg:g} would not give "
                          "the input back (leave --cfg out, or use starflow edit to change the image)")
-    model = model or meta["model"]
+    from starflow_mlx.apps.metadata_paths import confirm_path
+
+    model = confirm_path(meta["model"], model, "model", path)  # a local folder the file names: given again
     video = arrays["noise"].ndim == 5
     output = output or Path(path.name[: -len(NOISE_SUFFIX)] if path.name.endswith(NOISE_SUFFIX) else path.stem) \
         .with_suffix(".mp4" if video else ".png")
@@ -151,21 +153,22 @@ def parse_frames(text: str) -> list[int]:
 
 def _recorded_input(given: Optional[Path], path: Optional[str], sha256: Optional[str], role: str,
                     made: Path) -> Optional[Path]:
-    """The input an edit was made from: ``given`` again (if it moved), or where it was; it must hold the same bytes."""
+    """The input an edit was made from, given again: a path from a file's metadata is never opened on its own
+    (:mod:`starflow_mlx.apps.metadata_paths`), and the one given must hold the bytes the metadata records."""
     from starflow_mlx.pipelines.video_io import file_sha256
+    from starflow_mlx.safe_text import printable
 
     if path is None:
         if given is not None:
             raise ValueError(f"{made} was made without a {role}: leave it out")
         return None
-    found = given or Path(path)
-    if not found.is_file():
+    if given is None:
         flag = "INPUT" if role == "input" else "--mask FILE"
-        raise FileNotFoundError(f"the {role} {made} was made from is missing ({path}): give it again "
-                                f"({flag} with --from-metadata) or put it back")
-    if file_sha256(found) != sha256:
-        raise ValueError(f"{found} is not the {role} {made} was made from (its sha256 differs): give that one")
-    return found
+        raise ValueError(f"{made}'s metadata names the {role} {printable(path, 300)}: a path from a file's metadata "
+                         f"is opened only when given again, so pass {flag} with --from-metadata")
+    if file_sha256(given) != sha256:
+        raise ValueError(f"{given} is not the {role} {made} was made from (its sha256 differs): give that one")
+    return given
 
 
 def edit(
@@ -225,7 +228,9 @@ def edit(
         job = EditOptions.from_metadata(meta, f"{from_metadata} has damaged edit metadata")
         source = _recorded_input(source, job["source"], job["source_sha256"], "input", from_metadata)
         mask = _recorded_input(mask, job["mask"], job["mask_sha256"], "mask", from_metadata)
-        model = job["model"]
+        from starflow_mlx.apps.metadata_paths import confirm_path
+
+        model = confirm_path(job["model"], None if model == DEFAULT_MODEL else model, "model", from_metadata)
     else:
         if source is None or to is None:
             raise ValueError("give the input and --to PROMPT (or --from-metadata FILE)")

@@ -539,6 +539,9 @@ def test_cli_makes_a_demo_video_mp4_over_the_packages_from_a_prompt_and_an_image
     assert res.exit_code == 0, res.output
     assert read_video(out)[0].shape == (5, 132, 132, 3)  # the training length, enlarged as generate writes it
     assert "deep block: 5/5 in " in res.output and "frames: 5/5 in " in res.output  # stages timed as they end
+    res = CliRunner().invoke(app, ["coreml-video", str(demo_video_export), "--prompt", "7 moving right",
+                                   "--interpreter", "-o", str(out)])  # the output exists now: not replaced unasked
+    assert res.output == f"error: {out} already exists: pass --overwrite to replace it, or choose another name\n"
     _, test = load_moving_digits_split(5, 12)
     first = np.round((test.images[0, 0, ..., 0] + 1) * 127.5).astype(np.uint8)
     Image.fromarray(first).save(tmp_path / "digit.png")

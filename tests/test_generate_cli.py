@@ -58,7 +58,7 @@ def test_from_metadata_regenerates_one_image_of_a_batch_exactly(model, tmp_path)
     assert res.exit_code == 0, res.output
     files = sorted((tmp_path / "many").glob("*.png"))
     assert [metadata(f)["index"] for f in files] == [0, 1, 2] and metadata(files[1])["jacobi"] is False
-    res = generate("--from-metadata", files[1], "-o", tmp_path / "again.png")
+    res = generate("--from-metadata", files[1], "--model", model, "-o", tmp_path / "again.png")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "again.png").read_bytes() == files[1].read_bytes()
 
@@ -70,7 +70,7 @@ def test_many_images_to_one_file_make_a_grid(model, tmp_path):
         # 2:3 keeps the 32x32 area: 24 wide, 40 high (multiples of 8), tiled 2x2 with 2-pixel gaps
         assert img.size == (2 * 24 + 2, 2 * 40 + 2)
     assert metadata(tmp_path / "grid.png")["index"] is None
-    res = generate("--from-metadata", tmp_path / "grid.png")
+    res = generate("--from-metadata", tmp_path / "grid.png", "--model", model)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "grid-again.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
 

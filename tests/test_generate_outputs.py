@@ -226,7 +226,10 @@ def test_a_relative_model_folder_is_recorded_so_metadata_works_from_another_fold
     res = generate(prompt, "--model", "models/mine", "--seed", 3, "-o", f"out/{name}")
     assert res.exit_code == 0, res.output
     monkeypatch.chdir(tmp_path / "out")
-    res = generate("--from-metadata", name)
+    res = generate("--from-metadata", name)  # a folder named by metadata is used only when given again
+    mine = tmp_path / "models" / "mine"
+    assert res.exit_code == 1 and f"names the model folder {mine}: a path from a file's metadata" in res.output
+    res = generate("--from-metadata", name, "--model", "../models/mine")
     assert res.exit_code == 0, res.output
     again = tmp_path / "out" / name.replace(".", "-again.")
     assert again.read_bytes() == (tmp_path / "out" / name).read_bytes()

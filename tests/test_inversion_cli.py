@@ -38,7 +38,9 @@ def test_an_image_survives_encode_and_generate_from_noise(models, tmp_path):
     from starflow_mlx.pipelines.video_io import file_sha256
 
     assert meta["source_sha256"] == file_sha256(source)
-    res = run("generate", "--from-noise", noise, "-o", back)  # the model and cfg come from the file
+    # The cfg comes from the file; a local model folder it names is loaded only when given again.
+    assert "pass --model" in one_line(run("generate", "--from-noise", noise, "-o", back))
+    res = run("generate", "--from-noise", noise, "-m", models["image"], "-o", back)
     assert res.exit_code == 0, res.output
     assert np.array_equal(np.asarray(Image.open(back)), np.asarray(Image.open(source)))
 
@@ -50,7 +52,7 @@ def test_a_clip_survives_encode_and_generate_from_noise(models, tmp_path):
     source, noise, back = tmp_path / "src.mp4", tmp_path / "n.safetensors", tmp_path / "back.mp4"
     assert run("generate", "3 moving left", "-m", models["video"], "-o", source).exit_code == 0
     assert run("encode", source, "-p", "3 moving left", "-m", models["video"], "-o", noise).exit_code == 0
-    res = run("generate", "--from-noise", noise, "-o", back)
+    res = run("generate", "--from-noise", noise, "-m", models["video"], "-o", back)
     assert res.exit_code == 0, res.output
     # mp4 is lossy: compare what the flow reads of each clip, which the round trip keeps to float32 rounding.
     pipe = load_pipeline(models["video"])
@@ -66,7 +68,8 @@ def test_noise_files_of_another_model_or_damaged_are_one_line_and_write_nothing(
     assert "encoded with the model" in one_line(run("generate", "--from-noise", noise, "-m", models["video"], "-o", out))
     data = noise.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    assert "cannot read noise file" in one_line(run("generate", "--from-noise", tmp_path / "cut.safetensors", "-o", out))
+    assert "cannot read noise file" in one_line(run("generate", "--from-noise", tmp_path / "cut.safetensors",
+                                                    "-m", models["image"], "-o", out))
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     assert "cannot read noise file" in one_line(run("generate", "--from-noise", tmp_path / "junk.safetensors",
                                                     "-o", out))
@@ -75,7 +78,8 @@ def test_noise_files_of_another_model_or_damaged_are_one_line_and_write_nothing(
     mx.save_safetensors(str(tmp_path / "plain.safetensors"), {"noise": mx.zeros((1, 8, 8, 1))})
     assert "not a starflow-mlx noise file" in one_line(run("generate", "--from-noise", tmp_path / "plain.safetensors",
                                                            "-o", out))
-    assert "with --cfg 3" in one_line(run("generate", "--from-noise", noise, "--cfg", 3, "-o", out))
+    assert "with --cfg 3" in one_line(run("generate", "--from-noise", noise, "-m", models["image"], "--cfg", 3,
+                                          "-o", out))
     assert "--seed has no effect" in one_line(run("generate", "--from-noise", noise, "--seed", 2, "-o", out))
     assert not out.exists()
     assert "already exists" in one_line(run("encode", source, "-p", "1", "-m", models["image"], "-o", noise))
@@ -96,19 +100,25 @@ def test_edit_and_inpaint_from_the_command_line_and_again_from_metadata(models, 
     meta = read_metadata(edited)
     assert (meta["operation"], meta["source_prompt"], meta["prompt"], meta["strength"], meta["seed"]) == \
         ("edit", "0", "2", 0.4, 3)
-    assert run("edit", "--from-metadata", edited, "-o", "again.png").exit_code == 0
+    # A path from the metadata is opened only when given again (the model folder, the input).
+    assert "pass INPUT with --from-metadata" in one_line(run("edit", "--from-metadata", edited, "-m", models["image"],
+                                                             "-o", "again.png"))
+    assert "pass --model" in one_line(run("edit", source, "--from-metadata", edited, "-o", "again.png"))
+    assert run("edit", source, "--from-metadata", edited, "-m", models["image"], "-o", "again.png").exit_code == 0
     assert (tmp_path / "again.png").read_bytes() == edited.read_bytes()
     res = run("edit", source, "--to", "1", "--mask", mask, "--method", "resample", "-m", models["image"], "-o", "in.png")
     assert res.exit_code == 0, res.output
     out = np.asarray(Image.open("in.png"))
     assert np.array_equal(out[:32], np.asarray(Image.open(source))[:32])
     assert read_metadata("in.png")["mask_sha256"] is not None
-    assert run("edit", "--from-metadata", "in.png", "-o", "in2.png").exit_code == 0
+    assert run("edit", source, "--mask", mask, "--from-metadata", "in.png", "-m", models["image"],
+               "-o", "in2.png").exit_code == 0
     assert (tmp_path / "in2.png").read_bytes() == (tmp_path / "in.png").read_bytes()
     mask.rename(tmp_path / "moved.png")
-    assert "the mask in.png was made from is missing" in one_line(run("edit", "--from-metadata", "in.png", "-o", "x.png"))
-    assert run("edit", "--from-metadata", "in.png", "--mask", "moved.png", "-o", "x.png").exit_code == 0
-    assert "sha256 differs" in one_line(run("edit", "--from-metadata", "in.png", "--mask", source, "-o", "y.png"))
+    again = ("edit", source, "--from-metadata", "in.png", "-m", models["image"])
+    assert "pass --mask FILE with --from-metadata" in one_line(run(*again, "-o", "x.png"))
+    assert run(*again, "--mask", "moved.png", "-o", "x.png").exit_code == 0
+    assert "sha256 differs" in one_line(run(*again, "--mask", source, "-o", "y.png"))
     assert "not made by starflow edit" in one_line(run("edit", "--from-metadata", source, "-o", "y.png"))
     assert "made by starflow edit: redo it with starflow edit" in one_line(run("generate", "--from-metadata", "in.png"))
 

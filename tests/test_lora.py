@@ -182,7 +182,8 @@ def test_cli_trains_an_adapter_that_generate_and_score_use(base_folder, tmp_path
     res = runner.invoke(app, ["generate", "3", "--model", str(base_folder), "--lora", str(out), "--lora-scale", "0.5",
                               "-o", str(tmp_path / "a.png")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["generate", "--from-metadata", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png")])
+    res = runner.invoke(app, ["generate", "--from-metadata", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"),
+                              "--model", str(base_folder), "--lora", str(out)])  # folders from metadata: given again
     assert res.exit_code == 0, res.output
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     res = runner.invoke(app, ["score", str(tmp_path / "a.png"), "-p", "3", "--model", str(base_folder), "--lora", str(out)])

@@ -79,7 +79,7 @@ def test_text_to_video_mp4_has_the_frames_size_and_fps_and_repeats_per_seed(mode
     assert a.read_bytes() == b.read_bytes()  # the encoder is set up to be reproducible
     assert not np.array_equal(frames, read(c)[0])
     again = tmp_path / "again.mp4"
-    res = generate("--from-metadata", a, "-o", again)
+    res = generate("--from-metadata", a, "-o", again, "--model", model)  # a folder from metadata is given again
     assert res.exit_code == 0, res.output
     assert again.read_bytes() == a.read_bytes()
 
@@ -146,7 +146,7 @@ def test_image_and_clip_from_the_command_line(model, tmp_path):
     assert not (tmp_path / "short.mp4").exists()
 
 
-def test_from_metadata_finds_the_input_from_anywhere_and_knows_when_it_changed(model, tmp_path, monkeypatch):
+def test_from_metadata_needs_the_input_again_and_knows_when_it_changed(model, tmp_path, monkeypatch):
     import hashlib
 
     (tmp_path / "work").mkdir()
@@ -158,16 +158,20 @@ def test_from_metadata_finds_the_input_from_anywhere_and_knows_when_it_changed(m
     picture = tmp_path / "work" / "start.png"
     assert meta["image"] == str(picture.resolve())
     assert meta["image_sha256"] == hashlib.sha256(picture.read_bytes()).hexdigest()
-    monkeypatch.chdir(tmp_path)  # elsewhere, the recorded path still finds the image
-    res = generate("--from-metadata", "i2v.mp4", "-o", "again.mp4")
+    monkeypatch.chdir(tmp_path)
+    # The path in the metadata is never opened by itself: the error names it and how to give it.
+    res = generate("--from-metadata", "i2v.mp4", "--model", model, "-o", "again.mp4")
+    assert res.exit_code == 1 and f"names the first frame (image) {picture.resolve()}" in res.output
+    assert f"pass --image {picture.resolve()}" in res.output and len(res.output.strip().splitlines()) == 1
+    res = generate("--from-metadata", "i2v.mp4", "--model", model, "--image", "work/start.png", "-o", "again.mp4")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "again.mp4").read_bytes() == (tmp_path / "i2v.mp4").read_bytes()
     Image.fromarray(np.full((64, 96, 3), 121, np.uint8)).save(picture)
-    res = generate("--from-metadata", "i2v.mp4", "-o", "changed.mp4")
-    assert res.exit_code == 1 and f"the image {picture.resolve()} has changed since i2v.mp4 was made" in res.output
+    res = generate("--from-metadata", "i2v.mp4", "--model", model, "--image", picture, "-o", "changed.mp4")
+    assert res.exit_code == 1 and f"--image {picture} is not the image i2v.mp4 was made from" in res.output
     picture.unlink()
-    res = generate("--from-metadata", "i2v.mp4", "-o", "gone.mp4")
-    assert res.exit_code == 1 and f"from the image {picture.resolve()}, which is missing" in res.output, res.output
+    res = generate("--from-metadata", "i2v.mp4", "--model", model, "--image", picture, "-o", "gone.mp4")
+    assert res.exit_code == 1 and f"image {picture} not found" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "changed.mp4").exists() and not (tmp_path / "gone.mp4").exists()
 

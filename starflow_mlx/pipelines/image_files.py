@@ -1,4 +1,4 @@
-"""Image files: PNG, JPEG and WebP carrying their generation parameters, grids, atomic writes, file names.
+"""Image files: PNG, JPEG and WebP carrying their generation parameters, grids, staged writes, file names.
 
 The parameters are JSON: a PNG text chunk (``starflow-mlx``), and for JPEG and WebP the
 EXIF ImageDescription tag (ASCII JSON), which both formats have a place for. The same
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -37,13 +35,6 @@ def file_bytes(width: int, height: int, channels: int) -> int:
     return width * height * channels + HEADER_BYTES
 
 
-def _file_mode() -> int:
-    """Permissions a newly created file gets here (mkstemp's are owner-only)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _write(image: Image.Image, path: Path, params: dict) -> None:
     fmt = image_format(path)
     text = json.dumps(params, sort_keys=True)  # ASCII: non-ASCII prompt characters are escaped
@@ -58,28 +49,20 @@ def _write(image: Image.Image, path: Path, params: dict) -> None:
         path, format=fmt, quality=QUALITY[fmt], exif=exif.tobytes())
 
 
-def save_images(items: list[tuple[Image.Image, Path, dict]]) -> None:
+def save_images(items: list[tuple[Image.Image, Path, dict]], overwrite: bool = False) -> None:
     """Write each (image, path, params) with ``params`` as metadata; same inputs give the same bytes.
 
-    Every file is written to a temporary name first and renamed only when all are written,
-    so a failure leaves none of them behind.
+    Every file is written to a temporary name first and published only when all are written
+    (:mod:`starflow_mlx.staged_files`), so a failure leaves none of them behind; an existing file
+    is replaced only with ``overwrite``.
     """
-    staged: list[tuple[str, Path]] = []
-    try:
+    from starflow_mlx.staged_files import StagedFiles
+
+    for _, path, _ in items:
+        image_format(Path(path))
+    with StagedFiles(overwrite) as staged:
         for image, path, params in items:
-            path = Path(path)
-            image_format(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-            os.close(fd)
-            staged.append((tmp, path))
-            _write(image, Path(tmp), params)
-            os.chmod(tmp, _file_mode())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
+            _write(image, staged.add(path), params)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -266,8 +266,11 @@ class VideoPipeline(Pipeline):
         latents = self.vae.encode(mx.array(frames, dtype=mx.float32))
         return mx.concatenate([latents[:, :1], latents[:, 1:] * self.temporal_scale], axis=1)
 
-    def _context(self, image, video, height: int, width: int, fps: int) -> mx.array | None:
-        """Flow-space latents (1, P, h, w, c) of the conditioning image or clip, without noise."""
+    def _context(self, image, video, height: int, width: int, fps: int,
+                 frames: int | None = None) -> mx.array | None:
+        """Flow-space latents (1, P, h, w, c) of the conditioning image or clip, without noise.
+
+        A clip file is read up to ``frames`` frames: one that long already leaves nothing to generate."""
         if image is None and video is None:
             return None
         if image is not None and video is not None:
@@ -282,16 +285,17 @@ class VideoPipeline(Pipeline):
         else:
             from starflow_mlx.pipelines.video_io import read_video
 
-            frames, rate = read_video(video, fps=fps) if not isinstance(video, np.ndarray) else (video, fps)
+            clip_frames, rate = (read_video(video, fps=fps, frames=frames) if not isinstance(video, np.ndarray)
+                                 else (video, fps))
             if isinstance(video, (str, Path)) and abs(rate - fps) > 1e-3:
                 warnings.warn(f"the clip is not at {fps} fps: resampled to {fps}", stacklevel=4)
-            clip, usable, changed = clip_pixels(frames, height, width, self.vae.temporal_factor, self.resample)
-            if usable != len(frames):
-                warnings.warn(f"the clip's last {len(frames) - usable} frame(s) are dropped to make 1 + 4k frames",
-                              stacklevel=4)
-            if changed and not self.exact_reduction(frames.shape[2], frames.shape[1], (height, width)):
-                warnings.warn(f"the clip is {frames.shape[2]}x{frames.shape[1]}: resized to cover {width}x{height} and "
-                              "centre-cropped", stacklevel=4)
+            clip, usable, changed = clip_pixels(clip_frames, height, width, self.vae.temporal_factor, self.resample)
+            if usable != len(clip_frames):
+                warnings.warn(f"the clip's last {len(clip_frames) - usable} frame(s) are dropped to make 1 + 4k "
+                              "frames", stacklevel=4)
+            if changed and not self.exact_reduction(clip_frames.shape[2], clip_frames.shape[1], (height, width)):
+                warnings.warn(f"the clip is {clip_frames.shape[2]}x{clip_frames.shape[1]}: resized to cover "
+                              f"{width}x{height} and centre-cropped", stacklevel=4)
         return self.encode(clip[None])
 
     # -- generation -----------------------------------------------------------------------
@@ -343,7 +347,7 @@ class VideoPipeline(Pipeline):
         report = progress or (lambda *a, **k: None)
         # Video i draws from seed + i, so one video of a batch can be made again on its own.
         keys = [mx.random.split(mx.random.key(seed + i)) for i in range(num_videos)]
-        given = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps)
+        given = self._context(image, video, h * self.vae.factor, w * self.vae.factor, fps, frames)
         context = None
         if given is not None:
             if given.shape[1] >= latent_frames:
