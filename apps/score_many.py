@@ -135,7 +135,7 @@ def score(
 
 def score_table(paths, prompt, model, lora, lora_scale, fps, csv_file, json_file, sort, top, batch_size, ood,
                 reference) -> None:
-    from starflow_mlx.apps.cli import fail
+    from starflow_mlx.apps.errors import fail
     from starflow_mlx.pipelines.load import load_pipeline
     from starflow_mlx.pipelines.scoring import expand_inputs
     from starflow_mlx.progress import StageProgress

@@ -29,7 +29,7 @@ def test_scores_by_form_and_json_match_the_pipeline(tmp_path):
     pipe = Pipeline.from_pretrained("demo")
     expected = [pipe.score(Image.open(io.BytesIO(png(s))), "3") for s in (1, 2)]
     with started("demo", tmp_path / "out") as runner:
-        client = TestClient(create_app(runner, api_key="s3cret"))
+        client = TestClient(create_app(runner, api_key="s3cret"), base_url="http://localhost")
         files = [("file", ("a.png", png(1), "image/png")), ("file", ("b.png", png(2), "image/png")),
                  ("file", ("broken.png", b"\x89PNG no", "image/png"))]
         assert client.post("/v1/scores", data={"prompt": "3"}, files=files).status_code == 401
