@@ -24,6 +24,7 @@ from PIL import Image
 
 from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
+from starflow_mlx.generation_options import check_jacobi
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest, resolve_model
 from starflow_mlx.pipelines.prompts import class_features, latent_size, nearest_aspect_ratio, prepare_prompt
@@ -152,8 +153,8 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
         raise ValueError(f"cfg must be a number 0 or more, got {cfg}")
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    if jacobi_block_size < 1 or jacobi_max_iter < 1 or not 0 < jacobi_threshold < math.inf:  # NaN fails too
-        raise ValueError("jacobi_block_size and jacobi_max_iter must be at least 1 and jacobi_threshold above 0")
+    check_jacobi(jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+                 jacobi_max_iter=jacobi_max_iter)
 
 
 class Pipeline:
