@@ -25,6 +25,14 @@ def cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def refused(res) -> str:
+    """The ``error:`` line that ended a command (exit 1) after any progress lines, without a traceback."""
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert res.exit_code == 1 and errors == lines[-1:] and "Traceback" not in res.output, res.output
+    return errors[0]
+
+
 # -- B. Jacobi settings ------------------------------------------------------------------------------
 
 
@@ -92,3 +100,130 @@ def test_jacobi_metadata_out_of_bounds_is_one_line(tmp_path, key, value):
     src = png_with_metadata(tmp_path / "a.png", **{key: value})
     line = one_line(cli("generate", "--from-metadata", src, "-o", tmp_path / "b.png"))
     assert key in line and not (tmp_path / "b.png").exists()
+
+
+# -- C. Non-finite weights ---------------------------------------------------------------------------
+
+
+def poison(path, value=float("nan"), prefix=""):
+    """Set one element of the first float tensor (named from ``prefix``) in a safetensors file to ``value``."""
+    weights = dict(mx.load(str(path)))
+    name = sorted(n for n, w in weights.items() if n.startswith(prefix) and mx.issubdtype(w.dtype, mx.floating))[0]
+    arr = np.array(weights[name].astype(mx.float32))
+    arr.reshape(-1)[0] = value
+    weights[name] = mx.array(arr).astype(weights[name].dtype)
+    mx.save_safetensors(str(path), weights)
+    return name
+
+
+@pytest.fixture(scope="module")
+def image_model(tmp_path_factory):
+    from fixtures_model import make_model_folder
+
+    return make_model_folder(tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture(scope="module")
+def video_sources(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from fixtures_video import make_video_sources
+
+    sources = make_video_sources(tmp_path_factory.mktemp("video"))
+    state = torch.load(sources["vae"])
+    bad = sources["vae"].parent.parent / "nan_wan" / "Wan2.2_VAE.pth"
+    bad.parent.mkdir()
+    name = sorted(k for k in state if k.startswith("decoder."))[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    torch.save(state, bad)
+    return {**sources, "nan_vae": bad, "nan_name": name}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_converted_sd_vae_with_non_finite_weights_is_refused(tmp_path, image_model, value):
+    import shutil
+
+    from starflow_mlx.loading import ModelLoadError
+    from starflow_mlx.vae import load_vae
+
+    folder = tmp_path / "model"
+    shutil.copytree(image_model, folder)
+    name = poison(folder / "vae" / "model.safetensors", value, "decoder.")
+    with pytest.raises(ModelLoadError, match=f"{name} holds NaN or infinite values"):
+        load_vae(folder / "vae")
+    line = one_line(cli("generate", "a cat", "--model", folder, "-o", tmp_path / "x.png"))
+    assert name in line and not (tmp_path / "x.png").exists()
+
+
+def test_flow_and_text_encoder_with_nan_weights_are_refused(tmp_path, image_model):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(image_model, folder)
+    for weights in (folder / "model.safetensors", folder / "text_encoder" / "model.safetensors"):
+        original = weights.read_bytes()
+        name = poison(weights)
+        line = one_line(cli("generate", "a cat", "--model", folder, "-o", tmp_path / "x.png"))
+        assert name in line and "NaN" in line and not (tmp_path / "x.png").exists()
+        weights.write_bytes(original)
+
+
+def test_decode_that_overflows_is_refused_not_black(tmp_path, image_model):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(image_model, folder)
+    weights = dict(mx.load(str(folder / "vae" / "model.safetensors")))
+    # Finite weights whose sums overflow float32: the decoder's output is infinite.
+    weights = {k: mx.full(w.shape, 3e38) if k.startswith("decoder.conv_out") else w for k, w in weights.items()}
+    mx.save_safetensors(str(folder / "vae" / "model.safetensors"), weights)
+    line = refused(cli("generate", "a cat", "--model", folder, "-o", tmp_path / "x.png"))
+    assert "NaN or infinite" in line and not (tmp_path / "x.png").exists()
+
+
+def test_sd_vae_with_nan_is_not_converted(tmp_path):
+    torch = pytest.importorskip("torch")
+    from fixtures_vae import FACTOR8, tiny_autoencoder
+
+    from starflow_mlx.vae import load_vae
+
+    model = tiny_autoencoder(0, **FACTOR8)
+    with torch.no_grad():
+        model.decoder.conv_out.weight[0, 0, 0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "hf")
+    from starflow_mlx.convert.vae_weights import convert_vae
+    from starflow_mlx.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="decoder.conv_out.weight holds NaN or infinite"):
+        convert_vae(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ModelLoadError, match="decoder.conv_out.weight holds NaN or infinite"):
+        load_vae(tmp_path / "hf")  # a diffusers folder, converted in memory
+
+
+def test_wan_vae_with_nan_is_refused_on_convert_and_load(tmp_path, video_sources):
+    from starflow_mlx.convert.wan_vae_weights import convert_wan_vae
+    from starflow_mlx.video_vae import load_video_vae
+    from starflow_mlx.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="holds NaN or infinite"):
+        load_video_vae(video_sources["nan_vae"])
+    with pytest.raises(ValueError, match="holds NaN or infinite"):
+        convert_wan_vae(video_sources["nan_vae"], tmp_path / "wan")
+    assert not (tmp_path / "wan").exists()
+    line = one_line(cli("convert", video_sources["checkpoint"], "-c", video_sources["config"], "-o", tmp_path / "m",
+                        "--text-encoder", video_sources["text_encoder"], "--vae", video_sources["nan_vae"]))
+    assert "holds NaN or infinite" in line and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_flow_checkpoint_with_inf_is_not_converted(tmp_path, video_sources, dtype):
+    torch = pytest.importorskip("torch")
+    state = torch.load(video_sources["checkpoint"])
+    name = sorted(state)[3]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("inf")
+    torch.save(state, tmp_path / "bad.pth")
+    line = one_line(cli("convert", tmp_path / "bad.pth", "-c", video_sources["config"], "-o", tmp_path / "m",
+                        "--dtype", dtype))
+    assert name.removeprefix("module.") in line and "NaN or infinite" in line and not (tmp_path / "m").exists()

@@ -350,7 +350,7 @@ class Pipeline:
 
     def decode(self, x: mx.array) -> list[Image.Image]:
         """Samples in the flow's data space -> 8-bit images."""
-        pixels = self.vae.decode(x) if self.vae is not None else x / self.manifest.pixel_scale
+        pixels = check_finite(self.vae.decode(x)) if self.vae is not None else x / self.manifest.pixel_scale
         arr = np.array(mx.clip((pixels.astype(mx.float32) + 1.0) * 127.5, 0, 255).round().astype(mx.uint8))
         images = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
         return images if self.vae is not None else [self._enlarge(img) for img in images]

@@ -369,12 +369,12 @@ class VideoPipeline(Pipeline):
         done = 0
         for chunk in self.vae.decode_frames(latents):
             done += chunk.shape[1]
-            yield to_uint8(chunk)
+            yield to_uint8(check_finite(chunk))
             report(label, done, self.pixel_frames(total))
 
     def decode(self, latents: mx.array) -> mx.array:
         """Flow-space latents -> frames (B, T, H, W, 3) in [-1, 1] (temporal scale undone, then clamped)."""
-        return mx.clip(self.vae.decode(self.unscale(latents)), -1.0, 1.0)
+        return mx.clip(check_finite(self.vae.decode(self.unscale(latents))), -1.0, 1.0)
 
     def stream(self, prompt: str, *, progress: Callable[..., None] | None = None,
                **options) -> Iterator[np.ndarray]:
