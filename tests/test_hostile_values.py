@@ -227,3 +227,89 @@ def test_flow_checkpoint_with_inf_is_not_converted(tmp_path, video_sources, dtyp
     line = one_line(cli("convert", tmp_path / "bad.pth", "-c", video_sources["config"], "-o", tmp_path / "m",
                         "--dtype", dtype))
     assert name.removeprefix("module.") in line and "NaN or infinite" in line and not (tmp_path / "m").exists()
+
+
+# -- Adapters and training checkpoints ----------------------------------------------------------------
+
+TINY_TRAIN = dict(channels=64, layers=[1, 1], batch_size=16, warmup=2, checkpoint_every=0, lr=5e-3, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory):
+    """An untrained tiny digits base, and an adapter trained on it for 2 steps (its checkpoint beside it)."""
+    pytest.importorskip("sklearn")
+    from starflow_mlx.training.data import load_digits_split
+    from starflow_mlx.training.trainer import TrainConfig, Trainer
+
+    root = tmp_path_factory.mktemp("lora")
+    base = root / "base"
+    Trainer(TrainConfig(steps=0, **TINY_TRAIN), load_digits_split()[0], root / "ck").export(base)
+    res = cli("train", "--lora", "--base", base, "--steps", "2", "--batch-size", "4", "--rank", "2",
+              "-o", root / "adapter")
+    assert res.exit_code == 0, res.output
+    return base, root / "adapter"
+
+
+def copy_adapter(trained_adapter, tmp_path):
+    import shutil
+
+    base, adapter = trained_adapter
+    shutil.copytree(adapter, tmp_path / "adapter")
+    shutil.copytree(adapter.with_name("adapter.checkpoints"), tmp_path / "adapter.checkpoints")
+    return base, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_adapter_with_non_finite_weights_is_refused_by_every_command(trained_adapter, tmp_path, value):
+    from PIL import Image
+
+    base, adapter = copy_adapter(trained_adapter, tmp_path)
+    name = poison(adapter / "adapter.safetensors", value)
+    Image.new("L", (8, 8), 128).save(tmp_path / "img.png")
+    for args in (["score", tmp_path / "img.png", "-p", "3", "--model", base, "--lora", adapter],
+                 ["fuse", base, "--lora", adapter, "-o", tmp_path / "fused"],
+                 ["generate", "3", "--model", base, "--lora", adapter, "-o", tmp_path / "x.png"]):
+        line = one_line(cli(*args))
+        assert name in line and "NaN or infinite" in line, args
+    assert not (tmp_path / "fused").exists() and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("damaged", ["adapter.safetensors", "optimizer.safetensors"])
+def test_resume_from_a_checkpoint_holding_nan_is_refused(trained_adapter, tmp_path, damaged):
+    base, adapter = copy_adapter(trained_adapter, tmp_path)
+    before = (adapter / "adapter.safetensors").read_bytes()
+    name = poison(tmp_path / "adapter.checkpoints" / "latest" / damaged)
+    line = refused(cli("train", "--lora", "--base", base, "--steps", "4", "--batch-size", "4", "--rank", "2",
+                        "--resume", "-o", adapter))
+    assert name in line and "NaN or infinite" in line and damaged in line
+    assert (adapter / "adapter.safetensors").read_bytes() == before
+
+
+def test_resume_past_the_steps_asked_is_one_line(trained_adapter, tmp_path):
+    base, adapter = copy_adapter(trained_adapter, tmp_path)
+    before = (adapter / "adapter.safetensors").read_bytes()
+    line = refused(cli("train", "--lora", "--base", base, "--steps", "1", "--batch-size", "4", "--rank", "2",
+                        "--resume", "-o", adapter))
+    assert "is at step 2, past the 1 steps asked for: resume with --steps 2 or more" in line
+    assert (adapter / "adapter.safetensors").read_bytes() == before
+
+
+def test_full_training_checkpoint_past_its_steps_or_with_nan_is_refused(tmp_path):
+    pytest.importorskip("sklearn")
+    from starflow_mlx.loading import ModelLoadError
+    from starflow_mlx.training.data import load_digits_split
+    from starflow_mlx.training.trainer import TrainConfig, Trainer
+
+    data = load_digits_split()[0]
+    first = Trainer(TrainConfig(steps=1, **TINY_TRAIN), data, tmp_path / "ck")
+    first.run()
+    latest = first.save_checkpoint()
+    with pytest.raises(ValueError, match="past the 0 steps asked for: resume with steps=1 or more"):
+        Trainer(TrainConfig(steps=0, **TINY_TRAIN), data, tmp_path / "ck").load_checkpoint()
+    for damaged in ("model.safetensors", "optimizer.safetensors"):
+        original = (latest / damaged).read_bytes()
+        name = poison(latest / damaged)
+        with pytest.raises(ModelLoadError, match=f"{name} holds NaN or infinite"):
+            Trainer(TrainConfig(steps=2, **TINY_TRAIN), data, tmp_path / "ck").load_checkpoint()
+        (latest / damaged).write_bytes(original)
+    Trainer(TrainConfig(steps=2, **TINY_TRAIN), data, tmp_path / "ck").load_checkpoint()
