@@ -138,6 +138,21 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
     video model."""
     if from_metadata is not None:
         return from_metadata.suffix.lower() == ".mp4"
+    return bool(model_is_video(model))
+
+
+def check_model_kind(model: str, video: bool, source: Path) -> None:
+    """Refuse a file whose metadata names a model of the other kind (an image's naming a video model, an mp4's an
+    image model): its job could not run on it. A repo id not registered here is known only once downloaded."""
+    kind = model_is_video(model)
+    if kind is not None and kind != video:
+        raise ValueError(f"{source} names {model}, {'a video' if kind else 'an image'} model, but is "
+                         f"{'a video' if video else 'an image'}: its metadata is damaged (regenerate with a prompt "
+                         "and --model instead)")
+
+
+def model_is_video(model: str) -> Optional[bool]:
+    """Whether ``model`` (a folder, built-in or registered model) makes videos; None when that is not known here."""
     from starflow_mlx.model_folder import BUILT_IN, MANIFEST, VIDEO_KINDS, Manifest
 
     folder = Path(model).expanduser()
@@ -148,7 +163,7 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
     from starflow_mlx.hub import load_registry
 
     entry = load_registry().get("models", {}).get(model)
-    return isinstance(entry, dict) and entry.get("kind") == "text-to-video"
+    return entry.get("kind") == "text-to-video" if isinstance(entry, dict) else None
 
 
 # -- resuming --------------------------------------------------------------------------------
@@ -298,6 +313,8 @@ def generate(
     if is_video_job(model, from_metadata):
         if lora is not None:
             raise ValueError("--lora is for image models for now")
+        if batch_size is not None:
+            raise ValueError("--batch-size is for image models: a video model samples its videos together")
         from starflow_mlx.apps.generate_video import generate_video
 
         return generate_video(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio,
@@ -323,6 +340,7 @@ def generate(
             raise ValueError(f"give {'a prompt' if prompt is not None else '--lora'} or --from-metadata IMAGE, not "
                              "both (the image records its adapter)")
         job = options_from_metadata(from_metadata)
+        check_model_kind(job["model"], False, from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:
         raise ValueError("give a prompt (or --from-metadata IMAGE)")

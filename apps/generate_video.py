@@ -48,7 +48,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     """``starflow generate`` on a video model: options (or an mp4's metadata) -> sampled, decoded, streamed mp4s."""
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
-    from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs
+    from starflow_mlx.apps.generate_cmd import check_model_kind, check_writable, plan_outputs
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.sampling.auto import resolve_jacobi
@@ -70,6 +70,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
         if prompt is not None:
             raise ValueError("give a prompt or --from-metadata VIDEO, not both")
         chosen = video_options_from_metadata(from_metadata)
+        check_model_kind(chosen["model"], True, from_metadata)
         for role, _ in inputs:
             if chosen[role] is not None:
                 check_input(chosen[role], chosen[f"{role}_sha256"], role, from_metadata)

@@ -313,3 +313,64 @@ def test_full_training_checkpoint_past_its_steps_or_with_nan_is_refused(tmp_path
             Trainer(TrainConfig(steps=2, **TINY_TRAIN), data, tmp_path / "ck").load_checkpoint()
         (latest / damaged).write_bytes(original)
     Trainer(TrainConfig(steps=2, **TINY_TRAIN), data, tmp_path / "ck").load_checkpoint()
+
+
+# -- G. Image and video mix-ups ----------------------------------------------------------------------
+
+VIDEO_META = {"prompt": "3 moving right", "model": "demo-video", "seed": 0, "cfg": 2.0, "aspect_ratio": "1:1",
+              "num_videos": 1, "frames": 5, "fps": 16, "jacobi": False, "jacobi_block_size": 32,
+              "jacobi_threshold": 0.001, "jacobi_max_iter": 32, "version": "0.1.0"}
+
+
+def mp4_with_metadata(path, **changes):
+    from starflow_mlx.pipelines.video_io import write_mp4
+
+    write_mp4(path, np.zeros((1, 16, 16, 3), np.uint8), 16, {**VIDEO_META, **changes})
+    return path
+
+
+@pytest.mark.parametrize("model", ["demo-video"])
+def test_image_metadata_naming_a_video_model_is_one_line(tmp_path, model):
+    src = png_with_metadata(tmp_path / "a.png", model=model)
+    line = one_line(cli("generate", "--from-metadata", src, "-o", tmp_path / "b.png"))
+    assert f"names {model}, a video model, but is an image" in line and not (tmp_path / "b.png").exists()
+
+
+def test_video_metadata_naming_an_image_model_is_one_line(tmp_path):
+    from fixtures_model import make_class_model_folder
+
+    for model in ("demo", str(make_class_model_folder(tmp_path / "class"))):
+        src = mp4_with_metadata(tmp_path / "a.mp4", model=model)
+        line = one_line(cli("generate", "--from-metadata", src, "-o", tmp_path / "b.mp4"))
+        assert f"names {model}, an image model, but is a video" in line and not (tmp_path / "b.mp4").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "4", "-1"])
+def test_batch_size_on_a_video_model_says_it_cannot_apply(tmp_path, size):
+    line = one_line(cli("generate", "3 moving right", "--model", "demo-video", "--frames", "5", "--batch-size", size,
+                        "-o", tmp_path / "v.mp4"))
+    assert "--batch-size is for image models" in line and not (tmp_path / "v.mp4").exists()
+    src = mp4_with_metadata(tmp_path / "a.mp4")
+    line = one_line(cli("generate", "--from-metadata", src, "--batch-size", size, "-o", tmp_path / "v.mp4"))
+    assert "--batch-size is for image models" in line and not (tmp_path / "v.mp4").exists()
+
+
+def test_video_model_scores_clips_not_images(tmp_path):
+    from PIL import Image
+
+    pipe = Pipeline.from_pretrained("demo-video")
+    for picture in (Image.new("RGB", (24, 24)), np.zeros((24, 24, 3), np.uint8), np.zeros((2, 24, 24, 1), np.uint8),
+                    np.zeros((2, 24, 24, 3), np.float32), np.zeros((0, 24, 24, 3), np.uint8)):
+        with pytest.raises(ValueError, match="a video model scores clips"):
+            pipe.score(picture, "3 moving right")
+    Image.new("RGB", (24, 24)).save(tmp_path / "p.png")
+    line = one_line(cli("score", tmp_path / "p.png", "-p", "3 moving right", "--model", "demo-video"))
+    assert "is a video model: score an .mp4" in line
+
+
+def test_image_model_scores_images_not_clips(tmp_path):
+    pipe = Pipeline.from_pretrained("demo")
+    with pytest.raises(ValueError, match="an image model scores a PIL image or an image file, got ndarray"):
+        pipe.score(np.zeros((5, 8, 8, 3), np.uint8), "3")
+    line = one_line(cli("score", mp4_with_metadata(tmp_path / "a.mp4"), "-p", "3", "--model", "demo"))
+    assert "is an image model: score an image" in line

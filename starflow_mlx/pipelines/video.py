@@ -422,7 +422,13 @@ class VideoPipeline(Pipeline):
 
             frames, _ = read_video(video, fps=fps)
         else:
+            if isinstance(video, Image.Image):
+                raise ValueError("a video model scores clips: give an .mp4 path or uint8 frames (T, H, W, 3), "
+                                 "not an image (score images with an image model)")
             frames = np.asarray(video)
+            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
+                raise ValueError(f"a video model scores clips of uint8 frames (T, H, W, 3), got {frames.dtype} "
+                                 f"{frames.shape} (an image's rows are not frames)")
         exact = [r for r in ASPECT_RATIOS if self.config.mix_aspect and self.size(r) == frames.shape[1:3]]
         ratio = exact[0] if exact else nearest_aspect_ratio(self.config, frames.shape[2], frames.shape[1])
         height, width = self.size(ratio)
