@@ -8,9 +8,10 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
-from fixtures_cli import one_line
+from fixtures_cli import ARGS, one_line
 from flow_factory import VIDEO, flow_inputs, random_flow
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
@@ -374,3 +375,111 @@ def test_image_model_scores_images_not_clips(tmp_path):
         pipe.score(np.zeros((5, 8, 8, 3), np.uint8), "3")
     line = one_line(cli("score", mp4_with_metadata(tmp_path / "a.mp4"), "-p", "3", "--model", "demo"))
     assert "is an image model: score an image" in line
+
+
+# -- H. Clear lines instead of internal errors --------------------------------------------------------
+
+
+def test_prompt_that_is_not_utf8_is_one_line(tmp_path, image_model):
+    for model in (image_model, "demo"):  # a T5 prompt, a class name
+        res = subprocess.run([sys.executable, "-c", "from starflow_mlx.apps.cli import main; main()", "generate",
+                              b"a \xff cat", "--model", str(model), "-o", str(tmp_path / "x.png")],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+            "error: the prompt is not valid UTF-8 text (character 3 of 7"), res.stderr
+        assert "Traceback" not in res.stderr and not (tmp_path / "x.png").exists()
+    pipe = Pipeline.from_pretrained(image_model)
+    for prompt in ("\udcff", "ok \ud800", 7, None):
+        with pytest.raises(ValueError, match="the prompt "):
+            pipe.generate(prompt)
+    src = png_with_metadata(tmp_path / "a.png", prompt="7\udcff")
+    assert "not valid UTF-8" in refused(cli("generate", "--from-metadata", src, "-o", tmp_path / "b.png"))
+
+
+def test_wan_vae_shapes_with_a_zero_width_stem_are_refused():
+    from starflow_mlx.convert.wan_vae_weights import WanVAEConversionError, config_from_shapes
+    from starflow_mlx.jsonconfig import ConfigError
+    from starflow_mlx.models.wan_vae import WanVAEConfig
+
+    from fixtures_wan_vae import random_state
+
+    shapes = {name: tuple(t.shape) for name, t in random_state(WanVAEConfig(dim=4, dec_dim=4)).items()}
+    config_from_shapes(shapes, "ok.pth")
+    for name, shape in (("encoder.conv1.weight", (0, 3, 3, 3, 3)), ("decoder.head.2.weight", (12, 0, 3, 3, 3))):
+        with pytest.raises(WanVAEConversionError):
+            config_from_shapes({**shapes, name: shape}, "zero.pth")
+    for bad in (dict(dim=0), dict(dec_dim=10**12), dict(dim_mult=[1, 0]), dict(dim_mult=[1, 10**12])):
+        with pytest.raises(ConfigError):
+            WanVAEConfig(**bad)  # made in code, as the converter makes it, not only from a file
+
+
+@pytest.mark.parametrize("folder, key, value", [
+    ("wan", "dim", 10**12), ("wan", "dim_mult", [1, 10**12]), ("wan", "dec_dim", 0),
+    ("sd", "block_out_channels", [0, 64]), ("sd", "latent_channels", 10**12),
+    ("flow", "channels", 10**12), ("flow", "soft_clip", 1e300), ("flow", "latent_size", 0),
+])
+def test_config_dimensions_out_of_bounds_are_refused_on_load(tmp_path, video_sources, image_model, folder, key,
+                                                             value):
+    import shutil
+
+    from starflow_mlx.convert.wan_vae_weights import convert_wan_vae
+    from starflow_mlx.loading import ModelLoadError, load_flow
+    from starflow_mlx.vae import load_vae
+    from starflow_mlx.video_vae import load_video_vae
+
+    if folder == "wan":
+        target = tmp_path / "wan"
+        convert_wan_vae(video_sources["vae"], target)
+        load = load_video_vae
+    else:
+        shutil.copytree(image_model, tmp_path / "m")
+        target, load = (tmp_path / "m" / "vae", load_vae) if folder == "sd" else (tmp_path / "m", load_flow)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises((ModelLoadError, ValueError), match=key):
+        load(target)
+
+
+def pickle_checkpoint(path, payload):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", payload)
+        zf.writestr("archive/byteorder", "little")
+    return path
+
+
+ORDERED_DICT = b"\x80\x02ccollections\nOrderedDict\n)R"
+
+
+@pytest.mark.parametrize("build, name", [
+    (b"}X\x05\x00\x00\x00itemscbuiltins\nset\nsb.", "items"),  # the dict's items() would return set()
+    (b"}X\x05\x00\x00\x00itemsc_codecs\nencode\nsb.", "items"),  # ... or call a reader function
+    (b"N}X\x04\x00\x00\x00keysc_codecs\nencode\ns\x86b.", "keys"),  # as slot state
+    (b"N}X\x09\x00\x00\x00__class__cbuiltins\nset\ns\x86b.", "__class__"),
+    (b"K\x05b.", "int"),
+])
+def test_pickle_build_on_an_ordered_dict_is_refused(tmp_path, build, name):
+    from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
+
+    path = pickle_checkpoint(tmp_path / "c.pth", ORDERED_DICT + build)
+    with pytest.raises(CheckpointError, match=f"refusing to load checkpoint: it sets '{name}' on a dictionary"):
+        open_checkpoint(path)
+    # Nested as a value of the state dict, and through the CLI.
+    nested = b"\x80\x02}X\x01\x00\x00\x00w" + ORDERED_DICT[2:] + build[:-1] + b"s."
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"arguments": ARGS}))
+    line = one_line(cli("convert", pickle_checkpoint(tmp_path / "n.pth", nested), "-c", tmp_path / "c.yaml",
+                        "-o", tmp_path / "out"))
+    assert f"it sets '{name}' on a dictionary" in line and not (tmp_path / "out").exists()
+
+
+def test_torch_state_dict_metadata_still_loads(tmp_path):
+    torch = pytest.importorskip("torch")
+    from starflow_mlx.convert.torch_pickle import open_checkpoint
+
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp_path / "lin.pth")  # an OrderedDict with _metadata
+    with open_checkpoint(tmp_path / "lin.pth") as ck:
+        assert sorted(ck.tensors) == ["bias", "weight"]
+    path = pickle_checkpoint(tmp_path / "m.pth", ORDERED_DICT + b"}X\x09\x00\x00\x00_metadata}sb.")
+    with open_checkpoint(path) as ck:
+        assert ck.tensors == {}

@@ -27,7 +27,8 @@ from starflow_mlx.config import FlowConfig
 from starflow_mlx.generation_options import check_jacobi
 from starflow_mlx.loading import load_flow
 from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest, resolve_model
-from starflow_mlx.pipelines.prompts import class_features, latent_size, nearest_aspect_ratio, prepare_prompt
+from starflow_mlx.pipelines.prompts import (check_prompt, class_features, latent_size, nearest_aspect_ratio,
+                                           prepare_prompt)
 from starflow_mlx.sampling.denoise import score_denoise
 
 MIN_PIXEL_SIDE = 64  # tiny pixel-space outputs (8x8 digits) are enlarged so they can be seen
@@ -231,6 +232,7 @@ class Pipeline:
 
     def text_features(self, prompt: str, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:
         """(y, y_uncond), each (1, L, D): computed once per prompt, repeated for every image."""
+        check_prompt(prompt)
         key = (prompt, aspect_ratio, fps)
         if self._last_text is None or self._last_text[0] != key:
             self._last_text = key, self._text_features(prompt, aspect_ratio, fps)

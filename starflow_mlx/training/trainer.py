@@ -45,7 +45,7 @@ class TrainConfig(JSONConfig):
     min_lr: float = field(default=1e-5, metadata={"min": 0, "max": 10})
     warmup: int = field(default=200, metadata={"min": 0, "max": 10**9})
     weight_decay: float = field(default=1e-4, metadata={"min": 0, "max": 10})
-    grad_clip: float = field(default=1.0, metadata={"min": 0})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "max": 1e6})
     channels: int = field(default=96, metadata={"min": 1, "max": 1 << 16})
     layers: list[int] = field(default_factory=lambda: [2, 2, 2, 4], metadata={"min": 1, "max": 1024, "max_len": 64})
     head_dim: int = field(default=32, metadata={"min": 1, "max": 1024})
@@ -56,7 +56,7 @@ class TrainConfig(JSONConfig):
     noise_std: float = field(default=0.1, metadata={"min": 0, "max": 100})
     drop_label: float = field(default=0.1, metadata={"min": 0, "max": 1})
     cfg: float = field(default=2.0, metadata={"min": 0, "max": 1000})
-    checkpoint_every: int = field(default=500, metadata={"min": 0})
+    checkpoint_every: int = field(default=500, metadata={"min": 0, "max": 10**9})
     seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1})
 
 
