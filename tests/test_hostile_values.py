@@ -483,3 +483,105 @@ def test_torch_state_dict_metadata_still_loads(tmp_path):
     path = pickle_checkpoint(tmp_path / "m.pth", ORDERED_DICT + b"}X\x09\x00\x00\x00_metadata}sb.")
     with open_checkpoint(path) as ck:
         assert ck.tensors == {}
+
+
+# -- F. Core ML manifests ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coreml_exports(tmp_path_factory):
+    """The built-in image and video demos exported to Core ML packages (no verification)."""
+    pytest.importorskip("coremltools")
+    from starflow_mlx.coreml.export import export_coreml
+
+    root = tmp_path_factory.mktemp("coreml")
+    return {kind: export_coreml(model, root / kind).folder for kind, model in (("image", "demo"),
+                                                                               ("video", "demo-video"))}
+
+
+def edited_export(coreml_exports, tmp_path, kind, edit):
+    import shutil
+
+    folder = tmp_path / kind
+    shutil.copytree(coreml_exports[kind], folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+def setter(*path_and_value):
+    *path, key, value = path_and_value
+
+    def edit(data):
+        for part in path:
+            data = data[part]
+        data[key] = value(data[key]) if callable(value) else value
+    return edit
+
+
+MANIFEST_LIES = [  # (export, edit, what the error names), refused as the manifest loads
+    ("image", setter("latent_shape", [12, 12, 1]), "latent_shape [12, 12, 1]"),
+    ("image", setter("token_channels", 4), "token_grid"),
+    ("image", setter("chunk", 65), "chunk 65"),
+    ("image", setter("start_token", [0.0, 1.0]), "start token"),
+    ("image", setter("order", ["deep_block", "nowhere"]), "order"),
+    ("image", setter("text_dim", 3), "text_dim 3"),
+    ("video", setter("video", "prompt_template", "{prompt}" * 100000), "prompt_template has 800000 entries"),
+    ("video", setter("video", "prompt_template", "{prompt} {prompt}"), "prompt_template holds {prompt} more than once"),
+    ("video", setter("video", "image_prompt_template", "{fps}{fps}{prompt}"), "holds {fps} more than once"),
+    ("video", setter("video", "frame_tokens", 10**6), "frame_tokens 1000000"),
+    ("video", setter("video", "frame_tokens", 7), "frame_tokens 7"),
+    ("video", setter("video", "context_order", ["deep_block"]), "context_order"),
+]
+
+PACKAGE_LIES = [  # consistent manifests that disagree with their packages, refused before any prediction
+    ("image", lambda d: d.update(latent_shape=[16, 16, 1], token_grid=[16, 16]),
+     "shallow_block_1.main takes x (1, 1, 1, 64), the manifest's values give (1, 1, 1, 256)"),
+    ("image", setter("chunk", 16), "deep_block.step takes tokens (1, 64, 1), the manifest's values give (1, 16, 1)"),
+    ("image", setter("batch", 2), "deep_block.step takes tokens"),
+    ("image", setter("packages", 1, "functions", "main", "inputs", 0, "shape", [1, 1, 1, 32]),
+     "shallow_block_1.main inputs: package"),
+    ("image", setter("order", ["shallow_block_1", "deep_block"]), "is a shallow_block, not the deep block"),
+    ("video", setter("video", "window_frames", 6), "positions, the manifest's values need 65"),
+    ("video", lambda d: d.update(latent_shape=[8, 8, 1], token_grid=[2, 2], chunk=4) or d["video"].update(
+        frame_tokens=4), "takes tokens"),
+]
+
+
+@pytest.mark.parametrize("kind, edit, message", MANIFEST_LIES)
+def test_manifest_values_that_disagree_or_exceed_limits_are_refused(coreml_exports, tmp_path, kind, edit, message):
+    from starflow_mlx.coreml.manifest import ExportManifest, ManifestError
+
+    folder = edited_export(coreml_exports, tmp_path, kind, edit)
+    with pytest.raises(ManifestError, match="re-export") as err:
+        ExportManifest.load(folder)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind, edit, message", PACKAGE_LIES)
+def test_manifest_that_disagrees_with_its_packages_is_refused_before_predicting(coreml_exports, tmp_path, kind,
+                                                                                edit, message):
+    from starflow_mlx.coreml.driver import InterpreterBackend
+    from starflow_mlx.coreml.manifest import ManifestError
+
+    folder = edited_export(coreml_exports, tmp_path, kind, edit)
+    with pytest.raises(ManifestError, match="the manifest does not match its packages") as err:
+        InterpreterBackend(folder)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("edit, message", [(MANIFEST_LIES[6][1], "prompt_template"),
+                                           (MANIFEST_LIES[10][1], "frame_tokens 7"),
+                                           (PACKAGE_LIES[5][1], "the manifest's values need 65")])
+def test_coreml_video_refuses_a_lying_manifest_in_one_line(coreml_exports, tmp_path, edit, message):
+    folder = edited_export(coreml_exports, tmp_path, "video", edit)
+    line = one_line(cli("coreml-video", folder, "-p", "3 moving right", "-o", tmp_path / "v.mp4", "--interpreter"))
+    assert message in line and not (tmp_path / "v.mp4").exists()
+
+
+def test_untouched_exports_pass_the_checks(coreml_exports):
+    from starflow_mlx.coreml.driver import InterpreterBackend
+
+    for folder in coreml_exports.values():
+        InterpreterBackend(folder)

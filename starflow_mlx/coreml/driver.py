@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from starflow_mlx.coreml.manifest import ExportManifest, PackageInfo
+from starflow_mlx.coreml.manifest_check import check_export
 
 
 class DriverError(ValueError):
@@ -56,6 +57,7 @@ class InterpreterBackend:
         self.folder = Path(folder)
         self.manifest = manifest or ExportManifest.load(folder)
         self._programs = {p.name: Program(self.folder / p.file) for p in self.manifest.packages}
+        check_export(self.folder, self.manifest, self._programs)
 
     def make_state(self, package: str) -> dict[str, np.ndarray]:
         pkg, fn = split_function(self.manifest, package)
@@ -80,9 +82,13 @@ class CoreMLBackend:
             raise DriverError("Core ML predictions need macOS 15+; elsewhere use InterpreterBackend(folder)")
         from starflow_mlx.coreml.builder import coremltools
 
+        from starflow_mlx.coreml.interpreter import Program
+
         self._ct = coremltools()
         self.folder = Path(folder)
         self.manifest = manifest or ExportManifest.load(folder)
+        # Core ML aborts on an input its package does not declare: the manifest is checked first (specs only).
+        check_export(self.folder, self.manifest, {p.name: Program(self.folder / p.file) for p in self.manifest.packages})
         self._models: dict[tuple[str, str], Any] = {}
 
     def _model(self, pkg: PackageInfo, fn: str):
