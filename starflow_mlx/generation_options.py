@@ -91,9 +91,10 @@ class VideoOptions(SamplingOptions):
         self._check_index(self.index, self.num_videos, "videos")
 
 
-def check_jacobi(**options: Any) -> None:
+def check_jacobi(flags: dict[str, str] | None = None, **options: Any) -> None:
     """Refuse Jacobi settings outside the bounds metadata gets (the Python API and the CLI come here): a
-    block size of 1e8 would allocate a cache of that many tokens, NaN would never stop a chunk."""
+    block size of 1e8 would allocate a cache of that many tokens, NaN would never stop a chunk.
+    ``flags`` names a command's options where they are not ``--jacobi-...``."""
     bounds = {f.name: f for f in dataclasses.fields(SamplingOptions)}
     for name, value in options.items():
         kind, lo, hi = bounds[name].type, bounds[name].metadata["min"], bounds[name].metadata["max"]
@@ -101,4 +102,4 @@ def check_jacobi(**options: Any) -> None:
         number = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool)
         if not (number and lo <= value <= hi):  # NaN fails the comparison
             raise option_error(ValueError, name, f" must be {'an integer' if whole else 'a number'} from {lo} to {hi}, "
-                               f"got {value!r}")
+                               f"got {value!r}", (flags or {}).get(name))

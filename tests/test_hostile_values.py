@@ -50,6 +50,13 @@ def test_jacobi_options_out_of_bounds_are_one_line(tmp_path, flag, value, messag
     assert message in line and not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("args, message", [(["--block-size", "100000000"], "--block-size must be an integer from 1"),
+                                           (["--threshold", "nan"], "--threshold must be a number from"),
+                                           (["--max-iter", "0"], "--max-iter must be an integer from 1")])
+def test_bench_jacobi_options_out_of_bounds_are_one_line(args, message):
+    assert message in one_line(cli("bench", *args))
+
+
 @pytest.mark.parametrize("name, value", [("jacobi_block_size", 2.5), ("jacobi_block_size", True),
                                          ("jacobi_max_iter", 0), ("jacobi_threshold", float("nan")),
                                          ("jacobi_threshold", 1e9)])
