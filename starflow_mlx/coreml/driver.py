@@ -88,7 +88,8 @@ class CoreMLBackend:
         self.folder = Path(folder)
         self.manifest = manifest or ExportManifest.load(folder)
         # Core ML aborts on an input its package does not declare: the manifest is checked first (specs only).
-        check_export(self.folder, self.manifest, {p.name: Program(self.folder / p.file) for p in self.manifest.packages})
+        programs = {p.name: Program(self.folder / p.file) for p in self.manifest.packages}
+        check_export(self.folder, self.manifest, programs)
         self._models: dict[tuple[str, str], Any] = {}
 
     def _model(self, pkg: PackageInfo, fn: str):

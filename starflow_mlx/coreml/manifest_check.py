@@ -41,7 +41,8 @@ def _shape(pkg: PackageInfo, fn: str, name: str) -> tuple[int, ...] | None:
 def value_problems(m: ExportManifest) -> list[str]:
     """Where the values the driver reads disagree with the functions the manifest declares."""
     deep = m.package(m.order[0])
-    problems = [] if deep.role == "deep_block" else [f"{deep.name}, first in 'order', is a {deep.role}, not the deep block"]
+    problems = [] if deep.role == "deep_block" else [f"{deep.name}, first in 'order', is a {deep.role}, not the deep "
+                                                     "block"]
     rows = m.batch * (2 if deep.guided else 1)
     wanted = [(deep, "step", "tokens", (m.batch, m.chunk, m.token_channels))]
     if deep.sees_text:
@@ -70,11 +71,12 @@ def value_problems(m: ExportManifest) -> list[str]:
             problems.append(f"{pkg.name}.{fn} takes {name} {declared}, the manifest's values give {shape}")
     # The deep block's cache: the text, the image (or window of frames) in whole chunks, a video's overhang.
     span = m.tokens * (m.video.window_frames if m.video else 1)
-    needed = (m.text_length if deep.sees_text else 0) + math.ceil(span / m.chunk) * m.chunk + (m.chunk if m.video else 0)
+    needed = (m.text_length if deep.sees_text else 0) + math.ceil(span / m.chunk) * m.chunk
+    needed += m.chunk if m.video else 0
     states = deep.functions["step"].states if "step" in deep.functions else []
-    if not states or any(len(s.shape) != 4 or s.shape[2] < needed for s in states):
-        problems.append(f"{deep.name}'s cache holds {states[0].shape if states else None} positions, the manifest's "
-                        f"values need {needed}")
+    held = min((s.shape[2] if len(s.shape) == 4 else 0 for s in states), default=0)  # (rows, heads, positions, dim)
+    if held < needed:
+        problems.append(f"{deep.name}'s cache holds {held} positions, the manifest's values need {needed}")
     return problems
 
 
