@@ -592,3 +592,12 @@ def test_untouched_exports_pass_the_checks(coreml_exports):
 
     for folder in coreml_exports.values():
         InterpreterBackend(folder)
+
+
+@pytest.mark.parametrize("option, value", [("threshold", float("nan")), ("threshold", -1.0), ("max_iter", 0),
+                                           ("max_iter", 10**9), ("shallow_max_iter", 10**9)])
+def test_coreml_sampler_settings_out_of_bounds_are_refused(coreml_exports, option, value):
+    from starflow_mlx.coreml.driver import DriverError, Sampler
+
+    with pytest.raises(DriverError, match=f"{option} must be"):
+        Sampler(coreml_exports["image"], backend=object(), **{option: value})
