@@ -396,7 +396,7 @@ class Pipeline:
 
     def score(self, image: Image.Image | str | Path, prompt: str) -> float:
         """Bits per dimension of the image's latent (or pixels) under the flow given ``prompt`` (module doc)."""
-        if not isinstance(image, (Image.Image, str, Path)):
+        if not isinstance(image, (Image.Image, str, os.PathLike)):
             raise ValueError(f"an image model scores a PIL image or an image file, got {type(image).__name__} "
                              "(score videos with a video model)")
         if not isinstance(image, Image.Image):
