@@ -601,3 +601,14 @@ def test_coreml_sampler_settings_out_of_bounds_are_refused(coreml_exports, optio
 
     with pytest.raises(DriverError, match=f"{option} must be"):
         Sampler(coreml_exports["image"], backend=object(), **{option: value})
+
+
+def test_video_decode_of_non_finite_latents_is_refused():
+    from starflow_mlx.pipelines.image import NonFiniteSampleError
+
+    pipe = Pipeline.from_pretrained("demo-video")
+    latents = mx.full((1, 2, *pipe.noise_shape(1, "1:1")[1:]), float("inf"))  # (B, T, H, W, C)
+    with pytest.raises(NonFiniteSampleError):
+        list(pipe.decode_frames(latents))
+    with pytest.raises(NonFiniteSampleError):
+        pipe.decode(latents)
