@@ -612,3 +612,18 @@ def test_video_decode_of_non_finite_latents_is_refused():
         list(pipe.decode_frames(latents))
     with pytest.raises(NonFiniteSampleError):
         pipe.decode(latents)
+
+
+@pytest.mark.slow
+def test_pixel_factor_that_disagrees_with_the_vae_encoder_is_refused(tmp_path):
+    pytest.importorskip("coremltools")
+    from fixtures_video import make_video_model
+    from starflow_mlx.coreml.driver import InterpreterBackend
+    from starflow_mlx.coreml.export import export_coreml
+    from starflow_mlx.coreml.manifest import ManifestError
+
+    exported = {"video": export_coreml(make_video_model(tmp_path / "m"), tmp_path / "coreml").folder}
+    InterpreterBackend(exported["video"])
+    folder = edited_export(exported, tmp_path / "lie", "video", setter("video", "pixel_factor", 8))
+    with pytest.raises(ManifestError, match="vae_encoder.first takes pixels"):
+        InterpreterBackend(folder)

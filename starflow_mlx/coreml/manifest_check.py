@@ -61,6 +61,10 @@ def value_problems(m: ExportManifest) -> list[str]:
         elif pkg.role == "video_vae_decoder":
             for fn in pkg.functions:
                 wanted.append((pkg, fn, "latents", (m.batch, *m.latent_shape)))
+        elif pkg.role == "video_vae_encoder" and m.video is not None:
+            f, (h, w, _) = m.video.pixel_factor, m.latent_shape
+            for fn, count in (("first", 1), ("step", m.video.frames_per_latent)):
+                wanted.append((pkg, fn, "pixels", (m.batch, count, h * f, w * f, 3)))
         elif pkg.role == "text_encoder":
             wanted.append((pkg, main, "input_ids", (rows, m.text_length)))
         elif pkg.role == "denoiser" and m.video is not None:
