@@ -627,3 +627,9 @@ def test_pixel_factor_that_disagrees_with_the_vae_encoder_is_refused(tmp_path):
     folder = edited_export(exported, tmp_path / "lie", "video", setter("video", "pixel_factor", 8))
     with pytest.raises(ManifestError, match="vae_encoder.first takes pixels"):
         InterpreterBackend(folder)
+
+
+def test_largest_block_size_from_video_metadata_runs(tmp_path):
+    src = mp4_with_metadata(tmp_path / "a.mp4", jacobi=True, jacobi_block_size=1 << 16)
+    res = cli("generate", "--from-metadata", src, "-o", tmp_path / "b.mp4")
+    assert res.exit_code == 0 and (tmp_path / "b.mp4").exists(), res.output
