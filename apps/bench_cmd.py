@@ -35,9 +35,12 @@ def bench(
     import json
 
     from starflow_mlx.benchmarks.sampling import SAMPLERS, BenchOptions, format_report, run_benchmark
+    from starflow_mlx.generation_options import check_jacobi
 
     if sampler not in ("sequential", "jacobi", "both"):
         raise ValueError(f"unknown sampler {sampler!r}: use sequential, jacobi or both")
+    flags = {"jacobi_block_size": "--block-size", "jacobi_threshold": "--threshold", "jacobi_max_iter": "--max-iter"}
+    check_jacobi(flags, jacobi_block_size=block_size, jacobi_threshold=threshold, jacobi_max_iter=max_iter)
     opts = BenchOptions(config=config, samplers=SAMPLERS if sampler == "both" else (sampler,), batch=batch, cfg=cfg,
                         block_size=block_size, threshold=threshold, max_iter=max_iter, repeats=repeats, dtype=dtype,
                         seed=seed, bandwidth_mb=bandwidth_mb, upstream=upstream or os.environ.get("STARFLOW_UPSTREAM"),

@@ -156,6 +156,21 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
     video model."""
     if from_metadata is not None:
         return from_metadata.suffix.lower() == ".mp4"
+    return bool(model_is_video(model))
+
+
+def check_model_kind(model: str, video: bool, source: Path) -> None:
+    """Refuse a file whose metadata names a model of the other kind (an image's naming a video model, an mp4's an
+    image model): its job could not run on it. A repo id not registered here is known only once downloaded."""
+    kind = model_is_video(model)
+    if kind is not None and kind != video:
+        raise ValueError(f"{source} names {model}, {'a video' if kind else 'an image'} model, but is "
+                         f"{'a video' if video else 'an image'}: its metadata is damaged (regenerate with a prompt "
+                         "and --model instead)")
+
+
+def model_is_video(model: str) -> Optional[bool]:
+    """Whether ``model`` (a folder, built-in or registered model) makes videos; None when that is not known here."""
     from starflow_mlx.model_folder import BUILT_IN, MANIFEST, VIDEO_KINDS, Manifest
 
     folder = Path(model).expanduser()
@@ -166,7 +181,7 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
     from starflow_mlx.hub import load_registry
 
     entry = load_registry().get("models", {}).get(model)
-    return isinstance(entry, dict) and entry.get("kind") == "text-to-video"
+    return entry.get("kind") == "text-to-video" if isinstance(entry, dict) else None
 
 
 # -- resuming --------------------------------------------------------------------------------
@@ -345,6 +360,8 @@ def generate(
     jacobi = implied_jacobi(jacobi, jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
                             jacobi_max_iter=jacobi_max_iter)
     if is_video_job(model, from_metadata):
+        if batch_size is not None:
+            raise ValueError("--batch-size is for image models: a video model samples its videos together")
         from starflow_mlx.apps.generate_video import generate_video
 
         return generate_video(prompt=prompt, model=model, seed=seed, cfg=cfg, aspect_ratio=aspect_ratio,
@@ -371,6 +388,7 @@ def generate(
             raise ValueError("give a prompt or --from-metadata IMAGE, not both")
         job = ran_settings(options_from_metadata(from_metadata))
         job["model"] = confirm_path(job["model"], None if model == DEFAULT_MODEL else model, "model", from_metadata)
+        check_model_kind(job["model"], False, from_metadata)
         job["lora"] = confirm_adapters(job["lora"], lora, from_metadata)
         default = from_metadata.with_name(from_metadata.stem + "-again" + from_metadata.suffix)
     if job["prompt"] is None:

@@ -55,7 +55,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     ``model_given``: whether --model was given (not its default), which a model folder from metadata needs."""
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
-    from starflow_mlx.apps.generate_cmd import check_writable, plan_outputs, ran_settings
+    from starflow_mlx.apps.generate_cmd import check_model_kind, check_writable, plan_outputs, ran_settings
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
@@ -81,6 +81,7 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
             raise ValueError("give a prompt or --from-metadata VIDEO, not both")
         chosen = ran_settings(video_options_from_metadata(from_metadata))
         chosen["model"] = confirm_path(chosen["model"], model if model_given else None, "model", from_metadata)
+        check_model_kind(chosen["model"], True, from_metadata)
         chosen["lora"] = confirm_adapters(chosen.get("lora"), lora, from_metadata)
         for role, path in inputs:
             chosen[role], chosen[f"{role}_sha256"] = confirm_input(chosen[role], chosen[f"{role}_sha256"], path, role,

@@ -56,6 +56,13 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     return bits
 
 
+def all_finite(array: np.ndarray, dtype_name: str) -> bool:
+    """Whether ``array`` (of ``dtype_name``; bfloat16 as bits) holds no NaN or infinity; float8 is not checked."""
+    if dtype_name == "bfloat16":
+        return not np.any((array & 0x7F80) == 0x7F80)  # all exponent bits set
+    return not np.issubdtype(array.dtype, np.floating) or bool(np.isfinite(array).all())
+
+
 def to_dtype(array: np.ndarray, dtype_name: str, source: str | None = None) -> np.ndarray:
     """``array`` converted to ``dtype_name``; ``source`` names its dtype when the array holds bits (bfloat16)."""
     source = source or array.dtype.name
@@ -152,6 +159,9 @@ def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict
                 expected = np.dtype(DTYPES[dtype][1])
                 if array.shape != tuple(shape) or array.dtype.newbyteorder("=") != expected:
                     raise ValueError(f"{name}: produced {array.dtype}{array.shape}, header says {dtype}{tuple(shape)}")
+                if not all_finite(array, dtype):  # a converted folder never holds weights that decode to black
+                    raise ValueError(f"{name} holds NaN or infinite values: the checkpoint is damaged "
+                                     "(download it again)")
                 array = array.astype(expected.newbyteorder("<"), copy=False)
                 f.write(array.reshape(-1).view(np.uint8).data)
                 del array  # let this tensor go before the next producer runs

@@ -132,6 +132,19 @@ class _Frozen:
         raise CheckpointError("refusing to load checkpoint: it tries to modify the reader")
 
 
+class _StateDict(collections.OrderedDict):
+    """What the pickle gets for ``collections.OrderedDict``. torch pickles a state dict's ``_metadata`` with BUILD;
+    any other attribute BUILD would set (``items``, ``keys``...) would shadow the dict's own methods and let the
+    file choose what the reader later calls, so it is refused; ``_metadata`` is not needed and is dropped."""
+
+    def __setstate__(self, state):
+        for part in state if isinstance(state, tuple) else (state,):  # (instance dict, slot state) or the dict
+            extra = sorted(map(str, set(part) - {"_metadata"})) if isinstance(part, dict) else [type(part).__name__]
+            if part is not None and extra:
+                raise CheckpointError(f"refusing to load checkpoint: it sets {shown(extra[0])} on a dictionary, "
+                                      "which a state dict never holds")
+
+
 SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): _Frozen(_rebuild_tensor),
     ("torch._utils", "_rebuild_tensor_v2"): _Frozen(_rebuild_tensor),
@@ -141,7 +154,7 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch.storage", "UntypedStorage"): TorchType("storage", None),
     ("torch", "UntypedStorage"): TorchType("storage", None),
     ("torch", "Size"): tuple,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _StateDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from starflow_mlx.config import ConfigError
 from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
 from starflow_mlx.jsonconfig import read_json
+from starflow_mlx.weights import check_finite_weights
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 from starflow_mlx.safe_text import printable
 from starflow_mlx.convert.tensor_names import check_tensor_names
@@ -166,6 +167,7 @@ def convert_vae(src: str | Path, out_dir: str | Path, dtype: str = "float16",
             raise VAEConversionError(f"{name} is stored as {str(state[name].dtype).removeprefix('mlx.core.')}, "
                                      "not floating point: not a VAE checkpoint")
     weights = {name: to_mlx(name, state[name], shape).astype(DTYPES[dtype]) for name, shape in shapes.items()}
+    check_finite_weights(list(weights.items()), str(weights_path))
     with staged_folder(out_dir, error=VAEConversionError) as staging:
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         config.save(staging / "config.json")

@@ -50,7 +50,7 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: Path) -> WanV
     stages = _count(shapes, "encoder.downsamples.{}.downsamples.0.residual.2.weight")
     num_res = _count(shapes, "encoder.downsamples.0.downsamples.{}.residual.0.gamma")
     widths = [shapes[f"encoder.downsamples.{i}.downsamples.0.residual.2.weight"][0] for i in range(stages)]
-    if stages < 2 or num_res < 1 or any(w % dim for w in widths):
+    if dim < 1 or stages < 2 or num_res < 1 or any(w % dim for w in widths):
         raise WanVAEConversionError(f"{source}: encoder stage widths {widths} (stem {dim}) do not form a "
                                     "Wan2.2 VAE: not a Wan2.2 VAE checkpoint")
     dim_mult = [w // dim for w in widths]

@@ -10,7 +10,6 @@ from starflow_mlx.jsonconfig import ConfigError, JSONConfig
 __all__ = ["ConfigError", "FlowConfig"]
 
 POSITIVE = {"min": 1}
-COUNT = {"min": 0}
 # Upper bounds far above any released model (3B: 3072 channels, 7 blocks, 30 layers), so a hostile config
 # is refused before anything is built rather than by running out of memory.
 WIDTH = {"min": 1, "max": 1 << 16}
@@ -75,7 +74,7 @@ class FlowConfig(JSONConfig):
     use_softplus: bool = False
     cond_top_only: bool = False
     use_final_norm: bool = False
-    soft_clip: float = field(default=0.0, metadata=COUNT)
+    soft_clip: float = field(default=0.0, metadata={"min": 0, "max": 1e4})
     use_swiglu: bool = False
     use_bias: bool = True
     use_qk_norm: bool = False

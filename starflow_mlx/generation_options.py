@@ -8,9 +8,11 @@ threshold or 100000 images are refused with one line instead of crashing or neve
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from starflow_mlx.advice import option_error
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
 from starflow_mlx.models.kv_cache import KV_BITS
 
@@ -90,3 +92,17 @@ class VideoOptions(SamplingOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_index(self.index, self.num_videos, "videos")
+
+
+def check_jacobi(flags: dict[str, str] | None = None, **options: Any) -> None:
+    """Refuse Jacobi settings outside the bounds metadata gets (the Python API and the CLI come here): a
+    block size of 1e8 would allocate a cache of that many tokens, NaN would never stop a chunk.
+    ``flags`` names a command's options where they are not ``--jacobi-...``."""
+    bounds = {f.name: f for f in dataclasses.fields(SamplingOptions)}
+    for name, value in options.items():
+        kind, lo, hi = bounds[name].type, bounds[name].metadata["min"], bounds[name].metadata["max"]
+        whole = kind == "int"
+        number = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool)
+        if not (number and lo <= value <= hi):  # NaN fails the comparison
+            raise option_error(ValueError, name, f" must be {'an integer' if whole else 'a number'} from {lo} to {hi}, "
+                               f"got {value!r}", (flags or {}).get(name))

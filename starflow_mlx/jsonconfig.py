@@ -110,11 +110,15 @@ def _check(value: Any, kind: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if isinstance(value, str):  # said as such, not as "must be str or null"
             _text(value, where)
+        nested = None
         for option in args:
             try:
                 return _check(value, option, where)
-            except ConfigError:
-                continue
+            except ConfigError as exc:
+                if isinstance(value, dict) and isinstance(option, type) and issubclass(option, JSONConfig):
+                    nested = exc  # an object meant as that config: its own error names the field at fault
+        if nested is not None:
+            raise nested
         raise ConfigError(f"{where} must be {_type_name(kind)}, got {_describe(value)}")
     if kind is type(None):
         if value is None:

@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
-from starflow_mlx.weights import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
+from starflow_mlx.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 
 
@@ -97,7 +97,7 @@ def load_vae(path: str | Path, dtype: str | None = None) -> VAE:
     if is_diffusers_folder(folder):
         config, weights = diffusers_vae(folder, dtype or "float16")
         model = AutoencoderKL(config)
-        model.load_weights(list(weights.items()), strict=True)
+        load_checked(model, list(weights.items()), str(folder))
         target = None  # already in the asked dtype
     else:
         if not (folder / "config.json").is_file():

@@ -12,7 +12,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from starflow_mlx.jsonconfig import ConfigError
-from starflow_mlx.weights import ModelLoadError, cast_floats, load_weights_strict, parse_dtype
+from starflow_mlx.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
 # float32 by measurement: see benchmarks/README.md, "Wan2.2 VAE" (PSNR of float16/bfloat16 decodes).
@@ -147,11 +147,12 @@ def blend_weights(ys: tuple[int, int], xs: tuple[int, int], h: int, w: int, tile
     return axis(ys, h)[:, None] * axis(xs, w)[None, :]
 
 
-def _from_model(config: WanVAEConfig, weights: dict[str, mx.array] | None, folder: Path | None,
+def _from_model(config: WanVAEConfig, weights: dict[str, mx.array] | None, folder: Path,
                 dtype: str | None) -> VideoVAE:
+    """The VAE from ``weights`` (converted in memory from the checkpoint ``folder``), or from ``folder``'s file."""
     model = WanVAE(config)
     if weights is not None:
-        model.load_weights(list(weights.items()), strict=True)
+        load_checked(model, list(weights.items()), str(folder))
     else:
         load_weights_strict(model, folder / "model.safetensors")
     target = parse_dtype(dtype)
@@ -179,7 +180,7 @@ def _from_checkpoint(src: str | Path, dtype: str | None) -> VideoVAE:
                 mx.eval(weights[name])  # one float32 tensor alive at a time, not the whole checkpoint
     except (CheckpointError, WanVAEConversionError) as exc:
         raise ModelLoadError(str(exc)) from None
-    return _from_model(config, weights, None, dtype)
+    return _from_model(config, weights, path, dtype)
 
 
 def load_video_vae(path: str | Path, dtype: str | None = None) -> VideoVAE:

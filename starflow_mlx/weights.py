@@ -67,6 +67,25 @@ def check_weight_bytes(config, path: Path) -> None:
                              f"{held:,}: the config and weights do not belong together")
 
 
+def check_finite_weights(weights: list[tuple[str, mx.array]], where: str) -> None:
+    """Refuse weights holding NaN or infinity (a damaged download, a diverged training run): every loader and
+    adapter comes here, since such a model would write black images or "nan bits/dim" without an error."""
+    floats = [(name, w) for name, w in weights if mx.issubdtype(w.dtype, mx.floating)]
+    if not floats:
+        return
+    finite = mx.stack([mx.all(mx.isfinite(w)) for _, w in floats]).tolist()
+    bad = next((name for (name, _), ok in zip(floats, finite) if not ok), None)
+    if bad is not None:
+        raise ModelLoadError(f"{where}: {bad} holds NaN or infinite values: the weights are damaged "
+                             "(convert, download or train them again)")
+
+
+def load_checked(model, weights: list[tuple[str, mx.array]], where: str, strict: bool = True) -> None:
+    """``model.load_weights`` after :func:`check_finite_weights`."""
+    check_finite_weights(weights, where)
+    model.load_weights(weights, strict=strict)
+
+
 def load_weights_strict(model, path: Path, only: dict | None = None, file_names: dict[str, str] | None = None,
                         unread: set[str] = frozenset()) -> None:
     """Load safetensors into ``model``, naming the first missing, extra, misshapen or mistyped tensor.
@@ -104,7 +123,7 @@ def load_weights_strict(model, path: Path, only: dict | None = None, file_names:
         weights = mx.load(str(path))
     except Exception as exc:  # mlx raises RuntimeError/ValueError with long texts on corrupt files
         raise ModelLoadError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-    model.load_weights([(local[name], weights[name]) for name in expected], strict=only is None)
+    load_checked(model, [(local[name], weights[name]) for name in expected], str(path), strict=only is None)
 
 
 def build_flow(folder: Path, layers: range | None = None) -> STARFlow:

@@ -16,6 +16,7 @@ next, the same pipelining a video would use frame by frame.
 
 from __future__ import annotations
 
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from starflow_mlx.coreml.manifest import ExportManifest, PackageInfo
+from starflow_mlx.coreml.manifest_check import check_export
+
+
+MAX_ITERATIONS = 1 << 16  # per chunk (at most its tokens are needed) or per shallow block (at most all tokens)
 
 
 class DriverError(ValueError):
@@ -56,6 +61,7 @@ class InterpreterBackend:
         self.folder = Path(folder)
         self.manifest = manifest or ExportManifest.load(folder)
         self._programs = {p.name: Program(self.folder / p.file) for p in self.manifest.packages}
+        check_export(self.folder, self.manifest, self._programs)
 
     def make_state(self, package: str) -> dict[str, np.ndarray]:
         pkg, fn = split_function(self.manifest, package)
@@ -80,9 +86,14 @@ class CoreMLBackend:
             raise DriverError("Core ML predictions need macOS 15+; elsewhere use InterpreterBackend(folder)")
         from starflow_mlx.coreml.builder import coremltools
 
+        from starflow_mlx.coreml.interpreter import Program
+
         self._ct = coremltools()
         self.folder = Path(folder)
         self.manifest = manifest or ExportManifest.load(folder)
+        # Core ML aborts on an input its package does not declare: the manifest is checked first (specs only).
+        programs = {p.name: Program(self.folder / p.file) for p in self.manifest.packages}
+        check_export(self.folder, self.manifest, programs)
         self._models: dict[tuple[str, str], Any] = {}
 
     def _model(self, pkg: PackageInfo, fn: str):
@@ -171,6 +182,12 @@ class Sampler:
         self.threshold = m.jacobi_threshold if threshold is None else float(threshold)
         self.max_iter = m.jacobi_max_iter if max_iter is None else int(max_iter)
         self.shallow_max_iter = m.tokens if shallow_max_iter is None else int(shallow_max_iter)
+        # Every iteration is a prediction: NaN (which never stops a chunk) and absurd counts are refused.
+        if not 0 <= self.threshold < math.inf:
+            raise DriverError(f"threshold must be a number 0 or more, got {self.threshold}")
+        for name in ("max_iter", "shallow_max_iter"):
+            if not 1 <= getattr(self, name) <= MAX_ITERATIONS:
+                raise DriverError(f"{name} must be from 1 to {MAX_ITERATIONS}, got {getattr(self, name)}")
 
     # -- inputs ---------------------------------------------------------------------------
     _noise_axes = "batch, H, W, C"

@@ -84,9 +84,18 @@ class VideoContract(JSONConfig):
     # these shallow packages forward (z = (x - b) / a, block order) to become the deep block's known tokens.
     noise_std: float = field(default=0.0, metadata={"min": 0, "max": 100})
     context_order: list[str] = field(default_factory=list)
-    prompt_template: str = "{prompt}"  # the text the encoder reads: replace {prompt} and {fps}
-    image_prompt_template: str = "{prompt}"  # the same for a one-frame video (an image)
+    # The text the encoder reads: replace {prompt} and {fps}. Bounded, and {prompt} once, so a hostile manifest
+    # cannot make the tokenizer read gigabytes.
+    prompt_template: str = field(default="{prompt}", metadata={"max_len": 4096})
+    image_prompt_template: str = field(default="{prompt}", metadata={"max_len": 4096})  # for a one-frame video
     pixel_space: bool = False  # no VAE: latents are pixels times the manifest's pixel_scale, any frame count
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("prompt_template", "image_prompt_template"):
+            for placeholder in ("{prompt}", "{fps}"):
+                if getattr(self, name).count(placeholder) > 1:
+                    raise ConfigError(f"{self.LABEL}: {name} holds {placeholder} more than once")
 
     @property
     def frames_per_latent(self) -> int:
@@ -125,6 +134,35 @@ class ExportManifest(JSONConfig):
     drive: list[str] = field(default_factory=list)
     video: VideoContract | None = None  # STARFlow-V: latent_shape/token_grid are one frame's
     format: int = FORMAT
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        problem = self._inconsistency()
+        if problem:
+            raise ConfigError(f"{self.LABEL}: {problem}")
+
+    def _inconsistency(self) -> str | None:
+        """The first value that disagrees with another (each is within its own bounds already)."""
+        if len(self.latent_shape) != 3 or len(self.token_grid) != 2:
+            return f"latent_shape must be (H, W, C) and token_grid (h, w), got {self.latent_shape}, {self.token_grid}"
+        (h, w, c), p = self.latent_shape, self.patch_size
+        names = [pkg.name for pkg in self.packages]
+        if h % p or w % p or self.token_grid != [h // p, w // p] or self.token_channels != p * p * c:
+            return (f"latent_shape {self.latent_shape} in {p}x{p} patches is not token_grid {self.token_grid} of "
+                    f"{self.token_channels} channels")
+        if self.chunk > self.tokens or (self.chunk > 1 and not self.sos):
+            return f"chunk {self.chunk} does not fit {self.tokens} tokens{'' if self.sos else ' without a start token'}"
+        if self.sos != (self.start_token is not None) or self.sos and len(self.start_token) != self.token_channels:
+            return f"the start token must hold {self.token_channels} values when sos is set, and be absent otherwise"
+        if not self.order or len(set(names)) != len(names) or not set(self.order) <= set(names):
+            return f"order {self.order} must name packages of the manifest, each once"
+        if self.classes and self.text_dim != len(self.words or self.classes) + 1:
+            return f"text_dim {self.text_dim} is not one per class (or word) plus the empty label"
+        if self.video is not None and self.video.frame_tokens != self.tokens:
+            return f"video frame_tokens {self.video.frame_tokens} is not the {self.tokens} tokens of a frame"
+        if self.video is not None and not set(self.video.context_order) <= set(self.order[1:]):
+            return f"video context_order {self.video.context_order} must name shallow packages of 'order'"
+        return None
 
     @property
     def tokens(self) -> int:

@@ -27,6 +27,7 @@ from starflow_mlx.coreml.builder import ExportError, coremltools
 from starflow_mlx.coreml.driver import InterpreterBackend, Sampler, SampleStats, channels_first, channels_last
 from starflow_mlx.coreml.interpreter import Program
 from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, ExportManifest, PackageInfo
+from starflow_mlx.coreml.manifest_check import signature_problems
 from starflow_mlx.weights import cast_floats
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.guidance import guide
@@ -88,7 +89,6 @@ def float16_copy(flow):
 
 
 # -- structure -----------------------------------------------------------------------------
-_DTYPES = {"float16": "FLOAT16", "float32": "FLOAT32", "int32": "INT32"}
 
 
 def structural_problems(folder: Path, manifest: ExportManifest, flow=None) -> list[str]:
@@ -108,16 +108,10 @@ def structural_problems(folder: Path, manifest: ExportManifest, flow=None) -> li
         if meta.get(ROLE_KEY) != pkg.role:
             problems.append(f"{pkg.name}: package role {meta.get(ROLE_KEY)}, manifest {pkg.role}")
         program = Program(path)
-        for fn, info in pkg.functions.items():
-            if fn not in program.functions:
-                problems.append(f"{pkg.name}: function {fn} is missing")
-                continue
-            sig = program.signature(fn)
-            for kind, declared in (("inputs", info.inputs), ("outputs", info.outputs), ("states", info.states)):
-                want = {t.name: (_DTYPES[t.dtype], tuple(t.shape)) for t in declared}
-                if sig[kind] != want:
-                    problems.append(f"{pkg.name}.{fn} {kind}: package {sig[kind]}, manifest {want}")
-            problems += _quantization_problems(pkg, fn, program, flow)
+        problems += signature_problems(pkg, program)
+        for fn in pkg.functions:
+            if fn in program.functions:
+                problems += _quantization_problems(pkg, fn, program, flow)
         if pkg.role == "deep_block":
             declared = {s.name for f in model.get_spec().description.functions for s in f.state}
             declared |= {s.name for s in model.get_spec().description.state}

@@ -41,10 +41,11 @@ class WanVAEConfig(JSONConfig):
 
     LABEL = "Wan VAE config"
 
-    dim: int = field(default=160, metadata={"min": 1})
-    dec_dim: int = field(default=256, metadata={"min": 1})
-    z_dim: int = field(default=48, metadata={"min": 1})
-    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4], metadata={"min": 1, "max_len": 8})
+    # Upper bounds far above any Wan VAE, so a hostile config (or checkpoint shapes) is refused before building one.
+    dim: int = field(default=160, metadata={"min": 1, "max": 1 << 14})
+    dec_dim: int = field(default=256, metadata={"min": 1, "max": 1 << 14})
+    z_dim: int = field(default=48, metadata={"min": 1, "max": 1024})
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4], metadata={"min": 1, "max": 64, "max_len": 8})
     num_res_blocks: int = field(default=2, metadata={"min": 1, "max": 16})
     temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True],
                                             metadata={"max_len": 8})
@@ -52,6 +53,7 @@ class WanVAEConfig(JSONConfig):
     dtype: str = field(default="float32", metadata={"choices": ["float32", "float16", "bfloat16"]})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.z_dim != len(LATENT_MEAN):
             raise ConfigError(f"Wan VAE z_dim must be {len(LATENT_MEAN)} (the latent statistics have that many "
                               f"channels), got {self.z_dim}")

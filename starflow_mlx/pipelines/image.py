@@ -23,10 +23,12 @@ from PIL import Image
 
 from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
+from starflow_mlx.generation_options import check_jacobi
 from starflow_mlx.loading import load_flow
 from starflow_mlx.memory import check_memory, plan_batch
 from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest
-from starflow_mlx.pipelines.prompts import class_features, latent_size, nearest_aspect_ratio, prepare_prompt
+from starflow_mlx.pipelines.prompts import (check_prompt, class_features, latent_size, nearest_aspect_ratio,
+                                           prepare_prompt)
 from starflow_mlx.resolve import resolve_model
 from starflow_mlx.sampling.auto import jacobi_settings
 from starflow_mlx.sampling.denoise import score_denoise
@@ -60,8 +62,8 @@ def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int
         raise ValueError(f"cfg must be a number 0 or more, got {cfg}")
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
-    if jacobi_block_size < 1 or jacobi_max_iter < 1 or not 0 < jacobi_threshold < math.inf:  # NaN fails too
-        raise ValueError("jacobi_block_size and jacobi_max_iter must be at least 1 and jacobi_threshold above 0")
+    check_jacobi(jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
+                 jacobi_max_iter=jacobi_max_iter)
 
 
 def class_index(manifest: Manifest, prompt: str) -> int:
@@ -142,6 +144,7 @@ class Pipeline:
 
     def text_features(self, prompt: str, aspect_ratio: str | None, fps: int = 0) -> tuple[mx.array, mx.array]:
         """(y, y_uncond), each (1, L, D): computed once per prompt, repeated for every image."""
+        check_prompt(prompt)
         key = (prompt, aspect_ratio, fps)
         if self._last_text is None or self._last_text[0] != key:
             self._last_text = key, self._text_features(prompt, aspect_ratio, fps)
@@ -263,7 +266,7 @@ class Pipeline:
 
     def decode(self, x: mx.array) -> list[Image.Image]:
         """Samples in the flow's data space -> 8-bit images."""
-        pixels = self.vae.decode(x) if self.vae is not None else x / self.manifest.pixel_scale
+        pixels = check_finite(self.vae.decode(x)) if self.vae is not None else x / self.manifest.pixel_scale
         arr = np.array(mx.clip((pixels.astype(mx.float32) + 1.0) * 127.5, 0, 255).round().astype(mx.uint8))
         images = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
         return images if self.vae is not None else [self._enlarge(img) for img in images]
@@ -307,6 +310,9 @@ class Pipeline:
 
     def score(self, image: Image.Image | str | Path, prompt: str) -> float:
         """Bits per dimension of the image's latent (or pixels) under the flow given ``prompt`` (module doc)."""
+        if not isinstance(image, (Image.Image, str, os.PathLike)):
+            raise ValueError(f"an image model scores a PIL image or an image file, got {type(image).__name__} "
+                             "(score videos with a video model)")
         if not isinstance(image, Image.Image):
             from starflow_mlx.image_input import open_image
 

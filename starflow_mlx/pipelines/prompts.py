@@ -11,6 +11,18 @@ from starflow_mlx.config import ConfigError, FlowConfig
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")
 
 
+def check_prompt(prompt: str) -> None:
+    """Refuse a prompt that is not text: a non-string, or bytes that were not UTF-8 (a prompt file in another
+    encoding or a terminal's stray bytes reach Python as lone surrogates, which no tokenizer can take)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the prompt is not valid UTF-8 text (character {exc.start + 1} of {len(prompt)} is a byte "
+                         "of another encoding): give it as UTF-8") from None
+
+
 def prepare_prompt(prompt: str, config: FlowConfig, aspect_ratio: str | None, fps: int = 0) -> str:
     """Apply the templates the model was trained with: only those its config switches on."""
     text = prompt

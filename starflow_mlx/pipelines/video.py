@@ -399,12 +399,12 @@ class VideoPipeline(Pipeline):
         done = 0
         for chunk in self.vae.decode_frames(latents):
             done += chunk.shape[1]
-            yield to_uint8(chunk)
+            yield to_uint8(check_finite(chunk))
             report(label, done, self.pixel_frames(total))
 
     def decode(self, latents: mx.array) -> mx.array:
         """Flow-space latents -> frames (B, T, H, W, 3) in [-1, 1] (temporal scale undone, then clamped)."""
-        return mx.clip(self.vae.decode(self.unscale(latents)), -1.0, 1.0)
+        return mx.clip(check_finite(self.vae.decode(self.unscale(latents))), -1.0, 1.0)
 
     def stream(self, prompt: str, *, progress: Callable[..., None] | None = None,
                **options) -> Iterator[np.ndarray]:
@@ -452,7 +452,13 @@ class VideoPipeline(Pipeline):
 
             frames, _ = read_video(video, fps=fps)
         else:
+            if isinstance(video, Image.Image):
+                raise ValueError("a video model scores clips: give an .mp4 path or uint8 frames (T, H, W, 3), "
+                                 "not an image (score images with an image model)")
             frames = np.asarray(video)
+            if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
+                raise ValueError(f"a video model scores clips of uint8 frames (T, H, W, 3), got {frames.dtype} "
+                                 f"{frames.shape} (an image's rows are not frames)")
         x, ratio, usable = self.clip_input(frames)
         y, _ = self.conditioning(prompt, 1, ratio, fps=fps if usable > 1 else 0)
         return x, y

@@ -189,7 +189,9 @@ def invert_jacobi(
     batch, n, c = zz.shape
     text_len = y.shape[1] if (block.sees_text and y is not None) else 0
     frame = layout.frame_size if layout.seq_frames > 1 else n
-    big = 4 * block_size if layout.seq_frames > 1 else block_size
+    # A chunk longer than the sequence is the whole sequence: capped, a huge block size cannot size the cache.
+    block_size = min(block_size, n)
+    big = min(4 * block_size, n) if layout.seq_frames > 1 else block_size
     window = attention_window(model, block, layout)
     span = n if window is None else min(n, window * frame)
     if window is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
@@ -31,7 +31,7 @@ from starflow_mlx.models.lora import (BLOCK_CHOICES, MAX_RANK, AdapterConfig, Ad
 from starflow_mlx.staging import staged_folder
 from starflow_mlx.training.captions import CaptionedDataset
 from starflow_mlx.training.data import DataError, Dataset, load_digits_split, load_image_folder
-from starflow_mlx.training.trainer import TrainConfig, Trainer, layer_activations, make_optimizer
+from starflow_mlx.training.trainer import TrainConfig, Trainer, layer_activations, make_optimizer, optimizer_state
 
 QUANT_GROUP = 64
 WORKING_LAYERS = 4  # one layer's forward and backward working set, in units of its kept activations
@@ -244,8 +244,7 @@ class LoRATrainer(Trainer):
                                    message.format(f"--rank {saved.rank} --lora-blocks {saved.blocks}"))
         check_base(read_adapter_config(folder), self.config, str(folder))
         load_weights_strict(self.model, folder / ADAPTER_WEIGHTS, only=lora_weights(self.model))
-        read_header(folder / "optimizer.safetensors")  # exact offsets and sizes before MLX maps anything
-        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        self.optimizer.state = optimizer_state(folder, meta["step"], self.train.steps)
         seconds = meta.get("seconds", 0.0)
         if not isinstance(seconds, (int, float)) or not 0 <= seconds < 1e9:
             raise ConfigError(f"{folder / 'trainer.json'} is damaged (seconds {seconds!r}): delete {folder} to start over")

@@ -25,7 +25,7 @@ from starflow_mlx.advice import option_error, with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.safetensors_stream import read_header
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
-from starflow_mlx.weights import load_weights_strict
+from starflow_mlx.weights import check_finite_weights, load_weights_strict
 from starflow_mlx.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.pipelines.prompts import class_features
@@ -45,7 +45,7 @@ class TrainConfig(JSONConfig):
     min_lr: float = field(default=1e-5, metadata={"min": 0, "max": 10})
     warmup: int = field(default=200, metadata={"min": 0, "max": 10**9})
     weight_decay: float = field(default=1e-4, metadata={"min": 0, "max": 10})
-    grad_clip: float = field(default=1.0, metadata={"min": 0})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "max": 1e6})
     channels: int = field(default=96, metadata={"min": 1, "max": 1 << 16})
     layers: list[int] = field(default_factory=lambda: [2, 2, 2, 4], metadata={"min": 1, "max": 1024, "max_len": 64})
     head_dim: int = field(default=32, metadata={"min": 1, "max": 1024})
@@ -56,7 +56,7 @@ class TrainConfig(JSONConfig):
     noise_std: float = field(default=0.1, metadata={"min": 0, "max": 100})
     drop_label: float = field(default=0.1, metadata={"min": 0, "max": 1})
     cfg: float = field(default=2.0, metadata={"min": 0, "max": 1000})
-    checkpoint_every: int = field(default=500, metadata={"min": 0})
+    checkpoint_every: int = field(default=500, metadata={"min": 0, "max": 10**9})
     seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1})
 
 
@@ -232,8 +232,7 @@ class Trainer:
         if (saved.channels, saved.layers, saved.head_dim) != (self.train.channels, self.train.layers, self.train.head_dim):
             raise ValueError(f"checkpoint {folder} is for another model shape: resume with its settings")
         load_weights_strict(self.model, folder / "model.safetensors")
-        read_header(folder / "optimizer.safetensors")  # exact offsets and sizes before MLX maps anything
-        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        self.optimizer.state = optimizer_state(folder, meta["step"], self.train.steps)
         self.step = self.saved_step = int(meta["step"])
         self.seconds = float(seconds)
         self._compile()
@@ -253,6 +252,22 @@ class Trainer:
             Manifest(kind=kind, classes=list(self.data.classes), prompt_help=self.data.prompt_help,
                      words=list(self.data.words or []),
                      source=source or {}).save(tmp)
+
+
+def optimizer_state(folder: Path, step: int, steps: int) -> dict:
+    """The optimizer state of the checkpoint ``folder`` saved at ``step``, for a run of ``steps``.
+
+    Refused when the run has already gone past ``steps`` (resuming would export an adapter or model that
+    this run never trained), and when the state holds NaN or infinity (every update would be NaN).
+    """
+    if step > steps:
+        message = f"checkpoint {folder} is at step {step}, past the {steps} steps asked for: resume with "
+        raise with_cli_message(ValueError(message + f"steps={step} or more"), message + f"--steps {step} or more")
+    path = folder / "optimizer.safetensors"
+    read_header(path)  # exact offsets and sizes before MLX maps anything
+    state = mx.load(str(path))
+    check_finite_weights(list(state.items()), str(path))
+    return tree_unflatten(list(state.items()))
 
 
 def read_checkpoint(folder: Path) -> tuple[dict, TrainConfig]:
