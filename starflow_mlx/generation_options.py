@@ -101,7 +101,7 @@ def check_jacobi(flags: dict[str, str] | None = None, **options: Any) -> None:
     bounds = {f.name: f for f in dataclasses.fields(SamplingOptions)}
     for name, value in options.items():
         kind, lo, hi = bounds[name].type, bounds[name].metadata["min"], bounds[name].metadata["max"]
-        whole = kind == "int"
+        whole = kind.split(" | ")[0] == "int"  # "int | None" since unset settings are recorded as null
         number = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool)
         if not (number and lo <= value <= hi):  # NaN fails the comparison
             raise option_error(ValueError, name, f" must be {'an integer' if whole else 'a number'} from {lo} to {hi}, "

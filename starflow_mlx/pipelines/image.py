@@ -13,6 +13,7 @@ is what it was trained on.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Callable

@@ -36,6 +36,7 @@ from starlette.staticfiles import StaticFiles
 
 from starflow_mlx.jsonconfig import ConfigError, parse_json
 from starflow_mlx.server import edits
+from starflow_mlx.server.api_error import ApiError
 from starflow_mlx.server.browser_guard import BrowserGuard
 from starflow_mlx.server.generation import check_request
 from starflow_mlx.server.jobs import FINISHED, Job, JobRunner, QueueFull
@@ -53,20 +54,6 @@ KEEPALIVE = 15.0  # a comment line on a quiet event stream, so proxies and clien
 BODY_TYPES = ("application/json", "multipart/form-data")
 
 log = logging.getLogger("starflow.serve")
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), body_seconds: float = BODY_SECONDS):

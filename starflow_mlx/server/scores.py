@@ -17,14 +17,14 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from starflow_mlx.server.api_error import ApiError
+
 MAX_FILES = 64
 MAX_BODY_BYTES = 64 << 20  # all files together, before base64 or multipart framing is removed
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mp4")
 
 
 def _error(status: int, message: str, code: str, param: str | None = None):
-    from starflow_mlx.server.app import ApiError  # the app imports this module
-
     return ApiError(status, message, code, param)
 
 

@@ -227,7 +227,6 @@ class LoRATrainer(Trainer):
         return final
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
-        from starflow_mlx.convert.safetensors_stream import read_header
         from starflow_mlx.weights import load_weights_strict
         from starflow_mlx.models.lora import ADAPTER_WEIGHTS, check_base, read_adapter_config
 
