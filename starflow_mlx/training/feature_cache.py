@@ -131,7 +131,7 @@ class CaptionEncoder:
     def __init__(self, folder: Path, manifest: Manifest, config: FlowConfig, cache_dir: Path, bad: BadItems,
                  latent_frames: int = 0):
         from starflow_mlx.model_folder import VIDEO_KINDS
-        from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+        from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
         self.config, self.bad = config, bad
         self.video = manifest.kind in VIDEO_KINDS
