@@ -155,7 +155,10 @@ def test_an_image_made_with_several_adapters_is_remade_from_its_metadata(tmp_pat
     res = runner.invoke(app, ["generate", "1", "-m", str(base), "--lora", str(a), "--lora", str(b),
                               "--lora-scale", "0.7", "--lora-scale", "0.3", "-o", str(tmp_path / "x.png")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["generate", "--from-metadata", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png")])
+    again = ["generate", "--from-metadata", str(tmp_path / "x.png"), "-m", str(base)]
+    res = runner.invoke(app, [*again, "--lora", str(a), "-o", str(tmp_path / "y.png")])
+    assert res.exit_code == 1 and "give --lora 2 times, in the order its metadata lists them" in res.output
+    res = runner.invoke(app, [*again, "--lora", str(a), "--lora", str(b), "-o", str(tmp_path / "y.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "x.png").read_bytes() == (tmp_path / "y.png").read_bytes()
     res = runner.invoke(app, ["generate", "1", "-m", str(base), "--lora", str(a), "-o", str(tmp_path / "z.png")])

@@ -161,7 +161,7 @@ class CaptionEncoder:
         from starflow_mlx.pipelines.video_io import read_video
 
         try:
-            frames, _ = read_video(item.path, fps=self.fps, max_frames=self.frames * 64)
+            frames, _ = read_video(item.path, fps=self.fps, frames=self.frames * 64)
         except (ValueError, OSError) as exc:
             return self.bad(item.path, str(exc))
         if len(frames) < self.frames:
