@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from starflow_mlx.apps.generate_cmd import DEFAULT_MODEL
+from starflow_mlx.apps.job_files import DEFAULT_MODEL
 
 MAX_PROMPTS_BYTES = 1 << 20
 MAX_PROMPTS = 1000  # each candidate is a forward pass

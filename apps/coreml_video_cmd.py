@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
 
 def prompt_tokens(folder: Path, manifest, prompt: str, fps: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +80,7 @@ def coreml_video(
     denoiser and VAE decoder (and the VAE encoder with --image), pipelined as the manifest describes."""
     import mlx.core as mx
 
-    from starflow_mlx.apps.generate_cmd import check_writable
+    from starflow_mlx.apps.job_files import check_writable
     from starflow_mlx.apps.generate_video import check_mp4
     from starflow_mlx.coreml.driver import CoreMLBackend, DriverError, InterpreterBackend
     from starflow_mlx.coreml.manifest import ExportManifest

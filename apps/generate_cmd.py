@@ -8,32 +8,19 @@ as they are decoded, so a long job never holds more than one batch.
 
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-DEFAULT_MODEL = "apple/starflow"
+from starflow_mlx.apps.job_files import (DEFAULT_MODEL, OutputPlan, check_model_kind, check_writable, model_is_video,
+                                        plan_outputs, ran_settings, refuse_edits)
+
 BATCH_KEY = "batch_size"  # absent from files written before batching: those were sampled in one batch
 SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_images", "jacobi", "jacobi_block_size", "jacobi_threshold",
                  "jacobi_max_iter", "kv_bits")
-
-
-@dataclass
-class OutputPlan:
-    """One file (a grid when several images), or one file per image index in a folder."""
-
-    file: Optional[Path] = None
-    names: dict[int, Path] = field(default_factory=dict)
-    taken: Optional[Path] = None  # the default name, when it was taken and ``file`` is the next free one
-
-    @property
-    def paths(self) -> list[Path]:
-        return [self.file] if self.file is not None else list(self.names.values())
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -48,71 +35,6 @@ def options_from_metadata(path: Path) -> dict:
     # Files written before batching were sampled in one batch.
     options[BATCH_KEY] = options[BATCH_KEY] or options["num_images"]
     return options
-
-
-def refuse_edits(path: Path, meta: dict) -> None:
-    """Files that ``starflow edit`` or ``generate --from-noise`` made record another job: name the command that
-    redoes it."""
-    if meta.get("operation") in ("edit", "inpaint"):
-        raise ValueError(f"{path} was made by starflow edit: redo it with starflow edit --from-metadata {path}")
-    if meta.get("operation") == "from-noise":
-        raise ValueError(f"{path} was decoded from the noise file {meta.get('noise')}: decode it again with "
-                         "starflow generate --from-noise")
-
-
-def ran_settings(record: dict) -> dict:
-    """A file's options with Jacobi settings only when Jacobi ran (older files recorded unused ones)."""
-    from starflow_mlx.sampling.auto import JACOBI_SETTINGS
-
-    return record if record["jacobi"] else dict(record, **dict.fromkeys(JACOBI_SETTINGS))
-
-
-# -- output files ----------------------------------------------------------------------------
-def file_stem(prompt: str, seed: int) -> str:
-    from starflow_mlx.pipelines.image_files import slug
-
-    return f"{slug(prompt)}-seed{seed}"
-
-
-def check_writable(path: Path) -> None:
-    """Fail before minutes of sampling, not after, when an output cannot be created."""
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder (give a file name, or use --output-dir)")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
-
-
-def plan_outputs(prompt: str, seed: int, indices: range, output: Optional[Path], output_dir: Optional[Path],
-                 overwrite: bool, default: Optional[Path], suffix: str = ".png", check_format=None) -> OutputPlan:
-    """The files to write; an existing one is an error unless ``overwrite``, a default name picks a free one.
-
-    ``suffix`` names default and folder files; ``check_format(path)`` refuses an --output it cannot write.
-    """
-    from starflow_mlx.pipelines.image_files import free_name, image_format
-
-    if output is not None and output_dir is not None:
-        raise ValueError("give --output FILE or --output-dir DIR, not both")
-    if output_dir is not None:
-        width = max(3, len(str(indices.stop - 1)))
-        stem = file_stem(prompt, seed)
-        names = {i: output_dir / f"{stem}-{i:0{width}d}{suffix}" for i in indices}
-        taken = [path for path in names.values() if path.exists()] if not overwrite else []
-        if taken:
-            raise ValueError(f"{taken[0]} already exists ({len(taken)} of the files would be replaced): pass --resume "
-                             "to keep them and make the rest (an interrupted job), --overwrite to replace them, or "
-                             "use another --output-dir or --seed")
-        return OutputPlan(names=names)
-    if output is None:
-        wanted = default or Path(f"{file_stem(prompt, seed)}{suffix}")
-        file = free_name(wanted)
-        return OutputPlan(file=file, taken=wanted if file != wanted else None)
-    (check_format or image_format)(output)
-    if output.exists() and not overwrite:
-        raise ValueError(f"{output} already exists: pass --overwrite to replace it, or choose another name")
-    return OutputPlan(file=output)
 
 
 def check_job(pipe, plan: OutputPlan, count: int, aspect_ratio: str) -> None:
@@ -157,31 +79,6 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
     if from_metadata is not None:
         return from_metadata.suffix.lower() == ".mp4"
     return bool(model_is_video(model))
-
-
-def check_model_kind(model: str, video: bool, source: Path) -> None:
-    """Refuse a file whose metadata names a model of the other kind (an image's naming a video model, an mp4's an
-    image model): its job could not run on it. A repo id not registered here is known only once downloaded."""
-    kind = model_is_video(model)
-    if kind is not None and kind != video:
-        raise ValueError(f"{source} names {model}, {'a video' if kind else 'an image'} model, but is "
-                         f"{'a video' if video else 'an image'}: its metadata is damaged (regenerate with a prompt "
-                         "and --model instead)")
-
-
-def model_is_video(model: str) -> Optional[bool]:
-    """Whether ``model`` (a folder, built-in or registered model) makes videos; None when that is not known here."""
-    from starflow_mlx.model_folder import BUILT_IN, MANIFEST, VIDEO_KINDS, Manifest
-
-    folder = Path(model).expanduser()
-    if not folder.is_dir() and model in BUILT_IN:
-        folder = BUILT_IN[model]
-    if folder.is_dir():
-        return (folder / MANIFEST).is_file() and Manifest.load(folder).kind in VIDEO_KINDS
-    from starflow_mlx.hub import load_registry
-
-    entry = load_registry().get("models", {}).get(model)
-    return entry.get("kind") == "text-to-video" if isinstance(entry, dict) else None
 
 
 # -- resuming --------------------------------------------------------------------------------
@@ -333,14 +230,15 @@ def generate(
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.memory import plan_batch
-    from starflow_mlx.pipelines.image import IMAGE_JACOBI, Pipeline
+    from starflow_mlx.pipelines.image import Pipeline
+    from starflow_mlx.pipelines.settings import IMAGE_JACOBI
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.sampling.auto import JACOBI_SETTINGS, implied_jacobi, jacobi_settings
 
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.models.kv_cache import KV_BITS
-    from starflow_mlx.models.lora_stack import adapter_options, adapter_record
+    from starflow_mlx.adapters import adapter_options, adapter_record
 
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
@@ -477,9 +375,10 @@ def score(
 
     A clip also gets one line per latent frame, each scored given the frames before it.
     """
-    from starflow_mlx.models.lora_stack import adapter_options
+    from starflow_mlx.adapters import adapter_options
     from starflow_mlx.pipelines.load import load_pipeline
-    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS, VideoPipeline
+    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
+    from starflow_mlx.pipelines.video import VideoPipeline
 
     lora, lora_scale = adapter_options(lora, lora_scale)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
 # Upstream's video script's values for options every video model shares (frames, cfg and aspect ratio depend on it).
 SCRIPT_DEFAULTS = ("fps", "jacobi")
@@ -20,7 +20,7 @@ def video_options_from_metadata(path: Path) -> dict:
     from starflow_mlx.generation_options import VideoOptions
     from starflow_mlx.pipelines.video_io import read_metadata
 
-    from starflow_mlx.apps.generate_cmd import refuse_edits
+    from starflow_mlx.apps.job_files import refuse_edits
 
     meta = read_metadata(path)
     refuse_edits(path, meta)
@@ -54,13 +54,13 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     ``model_given``: whether --model was given (not its default), which a model folder from metadata needs."""
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
-    from starflow_mlx.apps.generate_cmd import check_model_kind, check_writable, plan_outputs, ran_settings
+    from starflow_mlx.apps.job_files import check_model_kind, check_writable, plan_outputs, ran_settings
     from starflow_mlx.loading import parse_dtype
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.apps.metadata_paths import confirm_adapters, confirm_input, confirm_path
-    from starflow_mlx.models.lora_stack import adapter_record
+    from starflow_mlx.adapters import adapter_record
     from starflow_mlx.pipelines.video import VideoPipeline, frame_count
     from starflow_mlx.pipelines.video_io import grid_layout, input_record, write_videos
 

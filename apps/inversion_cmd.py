@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from starflow_mlx.apps.generate_cmd import DEFAULT_MODEL
+from starflow_mlx.apps.job_files import DEFAULT_MODEL
 
 NOISE_SUFFIX = ".safetensors"
 
@@ -25,7 +25,7 @@ def _echo_warnings(caught) -> None:
 
 
 def _check_new(path: Path, overwrite: bool, suffixes: tuple[str, ...]) -> None:
-    from starflow_mlx.apps.generate_cmd import check_writable
+    from starflow_mlx.apps.job_files import check_writable
 
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"--output {path}: the file name must end in {' or '.join(suffixes)}")
@@ -37,7 +37,7 @@ def _check_new(path: Path, overwrite: bool, suffixes: tuple[str, ...]) -> None:
 def _read_source(source: Path, fps: Optional[int]):
     """The input, read before the model loads (a missing or broken file fails at once); whether it is a clip."""
     if source.suffix.lower() == ".mp4":
-        from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+        from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
         from starflow_mlx.pipelines.video_io import read_video
 
         return read_video(source, fps=fps or VIDEO_DEFAULTS["fps"])[0], True
@@ -83,7 +83,7 @@ def encode(
 ) -> None:
     """Write the exact noise that sampling PROMPT maps back to the input (the flow's forward pass)."""
     from starflow_mlx.model_folder import model_record
-    from starflow_mlx.noise_file import save_noise
+    from starflow_mlx.pipelines.noise_file import save_noise
     from starflow_mlx.pipelines.video_io import input_record
 
     _check_new(output, overwrite, (NOISE_SUFFIX,))
@@ -105,7 +105,7 @@ def generate_from_noise(*, path: Path, model: Optional[str], prompt: Optional[st
     """``starflow generate --from-noise FILE``: the noise decoded (under its prompt, the encoded input again)."""
     from starflow_mlx import __version__
     from starflow_mlx.model_folder import model_record
-    from starflow_mlx.noise_file import check_model, load_noise
+    from starflow_mlx.pipelines.noise_file import check_model, load_noise
     from starflow_mlx.pipelines.inversion import Inversion
     from starflow_mlx.pipelines.video_io import file_sha256
 
@@ -276,7 +276,7 @@ def edit(
     params = dict(job, model=model_record(model), source=str(source.resolve()), source_sha256=file_sha256(source),
                   mask=str(mask.resolve()) if mask is not None else None,
                   mask_sha256=file_sha256(mask) if mask is not None else None, version=__version__)
-    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
     _write(output, result, params, job["fps"] or VIDEO_DEFAULTS["fps"])
     typer.echo(f"wrote {output}")

@@ -28,7 +28,7 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
     from starflow_mlx.training.lora import LoRASettings, LoRATrainer, check_lora_memory, load_lora_data
     from starflow_mlx.training.trainer import TrainConfig
 
-    from starflow_mlx.apps.train_cmd import run_with_progress
+    from starflow_mlx.apps.training_run import run_with_progress
 
     if base is None:
         raise ValueError("--lora needs --base MODEL: the model to fine-tune (a folder, or 'demo')")
@@ -102,7 +102,8 @@ def fuse(
     from starflow_mlx.loading import cast_floats, load_flow, parse_dtype
     from starflow_mlx.model_folder import MANIFEST, Manifest
     from starflow_mlx.resolve import resolve_model
-    from starflow_mlx.models.lora import fuse_lora, read_adapter_config
+    from starflow_mlx.adapters import read_adapter_config
+    from starflow_mlx.models.lora import fuse_lora
     from starflow_mlx.memory import check_memory
     from starflow_mlx.quantize.quantize_folder import FLOW_FILES, save_flow
     from starflow_mlx.staging import check_output, staged_folder

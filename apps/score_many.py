@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from starflow_mlx.apps.generate_cmd import DEFAULT_MODEL
+from starflow_mlx.apps.job_files import DEFAULT_MODEL
 
 OOD_STATS = ("bits", "complexity", "typicality", "ratio")
 
@@ -103,7 +103,7 @@ def score(
     clips, path; --sort and --top rank them. Lower is more likely.
     """
     from starflow_mlx.apps import generate_cmd
-    from starflow_mlx.models.lora_stack import adapter_options
+    from starflow_mlx.adapters import adapter_options
 
     if top is not None and top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")

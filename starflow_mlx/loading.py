@@ -7,8 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from starflow_mlx.config import ConfigError, FlowConfig
-from starflow_mlx.models.lora import check_adapter
-from starflow_mlx.models.lora_stack import as_adapter_list, load_adapters
+from starflow_mlx.adapters import check_adapter
+from starflow_mlx.adapters import as_adapter_list, load_adapters
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.resolve import resolve_model
 
@@ -23,7 +23,7 @@ def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | lis
 
     ``dtype`` casts the float weights; by default :func:`auto_dtype` picks per device. ``lora`` adds a
     LoRA adapter folder (``starflow train --lora``), its update multiplied by ``lora_scale``, or a list of
-    them with a scale each (their updates add up, :mod:`starflow_mlx.models.lora_stack`). ``layers``
+    them with a scale each (their updates add up, :mod:`starflow_mlx.adapters`). ``layers``
     keeps only those layers of the deep block, and reads only their weights (one rank's share under
     pipeline parallelism, :mod:`starflow_mlx.distributed`).
     """

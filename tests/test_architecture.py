@@ -16,9 +16,10 @@ FOLDERS = {"starflow_mlx": "starflow_mlx", "convert": "starflow_mlx.convert", "q
 
 # Lowest first; a module may import from its own layer and those below it (ARCHITECTURE.md says why).
 LAYERS = {
-    "base": ["advice", "jsonconfig", "config", "safe_text", "progress", "blas"],
+    "base": ["advice", "jsonconfig", "config", "safe_text", "progress", "blas", "byte_sizes"],
     "model": ["models", "sampling"],
-    "io": ["staging", "weights", "hub", "model_folder", "memory", "distributed", "launcher", "image_input", "pixel_video",
+    "io": ["staging", "staged_files", "termination", "weights", "hub", "model_folder", "memory", "distributed",
+           "launcher", "image_input", "input_files", "pixel_video", "edit_options", "adapters",
            "convert", "quantize", "text_encoder", "vae", "video_vae", "resolve", "loading", "generation_options"],
     "pipelines": ["pipelines", "training"],
     "products": ["coreml", "server", "apps", "benchmarks", "__main__"],

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from starflow_mlx.apps import generate_cmd
+from starflow_mlx.apps import generate_cmd, job_files
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.pipelines.image_files import GUTTER, METADATA_KEY, read_metadata, save_images
@@ -101,7 +101,7 @@ def test_default_output_is_named_from_prompt_and_seed_and_never_replaced(tmp_pat
         assert res.exit_code == 0, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["7-seed3-2.png", "7-seed3.png"]
     assert "wrote 7-seed3-2.png (7-seed3.png exists)" in res.output
-    assert generate_cmd.file_stem("A film still of a cat, playing piano!", 0) == "a-film-still-of-a-cat-playing-piano-seed0"
+    assert job_files.file_stem("A film still of a cat, playing piano!", 0) == "a-film-still-of-a-cat-playing-piano-seed0"
 
 
 def test_output_dir_names_carry_prompt_seed_and_index_and_refuse_to_overwrite(tmp_path):

@@ -14,7 +14,7 @@ from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.generation_options import GenerationOptions
 from starflow_mlx.jsonconfig import ConfigError
-from starflow_mlx.pipelines.image import check_options
+from starflow_mlx.pipelines.settings import check_options
 from starflow_mlx.pipelines.image_files import METADATA_KEY
 
 register(app)

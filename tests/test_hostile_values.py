@@ -607,7 +607,7 @@ def test_coreml_sampler_settings_out_of_bounds_are_refused(coreml_exports, optio
 
 
 def test_video_decode_of_non_finite_latents_is_refused():
-    from starflow_mlx.pipelines.image import NonFiniteSampleError
+    from starflow_mlx.pipelines.settings import NonFiniteSampleError
 
     pipe = VideoPipeline.from_pretrained("demo-video")
     latents = mx.full((1, 2, *pipe.noise_shape(1, "1:1")[1:]), float("inf"))  # (B, T, H, W, C)

@@ -170,7 +170,7 @@ def test_video_to_video_and_clip_inpainting_write_mp4s(models, tmp_path, monkeyp
 def test_a_noise_file_whose_latents_do_not_match_is_refused(tmp_path):
     import mlx.core as mx
 
-    from starflow_mlx.noise_file import FORMAT, VERSION, NoiseFileError, load_noise
+    from starflow_mlx.pipelines.noise_file import FORMAT, VERSION, NoiseFileError, load_noise
 
     meta = {"format": FORMAT, "format_version": VERSION, "model": "demo", "model_fingerprint": "x", "prompt": "1",
             "cfg": "2.0", "aspect_ratio": "1:1", "fps": "0", "source": "/a.png", "source_sha256": "y"}

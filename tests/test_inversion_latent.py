@@ -22,7 +22,7 @@ def model(tmp_path_factory):
 
 def test_latents_come_back_from_their_noise_and_the_noise_file_keeps_them(model, tmp_path):
     from starflow_mlx import Pipeline
-    from starflow_mlx.noise_file import load_noise
+    from starflow_mlx.pipelines.noise_file import load_noise
 
     pipe = Pipeline.from_pretrained(model)
     image = pipe.generate("a red cube", seed=2, aspect_ratio="1:1")[0]

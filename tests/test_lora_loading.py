@@ -10,8 +10,8 @@ from flow_factory import IMAGE, VIDEO, flow_inputs, random_flow, rel, save_flow
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.loading import load_flow
-from starflow_mlx.models.lora import (AdapterConfig, AdapterError, apply_lora, base_identity, fuse_lora, lora_layers,
-                                      save_adapter, target_paths)
+from starflow_mlx.adapters import save_adapter
+from starflow_mlx.models.lora import AdapterConfig, AdapterError, apply_lora, base_identity, fuse_lora, lora_layers, target_paths
 
 register(app)
 runner = CliRunner()
@@ -133,7 +133,7 @@ def test_serve_refuses_a_missing_adapter_in_one_line(tmp_path):
 
 
 def test_serve_loads_its_adapters_and_records_them(tmp_path):
-    from starflow_mlx.models.lora_stack import adapter_options
+    from starflow_mlx.adapters import adapter_options
     from starflow_mlx.pipelines.load import load_pipeline
     from starflow_mlx.server.generation import adapters
 
@@ -155,7 +155,10 @@ def test_an_image_made_with_several_adapters_is_remade_from_its_metadata(tmp_pat
     res = runner.invoke(app, ["generate", "1", "-m", str(base), "--lora", str(a), "--lora", str(b),
                               "--lora-scale", "0.7", "--lora-scale", "0.3", "-o", str(tmp_path / "x.png")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["generate", "--from-metadata", str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png")])
+    again = ["generate", "--from-metadata", str(tmp_path / "x.png"), "-m", str(base)]
+    res = runner.invoke(app, [*again, "--lora", str(a), "-o", str(tmp_path / "y.png")])
+    assert res.exit_code == 1 and "give --lora 2 times, in the order its metadata lists them" in res.output
+    res = runner.invoke(app, [*again, "--lora", str(a), "--lora", str(b), "-o", str(tmp_path / "y.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "x.png").read_bytes() == (tmp_path / "y.png").read_bytes()
     res = runner.invoke(app, ["generate", "1", "-m", str(base), "--lora", str(a), "-o", str(tmp_path / "z.png")])

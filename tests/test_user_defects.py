@@ -247,7 +247,7 @@ def block_inputs_and_outputs(block: str) -> tuple[list[str], set[str], list[str]
     import re
     import shlex
 
-    from starflow_mlx.apps.generate_cmd import file_stem
+    from starflow_mlx.apps.job_files import file_stem
 
     reads, writes, folders = [], set(), []
     for line in re.sub(r"\\\n\s*", " ", block).splitlines():

@@ -436,7 +436,7 @@ def test_flow_is_released_before_decoding_when_memory_is_short_and_reloaded_afte
 
 
 def test_a_nan_sample_is_an_error_not_a_blank_video(pipe, monkeypatch):
-    from starflow_mlx.pipelines.image import NonFiniteSampleError
+    from starflow_mlx.pipelines.settings import NonFiniteSampleError
 
     monkeypatch.setattr(pipe.flow, "reverse", lambda z, *a, **k: z * float("nan"))  # what damaged weights give
     with pytest.raises(NonFiniteSampleError, match="NaN or infinite"):

@@ -18,7 +18,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -28,7 +27,6 @@ from mlx.utils import tree_flatten
 from starflow_mlx.advice import option_error
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
-from starflow_mlx.weights import ModelLoadError, load_weights_strict
 
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -202,53 +200,6 @@ def fuse_lora(model: nn.Module) -> None:
     for path, layer in lora_layers(model):
         _set(model, path, layer.fused())
     model.unfreeze()
-
-
-def save_adapter(model: nn.Module, config: AdapterConfig, folder: Path) -> None:
-    """Write ``adapter.safetensors`` and ``adapter.json`` into an existing (staging) folder."""
-    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), lora_weights(model), metadata={"format": "mlx"})
-    config.save(folder / ADAPTER_CONFIG)
-
-
-def read_adapter_config(folder: str | Path) -> AdapterConfig:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise AdapterError(f"LoRA adapter {folder} not found: pass the folder starflow train --lora wrote")
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise AdapterError(f"{folder} has no {name}: it is not a complete LoRA adapter (train it again)")
-    try:
-        return AdapterConfig.load(folder / ADAPTER_CONFIG)
-    except ConfigError as exc:
-        raise AdapterError(str(exc)) from None
-
-
-def check_base(config: AdapterConfig, flow_config: FlowConfig, where: str) -> None:
-    digest, shape = base_identity(flow_config)
-    if config.base_hash != digest:
-        raise AdapterError(f"LoRA adapter {where} was trained for another base model ({config.base_shape or 'unknown'}; "
-                           f"this one: {shape}): load it with the model it was made for")
-
-
-def check_adapter(folder: str | Path, flow_config: FlowConfig, scale: float = 1.0) -> AdapterConfig:
-    """The adapter's config, once it is known to fit a model of ``flow_config`` (before any weights are read)."""
-    check_scale(scale)
-    config = read_adapter_config(folder)
-    check_base(config, flow_config, str(folder))
-    return config
-
-
-def load_adapter(model: nn.Module, folder: str | Path, scale: float = 1.0) -> AdapterConfig:
-    """Add the adapter in ``folder`` to ``model`` (a loaded flow), its update multiplied by ``scale``."""
-    folder = Path(folder).expanduser()
-    config = check_adapter(folder, model.config, scale)
-    apply_lora(model, config.targets, config.rank, config.scale * scale)
-    try:
-        load_weights_strict(model, folder / ADAPTER_WEIGHTS, only=lora_weights(model))
-    except ModelLoadError as exc:
-        raise AdapterError(str(exc).replace("config.json", ADAPTER_CONFIG)) from None
-    mx.eval(model.parameters())
-    return config
 
 
 def trainable_count(model: nn.Module) -> int:

@@ -22,49 +22,18 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.generation_options import check_jacobi
 from starflow_mlx.loading import load_flow
 from starflow_mlx.memory import check_memory, plan_batch
 from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest
 from starflow_mlx.pipelines.prompts import (check_prompt, class_features, latent_size, nearest_aspect_ratio,
                                            prepare_prompt)
+from starflow_mlx.pipelines.settings import IMAGE_JACOBI, check_finite, check_options
 from starflow_mlx.resolve import resolve_model
 from starflow_mlx.sampling.auto import jacobi_settings
 from starflow_mlx.sampling.denoise import score_denoise
 
 MIN_PIXEL_SIDE = 64  # tiny pixel-space outputs (8x8 digits) are enlarged so they can be seen
-IMAGE_JACOBI = dict(jacobi_block_size=64, jacobi_threshold=0.005, jacobi_max_iter=32)  # upstream's sample.py
-
-
-class NonFiniteSampleError(ValueError):
-    """A sample holds NaN or infinity."""
-
-
-def check_finite(x: mx.array) -> mx.array:
-    """``x``, unless it holds NaN or infinity: then damaged weights (or an overflow in a low-precision dtype)
-    made it, and writing it would give a blank image or video instead of an error."""
-    if not mx.all(mx.isfinite(x)).item():
-        message = ("the model produced NaN or infinite values: its weights may be damaged (convert or download the "
-                   "model again), or try ")
-        raise with_cli_message(NonFiniteSampleError(message + "loading it with dtype='float32'"),
-                               message + "--dtype float32")
-    return x
-
-
-def check_options(seed: int, cfg: float, num_images: int, jacobi_block_size: int, jacobi_threshold: float,
-                  jacobi_max_iter: int) -> None:
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be 0 or more and below 2**63, got {seed}")
-    if seed + num_images > 2**63:
-        raise ValueError(f"seed {seed} is too large: image i uses seed + i, which must stay below 2**63")
-    if not 0 <= cfg < math.inf:  # NaN fails too: it would sample a blank image that cannot be made again
-        raise ValueError(f"cfg must be a number 0 or more, got {cfg}")
-    if num_images < 1:
-        raise ValueError(f"num_images must be at least 1, got {num_images}")
-    check_jacobi(jacobi_block_size=jacobi_block_size, jacobi_threshold=jacobi_threshold,
-                 jacobi_max_iter=jacobi_max_iter)
 
 
 def class_index(manifest: Manifest, prompt: str) -> int:
@@ -79,7 +48,7 @@ def class_index(manifest: Manifest, prompt: str) -> int:
 
 
 class Pipeline:
-    VIDEO = False  # which manifest kind this class runs; from_pretrained hands video models to VideoPipeline
+    VIDEO = False  # which manifest kind this class runs (load_pipeline picks the class for a folder)
 
     layers: range | None = None  # the deep block's layers this process holds (pipeline parallel), None: all
     lora: str | Path | list | None = None  # the LoRA adapter(s) on the flow, and their scale(s)

@@ -60,7 +60,7 @@ def guidance(pipe, cfg: float | None) -> float:
 def prepare(pipe, source, fps: int | None = None) -> tuple[mx.array, str, int]:
     """(flow data (1, ...), aspect ratio, fps) of an image (path or PIL) or a clip (path or uint8 frames)."""
     if pipe.VIDEO:
-        from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+        from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
         pipe._reload()  # a long video's decode may have released the flow
         fps = fps or VIDEO_DEFAULTS["fps"]
@@ -115,7 +115,7 @@ def denoise(pipe, x: mx.array, y: mx.array) -> mx.array:
 
 def to_output(pipe, x: mx.array):
     """Flow data -> what ``generate`` returns: a PIL image, or uint8 frames (T, H, W, 3)."""
-    from starflow_mlx.pipelines.image import check_finite
+    from starflow_mlx.pipelines.settings import check_finite
 
     check_finite(x)
     if pipe.VIDEO:
@@ -154,7 +154,7 @@ def mix_noise(z: mx.array, strength: float, seed: int) -> mx.array:
 def edit(pipe, source, source_prompt: str, prompt: str, *, strength: float = 0.0, seed: int = 0,
          cfg: float | None = None, fps: int | None = None, jacobi: bool | None = False, progress=None):
     """``source`` (described by ``source_prompt``) remade as ``prompt``: an image, or frames (T, H, W, 3)."""
-    from starflow_mlx.pipelines.image import check_options
+    from starflow_mlx.pipelines.settings import check_options
 
     cfg = guidance(pipe, cfg)
     check_options(seed, cfg, 1, 1, 1.0, 1)
@@ -222,7 +222,7 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
 
     Returns an image of ``source``'s size, or uint8 frames (T, H, W, 3) for a clip.
     """
-    from starflow_mlx.pipelines.image import check_options
+    from starflow_mlx.pipelines.settings import check_options
 
     if method not in METHODS:
         raise ValueError(f"method must be {' or '.join(METHODS)}, got {method!r}")
@@ -266,7 +266,7 @@ def inpaint_data(flow, known: mx.array, hole: mx.array, noise: mx.array, y, y_un
 def _source_pixels(pipe, source, fps: int | None) -> np.ndarray:
     """The input as uint8 pixels: (H, W) or (H, W, 3) for an image, (T, H, W, 3) for a clip (1 + 4k frames)."""
     if pipe.VIDEO:
-        from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+        from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
         if isinstance(source, (str, Path)):
             from starflow_mlx.pipelines.video_io import read_video

@@ -109,9 +109,7 @@ def input_name(item, index: int) -> str:
 
 
 def is_video_pipeline(pipe) -> bool:
-    from starflow_mlx.pipelines.video import VideoPipeline
-
-    return isinstance(pipe, VideoPipeline)
+    return pipe.VIDEO
 
 
 def prepare(pipe, item, prompt: str, fps: int | None = None) -> tuple[mx.array, mx.array]:
@@ -132,7 +130,7 @@ def prepare(pipe, item, prompt: str, fps: int | None = None) -> tuple[mx.array, 
                          f"{'uint8 frames (T, H, W, 3)' if video else 'a PIL image'}")
     if not video:
         return pipe.prepare_score(item, prompt)
-    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
     return pipe.prepare_score(item, prompt, fps or VIDEO_DEFAULTS["fps"])
 
@@ -211,7 +209,7 @@ def conditioning_for(pipe, x: mx.array, prompt: str, fps: int | None = None) -> 
     ratio = next(r for r in ratios if latent_size(pipe.config, r) == grid)
     if not is_video_pipeline(pipe):
         return pipe.conditioning(prompt, 1, ratio)[0]
-    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
     rate = (fps or VIDEO_DEFAULTS["fps"]) if x.shape[1] > 1 else 0
     return pipe.conditioning(prompt, 1, ratio, fps=rate)[0]

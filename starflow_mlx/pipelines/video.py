@@ -38,14 +38,13 @@ from starflow_mlx.image_input import open_image
 from starflow_mlx.loading import load_flow
 from starflow_mlx.memory import InsufficientMemoryError, memory_limit, weight_bytes
 from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
-from starflow_mlx.pipelines.image import Pipeline, check_finite, check_options
+from starflow_mlx.pipelines.image import Pipeline
+from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS, check_finite, check_options
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
 from starflow_mlx.pixel_video import PixelVideo
 from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
-VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=None, jacobi_block_size=32,
-                      jacobi_threshold=0.001, jacobi_max_iter=32)
 MAX_FRAMES = 2001  # ~2 minutes at 16 fps: far beyond what the model was trained for
 # The streamed VAE decode's working set beyond its weights, per output pixel of a frame (or of a tile):
 # measured by benchmarks/wan_vae.py on MLX's CPU backend at the real widths (0.39 GB at 2,048 pixels,

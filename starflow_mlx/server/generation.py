@@ -68,14 +68,14 @@ class Progress:
 
 def adapters(pipe) -> dict:
     """The LoRA adapter(s) the served pipeline carries, as generate records them."""
-    from starflow_mlx.models.lora_stack import adapter_record
+    from starflow_mlx.adapters import adapter_record
 
     return dict(lora=adapter_record(getattr(pipe, "lora", None)), lora_scale=getattr(pipe, "lora_scale", 1.0))
 
 def check_request(pipe, request: ImageRequest | VideoRequest) -> None:
     """Refuse, before a job is queued, what the job would refuse once it ran: a prompt that is none of a class
     model's classes, a size the model does not make, a length out of range (RequestError naming the field)."""
-    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
     if pipe.is_class_model:
         try:
@@ -96,11 +96,12 @@ def sampling_blocks(pipe) -> int:
 def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, cancelled) -> tuple[list[Path], dict]:
     """Sample ``request.n`` images into ``folder``, a batch at a time; returns the files and the options used."""
     from starflow_mlx import __version__
-    from starflow_mlx.apps.generate_cmd import SAMPLING_KEYS, file_stem
+    from starflow_mlx.apps.generate_cmd import SAMPLING_KEYS
+    from starflow_mlx.apps.job_files import file_stem
     from starflow_mlx.model_folder import model_record
     from starflow_mlx.memory import plan_batch
     from starflow_mlx.pipelines.image_files import save_images
-    from starflow_mlx.pipelines.image import IMAGE_JACOBI
+    from starflow_mlx.pipelines.settings import IMAGE_JACOBI
     from starflow_mlx.sampling.auto import jacobi_settings
 
     seed = pick_seed(request.seed)
@@ -128,10 +129,10 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
 def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, cancelled) -> tuple[list[Path], dict]:
     """Sample one video into ``folder`` as an mp4 streamed from the VAE; returns the file and the options used."""
     from starflow_mlx import __version__
-    from starflow_mlx.apps.generate_cmd import file_stem
+    from starflow_mlx.apps.job_files import file_stem
     from starflow_mlx.apps.generate_video import SAMPLING_KEYS
     from starflow_mlx.model_folder import model_record
-    from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
     from starflow_mlx.pipelines.video_io import write_videos
     from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
 

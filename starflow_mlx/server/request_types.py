@@ -113,7 +113,7 @@ def pick_seed(seed: int | None) -> int:
 def default_ratio(pipe) -> str:
     """What ``starflow generate`` makes when no aspect ratio is given: 1:1, or upstream's 16:9 for video."""
     if getattr(pipe, "VIDEO", False):
-        from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+        from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
         return VIDEO_DEFAULTS["aspect_ratio"]
     return "1:1"

@@ -131,7 +131,7 @@ class CaptionEncoder:
     def __init__(self, folder: Path, manifest: Manifest, config: FlowConfig, cache_dir: Path, bad: BadItems,
                  latent_frames: int = 0):
         from starflow_mlx.model_folder import VIDEO_KINDS
-        from starflow_mlx.pipelines.video import VIDEO_DEFAULTS
+        from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
         self.config, self.bad = config, bad
         self.video = manifest.kind in VIDEO_KINDS
@@ -161,7 +161,7 @@ class CaptionEncoder:
         from starflow_mlx.pipelines.video_io import read_video
 
         try:
-            frames, _ = read_video(item.path, fps=self.fps, max_frames=self.frames * 64)
+            frames, _ = read_video(item.path, fps=self.fps, frames=self.frames * 64)
         except (ValueError, OSError) as exc:
             return self.bad(item.path, str(exc))
         if len(frames) < self.frames:

@@ -26,8 +26,8 @@ from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 from starflow_mlx.models.layers import AttentionBlock
-from starflow_mlx.models.lora import (BLOCK_CHOICES, MAX_RANK, AdapterConfig, AdapterError, apply_lora, base_identity,
-                                      check_rank, lora_weights, save_adapter, target_paths)
+from starflow_mlx.adapters import save_adapter
+from starflow_mlx.models.lora import BLOCK_CHOICES, MAX_RANK, AdapterConfig, AdapterError, apply_lora, base_identity, check_rank, lora_weights, target_paths
 from starflow_mlx.staging import staged_folder
 from starflow_mlx.training.captions import CaptionedDataset
 from starflow_mlx.training.data import DataError, Dataset, load_digits_split, load_image_folder
@@ -228,7 +228,8 @@ class LoRATrainer(Trainer):
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
         from starflow_mlx.weights import load_weights_strict
-        from starflow_mlx.models.lora import ADAPTER_WEIGHTS, check_base, read_adapter_config
+        from starflow_mlx.adapters import check_base, read_adapter_config
+        from starflow_mlx.models.lora import ADAPTER_WEIGHTS
 
         folder = Path(folder or self.checkpoint_dir / "latest")
         if not (folder / "trainer.json").is_file():

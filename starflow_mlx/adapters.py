@@ -1,6 +1,6 @@
-"""Several LoRA adapters on one flow, each with its own scale: the sum of their updates.
+"""LoRA adapter folders: written, read, checked against their base, and loaded, one or several at once.
 
-A layer several adapters target becomes one :class:`LoRALinear` whose A stacks theirs
+Several adapters on one flow, each with its own scale, add up their updates. A layer several adapters target becomes one :class:`LoRALinear` whose A stacks theirs
 (rows) and whose B stacks theirs times their scales (columns), with scale 1:
 ``[s1 B1, s2 B2] @ [A1; A2] = s1 B1 A1 + s2 B2 A2``. It runs and fuses like any adapter;
 a layer only some adapters target stacks only theirs.
@@ -14,7 +14,12 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
-from starflow_mlx.models.lora import AdapterConfig, AdapterError, LoRALinear, _get, _set, load_adapter, lora_layers
+from starflow_mlx.config import FlowConfig
+from starflow_mlx.jsonconfig import ConfigError
+from starflow_mlx.model_folder import model_record
+from starflow_mlx.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterError, LoRALinear, _get,
+                                      _set, apply_lora, base_identity, check_scale, lora_layers, lora_weights)
+from starflow_mlx.weights import ModelLoadError, load_weights_strict
 
 
 def as_adapter_list(lora, lora_scale) -> tuple[list, list[float]]:
@@ -45,8 +50,6 @@ def adapter_options(lora: Sequence[str | Path] | None, lora_scale: Sequence[floa
 
 def adapter_record(lora: str | list[str] | None) -> str | list[str] | None:
     """How a file's metadata names the adapter(s): local folders by absolute path."""
-    from starflow_mlx.model_folder import model_record
-
     return None if lora is None else model_record(lora) if isinstance(lora, str) else [model_record(p) for p in lora]
 
 
@@ -69,3 +72,50 @@ def load_adapters(model: nn.Module, folders: Sequence[str | Path], scales: Seque
     model.freeze()
     mx.eval(model.parameters())
     return configs
+
+
+def save_adapter(model: nn.Module, config: AdapterConfig, folder: Path) -> None:
+    """Write ``adapter.safetensors`` and ``adapter.json`` into an existing (staging) folder."""
+    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), lora_weights(model), metadata={"format": "mlx"})
+    config.save(folder / ADAPTER_CONFIG)
+
+
+def read_adapter_config(folder: str | Path) -> AdapterConfig:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise AdapterError(f"LoRA adapter {folder} not found: pass the folder starflow train --lora wrote")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise AdapterError(f"{folder} has no {name}: it is not a complete LoRA adapter (train it again)")
+    try:
+        return AdapterConfig.load(folder / ADAPTER_CONFIG)
+    except ConfigError as exc:
+        raise AdapterError(str(exc)) from None
+
+
+def check_base(config: AdapterConfig, flow_config: FlowConfig, where: str) -> None:
+    digest, shape = base_identity(flow_config)
+    if config.base_hash != digest:
+        raise AdapterError(f"LoRA adapter {where} was trained for another base model ({config.base_shape or 'unknown'}; "
+                           f"this one: {shape}): load it with the model it was made for")
+
+
+def check_adapter(folder: str | Path, flow_config: FlowConfig, scale: float = 1.0) -> AdapterConfig:
+    """The adapter's config, once it is known to fit a model of ``flow_config`` (before any weights are read)."""
+    check_scale(scale)
+    config = read_adapter_config(folder)
+    check_base(config, flow_config, str(folder))
+    return config
+
+
+def load_adapter(model: nn.Module, folder: str | Path, scale: float = 1.0) -> AdapterConfig:
+    """Add the adapter in ``folder`` to ``model`` (a loaded flow), its update multiplied by ``scale``."""
+    folder = Path(folder).expanduser()
+    config = check_adapter(folder, model.config, scale)
+    apply_lora(model, config.targets, config.rank, config.scale * scale)
+    try:
+        load_weights_strict(model, folder / ADAPTER_WEIGHTS, only=lora_weights(model))
+    except ModelLoadError as exc:
+        raise AdapterError(str(exc).replace("config.json", ADAPTER_CONFIG)) from None
+    mx.eval(model.parameters())
+    return config
