@@ -208,24 +208,15 @@ def _finish(staging: Path, output: Path, force: bool, error: type[Exception]) ->
 
 @contextmanager
 def staged_file(output: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``output`` that is renamed onto it when the block ends without an
-    exception; on any failure (or SIGINT/SIGTERM/SIGHUP) it is removed and ``output`` is left as it was."""
-    import tempfile
+    """Yield a temporary path beside ``output`` (:mod:`starflow_mlx.staged_files`: swept if its writer is killed)
+    that replaces ``output`` when the block ends without an exception; on any failure (or SIGINT/SIGTERM/SIGHUP)
+    it is removed and ``output`` is left as it was. Callers refuse an existing output first where they must."""
+    from starflow_mlx.staged_files import StagedFiles
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=STAGING_SUFFIX, dir=output.parent)
-    os.close(fd)
-    staging = Path(name)
-    with _cleanup_on_termination():
-        try:
-            yield staging
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(staging, 0o666 & ~mask)  # mkstemp's files are owner-only; give what a new file gets
-            os.replace(staging, output)
-        finally:
-            staging.unlink(missing_ok=True)
+    with _cleanup_on_termination(), StagedFiles(overwrite=True) as staged:
+        yield staged.add(output)
 
 
 def write_file(path: str | Path, data: bytes) -> None:

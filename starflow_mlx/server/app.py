@@ -143,10 +143,8 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
                  "classes": list(pipe.manifest.classes) or None}
         return JSONResponse({"object": "list", "data": [entry]})
 
-    async def images(request: Request) -> Response:
-        req = await body(request, ImageRequest)
-        check_model(req.model, "image")
-        job = submit("image", req)
+    async def answer_images(request: Request, req, job: Job) -> Response:
+        """OpenAI's images answer for a submitted job: at once with ``wait: false``, else once it has finished."""
         if not req.wait:
             return JSONResponse(job.view(), status_code=202)
         await finished(job)
@@ -161,6 +159,11 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
         else:
             data = [{"b64_json": base64.b64encode(read_file(job, name)).decode("ascii")} for name in job.files]
         return JSONResponse({"created": int(job.created_at), "data": data, "id": job.id})
+
+    async def images(request: Request) -> Response:
+        req = await body(request, ImageRequest)
+        check_model(req.model, "image")
+        return await answer_images(request, req, submit("image", req))
 
     def read_file(job: Job, name: str) -> bytes:
         path = runner.path(job, name)
@@ -270,7 +273,7 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
     routes = [
         Route("/", index), Route("/health", health), Route("/v1/models", models),
         Route("/v1/images/generations", images, methods=["POST"]),
-        Route("/v1/images/edits", edits.endpoint(runner, check_model, submit, finished, ApiError), methods=["POST"]),
+        Route("/v1/images/edits", edits.endpoint(runner, check_model, submit, answer_images), methods=["POST"]),
         Route("/v1/videos", create_video, methods=["POST"]), Route("/v1/videos", list_videos),
         Route("/v1/videos/{job_id}", get_video), Route("/v1/videos/{job_id}", delete_video, methods=["DELETE"]),
         Route("/v1/videos/{job_id}/content", video_content),

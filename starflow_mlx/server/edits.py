@@ -11,7 +11,6 @@ queued; the job runs on the server's worker like any image job and lands in ``/v
 
 from __future__ import annotations
 
-import base64
 import io
 import secrets
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from starflow_mlx.server.api_error import ApiError
+from starflow_mlx.server.limits import read_body
 from starflow_mlx.server.request_types import ImageRequest, RequestError, parse_request, pick_seed
 
 MAX_EDIT_BYTES = 32 << 20  # two uploaded images and the form's fields
@@ -117,22 +118,15 @@ def sweep(runner) -> None:
             shutil.rmtree(uploads, ignore_errors=True)
 
 
-def endpoint(runner, check_model, submit, finished, api_error):
-    """The handler of ``POST /v1/images/edits``, built from ``create_app``'s helpers."""
+def endpoint(runner, check_model, submit, answer):
+    """The handler of ``POST /v1/images/edits``, built from ``create_app``'s helpers (``answer``: OpenAI's images
+    answer for a submitted job, as ``/v1/images/generations`` gives it)."""
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
 
     async def read_form(request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_EDIT_BYTES):
-            raise api_error(413, f"the request body is larger than {MAX_EDIT_BYTES} bytes", "request_too_large")
-        data = b""
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_EDIT_BYTES:
-                raise api_error(413, f"the request body is larger than {MAX_EDIT_BYTES} bytes", "request_too_large")
+        data = await read_body(request, MAX_EDIT_BYTES)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
-            raise api_error(400, "send a multipart/form-data body with the image file (as OpenAI's images.edit does)",
+            raise ApiError(400, "send a multipart/form-data body with the image file (as OpenAI's images.edit does)",
                             "invalid_form")
 
         async def replay():
@@ -141,7 +135,7 @@ def endpoint(runner, check_model, submit, finished, api_error):
         try:
             form = await Request(request.scope, replay).form(max_files=2, max_fields=32)
         except Exception as exc:  # the multipart parser's own errors
-            raise api_error(400, f"the form cannot be read ({getattr(exc, 'detail', None) or type(exc).__name__})",
+            raise ApiError(400, f"the form cannot be read ({getattr(exc, 'detail', None) or type(exc).__name__})",
                             "invalid_form") from None
         fields, files = {}, {}
         for name, value in form.multi_items():
@@ -169,7 +163,7 @@ def endpoint(runner, check_model, submit, finished, api_error):
                                    f"({image.width}x{image.height}); leave size out", "size")
             hole = regenerate_mask(image, mask)
         except RequestError as exc:
-            raise api_error(400, str(exc), "invalid_value", exc.param) from None
+            raise ApiError(400, str(exc), "invalid_value", exc.param) from None
         check_model(req.model, "image")
         sweep(runner)
         uploads = Path(runner.output_dir) / UPLOADS / secrets.token_hex(12)
@@ -182,20 +176,6 @@ def endpoint(runner, check_model, submit, finished, api_error):
         except BaseException:
             shutil.rmtree(uploads, ignore_errors=True)
             raise
-        if not req.wait:
-            return JSONResponse(job.view(), status_code=202)
-        await finished(job)
-        if job.status != "completed":
-            error = job.error or {}
-            status = 500 if error.get("code") == "internal_error" else 400
-            raise api_error(status, error.get("message", f"the job was {job.status}"), error.get("code"),
-                            kind="server_error" if status == 500 else "invalid_request_error")
-        if req.response_format == "url":
-            base = str(request.base_url).rstrip("/")
-            data = [{"url": f"{base}/v1/files/{job.id}/{name}"} for name in job.files]
-        else:
-            data = [{"b64_json": base64.b64encode(runner.path(job, name).read_bytes()).decode("ascii")}
-                    for name in job.files]
-        return JSONResponse({"created": int(job.created_at), "data": data, "id": job.id})
+        return await answer(request, req, job)
 
     return edits

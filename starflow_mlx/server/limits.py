@@ -19,6 +19,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from starflow_mlx.server.api_error import ApiError
+
 HEAD_SECONDS = 10.0  # a real client sends its headers in one packet
 BODY_SECONDS = 30.0  # 64 KB at the slowest link worth serving
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default, stated: an idle connection between requests
@@ -130,3 +132,18 @@ class BodyLimits:
         response = self.error(*refusal)
         response.headers["Connection"] = "close"  # the rest of the body is never read
         await response(scope, receive, send)
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as its declared or received size passes ``limit``: a large upload is
+    never read past the limit, whatever its Content-Length says."""
+    declared = request.headers.get("content-length")
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", "request_too_large")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise too_large
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    return data

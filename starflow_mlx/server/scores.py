@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from starflow_mlx.server.api_error import ApiError
+from starflow_mlx.server.limits import read_body
 
 MAX_FILES = 64
 MAX_BODY_BYTES = 64 << 20  # all files together, before base64 or multipart framing is removed
@@ -28,16 +29,6 @@ def _error(status: int, message: str, code: str, param: str | None = None):
     return ApiError(status, message, code, param)
 
 
-async def _read(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-        raise _error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large")
-    data = b""
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            raise _error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", "request_too_large")
-    return data
 
 
 async def _inputs(request: Request, data: bytes) -> tuple[str, int | None, list[tuple[str, bytes]]]:
@@ -95,7 +86,7 @@ def scores_endpoint(runner):
     from starflow_mlx.pipelines.scoring import score_many
 
     async def scores(request: Request) -> Response:
-        prompt, fps, files = await _inputs(request, await _read(request))
+        prompt, fps, files = await _inputs(request, await read_body(request, MAX_BODY_BYTES))
         if fps is not None and runner.kind != "video":
             raise _error(400, "fps is for scoring clips with a video model", "invalid_value", "fps")
         with tempfile.TemporaryDirectory(prefix="starflow-scores-") as folder:
