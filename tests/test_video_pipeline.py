@@ -431,9 +431,21 @@ def test_flow_is_released_before_decoding_when_memory_is_short_and_reloaded_afte
     assert pipe.flow is not None
 
 
-def test_a_nan_sample_is_an_error_not_a_blank_video(pipe, monkeypatch):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "+inf", "-inf"])
+def test_a_non_finite_sample_is_an_error_not_a_blank_video(pipe, monkeypatch, value):
     from starflow_mlx.pipelines.image import NonFiniteSampleError
 
-    monkeypatch.setattr(pipe.flow, "reverse", lambda z, *a, **k: z * float("nan"))  # what damaged weights give
+    monkeypatch.setattr(pipe.flow, "reverse", lambda z, *a, **k: z * value)  # what damaged weights give
+    with pytest.raises(NonFiniteSampleError, match="NaN or infinite"):
+        pipe.sample("a cat", frames=5, seed=0)
+    # One bad value in the last frame, after the denoiser (so nothing spreads it): refused as well.
+    monkeypatch.undo()
+    denoise = pipe.denoise
+
+    def one_bad_value(x, y, report):
+        out = denoise(x, y, report)
+        return mx.where(mx.arange(out.size).reshape(out.shape) == out.size - 2, mx.array(value, out.dtype), out)
+
+    monkeypatch.setattr(pipe, "denoise", one_bad_value)
     with pytest.raises(NonFiniteSampleError, match="NaN or infinite"):
         pipe.sample("a cat", frames=5, seed=0)
