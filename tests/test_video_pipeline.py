@@ -388,13 +388,28 @@ def test_interrupted_write_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_vae_tiles_from_the_command_line(model, tmp_path):
+def test_vae_tiles_from_the_command_line(model, pipe, tmp_path):
     whole, tiled = tmp_path / "whole.mp4", tmp_path / "tiled.mp4"
     for out, extra in ((whole, []), (tiled, ["--vae-tile", 2])):
         res = generate("a cat", "--model", model, "--frames", 5, "--seed", 1, "-o", out, *extra)
         assert res.exit_code == 0, res.output
-    a, b = read(whole)[0].astype(int), read(tiled)[0].astype(int)
-    assert a.shape == b.shape and 0 < np.abs(a - b).mean() < 40  # blended tiles: close, not identical
+    # Each file holds its own decode of the same sample, tiled or not: the Python API's frames through the same
+    # (deterministic) encoder give the same file pixels exactly. The codec alone moves these noise-like frames by
+    # 30 grey levels on average, so comparing the two files with each other could only bound them loosely.
+    from starflow_mlx.pipelines.video_io import read_video, write_mp4
+
+    latents = pipe.sample("a cat", frames=5, seed=1)
+    decoded = {}
+    for name, tile in (("whole", None), ("tiled", 2)):
+        pipe.vae.tile = tile
+        try:
+            decoded[name] = np.concatenate(list(pipe.decode_frames(latents)), axis=1)[0]
+        finally:
+            pipe.vae.tile = None
+        write_mp4(tmp_path / f"{name}-ref.mp4", decoded[name], 16)
+        np.testing.assert_array_equal(read(tmp_path / f"{name}.mp4")[0], read_video(tmp_path / f"{name}-ref.mp4")[0])
+    # and tiling really changed the decode (the tiles' own exactness is tests/test_wan_vae.py's).
+    assert np.abs(decoded["whole"].astype(int) - decoded["tiled"].astype(int)).mean() > 5
 
 
 def test_clip_resampling_picks_frames_at_the_new_rate(tmp_path):
