@@ -8,8 +8,15 @@ Jacobi does. Errors are ``max|ours - mlx| / max|mlx|``.
 
 The tolerance is what float16 costs on this model: the same inputs also run
 through MLX in float16, and a package may be at most ``FP16_FACTOR`` times as
-far from float32 as that (never less than ``FLOOR``). Real mistakes (a wrong
-mask, position or weight) are off by orders of magnitude more.
+far from float32 as that, never less than ``FLOOR`` and never more than ``CAP``.
+The error model: float16 rounds at 2^-11 (4.9e-4) of a value, and a package's
+ops compound that with its depth; MLX float16 measures 5e-4 to 7e-3 on the tiny
+and demo packages (1 to 14 roundings' worth). ``FLOOR`` (about 40 roundings)
+covers a package whose float16 happens to land closer than MLX's. ``CAP`` is a
+tenth of the reference's peak: no rounding model reaches it, while an all-zero
+output errs by 1, a negated one by 2 and one scaled by s by |1 - s|, so those
+fail however far MLX's own float16 drifts (a long chain of steps can amplify
+rounding to order one: then the check fails rather than pass anything).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from starflow_mlx.sampling.guidance import guide
 
 FLOOR = 2e-2
 FP16_FACTOR = 4.0
+CAP = 0.1
 CHECK_CFG = 1.5  # guidance weight used to check guided packages
 
 
@@ -49,7 +57,7 @@ class Check:
 
     @property
     def tolerance(self) -> float:
-        return max(FLOOR, FP16_FACTOR * self.fp16_error)
+        return min(CAP, max(FLOOR, FP16_FACTOR * self.fp16_error))
 
     @property
     def ok(self) -> bool:
