@@ -223,3 +223,30 @@ def test_jacobi_residuals_match_a_forward_pass_reference(threshold, iterations):
         assert chunk.iterations == its and chunk.residual == pytest.approx(residual, rel=1e-3), (stats.chunks, record)
         assert abs(residual - threshold) > 0.1 * threshold  # the stop is not decided by rounding
     np.testing.assert_allclose(np.array(out), x, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- long videos: the window rule
+
+
+@pytest.mark.parametrize("jacobi", [False, True], ids=["sequential", "jacobi"])
+def test_a_video_past_the_training_length_restarts_from_its_context_frames(jacobi):
+    """upstream-format.md 4: past the window (3 latent frames here) the deep block's cache restarts with the text
+    and the last context frames, at position 0. So a 5-frame video is: its first 3 frames as a 3-frame video of
+    the same noise; then frames 3 and 4 as a fresh video that starts from frame 2 as its known frame."""
+    flow = random_flow(seed=0, **VIDEO)
+    assert flow.config.num_frames == 3
+    mx.random.seed(1)
+    z = mx.random.normal((1, 5, 2, 2, VIDEO["in_channels"]))
+    y, y_u = (mx.random.normal((1, VIDEO["txt_size"], VIDEO["txt_dim"])) for _ in range(2))
+    options = dict(y_uncond=y_u, cfg=1.5, context_frames=1, jacobi=jacobi, jacobi_block_size=2, jacobi_threshold=1e-12,
+                   jacobi_max_iter=64)
+    long = flow.reverse(z, y, **options)
+    first = flow.reverse(z[:, :3], y, **options)
+    np.testing.assert_array_equal(np.array(long[:, :3]), np.array(first))  # the same computation (measured: equal)
+    restarted = flow.reverse(z[:, 2:], y, context=long[:, 2:3], **options)
+    np.testing.assert_allclose(np.array(restarted[:, 0]), np.array(long[:, 2]), rtol=0, atol=1e-6)  # kept as given
+    # Frame 2 goes through the shallow blocks' forward before the deep block sees it: float32 roundings of values
+    # up to 3 (measured 9e-7); 1e-5 leaves 10x, and a wrong restart (position, frames kept) is off by 1e-3 or more.
+    np.testing.assert_allclose(np.array(restarted[:, 1:]), np.array(long[:, 3:]), rtol=0, atol=1e-5)
+    # Without the restart (attending to all 5 frames) frames 3 and 4 differ: the check can see the rule.
+    assert np.abs(np.array(long[:, 3:]) - np.array(flow.reverse(z[:, 1:], y, context=long[:, 1:3], **options)[:, 2:])).max() > 1e-3
