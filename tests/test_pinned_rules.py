@@ -8,6 +8,7 @@ refusal is a refusal of a live exploit.
 """
 
 import collections
+import re
 import pickle
 import zipfile
 
@@ -216,3 +217,54 @@ def test_persistent_ids_name_only_this_archives_storages(tmp_path, name):
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(checkpoint(tmp_path / "evil.pth", payload, {"0": b"\0" * 4}))
     still_reads_a_real_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------- gaps mutation testing found
+
+
+def v3_tensor(dtype_opcodes: bytes) -> bytes:
+    """{'w': _rebuild_tensor_v3(storage, 0, (4,), (1,), False, OrderedDict(), <dtype>)}."""
+    return (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v3\n("
+            b"(X\x07\x00\x00\x00storagectorch.storage\nUntypedStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x10tQ"
+            b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)R" + dtype_opcodes + b"tRs.")
+
+
+def test_rebuild_v3_takes_only_a_dtype_stand_in(tmp_path):
+    data = {"0": np.arange(4, dtype=np.float32).tobytes()}
+    with open_checkpoint(checkpoint(tmp_path / "ok.pth", v3_tensor(b"ctorch\nfloat32\n"), data)) as ck:
+        assert ck.tensors["w"].read().tolist() == [0, 1, 2, 3]
+    # A storage class where the dtype goes, or a plain number: refused, naming what was given.
+    for opcodes, shown in ((b"ctorch\nFloatStorage\n", "TorchType('storage', 'float32')"), (b"K\x05", "5")):
+        with pytest.raises(CheckpointError, match=f"rebuilds a tensor with an unknown dtype {re.escape(shown)}$"):
+            open_checkpoint(checkpoint(tmp_path / "bad.pth", v3_tensor(opcodes), data))
+
+
+@pytest.mark.parametrize("codec", ["latin1", "latin-1"])
+def test_bytes_in_either_latin1_spelling_decode(tmp_path, codec):
+    """Protocol 2 pickles bytes as _codecs.encode(text, 'latin1'); Python accepts 'latin-1' as the same codec."""
+    value = "\u00e9x".encode()  # BINUNICODE holds UTF-8: the text is 'éx'
+    payload = (b"\x80\x02}X\x01\x00\x00\x00bc_codecs\nencode\nX" + len(value).to_bytes(4, "little") + value
+               + text(codec) + b"\x86Rs.")
+    with open_checkpoint(checkpoint(tmp_path / "codec.pth", payload)) as ck:
+        assert ck.extras["b"] == b"\xe9x"
+
+
+def test_a_view_of_a_storage_larger_than_a_read_chunk_checks_all_of_it(tmp_path):
+    """A tensor reading part of its storage checks the whole entry's CRC, streamed 1 MB at a time: every chunk
+    counts, in order, and damage in the last one is found."""
+    n = 700_000  # 2.8 MB of float32: three chunks
+    values = np.arange(n, dtype=np.float32)
+    payload = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
+               b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuJ"
+               + n.to_bytes(4, "little") + b"tQK\x05K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs.")
+    with open_checkpoint(checkpoint(tmp_path / "big.pth", payload, {"0": values.tobytes()})) as ck:
+        assert ck.tensors["w"].read().tolist() == [5, 6, 7, 8]
+    # Damage in the third chunk, far from the bytes the view reads; the archive keeps its CRC of the good data,
+    # so only the reader's own check can notice.
+    damaged = values.copy()
+    damaged[-3] = -1
+    good = (tmp_path / "big.pth").read_bytes()
+    start = good.index(values[:4].tobytes())
+    (tmp_path / "damaged.pth").write_bytes(good[:start] + damaged.tobytes() + good[start + 4 * n:])
+    with open_checkpoint(tmp_path / "damaged.pth") as ck, pytest.raises(CheckpointError, match="fails its checksum"):
+        ck.tensors["w"].read()
