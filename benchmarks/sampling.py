@@ -402,6 +402,9 @@ def format_report(result: dict) -> str:
                          f"({'match' if up['match'] else 'MISMATCH'}, tolerance {up['tolerance']:.1e}); "
                          f"these matrix products alone take {run['matmul_floor']['vs_upstream']:.2f} of upstream's time")
     lines.append(f"\nauto sampler (jacobi=None) on {m['device']}: {result['auto_sampler']}")
+    if not any("upstream" in run for run in result["runs"]):  # say so, rather than leave the comparison out silently
+        lines.append("upstream: not compared (no upstream sources: pass --upstream PATH to a checkout of "
+                     "apple/ml-starflow, or set STARFLOW_UPSTREAM; needs torch)")
     return "\n".join(lines)
 
 

@@ -101,6 +101,7 @@ def test_config_file_and_text_report(tmp_path):
                               "--bandwidth-mb", "16"], env=NO_UPSTREAM)
     assert res.exit_code == 0, res.output
     assert "sequential:" in res.stdout and "tokens/s" in res.stdout and "jacobi:" not in res.stdout
+    assert res.stdout.strip().splitlines()[-1].startswith("upstream: not compared (no upstream sources: pass --upstream")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -128,7 +129,9 @@ def test_jacobi_needs_sos(tmp_path):
     assert res.exit_code == 1 and "start-of-sequence" in res.output
 
 
-@pytest.mark.skipif(not (UPSTREAM / "transformer_flow.py").is_file(), reason="no upstream checkout at /tmp/upstream")
+@pytest.mark.skipif(not (UPSTREAM / "transformer_flow.py").is_file(),
+                    reason="upstream side-by-side not run: no apple/ml-starflow checkout at /tmp/upstream "
+                           "(clone it there to compare against upstream's PyTorch sampler)")
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (test extra)")
 def test_side_by_side_with_upstream():
     result = bench("--config", "tiny", "--cfg", "1.5", *QUICK, env={"STARFLOW_UPSTREAM": str(UPSTREAM)})

@@ -134,6 +134,24 @@ def test_verification_fails_against_another_model(image_export, tmp_path):
 
 
 # -- the driver --------------------------------------------------------------------------------
+DAMAGE = {"zeros": np.zeros_like, "negated": np.negative, "scaled": lambda v: 0.8 * v}
+
+
+@pytest.mark.parametrize("package,damage", [("deep_block", "scaled"), ("shallow_block_0", "negated"),
+                                            ("text_encoder", "zeros"), ("vae_decoder", "scaled")])
+def test_a_broken_package_fails_verify(image_export, monkeypatch, package, damage):
+    """A package whose outputs are zeroed, negated or off by 20% fails, named, whatever MLX float16 costs."""
+    predict = InterpreterBackend.predict
+
+    def broken(self, function, inputs, state=None):
+        out = predict(self, function, inputs, state)
+        return {k: DAMAGE[damage](v) for k, v in out.items()} if function.split(".")[0] == package else out
+
+    monkeypatch.setattr(InterpreterBackend, "predict", broken)
+    with pytest.raises(VerificationError, match=f"verification failed: {package} "):
+        verify_export(image_export[1].folder, load_flow(image_export[0]), source=image_export[0])
+
+
 def test_jacobi_sampling_over_the_packages_matches_mlx(image_export):
     src, result, _ = image_export
     z, y, y_u = inputs()

@@ -35,7 +35,10 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("bits,bound", [(8, 2e-2), (4, 2e-1)])
+# Affine quantization of a group has step (max - min) / (2^bits - 1): 4 bits' step is 255 / 15 = 17x 8 bits'.
+# Measured on this flow (z, logdet relative to their peak): 8-bit 9.6e-4, 2.7e-3; 4-bit 8.6e-3, 7.2e-3. The bounds
+# leave about 4x and 6x (4-bit's stays below 17x 8-bit's error): a wrong scale or bias per group is far above them.
+@pytest.mark.parametrize("bits,bound", [(8, 1e-2), (4, 5e-2)])
 def test_round_trip_and_error_bounds(float_folder, tmp_path, bits, bound):
     out = tmp_path / f"q{bits}"
     quantize_model_folder(float_folder, out, bits=bits, group_size=32)
@@ -50,7 +53,7 @@ def test_round_trip_and_error_bounds(float_folder, tmp_path, bits, bound):
     seq = q.reverse(x, y, y_uncond=y_u, cfg=1.0)
     jac = q.reverse(x, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=4, jacobi_threshold=1e-12,
                     jacobi_max_iter=64)
-    assert rel(jac, seq) < 1e-3
+    assert rel(jac, seq) < 1e-5  # threshold 1e-12: the same fixed point in float32 (measured 3e-7)
     assert (out / "model.safetensors").stat().st_size < (float_folder / "model.safetensors").stat().st_size
 
 

@@ -132,12 +132,27 @@ def test_image_and_clip_conditioning_start_from_the_given_frames(tiny_video_mode
     assert more.shape[0] == 5 and np.abs(more[:3] - known).mean() < 0.25 * np.abs(known - known.min()).mean()
 
 
-def test_python_api_samples_pixel_frames(tiny_video_model):
-    pipe = VideoPipeline.from_pretrained(tiny_video_model)
+def test_python_api_samples_pixel_frames(tiny_video_model, tmp_path):
+    import shutil
+
+    # A copy whose data are pixels times 2, so the frames must undo a scale that is not 1.
+    folder = tmp_path / "scaled"
+    shutil.copytree(tiny_video_model, folder)
+    manifest = json.loads((folder / "starflow.json").read_text())
+    (folder / "starflow.json").write_text(json.dumps({**manifest, "pixel_scale": 2.0}))
+    pipe = VideoPipeline.from_pretrained(folder)
     x = pipe.sample("0 moving down", frames=4, num_videos=2, seed=3)
     assert x.shape == (2, 4, 8, 8, 1)
     videos = pipe.generate("0 moving down", frames=4, num_videos=2, seed=3)
     assert len(videos) == 2 and videos[0].shape == (4, 128, 128, 3) and videos[0].dtype == np.uint8
+    # The frames are the samples, computed here by hand: data / pixel_scale, clamped to [-1, 1], to 0..255 by
+    # (v + 1) * 127.5 rounded, each pixel a 16x16 block (8 -> 128), the one gray channel copied to RGB.
+    gray = np.round((np.clip(np.array(x, np.float64) / 2.0, -1, 1) + 1) * 127.5)
+    expected = np.repeat(np.repeat(gray, 16, axis=2), 16, axis=3).repeat(3, axis=4)
+    assert np.unique(gray).size > 10  # real content, not a constant frame
+    for video, want in zip(videos, expected):
+        # float32 against float64 rounding: a value on a .5 boundary may round either way, one grey level.
+        assert np.abs(video.astype(int) - want).max() <= 1 and (video.astype(int) == want).mean() > 0.99
 
 
 @pytest.mark.parametrize("prompt", ["7 moving sideways", "12 moving left", "a cat"])

@@ -6,16 +6,13 @@ inverted by the driver's whole-sequence Jacobi loop, and the deep block runs a
 few chunks with its state threaded through, including a rerun of one chunk as
 Jacobi does. Errors are ``max|ours - mlx| / max|mlx|``.
 
-The tolerance is what float16 costs on this model: the same inputs also run
-through MLX in float16, and a package may be at most ``FP16_FACTOR`` times as
-far from float32 as that (never less than ``FLOOR``). Real mistakes (a wrong
-mask, position or weight) are off by orders of magnitude more.
+Each comparison is a :class:`~starflow_mlx.coreml.checks.Check`, whose tolerance comes from the float16
+error model stated there.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +20,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from starflow_mlx.coreml.builder import ExportError, coremltools
+from starflow_mlx.coreml.builder import coremltools
+from starflow_mlx.coreml.checks import CHECK_CFG, Check, VerificationError, rel_error
 from starflow_mlx.coreml.driver import InterpreterBackend, Sampler, SampleStats, channels_first, channels_last
 from starflow_mlx.coreml.interpreter import Program
 from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, ExportManifest, PackageInfo
@@ -31,41 +29,6 @@ from starflow_mlx.coreml.manifest_check import signature_problems
 from starflow_mlx.weights import cast_floats
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.guidance import guide
-
-FLOOR = 2e-2
-FP16_FACTOR = 4.0
-CHECK_CFG = 1.5  # guidance weight used to check guided packages
-
-
-class VerificationError(ExportError):
-    """The exported packages do not match the manifest or the MLX model."""
-
-
-@dataclass
-class Check:
-    package: str
-    what: str
-    error: float  # vs MLX in float32
-    fp16_error: float  # MLX in float16 vs MLX in float32, same inputs
-
-    @property
-    def tolerance(self) -> float:
-        return max(FLOOR, FP16_FACTOR * self.fp16_error)
-
-    @property
-    def ok(self) -> bool:
-        return bool(np.isfinite(self.error)) and self.error <= self.tolerance
-
-    def line(self) -> str:
-        return (f"{self.package:<16} {self.what:<47} worst error {self.error:.1e} "
-                f"(MLX float16 {self.fp16_error:.1e}, tolerance {self.tolerance:.1e}) {'ok' if self.ok else 'FAILED'}")
-
-
-def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    ref = np.asarray(ref, np.float64)
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / scale)
-
 
 def in_dtype(module, dtype):
     """``module``'s float parameters cast to ``dtype`` in place (quantized integers untouched)."""

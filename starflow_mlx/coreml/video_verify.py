@@ -16,7 +16,7 @@ import numpy as np
 
 from starflow_mlx.coreml.driver import InterpreterBackend, SampleStats
 from starflow_mlx.coreml.manifest import ExportManifest
-from starflow_mlx.coreml.verify import CHECK_CFG, Check, rel_error
+from starflow_mlx.coreml.checks import CHECK_CFG, Check, rel_error
 from starflow_mlx.coreml.video_driver import VideoSampler
 
 EXTRA_FRAMES = 2  # past the window: enough for two slides with one context frame
