@@ -66,7 +66,7 @@ def check_clips(folder: Path, manifest: ExportManifest, flows, rng) -> list[Chec
         start = f" from {known} known frame{'s' * (known > 1)}" if known else ""
         what = (f"{frames}-frame clip{start} vs STARFlow.reverse ({stats.deep_calls} deep calls, "
                 f"{stats.reencodes} slides)")
-        checks.append(Check("video", what, rel_error(ours, expected), rel_error(half, expected)))
+        checks.append(Check("video", what, rel_error(ours, expected), rel_error(half, expected), chained=True))
     return checks
 
 
