@@ -18,7 +18,8 @@ def check_before_connecting(model: str, prompt: str) -> None:
     stops with its one line and none waits for the others (the model folder, a class model's class)."""
     if not launched():
         return
-    from starflow_mlx.io.model_folder import CLASS_KINDS, Manifest, resolve_model
+    from starflow_mlx.io.model_folder import CLASS_KINDS, Manifest
+    from starflow_mlx.io.resolve import resolve_model
     from starflow_mlx.pipelines.image import class_index
 
     manifest = Manifest.load(resolve_model(model))
