@@ -35,7 +35,7 @@ def bench(
     import json
 
     from starflow_mlx.benchmarks.sampling import SAMPLERS, BenchOptions, format_report, run_benchmark
-    from starflow_mlx.generation_options import check_jacobi
+    from starflow_mlx.io.generation_options import check_jacobi
 
     if sampler not in ("sequential", "jacobi", "both"):
         raise ValueError(f"unknown sampler {sampler!r}: use sequential, jacobi or both")

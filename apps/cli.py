@@ -64,7 +64,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def main() -> None:
-    from starflow_mlx.termination import describe, install
+    from starflow_mlx.io.termination import describe, install
 
     install()
     try:

@@ -22,7 +22,7 @@ from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
 def prompt_tokens(folder: Path, manifest, prompt: str, fps: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
     """The training template filled in for [prompts; empty prompts] and tokenized with the export's tokenizer/."""
-    from starflow_mlx.text_encoder import load_tokenizer
+    from starflow_mlx.io.text_encoder import load_tokenizer
 
     v = manifest.video
     template = v.prompt_template if frames > 1 else v.image_prompt_template
@@ -38,7 +38,7 @@ def first_frame(path: Path, manifest, batch_keys: list) -> tuple[np.ndarray, np.
     import mlx.core as mx
     from PIL import Image
 
-    from starflow_mlx.image_input import open_image
+    from starflow_mlx.io.image_input import open_image
     from starflow_mlx.pipelines.video import cover_crop
 
     f = manifest.video.pixel_factor

@@ -29,7 +29,7 @@ def _message(exc: BaseException) -> str:
     """One line in the command line's words (its options, not Python's parameters); the hub's missing files
     add a second, the commands that fetch them."""
     from starflow_mlx.advice import cli_message
-    from starflow_mlx.hub import HubError
+    from starflow_mlx.io.hub import HubError
 
     text = cli_message(exc).strip()
     return text if isinstance(exc, HubError) and text else _first_line(exc)
@@ -55,7 +55,7 @@ def user_errors(command):
                 raise
             fail("the input is nested too deeply to be a real model file")
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (termination.install): cleaned up by now
-            from starflow_mlx.termination import describe
+            from starflow_mlx.io.termination import describe
 
             fail(*describe(exc))
         except typer.Exit:  # a command that has said why it stops, with its own status

@@ -26,7 +26,7 @@ SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_images", "jacobi", "jacobi_
 # -- options ---------------------------------------------------------------------------------
 def options_from_metadata(path: Path) -> dict:
     """The job an image's metadata describes, through the typed, bounded validator (files come from anyone)."""
-    from starflow_mlx.generation_options import GenerationOptions
+    from starflow_mlx.io.generation_options import GenerationOptions
     from starflow_mlx.pipelines.image_files import read_metadata
 
     meta = read_metadata(path)
@@ -41,7 +41,7 @@ def check_job(pipe, plan: OutputPlan, count: int, aspect_ratio: str) -> None:
     """Refuse, before sampling, a grid larger than memory or files larger than the free disk."""
     from PIL import Image
 
-    from starflow_mlx.memory import InsufficientMemoryError, memory_limit, needed_bytes
+    from starflow_mlx.io.memory import InsufficientMemoryError, memory_limit, needed_bytes
     from starflow_mlx.pipelines.image_files import file_bytes, grid_shape
 
     width, height, channels = pipe.image_size(aspect_ratio)
@@ -84,7 +84,7 @@ def is_video_job(model: str, from_metadata: Optional[Path]) -> bool:
 # -- resuming --------------------------------------------------------------------------------
 def written_image(path: Path) -> Optional[dict]:
     """The metadata of a whole image file written here, or None (not ours, damaged, cut short)."""
-    from starflow_mlx.image_input import open_image
+    from starflow_mlx.io.image_input import open_image
     from starflow_mlx.pipelines.image_files import read_metadata
 
     try:
@@ -227,9 +227,9 @@ def generate(
     ``--pipeline`` the model's layers; process 0 reports progress and writes every file.
     """
     from starflow_mlx import __version__
-    from starflow_mlx.loading import parse_dtype
-    from starflow_mlx.model_folder import model_record
-    from starflow_mlx.memory import plan_batch
+    from starflow_mlx.io.loading import parse_dtype
+    from starflow_mlx.io.model_folder import model_record
+    from starflow_mlx.io.memory import plan_batch
     from starflow_mlx.pipelines.image import Pipeline
     from starflow_mlx.pipelines.settings import IMAGE_JACOBI
     from starflow_mlx.pipelines.image_files import save_images
@@ -238,7 +238,7 @@ def generate(
 
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.models.kv_cache import KV_BITS
-    from starflow_mlx.adapters import adapter_options, adapter_record
+    from starflow_mlx.io.adapters import adapter_options, adapter_record
 
     if kv_bits is not None and kv_bits not in KV_BITS:
         raise ValueError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, got {kv_bits}")
@@ -375,7 +375,7 @@ def score(
 
     A clip also gets one line per latent frame, each scored given the frames before it.
     """
-    from starflow_mlx.adapters import adapter_options
+    from starflow_mlx.io.adapters import adapter_options
     from starflow_mlx.pipelines.load import load_pipeline
     from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
     from starflow_mlx.pipelines.video import VideoPipeline
@@ -388,7 +388,7 @@ def score(
 
         clip, _ = read_video(image, fps=fps or VIDEO_DEFAULTS["fps"])  # a missing or broken file before the model
     else:
-        from starflow_mlx.image_input import open_image
+        from starflow_mlx.io.image_input import open_image
 
         if fps is not None:
             raise ValueError("--fps is for scoring an .mp4 with a video model")

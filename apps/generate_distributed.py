@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from starflow_mlx.distributed import World, current, launched, layer_share
+from starflow_mlx.io.distributed import World, current, launched, layer_share
 
 
 def check_before_connecting(model: str, prompt: str) -> None:
@@ -18,7 +18,8 @@ def check_before_connecting(model: str, prompt: str) -> None:
     stops with its one line and none waits for the others (the model folder, a class model's class)."""
     if not launched():
         return
-    from starflow_mlx.model_folder import CLASS_KINDS, Manifest, resolve_model
+    from starflow_mlx.io.model_folder import CLASS_KINDS, Manifest
+    from starflow_mlx.io.resolve import resolve_model
     from starflow_mlx.pipelines.image import class_index
 
     manifest = Manifest.load(resolve_model(model))
@@ -39,8 +40,8 @@ def deep_layers(world: World, model: str, pipeline: bool) -> range | None:
     if world.size < 2:
         return None
     from starflow_mlx.config import FlowConfig
-    from starflow_mlx.resolve import resolve_model
-    from starflow_mlx.memory import memory_limit, needed_bytes
+    from starflow_mlx.io.resolve import resolve_model
+    from starflow_mlx.io.memory import memory_limit, needed_bytes
 
     folder = resolve_model(model)
     config = FlowConfig.load(folder / "config.json")

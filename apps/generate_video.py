@@ -17,7 +17,7 @@ SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_videos", "frames", "fps", "
 
 def video_options_from_metadata(path: Path) -> dict:
     """The job an mp4's metadata describes, through the typed, bounded validator (files come from anyone)."""
-    from starflow_mlx.generation_options import VideoOptions
+    from starflow_mlx.io.generation_options import VideoOptions
     from starflow_mlx.pipelines.video_io import read_metadata
 
     from starflow_mlx.apps.job_files import refuse_edits
@@ -55,12 +55,12 @@ def generate_video(*, prompt, model, seed, cfg, aspect_ratio, num_videos, jacobi
     from starflow_mlx import __version__
     from starflow_mlx.apps import generate_distributed as dist
     from starflow_mlx.apps.job_files import check_model_kind, check_writable, plan_outputs, ran_settings
-    from starflow_mlx.loading import parse_dtype
-    from starflow_mlx.model_folder import model_record
+    from starflow_mlx.io.loading import parse_dtype
+    from starflow_mlx.io.model_folder import model_record
     from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
     from starflow_mlx.pipelines.prompts import check_aspect_ratio
     from starflow_mlx.apps.metadata_paths import confirm_adapters, confirm_input, confirm_path
-    from starflow_mlx.adapters import adapter_record
+    from starflow_mlx.io.adapters import adapter_record
     from starflow_mlx.pipelines.video import VideoPipeline, frame_count
     from starflow_mlx.pipelines.video_io import grid_layout, input_record, write_videos
 

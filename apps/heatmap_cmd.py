@@ -11,10 +11,10 @@ import typer
 
 
 def write_heatmap(path: Path, prompt: str, model: str, lora, lora_scale: float, fps, output: Path) -> None:
-    from starflow_mlx.image_input import open_image
+    from starflow_mlx.io.image_input import open_image
     from starflow_mlx.pipelines.heatmap import render, token_map
     from starflow_mlx.pipelines.load import load_pipeline
-    from starflow_mlx.staging import write_file
+    from starflow_mlx.io.staging import write_file
 
     pipe = load_pipeline(model, lora=lora, lora_scale=lora_scale)
     if fps is not None and not pipe.VIDEO:

@@ -41,7 +41,7 @@ def _read_source(source: Path, fps: Optional[int]):
         from starflow_mlx.pipelines.video_io import read_video
 
         return read_video(source, fps=fps or VIDEO_DEFAULTS["fps"])[0], True
-    from starflow_mlx.image_input import open_image
+    from starflow_mlx.io.image_input import open_image
 
     if fps is not None:
         raise ValueError("--fps is for an .mp4 input")
@@ -82,7 +82,7 @@ def encode(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
 ) -> None:
     """Write the exact noise that sampling PROMPT maps back to the input (the flow's forward pass)."""
-    from starflow_mlx.model_folder import model_record
+    from starflow_mlx.io.model_folder import model_record
     from starflow_mlx.pipelines.noise_file import save_noise
     from starflow_mlx.pipelines.video_io import input_record
 
@@ -104,7 +104,7 @@ def generate_from_noise(*, path: Path, model: Optional[str], prompt: Optional[st
                         unused: list[str]) -> None:
     """``starflow generate --from-noise FILE``: the noise decoded (under its prompt, the encoded input again)."""
     from starflow_mlx import __version__
-    from starflow_mlx.model_folder import model_record
+    from starflow_mlx.io.model_folder import model_record
     from starflow_mlx.pipelines.noise_file import check_model, load_noise
     from starflow_mlx.pipelines.inversion import Inversion
     from starflow_mlx.pipelines.video_io import file_sha256
@@ -205,8 +205,8 @@ def edit(
 ) -> None:
     """Edit an image or clip by prompt (--from A --to B), or regenerate the white part of --mask."""
     from starflow_mlx import __version__
-    from starflow_mlx.edit_options import EditOptions
-    from starflow_mlx.model_folder import model_record
+    from starflow_mlx.io.edit_options import EditOptions
+    from starflow_mlx.io.model_folder import model_record
     from starflow_mlx.pipelines import inversion
     from starflow_mlx.pipelines.video_io import file_sha256
 
@@ -255,7 +255,7 @@ def edit(
     if job["mask_frames"] is not None and not video:
         raise ValueError("--mask-frames is for an .mp4 input")
     if job["operation"] == "inpaint":
-        from starflow_mlx.image_input import open_image
+        from starflow_mlx.io.image_input import open_image
 
         mask_image = open_image(mask, "mask")
     output = output or Path(f"{source.stem}-edit{'.mp4' if video else '.png'}")

@@ -100,14 +100,14 @@ def check_model_kind(model: str, video: bool, source: Path) -> None:
 
 def model_is_video(model: str) -> Optional[bool]:
     """Whether ``model`` (a folder, built-in or registered model) makes videos; None when that is not known here."""
-    from starflow_mlx.model_folder import BUILT_IN, MANIFEST, VIDEO_KINDS, Manifest
+    from starflow_mlx.io.model_folder import BUILT_IN, MANIFEST, VIDEO_KINDS, Manifest
 
     folder = Path(model).expanduser()
     if not folder.is_dir() and model in BUILT_IN:
         folder = BUILT_IN[model]
     if folder.is_dir():
         return (folder / MANIFEST).is_file() and Manifest.load(folder).kind in VIDEO_KINDS
-    from starflow_mlx.hub import load_registry
+    from starflow_mlx.io.hub import load_registry
 
     entry = load_registry().get("models", {}).get(model)
     return entry.get("kind") == "text-to-video" if isinstance(entry, dict) else None

@@ -1,5 +1,5 @@
 """``starflow launch``: the ranks of one job started as ``mlx.launch`` starts them, with an exit status that says
-whether they all succeeded (see :mod:`starflow_mlx.launcher`)."""
+whether they all succeeded (see :mod:`starflow_mlx.io.launcher`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def launch(
     Exits 1 with the failing rank's error line when a rank fails; the other ranks are given 30 s to stop
     by themselves, then killed (a rank stopped with SIGSTOP too).
     """
-    from starflow_mlx.launcher import LaunchError, launch as run, local_hosts, read_hostfile
+    from starflow_mlx.io.launcher import LaunchError, launch as run, local_hosts, read_hostfile
 
     if (ranks is None) == (hostfile is None):
         raise LaunchError("give either -n N (ranks on this machine) or --hostfile FILE (one rank per host)")

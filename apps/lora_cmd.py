@@ -17,13 +17,13 @@ def train_adapter(*, base: Optional[str], data: str, output: Path, force: bool, 
                   cache_dir: Optional[Path] = None, frames: Optional[int] = None) -> None:
     """Fine-tune LoRA matrices on a frozen base by exact likelihood and write the adapter folder."""
     from starflow_mlx.config import FlowConfig
-    from starflow_mlx.loading import load_flow
-    from starflow_mlx.model_folder import Manifest
-    from starflow_mlx.resolve import resolve_model
+    from starflow_mlx.io.loading import load_flow
+    from starflow_mlx.io.model_folder import Manifest
+    from starflow_mlx.io.resolve import resolve_model
     from starflow_mlx.models.lora import check_blocks, check_rank, trainable_count
-    from starflow_mlx.memory import check_memory
+    from starflow_mlx.io.memory import check_memory
     from starflow_mlx.quantize.policy import check_setting
-    from starflow_mlx.staging import check_output
+    from starflow_mlx.io.staging import check_output
     from starflow_mlx.training.feature_cache import clip_latent_frames
     from starflow_mlx.training.lora import LoRASettings, LoRATrainer, check_lora_memory, load_lora_data
     from starflow_mlx.training.trainer import TrainConfig
@@ -99,14 +99,14 @@ def fuse(
 ) -> None:
     """Merge a LoRA adapter into its base: an ordinary model folder (a quantized base is re-quantized)."""
     from starflow_mlx.config import FlowConfig
-    from starflow_mlx.loading import cast_floats, load_flow, parse_dtype
-    from starflow_mlx.model_folder import MANIFEST, Manifest
-    from starflow_mlx.resolve import resolve_model
-    from starflow_mlx.adapters import read_adapter_config
+    from starflow_mlx.io.loading import cast_floats, load_flow, parse_dtype
+    from starflow_mlx.io.model_folder import MANIFEST, Manifest
+    from starflow_mlx.io.resolve import resolve_model
+    from starflow_mlx.io.adapters import read_adapter_config
     from starflow_mlx.models.lora import fuse_lora
-    from starflow_mlx.memory import check_memory
+    from starflow_mlx.io.memory import check_memory
     from starflow_mlx.quantize.quantize_folder import FLOW_FILES, save_flow
-    from starflow_mlx.staging import check_output, staged_folder
+    from starflow_mlx.io.staging import check_output, staged_folder
 
     check_output(output, force)
     folder = resolve_model(base)

@@ -22,7 +22,7 @@ NAMES = {"image": "first frame (image)", "video": "clip (video)", "lora": "LoRA 
 def is_local(name: str) -> bool:
     """Whether loading ``name`` would read a local path, rather than a built-in model or a Hugging Face repo id
     (the order of ``model_folder.resolve_model``)."""
-    from starflow_mlx.model_folder import BUILT_IN
+    from starflow_mlx.io.model_folder import BUILT_IN
 
     try:
         if Path(name).expanduser().exists():

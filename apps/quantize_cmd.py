@@ -28,7 +28,7 @@ def quantize(
                                            "column."),
 ) -> None:
     """Quantize the linear layers group-wise (input/output projections and norms stay float16)."""
-    from starflow_mlx.resolve import resolve_model
+    from starflow_mlx.io.resolve import resolve_model
     from starflow_mlx.quantize.quantize_folder import block_bits, parse_overrides, quantize_model_folder
 
     folder = resolve_model(model)

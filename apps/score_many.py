@@ -103,7 +103,7 @@ def score(
     clips, path; --sort and --top rank them. Lower is more likely.
     """
     from starflow_mlx.apps import generate_cmd
-    from starflow_mlx.adapters import adapter_options
+    from starflow_mlx.io.adapters import adapter_options
 
     if top is not None and top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
@@ -165,12 +165,12 @@ def score_table(paths, prompt, model, lora, lora_scale, fps, csv_file, json_file
             typer.echo(row_line(rows[i], extras[i]))
     records = [dict(row.as_dict(), **extra) for row, extra in zip(rows, extras)]
     if csv_file is not None:
-        from starflow_mlx.staging import write_file
+        from starflow_mlx.io.staging import write_file
 
         write_file(csv_file, rows_csv(records))
         typer.echo(f"wrote {csv_file}")
     if json_file is not None:
-        from starflow_mlx.staging import write_file
+        from starflow_mlx.io.staging import write_file
 
         write_file(json_file, (json.dumps(records, indent=2, allow_nan=False) + "\n").encode("utf-8"))
         typer.echo(f"wrote {json_file}")

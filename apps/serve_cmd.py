@@ -76,7 +76,7 @@ def serve(
                          "STARFLOW_API_KEY), or keep the default 127.0.0.1")
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key is empty: give a key, or leave the option out on 127.0.0.1")
-    from starflow_mlx.adapters import adapter_options
+    from starflow_mlx.io.adapters import adapter_options
     from starflow_mlx.pipelines.load import load_pipeline
 
     adapter, scale = adapter_options(lora, lora_scale)

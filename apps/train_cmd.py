@@ -63,7 +63,7 @@ def train(
 
     With --lora, fine-tune LoRA matrices on a frozen --base model by the same loss and write an adapter folder.
     """
-    from starflow_mlx.staging import check_output
+    from starflow_mlx.io.staging import check_output
 
     lora_only = [name for name, value in (("--base", base), ("--rank", rank), ("--alpha", alpha),
                                           ("--lora-blocks", lora_blocks), ("--base-bits", base_bits),

@@ -37,7 +37,7 @@ def make_model(folder: Path, deep_channels: int, deep_layers: int) -> Path:
     from starflow_mlx.benchmarks.configs import build_flow
     from starflow_mlx.config import FlowConfig
     from starflow_mlx.jsonconfig import write_json
-    from starflow_mlx.model_folder import DEMO_DIR, MANIFEST
+    from starflow_mlx.io.model_folder import DEMO_DIR, MANIFEST
 
     config = FlowConfig.load(DEMO_DIR / "config.json")
     layers = [*config.layers_per_block[:-1], deep_layers]

@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 from starflow_mlx.sampling.denoise import score_denoise
 from starflow_mlx.sampling.jacobi import SCHEDULES, JacobiStats
 

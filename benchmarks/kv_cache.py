@@ -21,7 +21,7 @@ import numpy as np
 
 from starflow_mlx.benchmarks.configs import load_config
 from starflow_mlx.benchmarks.jacobi_variants import conditioning
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 from starflow_mlx.pipelines.video import kv_cache_bytes
 from starflow_mlx.sampling.denoise import score_denoise
 

@@ -265,7 +265,7 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        from starflow_mlx.staging import write_file
+        from starflow_mlx.io.staging import write_file
 
         write_file(args.json, (text + "\n").encode("utf-8"))
 

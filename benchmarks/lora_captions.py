@@ -68,7 +68,7 @@ def text_encoder(folder: Path, captions: list[str], width: int = 64) -> None:
 def model_folder(folder: Path, captions: list[str], video: bool) -> Path:
     """A complete text-to-image (SD-VAE) or text-to-video (Wan2.2 VAE) folder with random weights."""
     from starflow_mlx.config import FlowConfig
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
     from starflow_mlx.models.starflow import STARFlow
 
     text_encoder(folder / "text_encoder", captions)

@@ -22,10 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from starflow_mlx.loading import load_flow
-from starflow_mlx.model_folder import MANIFEST, Manifest
+from starflow_mlx.io.loading import load_flow
+from starflow_mlx.io.model_folder import MANIFEST, Manifest
 from starflow_mlx.progress import about
-from starflow_mlx.resolve import resolve_model
+from starflow_mlx.io.resolve import resolve_model
 from starflow_mlx.quantize.quantize_folder import block_bits, quantize_flow, save_flow
 
 # A quantized variant's time over the float16 variant's (the first one, measured in the same run): what the
@@ -58,7 +58,7 @@ def conditioning(flow, batch: int, seed: int = 0):
 
 def check_samples(folder: Path, config, samples: int) -> None:
     """Every variant samples all of them in one batch: refuse, with the numbers, what memory cannot hold."""
-    from starflow_mlx.memory import InsufficientMemoryError, image_bytes, memory_limit, needed_bytes
+    from starflow_mlx.io.memory import InsufficientMemoryError, image_bytes, memory_limit, needed_bytes
 
     if samples < 1:
         raise ValueError(f"--samples must be at least 1, got {samples}")

@@ -33,7 +33,7 @@ import numpy as np
 from starflow_mlx.benchmarks.configs import build_flow, load_config
 from starflow_mlx.benchmarks.matmul_floor import block_floor
 from starflow_mlx.benchmarks.roofline import measure_bandwidth, parameter_bytes, roofline
-from starflow_mlx.loading import parse_dtype
+from starflow_mlx.io.loading import parse_dtype
 from starflow_mlx.sampling.auto import choose_jacobi
 from starflow_mlx.sampling.jacobi import SCHEDULES, JacobiStats
 from starflow_mlx.sampling.stepper import compiled_steps
@@ -199,7 +199,7 @@ def jacobi_summary(stats: JacobiStats, blocks: list[int]) -> dict:
 # -- the benchmark ---------------------------------------------------------------------------
 def check_memory(config, opts: BenchOptions) -> None:
     """Refuse, with the numbers, a batch or a bandwidth array that memory cannot hold (MLX would crash)."""
-    from starflow_mlx.memory import InsufficientMemoryError, image_bytes, memory_limit
+    from starflow_mlx.io.memory import InsufficientMemoryError, image_bytes, memory_limit
 
     total = memory_limit()
     if total is None:

@@ -23,10 +23,10 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from starflow_mlx.loading import cast_floats, parse_dtype
+from starflow_mlx.io.loading import cast_floats, parse_dtype
 from starflow_mlx.progress import about
 from starflow_mlx.models.wan_vae import CausalConv3d, WanVAE, WanVAEConfig
-from starflow_mlx.video_vae import VideoVAE
+from starflow_mlx.io.video_vae import VideoVAE
 
 # The streamed float32 decode at the real widths took about 0.02 s per output pixel (frames x height x width) on
 # the shared 2-core CPU of benchmarks/README.md: 199 s for 5 frames at 32 x 64, 788 s for 5 at 64 x 112.
@@ -36,7 +36,7 @@ WEIGHT_BYTES = {"float32": 2.22e9, "float16": 1.11e9, "bfloat16": 1.11e9}  # mea
 
 def check_size(frames: int, height: int, width: int, dtype: str, tile: int | None) -> None:
     """Refuse, in one line, a decode this machine cannot hold; say up front how long the rest will take."""
-    from starflow_mlx.memory import memory_limit
+    from starflow_mlx.io.memory import memory_limit
     from starflow_mlx.pipelines.video import VAE_BYTES_PER_PIXEL
 
     if (frames - 1) % 4 or height % 16 or width % 16:

@@ -20,7 +20,7 @@ from starflow_mlx.convert.torch_pickle import TensorRef, open_checkpoint
 from starflow_mlx.convert.upstream_config import block_count, read_arguments, resolve
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.safe_text import printable
-from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.io.staging import check_output, staged_folder
 
 WRAPPER_SEGMENTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 DEPRECATED = re.compile(r"^(var|feat_rope(_gen)?\..*|blocks\.\d+\.attn_mask|learnable_self_denoiser\.attn_mask)$")

@@ -1,7 +1,7 @@
 """Build a complete model folder: the converted flow plus the T5 encoder, the SD-VAE and a manifest.
 
 Everything is assembled in a staging folder and renamed into place at the end (the rule of
-:mod:`starflow_mlx.staging`), so a failure never leaves a half-written model.
+:mod:`starflow_mlx.io.staging`), so a failure never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.flow_checkpoint import ConversionError, write_flow
 from starflow_mlx.convert.t5_weights import convert_t5
 from starflow_mlx.convert.vae_weights import convert_vae
-from starflow_mlx.model_folder import MANIFEST, Manifest
-from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.io.model_folder import MANIFEST, Manifest
+from starflow_mlx.io.staging import check_output, staged_folder
 
 TEXT_ENCODER_DIR, VAE_DIR = "text_encoder", "vae"
 
@@ -31,7 +31,7 @@ def local_component(source: str | Path, role: str) -> Path:
     if path.exists():
         return path
     if is_repo_id(source):
-        from starflow_mlx.hub import fetch_component
+        from starflow_mlx.io.hub import fetch_component
 
         return fetch_component(str(source), role)
     raise ConversionError(f"{role} {source} not found: pass a local folder or a Hugging Face repo id")
@@ -118,7 +118,7 @@ def build_model_folder(checkpoint: str | Path, config_yaml: str | Path, output: 
     """Convert everything into ``output`` atomically; returns a one-line summary.
 
     ``source`` adds to the manifest's record of where the parts came from; ``force`` lets a
-    folder this project wrote be replaced (see :mod:`starflow_mlx.staging`).
+    folder this project wrote be replaced (see :mod:`starflow_mlx.io.staging`).
     """
     check_output(output, force, ConversionError)
     if (text_encoder is None) != (vae is None):

@@ -25,7 +25,7 @@ from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.models.t5 import NORM_SUFFIX, T5Config, T5Encoder
 from starflow_mlx.safe_text import printable
 from starflow_mlx.convert.tensor_names import check_tensor_names
-from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.io.staging import check_output, staged_folder
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Single-file and sharded layouts, in the order they are preferred.

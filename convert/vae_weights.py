@@ -15,11 +15,11 @@ from mlx.utils import tree_flatten
 from starflow_mlx.config import ConfigError
 from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
 from starflow_mlx.jsonconfig import read_json
-from starflow_mlx.weights import check_finite_weights
+from starflow_mlx.io.weights import check_finite_weights
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 from starflow_mlx.safe_text import printable
 from starflow_mlx.convert.tensor_names import check_tensor_names
-from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.io.staging import check_output, staged_folder
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

@@ -17,7 +17,7 @@ from starflow_mlx.convert.tensor_names import check_tensor_names
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
-from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.io.staging import check_output, staged_folder
 
 CHECKPOINT_NAME = "Wan2.2_VAE.pth"
 HUB_REPO = "Wan-AI/Wan2.2-TI2V-5B"
@@ -123,7 +123,7 @@ def checkpoint_file(src: str | Path) -> Path:
                                     f"nor {CHECKPOINT_NAME}: pass upstream's checkpoint or a folder holding it")
     if path.is_file():
         return path
-    from starflow_mlx.hub import fetch_component, load_registry
+    from starflow_mlx.io.hub import fetch_component, load_registry
 
     # A HubError (files missing, offline) passes through as it is: its list of what to fetch is meant to be read.
     if str(src) in load_registry().get("components", {}):

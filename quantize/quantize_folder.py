@@ -19,12 +19,12 @@ from mlx.utils import tree_flatten
 
 from starflow_mlx.advice import option_error
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.memory import check_memory
-from starflow_mlx.model_folder import MANIFEST, local_model
+from starflow_mlx.io.memory import check_memory
+from starflow_mlx.io.model_folder import MANIFEST, local_model
 from starflow_mlx.quantize.policy import (DEFAULT_KEEP, SUPPORTED_BITS, QuantizationError, apply_quantization,
                                           check_setting, describe, plan_quantization)
-from starflow_mlx.staging import check_output, staged_folder
-from starflow_mlx.weights import build_flow, cast_floats
+from starflow_mlx.io.staging import check_output, staged_folder
+from starflow_mlx.io.weights import build_flow, cast_floats
 
 FLOW_FILES = ("config.json", "model.safetensors")
 
@@ -90,7 +90,7 @@ def save_flow(flow, folder: Path) -> None:
 
 
 def _quantize_text_encoder(src: Path, dst: Path, bits: int, group_size: int) -> None:
-    from starflow_mlx.text_encoder import quantize_text_encoder
+    from starflow_mlx.io.text_encoder import quantize_text_encoder
 
     quantize_text_encoder(src, dst, bits=bits, group_size=group_size)
 
@@ -123,7 +123,7 @@ def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_
                           force: bool = False, blocks: dict[str, int] | None = None) -> str:
     """Write a quantized copy of ``src`` (a folder or a built-in name) to ``output``; returns a one-line summary.
 
-    A Hugging Face repo id is resolved first (``starflow_mlx.resolve.resolve_model``): conversion, which
+    A Hugging Face repo id is resolved first (``starflow_mlx.io.resolve.resolve_model``): conversion, which
     quantizes too, sits below name resolution.
     """
 
@@ -134,7 +134,7 @@ def quantize_model_folder(src: str | Path, output: str | Path, bits: int, group_
     folder = local_model(src)
     if folder is None:
         raise QuantizationError(f"{src} is not a model folder or a built-in model: pass a folder, or resolve a "
-                                "repo id first with starflow_mlx.resolve.resolve_model")
+                                "repo id first with starflow_mlx.io.resolve.resolve_model")
     src = folder
     with staged_folder(output, force, QuantizationError) as staging:
         return write_quantized(src, staging, bits, group_size, overrides, text_bits, blocks)

@@ -15,12 +15,12 @@ _blas.check()
 
 # Imported on first use so that `starflow --help` and light imports stay fast.
 _EXPORTS = {
-    "load_flow": ("starflow_mlx.loading", "load_flow"),
+    "load_flow": ("starflow_mlx.io.loading", "load_flow"),
     "FlowConfig": ("starflow_mlx.config", "FlowConfig"),
     "STARFlow": ("starflow_mlx.models.starflow", "STARFlow"),
-    "load_text_encoder": ("starflow_mlx.text_encoder", "load_text_encoder"),
-    "load_vae": ("starflow_mlx.vae", "load_vae"),
-    "load_video_vae": ("starflow_mlx.video_vae", "load_video_vae"),
+    "load_text_encoder": ("starflow_mlx.io.text_encoder", "load_text_encoder"),
+    "load_vae": ("starflow_mlx.io.vae", "load_vae"),
+    "load_video_vae": ("starflow_mlx.io.video_vae", "load_video_vae"),
     "Pipeline": ("starflow_mlx.pipelines.image", "Pipeline"),
     "VideoPipeline": ("starflow_mlx.pipelines.video", "VideoPipeline"),
     "load_pipeline": ("starflow_mlx.pipelines.load", "load_pipeline"),

@@ -15,7 +15,7 @@ VIDEO_FLOW = dict(in_channels=1, channels=64, layers_per_block=[1, 1, 2], latent
 
 
 def make_class_video_folder(folder: Path, seed: int = 0) -> Path:
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
 
     save_flow(random_flow(seed, **VIDEO_FLOW), folder)
     Manifest(kind="class-to-video", classes=CLASSES, words=WORDS).save(folder)

@@ -40,7 +40,7 @@ def make_model_folder(folder: Path, seed: int = 0) -> Path:
     """``folder/model``: config.json + model.safetensors, text_encoder/, vae/ and starflow.json."""
     from starflow_mlx.convert.t5_weights import convert_t5
     from starflow_mlx.convert.vae_weights import convert_vae
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
 
     model = folder / "model"
     save_flow(random_flow(seed, **FLOW), model)
@@ -53,7 +53,7 @@ def make_model_folder(folder: Path, seed: int = 0) -> Path:
 
 def make_class_model_folder(folder: Path, seed: int = 0) -> Path:
     """A pixel-space class-conditional folder (no text encoder, no VAE), like the digits demo."""
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
 
     save_flow(random_flow(seed, **CLASS_FLOW), folder)
     Manifest(kind="class-to-image", classes=CLASSES).save(folder)

@@ -18,9 +18,7 @@ FOLDERS = {"starflow_mlx": "starflow_mlx", "convert": "starflow_mlx.convert", "q
 LAYERS = {
     "base": ["advice", "jsonconfig", "config", "safe_text", "progress", "blas", "byte_sizes"],
     "model": ["models", "sampling"],
-    "io": ["staging", "staged_files", "termination", "weights", "hub", "model_folder", "memory", "distributed",
-           "launcher", "image_input", "input_files", "pixel_video", "edit_options", "adapters",
-           "convert", "quantize", "text_encoder", "vae", "video_vae", "resolve", "loading", "generation_options"],
+    "io": ["io", "convert", "quantize"],
     "pipelines": ["pipelines", "training"],
     "products": ["coreml", "server", "apps", "benchmarks", "__main__"],
 }

@@ -10,7 +10,7 @@ from flow_factory import IMAGE, NOTEXT, random_flow
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 from starflow_mlx.pipelines.image_files import read_metadata
 from starflow_mlx.sampling import auto
 

@@ -110,7 +110,7 @@ def test_config_file_and_text_report(tmp_path):
     (["--config", "tiny", "--repeats", "0"], "at least 1"),
     (["--config", "tiny", "--jacobi-schedule", "fast"], "unknown Jacobi schedule 'fast'"),
     (["--config", "tiny", "--upstream", "/nonexistent"], "has no transformer_flow.py"),
-    (["--config", "tiny", "--threshold", "nan"], "threshold must be positive"),
+    (["--config", "tiny", "--threshold", "nan"], "--threshold must be a number from 1e-12"),
     (["--config", "tiny", "--cfg", "nan"], "--cfg must be a number 0 or more"),
     (["--config", "tiny", "--seed", "-1"], "--seed must be 0 or more"),
     (["--config", "tiny", "--batch", "100000000"], "use --batch"),  # MLX crashed (SIGSEGV) allocating it

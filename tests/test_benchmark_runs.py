@@ -19,7 +19,7 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
 
 
 def test_wan_vae_refuses_a_decode_larger_than_memory_before_building_anything(monkeypatch):
-    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: 24 * 2**30)
+    monkeypatch.setattr("starflow_mlx.io.memory.memory_limit", lambda: 24 * 2**30)
     with pytest.raises(SystemExit) as refused:
         wan_vae.check_size(5, 480, 848, "float32", None)
     message = str(refused.value.code)
@@ -27,7 +27,7 @@ def test_wan_vae_refuses_a_decode_larger_than_memory_before_building_anything(mo
 
 
 def test_wan_vae_says_how_long_before_it_starts(monkeypatch, capsys):
-    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: 24 * 2**30)
+    monkeypatch.setattr("starflow_mlx.io.memory.memory_limit", lambda: 24 * 2**30)
     wan_vae.check_size(5, 32, 64, "float32", None)  # the default size
     line = capsys.readouterr().err
     assert line.startswith("decoding 5 frames of 32 x 64 in float32: about 3 min") and "Ctrl-C" in line

@@ -14,7 +14,7 @@ from flow_factory import IMAGE, random_flow
 from fixtures_cli import ARGS, one_line
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.model_folder import DEMO_DIR
+from starflow_mlx.io.model_folder import DEMO_DIR
 
 torch = pytest.importorskip("torch")
 register(app)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from flow_factory import IMAGE, random_flow
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 
 torch = pytest.importorskip("torch")
 register(app)

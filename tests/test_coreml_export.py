@@ -22,9 +22,9 @@ from starflow_mlx.coreml.export import ExportOptions, export_coreml  # noqa: E40
 from starflow_mlx.coreml.interpreter import Program  # noqa: E402
 from starflow_mlx.coreml.manifest import ExportManifest  # noqa: E402
 from starflow_mlx.coreml.verify import VerificationError, structural_problems, verify_export  # noqa: E402
-from starflow_mlx.staging import MARKER  # noqa: E402
-from starflow_mlx.loading import load_flow  # noqa: E402
-from starflow_mlx.model_folder import DEMO_DIR  # noqa: E402
+from starflow_mlx.io.staging import MARKER  # noqa: E402
+from starflow_mlx.io.loading import load_flow  # noqa: E402
+from starflow_mlx.io.model_folder import DEMO_DIR  # noqa: E402
 from starflow_mlx.quantize.policy import apply_quantization, plan_quantization  # noqa: E402
 
 register(app)
@@ -45,7 +45,7 @@ def full_model_folder(root):
 
     from starflow_mlx.convert.t5_weights import convert_t5
     from starflow_mlx.convert.vae_weights import convert_vae
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
 
     src = flow_folder(root / "model", {**IMAGE, "txt_dim": 32, "vae_factor": 2})
     convert_t5(make_tiny_t5(root / "hf_t5"), src / "text_encoder", dtype="float16")
@@ -165,8 +165,8 @@ def test_jacobi_sampling_over_the_packages_matches_mlx(image_export):
 
 
 def test_text_encoder_and_decoder_packages_match_mlx(image_export):
-    from starflow_mlx.text_encoder import load_text_encoder
-    from starflow_mlx.vae import load_vae
+    from starflow_mlx.io.text_encoder import load_text_encoder
+    from starflow_mlx.io.vae import load_vae
 
     src, result, _ = image_export
     sampler = Sampler(result.folder, InterpreterBackend(result.folder))

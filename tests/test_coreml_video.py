@@ -17,7 +17,7 @@ from starflow_mlx.coreml.manifest import ExportManifest  # noqa: E402
 from starflow_mlx.coreml.verify import structural_problems  # noqa: E402
 from starflow_mlx.coreml.video_driver import VideoSampler  # noqa: E402
 from starflow_mlx.coreml.video_verify import mlx_clip  # noqa: E402
-from starflow_mlx.loading import load_flow  # noqa: E402
+from starflow_mlx.io.loading import load_flow  # noqa: E402
 
 # Two shallow blocks (one flipped) and a two-layer deep block; 2x2 latent frames, trained on 3 of them.
 TINY = {**VIDEO, "layers_per_block": [1, 1, 2]}

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from starflow_mlx.model_folder import DEMO_DIR
+from starflow_mlx.io.model_folder import DEMO_DIR
 
 pytest.importorskip("sklearn")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from starflow_mlx.distributed import World, layer_share
+from starflow_mlx.io.distributed import World, layer_share
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 240  # seconds for one launched job on a loaded 2-core machine; a hang fails instead of blocking CI
@@ -81,7 +81,7 @@ def test_pipeline_is_chosen_when_the_model_does_not_fit_one_machine(monkeypatch)
     two = World(rank=1, size=2)
     assert deep_layers(two, "demo", pipeline=False) is None  # the demo fits: data parallel
     assert deep_layers(two, "demo", pipeline=True) == range(2, 4)
-    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: 1 << 20)
+    monkeypatch.setattr("starflow_mlx.io.memory.memory_limit", lambda: 1 << 20)
     assert deep_layers(two, "demo", pipeline=False) == range(2, 4)
     assert deep_layers(World(), "demo", pipeline=False) is None  # one process never pipelines
 
@@ -102,8 +102,8 @@ def test_pipeline_images_match_one_process_and_each_rank_holds_half_the_deep_blo
     two, one = (np.asarray(Image.open(tmp_path / name), np.int16) for name in ("two.png", "one.png"))
     assert np.abs(two - one).max() <= 1  # float32 sums in another order may move a pixel by one level
 
-    from starflow_mlx.model_folder import DEMO_DIR
-    from starflow_mlx.memory import weight_bytes
+    from starflow_mlx.io.model_folder import DEMO_DIR
+    from starflow_mlx.io.memory import weight_bytes
 
     halves = [weight_bytes(DEMO_DIR, layer_share(4, 2, r)) for r in range(2)]
     assert halves[0] == halves[1] < weight_bytes(DEMO_DIR)
@@ -112,7 +112,7 @@ def test_pipeline_images_match_one_process_and_each_rank_holds_half_the_deep_blo
 PIPELINE_VIDEO = """
 import sys
 import numpy as np
-from starflow_mlx.distributed import current, layer_share
+from starflow_mlx.io.distributed import current, layer_share
 from starflow_mlx.pipelines.video import VideoPipeline
 world = current()
 layers = layer_share(2, world.size, world.rank) if world.size > 1 else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from starflow_mlx.launcher import launch, local_hosts, read_hostfile, LaunchError
+from starflow_mlx.io.launcher import launch, local_hosts, read_hostfile, LaunchError
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 120  # one command on a loaded 2-core machine; a hang fails the test instead of blocking CI
@@ -123,7 +123,7 @@ def test_a_missing_or_malformed_hostfile_or_a_rank_past_the_size_is_one_line(tmp
 
 
 def test_the_script_ssh_runs_on_another_mac_gives_the_rank_its_hostfile_and_timeout(tmp_path, monkeypatch):
-    from starflow_mlx.launcher import remote_script, ring_hostfile
+    from starflow_mlx.io.launcher import remote_script, ring_hostfile
 
     (tmp_path / "hosts.json").write_text('[{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]')
     ring = ring_hostfile(read_hostfile(tmp_path / "hosts.json"), 32323)

@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from starflow_mlx import loading
+from starflow_mlx.io import loading
 from starflow_mlx.quantize.quantize_folder import quantize_model_folder
 
 CPU, GPU = mx.Device(mx.cpu), mx.Device(mx.gpu)
@@ -46,7 +46,7 @@ def test_explicit_dtype_overrides(int8_folder):
 def test_quantized_text_encoder_picks_per_device(tmp_path, monkeypatch, device, expected):
     from fixtures_t5 import make_tiny_mlx_t5
 
-    from starflow_mlx.text_encoder import load_text_encoder, quantize_text_encoder
+    from starflow_mlx.io.text_encoder import load_text_encoder, quantize_text_encoder
 
     quantize_text_encoder(make_tiny_mlx_t5(tmp_path / "t5"), tmp_path / "q", bits=8, group_size=32)
     monkeypatch.setattr(loading.mx, "default_device", lambda: device)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, flow_inputs, random_flow, rel, save_flow
-from starflow_mlx.loading import ModelLoadError, load_flow
+from starflow_mlx.io.loading import ModelLoadError, load_flow
 from starflow_mlx.models.kv_cache import position_mask, visible_length
 from starflow_mlx.sampling.jacobi import SCHEDULES, JacobiStats
 

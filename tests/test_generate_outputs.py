@@ -55,7 +55,7 @@ def test_a_million_images_are_refused_in_one_line_not_a_crash(tmp_path):
 
 def test_a_grid_larger_than_memory_is_refused_before_sampling(tmp_path, monkeypatch):
     # 1.05 GB: the demo model fits (1 GB of working memory + 2 MB), a grid of 7000 images (2 x 29 MB) does not.
-    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: int(1.05 * 2**30))
+    monkeypatch.setattr("starflow_mlx.io.memory.memory_limit", lambda: int(1.05 * 2**30))
     res = generate("7", "--model", "demo", "-n", 7000, "-o", tmp_path / "grid.png")
     assert res.exit_code == 1 and "a grid of 7000 images needs about" in res.output, res.output
     assert "--output-dir" in res.output and not list(tmp_path.iterdir())
@@ -217,7 +217,7 @@ def test_a_relative_model_folder_is_recorded_so_metadata_works_from_another_fold
                                                                                      name):
     import shutil
 
-    from starflow_mlx.model_folder import BUILT_IN
+    from starflow_mlx.io.model_folder import BUILT_IN
 
     shutil.copytree(BUILT_IN[model], tmp_path / "models" / "mine")
     (tmp_path / "out").mkdir()

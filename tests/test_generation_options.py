@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.generation_options import GenerationOptions
+from starflow_mlx.io.generation_options import GenerationOptions
 from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.pipelines.settings import check_options
 from starflow_mlx.pipelines.image_files import METADATA_KEY
@@ -85,7 +85,7 @@ def test_decompression_bomb_is_refused_in_bounded_memory(tmp_path):
     bomb = bomb_png(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 1 << 20
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (200 << 20, 200 << 20))\n"
-            "from starflow_mlx.image_input import open_image\n"
+            "from starflow_mlx.io.image_input import open_image\n"
             "try:\n    open_image(sys.argv[1])\nexcept ValueError as exc:\n    print(exc)\n")
     res = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})

@@ -17,7 +17,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from starflow_mlx.convert.flow_checkpoint import convert_checkpoint
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 
 torch = pytest.importorskip("torch")
 GOLDEN = Path(__file__).parent / "golden"

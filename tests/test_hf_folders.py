@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from starflow_mlx.loading import ModelLoadError
-from starflow_mlx.text_encoder import load_text_encoder
-from starflow_mlx.vae import load_vae
+from starflow_mlx.io.loading import ModelLoadError
+from starflow_mlx.io.text_encoder import load_text_encoder
+from starflow_mlx.io.vae import load_vae
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -65,7 +65,7 @@ def test_tokenizer_auto_map_code_is_never_run_nor_asked_about(t5, tmp_path):
     config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     # stdin closed: a prompt for trust_remote_code would fail (or hang until the timeout) instead of passing.
-    script = ("import sys; from starflow_mlx.text_encoder import load_text_encoder\n"
+    script = ("import sys; from starflow_mlx.io.text_encoder import load_text_encoder\n"
               "try:\n    load_text_encoder(sys.argv[1])\n    print('loaded')\n"
               "except Exception as exc:\n    print('refused:', exc)\n")
     res = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=300,

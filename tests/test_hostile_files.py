@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fixtures_cli import one_line
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.image_input import ImageInputError, open_image
+from starflow_mlx.io.image_input import ImageInputError, open_image
 from starflow_mlx.pipelines.video_io import MAX_VIDEO_PIXELS, read_video
 
 av = pytest.importorskip("av")
@@ -193,7 +193,7 @@ def test_an_mp4_that_appears_while_generating_is_never_replaced(tmp_path, monkey
 
 def test_a_folder_job_publishes_all_its_files_or_none(tmp_path):
     from starflow_mlx.pipelines.image_files import save_images
-    from starflow_mlx.staged_files import OutputExistsError
+    from starflow_mlx.io.staged_files import OutputExistsError
 
     (tmp_path / "b.png").write_bytes(b"kept")
     with pytest.raises(OutputExistsError):
@@ -208,7 +208,7 @@ STARFLOW = "from starflow_mlx.apps.cli import main; main()"
 WRITER = """
 import sys, time
 import numpy as np
-from starflow_mlx.termination import describe, install
+from starflow_mlx.io.termination import describe, install
 from starflow_mlx.pipelines.video_io import write_videos
 install()
 
@@ -348,7 +348,7 @@ def test_an_input_the_file_was_made_without_is_refused(made, tmp_path, nothing_l
 def test_a_model_folder_given_again_is_used(made, tmp_path):
     import shutil
 
-    from starflow_mlx.model_folder import BUILT_IN
+    from starflow_mlx.io.model_folder import BUILT_IN
 
     shutil.copytree(BUILT_IN["demo"], tmp_path / "mine")
     path = crafted(made, tmp_path, "seven.png", model=str(tmp_path / "mine"))

@@ -19,8 +19,8 @@ from fixtures_cli import one_line as one_line_error
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header
-from starflow_mlx.loading import ModelLoadError, load_flow
-from starflow_mlx.model_folder import DEMO_DIR
+from starflow_mlx.io.loading import ModelLoadError, load_flow
+from starflow_mlx.io.model_folder import DEMO_DIR
 
 torch = pytest.importorskip("torch")
 register(app)

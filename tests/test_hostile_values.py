@@ -152,8 +152,8 @@ def video_sources(tmp_path_factory):
 def test_converted_sd_vae_with_non_finite_weights_is_refused(tmp_path, image_model, value):
     import shutil
 
-    from starflow_mlx.loading import ModelLoadError
-    from starflow_mlx.vae import load_vae
+    from starflow_mlx.io.loading import ModelLoadError
+    from starflow_mlx.io.vae import load_vae
 
     folder = tmp_path / "model"
     shutil.copytree(image_model, folder)
@@ -194,14 +194,14 @@ def test_sd_vae_with_nan_is_not_converted(tmp_path):
     torch = pytest.importorskip("torch")
     from fixtures_vae import FACTOR8, tiny_autoencoder
 
-    from starflow_mlx.vae import load_vae
+    from starflow_mlx.io.vae import load_vae
 
     model = tiny_autoencoder(0, **FACTOR8)
     with torch.no_grad():
         model.decoder.conv_out.weight[0, 0, 0, 0] = float("inf")
     model.save_pretrained(tmp_path / "hf")
     from starflow_mlx.convert.vae_weights import convert_vae
-    from starflow_mlx.loading import ModelLoadError
+    from starflow_mlx.io.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="decoder.conv_out.weight holds NaN or infinite"):
         convert_vae(tmp_path / "hf", tmp_path / "out")
@@ -212,8 +212,8 @@ def test_sd_vae_with_nan_is_not_converted(tmp_path):
 
 def test_wan_vae_with_nan_is_refused_on_convert_and_load(tmp_path, video_sources):
     from starflow_mlx.convert.wan_vae_weights import convert_wan_vae
-    from starflow_mlx.video_vae import load_video_vae
-    from starflow_mlx.loading import ModelLoadError
+    from starflow_mlx.io.video_vae import load_video_vae
+    from starflow_mlx.io.loading import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="holds NaN or infinite"):
         load_video_vae(video_sources["nan_vae"])
@@ -305,7 +305,7 @@ def test_resume_past_the_steps_asked_is_one_line(trained_adapter, tmp_path):
 
 def test_full_training_checkpoint_past_its_steps_or_with_nan_is_refused(tmp_path):
     pytest.importorskip("sklearn")
-    from starflow_mlx.loading import ModelLoadError
+    from starflow_mlx.io.loading import ModelLoadError
     from starflow_mlx.training.data import load_digits_split
     from starflow_mlx.training.trainer import TrainConfig, Trainer
 
@@ -433,9 +433,9 @@ def test_config_dimensions_out_of_bounds_are_refused_on_load(tmp_path, video_sou
     import shutil
 
     from starflow_mlx.convert.wan_vae_weights import convert_wan_vae
-    from starflow_mlx.loading import ModelLoadError, load_flow
-    from starflow_mlx.vae import load_vae
-    from starflow_mlx.video_vae import load_video_vae
+    from starflow_mlx.io.loading import ModelLoadError, load_flow
+    from starflow_mlx.io.vae import load_vae
+    from starflow_mlx.io.video_vae import load_video_vae
 
     if folder == "wan":
         target = tmp_path / "wan"

@@ -15,11 +15,11 @@ import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from starflow_mlx import hub, resolve
+from starflow_mlx.io import hub, resolve
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.convert.flow_checkpoint import ConversionError
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -100,7 +100,7 @@ def test_converts_once_then_reuses(offline, monkeypatch, tmp_path):
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr("starflow_mlx.resolve.build_model_folder", no_second_conversion)
+    monkeypatch.setattr("starflow_mlx.io.resolve.build_model_folder", no_second_conversion)
     assert resolve.ensure_model("fake/starflow") == folder
     res = runner.invoke(app, ["generate", "a cat", "--model", "fake/starflow", "-o", str(tmp_path / "cat.png")])
     assert res.exit_code == 0, res.output
@@ -192,7 +192,7 @@ def test_add_components_leaves_nothing_behind_on_failure(offline, tmp_path):
     wrong_vae = make_tiny_vae(tmp_path / "vae2x")  # 2x downsampling; the flow was trained on an 8x VAE
     with pytest.raises(ConversionError, match="wrong VAE"):
         add_components(folder, src["text_encoder"], wrong_vae, dtype="float32")
-    from starflow_mlx.staging import MARKER
+    from starflow_mlx.io.staging import MARKER
 
     assert sorted(p.name for p in folder.iterdir() if p.name != MARKER) == ["config.json", "model.safetensors"]
     manifest = add_components(folder, "fake/t5", "fake/vae", dtype="float32")
@@ -202,8 +202,8 @@ def test_add_components_leaves_nothing_behind_on_failure(offline, tmp_path):
 
 
 def test_text_encoder_and_vae_load_from_repo_ids(offline):
-    from starflow_mlx.text_encoder import load_text_encoder
-    from starflow_mlx.vae import load_vae
+    from starflow_mlx.io.text_encoder import load_text_encoder
+    from starflow_mlx.io.vae import load_vae
 
     assert load_text_encoder("fake/t5", dtype="float32").encode(["a cat"], 8).shape[:2] == (1, 8)
     assert load_vae("fake/vae").factor >= 1

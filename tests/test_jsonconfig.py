@@ -6,7 +6,7 @@ import pytest
 
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import MAX_BYTES, ConfigError
-from starflow_mlx.model_folder import Manifest
+from starflow_mlx.io.model_folder import Manifest
 
 BASE = dict(in_channels=4, channels=64, layers_per_block=[1, 2], latent_size=4, head_dim=32)
 

@@ -8,7 +8,7 @@ from flow_factory import IMAGE, VIDEO, flow_inputs, random_flow, rel
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.generation_options import GenerationOptions
+from starflow_mlx.io.generation_options import GenerationOptions
 from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.models.kv_cache import kv_bytes_per_value
 from starflow_mlx.pipelines.video import kv_cache_bytes

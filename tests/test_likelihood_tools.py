@@ -285,7 +285,7 @@ def result_dims(pipe, image) -> int:
 
 
 def test_write_file_is_whole_or_absent(tmp_path, monkeypatch):
-    from starflow_mlx import staging
+    from starflow_mlx.io import staging
 
     staging.write_file(tmp_path / "a.csv", b"x,y\n")
     assert (tmp_path / "a.csv").read_bytes() == b"x,y\n"

@@ -12,7 +12,7 @@ from fixtures_cli import one_line
 from flow_factory import rel
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 from starflow_mlx.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, LoRALinear, apply_lora,
                                       lora_layers, target_paths)
 from starflow_mlx.pipelines.image import Pipeline
@@ -187,7 +187,7 @@ def test_memory_estimate_covers_a_step_and_refuses_what_cannot_fit(base_folder, 
         trainer.run()
         estimate = sum(lora_training_bytes(trainer.config, 16, trainer.settings).values())
         assert 0 < mx.get_peak_memory() <= estimate
-    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: 2 * 2**30)  # loading fits, a step not
+    monkeypatch.setattr("starflow_mlx.io.memory.memory_limit", lambda: 2 * 2**30)  # loading fits, a step not
     res = runner.invoke(app, ["train", "--lora", "--base", str(base_folder), "--batch-size", "4096",
                               "-o", str(tmp_path / "out")])
     assert "needs about" in one_line(res) and "use --grad-checkpoint" in one_line(res)

@@ -13,7 +13,7 @@ from fixtures_cli import one_line
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.model_folder import Manifest
+from starflow_mlx.io.model_folder import Manifest
 from starflow_mlx.training.captions import BadItems, scan_captioned, split_holdout
 from starflow_mlx.training.data import DataError
 from starflow_mlx.training.feature_cache import load_captioned

@@ -9,8 +9,8 @@ from fixtures_cli import one_line
 from flow_factory import IMAGE, VIDEO, flow_inputs, random_flow, rel, save_flow
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.loading import load_flow
-from starflow_mlx.adapters import save_adapter
+from starflow_mlx.io.loading import load_flow
+from starflow_mlx.io.adapters import save_adapter
 from starflow_mlx.models.lora import AdapterConfig, AdapterError, apply_lora, base_identity, fuse_lora, lora_layers, target_paths
 
 register(app)
@@ -133,7 +133,7 @@ def test_serve_refuses_a_missing_adapter_in_one_line(tmp_path):
 
 
 def test_serve_loads_its_adapters_and_records_them(tmp_path):
-    from starflow_mlx.adapters import adapter_options
+    from starflow_mlx.io.adapters import adapter_options
     from starflow_mlx.pipelines.load import load_pipeline
     from starflow_mlx.server.generation import adapters
 

@@ -1,4 +1,4 @@
-"""The one output-folder rule (starflow_mlx.staging): never destroy what the project did not write."""
+"""The one output-folder rule (starflow_mlx.io.staging): never destroy what the project did not write."""
 
 import os
 import signal
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from starflow_mlx.advice import cli_message
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.staging import MARKER, OutputFolderError, staged_folder
+from starflow_mlx.io.staging import MARKER, OutputFolderError, staged_folder
 
 register(app)
 runner = CliRunner()
@@ -98,7 +98,7 @@ def test_failure_removes_staging_and_created_parents(tmp_path):
 WRITER = textwrap.dedent("""
     import signal, sys, time
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from starflow_mlx.staging import staged_folder
+    from starflow_mlx.io.staging import staged_folder
     with staged_folder(sys.argv[1]) as staging:
         (staging / "model.safetensors").write_bytes(b"x" * 4096)
         print("ready", flush=True)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from starflow_mlx.config import FlowConfig
-from starflow_mlx import memory
-from starflow_mlx.memory import InsufficientMemoryError
+from starflow_mlx.io import memory
+from starflow_mlx.io.memory import InsufficientMemoryError
 from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio, prepare_prompt
 from starflow_mlx.sampling.denoise import score_denoise

@@ -7,7 +7,7 @@ import mlx.core as mx
 from rich.console import Console
 
 from starflow_mlx import progress as progress_module
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 from starflow_mlx.progress import StageProgress
 
 
@@ -78,7 +78,7 @@ def test_on_a_terminal_bars_are_drawn_and_no_log_lines_are_printed():
 
 def test_quantize_report_reports_each_variants_parts(tmp_path):
     from starflow_mlx.benchmarks.quantization import measure_variants
-    from starflow_mlx.resolve import resolve_model
+    from starflow_mlx.io.resolve import resolve_model
 
     flow_only = tmp_path / "flow"  # the demo's flow without its manifest: no digit-classifier pass
     flow_only.mkdir()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from flow_factory import IMAGE, random_flow, save_flow
 from starflow_mlx.apps.cli import app
 from starflow_mlx.apps.commands import register
-from starflow_mlx.loading import ModelLoadError, auto_dtype, load_flow
+from starflow_mlx.io.loading import ModelLoadError, auto_dtype, load_flow
 from starflow_mlx.quantize.policy import QuantizationError
 from starflow_mlx.quantize.quantize_folder import block_bits, parse_overrides, quantize_model_folder
 
@@ -138,7 +138,7 @@ def test_cli_quantize_and_report(float_folder, tmp_path):
 def test_text_encoder_quantizes_to_8_bit(tmp_path):
     from fixtures_t5 import make_tiny_mlx_t5
 
-    from starflow_mlx.text_encoder import load_text_encoder, quantize_text_encoder
+    from starflow_mlx.io.text_encoder import load_text_encoder, quantize_text_encoder
 
     src = make_tiny_mlx_t5(tmp_path / "t5")
     quantize_text_encoder(src, tmp_path / "q", bits=8, group_size=32)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from starflow_mlx.convert.safetensors_stream import SafetensorsError, read_header, write_safetensors
-from starflow_mlx.loading import ModelLoadError, load_weights_strict
+from starflow_mlx.io.loading import ModelLoadError, load_weights_strict
 
 
 def entry(dtype, shape, begin, end):

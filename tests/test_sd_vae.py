@@ -13,9 +13,9 @@ from fixtures_vae import FACTOR8, make_tiny_vae, randomize, tiny_autoencoder  # 
 from safetensors.torch import save_file  # noqa: E402
 
 from starflow_mlx.convert.vae_weights import VAEConversionError, convert_vae  # noqa: E402
-from starflow_mlx.loading import ModelLoadError  # noqa: E402
+from starflow_mlx.io.loading import ModelLoadError  # noqa: E402
 from starflow_mlx.models.sd_vae import VAEConfig  # noqa: E402
-from starflow_mlx.vae import load_vae  # noqa: E402
+from starflow_mlx.io.vae import load_vae  # noqa: E402
 
 FP16_TOL = 5e-3  # float16 weights and activations against float32 diffusers, relative to the output's peak
 

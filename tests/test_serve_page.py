@@ -88,14 +88,14 @@ def kind_models():
 
 
 def test_the_page_tests_cover_every_kind_of_model():
-    from starflow_mlx.model_folder import KINDS
+    from starflow_mlx.io.model_folder import KINDS
 
     assert sorted(kind_models()) == sorted(KINDS)
 
 
 @pytest.mark.parametrize("kind", sorted(kind_models()))
 def test_page_makes_what_each_kind_of_model_makes(tmp_path, browser, kind):
-    from starflow_mlx.model_folder import VIDEO_KINDS
+    from starflow_mlx.io.model_folder import VIDEO_KINDS
 
     model = kind_models()[kind](tmp_path / "model")
     video = kind in VIDEO_KINDS

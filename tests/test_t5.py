@@ -18,9 +18,9 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from fixtures_t5 import TINY, make_tiny_t5, tiny_t5
 from starflow_mlx.config import ConfigError
 from starflow_mlx.convert.t5_weights import T5ConversionError, convert_t5
-from starflow_mlx.loading import ModelLoadError
+from starflow_mlx.io.loading import ModelLoadError
 from starflow_mlx.models.t5 import T5Config, T5Encoder, relative_position_bucket
-from starflow_mlx.text_encoder import load_text_encoder
+from starflow_mlx.io.text_encoder import load_text_encoder
 
 PROMPTS = ["a photo of a cat sitting on a red chair, the quick brown fox jumps over the lazy dog",
            "an astronaut", "zebra xylophone!"]

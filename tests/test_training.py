@@ -9,10 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from starflow_mlx.advice import cli_message
-from starflow_mlx.loading import load_flow
+from starflow_mlx.io.loading import load_flow
 from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.training.data import DataError, load_digits_split, load_image_folder
-from starflow_mlx.memory import InsufficientMemoryError
+from starflow_mlx.io.memory import InsufficientMemoryError
 from starflow_mlx.training.trainer import TrainConfig, Trainer, training_bytes
 
 pytest.importorskip("sklearn")
@@ -37,7 +37,7 @@ def test_memory_estimate_covers_a_step_and_refuses_what_cannot_fit(digits, tmp_p
     trainer = Trainer(TrainConfig(steps=1, **{**TINY, "channels": 64, "layers": [2, 2]}), digits[0], tmp_path / "ck")
     trainer.run()
     assert 0 < mx.get_peak_memory() - held <= training_bytes(trainer.config, trainer.train.batch_size)
-    monkeypatch.setattr("starflow_mlx.memory.memory_limit", lambda: 2**30)
+    monkeypatch.setattr("starflow_mlx.io.memory.memory_limit", lambda: 2**30)
     with pytest.raises(InsufficientMemoryError, match="batch_size 65536 needs about .* GB but 1.0 GB is available: "
                                                       "use a smaller batch_size or channels") as refused:
         Trainer(TrainConfig(steps=1, **{**TINY, "batch_size": 65536}), digits[0], tmp_path / "ck2")

@@ -157,7 +157,7 @@ def test_help_names_demo_video_beside_demo(command):
 
 
 def test_a_folder_without_a_manifest_suggests_both_built_in_models(tmp_path):
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
 
     with pytest.raises(ValueError, match="'demo' or 'demo-video'"):
         Manifest.load(tmp_path)
@@ -366,7 +366,7 @@ def test_many_rows_on_a_cpu_skip_mlxs_quantized_kernel(monkeypatch):
 
 
 def test_a_loaded_quantized_model_uses_the_row_aware_layer(tmp_path):
-    from starflow_mlx.loading import load_flow
+    from starflow_mlx.io.loading import load_flow
     from starflow_mlx.models.quantized_linear import QuantizedLinear
     from starflow_mlx.quantize.quantize_folder import quantize_model_folder
 

@@ -55,7 +55,7 @@ def read(path):
 
 def test_convert_builds_a_video_folder(model):
     from starflow_mlx.config import FlowConfig
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
 
     manifest = Manifest.load(model)
     config = FlowConfig.load(model / "config.json")
@@ -325,7 +325,7 @@ def test_unwritable_output_fails_before_sampling(model, tmp_path, monkeypatch):
 def test_video_folder_without_its_vae(model, tmp_path):
     import shutil
 
-    from starflow_mlx.model_folder import Manifest
+    from starflow_mlx.io.model_folder import Manifest
 
     broken = tmp_path / "broken"
     shutil.copytree(model, broken)
@@ -436,7 +436,7 @@ def test_video_model_by_repo_id_offline(sources, tmp_path, monkeypatch):
 
     from test_hub import add_to_cache
 
-    from starflow_mlx import hub
+    from starflow_mlx.io import hub
 
     cache = tmp_path / "hf-cache"
     add_to_cache(cache, "fake/starflow-v", {"v.pth": sources["checkpoint"], "v.yaml": sources["config"]})

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from fixtures_wan_vae import make_tiny_wan_vae, random_state, wan_vae_shapes
 from starflow_mlx import load_video_vae
 from starflow_mlx.convert.wan_vae_weights import WanVAEConversionError, convert_wan_vae, mlx_layout
-from starflow_mlx.loading import ModelLoadError
+from starflow_mlx.io.loading import ModelLoadError
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
-from starflow_mlx.video_vae import VideoVAE
+from starflow_mlx.io.video_vae import VideoVAE
 
 GOLDEN = Path(__file__).parent / "golden" / "wan_vae.safetensors"
 TOL = 1e-4
@@ -153,7 +153,7 @@ def test_pth_folder_converted_folder_and_hub_load_the_same_model(tiny_pth, tmp_p
 
 
 def test_missing_hub_file_and_missing_paths_are_named(tmp_path, monkeypatch):
-    from starflow_mlx.hub import HubError
+    from starflow_mlx.io.hub import HubError
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -16,7 +16,7 @@ from starflow_mlx.coreml.packages import (ExportOptions, component_packages, dee
                                           is_guided, resolve_chunk, shallow_packages)
 from starflow_mlx.coreml.video_export import build_video_packages
 from starflow_mlx.models.starflow import Layout
-from starflow_mlx.staging import check_output, staged_folder
+from starflow_mlx.io.staging import check_output, staged_folder
 
 
 @dataclass
@@ -46,7 +46,7 @@ def check_supported(config: FlowConfig) -> None:
 
 
 def _model_manifest(folder: Path):
-    from starflow_mlx.model_folder import MANIFEST, Manifest
+    from starflow_mlx.io.model_folder import MANIFEST, Manifest
 
     return Manifest.load(folder) if (folder / MANIFEST).is_file() else None
 
@@ -79,7 +79,7 @@ def check_export_memory(config: FlowConfig, factor: int, lat_h: int, lat_w: int)
     """Refuse, with the numbers, a size this machine cannot export: numpy would fail on a terabyte array, or the
     process be killed. The estimate is sampling's at that size plus the shallow packages' float16 causal mask
     over all tokens, built and then serialised (it grows with the square of the tokens)."""
-    from starflow_mlx.memory import image_bytes, memory_limit
+    from starflow_mlx.io.memory import image_bytes, memory_limit
 
     total = memory_limit()
     side = max(lat_h, lat_w)
@@ -95,7 +95,7 @@ def check_export_memory(config: FlowConfig, factor: int, lat_h: int, lat_w: int)
 
 def load_for_export(folder: Path, options: ExportOptions):
     """The MLX flow to export: as stored, or quantized now with ``--bits`` (same values MLX would use)."""
-    from starflow_mlx.loading import load_flow
+    from starflow_mlx.io.loading import load_flow
 
     config = FlowConfig.load(folder / "config.json")
     check_supported(config)
@@ -176,9 +176,9 @@ def export_coreml(model: str | Path, output: str | Path, options: ExportOptions 
     """Export ``model`` (a folder or 'demo') into the new folder ``output``; ``verify`` checks it numerically first.
 
     ``report`` gets one line per step; ``progress(label, done, total)`` counts packages, then verification.
-    ``force`` replaces an ``output`` this project wrote (the rule of :mod:`starflow_mlx.staging`).
+    ``force`` replaces an ``output`` this project wrote (the rule of :mod:`starflow_mlx.io.staging`).
     """
-    from starflow_mlx.resolve import resolve_model
+    from starflow_mlx.io.resolve import resolve_model
 
     options = options or ExportOptions()
     if options.bits is not None and options.bits not in (4, 8):

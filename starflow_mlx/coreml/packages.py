@@ -66,7 +66,7 @@ def component_packages(source: Path, folder: Path, model_manifest, text_rows: in
     if model_manifest.text_encoder:
         from starflow_mlx.coreml.text_encoder import COMPUTE_UNITS as TEXT_UNITS
         from starflow_mlx.coreml.text_encoder import TextEncoderBuilder, TextShapes
-        from starflow_mlx.text_encoder import load_text_encoder
+        from starflow_mlx.io.text_encoder import load_text_encoder
 
         encoder = load_text_encoder(source / model_manifest.text_encoder)
         shapes = TextShapes(text_rows, text_len, encoder.dim)
@@ -80,7 +80,7 @@ def component_packages(source: Path, folder: Path, model_manifest, text_rows: in
     if model_manifest.vae and vae_latents is not None:
         from starflow_mlx.coreml.vae_decoder import COMPUTE_UNITS as VAE_UNITS
         from starflow_mlx.coreml.vae_decoder import DecoderShapes, VAEDecoderBuilder
-        from starflow_mlx.vae import load_vae
+        from starflow_mlx.io.vae import load_vae
 
         batch, lat_h, lat_w = vae_latents
         vae = load_vae(source / model_manifest.vae)

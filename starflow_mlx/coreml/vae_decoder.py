@@ -37,7 +37,7 @@ class DecoderShapes:
 
 class VAEDecoderBuilder:
     def __init__(self, vae, shapes: DecoderShapes):
-        """``vae``: the ``starflow_mlx.vae.VAE`` wrapper (its scaling and shift are applied in the package)."""
+        """``vae``: the ``starflow_mlx.io.vae.VAE`` wrapper (its scaling and shift are applied in the package)."""
         self.vae, self.shapes = vae, shapes
         self.mb, _ = mil()
 

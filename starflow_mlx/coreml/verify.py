@@ -26,7 +26,7 @@ from starflow_mlx.coreml.driver import InterpreterBackend, Sampler, SampleStats,
 from starflow_mlx.coreml.interpreter import Program
 from starflow_mlx.coreml.manifest import COMPUTE_UNITS_KEY, ROLE_KEY, ExportManifest, PackageInfo
 from starflow_mlx.coreml.manifest_check import signature_problems
-from starflow_mlx.weights import cast_floats
+from starflow_mlx.io.weights import cast_floats
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.guidance import guide
 
@@ -233,8 +233,8 @@ def check_deep(folder, manifest, pkg, flows, rng) -> list[Check]:
 
 
 def check_text_encoder(folder, manifest, pkg, source: Path, rng) -> list[Check]:
-    from starflow_mlx.model_folder import Manifest
-    from starflow_mlx.text_encoder import load_text_encoder
+    from starflow_mlx.io.model_folder import Manifest
+    from starflow_mlx.io.text_encoder import load_text_encoder
 
     encoder = load_text_encoder(source / Manifest.load(source).text_encoder)
     rows, length = pkg.functions["main"].inputs[0].shape
@@ -252,8 +252,8 @@ def check_text_encoder(folder, manifest, pkg, source: Path, rng) -> list[Check]:
 
 
 def check_vae_decoder(folder, manifest, pkg, source: Path, rng) -> list[Check]:
-    from starflow_mlx.model_folder import Manifest
-    from starflow_mlx.vae import load_vae
+    from starflow_mlx.io.model_folder import Manifest
+    from starflow_mlx.io.vae import load_vae
 
     vae = load_vae(source / Manifest.load(source).vae)
     latents = rng.standard_normal(pkg.functions["main"].inputs[0].shape).astype(np.float32)

@@ -183,7 +183,7 @@ class VideoSampler(Sampler):
     @property
     def _pixels(self):
         """A pixel-space export's codec (no VAE packages): the MLX pipeline's own."""
-        from starflow_mlx.pixel_video import PixelVideo
+        from starflow_mlx.io.pixel_video import PixelVideo
 
         return PixelVideo(self.manifest.latent_shape[2], self.manifest.pixel_scale)
 

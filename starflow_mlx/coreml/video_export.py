@@ -133,7 +133,7 @@ def video_vae_packages(vae_folder: Path, folder: Path, batch: int, latent_hw: tu
     """
     from starflow_mlx.coreml.wan_blocks import COMPUTE_UNITS, WanShapes
     from starflow_mlx.coreml.wan_decoder import WanDecoderBuilder, cache_shapes
-    from starflow_mlx.video_vae import load_video_vae
+    from starflow_mlx.io.video_vae import load_video_vae
 
     vae = load_video_vae(vae_folder)
     h, w = latent_hw

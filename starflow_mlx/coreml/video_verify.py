@@ -103,8 +103,8 @@ def check_denoiser(folder: Path, manifest: ExportManifest, flows, rng) -> list[C
 
 def check_video_decoder(folder: Path, manifest: ExportManifest, source: Path, rng) -> list[Check]:
     """Latent frames decoded one per call, caches threaded, against ``VideoVAE.decode_frames`` frame by frame."""
-    from starflow_mlx.model_folder import Manifest
-    from starflow_mlx.video_vae import load_video_vae
+    from starflow_mlx.io.model_folder import Manifest
+    from starflow_mlx.io.video_vae import load_video_vae
 
     m = manifest
     path = source / Manifest.load(source).vae
@@ -128,8 +128,8 @@ def check_video_decoder(folder: Path, manifest: ExportManifest, source: Path, rn
 
 def check_video_encoder(folder: Path, manifest: ExportManifest, source: Path, rng) -> list[Check]:
     """Pixel frames encoded 1, then 4 per call, caches threaded, against ``VideoVAE.encode`` (temporally scaled)."""
-    from starflow_mlx.model_folder import Manifest
-    from starflow_mlx.video_vae import load_video_vae
+    from starflow_mlx.io.model_folder import Manifest
+    from starflow_mlx.io.video_vae import load_video_vae
 
     m = manifest
     path = source / Manifest.load(source).vae

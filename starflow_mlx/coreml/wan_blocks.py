@@ -98,7 +98,7 @@ class WanBuilder:
     role = ""
 
     def __init__(self, vae, shapes: WanShapes):
-        """``vae``: a ``starflow_mlx.video_vae.VideoVAE``."""
+        """``vae``: a ``starflow_mlx.io.video_vae.VideoVAE``."""
         self.vae, self.shapes = vae, shapes
 
     def _network(self, inputs: dict, caches: Caches, first: bool):

@@ -35,7 +35,7 @@ class IdentityBlock(nn.Module):
 
 class MetaBlock(nn.Module):
     is_identity = False
-    # Set when this process holds only some of the layers (pipeline parallel, starflow_mlx.distributed):
+    # Set when this process holds only some of the layers (pipeline parallel, starflow_mlx.io.distributed):
     # the hidden state then crosses from the ranks before and on to the ranks after.
     stage = None
 

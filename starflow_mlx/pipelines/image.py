@@ -23,13 +23,13 @@ import numpy as np
 from PIL import Image
 
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.loading import load_flow
-from starflow_mlx.memory import check_memory, plan_batch
-from starflow_mlx.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest
+from starflow_mlx.io.loading import load_flow
+from starflow_mlx.io.memory import check_memory, plan_batch
+from starflow_mlx.io.model_folder import CLASS_KINDS, VIDEO_KINDS, Manifest
 from starflow_mlx.pipelines.prompts import (check_prompt, class_features, latent_size, nearest_aspect_ratio,
                                            prepare_prompt)
 from starflow_mlx.pipelines.settings import IMAGE_JACOBI, check_finite, check_options
-from starflow_mlx.resolve import resolve_model
+from starflow_mlx.io.resolve import resolve_model
 from starflow_mlx.sampling.auto import jacobi_settings
 from starflow_mlx.sampling.denoise import score_denoise
 
@@ -67,7 +67,7 @@ class Pipeline:
 
         ``lora``: a LoRA adapter folder (``starflow train --lora``) added to the flow, its update times ``lora_scale``;
         or a list of folders with a list of scales (one each), their updates added up.
-        ``layers``: hold only those layers of the deep block (a rank's share, :mod:`starflow_mlx.distributed`).
+        ``layers``: hold only those layers of the deep block (a rank's share, :mod:`starflow_mlx.io.distributed`).
         """
         folder = resolve_model(name)
         manifest = Manifest.load(folder)
@@ -79,7 +79,7 @@ class Pipeline:
         flow = load_flow(folder, dtype=dtype, lora=lora, lora_scale=lora_scale, layers=layers)
         text_encoder = vae = None
         if manifest.text_encoder:
-            from starflow_mlx.text_encoder import load_text_encoder
+            from starflow_mlx.io.text_encoder import load_text_encoder
 
             text_encoder = load_text_encoder(folder / manifest.text_encoder, dtype=dtype)
         if manifest.vae:
@@ -91,7 +91,7 @@ class Pipeline:
 
     @classmethod
     def load_vae(cls, path: Path, dtype: str | None):
-        from starflow_mlx.vae import load_vae
+        from starflow_mlx.io.vae import load_vae
 
         return load_vae(path, dtype=dtype)
 
@@ -284,7 +284,7 @@ class Pipeline:
             raise ValueError(f"an image model scores a PIL image or an image file, got {type(image).__name__} "
                              "(score videos with a video model)")
         if not isinstance(image, Image.Image):
-            from starflow_mlx.image_input import open_image
+            from starflow_mlx.io.image_input import open_image
 
             image = open_image(image)
         x, y = self.prepare_score(image, prompt)

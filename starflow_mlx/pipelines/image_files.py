@@ -53,10 +53,10 @@ def save_images(items: list[tuple[Image.Image, Path, dict]], overwrite: bool = F
     """Write each (image, path, params) with ``params`` as metadata; same inputs give the same bytes.
 
     Every file is written to a temporary name first and published only when all are written
-    (:mod:`starflow_mlx.staged_files`), so a failure leaves none of them behind; an existing file
+    (:mod:`starflow_mlx.io.staged_files`), so a failure leaves none of them behind; an existing file
     is replaced only with ``overwrite``.
     """
-    from starflow_mlx.staged_files import StagedFiles
+    from starflow_mlx.io.staged_files import StagedFiles
 
     for _, path, _ in items:
         image_format(Path(path))
@@ -67,7 +67,7 @@ def save_images(items: list[tuple[Image.Image, Path, dict]], overwrite: bool = F
 
 def read_metadata(path: str | Path) -> dict:
     """The generation parameters stored by :func:`save_images`."""
-    from starflow_mlx.image_input import open_image
+    from starflow_mlx.io.image_input import open_image
 
     img = open_image(path)  # bounded: a decompression bomb is refused from its header
     # PNG text chunks land in ``info``; JPEG and WebP carry the parameters in EXIF.

@@ -73,7 +73,7 @@ def prepare(pipe, source, fps: int | None = None) -> tuple[mx.array, str, int]:
     if fps is not None:
         raise ValueError("fps is for video models")
     if not isinstance(source, Image.Image):
-        from starflow_mlx.image_input import open_image
+        from starflow_mlx.io.image_input import open_image
 
         source = open_image(source)
     x, ratio = pipe.to_model_input(source)
@@ -171,7 +171,7 @@ def hole_pixels(mask, size: tuple[int, int], frames: int = 0, mask_frames: list[
     ``mask_frames``: the frames the mask applies to (None: all); the others are kept whole.
     """
     if not isinstance(mask, Image.Image):
-        from starflow_mlx.image_input import open_image
+        from starflow_mlx.io.image_input import open_image
 
         mask = open_image(mask, "mask")
     if mask.size != size:
@@ -276,7 +276,7 @@ def _source_pixels(pipe, source, fps: int | None) -> np.ndarray:
         f = pipe.vae.temporal_factor
         return frames[: 1 + f * ((len(frames) - 1) // f)]
     if not isinstance(source, Image.Image):
-        from starflow_mlx.image_input import open_image
+        from starflow_mlx.io.image_input import open_image
 
         source = open_image(source)
     return np.asarray(source.convert("L" if pipe.config.in_channels == 1 else "RGB"))

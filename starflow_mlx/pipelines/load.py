@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from starflow_mlx.model_folder import VIDEO_KINDS, Manifest
+from starflow_mlx.io.model_folder import VIDEO_KINDS, Manifest
 from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.pipelines.video import VideoPipeline
-from starflow_mlx.resolve import resolve_model
+from starflow_mlx.io.resolve import resolve_model
 
 
 def load_pipeline(name: str | Path, dtype: str | None = None, lora: str | Path | list | None = None,

@@ -43,7 +43,7 @@ def save_noise(path: str | Path, inversion, model: str, folder: Path, source: st
                latent: bool) -> None:
     """Write ``inversion`` (``pipelines.inversion.Inversion``) to ``path`` atomically."""
     from starflow_mlx import __version__
-    from starflow_mlx.staging import staged_file
+    from starflow_mlx.io.staging import staged_file
 
     arrays = {"noise": inversion.noise.astype(mx.float32)}
     if latent:

@@ -60,7 +60,7 @@ def input_pixels(pipe, item, prompt: str, fps: int | None = None) -> np.ndarray:
 
             item, _ = read_video(item)
         else:
-            from starflow_mlx.image_input import open_image
+            from starflow_mlx.io.image_input import open_image
 
             item = open_image(item)
     if isinstance(item, Image.Image):

@@ -122,7 +122,7 @@ def prepare(pipe, item, prompt: str, fps: int | None = None) -> tuple[mx.array, 
             kind = "a video" if video else "an image"
             raise ValueError(f"{path} is {'a video' if is_clip else 'an image'} but the model is {kind} model")
         if not video:
-            from starflow_mlx.image_input import open_image
+            from starflow_mlx.io.image_input import open_image
 
             return pipe.prepare_score(open_image(path), prompt)
     elif isinstance(item, Image.Image) == video:

@@ -8,7 +8,7 @@ import math
 import mlx.core as mx
 
 from starflow_mlx.advice import with_cli_message
-from starflow_mlx.generation_options import check_jacobi
+from starflow_mlx.io.generation_options import check_jacobi
 
 IMAGE_JACOBI = dict(jacobi_block_size=64, jacobi_threshold=0.005, jacobi_max_iter=32)  # upstream's sample.py
 VIDEO_DEFAULTS = dict(frames=81, fps=16, aspect_ratio="16:9", cfg=3.5, jacobi=None, jacobi_block_size=32,

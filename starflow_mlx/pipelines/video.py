@@ -34,14 +34,14 @@ import numpy as np
 from PIL import Image
 
 from starflow_mlx.advice import option_error, with_cli_message
-from starflow_mlx.image_input import open_image
-from starflow_mlx.loading import load_flow
-from starflow_mlx.memory import InsufficientMemoryError, memory_limit, weight_bytes
+from starflow_mlx.io.image_input import open_image
+from starflow_mlx.io.loading import load_flow
+from starflow_mlx.io.memory import InsufficientMemoryError, memory_limit, weight_bytes
 from starflow_mlx.models.kv_cache import check_kv_bits, kv_bytes_per_value
 from starflow_mlx.pipelines.image import Pipeline
 from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS, check_finite, check_options
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS, latent_size, nearest_aspect_ratio
-from starflow_mlx.pixel_video import PixelVideo
+from starflow_mlx.io.pixel_video import PixelVideo
 from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings
 from starflow_mlx.sampling.denoise import learnable_denoise, score_denoise
 
@@ -145,7 +145,7 @@ class VideoPipeline(Pipeline):
     @classmethod
     def load_vae(cls, path: Path, dtype: str | None):
         """The Wan2.2 VAE keeps its own precision whatever ``dtype`` the flow is cast to."""
-        from starflow_mlx.video_vae import load_video_vae
+        from starflow_mlx.io.video_vae import load_video_vae
 
         return load_video_vae(path)
 
@@ -234,7 +234,7 @@ class VideoPipeline(Pipeline):
 
     def _reload(self) -> None:
         if self.flow is None:
-            from starflow_mlx.text_encoder import load_text_encoder
+            from starflow_mlx.io.text_encoder import load_text_encoder
 
             self.flow = load_flow(self.folder, dtype=self.dtype, lora=self.lora, lora_scale=self.lora_scale,
                                   layers=self.layers)

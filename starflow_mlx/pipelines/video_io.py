@@ -1,7 +1,7 @@
 """mp4 in and out with PyAV (a wheel that ships its own FFmpeg): H.264 yuv420p, parameters in the metadata.
 
 Frames are written as they arrive, into a staged temporary file beside the target that is
-published only when the video is complete (:mod:`starflow_mlx.staged_files`), so a failure or an
+published only when the video is complete (:mod:`starflow_mlx.io.staged_files`), so a failure or an
 interrupt never leaves a half-written mp4 under the requested name, and nothing is replaced unasked.
 """
 
@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from starflow_mlx.input_files import check_regular_file
+from starflow_mlx.io.input_files import check_regular_file
 
 MAX_FRAME_PIXELS = 64 * 2**20  # one frame: as many as an image may have (image_input.MAX_PIXELS)
 MAX_VIDEO_PIXELS = 2**28  # all frames kept: 256 megapixels, 768 MB as uint8 (241 frames of 1280x720 fit)
@@ -256,10 +256,10 @@ def write_videos(chunks: Iterable[np.ndarray], items: list[tuple[Path, dict, int
     """Stream decoded chunks (B, n, H, W, 3) into one mp4 per item as they arrive; returns the frame count.
 
     Each item is (path, params, index): ``index`` picks one video of the batch, ``None``
-    tiles the whole batch in a grid. Every file is staged (:mod:`starflow_mlx.staged_files`) and
+    tiles the whole batch in a grid. Every file is staged (:mod:`starflow_mlx.io.staged_files`) and
     appears only when all are complete; an existing file is replaced only with ``overwrite``.
     """
-    from starflow_mlx.staged_files import StagedFiles
+    from starflow_mlx.io.staged_files import StagedFiles
 
     with StagedFiles(overwrite) as staged, contextlib.ExitStack() as stack:
         writers = [(stack.enter_context(Mp4Writer(staged.add(path), fps, params)), index)

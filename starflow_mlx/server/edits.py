@@ -44,7 +44,7 @@ class EditRequest(ImageRequest):
     def run_job(pipe, model: str, request: "EditRequest", folder: Path, update, cancelled):
         """Inpaint ``request.n`` images into ``folder`` (the JobRunner's hook for requests that bring their own)."""
         from starflow_mlx import __version__
-        from starflow_mlx.model_folder import model_record
+        from starflow_mlx.io.model_folder import model_record
         from starflow_mlx.pipelines.image_files import save_images
         from starflow_mlx.pipelines.inversion import DEFAULT_ROUNDS, guidance
         from starflow_mlx.pipelines.video_io import file_sha256
@@ -74,7 +74,7 @@ class EditRequest(ImageRequest):
 
 def _image(data: bytes, name: str) -> Image.Image:
     """An uploaded image, bounded as ``open_image`` bounds files."""
-    from starflow_mlx.image_input import MAX_PIXELS
+    from starflow_mlx.io.image_input import MAX_PIXELS
 
     try:
         with Image.open(io.BytesIO(data)) as img:

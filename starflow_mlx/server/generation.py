@@ -68,7 +68,7 @@ class Progress:
 
 def adapters(pipe) -> dict:
     """The LoRA adapter(s) the served pipeline carries, as generate records them."""
-    from starflow_mlx.adapters import adapter_record
+    from starflow_mlx.io.adapters import adapter_record
 
     return dict(lora=adapter_record(getattr(pipe, "lora", None)), lora_scale=getattr(pipe, "lora_scale", 1.0))
 
@@ -98,8 +98,8 @@ def run_images(pipe, model: str, request: ImageRequest, folder: Path, update, ca
     from starflow_mlx import __version__
     from starflow_mlx.apps.generate_cmd import SAMPLING_KEYS
     from starflow_mlx.apps.job_files import file_stem
-    from starflow_mlx.model_folder import model_record
-    from starflow_mlx.memory import plan_batch
+    from starflow_mlx.io.model_folder import model_record
+    from starflow_mlx.io.memory import plan_batch
     from starflow_mlx.pipelines.image_files import save_images
     from starflow_mlx.pipelines.settings import IMAGE_JACOBI
     from starflow_mlx.sampling.auto import jacobi_settings
@@ -131,7 +131,7 @@ def run_video(pipe, model: str, request: VideoRequest, folder: Path, update, can
     from starflow_mlx import __version__
     from starflow_mlx.apps.job_files import file_stem
     from starflow_mlx.apps.generate_video import SAMPLING_KEYS
-    from starflow_mlx.model_folder import model_record
+    from starflow_mlx.io.model_folder import model_record
     from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
     from starflow_mlx.pipelines.video_io import write_videos
     from starflow_mlx.sampling.auto import JACOBI_SETTINGS, jacobi_settings

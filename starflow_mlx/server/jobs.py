@@ -5,7 +5,7 @@ two threads. Jobs wait in a queue of ``queue_size`` at most (a full queue is ref
 app answers 429); the worker takes them one at a time.
 
 A finished job is a folder ``OUTPUT/JOB_ID`` holding its files and ``job.json``: it is built
-under a hidden staging name and renamed into place (:func:`starflow_mlx.staging.staged_folder`),
+under a hidden staging name and renamed into place (:func:`starflow_mlx.io.staging.staged_folder`),
 so a crash or a cancel leaves no half-written job. When the server starts again, the records
 in the output folder are read back (through the typed validator: the folder is a file like any
 other) and those jobs are listed again.
@@ -32,7 +32,7 @@ from starflow_mlx.jsonconfig import ConfigError, JSONConfig
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS
 from starflow_mlx.server.generation import JobCancelled, run_images, run_video
 from starflow_mlx.server.request_types import MAX_FRAMES, ImageRequest, VideoRequest
-from starflow_mlx.staging import is_ours, staged_folder
+from starflow_mlx.io.staging import is_ours, staged_folder
 
 RECORD = "job.json"
 KINDS = ("image", "video")

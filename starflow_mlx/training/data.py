@@ -61,8 +61,8 @@ def load_image_folder(folder: str | Path, size: int, channels: int = 1, test_fra
     """Every image under ``folder/<class>/``, resized to ``size`` x ``size``."""
     from PIL import Image
 
-    from starflow_mlx.image_input import open_image  # bounded: a decompression bomb is refused from its header
-    from starflow_mlx.memory import memory_limit
+    from starflow_mlx.io.image_input import open_image  # bounded: a decompression bomb is refused from its header
+    from starflow_mlx.io.memory import memory_limit
 
     if channels not in (1, 3):
         raise option_error(DataError, "channels", f" must be 1 (grayscale) or 3 (RGB), got {channels}",

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from starflow_mlx.config import FlowConfig
-from starflow_mlx.model_folder import Manifest
+from starflow_mlx.io.model_folder import Manifest
 from starflow_mlx.pipelines.prompts import latent_size, nearest_aspect_ratio, prepare_prompt
 from starflow_mlx.pipelines.video_io import file_sha256
 from starflow_mlx.training.captions import BadItems, Bucket, CaptionedDataset, CaptionedItem
@@ -67,7 +67,7 @@ class Encoders:
     @property
     def text(self):
         if self._text is None:
-            from starflow_mlx.text_encoder import load_text_encoder
+            from starflow_mlx.io.text_encoder import load_text_encoder
 
             self._text = load_text_encoder(self.folder / self.manifest.text_encoder)  # as stored, as generate loads it
             self.loaded.append("text")
@@ -77,14 +77,14 @@ class Encoders:
     def vae(self):
         if self._vae is None:
             if self.video:
-                from starflow_mlx.video_vae import load_video_vae
+                from starflow_mlx.io.video_vae import load_video_vae
 
                 self._vae = load_video_vae(self.folder / self.manifest.vae)
                 if not self._vae.has_encoder:
                     raise DataError(f"the video VAE of {self.folder} has no encoder: convert the model again with the "
                                     "full Wan2.2_VAE.pth to train on clips")
             else:
-                from starflow_mlx.vae import load_vae
+                from starflow_mlx.io.vae import load_vae
 
                 self._vae = load_vae(self.folder / self.manifest.vae)
             self.loaded.append("vae")
@@ -130,7 +130,7 @@ class CaptionEncoder:
 
     def __init__(self, folder: Path, manifest: Manifest, config: FlowConfig, cache_dir: Path, bad: BadItems,
                  latent_frames: int = 0):
-        from starflow_mlx.model_folder import VIDEO_KINDS
+        from starflow_mlx.io.model_folder import VIDEO_KINDS
         from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
         self.config, self.bad = config, bad
@@ -150,7 +150,7 @@ class CaptionEncoder:
         from starflow_mlx.pipelines.video import clip_pixels, cover_crop
 
         if not self.video:
-            from starflow_mlx.image_input import ImageInputError, open_image
+            from starflow_mlx.io.image_input import ImageInputError, open_image
 
             try:
                 image = open_image(item.path)

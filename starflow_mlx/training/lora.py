@@ -26,9 +26,9 @@ from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
 from starflow_mlx.models.layers import AttentionBlock
-from starflow_mlx.adapters import save_adapter
+from starflow_mlx.io.adapters import save_adapter
 from starflow_mlx.models.lora import BLOCK_CHOICES, MAX_RANK, AdapterConfig, AdapterError, apply_lora, base_identity, check_rank, lora_weights, target_paths
-from starflow_mlx.staging import staged_folder
+from starflow_mlx.io.staging import staged_folder
 from starflow_mlx.training.captions import CaptionedDataset
 from starflow_mlx.training.data import DataError, Dataset, load_digits_split, load_image_folder
 from starflow_mlx.training.trainer import TrainConfig, Trainer, layer_activations, make_optimizer, optimizer_state
@@ -111,7 +111,7 @@ def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, fl
                       frames: int = 0) -> int:
     """The estimated bytes of a step (on clips of ``frames`` latent frames); refuses, with the numbers, a step this
     machine cannot hold."""
-    from starflow_mlx.memory import InsufficientMemoryError, memory_limit
+    from starflow_mlx.io.memory import InsufficientMemoryError, memory_limit
 
     need = sum(lora_training_bytes(config, batch, settings, float_bytes, frames).values())
     total = memory_limit()
@@ -227,8 +227,8 @@ class LoRATrainer(Trainer):
         return final
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
-        from starflow_mlx.weights import load_weights_strict
-        from starflow_mlx.adapters import check_base, read_adapter_config
+        from starflow_mlx.io.weights import load_weights_strict
+        from starflow_mlx.io.adapters import check_base, read_adapter_config
         from starflow_mlx.models.lora import ADAPTER_WEIGHTS
 
         folder = Path(folder or self.checkpoint_dir / "latest")

@@ -67,7 +67,7 @@ def load_moving_digits_split(frames: int = 5, canvas: int = 12, copies: int = 4,
     if not DIGIT_SIDE <= canvas <= 256:
         raise option_error(DataError, "canvas", f" {canvas}: the moving-digits canvas must be {DIGIT_SIDE} to 256 "
                            "pixels", "--image-size")
-    from starflow_mlx.memory import memory_limit
+    from starflow_mlx.io.memory import memory_limit
 
     digits_train, digits_test = load_digits_split(test_fraction, seed)
     # Rendered clips, then stacked: twice their float32 pixels, refused before the first clip is drawn.

@@ -25,11 +25,11 @@ from starflow_mlx.advice import option_error, with_cli_message
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.convert.safetensors_stream import read_header
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig, read_json, write_json
-from starflow_mlx.weights import check_finite_weights, load_weights_strict
-from starflow_mlx.model_folder import Manifest
+from starflow_mlx.io.weights import check_finite_weights, load_weights_strict
+from starflow_mlx.io.model_folder import Manifest
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.pipelines.prompts import class_features
-from starflow_mlx.staging import staged_folder
+from starflow_mlx.io.staging import staged_folder
 from starflow_mlx.training.data import Dataset
 
 LOG2 = math.log(2.0)
@@ -112,7 +112,7 @@ def training_bytes(config: FlowConfig, batch: int) -> int:
 
 def check_training_memory(config: FlowConfig, batch: int) -> None:
     """Refuse, with the numbers, a training step the machine cannot hold, before the kernel kills the process."""
-    from starflow_mlx.memory import InsufficientMemoryError, memory_limit
+    from starflow_mlx.io.memory import InsufficientMemoryError, memory_limit
 
     total, need = memory_limit(), training_bytes(config, batch)
     if total is not None and need > total:

@@ -16,10 +16,10 @@ import mlx.nn as nn
 
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.jsonconfig import ConfigError
-from starflow_mlx.model_folder import model_record
+from starflow_mlx.io.model_folder import model_record
 from starflow_mlx.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig, AdapterError, LoRALinear, _get,
                                       _set, apply_lora, base_identity, check_scale, lora_layers, lora_weights)
-from starflow_mlx.weights import ModelLoadError, load_weights_strict
+from starflow_mlx.io.weights import ModelLoadError, load_weights_strict
 
 
 def as_adapter_list(lora, lora_scale) -> tuple[list, list[float]]:

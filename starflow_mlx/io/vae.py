@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
-from starflow_mlx.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
+from starflow_mlx.io.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 
 
@@ -90,7 +90,7 @@ def load_vae(path: str | Path, dtype: str | None = None) -> VAE:
 
     ``dtype`` casts the float weights; a diffusers folder loads as float16 by default.
     """
-    from starflow_mlx.text_encoder import resolve_folder
+    from starflow_mlx.io.text_encoder import resolve_folder
 
     folder = resolve_folder(path, "VAE", "VAE")
     target = parse_dtype(dtype)

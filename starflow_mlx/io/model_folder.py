@@ -24,7 +24,7 @@ MANIFEST = "starflow.json"
 KINDS = ("text-to-image", "class-to-image", "text-to-video", "class-to-video")
 VIDEO_KINDS = ("text-to-video", "class-to-video")
 CLASS_KINDS = ("class-to-image", "class-to-video")
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 # Models that ship in the package, by the name --model takes: the digits image model and the moving-digits video model.
 BUILT_IN = {"demo": DEMO_DIR, "demo-video": DEMO_DIR.with_name("demo_video")}
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REGISTRY = Path(__file__).with_name("registry.json")
+REGISTRY = Path(__file__).resolve().parents[1] / "registry.json"
 REGISTRY_ENV, CACHE_ENV = "STARFLOW_MLX_REGISTRY", "STARFLOW_MLX_CACHE"
 TRUE = {"1", "on", "yes", "true"}
 PROBE_SECONDS = 3.0

@@ -1,6 +1,6 @@
 """Model names to folders: a local folder, a built-in model, or a Hugging Face repo id.
 
-A repo id is downloaded once (:mod:`starflow_mlx.hub`) and converted once (:mod:`starflow_mlx.convert`)
+A repo id is downloaded once (:mod:`starflow_mlx.io.hub`) and converted once (:mod:`starflow_mlx.convert`)
 into the cache, then reused. This sits above both: the hub only fetches files, and conversion
 never resolves names.
 """
@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 from starflow_mlx.convert.full_model import build_model_folder
-from starflow_mlx.hub import HubError, cache_root, download, load_registry, model_files, snapshot_dir
+from starflow_mlx.io.hub import HubError, cache_root, download, load_registry, model_files, snapshot_dir
 from starflow_mlx.jsonconfig import ConfigError
-from starflow_mlx.model_folder import BUILT_IN, MANIFEST, local_model
+from starflow_mlx.io.model_folder import BUILT_IN, MANIFEST, local_model
 
 
 def resolve_model(name: str | Path) -> Path:

@@ -208,10 +208,10 @@ def _finish(staging: Path, output: Path, force: bool, error: type[Exception]) ->
 
 @contextmanager
 def staged_file(output: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``output`` (:mod:`starflow_mlx.staged_files`: swept if its writer is killed)
+    """Yield a temporary path beside ``output`` (:mod:`starflow_mlx.io.staged_files`: swept if its writer is killed)
     that replaces ``output`` when the block ends without an exception; on any failure (or SIGINT/SIGTERM/SIGHUP)
     it is removed and ``output`` is left as it was. Callers refuse an existing output first where they must."""
-    from starflow_mlx.staged_files import StagedFiles
+    from starflow_mlx.io.staged_files import StagedFiles
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

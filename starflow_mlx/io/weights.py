@@ -1,6 +1,6 @@
 """Read weights safely: a flow folder's tensors checked against its config before any is loaded.
 
-The I/O layer under the loaders (:mod:`starflow_mlx.loading`, the text encoder, the VAEs, LoRA
+The I/O layer under the loaders (:mod:`starflow_mlx.io.loading`, the text encoder, the VAEs, LoRA
 adapters): it knows files and configs, never model names, hubs or pipelines.
 """
 
@@ -141,7 +141,7 @@ def build_flow(folder: Path, layers: range | None = None) -> STARFlow:
         apply_quantization(model, config.quantization)
     file_names, unread = {}, set()
     if layers is not None:
-        from starflow_mlx.distributed import keep_deep_layers
+        from starflow_mlx.io.distributed import keep_deep_layers
 
         file_names, unread = keep_deep_layers(model, layers)
     load_weights_strict(model, folder / "model.safetensors", file_names=file_names, unread=unread)

@@ -1,11 +1,11 @@
 """The parameters of one edit or inpainting, typed and bounded: what an edited file's metadata may ask
-``starflow edit --from-metadata`` to redo (files come from anyone; see :mod:`starflow_mlx.generation_options`)."""
+``starflow edit --from-metadata`` to redo (files come from anyone; see :mod:`starflow_mlx.io.generation_options`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from starflow_mlx.generation_options import FromMetadata
+from starflow_mlx.io.generation_options import FromMetadata
 from starflow_mlx.jsonconfig import JSONConfig
 
 OPERATIONS = ("edit", "inpaint")

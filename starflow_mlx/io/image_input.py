@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from starflow_mlx.input_files import check_regular_file
+from starflow_mlx.io.input_files import check_regular_file
 
 MAX_PIXELS = 64 * 2**20  # 64 megapixels: 8192 x 8192, far above any size a model generates or scores
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "ICO")  # (JPEG includes MPO) read; others refused

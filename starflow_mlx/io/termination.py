@@ -33,7 +33,7 @@ def install() -> None:
     """
     import os
 
-    from starflow_mlx.distributed import LAUNCH_VARIABLES
+    from starflow_mlx.io.distributed import LAUNCH_VARIABLES
 
     if threading.current_thread() is threading.main_thread() and not any(v in os.environ for v in LAUNCH_VARIABLES):
         for signum in SIGNALS:

@@ -8,7 +8,7 @@
   with one line. Without hard links (some network or FAT file systems) the name is claimed with an exclusive
   create first, then replaced by the finished file.
 * Temporary files are removed on any failure; the ``starflow`` command turns SIGTERM and SIGHUP into the
-  same interrupt as Ctrl-C (:mod:`starflow_mlx.termination`). One left by SIGKILL names its writer's host and
+  same interrupt as Ctrl-C (:mod:`starflow_mlx.io.termination`). One left by SIGKILL names its writer's host and
   pid: the next file written to that folder removes it once that process is gone.
 """
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from starflow_mlx.jsonconfig import ConfigError
-from starflow_mlx.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
+from starflow_mlx.io.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
 # float32 by measurement: see benchmarks/README.md, "Wan2.2 VAE" (PSNR of float16/bfloat16 decodes).

@@ -7,13 +7,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from starflow_mlx.config import ConfigError, FlowConfig
-from starflow_mlx.adapters import check_adapter
-from starflow_mlx.adapters import as_adapter_list, load_adapters
+from starflow_mlx.io.adapters import check_adapter
+from starflow_mlx.io.adapters import as_adapter_list, load_adapters
 from starflow_mlx.models.starflow import STARFlow
-from starflow_mlx.resolve import resolve_model
+from starflow_mlx.io.resolve import resolve_model
 
 # The weight-reading layer's names, importable from here as before.
-from starflow_mlx.weights import (DTYPES, ModelLoadError, auto_dtype, build_flow, cast_floats,  # noqa: F401
+from starflow_mlx.io.weights import (DTYPES, ModelLoadError, auto_dtype, build_flow, cast_floats,  # noqa: F401
                                   check_weight_bytes, load_weights_strict, parse_dtype)
 
 
@@ -23,9 +23,9 @@ def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | lis
 
     ``dtype`` casts the float weights; by default :func:`auto_dtype` picks per device. ``lora`` adds a
     LoRA adapter folder (``starflow train --lora``), its update multiplied by ``lora_scale``, or a list of
-    them with a scale each (their updates add up, :mod:`starflow_mlx.adapters`). ``layers``
+    them with a scale each (their updates add up, :mod:`starflow_mlx.io.adapters`). ``layers``
     keeps only those layers of the deep block, and reads only their weights (one rank's share under
-    pipeline parallelism, :mod:`starflow_mlx.distributed`).
+    pipeline parallelism, :mod:`starflow_mlx.io.distributed`).
     """
     try:
         folder = resolve_model(path)

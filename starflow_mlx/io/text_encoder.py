@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from starflow_mlx.config import ConfigError
-from starflow_mlx.weights import DTYPES, ModelLoadError, auto_dtype, load_weights_strict, parse_dtype
+from starflow_mlx.io.weights import DTYPES, ModelLoadError, auto_dtype, load_weights_strict, parse_dtype
 from starflow_mlx.models.t5 import T5Config, T5Encoder
 from starflow_mlx.quantize.policy import apply_quantization, describe, plan_quantization
 
@@ -82,7 +82,7 @@ def resolve_folder(path: str | Path, what: str, fetch_role: str) -> Path:
     if folder.is_dir():
         return folder
     if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
-        from starflow_mlx.hub import fetch_component
+        from starflow_mlx.io.hub import fetch_component
 
         return fetch_component(path, fetch_role)
     raise ModelLoadError(f"{what} folder {folder} not found")

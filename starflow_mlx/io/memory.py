@@ -45,7 +45,7 @@ def weight_bytes(folder: Path, layers: range | None = None) -> int:
     total = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     if layers is None:
         return total
-    from starflow_mlx.distributed import unread_bytes
+    from starflow_mlx.io.distributed import unread_bytes
 
     return total - unread_bytes(folder, layers)
 
