@@ -34,8 +34,10 @@ ALLOWED = {
         "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool")),
 }
 # The only real Python objects a pickle may reach: immutable types whose call builds plain data.
-REAL_OBJECTS = {("torch", "Size"): tuple, ("collections", "OrderedDict"): collections.OrderedDict,
-                ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex}
+REAL_OBJECTS = {("torch", "Size"): tuple, ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+                ("builtins", "complex"): complex}
+# OrderedDict is a subclass whose BUILD accepts only torch's _metadata (a state dict's only attribute).
+STAND_INS = {("collections", "OrderedDict"): torch_pickle._StateDict}
 
 
 def test_the_allow_list_is_exactly_this():
@@ -43,6 +45,8 @@ def test_the_allow_list_is_exactly_this():
     for key, value in SAFE_GLOBALS.items():
         if key in REAL_OBJECTS:
             assert value is REAL_OBJECTS[key]
+        elif key in STAND_INS:
+            assert value is STAND_INS[key] and issubclass(value, collections.OrderedDict)
         else:  # everything else is a stand-in: an immutable tuple or a function wrapper BUILD cannot touch
             assert isinstance(value, (TorchType, torch_pickle._Frozen)), key
 

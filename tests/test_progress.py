@@ -87,11 +87,12 @@ def test_quantize_report_reports_each_variants_parts(tmp_path):
     calls = Recorder()
     rows = measure_variants(flow_only, samples=2, progress=calls, log=lambda line: calls("estimate", line, None))
     assert len(rows) == 4
-    # The time estimate comes once the reference pass is done, before any variant starts.
+    # The time estimate comes once the float16 variant is done, before any quantized one starts.
     labels = [label for label, *_ in calls.calls]
     assert labels.count("estimate") == 1
-    assert labels.index("estimate") == labels.index("float32 reference") + 2 == labels.index("float16") - 1
-    assert "min for the four variants (estimated from the reference pass" in calls.calls[labels.index("estimate")][1]
+    last_float16 = len(labels) - 1 - labels[::-1].index("float16")
+    assert labels.index("estimate") == last_float16 + 1 == labels.index("int8") - 1
+    assert "for the 3 quantized variants left (estimated from the float16 one)" in calls.calls[labels.index("estimate")][1]
     for name in ("float32 reference", "float16", "int8", "int4", "mixed (deep 4 / shallow 8)"):
         steps = [(d, t) for label, d, t in calls.calls if label == name]
         assert steps[0][0] == 0 and steps[-1][0] == steps[-1][1] and len(steps) == steps[-1][1] + 1, (name, steps)
