@@ -46,7 +46,8 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host (one that belongs to another user still runs)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,7 +66,7 @@ def sweep(folder: Path) -> None:
     host = _host()
     for name in names:
         match = _TEMP.match(name)
-        if match is None or match.group(1) != host or not _gone(int(match.group(2))):
+        if match is None or match.group(1) != host or not process_gone(int(match.group(2))):
             continue
         path = folder / name
         try:

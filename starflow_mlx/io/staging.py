@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from starflow_mlx.advice import with_cli_message
+from starflow_mlx.io.staged_files import process_gone
 
 MARKER = ".starflow-mlx"  # in every folder this project writes; holds the writer's pid while staging
 STAGING_SUFFIX = ".starflow-tmp"
@@ -60,13 +61,7 @@ def _writer_alive(info: dict) -> bool:
     pid = info.get("pid")
     if not isinstance(pid, int) or info.get("host") != socket.gethostname():
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but belongs to someone else
-        return True
-    return True
+    return not process_gone(pid)
 
 
 def _sweep(parent: Path) -> None:
