@@ -220,11 +220,23 @@ class VideoSampler(Sampler):
     def known_frames(self, pixels, noise) -> np.ndarray:
         """The ``context`` of image-to-video: ``encode_frames(pixels)`` plus ``video.noise_std`` times ``noise``
         (Gaussian, of the encoded latents' shape), the training noise the flow saw on every frame."""
-        latents = self.encode_frames(pixels)
+        return self._noised(self.encode_frames(pixels), noise)
+
+    def _noised(self, latents: np.ndarray, noise) -> np.ndarray:
         noise = np.asarray(noise, np.float32)
         if noise.shape != latents.shape:
             raise DriverError(f"noise must be {latents.shape} (the encoded frames' latents), got {noise.shape}")
         return latents + self.manifest.video.noise_std * noise
+
+    @staticmethod
+    def _keep_given(x: np.ndarray, clean: np.ndarray | None) -> np.ndarray:
+        """The given frames come back as given (their clean latents), as ``VideoPipeline.sample`` returns them; the
+        flow and the denoiser still saw their noised copy."""
+        if clean is None:
+            return x
+        x = x.copy()
+        x[:, :clean.shape[1]] = clean
+        return x
 
     def prompt_features(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray | None]:
         """Features of the tokenized [prompts; empty prompts] (as the text encoder is exported): (cond, uncond or
@@ -243,9 +255,10 @@ class VideoSampler(Sampler):
         one frame), encoded and noised with Gaussian ``noise`` by :meth:`known_frames`; the video starts with them.
         """
         cond, uncond = conditioning
-        context = None if frames is None else self.known_frames(frames, noise)
+        clean = None if frames is None else self.encode_frames(frames)
+        context = None if clean is None else self._noised(clean, noise)
         x = self.sample_video(z, cond, uncond, cfg, context=context, context_frames=context_frames, stats=stats)
-        return self.denoise(x, cond) if self.manifest.video.denoiser_frames else x
+        return self._keep_given(self.denoise(x, cond) if self.manifest.video.denoiser_frames else x, clean)
 
     def stream(self, conditioning: tuple, z: np.ndarray, cfg: float | None = None,
                *, frames=None, noise=None, context_frames: int | None = None,
@@ -260,7 +273,8 @@ class VideoSampler(Sampler):
         """
         self._check_decoder()
         cond, uncond = conditioning
-        context = None if frames is None else self.known_frames(frames, noise)
+        clean = None if frames is None else self.encode_frames(frames)
+        context = None if clean is None else self._noised(clean, noise)
         req = self._request(z, cond, uncond, cfg, stats)
         count = req.z.shape[1]
         latents = np.empty_like(req.z)
@@ -285,7 +299,8 @@ class VideoSampler(Sampler):
                     start, stop, first = chunks[ready["chunk"]]
                     if extra is not None:
                         self._denoise_chunk(latents, start, stop, first, extra)
-                    decoded.extend(vae.submit(decode, k, latents[:, k].copy()) for k in range(first, stop))
+                    shown = self._keep_given(latents[:, first:stop], None if clean is None else clean[:, first:stop])
+                    decoded.extend(vae.submit(decode, k, shown[:, k - first].copy()) for k in range(first, stop))
                     ready["chunk"] += 1
 
             report = progress or (lambda *a: None)
@@ -298,7 +313,7 @@ class VideoSampler(Sampler):
                 pixels.append(job.result())
                 done += pixels[-1].shape[1]
                 report("frames", done, total)
-            return latents, pixels
+            return self._keep_given(latents, clean), pixels
 
     # -- VAE decoder ---------------------------------------------------------------------
     def _check_decoder(self) -> None:
