@@ -245,8 +245,11 @@ def test_a_stopped_rank_is_killed_by_its_own_watchdog(tmp_path):
     assert second.returncode == -signal.SIGKILL
     assert error_lines(rest) == ["error: rank 1: stopped (SIGSTOP) and made no progress for 3 s: killed it "
                                  "(STARFLOW_DISTRIBUTED_TIMEOUT sets the limit)"]
-    # Rank 0 loses it at the gather, or during it (where MLX may hand back an unfilled buffer without an error).
-    assert "lost the connection to another rank" in one_error_line(first_rest)
+    # Rank 0 loses it at the gather, or during it (where MLX may hand back an unfilled buffer without an error);
+    # with both ranks on the same 3 s, rank 0's own watchdog may end its wait first: one line either way.
+    line = one_error_line(first_rest)
+    assert ("lost the connection to another rank" in line
+            or "no answer from the other ranks while gathering the results within 3 s" in line), line
     assert first.returncode == 1 and not (tmp_path / "out").exists()
 
 
