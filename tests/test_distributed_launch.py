@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from starflow_mlx.io.distributed import FAILED_ENV
 from starflow_mlx.io.launcher import launch, local_hosts, read_hostfile, LaunchError
 
 BIN = Path(sys.executable).parent
@@ -37,6 +38,42 @@ def test_ranks_get_their_rank_and_a_ring_hostfile_and_success_exits_0(capfd, tmp
     assert [line.split()[0] for line in out] == ["0", "1"]
     hosts = json.loads(out[0].split(" ", 1)[1].replace("'", '"'))
     assert len(hosts) == 2 and all(h[0].startswith("127.0.0.1:") for h in hosts)
+
+
+WAITING_RANK = """
+import sys, time
+from starflow_mlx.io.distributed import Watchdog
+watchdog = Watchdog(0, 600)
+watchdog.arm(600, "no answer", "lost the connection: 1 of 4 written")
+if sys.argv[1] == "done":
+    watchdog.disarm()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("waiting", [True, False])
+def test_a_rank_waiting_on_an_exchange_stops_at_once_with_its_line_when_the_launcher_marks_the_job_failed(
+        tmp_path, waiting):
+    # MLX's ring may block forever on a peer that died mid-exchange: the launcher's mark ends the wait.
+    flag = tmp_path / "failed"
+    rank = subprocess.Popen([sys.executable, "-c", WAITING_RANK, "waiting" if waiting else "done"],
+                            env={**os.environ, FAILED_ENV: str(flag)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline() == "ready\n"
+        time.sleep(1.5)
+        assert rank.poll() is None  # not marked: it waits
+        flag.touch()
+        if waiting:
+            _, err = rank.communicate(timeout=10)
+            assert rank.returncode == -9 and err == "error: rank 0: lost the connection: 1 of 4 written\n"
+        else:
+            time.sleep(2.5)
+            assert rank.poll() is None  # computing on its own, not waiting: left to stop by itself
+    finally:
+        rank.kill()
+        rank.communicate()
 
 
 def test_a_killed_rank_fails_the_launch_with_its_line_and_a_survivor_is_killed_after_the_grace(capfd):

@@ -23,6 +23,7 @@ how many files are whole and that ``--resume`` finishes the job.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 TIMEOUT_ENV = "STARFLOW_DISTRIBUTED_TIMEOUT"
+FAILED_ENV = "STARFLOW_LAUNCH_FAILED"  # a file that ``starflow launch`` creates when a rank has failed
 SIGN = 0x5F10  # ends each rank's row of a checked gather (World.verify)
 DEFAULT_TIMEOUT = 120.0
 # Set by mlx.launch (ring, JACCL) or by MPI: without them the process is alone and never touches the engine.
@@ -46,10 +48,12 @@ class DistributedError(OSError):
 # collective) may hold the GIL, so no thread or signal handler of its own would ever run. It also
 # looks at its rank's state once a second: a rank stopped by SIGSTOP answers nobody, and neither
 # mlx.launch (which only sends SIGTERM, held while a process is stopped) nor the other ranks end it.
+# Under ``starflow launch`` it also ends a wait at once when the launcher marks the job failed (a file
+# named by FAILED_ENV): MLX's ring may block forever on a peer that died mid-exchange.
 WATCHER = r"""
-import os, select, signal, subprocess, sys, time
-parent, rank, limit = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-deadline, message, pending, stopped_since = None, "", b"", None
+import json, os, select, signal, subprocess, sys, time
+parent, rank, limit, flag = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
+deadline, message, lost, pending, stopped_since = None, "", "", b"", None
 
 def stopped():
     try:
@@ -76,8 +80,9 @@ while True:
         pending += data
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
-            seconds, _, message = line.decode().partition(" ")
-            deadline = None if seconds == "-" else time.monotonic() + float(seconds)
+            armed = json.loads(line)
+            deadline = None if armed is None else time.monotonic() + armed[0]
+            message, lost = ("", "") if armed is None else armed[1:]
         continue
     now = time.monotonic()
     if stopped():
@@ -87,6 +92,8 @@ while True:
                 "(STARFLOW_DISTRIBUTED_TIMEOUT sets the limit)")
         continue
     stopped_since = None
+    if deadline is not None and flag and os.path.exists(flag):
+        end(lost)  # the launcher saw another rank fail: this wait can never be answered
     if deadline is not None and now >= deadline:
         end(message)
 """
@@ -104,23 +111,26 @@ class Watchdog:
         import subprocess
 
         self.rank = rank
-        self.process = subprocess.Popen([sys.executable, "-c", WATCHER, str(os.getpid()), str(rank), str(timeout)],
-                                        stdin=subprocess.PIPE)
+        flag = os.environ.get(FAILED_ENV, "")
+        self.process = subprocess.Popen([sys.executable, "-c", WATCHER, str(os.getpid()), str(rank), str(timeout),
+                                         flag], stdin=subprocess.PIPE)
 
     def _send(self, line: str) -> None:
         self.process.stdin.write(line.encode() + b"\n")
         self.process.stdin.flush()
 
-    def arm(self, seconds: float, line: str) -> None:
-        """Kill this rank after ``seconds`` unless disarmed or re-armed first, printing ``error: rank R: line``."""
-        self._send(f"{seconds} error: rank {self.rank}: {line}")
+    def arm(self, seconds: float, line: str, lost: str) -> None:
+        """Kill this rank after ``seconds`` unless disarmed or re-armed first, printing ``error: rank R: line``;
+        at once, printing ``lost`` instead, when the launcher says another rank failed."""
+        said = [f"error: rank {self.rank}: {text}" for text in (line, lost)]
+        self._send(json.dumps([seconds, *said]))  # JSON: a folder's name in a line may hold any character
 
     def disarm(self) -> None:
-        self._send("-")
+        self._send("null")
 
     @contextmanager
-    def watching(self, seconds: float, line: str):
-        self.arm(seconds, line)
+    def watching(self, seconds: float, line: str, lost: str):
+        self.arm(seconds, line, lost)
         try:
             yield
         finally:
@@ -257,7 +267,8 @@ class World:
     @contextmanager
     def collective(self, seconds: float, what: str):
         """Work that waits on other ranks: bounded by the watchdog, a lost peer turned into one line."""
-        with self.watchdog.watching(seconds, self.silence(seconds, what)), peer_errors(self.outcome):
+        with self.watchdog.watching(seconds, self.silence(seconds, what), lost_line(self.outcome())), \
+                peer_errors(self.outcome):
             yield
 
     @contextmanager
@@ -281,7 +292,8 @@ class World:
 
         def report(*args, **kwargs):
             if self.steps_wait:
-                self.watchdog.arm(self.timeout, self.silence(self.timeout, "during sampling"))
+                self.watchdog.arm(self.timeout, self.silence(self.timeout, "during sampling"),
+                                  lost_line(self.outcome()))
             return progress(*args, **kwargs)
 
         return report
@@ -296,8 +308,11 @@ def peer_errors(outcome=lambda: "stopped, nothing written"):
     except RuntimeError as exc:
         if not is_backend_error(exc):
             raise
-        raise DistributedError(f"lost the connection to another rank (it died or its network went down): "
-                               f"{outcome()}") from None
+        raise DistributedError(lost_line(outcome())) from None
+
+
+def lost_line(outcome: str) -> str:
+    return f"lost the connection to another rank (it died or its network went down): {outcome}"
 
 
 def is_backend_error(exc: BaseException) -> bool:
@@ -355,7 +370,7 @@ def connect(watchdog: Watchdog, rank: int, size: int, timeout: float):
     import time
 
     deadline = time.monotonic() + timeout
-    with watchdog.watching(timeout, connect_line(rank, size, timeout)):
+    with watchdog.watching(timeout, connect_line(rank, size, timeout), lost_line("stopped, nothing written")):
         while True:
             try:
                 group = mx.distributed.init(strict=True)

@@ -3,9 +3,10 @@
 ``mlx.launch`` exits 0 when a rank fails, stops the others before they can say what they left behind,
 and waits forever on a rank that was stopped (it only sends SIGTERM, which a stopped process holds).
 Here every rank gets ``MLX_RANK`` and a ring hostfile (``MLX_HOSTFILE``) exactly as ``mlx.launch`` gives
-them, on this machine or over ssh. When a rank fails, the others get :data:`GRACE` seconds to stop by
-themselves (a pipeline rank notices at its next exchange and says which files are whole), then are
-killed with SIGKILL, which also ends a stopped one. The ranks' ``error:`` lines are printed once each
+them, on this machine or over ssh. When a rank fails, the launcher marks the job failed (a file the ranks
+on this machine watch: one waiting on an exchange stops at once and says which files are whole, where
+MLX's ring might wait for the dead peer forever). The others get :data:`GRACE` seconds to stop by
+themselves, then are killed with SIGKILL, which also ends a stopped one. The ranks' ``error:`` lines are printed once each
 (identical ones once) after the job, the failing rank's first, and the exit status is 1.
 """
 
@@ -25,6 +26,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from starflow_mlx.io.distributed import FAILED_ENV
 
 GRACE = 30.0  # seconds the other ranks get to stop by themselves after one failed
 ERROR_LINE = re.compile(r"error: rank (\d+): (.*)$")  # anywhere in a line: MLX's threads may have written before it
@@ -147,7 +150,8 @@ class Rank:
 
 
 def start(hosts: list[Host], command: list[str], port: int, path: str) -> list[Rank]:
-    """Every rank, started; ``path``: the ring hostfile for the ranks on this machine."""
+    """Every rank, started; ``path``: the ring hostfile for the ranks on this machine, and with ``.failed``
+    added, the file that marks the job failed (:func:`wait`)."""
     ring = ring_hostfile(hosts, port)
     Path(path).write_text(ring, encoding="utf-8")
     ranks = []
@@ -155,7 +159,7 @@ def start(hosts: list[Host], command: list[str], port: int, path: str) -> list[R
         for number, host in enumerate(hosts):
             if host.ssh in LOCAL:
                 args = command
-                env = {**os.environ, "MLX_RANK": str(number), "MLX_HOSTFILE": path}
+                env = {**os.environ, "MLX_RANK": str(number), "MLX_HOSTFILE": path, FAILED_ENV: path + ".failed"}
             else:
                 args = ["ssh", "-tt", "-o", "LogLevel=QUIET", host.ssh, remote_script(number, ring, command)]
                 env = dict(os.environ)
@@ -170,8 +174,9 @@ def start(hosts: list[Host], command: list[str], port: int, path: str) -> list[R
     return ranks
 
 
-def wait(ranks: list[Rank], grace: float = GRACE) -> tuple[list[str], int]:
-    """Wait for every rank; the error lines to print and the exit status (0: every rank succeeded)."""
+def wait(ranks: list[Rank], grace: float = GRACE, failed_flag: str | None = None) -> tuple[list[str], int]:
+    """Wait for every rank; the error lines to print and the exit status (0: every rank succeeded).
+    ``failed_flag`` is created when the first rank fails."""
     ended: queue.SimpleQueue = queue.SimpleQueue()
     for rank in ranks:
         threading.Thread(target=lambda r=rank: (r.process.wait(), ended.put(r)), daemon=True).start()
@@ -184,6 +189,8 @@ def wait(ranks: list[Rank], grace: float = GRACE) -> tuple[list[str], int]:
         order.append(rank)
         if rank.process.returncode != 0 and failed is None:
             failed, deadline = rank, time.monotonic() + grace
+            if failed_flag is not None:
+                Path(failed_flag).touch()
     killed = [rank for rank in ranks if rank not in order]
     for rank in ranks:
         rank.kill()  # the killed ones, and what the others left running
@@ -217,13 +224,14 @@ def launch(command: list[str], hosts: list[Host], port: int | None = None, grace
     ranks = []
     try:
         ranks = start(hosts, command, port, path)
-        lines, status = wait(ranks, grace)
+        lines, status = wait(ranks, grace, path + ".failed")
     except KeyboardInterrupt:
         for rank in ranks:
             rank.kill()
         raise
     finally:
         os.unlink(path)
+        Path(path + ".failed").unlink(missing_ok=True)
     for line in lines:
         os.write(2, (line + "\n").encode())
     return status
