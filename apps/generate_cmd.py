@@ -17,6 +17,7 @@ import typer
 
 from starflow_mlx.apps.job_files import (DEFAULT_MODEL, OutputPlan, check_model_kind, check_writable, model_is_video,
                                         plan_outputs, ran_settings, refuse_edits)
+from starflow_mlx.apps.lora_options import Lora, LoraScale
 
 BATCH_KEY = "batch_size"  # absent from files written before batching: those were sampled in one batch
 SAMPLING_KEYS = ("seed", "cfg", "aspect_ratio", "num_images", "jacobi", "jacobi_block_size", "jacobi_threshold",
@@ -206,11 +207,8 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="Video models: start the video from this image."),
     video: Optional[Path] = typer.Option(None, "--video", help="Video models: continue this clip (its frames come "
                                                                "first; --frames counts both)."),
-    lora: Optional[List[Path]] = typer.Option(None, "--lora", readable=False,
-                                              help="Add a LoRA adapter folder (starflow train --lora) to the model; "
-                                                   "repeat for several (their updates add up)."),
-    lora_scale: Optional[List[float]] = typer.Option(None, "--lora-scale", help="Multiply the adapter's update by "
-                                                     "this (default 1); repeat to give each --lora its own."),
+    lora: Lora = None,
+    lora_scale: LoraScale = None,
     vae_tile: Optional[int] = typer.Option(None, "--vae-tile", help="Video models: decode in spatial tiles of this many "
                                                                     "latent cells (less memory; blends change pixels "
                                                                     "slightly). Off by default."),
@@ -357,54 +355,3 @@ def generate(
         typer.echo(f"wrote {more} more {'file' if more == 1 else 'files'} in {new[0].parent} ({len(new)} in all)")
     if done:
         typer.echo(f"kept {len(done)} image(s) an earlier run had written")
-
-
-def score(
-    image: Path = typer.Argument(..., readable=False, help="Image to score, or an .mp4 for a video model."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
-    lora: Optional[List[Path]] = typer.Option(None, "--lora", readable=False,
-                                              help="Add a LoRA adapter folder (starflow train --lora) to the model; "
-                                                   "repeat for several (their updates add up)."),
-    lora_scale: Optional[List[float]] = typer.Option(None, "--lora-scale", help="Multiply the adapter's update by "
-                                                     "this (default 1); repeat to give each --lora its own."),
-    fps: Optional[int] = typer.Option(None, "--fps", help="Video models: the frame rate the clip is resampled to "
-                                                          "and named in the prompt (default 16)."),
-) -> None:
-    """Print the image's (or clip's) exact negative log-likelihood under the flow, in bits per dimension.
-
-    A clip also gets one line per latent frame, each scored given the frames before it.
-    """
-    from starflow_mlx.io.adapters import adapter_options
-    from starflow_mlx.pipelines.load import load_pipeline
-    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
-    from starflow_mlx.pipelines.video import VideoPipeline
-
-    lora, lora_scale = adapter_options(lora, lora_scale)
-
-    video = image.suffix.lower() == ".mp4"
-    if video:
-        from starflow_mlx.pipelines.video_io import read_video
-
-        clip, _ = read_video(image, fps=fps or VIDEO_DEFAULTS["fps"])  # a missing or broken file before the model
-    else:
-        from starflow_mlx.io.image_input import open_image
-
-        if fps is not None:
-            raise ValueError("--fps is for scoring an .mp4 with a video model")
-        picture = open_image(image)
-    pipe = load_pipeline(model, lora=lora, lora_scale=lora_scale)
-    if video != isinstance(pipe, VideoPipeline):
-        raise ValueError(f"{model} is {'a video' if not video else 'an image'} model: score "
-                         f"{'an .mp4' if not video else 'an image'} with it")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        per_frame = pipe.score_frames(clip, prompt, fps=fps or VIDEO_DEFAULTS["fps"]) if video else None
-        bpd = sum(per_frame) / len(per_frame) if video else pipe.score(picture, prompt)
-    for warning in caught:
-        typer.echo(f"warning: {warning.message}", err=True)
-    for k, frame_bpd in enumerate(per_frame or []):
-        first, last = (pipe.pixel_frames(k) if k else 0), pipe.pixel_frames(k + 1) - 1
-        pixels = f"pixel frame {first}" if first == last else f"pixel frames {first}-{last}"
-        typer.echo(f"latent frame {k} ({pixels}): {frame_bpd:.4f} bits/dim")
-    typer.echo(f"{bpd:.4f} bits/dim" + (" (all frames)" if video else ""))

@@ -10,7 +10,8 @@ from pathlib import Path
 import typer
 
 
-def write_heatmap(path: Path, prompt: str, model: str, lora, lora_scale: float, fps, output: Path) -> None:
+def write_heatmap(path: Path, prompt: str, model: str, lora, lora_scale: float, fps, output: Path,
+                  overwrite: bool) -> None:
     from starflow_mlx.io.image_input import open_image
     from starflow_mlx.pipelines.heatmap import render, token_map
     from starflow_mlx.pipelines.load import load_pipeline
@@ -40,6 +41,6 @@ def write_heatmap(path: Path, prompt: str, model: str, lora, lora_scale: float, 
     typer.echo(f"{tokens.bits_per_dim:.4f} bits/dim" + (" (all frames)" if pipe.VIDEO else ""))
     buffer = io.BytesIO()
     render(tokens, source).save(buffer, format="PNG")
-    write_file(output, buffer.getvalue())
+    write_file(output, buffer.getvalue(), overwrite)
     typer.echo(f"wrote {output} (each token's share of the bits/dim, {tokens.shares.min():.4f} black to "
                f"{tokens.shares.max():.4f} white; they sum to {tokens.shares.sum():.4f})")

@@ -95,7 +95,7 @@ def encode(
         inverted = pipe.invert(picture, prompt, cfg=cfg, fps=fps)
     _echo_warnings(caught)
     save_noise(output, inverted, model_record(model), pipe.folder, path, sha, latent=pipe.vae is not None
-               and not getattr(pipe, "pixel_space", False))
+               and not getattr(pipe, "pixel_space", False), overwrite=overwrite)
     typer.echo(f"wrote {output} (noise of {source} as {prompt!r}, cfg {inverted.cfg:g})")
 
 

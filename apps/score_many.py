@@ -1,8 +1,9 @@
 """``starflow score``: one file as before, or many (files, folders, globs) as a table of rows.
 
-One image or clip with no table option prints what ``score`` always printed (``generate_cmd.score``).
+One image or clip with no table option prints its score (:func:`score_one`).
 Anything more streams the inputs in batches with a progress bar and prints one row per input;
-``--csv``/``--json`` write the rows to a file whole or not at all (``staging.write_file``). An input
+``--csv``/``--json`` write the rows to a file whole or not at all (``staging.write_file``), never over an
+existing file without ``--overwrite``. An input
 that cannot be read is a row with its error, the run goes on, and the exit status is 1.
 """
 
@@ -18,6 +19,7 @@ from typing import List, Optional
 import typer
 
 from starflow_mlx.apps.job_files import DEFAULT_MODEL
+from starflow_mlx.apps.lora_options import Lora, LoraScale
 
 OOD_STATS = ("bits", "complexity", "typicality", "ratio")
 
@@ -26,7 +28,7 @@ def _single(paths: list[Path]) -> bool:
     return len(paths) == 1 and not paths[0].is_dir() and (paths[0].exists() or not glob.has_magic(str(paths[0])))
 
 
-def check_target(path: Optional[Path], option: str) -> None:
+def check_target(path: Optional[Path], option: str, overwrite: bool) -> None:
     """Fail before scoring, not after, when an output file cannot be written."""
     if path is None:
         return
@@ -34,6 +36,8 @@ def check_target(path: Optional[Path], option: str) -> None:
         raise ValueError(f"{option} {path} is a folder: give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"{option} {path}: folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {path} already exists: pass --overwrite to replace it, or choose another name")
 
 
 def row_line(row, extra: dict | None = None) -> str:
@@ -77,11 +81,8 @@ def score(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt (or class name) to condition on; '' for none."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m",
                               help="Model folder, 'demo', 'demo-video', or a Hugging Face repo id."),
-    lora: Optional[List[Path]] = typer.Option(None, "--lora", readable=False,
-                                              help="Add a LoRA adapter folder (starflow train --lora) to the model; "
-                                                   "repeat for several (their updates add up)."),
-    lora_scale: Optional[List[float]] = typer.Option(None, "--lora-scale", help="Multiply the adapter's update by "
-                                                     "this (default 1); repeat to give each --lora its own."),
+    lora: Lora = None,
+    lora_scale: LoraScale = None,
     fps: Optional[int] = typer.Option(None, "--fps", help="Video models: the frame rate the clip is resampled to "
                                                           "and named in the prompt (default 16)."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
@@ -95,6 +96,7 @@ def score(
                                                           "ratio; needs --reference."),
     reference: Optional[Path] = typer.Option(None, "--reference", readable=False,
                                              help="Folder of in-distribution inputs that --ood fits its threshold on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --csv, --json or --heatmap file."),
 ) -> None:
     """Print exact negative log-likelihoods under the flow, in bits per dimension.
 
@@ -102,7 +104,6 @@ def score(
     it). Several files, folders or globs print one row per input: bits/dim, per-frame bits/dim for
     clips, path; --sort and --top rank them. Lower is more likely.
     """
-    from starflow_mlx.apps import generate_cmd
     from starflow_mlx.io.adapters import adapter_options
 
     if top is not None and top < 1:
@@ -115,26 +116,59 @@ def score(
     if heatmap is not None:
         if not _single(paths) or table:
             raise ValueError("--heatmap maps one input: give one file, without the table options")
-        check_target(heatmap, "--heatmap")
+        check_target(heatmap, "--heatmap", overwrite)
+    for path, option in ((csv_file, "--csv"), (json_file, "--json")):
+        check_target(path, option, overwrite)
+    lora, lora_scale = adapter_options(lora, lora_scale)
     if heatmap is not None:
         from starflow_mlx.apps.heatmap_cmd import write_heatmap
 
-        lora, lora_scale = adapter_options(lora, lora_scale)
+        write_heatmap(paths[0], prompt, model, lora, lora_scale, fps, heatmap, overwrite)
+    elif _single(paths) and not table:
+        score_one(paths[0], prompt, model, lora, lora_scale, fps)
+    else:
+        score_table(paths, prompt, model, lora, lora_scale, fps, csv_file, json_file, sort, top, batch_size, ood,
+                    reference, overwrite)
 
-        write_heatmap(paths[0], prompt, model, lora, lora_scale, fps, heatmap)
-        return
-    if _single(paths) and not table:
-        generate_cmd.score(paths[0], prompt, model, lora, lora_scale, fps)
-        return
-    lora, lora_scale = adapter_options(lora, lora_scale)
-    for path, option in ((csv_file, "--csv"), (json_file, "--json")):
-        check_target(path, option)
-    score_table(paths, prompt, model, lora, lora_scale, fps, csv_file, json_file, sort, top, batch_size, ood,
-                reference)
+
+def score_one(path: Path, prompt: str, model: str, lora, lora_scale, fps: Optional[int]) -> None:
+    """One image or clip: its bits/dim (a clip also one line per latent frame, each given the frames before it)."""
+    import warnings
+
+    from starflow_mlx.pipelines.load import load_pipeline
+    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
+    from starflow_mlx.pipelines.video import VideoPipeline
+
+    video = path.suffix.lower() == ".mp4"
+    if video:
+        from starflow_mlx.pipelines.video_io import read_video
+
+        clip, _ = read_video(path, fps=fps or VIDEO_DEFAULTS["fps"])  # a missing or broken file before the model
+    else:
+        from starflow_mlx.io.image_input import open_image
+
+        if fps is not None:
+            raise ValueError("--fps is for scoring an .mp4 with a video model")
+        picture = open_image(path)
+    pipe = load_pipeline(model, lora=lora, lora_scale=lora_scale)
+    if video != isinstance(pipe, VideoPipeline):
+        raise ValueError(f"{model} is {'a video' if not video else 'an image'} model: score "
+                         f"{'an .mp4' if not video else 'an image'} with it")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        per_frame = pipe.score_frames(clip, prompt, fps=fps or VIDEO_DEFAULTS["fps"]) if video else None
+        bpd = sum(per_frame) / len(per_frame) if video else pipe.score(picture, prompt)
+    for warning in caught:
+        typer.echo(f"warning: {warning.message}", err=True)
+    for k, frame_bpd in enumerate(per_frame or []):
+        first, last = (pipe.pixel_frames(k) if k else 0), pipe.pixel_frames(k + 1) - 1
+        pixels = f"pixel frame {first}" if first == last else f"pixel frames {first}-{last}"
+        typer.echo(f"latent frame {k} ({pixels}): {frame_bpd:.4f} bits/dim")
+    typer.echo(f"{bpd:.4f} bits/dim" + (" (all frames)" if video else ""))
 
 
 def score_table(paths, prompt, model, lora, lora_scale, fps, csv_file, json_file, sort, top, batch_size, ood,
-                reference) -> None:
+                reference, overwrite: bool) -> None:
     from starflow_mlx.apps.errors import fail
     from starflow_mlx.pipelines.load import load_pipeline
     from starflow_mlx.pipelines.scoring import expand_inputs
@@ -167,12 +201,12 @@ def score_table(paths, prompt, model, lora, lora_scale, fps, csv_file, json_file
     if csv_file is not None:
         from starflow_mlx.io.staging import write_file
 
-        write_file(csv_file, rows_csv(records))
+        write_file(csv_file, rows_csv(records), overwrite)
         typer.echo(f"wrote {csv_file}")
     if json_file is not None:
         from starflow_mlx.io.staging import write_file
 
-        write_file(json_file, (json.dumps(records, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+        write_file(json_file, (json.dumps(records, indent=2, allow_nan=False) + "\n").encode("utf-8"), overwrite)
         typer.echo(f"wrote {json_file}")
     failed = [r for r in rows if r.error is not None]
     if failed:

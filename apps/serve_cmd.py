@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from starflow_mlx.apps.job_files import DEFAULT_MODEL
+from starflow_mlx.apps.lora_options import Lora, LoraScale
 
 MISSING = 'the server needs its extra packages: pip install "starflow-mlx[serve]"'
 
@@ -56,11 +57,8 @@ def serve(
     allowed_host: List[str] = typer.Option([], "--allowed-host",
                                            help="A host name the server answers to besides localhost and IP "
                                                 "addresses (e.g. mymac.local); repeat for several."),
-    lora: Optional[List[Path]] = typer.Option(None, "--lora", readable=False,
-                                              help="Add a LoRA adapter folder (starflow train --lora) to the model; "
-                                                   "repeat for several (their updates add up)."),
-    lora_scale: Optional[List[float]] = typer.Option(None, "--lora-scale", help="Multiply the adapter's update by "
-                                                     "this (default 1); repeat to give each --lora its own."),
+    lora: Lora = None,
+    lora_scale: LoraScale = None,
 ) -> None:
     """Serve a model over HTTP: OpenAI's images and videos APIs, a job queue, and a web page at /."""
     try:

@@ -267,7 +267,7 @@ def main() -> None:
     if args.json:
         from starflow_mlx.io.staging import write_file
 
-        write_file(args.json, (text + "\n").encode("utf-8"))
+        write_file(args.json, (text + "\n").encode("utf-8"), overwrite=True)  # a report: the latest run
 
 
 if __name__ == "__main__":

@@ -295,7 +295,37 @@ def test_write_file_is_whole_or_absent(tmp_path, monkeypatch):
     def broken(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr(staging.os, "replace", broken)
-    with pytest.raises(OSError, match="disk full"):
-        staging.write_file(tmp_path / "b.csv", b"x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv"]  # no temporary left behind
+    from starflow_mlx.io import staged_files
+
+    for publishing, overwrite in (("link", False), ("replace", True)):
+        with monkeypatch.context() as patch:
+            patch.setattr(staged_files.os, publishing, broken)
+            with pytest.raises(OSError, match="disk full"):
+                staging.write_file(tmp_path / "b.csv", b"x", overwrite)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv"]  # no temporary left behind
+
+
+def test_score_never_replaces_a_table_or_heatmap_without_overwrite(digits, tmp_path):
+    digits[0][0].save(tmp_path / "a.png")
+    for option, name in (("--csv", "s.csv"), ("--json", "s.json"), ("--heatmap", "h.png")):
+        (tmp_path / name).write_bytes(b"the user's own file")
+        command = ["score", str(tmp_path / "a.png"), "-p", "6", "--model", "demo", option, str(tmp_path / name)]
+        res = runner.invoke(app, command)
+        assert res.exit_code == 1 and res.output == (f"error: {option} {tmp_path / name} already exists: pass "
+                                                     f"--overwrite to replace it, or choose another name\n")
+        assert (tmp_path / name).read_bytes() == b"the user's own file"
+        res = runner.invoke(app, command + ["--overwrite"])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / name).read_bytes() != b"the user's own file"
+
+
+def test_write_file_does_not_replace_a_file_that_appears_meanwhile(tmp_path):
+    from starflow_mlx.io import staging
+    from starflow_mlx.io.staged_files import OutputExistsError
+
+    (tmp_path / "a.csv").write_bytes(b"theirs")
+    with pytest.raises(OutputExistsError):
+        staging.write_file(tmp_path / "a.csv", b"ours")
+    assert (tmp_path / "a.csv").read_bytes() == b"theirs" and len(list(tmp_path.iterdir())) == 1
+    staging.write_file(tmp_path / "a.csv", b"ours", overwrite=True)
+    assert (tmp_path / "a.csv").read_bytes() == b"ours"

@@ -202,24 +202,25 @@ def _finish(staging: Path, output: Path, force: bool, error: type[Exception]) ->
 
 
 @contextmanager
-def staged_file(output: str | Path) -> Iterator[Path]:
+def staged_file(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``output`` (:mod:`starflow_mlx.io.staged_files`: swept if its writer is killed)
-    that replaces ``output`` when the block ends without an exception; on any failure (or SIGINT/SIGTERM/SIGHUP)
-    it is removed and ``output`` is left as it was. Callers refuse an existing output first where they must."""
+    that becomes ``output`` when the block ends without an exception; on any failure (or SIGINT/SIGTERM/SIGHUP)
+    it is removed and ``output`` is left as it was. An existing ``output`` is replaced only with ``overwrite``
+    (callers refuse it up front too, so that no work is lost to the refusal)."""
     from starflow_mlx.io.staged_files import StagedFiles
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with _cleanup_on_termination(), StagedFiles(overwrite=True) as staged:
+    with _cleanup_on_termination(), StagedFiles(overwrite=overwrite) as staged:
         yield staged.add(output)
 
 
-def write_file(path: str | Path, data: bytes) -> None:
+def write_file(path: str | Path, data: bytes, overwrite: bool = False) -> None:
     """One file, whole or not at all (:func:`staged_file`). A folder at ``path``, or a missing parent, is refused."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"output {path} is a folder: give a file name")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
-    with staged_file(path) as staging:
+    with staged_file(path, overwrite) as staging:
         staging.write_bytes(data)

@@ -40,8 +40,9 @@ def model_fingerprint(folder: Path, windows: int = 64, window: int = 1 << 16) ->
 
 
 def save_noise(path: str | Path, inversion, model: str, folder: Path, source: str, source_sha256: str,
-               latent: bool) -> None:
-    """Write ``inversion`` (``pipelines.inversion.Inversion``) to ``path`` atomically."""
+               latent: bool, overwrite: bool = False) -> None:
+    """Write ``inversion`` (``pipelines.inversion.Inversion``) to ``path`` atomically (over an existing file only
+    with ``overwrite``)."""
     from starflow_mlx import __version__
     from starflow_mlx.io.staging import staged_file
 
@@ -52,7 +53,7 @@ def save_noise(path: str | Path, inversion, model: str, folder: Path, source: st
             "model_fingerprint": model_fingerprint(folder), "prompt": inversion.prompt, "cfg": repr(inversion.cfg),
             "aspect_ratio": inversion.aspect_ratio, "fps": str(inversion.fps), "source": source,
             "source_sha256": source_sha256}
-    with staged_file(path) as staging:
+    with staged_file(path, overwrite) as staging:
         # mx.save_safetensors appends .safetensors to names without it: give the staging file that name.
         named = staging.with_name(staging.name + ".safetensors")
         try:
