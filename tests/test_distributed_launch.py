@@ -174,3 +174,34 @@ def test_the_script_ssh_runs_on_another_mac_gives_the_rank_its_hostfile_and_time
     rank, hostfile, timeout, cwd = res.stdout.splitlines()
     assert (rank, timeout, cwd) == ("1", "7", os.getcwd())
     assert json.loads(hostfile) == [["10.0.0.1:32323"], ["10.0.0.2:32324"]]
+
+
+class RecordingWatchdog:
+    def __init__(self):
+        self.calls = []
+
+    def arm(self, seconds, line, lost):
+        self.calls.append(("arm", line.split(" within")[0], lost))
+
+    def disarm(self):
+        self.calls.append(("disarm",))
+
+    def watching(self, seconds, line, lost):
+        from starflow_mlx.io.distributed import Watchdog
+
+        return Watchdog.watching(self, seconds, line, lost)
+
+
+def test_pipeline_sampling_stays_watched_after_an_exchange_between_batches_and_says_what_is_written():
+    from starflow_mlx.io.distributed import World
+
+    watchdog = RecordingWatchdog()
+    world = World(rank=0, size=2, watchdog=watchdog)
+    with world.sampling():
+        world.wrote(1, 4, "out")
+        with world.collective(5, "while checking the exchanges"):
+            pass
+        assert watchdog.calls[-1] == ("arm", "no answer from the other ranks during sampling",
+                                      "lost the connection to another rank (it died or its network went down): "
+                                      "stopped: 1 of 4 written to out; rerun with --resume to finish")
+    assert watchdog.calls[-1] == ("disarm",)

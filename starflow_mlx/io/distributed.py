@@ -266,10 +266,15 @@ class World:
 
     @contextmanager
     def collective(self, seconds: float, what: str):
-        """Work that waits on other ranks: bounded by the watchdog, a lost peer turned into one line."""
-        with self.watchdog.watching(seconds, self.silence(seconds, what), lost_line(self.outcome())), \
-                peer_errors(self.outcome):
-            yield
+        """Work that waits on other ranks: bounded by the watchdog, a lost peer turned into one line. Inside
+        pipeline sampling (an exchange checked between batches), sampling is watched again afterwards."""
+        try:
+            with self.watchdog.watching(seconds, self.silence(seconds, what), lost_line(self.outcome())), \
+                    peer_errors(self.outcome):
+                yield
+        finally:
+            if self.steps_wait:
+                self._beat()
 
     @contextmanager
     def sampling(self):
@@ -280,10 +285,16 @@ class World:
             return
         self.steps_wait = True
         try:
-            with self.collective(self.timeout, "during sampling"):
+            with peer_errors(self.outcome):
+                self._beat()
                 yield
         finally:
             self.steps_wait = False
+            self.watchdog.disarm()
+
+    def _beat(self) -> None:
+        """Sampling is watched for the next ``timeout`` seconds; a failure then says what is written by now."""
+        self.watchdog.arm(self.timeout, self.silence(self.timeout, "during sampling"), lost_line(self.outcome()))
 
     def beating(self, progress):
         """``progress`` that re-arms the watchdog on every report."""
@@ -292,8 +303,7 @@ class World:
 
         def report(*args, **kwargs):
             if self.steps_wait:
-                self.watchdog.arm(self.timeout, self.silence(self.timeout, "during sampling"),
-                                  lost_line(self.outcome()))
+                self._beat()
             return progress(*args, **kwargs)
 
         return report
