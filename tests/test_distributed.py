@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,35 +18,15 @@ import numpy as np
 import pytest
 
 from starflow_mlx.io.distributed import World, layer_share
+from starflow_mlx.io.launcher import free_port_run
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 240  # seconds for one launched job on a loaded 2-core machine; a hang fails instead of blocking CI
 
 
-def free_ports(count: int) -> int:
-    """A first port such that it and the next ``count - 1`` can be listened on now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            sockets = [socket.socket() for _ in range(count)]
-            for offset, sock in enumerate(sockets):
-                sock.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free ports")
-
-
 def launch(*command, ranks: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """``mlx.launch -n ranks --backend ring -- command`` on localhost."""
-    args = [str(BIN / "mlx.launch"), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_ports(ranks)),
+    args = [str(BIN / "mlx.launch"), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_port_run(ranks)),
             "--", *map(str, command)]
     res = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, **(env or {})})
     assert "error" not in res.stderr.lower() and "Traceback" not in res.stderr, res.stderr
@@ -187,7 +166,7 @@ def wait_until_sampling(process: subprocess.Popen) -> None:
 
 
 def hostfile(tmp_path: Path) -> Path:
-    base = free_ports(2)
+    base = free_port_run(2)
     path = tmp_path / "hosts.json"
     path.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
     return path

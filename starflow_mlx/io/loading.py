@@ -14,7 +14,7 @@ from starflow_mlx.io.resolve import resolve_model
 
 # The weight-reading layer's names, importable from here as before.
 from starflow_mlx.io.weights import (DTYPES, ModelLoadError, auto_dtype, build_flow, cast_floats,  # noqa: F401
-                                  check_weight_bytes, load_weights_strict, parse_dtype)
+                                  check_weight_bytes, load_weights_strict, parse_dtype, read_config)
 
 
 def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | list | None = None,
@@ -29,9 +29,9 @@ def load_flow(path: str | Path, dtype: str | None = None, lora: str | Path | lis
     """
     try:
         folder = resolve_model(path)
-        config = FlowConfig.load(folder / "config.json")
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from None
+    config = read_config(FlowConfig, folder)
     adapters, scales = as_adapter_list(lora, lora_scale)
     for adapter, scale in zip(adapters, scales):  # a wrong or broken adapter is refused before the base weights are read
         check_adapter(adapter, config, scale)

@@ -15,8 +15,7 @@ from typing import Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from starflow_mlx.config import ConfigError
-from starflow_mlx.io.weights import DTYPES, ModelLoadError, auto_dtype, load_weights_strict, parse_dtype
+from starflow_mlx.io.weights import DTYPES, ModelLoadError, auto_dtype, load_weights_strict, parse_dtype, read_config
 from starflow_mlx.models.t5 import T5Config, T5Encoder
 from starflow_mlx.quantize.policy import apply_quantization, describe, plan_quantization
 
@@ -127,13 +126,7 @@ def load_text_encoder(path: str | Path, dtype: str | None = None) -> TextEncoder
         tokenizer_folder = folder
         target = None  # already in the asked dtype
     else:
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"text encoder folder {folder} has no config.json: give a converted folder "
-                                 "(starflow convert) or a Hugging Face T5 folder")
-        try:
-            config = T5Config.load(folder / "config.json")
-        except ConfigError as exc:
-            raise ModelLoadError(str(exc)) from None
+        config = read_config(T5Config, folder, "text encoder", "a Hugging Face T5 folder")
         tokenizer_folder = folder / "tokenizer"
         if not tokenizer_folder.is_dir():
             raise ModelLoadError(f"text encoder folder {folder} has no tokenizer/: it is incomplete "

@@ -9,8 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from starflow_mlx.config import ConfigError
-from starflow_mlx.io.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
+from starflow_mlx.io.weights import (ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype,
+                                     read_config)
 from starflow_mlx.models.sd_vae import AutoencoderKL, VAEConfig
 
 
@@ -100,13 +100,7 @@ def load_vae(path: str | Path, dtype: str | None = None) -> VAE:
         load_checked(model, list(weights.items()), str(folder))
         target = None  # already in the asked dtype
     else:
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"VAE folder {folder} has no config.json: give a converted folder (starflow convert) "
-                                 "or a diffusers VAE folder")
-        try:
-            config = VAEConfig.load(folder / "config.json")
-        except ConfigError as exc:
-            raise ModelLoadError(str(exc)) from None
+        config = read_config(VAEConfig, folder, "VAE", "a diffusers VAE folder")
         model = AutoencoderKL(config)
         load_weights_strict(model, folder / "model.safetensors")
     if target is not None:

@@ -11,8 +11,8 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from starflow_mlx.jsonconfig import ConfigError
-from starflow_mlx.io.weights import ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype
+from starflow_mlx.io.weights import (ModelLoadError, cast_floats, load_checked, load_weights_strict, parse_dtype,
+                                     read_config)
 from starflow_mlx.models.wan_vae import WanVAE, WanVAEConfig
 
 # float32 by measurement: see benchmarks/README.md, "Wan2.2 VAE" (PSNR of float16/bfloat16 decodes).
@@ -192,9 +192,5 @@ def load_video_vae(path: str | Path, dtype: str | None = None) -> VideoVAE:
     parse_dtype(dtype)
     folder = Path(path)
     if (folder / "config.json").is_file():
-        try:
-            config = WanVAEConfig.load(folder / "config.json")
-        except ConfigError as exc:
-            raise ModelLoadError(str(exc)) from None
-        return _from_model(config, None, folder, dtype)
+        return _from_model(read_config(WanVAEConfig, folder), None, folder, dtype)
     return _from_checkpoint(path, dtype)

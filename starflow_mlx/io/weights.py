@@ -22,6 +22,18 @@ class ModelLoadError(ValueError):
     """A model folder is missing, incomplete or does not match its config."""
 
 
+def read_config(kind, folder: Path, what: str | None = None, otherwise: str = ""):
+    """``folder/config.json`` as the config dataclass ``kind``, every failure a one-line ModelLoadError; with
+    ``what``, a folder without one is named as a ``what`` folder that is neither converted nor ``otherwise``."""
+    if what is not None and not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{what} folder {folder} has no config.json: give a converted folder (starflow convert) "
+                             f"or {otherwise}")
+    try:
+        return kind.load(folder / "config.json")
+    except ConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
 def parse_dtype(name: str | None):
     if name is None:
         return None
@@ -131,10 +143,7 @@ def build_flow(folder: Path, layers: range | None = None) -> STARFlow:
 
     ``layers`` keeps only those layers of the deep block and reads only their weights (one rank's share).
     """
-    try:
-        config = FlowConfig.load(folder / "config.json")
-    except ConfigError as exc:
-        raise ModelLoadError(str(exc)) from None
+    config = read_config(FlowConfig, folder)
     check_weight_bytes(config, folder / "model.safetensors")
     model = STARFlow(config)
     if config.quantization:
