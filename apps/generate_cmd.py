@@ -122,15 +122,15 @@ def finished_images(plan: OutputPlan, params: dict, overwrite: bool) -> set[int]
 
 # -- running ---------------------------------------------------------------------------------
 def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict, wanted: range,
-                batch_size: int, stages, done: frozenset = frozenset(), write: bool = True, saved=None,
-                verify=None, overwrite: bool = False) -> list:
-    """Sample ``wanted`` batch by batch; files of a folder are written per batch (unless not ``write``: a
-    pipeline rank other than 0), a grid's images returned.
+                batch_size: int, stages, world, output_dir: Optional[Path] = None, done: frozenset = frozenset(),
+                overwrite: bool = False) -> list:
+    """Sample ``wanted`` batch by batch; files of a folder (``output_dir``) are written per batch (by rank 0 of a
+    pipelined ``world``; by the only rank otherwise), a grid's images returned.
 
     ``done``: images already written; a batch holding only those is skipped, and batches stay cut where
-    the whole job cuts them, so every image comes out as in an uninterrupted run. ``verify()``: called before
-    a batch's files are written (the other ranks took part to the end); ``saved(count)``: after, with how many
-    of the job's files are on disk.
+    the whole job cuts them, so every image comes out as in an uninterrupted run. Before a batch's files are
+    written the ranks check that every one took part to the end (``world.verify``); while they are written
+    the rank waits on nobody (``world.writing``), and after, ``world.wrote`` knows how many are on disk.
     """
     from starflow_mlx.pipelines.image_files import save_images
 
@@ -144,16 +144,15 @@ def run_batches(pipe, prompt: str, options: dict, plan: OutputPlan, params: dict
     for start, stop in spans:
         for first, images in pipe.generate_batches(prompt, progress=stages, batch_size=batch_size,
                                                    images=(start, stop), **options):
-            if verify is not None:
-                verify()
-            if plan.file is None and write:
-                save_images([(image, plan.names[first + k], dict(params, index=first + k))
-                             for k, image in enumerate(images) if first + k not in done], overwrite)
-            else:
-                kept.extend(images)
+            world.verify()
             count += sum(first + k not in done for k in range(len(images)))
-            if saved is not None and plan.file is None and write:
-                saved(count)
+            if plan.file is None and world.is_main:
+                with world.writing():
+                    save_images([(image, plan.names[first + k], dict(params, index=first + k))
+                                 for k, image in enumerate(images) if first + k not in done], overwrite)
+                    world.wrote(count, len(wanted), output_dir)
+            elif plan.file is not None:
+                kept.extend(images)
             stages("images", count, len(wanted))
     return kept
 
@@ -335,9 +334,7 @@ def generate(
         else:
             with world.sampling():
                 images = run_batches(pipe, job["prompt"], options, plan, params, wanted, batch_size,
-                                     world.beating(stages), done, write=world.is_main,
-                                     saved=lambda count: world.wrote(count, len(wanted), output_dir),
-                                     verify=world.verify, overwrite=overwrite)
+                                     world.beating(stages), world, output_dir, done, overwrite)
     if not world.is_main:
         return
     for warning in caught:

@@ -192,7 +192,7 @@ class RecordingWatchdog:
         return Watchdog.watching(self, seconds, line, lost)
 
 
-def test_pipeline_sampling_stays_watched_after_an_exchange_between_batches_and_says_what_is_written():
+def test_pipeline_sampling_stays_watched_after_an_exchange_or_a_write_between_batches_and_says_what_is_written():
     from starflow_mlx.io.distributed import World
 
     watchdog = RecordingWatchdog()
@@ -204,4 +204,8 @@ def test_pipeline_sampling_stays_watched_after_an_exchange_between_batches_and_s
         assert watchdog.calls[-1] == ("arm", "no answer from the other ranks during sampling",
                                       "lost the connection to another rank (it died or its network went down): "
                                       "stopped: 1 of 4 written to out; rerun with --resume to finish")
+        with world.writing():  # a failure elsewhere must not end the rank between a file and its count
+            assert watchdog.calls[-1] == ("disarm",)
+            world.wrote(2, 4, "out")
+        assert watchdog.calls[-1][0] == "arm" and "stopped: 2 of 4 written to out" in watchdog.calls[-1][2]
     assert watchdog.calls[-1] == ("disarm",)

@@ -292,6 +292,19 @@ class World:
             self.steps_wait = False
             self.watchdog.disarm()
 
+    @contextmanager
+    def writing(self):
+        """Files being written between exchanges: this rank waits on nobody, so a failure elsewhere cannot end it
+        halfway (its line then tells how many files are whole); sampling is watched again afterwards."""
+        if not self.steps_wait:
+            yield
+            return
+        self.watchdog.disarm()
+        try:
+            yield
+        finally:
+            self._beat()
+
     def _beat(self) -> None:
         """Sampling is watched for the next ``timeout`` seconds; a failure then says what is written by now."""
         self.watchdog.arm(self.timeout, self.silence(self.timeout, "during sampling"), lost_line(self.outcome()))
