@@ -10,7 +10,7 @@ labelled panels, pixels enlarged by nearest neighbour:
 - ``video_strip.png``: a real clip, the same clip edited to another digit (video to video), a mask clip that
   follows the digit (one mask frame per frame) and the clip inpainted under it.
 
-    python -m starflow_mlx.benchmarks.edit_strips --out docs/img
+    python -m starflow_mlx.benchmarks.edit_strips --out docs/img --overwrite
 """
 
 from __future__ import annotations
@@ -183,23 +183,32 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_strips(out: Path) -> dict[str, list[list[tuple[str, np.ndarray]]]]:
-    """Render every strip into ``out`` (each PNG whole or not at all); returns the panels drawn."""
+def write_strips(out: Path, overwrite: bool = False) -> dict[str, list[list[tuple[str, np.ndarray]]]]:
+    """Render every strip into ``out`` (each PNG whole or not at all); returns the panels drawn. Strips already
+    there are refused before any work, unless ``overwrite``."""
     from starflow_mlx.io.staging import write_file
 
+    there = [out / f"{name}.png" for name in ZOOM if (out / f"{name}.png").exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"{there[0]} already exists: pass --overwrite to replace the strips in {out}")
     strips = make_strips()
     pictures = {name: png_bytes(render(rows, ZOOM[name])) for name, rows in strips.items()}
     out.mkdir(parents=True, exist_ok=True)
     for name, data in pictures.items():
-        write_file(out / f"{name}.png", data)
+        write_file(out / f"{name}.png", data, overwrite=overwrite)
     return strips
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the PNG strips into")
+    parser.add_argument("--overwrite", action="store_true", help="replace the strips already there")
     args = parser.parse_args()
-    for name in write_strips(args.out):
+    try:
+        strips = write_strips(args.out, args.overwrite)
+    except OSError as exc:  # the strips there already, or a folder that cannot be written
+        raise SystemExit(f"error: {exc}") from None
+    for name in strips:
         path = args.out / f"{name}.png"
         print(f"wrote {path} ({path.stat().st_size} bytes)")
 

@@ -93,4 +93,11 @@ def test_the_committed_strips_are_what_the_command_makes_now(made):
         committed = IMG / f"{name}.png"
         assert committed.stat().st_size < 8000, f"{committed} should stay a few KB"
         assert np.array_equal(np.asarray(Image.open(committed)), np.asarray(Image.open(out / f"{name}.png"))), \
-            f"{committed} is stale: python -m starflow_mlx.benchmarks.edit_strips --out docs/img"
+            f"{committed} is stale: python -m starflow_mlx.benchmarks.edit_strips --out docs/img --overwrite"
+
+
+def test_strips_already_there_are_refused_before_any_work(tmp_path):
+    (tmp_path / "video_strip.png").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        edit_strips.write_strips(tmp_path)
+    assert (tmp_path / "video_strip.png").read_bytes() == b"mine" and len(list(tmp_path.iterdir())) == 1
