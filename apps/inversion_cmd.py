@@ -172,7 +172,8 @@ def _recorded_input(given: Optional[Path], path: Optional[str], sha256: Optional
 
 
 def _read_mask(mask: Path, video: bool, job: dict):
-    """The mask, read before the model loads: an image, or for a clip input an .mp4 of one mask frame per frame."""
+    """The mask: an image, read before the model loads, or for a clip input an .mp4 of one mask frame per frame
+    (checked to be a file here; the pipeline reads it at the input's frame rate)."""
     from starflow_mlx.pipelines.inversion import is_mask_clip
 
     if not is_mask_clip(mask):
@@ -183,10 +184,10 @@ def _read_mask(mask: Path, video: bool, job: dict):
         raise ValueError(f"--mask {mask}: a mask clip is for an .mp4 input; give an image mask for an image")
     if job["mask_frames"] is not None:
         raise ValueError("--mask-frames is for a mask image: a mask clip gives every frame its own mask already")
-    from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
-    from starflow_mlx.pipelines.video_io import read_video
+    from starflow_mlx.io.input_files import check_regular_file
 
-    return read_video(mask, fps=job["fps"] or VIDEO_DEFAULTS["fps"])[0]
+    check_regular_file(mask, "mask")
+    return mask
 
 
 def edit(

@@ -87,12 +87,15 @@ def test_bad_mask_clips_are_one_line_and_write_nothing(video_model, tmp_path, mo
     write_mp4("full.mp4", np.full_like(hole, 255), 16)
     write_mp4("ok.mp4", hole, 16)
     edit = ("edit", "src.mp4", "--to", "8 moving right", "-m", video_model, "-o", "out.mp4", "--mask")
-    assert f"has {frames - 1} frames but the input has {frames}" in one_line(run(*edit, "short.mp4"))
+    assert f"has {frames - 1} frames but the input has {frames} (both read at 16 fps)" in one_line(run(*edit,
+                                                                                                   "short.mp4"))
     assert f"frames are {side - 2}x{side - 2} but the input's are {side}x{side}" in one_line(run(*edit, "small.mp4"))
     assert "no white pixels" in one_line(run(*edit, "empty.mp4"))
     assert "all white" in one_line(run(*edit, "full.mp4"))
     assert "--mask-frames is for a mask image" in one_line(run(*edit, "ok.mp4", "--mask-frames", "0"))
     assert "not found" in one_line(run(*edit, "missing.mp4"))
+    (tmp_path / "junk.mp4").write_bytes(b"\x00" * 64)
+    assert "junk.mp4" in one_line(run(*edit, "junk.mp4"))
     from PIL import Image
 
     Image.new("L", (64, 64)).save("digit.png")

@@ -212,11 +212,13 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
     ``mask`` is an .mp4 (read at ``fps``, as the input is) or an array (T, H, W[, 1 or 3]), bool or uint8.
     Grey levels are cut at mid-grey (128): H.264 blurs a mask's edges and shifts its flat levels a little.
     """
+    rate = ""
     if isinstance(mask, (str, Path)):
         from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
         from starflow_mlx.pipelines.video_io import read_video
 
-        mask = read_video(mask, fps=fps or VIDEO_DEFAULTS["fps"])[0]
+        mask, fps = read_video(mask, fps=fps or VIDEO_DEFAULTS["fps"])
+        rate = f" (both read at {fps:g} fps)"
     mask = np.asarray(mask)
     if mask.ndim == 4 and mask.shape[-1] in (1, 3):
         rgb = mask.shape[-1] == 3 and mask.dtype == np.uint8  # luma, as an image mask is read
@@ -228,8 +230,8 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
         raise ValueError(f"the mask clip's frames are {mask.shape[2]}x{mask.shape[1]} but the input's are "
                          f"{size[0]}x{size[1]}: give mask frames of the input's size")
     if len(mask) != frames:
-        raise ValueError(f"the mask clip has {len(mask)} frames but the input has {frames}: give one mask frame per "
-                         "input frame")
+        raise ValueError(f"the mask clip has {len(mask)} frames but the input has {frames}{rate}: give one mask frame "
+                         "per input frame")
     return _check_hole(mask if mask.dtype == np.bool_ else mask >= 128)
 
 
