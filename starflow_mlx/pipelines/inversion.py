@@ -207,7 +207,8 @@ def is_mask_clip(mask) -> bool:
 
 
 def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None) -> np.ndarray:
-    """A mask clip (white = regenerate), one frame per input frame -> bool hole (T, H, W).
+    """A mask clip (white = regenerate), one frame per input frame -> bool hole (T, H, W) (not yet checked to
+    leave something to keep and something to redo: that is for the frames the clip is trimmed to).
 
     ``mask`` is an .mp4 (read at ``fps``, as the input is) or an array (T, H, W[, 1 or 3]), bool or uint8.
     Grey levels are cut at mid-grey (128): H.264 blurs a mask's edges and shifts its flat levels a little.
@@ -232,7 +233,7 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
     if len(mask) != frames:
         raise ValueError(f"the mask clip has {len(mask)} frames but the input has {frames}{rate}: give one mask frame "
                          "per input frame")
-    return _check_hole(mask if mask.dtype == np.bool_ else mask >= 128)
+    return mask if mask.dtype == np.bool_ else mask >= 128
 
 
 def _data_hole(pipe, hole: np.ndarray, data_shape: tuple[int, ...]) -> mx.array:
@@ -281,7 +282,7 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
         if mask_frames is not None:
             raise option_error(ValueError, "mask_frames", " is for a mask image: a mask clip gives every frame its "
                                "own mask already")
-        hole = hole_frames(mask, (width, height), given_frames, fps)[: len(pixels)]
+        hole = _check_hole(hole_frames(mask, (width, height), given_frames, fps)[: len(pixels)])  # frames used
     else:
         hole = hole_pixels(mask, (width, height), pixels.shape[0] if pipe.VIDEO else 0, mask_frames)
     known_x, ratio, fps = prepare(pipe, pixels if pipe.VIDEO else Image.fromarray(pixels), fps)
