@@ -171,6 +171,25 @@ def _recorded_input(given: Optional[Path], path: Optional[str], sha256: Optional
     return given
 
 
+def _read_mask(mask: Path, video: bool, job: dict):
+    """The mask: an image, read before the model loads, or for a clip input an .mp4 of one mask frame per frame
+    (checked to be a file here; the pipeline reads it at the input's frame rate)."""
+    from starflow_mlx.pipelines.inversion import is_mask_clip
+
+    if not is_mask_clip(mask):
+        from starflow_mlx.io.image_input import open_image
+
+        return open_image(mask, "mask")
+    if not video:
+        raise ValueError(f"--mask {mask}: a mask clip is for an .mp4 input; give an image mask for an image")
+    if job["mask_frames"] is not None:
+        raise ValueError("--mask-frames is for a mask image: a mask clip gives every frame its own mask already")
+    from starflow_mlx.io.input_files import check_regular_file
+
+    check_regular_file(mask, "mask")
+    return mask
+
+
 def edit(
     source: Optional[Path] = typer.Argument(None, readable=False, help="Image, or .mp4 for a video model (with "
                                                                        "--from-metadata: the input again, if it "
@@ -178,9 +197,12 @@ def edit(
     to: Optional[str] = typer.Option(None, "--to", help="Prompt (class name) of the result."),
     source_prompt: Optional[str] = typer.Option(None, "--from", help="What the input shows (needed without --mask)."),
     mask: Optional[Path] = typer.Option(None, "--mask", readable=False, help="Image of the input's size: white is "
-                                                                             "regenerated, every other pixel kept."),
-    mask_frames: Optional[str] = typer.Option(None, "--mask-frames", help="Video: the frames the mask applies to, "
-                                                                          "e.g. 0,2-4 (default: all)."),
+                                                                             "regenerated, every other pixel kept. "
+                                                                             "Video: an image for every frame, or "
+                                                                             "an .mp4 of one mask frame per input "
+                                                                             "frame (cut at mid-grey)."),
+    mask_frames: Optional[str] = typer.Option(None, "--mask-frames", help="Video: the frames a mask image applies "
+                                                                          "to, e.g. 0,2-4 (default: all)."),
     strength: Optional[float] = typer.Option(None, "--strength", help="Fresh noise mixed into the input's noise, "
                                                                       "0 (keep its structure) to 1 (a new sample); "
                                                                       "default 0."),
@@ -255,9 +277,7 @@ def edit(
     if job["mask_frames"] is not None and not video:
         raise ValueError("--mask-frames is for an .mp4 input")
     if job["operation"] == "inpaint":
-        from starflow_mlx.io.image_input import open_image
-
-        mask_image = open_image(mask, "mask")
+        mask_image = _read_mask(mask, video, job)
     output = output or Path(f"{source.stem}-edit{'.mp4' if video else '.png'}")
     _check_new(output, overwrite, (".mp4",) if video else (".png", ".jpg", ".jpeg", ".webp"))
     pipe = _load(model, video)

@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from starflow_mlx.advice import option_error
 from starflow_mlx.sampling import inversion as flow_inversion
 from starflow_mlx.sampling.denoise import score_denoise
 
@@ -187,11 +188,52 @@ def hole_pixels(mask, size: tuple[int, int], frames: int = 0, mask_frames: list[
         if bad:
             raise ValueError(f"mask frame {bad[0]} is not among the clip's {frames} frames (0 to {frames - 1})")
         hole = np.stack([hole if t in chosen else np.zeros_like(hole) for t in range(frames)])
+    return _check_hole(hole)
+
+
+def _check_hole(hole: np.ndarray) -> np.ndarray:
     if not hole.any():
         raise ValueError("the mask has no white pixels: nothing to regenerate (white marks the part to redo)")
     if hole.all():
         raise ValueError("the mask is all white: nothing would be kept; use generate for a new image")
     return hole
+
+
+def is_mask_clip(mask) -> bool:
+    """Whether ``mask`` gives every frame its own mask: an .mp4 path, or an array of frames (T, H, W[, 1 or 3])."""
+    if isinstance(mask, (str, Path)):
+        return Path(mask).suffix.lower() == ".mp4"
+    return isinstance(mask, np.ndarray)
+
+
+def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None) -> np.ndarray:
+    """A mask clip (white = regenerate), one frame per input frame -> bool hole (T, H, W) (not yet checked to
+    leave something to keep and something to redo: that is for the frames the clip is trimmed to).
+
+    ``mask`` is an .mp4 (read at ``fps``, as the input is) or an array (T, H, W[, 1 or 3]), bool or uint8.
+    Grey levels are cut at mid-grey (128): H.264 blurs a mask's edges and shifts its flat levels a little.
+    """
+    rate = ""
+    if isinstance(mask, (str, Path)):
+        from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
+        from starflow_mlx.pipelines.video_io import read_video
+
+        mask, fps = read_video(mask, fps=fps or VIDEO_DEFAULTS["fps"])
+        rate = f" (both read at {fps:g} fps)"
+    mask = np.asarray(mask)
+    if mask.ndim == 4 and mask.shape[-1] in (1, 3):
+        rgb = mask.shape[-1] == 3 and mask.dtype == np.uint8  # luma, as an image mask is read
+        mask = np.stack([np.asarray(Image.fromarray(f).convert("L")) for f in mask]) if rgb else mask[..., 0]
+    if mask.ndim != 3 or mask.dtype not in (np.bool_, np.uint8):
+        raise ValueError(f"a mask clip is bool or uint8 frames (T, H, W) or (T, H, W, 3), got {mask.dtype} "
+                         f"{mask.shape}")
+    if mask.shape[2:0:-1] != size:
+        raise ValueError(f"the mask clip's frames are {mask.shape[2]}x{mask.shape[1]} but the input's are "
+                         f"{size[0]}x{size[1]}: give mask frames of the input's size")
+    if len(mask) != frames:
+        raise ValueError(f"the mask clip has {len(mask)} frames but the input has {frames}{rate}: give one mask frame "
+                         "per input frame")
+    return mask if mask.dtype == np.bool_ else mask >= 128
 
 
 def _data_hole(pipe, hole: np.ndarray, data_shape: tuple[int, ...]) -> mx.array:
@@ -220,6 +262,9 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
             jacobi: bool | None = False, progress=None):
     """Regenerate the white part of ``mask`` under ``prompt``; every other pixel of ``source`` is kept.
 
+    For a clip, ``mask`` is an image applied to every frame (or to ``mask_frames``), or a mask clip with one frame
+    per input frame: an .mp4 path or an array (T, H, W[, 3]) (:func:`hole_frames`).
+
     Returns an image of ``source``'s size, or uint8 frames (T, H, W, 3) for a clip.
     """
     from starflow_mlx.pipelines.settings import check_options
@@ -231,9 +276,15 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
         raise ValueError(f"rounds must be a whole number from 1 to {MAX_ROUNDS}, got {rounds!r}")
     cfg = guidance(pipe, cfg)
     check_options(seed, cfg, 1, 1, 1.0, 1)
-    pixels = _source_pixels(pipe, source, fps)
+    pixels, given_frames = _source_pixels(pipe, source, fps)
     height, width = pixels.shape[1:3] if pipe.VIDEO else pixels.shape[:2]
-    hole = hole_pixels(mask, (width, height), pixels.shape[0] if pipe.VIDEO else 0, mask_frames)
+    if pipe.VIDEO and is_mask_clip(mask):
+        if mask_frames is not None:
+            raise option_error(ValueError, "mask_frames", " is for a mask image: a mask clip gives every frame its "
+                               "own mask already")
+        hole = _check_hole(hole_frames(mask, (width, height), given_frames, fps)[: len(pixels)])  # frames used
+    else:
+        hole = hole_pixels(mask, (width, height), pixels.shape[0] if pipe.VIDEO else 0, mask_frames)
     known_x, ratio, fps = prepare(pipe, pixels if pipe.VIDEO else Image.fromarray(pixels), fps)
     data_hole = _data_hole(pipe, hole, known_x.shape)
     y, y_u = pipe.conditioning(prompt, 1, ratio, fps)
@@ -263,8 +314,9 @@ def inpaint_data(flow, known: mx.array, hole: mx.array, noise: mx.array, y, y_un
     return x
 
 
-def _source_pixels(pipe, source, fps: int | None) -> np.ndarray:
-    """The input as uint8 pixels: (H, W) or (H, W, 3) for an image, (T, H, W, 3) for a clip (1 + 4k frames)."""
+def _source_pixels(pipe, source, fps: int | None) -> tuple[np.ndarray, int]:
+    """The input as uint8 pixels: (H, W) or (H, W, 3) for an image, (T, H, W, 3) for a clip (1 + 4k frames);
+    and how many frames it had (0 for an image)."""
     if pipe.VIDEO:
         from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
 
@@ -274,12 +326,12 @@ def _source_pixels(pipe, source, fps: int | None) -> np.ndarray:
             source = read_video(source, fps=fps or VIDEO_DEFAULTS["fps"])[0]
         frames = np.asarray(source)
         f = pipe.vae.temporal_factor
-        return frames[: 1 + f * ((len(frames) - 1) // f)]
+        return frames[: 1 + f * ((len(frames) - 1) // f)], len(frames)
     if not isinstance(source, Image.Image):
         from starflow_mlx.io.image_input import open_image
 
         source = open_image(source)
-    return np.asarray(source.convert("L" if pipe.config.in_channels == 1 else "RGB"))
+    return np.asarray(source.convert("L" if pipe.config.in_channels == 1 else "RGB")), 0
 
 
 def _paste(pixels: np.ndarray, made, hole: np.ndarray, video: bool):
