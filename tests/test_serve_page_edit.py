@@ -61,6 +61,12 @@ def test_page_edits_the_painted_part_and_keeps_the_rest(tmp_path, browser, kind,
         page.on("request", lambda r: posted.append(r) if r.url.endswith("/v1/images/edits") else None)
         page.wait_for_selector("#keybox", state="visible")
         page.fill("#key", "page-key")
+        (tmp_path / "notes.png").write_text("not an image")
+        page.set_input_files("#editfile", str(tmp_path / "notes.png"))
+        page.wait_for_function("document.querySelector('#editerror').textContent !== ''", timeout=TIMEOUT_MS)
+        assert page.inner_text("#editerror") == ("notes.png is not an image this browser can read: choose a PNG, "
+                                                 "JPEG or WebP")
+        assert not page.is_visible("#editarea")
         page.set_input_files("#editfile", str(tmp_path / "source.png"))
         page.wait_for_selector("#editarea", state="visible", timeout=TIMEOUT_MS)
         page.fill("#brush", str(BRUSH))

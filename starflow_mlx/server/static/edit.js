@@ -92,7 +92,7 @@ function canvasPoint(event) {
 }
 
 function paint(event) {
-  if (!edit.painted || (event.type === "pointermove" && !edit.last)) return;
+  if (!edit.painted || (event.type === "pointermove" ? !edit.last : event.button !== 0)) return;
   if (event.type === "pointerdown") $("editmask").setPointerCapture(event.pointerId);
   const point = canvasPoint(event);
   paintSegment(edit.last || point, point);
