@@ -34,6 +34,7 @@ async function connect() {
   setOptions($("size"), model.sizes);
   $("classes").replaceChildren(...(model.classes || []).map((name) => new Option(name)));
   $("prompt").placeholder = model.classes ? `a class: ${model.classes.join(", ")}` : "a prompt";
+  $("editprompt").placeholder = $("prompt").placeholder;
   for (const el of document.querySelectorAll(".image-only")) el.style.display = state.kind === "image" ? "" : "none";
   for (const el of document.querySelectorAll(".video-only")) el.style.display = state.kind === "video" ? "" : "none";
   const jobs = (await api("/v1/jobs")).data;
@@ -133,23 +134,31 @@ function number(id) {
   return text === "" ? undefined : Number(text);
 }
 
-async function submit(event) {
-  event.preventDefault();
-  $("error").textContent = "";
+function rememberKey() {
   if ($("key").value) {
     state.key = $("key").value;
     sessionStorage.setItem("starflow-key", state.key);
   }
+}
+
+async function connected() {
+  if (!$("model").dataset.ready) {
+    await connect();
+    $("model").dataset.ready = "1";
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  $("error").textContent = "";
+  rememberKey();
   const body = { prompt: $("prompt").value, size: $("size").value || undefined, seed: number("seed"),
                  cfg: number("cfg"), jacobi: $("jacobi").value === "" ? undefined : $("jacobi").value === "true" };
   if (state.kind === "image") Object.assign(body, { n: number("n"), wait: false });
   else Object.assign(body, { frames: number("frames"), fps: number("fps") });
   $("generate").disabled = true;
   try {
-    if (!$("model").dataset.ready) {
-      await connect();
-      $("model").dataset.ready = "1";
-    }
+    await connected();
     const path = state.kind === "image" ? "/v1/images/generations" : "/v1/videos";
     const job = await api(path, { method: "POST", headers: { "Content-Type": "application/json" },
                                   body: JSON.stringify(body) });
