@@ -32,8 +32,9 @@ def sample(flow, frames, known, context_frames, cfg=2.0, seed=0):
     return np.array(x), z, y, y_u
 
 
-@pytest.mark.parametrize("frames,known,context_frames", [(3, 0, None), (5, 0, 1), (6, 0, 2), (5, 1, 1), (5, 3, 1)],
-                         ids=["window", "one slide", "two slides", "known frame", "known window"])
+@pytest.mark.parametrize("frames,known,context_frames",
+                         [(3, 0, None), (5, 0, 1), (6, 0, 2), (5, 1, 1), (5, 2, 1), (5, 3, 1)],
+                         ids=["window", "one slide", "two slides", "known frame", "known frames", "known window"])
 def test_the_forward_flow_gives_back_the_noise_of_every_sampled_frame(flow, frames, known, context_frames):
     x, z, y, y_u = sample(flow, frames, known, context_frames)
     back = clip_noise(flow, x, y, y_u, 2.0, known=known, context_frames=context_frames)
@@ -54,5 +55,6 @@ def test_window_segments_restart_after_the_context():
     assert window_segments(24, 0, 4, 12, 8) == [(0, 0, 12), (4, 12, 16), (8, 16, 20), (12, 20, 24)]
     # A known frame stays whole while a frame fits after it; a known window keeps only the context.
     assert window_segments(20, 4, 4, 12, 4) == [(0, 4, 12), (8, 12, 20)]
+    assert window_segments(20, 8, 4, 12, 4) == [(0, 8, 12), (8, 12, 20)]
     assert window_segments(20, 12, 4, 12, 4) == [(8, 12, 20)]
     assert window_segments(12, 4, 4, 12, 4) == [(0, 4, 12)]  # no window: one sequence

@@ -124,6 +124,15 @@ def test_a_broken_package_fails_every_clip(video_export, monkeypatch, package, d
     assert all(c.error > 0.1 for c in clips) and all("FAILED" in c.line() for c in clips)
 
 
+def test_a_known_frame_that_comes_back_changed_fails_its_clip(video_export, monkeypatch):
+    """Issue 29's continued clip: the driver samples from the known frame, but returns it off by 5%."""
+    model, result, _ = video_export
+    given = VideoSampler._checked_context
+    monkeypatch.setattr(VideoSampler, "_checked_context", lambda self, *a: given(self, *a) * 1.05)
+    *ok, moved = clip_checks(model, result.folder)
+    assert all(c.ok for c in ok) and not moved.ok and "from 1 known frame" in moved.what
+
+
 SHIFT = 0.03  # on b: about 1% of the clip's peak here
 
 
