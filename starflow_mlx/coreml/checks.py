@@ -11,12 +11,8 @@ tenth of the reference's peak: no rounding model reaches it, while an all-zero
 output errs by 1, a negated one by 2 and one scaled by s by |1 - s|, so those
 fail however far MLX's own float16 drifts.
 
-A whole clip is a chain of dependent sampling steps, and a chain amplifies rounding: two float16 runs of the
-same steps in another order (the package and MLX) can end several times further apart than either is from
-float32, with no bug in either. A chained check therefore allows ``CAP`` itself, which the broken outputs above
-still fail; and where MLX's own float16 ends more than ``CAP`` from float32, the chain has amplified rounding to
-the size of the signal, no comparison of final values can tell a broken package from rounding, and the check
-says so instead of passing or failing (each package was checked on its own, step by step, before).
+A whole clip is checked step by step in the same way (``coreml/clip_residual.py``): MLX maps the package's own
+clip back to the noise each step consumed, so the error of each step is one step's float16 error, never a chain's.
 """
 
 from __future__ import annotations
@@ -43,25 +39,18 @@ class Check:
     what: str
     error: float  # vs MLX in float32
     fp16_error: float  # MLX in float16 vs MLX in float32, same inputs
-    chained: bool = False  # the end of a chain of sampling steps (a whole clip): see the module's docstring
-
-    @property
-    def comparable(self) -> bool:
-        return not (self.chained and self.fp16_error > CAP)
 
     @property
     def tolerance(self) -> float:
-        return CAP if self.chained else min(CAP, max(FLOOR, FP16_FACTOR * self.fp16_error))
+        return min(CAP, max(FLOOR, FP16_FACTOR * self.fp16_error))
 
     @property
     def ok(self) -> bool:
-        return not self.comparable or bool(np.isfinite(self.error)) and self.error <= self.tolerance
+        return bool(np.isfinite(self.error)) and self.error <= self.tolerance
 
     def line(self) -> str:
-        verdict = ("not comparable: the chain amplifies MLX's own float16 rounding past the tolerance"
-                   if not self.comparable else "ok" if self.ok else "FAILED")
         return (f"{self.package:<16} {self.what:<47} worst error {self.error:.1e} "
-                f"(MLX float16 {self.fp16_error:.1e}, tolerance {self.tolerance:.1e}) {verdict}")
+                f"(MLX float16 {self.fp16_error:.1e}, tolerance {self.tolerance:.1e}) {'ok' if self.ok else 'FAILED'}")
 
 
 def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
