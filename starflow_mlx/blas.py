@@ -104,10 +104,11 @@ def cpu_cores() -> int:
 
 
 def sampler_threads() -> int:
-    """Threads for the Jacobi sampler's products: ``STARFLOW_THREADS``, else every core this process may use."""
+    """Threads for the Jacobi sampler's products: ``STARFLOW_THREADS``, else every core this process may use, or
+    one in a rank of a distributed job (``MLX_RANK``), whose ranks may share this machine's cores."""
     text = os.environ.get("STARFLOW_THREADS")
     if text is None:
-        return cpu_cores()
+        return 1 if "MLX_RANK" in os.environ else cpu_cores()
     try:
         count = int(text)
     except ValueError:

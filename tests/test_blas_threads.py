@@ -16,7 +16,7 @@ import pytest
 from starflow_mlx import blas
 
 ROOT = Path(__file__).resolve().parents[1]
-USER = ("STARFLOW_BLAS", "MKL_THREADING_LAYER", "MKL_NUM_THREADS", "STARFLOW_THREADS", "KMP_BLOCKTIME")
+USER = ("STARFLOW_BLAS", "MKL_THREADING_LAYER", "MKL_NUM_THREADS", "STARFLOW_THREADS", "KMP_BLOCKTIME", "MLX_RANK")
 PRELUDE = ("import ctypes, mlx.core as mx\nfrom starflow_mlx import blas\n"
            "a = mx.ones((256, 256)); mx.eval(a)\n"
            "def product(tag):\n    print('TAG', tag, flush=True); mx.eval(a @ a)\n"
@@ -70,6 +70,10 @@ def test_default_count_is_the_cores_or_starflow_threads():
     assert f"YIELD {cores}" in out.stdout and threads_by_tag(out.stdout) == {"inside": {cores}, "after": {1}}
     out = run(code, STARFLOW_THREADS="1")
     assert "YIELD 1" in out.stdout and threads_by_tag(out.stdout) == {"inside": {1}, "after": {1}}
+    out = run(code, MLX_RANK="0")  # ranks of a distributed job may share the cores: one each unless told
+    assert "YIELD 1" in out.stdout and threads_by_tag(out.stdout) == {"inside": {1}, "after": {1}}
+    out = run(code, MLX_RANK="0", STARFLOW_THREADS="2")
+    assert "YIELD 2" in out.stdout and threads_by_tag(out.stdout) == {"inside": {2}, "after": {1}}
     out = run(code, STARFLOW_THREADS="two")
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
