@@ -113,9 +113,7 @@ def blas_libraries() -> list[str]:
 
 
 def machine_info() -> dict:
-    from starflow_mlx.benchmarks.upstream_runner import cpu_cores
-
-    return {"cpu": cpu_model(), "cores": cpu_cores(), "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": blas.cpu_cores(), "platform": platform.platform(), "python": platform.python_version(),
             "mlx": mx.__version__, "device": str(mx.default_device()), "blas": blas_libraries()}
 
 

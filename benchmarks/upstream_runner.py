@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from starflow_mlx import blas
+from starflow_mlx.blas import cpu_cores
 from starflow_mlx.config import FlowConfig
 
 class UpstreamError(OSError):
     """Upstream's sources or torch cannot be used for the side-by-side run."""
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (what MLX's CPU backend and torch should both use)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def matching_threads() -> int:

@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flow_factory import rel
 
 from starflow_mlx import blas
 
@@ -23,10 +25,15 @@ PRELUDE = ("import ctypes, mlx.core as mx\nfrom starflow_mlx import blas\n"
            "def mkl_reads():\n    return ctypes.CDLL(blas.find_blas()).MKL_Get_Max_Threads()\n")
 
 
-def run(code: str, **env) -> subprocess.CompletedProcess:
+def python(code: str, *args: str, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter, with the user's BLAS settings dropped and ``env`` added."""
     keep = {k: v for k, v in os.environ.items() if k not in USER}
-    return subprocess.run([sys.executable, "-c", PRELUDE + code], capture_output=True, text=True,
-                          env=keep | {"MKL_VERBOSE": "1"} | env, timeout=300, cwd=ROOT)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=keep | env,
+                          timeout=300, cwd=ROOT)
+
+
+def run(code: str, **env) -> subprocess.CompletedProcess:
+    return python(PRELUDE + code, MKL_VERBOSE="1", **env)
 
 
 def threads_by_tag(stdout: str) -> dict[str, set[int]]:
@@ -106,9 +113,7 @@ def test_no_op_without_mkl():
     code = ("import mlx.core as mx\nfrom starflow_mlx import blas\n"
             "with blas.threads(2) as n:\n    mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))\n"
             "print('YIELD', n, 'READ', blas.max_threads())\n")
-    keep = {k: v for k, v in os.environ.items() if k not in USER}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=keep | {"STARFLOW_BLAS": "reference"})
+    out = python(code, STARFLOW_BLAS="reference")
     assert out.returncode == 0, out.stderr
     assert "YIELD None READ None" in out.stdout
 
@@ -133,17 +138,11 @@ np.save(sys.argv[1], np.stack([seq, *runs]))
 
 @needs_mkl
 def test_jacobi_runs_threaded_repeatably_and_matches_sequential(tmp_path):
-    from flow_factory import rel
-
     found = {}
     for threads in ("1", "2"):
-        out = subprocess.run([sys.executable, "-c", JACOBI, str(tmp_path / f"{threads}.npy")], capture_output=True,
-                             text=True, timeout=300, cwd=ROOT, env={k: v for k, v in os.environ.items() if k not in USER}
-                             | {"MKL_VERBOSE": "1", "STARFLOW_THREADS": threads})
+        out = python(JACOBI, str(tmp_path / f"{threads}.npy"), MKL_VERBOSE="1", STARFLOW_THREADS=threads)
         assert out.returncode == 0, out.stderr[-2000:]
         assert threads_by_tag(out.stdout) == {"sequential": {1}, "jacobi": {int(threads)}, "done": set()}
-        import numpy as np
-
         found[threads] = np.load(tmp_path / f"{threads}.npy")
     seq, first, again = found["2"]
     assert np.array_equal(first, again)  # every product has one known thread count: the same sample each run
