@@ -151,9 +151,9 @@ def threads(count: int | None = None):
         return
     import mlx.core as mx
 
+    mx.synchronize()  # not under the lock: another thread's entry need not wait for this thread's work
     with _threads_lock:
         if _threads["users"] == 0:
-            mx.synchronize()
             _threads["before"] = _threads["count"]
             lib.MKL_Set_Num_Threads(count)
             _threads["count"] = count
