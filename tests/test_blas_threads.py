@@ -70,6 +70,18 @@ def test_threads_sets_the_count_for_the_products_inside_and_restores_it():
 
 
 @needs_mkl
+def test_entries_from_two_threads_keep_the_count_until_the_last_exit():
+    # The video pipeline's worker runs Jacobi blocks while the main thread runs the deep one.
+    out = run("import threading\nentered, leave = threading.Event(), threading.Event()\n"
+              "def worker():\n    with blas.threads(2):\n        entered.set(); leave.wait()\n"
+              "t = threading.Thread(target=worker); t.start(); entered.wait()\n"
+              "with blas.threads(2):\n    leave.set(); t.join()\n    product('other left')\n"
+              "product('all left')\n")
+    assert out.returncode == 0, out.stderr
+    assert threads_by_tag(out.stdout) == {"other left": {2}, "all left": {1}}
+
+
+@needs_mkl
 def test_default_count_is_the_cores_or_starflow_threads():
     code = "with blas.threads() as n:\n    product('inside'); print('YIELD', n)\nproduct('after')\n"
     out = run(code)
