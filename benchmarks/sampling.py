@@ -25,11 +25,13 @@ import statistics
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from starflow_mlx import blas
 from starflow_mlx.benchmarks.configs import build_flow, load_config
 from starflow_mlx.benchmarks.matmul_floor import block_floor
 from starflow_mlx.benchmarks.roofline import measure_bandwidth, parameter_bytes, roofline
@@ -111,9 +113,7 @@ def blas_libraries() -> list[str]:
 
 
 def machine_info() -> dict:
-    from starflow_mlx.benchmarks.upstream_runner import cpu_cores
-
-    return {"cpu": cpu_model(), "cores": cpu_cores(), "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": blas.cpu_cores(), "platform": platform.platform(), "python": platform.python_version(),
             "mlx": mx.__version__, "device": str(mx.default_device()), "blas": blas_libraries()}
 
 
@@ -234,9 +234,8 @@ def run_benchmark(opts: BenchOptions, log=None) -> dict:
     inputs = make_inputs(config, opts.batch, opts.seed)
     upstream = None
     if module is not None:
-        threads = opts.threads or matching_threads()
-        say(f"building upstream's Model from {opts.upstream} (torch threads: {threads})")
-        upstream = UpstreamSampler(module, flow, opts.dtype, threads)
+        say(f"building upstream's Model from {opts.upstream}")
+        upstream = UpstreamSampler(module, flow, opts.dtype, opts.threads or matching_threads())
     runs = [time_sampler(flow, inputs, cfg, sampler, opts, upstream, say) for sampler in opts.samplers]
     # Measured last, so that its large arrays stay out of the samplers' peak memory figures.
     say(f"measuring memory bandwidth ({opts.bandwidth_mb} MB array)")
@@ -280,9 +279,20 @@ def step_rows(config, lengths: dict[int, int], batches: dict[int, int],
     return steps
 
 
+def blas_threads(sampler: str):
+    """The BLAS threads ``sampler`` runs its products with (the Jacobi sampler's are threaded: ``blas.threads``)."""
+    return blas.threads() if sampler == "jacobi" else nullcontext()
+
+
 def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, upstream, say) -> dict:
     """Warm up, then time ours (and upstream's, alternating) ``opts.repeats`` times; medians per block."""
     config = flow.config
+    with blas_threads(sampler):
+        mkl_threads = blas.max_threads()  # what the products get, inside threads() for Jacobi
+        if upstream is not None and opts.threads is None:  # torch gets the threads this sampler's products get
+            from starflow_mlx.benchmarks.upstream_runner import matching_threads
+
+            upstream.set_threads(matching_threads())
     blocks = [b.index for b in flow.blocks if not b.is_identity]
     tokens = opts.batch * tokens_per_sample(config)
     clock = BlockClock()
@@ -314,7 +324,8 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
     seconds = statistics.median(s for s, _ in ours_runs)
     run = {"sampler": sampler, "seconds": seconds, "all_seconds": [s for s, _ in ours_runs],
            "first_call_seconds": first, "first_call_traces": first_traces, "warm_traces": warm_traces,
-           "tokens_per_s": tokens / seconds, "peak_memory_bytes": peak, "rss_peak_bytes": peak_rss_bytes()}
+           "tokens_per_s": tokens / seconds, "peak_memory_bytes": peak, "rss_peak_bytes": peak_rss_bytes(),
+           "mkl_threads": mkl_threads}
     jac = jacobi_summary(stats, blocks) if sampler == "jacobi" else None
     lengths = sequence_lengths(config, blocks)
     say(f"{sampler}: timing its matrix products alone")
@@ -323,12 +334,14 @@ def time_sampler(flow, inputs, cfg: float, sampler: str, opts: BenchOptions, ups
     batches = {b: opts.batch * (2 if cfg > 0 and by_index[b].sees_text else 1) for b in blocks}
     floors = step_rows(config, lengths, batches, stats if jac else None)
     run["blocks"] = []
+    with blas_threads(sampler):  # the products alone, threaded as in the run
+        products = {b: block_floor(by_index[b], floors[b]) for b in blocks}
     for b in reversed(blocks):
         block_seconds = statistics.median(pb[b] for _, pb in ours_runs)
         run["blocks"].append({"block": b, "deep": b == config.num_blocks - 1, "seconds": block_seconds,
                               "tokens_per_s": tokens / block_seconds,
                               "steps": jac["per_block"][str(b)]["total"] if jac else lengths[b],
-                              "matmul_seconds": block_floor(by_index[b], floors[b])})
+                              "matmul_seconds": products[b]})
     floor = sum(row["matmul_seconds"] for row in run["blocks"])
     run["matmul_floor"] = {"seconds": floor, "fraction": floor / seconds}
     if jac:
@@ -372,7 +385,8 @@ def format_report(result: dict) -> str:
         head = (f"\n{run['sampler']}: {run['seconds']:.3f} s median of {len(run['all_seconds'])} warm runs "
                 f"({run['warm_traces']} traces; first call {run['first_call_seconds']:.3f} s, "
                 f"{run['first_call_traces']} traces), {run['tokens_per_s']:.1f} tokens/s, "
-                f"peak MLX memory {_gb(run['peak_memory_bytes'])}, peak RSS {_gb(run['rss_peak_bytes'])}, "
+                + (f"MKL threads {run['mkl_threads']}, " if run.get("mkl_threads") else "")
+                + f"peak MLX memory {_gb(run['peak_memory_bytes'])}, peak RSS {_gb(run['rss_peak_bytes'])}, "
                 f"roofline {run['roofline']['bandwidth_fraction']:.1%}, "
                 f"matrix products alone {run['matmul_floor']['seconds']:.3f} s "
                 f"({run['matmul_floor']['fraction']:.0%} of the run)")

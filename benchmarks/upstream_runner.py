@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,28 +19,26 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from starflow_mlx import blas
+from starflow_mlx.blas import cpu_cores
 from starflow_mlx.config import FlowConfig
 
 class UpstreamError(OSError):
     """Upstream's sources or torch cannot be used for the side-by-side run."""
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (what MLX's CPU backend and torch should both use)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def matching_threads() -> int:
-    """Cores MLX keeps busy: all of them on a GPU, else CPU time over wall time of a matmul loop.
+    """Cores MLX keeps busy: all of them on a GPU, else MKL's thread count, else CPU time over wall time of a
+    matmul loop.
 
     MLX's CPU backend runs one op at a time and its matmuls go to whatever BLAS
-    it was linked with (single-threaded reference BLAS in the Linux wheels), so
-    torch gets the same number of threads for a like-for-like comparison.
+    it was linked with (MKL: one thread, more inside ``blas.threads``), so torch
+    gets the same number of threads for a like-for-like comparison.
     """
     if mx.default_device() != mx.cpu:
         return cpu_cores()
+    if blas.max_threads() is not None:  # MKL says: no need to guess from a busy machine's clock
+        return min(blas.max_threads(), cpu_cores())
     a = mx.random.normal((512, 512))
     mx.eval(a)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -107,8 +104,7 @@ class UpstreamSampler:
         import torch
 
         self.torch = torch
-        self.threads = threads or cpu_cores()
-        torch.set_num_threads(self.threads)
+        self.set_threads(threads or cpu_cores())
         self.model = module.Model(**_model_kwargs(flow.config))
         ours = dict(tree_flatten(flow.parameters()))
         theirs = dict(self.model.named_parameters())
@@ -126,6 +122,10 @@ class UpstreamSampler:
             if len(getattr(block, "attn_blocks", [])):
                 block.reverse = self._timed(index, block.reverse)
                 block.jacobi = self._timed(index, block.jacobi)
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
+        self.torch.set_num_threads(threads)
 
     def _timed(self, index: int, fn):
         def run(*args, **kwargs):

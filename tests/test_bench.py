@@ -141,4 +141,6 @@ def test_side_by_side_with_upstream():
         assert up["max_abs_diff"] < 1e-4
         assert up["seconds"] > 0 and up["ratio"] == pytest.approx(run["seconds"] / up["seconds"])
         assert set(up["block_seconds"]) == {"0", "1"} and up["threads"] >= 1
+        if run["mkl_threads"] is not None:  # torch gets the threads this sampler's products got
+            assert up["threads"] == run["mkl_threads"]
         assert run["matmul_floor"]["vs_upstream"] == pytest.approx(run["matmul_floor"]["seconds"] / up["seconds"])

@@ -14,6 +14,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from starflow_mlx import blas
 from starflow_mlx.config import FlowConfig
 from starflow_mlx.models.denoiser import Denoiser
 from starflow_mlx.models.kv_cache import check_kv_bits
@@ -315,9 +316,13 @@ class STARFlow(nn.Module):
         if report:
             report(0, seq.shape[1])  # the block's bar (and its clock) starts before its first chunk
         if solver["jacobi"]:
-            out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0, prefix=known,
-                                on_chunk=report, on_frame=on_frame, kv_bits=solver["kv_bits"],
-                                **solver["jacobi_options"])
+            # Jacobi's products are large (a chunk of tokens per step): the BLAS may thread them, and they are
+            # evaluated inside so that every one of them runs with the same thread count.
+            with blas.threads():
+                out = invert_jacobi(self, block, layout, seq, y_block, cfg if guided else 0.0, prefix=known,
+                                    on_chunk=report, on_frame=on_frame, kv_bits=solver["kv_bits"],
+                                    **solver["jacobi_options"])
+                mx.eval(out)
         else:
             window = attention_window(self, block, layout)
             if window is not None and not block.use_sos:
