@@ -28,22 +28,29 @@ MAX_EDIT_BYTES = 32 << 20  # two uploaded images and the form's fields
 UPLOADS = ".uploads"  # under the output folder; a job's uploads are removed when it has run
 
 
+class Uploaded:
+    """A request that brings files: ``PATHS`` name its fields that hold where they lie on the server (set by the
+    endpoint, kept off the API); they lie in one folder, removed once the job has run."""
+
+    PATHS: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """As the API shows and records it: the uploads' paths on the server stay private."""
+        return {k: v for k, v in super().to_dict().items() if k not in self.PATHS}
+
+    @property
+    def uploads(self) -> Path:
+        return Path(getattr(self, self.PATHS[0])).parent
+
+
 @dataclass(kw_only=True)
-class EditRequest(ImageRequest):
+class EditRequest(Uploaded, ImageRequest):
     LABEL = "image edit request"
+    PATHS = ("image_file", "mask_file")
 
     method: str = field(default="replace", metadata={"choices": ("replace", "resample")})
     image_file: str = field(default="", metadata={"max_len": 4096})  # set by the endpoint, not the client
     mask_file: str = field(default="", metadata={"max_len": 4096})
-
-    def to_dict(self) -> dict:
-        """As the API shows and records it: the uploads' paths on the server stay private."""
-        return {k: v for k, v in super().to_dict().items() if k not in ("image_file", "mask_file")}
-
-    @property
-    def uploads(self) -> Path:
-        """The folder of this request's uploads (removed once its job has run)."""
-        return Path(self.image_file).parent
 
     @staticmethod
     def run_job(pipe, model: str, request: "EditRequest", folder: Path, update, cancelled):
@@ -174,7 +181,7 @@ def endpoint(runner, check_model, submit, answer):
         fields, files = await read_form(request, MAX_EDIT_BYTES, 2, "the image file (as OpenAI's images.edit does)")
         files = {name: data for name, (data, _) in files.items()}
         try:
-            for name in ("image_file", "mask_file"):
+            for name in EditRequest.PATHS:
                 if name in fields:
                     raise RequestError(f"request: {name} is not a field of this endpoint", name)
             fields.pop("image[]", None)

@@ -20,19 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from starflow_mlx.server.api_error import ApiError
-from starflow_mlx.server.edits import image_upload, new_uploads, read_form, submit_with_uploads
+from starflow_mlx.server.edits import Uploaded, image_upload, new_uploads, read_form, submit_with_uploads
 from starflow_mlx.server.request_types import (MAX_FRAMES, MAX_PROMPT_CHARS, RequestError, Sampling, parse_request,
                                                pick_seed)
 
 MAX_VIDEO_EDIT_BYTES = 64 << 20  # a clip and a mask clip (or image) and the form's fields
-PRIVATE = ("video_file", "mask_file", "video_name", "mask_name")  # set by the endpoint, never by the client
 CONVENTION = "this endpoint's mask is white = regenerate, as starflow edit's (an mp4 has no transparency), not " \
              "/v1/images/edits' transparent = edit"
 
 
 @dataclass(kw_only=True)
-class VideoEditRequest(Sampling):
+class VideoEditRequest(Uploaded, Sampling):
     LABEL = "video edit request"
+    PATHS = ("video_file", "mask_file")
 
     from_prompt: str | None = field(default=None, metadata={"max_len": MAX_PROMPT_CHARS})
     strength: float | None = field(default=None, metadata={"min": 0, "max": 1})
@@ -43,14 +43,6 @@ class VideoEditRequest(Sampling):
     mask_file: str | None = field(default=None, metadata={"max_len": 4096})
     video_name: str = field(default="", metadata={"max_len": 4096})  # the client's file names, for the metadata
     mask_name: str | None = field(default=None, metadata={"max_len": 4096})
-
-    def to_dict(self) -> dict:
-        """As the API shows and records it: the uploads' paths on the server stay private."""
-        return {k: v for k, v in super().to_dict().items() if k not in ("video_file", "mask_file")}
-
-    @property
-    def uploads(self) -> Path:
-        return Path(self.video_file).parent
 
     @staticmethod
     def run_job(pipe, model: str, request: "VideoEditRequest", folder: Path, update, cancelled):
@@ -164,7 +156,7 @@ def endpoint(runner, check_model, submit, answer):
     async def video_edits(request: Request):
         fields, files = await read_form(request, MAX_VIDEO_EDIT_BYTES, 2, "the video file (field video)")
         try:
-            for name in PRIVATE:
+            for name in (*VideoEditRequest.PATHS, "video_name", "mask_name"):  # the endpoint's, not the client's
                 if name in fields:
                     raise RequestError(f"request: {name} is not a field of this endpoint", name)
             req = parse_request(VideoEditRequest, fields, from_form=True)
