@@ -181,6 +181,10 @@ def test_a_body_past_the_video_edit_cap_is_refused_unread(tmp_path):
         held = httpx.post(f"{url}/v1/videos/edits", files={"video": ("a.mp4", b"0" * (1 << 20))},
                           data={"prompt": "8 moving right", "from_prompt": "3 moving right"}, timeout=120)
         assert held.status_code == 400 and held.json()["error"]["param"] == "video"
+        # The image edits route has its own cap: a megabyte reaches it, and is refused for what it holds.
+        image = httpx.post(f"{url}/v1/images/edits", files={"image": ("a.png", b"0" * (1 << 20))},
+                           data={"prompt": "8"}, timeout=120)
+        assert image.status_code == 400 and image.json()["error"]["param"] == "image"
 
 
 def test_edit_records_are_read_back_as_edits():
