@@ -137,17 +137,17 @@ def generate_from_noise(*, path: Path, model: Optional[str], prompt: Optional[st
     typer.echo(f"wrote {output}")
 
 
-def parse_frames(text: str) -> list[int]:
-    """``0,2-4`` -> [0, 2, 3, 4]."""
+def parse_frames(text: str, name: str = "--mask-frames") -> list[int]:
+    """``0,2-4`` -> [0, 2, 3, 4]; ``name``: the option or field the text came from, for the error."""
     frames = []
     try:
         for part in text.split(","):
             first, _, last = part.strip().partition("-")
             frames.extend(range(int(first), int(last or first) + 1))
     except ValueError:
-        raise ValueError(f"--mask-frames {text!r}: give frame numbers like 0,2-4") from None
+        raise ValueError(f"{name} {text[:40]!r}: give frame numbers like 0,2-4") from None
     if not frames or len(frames) > 10000 or min(frames) < 0:
-        raise ValueError(f"--mask-frames {text!r}: give frame numbers like 0,2-4")
+        raise ValueError(f"{name} {text[:40]!r}: give frame numbers like 0,2-4")
     return sorted(set(frames))
 
 

@@ -2,7 +2,8 @@
 
 For each image model kind the server serves, the test paints a stroke and checks what the server received (the mask's
 transparent pixels are exactly the stroke), what it made (every pixel outside the stroke is the uploaded one), and
-that Clear and Invert give the server's one-line refusals on the page. A video model shows where clips are edited.
+that Clear and Invert give the server's one-line refusals on the page. On a video model the page edits a clip:
+a mask painted on its first frame for every frame (POST /v1/videos/edits), or no mask and a From prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fixtures_serve import serving, started
 from PIL import Image
 from test_serve_page import CHROMIUM, TIMEOUT_MS, browser, kind_models  # noqa: F401 (browser: a fixture)
 
+from starflow_mlx.pipelines.video_io import file_sha256
 from starflow_mlx.server.request_types import image_sizes
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; "
@@ -35,6 +37,23 @@ def open_page(chromium, url):
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(url)
     return page, errors
+
+
+def paint_stroke(page, width: int, height: int) -> np.ndarray:
+    """Drag a horizontal stroke over the mask canvas (at whole screen pixels: every point the browser reports lies on
+    the segment); the pixels of the canvas's ``width`` x ``height`` it paints."""
+    page.fill("#brush", str(BRUSH))
+    left, top, shown_w, shown_h = page.eval_on_selector(
+        "#editmask", "c => { const r = c.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; }")
+    x0, x1, y = round(left + 0.2 * shown_w), round(left + 0.6 * shown_w), round(top + 0.4 * shown_h)
+    page.mouse.move(x0, y)
+    page.mouse.down()
+    page.mouse.move(x1, y, steps=12)
+    page.mouse.up()
+    to_canvas = lambda cx, cy: ((cx - left) * width / shown_w, (cy - top) * height / shown_h)
+    stroke = stroke_pixels(width, height, to_canvas(x0, y), to_canvas(x1, y), BRUSH / 2)
+    assert 0 < stroke.sum() < stroke.size // 4
+    return stroke
 
 
 def submit_edit(page):
@@ -69,18 +88,7 @@ def test_page_edits_the_painted_part_and_keeps_the_rest(tmp_path, browser, kind,
         assert not page.is_visible("#editarea")
         page.set_input_files("#editfile", str(tmp_path / "source.png"))
         page.wait_for_selector("#editarea", state="visible", timeout=TIMEOUT_MS)
-        page.fill("#brush", str(BRUSH))
-        left, top, shown_w, shown_h = page.eval_on_selector(
-            "#editmask", "c => { const r = c.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; }")
-        # A horizontal stroke at whole screen pixels: every point the browser reports lies on the segment.
-        x0, x1, y = round(left + 0.2 * shown_w), round(left + 0.6 * shown_w), round(top + 0.4 * shown_h)
-        page.mouse.move(x0, y)
-        page.mouse.down()
-        page.mouse.move(x1, y, steps=12)
-        page.mouse.up()
-        to_canvas = lambda cx, cy: ((cx - left) * width / shown_w, (cy - top) * height / shown_h)
-        stroke = stroke_pixels(width, height, to_canvas(x0, y), to_canvas(x1, y), BRUSH / 2)
-        assert 0 < stroke.sum() < stroke.size // 4
+        stroke = paint_stroke(page, width, height)
 
         classes = runner.pipe.manifest.classes
         page.fill("#editprompt", classes[8] if classes else "a cat")
@@ -117,10 +125,58 @@ def test_page_edits_the_painted_part_and_keeps_the_rest(tmp_path, browser, kind,
         assert len(runner.listing()) == 1 and not errors
 
 
-def test_page_on_a_video_model_says_where_clips_are_edited(tmp_path, browser):  # noqa: F811
+def test_page_edits_a_clip_on_a_video_model(tmp_path, browser, monkeypatch):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from starflow_mlx.apps.cli import app as cli
+    from starflow_mlx.apps.commands import register
+    from starflow_mlx.pipelines.video_io import read_video, write_mp4
+    from starflow_mlx.server import video_edits
+
+    register(cli)
+    made_path, source_path = tmp_path / "made.mp4", tmp_path / "three.mp4"  # before the server runs: MLX on one
+    res = CliRunner().invoke(cli, ["generate", "3 moving right", "-m", "demo-video", "--seed", "2", "-o",  # thread
+                                   str(made_path)])
+    assert res.exit_code == 0, res.output
+    # Wider than the model's frames: the page must show (and mask) the clip at its own size, which the edit keeps.
+    write_mp4(source_path, np.pad(read_video(made_path)[0], ((0, 0), (0, 0), (0, 16), (0, 0))), 16)
+    source = read_video(source_path)[0]
+    height, width = source.shape[1:3]
+    received = []  # the mask as the endpoint saved it from the page's upload
+    check = video_edits.check_uploads
+    monkeypatch.setattr(video_edits, "check_uploads", lambda pipe, req: received.append(
+        req.mask_file and Image.open(req.mask_file).copy()) or check(pipe, req))
     with started("demo-video", tmp_path / "out") as runner, serving(runner) as url:
         page, errors = open_page(browser, url)
         page.wait_for_function("document.querySelector('#model').textContent.includes('·')", timeout=TIMEOUT_MS)
-        assert not page.is_visible("#editform") and page.is_visible("#editnote")
-        assert "edits images only" in page.inner_text("#editnote")
-        assert "starflow edit CLIP.mp4" in page.inner_text("#editnote") and not errors
+        assert page.is_visible("#editform") and page.is_visible("#editfrom")
+        page.set_input_files("#editfile", str(source_path))
+        page.wait_for_selector("#editarea", state="visible", timeout=TIMEOUT_MS)
+        assert page.eval_on_selector("#editimage", "c => [c.width, c.height]") == [width, height]  # the clip's size
+        stroke = paint_stroke(page, width, height)
+        page.fill("#editprompt", "8 moving right")
+        page.fill("#editseed", "3")
+        submit_edit(page)
+        assert page.inner_text("#editerror") == ""
+        page.wait_for_selector("article.job[data-status=completed] video", timeout=TIMEOUT_MS)
+        # The mask sent: white exactly where the stroke went, on every frame; the rest of every frame kept (up to
+        # H.264, the clip having been decoded and encoded once more).
+        mask = np.asarray(received[-1].convert("L"))
+        assert set(np.unique(mask)) == {0, 255} and np.array_equal(mask == 255, stroke)
+        job = runner.listing()[0]
+        assert job.params["operation"] == "inpaint" and job.params["source_sha256"] == file_sha256(source_path)
+        made = read_video(runner.path(job, job.files[0]))[0]
+        assert made.shape == source.shape
+        assert np.abs(made[:, ~stroke].astype(int) - source[:, ~stroke]).mean() < 3
+        # No mask: the clip remade from what From says it shows; neither: the server's one line under the form.
+        page.click("#clearmask")
+        page.fill("#editfrom", "3 moving right")
+        submit_edit(page)
+        assert page.inner_text("#editerror") == ""
+        page.wait_for_function("document.querySelectorAll('article.job[data-status=completed]').length == 2",
+                               timeout=TIMEOUT_MS)
+        assert received[-1] is None and runner.listing()[0].params["operation"] == "edit"
+        page.fill("#editfrom", "")
+        submit_edit(page)
+        assert page.inner_text("#editerror").startswith("request: send from_prompt")
+        assert len(runner.listing()) == 2 and not errors

@@ -236,6 +236,18 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
     return mask if mask.dtype == np.bool_ else mask >= 128
 
 
+def clip_hole(mask, size: tuple[int, int], given: int, used: int, fps: int | None = None,
+              mask_frames: list[int] | None = None) -> np.ndarray:
+    """The checked hole (T, H, W) of the ``used`` first frames of a clip read as ``given`` frames of ``size``: from a
+    mask clip (:func:`hole_frames`) or a mask image for every frame, or for ``mask_frames`` (:func:`hole_pixels`)."""
+    if not is_mask_clip(mask):
+        return hole_pixels(mask, size, used, mask_frames)
+    if mask_frames is not None:
+        raise option_error(ValueError, "mask_frames", " is for a mask image: a mask clip gives every frame its "
+                           "own mask already")
+    return _check_hole(hole_frames(mask, size, given, fps)[:used])
+
+
 def _data_hole(pipe, hole: np.ndarray, data_shape: tuple[int, ...]) -> mx.array:
     """A pixel hole -> the flow data's (True where any pixel it covers is in the hole), data-shaped."""
     h, w = data_shape[-3], data_shape[-2]
@@ -278,13 +290,10 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
     check_options(seed, cfg, 1, 1, 1.0, 1)
     pixels, given_frames = _source_pixels(pipe, source, fps)
     height, width = pixels.shape[1:3] if pipe.VIDEO else pixels.shape[:2]
-    if pipe.VIDEO and is_mask_clip(mask):
-        if mask_frames is not None:
-            raise option_error(ValueError, "mask_frames", " is for a mask image: a mask clip gives every frame its "
-                               "own mask already")
-        hole = _check_hole(hole_frames(mask, (width, height), given_frames, fps)[: len(pixels)])  # frames used
+    if pipe.VIDEO:
+        hole = clip_hole(mask, (width, height), given_frames, len(pixels), fps, mask_frames)
     else:
-        hole = hole_pixels(mask, (width, height), pixels.shape[0] if pipe.VIDEO else 0, mask_frames)
+        hole = hole_pixels(mask, (width, height), 0, mask_frames)
     known_x, ratio, fps = prepare(pipe, pixels if pipe.VIDEO else Image.fromarray(pixels), fps)
     data_hole = _data_hole(pipe, hole, known_x.shape)
     y, y_u = pipe.conditioning(prompt, 1, ratio, fps)

@@ -5,6 +5,7 @@ Endpoints (errors are OpenAI's shape, ``{"error": {"message", "type", "param", "
 - ``POST /v1/images/generations``: OpenAI's; extensions ``seed``, ``cfg``, ``jacobi``, and ``wait: false``
   to get the job at once (then follow it below) instead of waiting for the images.
 - ``POST /v1/images/edits``: OpenAI's image edits as inpainting (:mod:`starflow_mlx.server.edits`).
+- ``POST /v1/videos/edits``: a clip edited as ``starflow edit`` edits it, a video job (:mod:`.video_edits`).
 - ``POST /v1/videos``, ``GET /v1/videos[/{id}]``, ``GET /v1/videos/{id}/content``, ``DELETE /v1/videos/{id}``:
   OpenAI's videos API (JSON or form bodies); extensions ``frames``, ``fps``, ``seed``, ``cfg``, ``jacobi``.
 - ``GET /v1/jobs[/{id}]``, ``GET /v1/jobs/{id}/events`` (server-sent events), ``DELETE /v1/jobs/{id}``,
@@ -13,7 +14,7 @@ Endpoints (errors are OpenAI's shape, ``{"error": {"message", "type", "param", "
 
 With an API key, every request but the page itself (``/`` and ``/static/``, which hold no data) must carry
 ``Authorization: Bearer KEY``. Key or not, web pages of other sites are kept out (browser_guard.py), and bodies
-are bounded in size and time (limits.py).
+are bounded in size and time (limits.py; the edits routes take larger bodies, for their files).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from starflow_mlx.jsonconfig import ConfigError, parse_json
-from starflow_mlx.server import edits
+from starflow_mlx.server import edits, video_edits
 from starflow_mlx.server.api_error import ApiError
 from starflow_mlx.server.browser_guard import BrowserGuard
 from starflow_mlx.server.generation import check_request
@@ -71,12 +72,14 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
             raise ApiError(404, f"no {kind or 'job'} with id {job_id[:64]!r}", "not_found")
         return job
 
-    def check_model(name: str | None, kind: str) -> None:
+    def check_model(name: str | None, kind: str, other_use: str | None = None) -> None:
+        """Refuse another model's name, or a model of the other kind (``other_use``: the route an image model
+        takes instead, when not /v1/images/generations)."""
         if name is not None and name not in (model_id, str(runner.model)):
             raise ApiError(404, f"model {name[:64]!r} is not served here: this server runs {model_id}",
                            "model_not_found", "model")
         if runner.kind != kind:
-            other = "POST /v1/videos" if runner.kind == "video" else "POST /v1/images/generations"
+            other = "POST /v1/videos" if runner.kind == "video" else other_use or "POST /v1/images/generations"
             raise ApiError(400, f"{model_id} makes {runner.kind}s, not {kind}s: use {other}", "wrong_model_kind",
                            "model")
 
@@ -197,7 +200,7 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
         return {"id": job.id, "object": "video", "model": job.model, "status": job.status,
                 "progress": job.progress, "created_at": int(job.created_at),
                 "completed_at": job.completed_at if job.status in FINISHED else None,
-                "seconds": str(round(frames / fps, 2)) if frames and fps else job.request.seconds,
+                "seconds": str(round(frames / fps, 2)) if frames and fps else getattr(job.request, "seconds", None),
                 "size": size or job.request.size, "error": job.error, "stage": job.stage,
                 "frames": frames, "fps": fps, "seed": params.get("seed", job.request.seed)}
 
@@ -275,6 +278,8 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
         Route("/v1/images/generations", images, methods=["POST"]),
         Route("/v1/images/edits", edits.endpoint(runner, check_model, submit, answer_images), methods=["POST"]),
         Route("/v1/videos", create_video, methods=["POST"]), Route("/v1/videos", list_videos),
+        Route("/v1/videos/edits", video_edits.endpoint(runner, check_model, submit, lambda job: JSONResponse(
+            video_view(job))), methods=["POST"]),
         Route("/v1/videos/{job_id}", get_video), Route("/v1/videos/{job_id}", delete_video, methods=["DELETE"]),
         Route("/v1/videos/{job_id}/content", video_content),
         Route("/v1/jobs", list_jobs), Route("/v1/jobs/{job_id}", get_job),
@@ -299,7 +304,8 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                        Exception: server_error})
     refuse = lambda status, message, code: ApiError(status, message, code).response()  # noqa: E731
-    guarded = BodyLimits(app, MAX_BODY_BYTES, body_seconds, refuse)
+    guarded = BodyLimits(app, MAX_BODY_BYTES, body_seconds, refuse, uploads={
+        "/v1/images/edits": edits.MAX_EDIT_BYTES, "/v1/videos/edits": video_edits.MAX_VIDEO_EDIT_BYTES})
     return BrowserGuard(ApiKeyCheck(guarded, api_key) if api_key else guarded, allowed_hosts, refuse)
 
 

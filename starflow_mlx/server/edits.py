@@ -28,17 +28,29 @@ MAX_EDIT_BYTES = 32 << 20  # two uploaded images and the form's fields
 UPLOADS = ".uploads"  # under the output folder; a job's uploads are removed when it has run
 
 
+class Uploaded:
+    """A request that brings files: ``PATHS`` name its fields that hold where they lie on the server (set by the
+    endpoint, kept off the API); they lie in one folder, removed once the job has run."""
+
+    PATHS: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """As the API shows and records it: the uploads' paths on the server stay private."""
+        return {k: v for k, v in super().to_dict().items() if k not in self.PATHS}
+
+    @property
+    def uploads(self) -> Path:
+        return Path(getattr(self, self.PATHS[0])).parent
+
+
 @dataclass(kw_only=True)
-class EditRequest(ImageRequest):
+class EditRequest(Uploaded, ImageRequest):
     LABEL = "image edit request"
+    PATHS = ("image_file", "mask_file")
 
     method: str = field(default="replace", metadata={"choices": ("replace", "resample")})
     image_file: str = field(default="", metadata={"max_len": 4096})  # set by the endpoint, not the client
     mask_file: str = field(default="", metadata={"max_len": 4096})
-
-    def to_dict(self) -> dict:
-        """As the API shows and records it: the uploads' paths on the server stay private."""
-        return {k: v for k, v in super().to_dict().items() if k not in ("image_file", "mask_file")}
 
     @staticmethod
     def run_job(pipe, model: str, request: "EditRequest", folder: Path, update, cancelled):
@@ -50,7 +62,6 @@ class EditRequest(ImageRequest):
         from starflow_mlx.pipelines.video_io import file_sha256
         from starflow_mlx.server.generation import JobCancelled
 
-        uploads = Path(request.image_file).parent
         try:
             source, mask = Image.open(request.image_file), Image.open(request.mask_file)
             seed, cfg = pick_seed(request.seed), guidance(pipe, request.cfg)
@@ -69,10 +80,10 @@ class EditRequest(ImageRequest):
                 paths.append(path)
             return paths, params
         finally:
-            shutil.rmtree(uploads, ignore_errors=True)
+            shutil.rmtree(request.uploads, ignore_errors=True)
 
 
-def _image(data: bytes, name: str) -> Image.Image:
+def image_upload(data: bytes, name: str) -> Image.Image:
     """An uploaded image, bounded as ``open_image`` bounds files."""
     from starflow_mlx.io.image_input import MAX_PIXELS
 
@@ -111,11 +122,54 @@ def sweep(runner) -> None:
     """Remove the uploads of edit jobs that will not run (cancelled while queued, or before a restart)."""
     with runner.lock:
         jobs = [*runner.waiting, *([runner.running] if runner.running else [])]
-        live = {Path(job.request.image_file).parent.name for job in jobs if isinstance(job.request, EditRequest)}
+        live = {job.request.uploads.name for job in jobs if hasattr(job.request, "uploads")}
     folder = Path(runner.output_dir) / UPLOADS
     for uploads in folder.iterdir() if folder.is_dir() else []:
         if uploads.name not in live:
             shutil.rmtree(uploads, ignore_errors=True)
+
+
+def new_uploads(runner) -> Path:
+    """A fresh folder for one request's uploads, once the stale ones are swept."""
+    sweep(runner)
+    uploads = Path(runner.output_dir) / UPLOADS / secrets.token_hex(12)
+    uploads.mkdir(parents=True)
+    return uploads
+
+
+def submit_with_uploads(submit, kind: str, request, uploads: Path):
+    """``submit(kind, request)``; the uploads are removed when it is refused (their job will never run)."""
+    try:
+        return submit(kind, request)
+    except BaseException:
+        shutil.rmtree(uploads, ignore_errors=True)
+        raise
+
+
+async def read_form(request, limit: int, max_files: int, expected: str) -> tuple[dict, dict]:
+    """A multipart body of ``limit`` bytes at most: (its text fields, its files' bytes by field name);
+    ``expected`` says in the error what the body should hold."""
+    from starlette.requests import Request
+
+    data = await read_body(request, limit)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+        raise ApiError(400, f"send a multipart/form-data body with {expected}", "invalid_form")
+
+    async def replay():
+        return {"type": "http.request", "body": data, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_files, max_fields=32)
+    except Exception as exc:  # the multipart parser's own errors
+        raise ApiError(400, f"the form cannot be read ({getattr(exc, 'detail', None) or type(exc).__name__})",
+                       "invalid_form") from None
+    fields, files = {}, {}
+    for name, value in form.multi_items():
+        if isinstance(value, str):
+            fields[name] = value
+        else:
+            files[name] = (await value.read(), value.filename or name)
+    return fields, files
 
 
 def endpoint(runner, check_model, submit, answer):
@@ -123,41 +177,19 @@ def endpoint(runner, check_model, submit, answer):
     answer for a submitted job, as ``/v1/images/generations`` gives it)."""
     from starlette.requests import Request
 
-    async def read_form(request: Request) -> dict:
-        data = await read_body(request, MAX_EDIT_BYTES)
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
-            raise ApiError(400, "send a multipart/form-data body with the image file (as OpenAI's images.edit does)",
-                            "invalid_form")
-
-        async def replay():
-            return {"type": "http.request", "body": data, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=2, max_fields=32)
-        except Exception as exc:  # the multipart parser's own errors
-            raise ApiError(400, f"the form cannot be read ({getattr(exc, 'detail', None) or type(exc).__name__})",
-                            "invalid_form") from None
-        fields, files = {}, {}
-        for name, value in form.multi_items():
-            if isinstance(value, str):
-                fields[name] = value
-            else:
-                files[name] = await value.read()
-        return {"fields": fields, "files": files}
-
     async def edits(request: Request):
-        form = await read_form(request)
-        fields, files = form["fields"], form["files"]
+        fields, files = await read_form(request, MAX_EDIT_BYTES, 2, "the image file (as OpenAI's images.edit does)")
+        files = {name: data for name, (data, _) in files.items()}
         try:
-            for name in ("image_file", "mask_file"):
+            for name in EditRequest.PATHS:
                 if name in fields:
                     raise RequestError(f"request: {name} is not a field of this endpoint", name)
             fields.pop("image[]", None)
             req = parse_request(EditRequest, fields, from_form=True)
             if "image" not in files and "image[]" not in files:
                 raise RequestError("request: send the image to edit as the file field image", "image")
-            image = _image(files.get("image", files.get("image[]")), "image")
-            mask = _image(files["mask"], "mask") if "mask" in files else None
+            image = image_upload(files.get("image", files.get("image[]")), "image")
+            mask = image_upload(files["mask"], "mask") if "mask" in files else None
             if req.size not in (None, "auto", f"{image.width}x{image.height}"):
                 raise RequestError(f"request: size {req.size[:32]!r}: an edit keeps the image's size "
                                    f"({image.width}x{image.height}); leave size out", "size")
@@ -165,17 +197,10 @@ def endpoint(runner, check_model, submit, answer):
         except RequestError as exc:
             raise ApiError(400, str(exc), "invalid_value", exc.param) from None
         check_model(req.model, "image")
-        sweep(runner)
-        uploads = Path(runner.output_dir) / UPLOADS / secrets.token_hex(12)
-        uploads.mkdir(parents=True)
+        uploads = new_uploads(runner)
         image.save(uploads / "image.png")
         hole.save(uploads / "mask.png")
         req.image_file, req.mask_file = str(uploads / "image.png"), str(uploads / "mask.png")
-        try:
-            job = submit("image", req)
-        except BaseException:
-            shutil.rmtree(uploads, ignore_errors=True)
-            raise
-        return await answer(request, req, job)
+        return await answer(request, req, submit_with_uploads(submit, "image", req, uploads))
 
     return edits

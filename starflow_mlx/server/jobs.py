@@ -31,7 +31,9 @@ from typing import Any, Callable
 from starflow_mlx.jsonconfig import ConfigError, JSONConfig
 from starflow_mlx.pipelines.prompts import ASPECT_RATIOS
 from starflow_mlx.server.generation import JobCancelled, run_images, run_video
+from starflow_mlx.server.edits import EditRequest
 from starflow_mlx.server.request_types import MAX_FRAMES, ImageRequest, VideoRequest
+from starflow_mlx.server.video_edits import VideoEditRequest
 from starflow_mlx.io.staging import is_ours, staged_folder
 
 RECORD = "job.json"
@@ -118,7 +120,9 @@ class Job:
 
     @classmethod
     def from_record(cls, record: JobRecord) -> "Job":
-        kind = ImageRequest if record.kind == "image" else VideoRequest
+        # An edit's record names its operation; its request is read back as an edit's.
+        edit = record.params.get("operation") in ("edit", "inpaint")
+        kind = {"image": (ImageRequest, EditRequest), "video": (VideoRequest, VideoEditRequest)}[record.kind][edit]
         request = kind.from_dict(record.request, f"{record.LABEL}: request")
         job = cls(record.kind, request, record.model, record.id)
         job.status, job.progress, job.stage = "completed", 100, "done"

@@ -84,19 +84,23 @@ class BoundedH11Protocol(H11Protocol):
 class BodyLimits:
     """ASGI middleware: the whole body within ``seconds`` and ``max_bytes``, replayed to ``app``.
 
+    ``uploads`` maps the paths that take files to their own larger cap (a POST there may send up to it).
     ``error(status, message, code)`` makes the refusal in the app's error shape.
     """
 
-    def __init__(self, app, max_bytes: int, seconds: float, error):
+    def __init__(self, app, max_bytes: int, seconds: float, error, uploads: dict[str, int] | None = None):
         self.app, self.max_bytes, self.seconds, self.error = app, max_bytes, seconds, error
+        self.uploads = uploads or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = (413, f"the request body is larger than {self.max_bytes} bytes", "request_too_large")
+        limit = self.uploads.get(scope.get("path"), self.max_bytes) if scope.get("method") == "POST" \
+            else self.max_bytes
+        too_large = (413, f"the request body is larger than {limit} bytes", "request_too_large")
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await self._refuse(too_large, scope, receive, send)
             return
         chunks, size = [], 0
@@ -108,7 +112,7 @@ class BodyLimits:
                         return
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
-                    if size > self.max_bytes:
+                    if size > limit:
                         await self._refuse(too_large, scope, receive, send)
                         return
                     if not message.get("more_body", False):

@@ -1,10 +1,12 @@
 // The page's edit form (loaded after app.js, whose helpers it uses): the chosen image on a canvas at the model's
 // size, a mask painted over it with the pointer, both sent to POST /v1/images/edits as OpenAI's images.edit sends
-// them: the mask's painted pixels transparent (regenerate), every other pixel opaque (kept).
+// them: the mask's painted pixels transparent (regenerate), every other pixel opaque (kept). On a video model: a
+// clip's first frame at the clip's size, the mp4 as chosen and the mask painted on that frame (for every frame) sent
+// to POST /v1/videos/edits, whose masks are white = regenerate; with no mask, an edit from the prompt in From.
 "use strict";
 
-// painted: one byte per pixel of the model's size (1 = regenerate); last: the pointer's previous point while painting.
-const edit = { image: null, painted: null, width: 0, height: 0, last: null };
+// painted: one byte per pixel of the canvas (1 = regenerate); last: the pointer's previous point while painting.
+const edit = { file: null, image: null, painted: null, width: 0, height: 0, last: null };
 const MASK_COLOR = [255, 59, 48];
 
 function modelSize() {
@@ -14,32 +16,56 @@ function modelSize() {
 
 async function chooseImage() {
   $("editerror").textContent = "";
-  const file = $("editfile").files[0];
+  edit.file = $("editfile").files[0] || null;
   edit.image = null;
-  if (file) {
-    try {
-      edit.image = await createImageBitmap(file);
-    } catch {
-      $("editerror").textContent = `${file.name} is not an image this browser can read: choose a PNG, JPEG or WebP`;
-    }
-  }
   await showImage();
 }
 
-// The image once the model's size is known (a server with a key answers once the key is given).
+// A clip's first frame, on a canvas of the clip's size.
+async function firstFrame(file) {
+  const video = Object.assign(document.createElement("video"), { muted: true, preload: "auto" });
+  video.src = URL.createObjectURL(file);
+  try {
+    await new Promise((resolve, reject) => {
+      video.onloadeddata = resolve;
+      video.onerror = reject;
+    });
+    const canvas = Object.assign(document.createElement("canvas"), { width: video.videoWidth,
+                                                                     height: video.videoHeight });
+    canvas.getContext("2d").drawImage(video, 0, 0);
+    return canvas;
+  } finally {
+    URL.revokeObjectURL(video.src);
+  }
+}
+
+// The file once the model is known (a server with a key answers once the key is given): an image, or on a video
+// model a clip's first frame.
 async function showImage() {
   rememberKey();
   try {
     await connected();
   } catch (err) {
     $("editerror").textContent = err.message;
+    return;
+  }
+  const file = edit.file;
+  if (file && !edit.image) {
+    try {
+      edit.image = state.kind === "video" ? await firstFrame(file) : await createImageBitmap(file);
+    } catch {
+      $("editerror").textContent = state.kind === "video"
+        ? `${file.name} is not a clip this browser can play: choose an mp4`
+        : `${file.name} is not an image this browser can read: choose a PNG, JPEG or WebP`;
+    }
   }
   drawImage();
 }
 
-// The image stretched to the model's size (what the server edits), and an empty mask; again when the size changes.
+// The image stretched to the model's size (what the server edits), or a clip's frame at its own size (an edited clip
+// keeps it), and an empty mask; again when the size changes.
 function drawImage() {
-  const size = modelSize();
+  const size = state.kind === "video" && edit.image ? [edit.image.width, edit.image.height] : modelSize();
   edit.painted = null;
   $("editarea").style.display = edit.image && size ? "block" : "none";
   if (!edit.image || !size) return;
@@ -111,11 +137,14 @@ function png(canvas) {
     (blob) => (blob ? resolve(blob) : reject(new Error("the browser could not encode the image"))), "image/png"));
 }
 
-// OpenAI's mask: alpha 0 where painted (regenerate), 255 elsewhere (keep).
+// OpenAI's mask for an image: alpha 0 where painted (regenerate), 255 elsewhere (keep); for a clip, the video
+// endpoint's: opaque white where painted (regenerate), opaque black elsewhere (keep).
 function maskPng() {
   const canvas = Object.assign(document.createElement("canvas"), { width: edit.width, height: edit.height });
   const mask = new ImageData(edit.width, edit.height);
-  edit.painted.forEach((on, i) => { mask.data[4 * i + 3] = on ? 0 : 255; });
+  const video = state.kind === "video";
+  edit.painted.forEach((on, i) => mask.data.set(video ? [255 * on, 255 * on, 255 * on, 255] : [0, 0, 0, on ? 0 : 255],
+                                                4 * i));
   canvas.getContext("2d").putImageData(mask, 0, 0);
   return png(canvas);
 }
@@ -125,19 +154,26 @@ async function submitEdit(event) {
   $("editerror").textContent = "";
   rememberKey();
   if (!edit.painted) {
-    $("editerror").textContent = "choose an image to edit first";
+    $("editerror").textContent = `choose ${state.kind === "video" ? "a clip" : "an image"} to edit first`;
     return;
   }
   $("edit").disabled = true;
   try {
     await connected();
     const form = new FormData();
-    form.append("image", await png($("editimage")), "image.png");
-    form.append("mask", await maskPng(), "mask.png");
+    if (state.kind === "video") {
+      form.append("video", edit.file, edit.file.name);  // as chosen: the server reads every frame of it
+      if (edit.painted.some((on) => on)) form.append("mask", await maskPng(), "mask.png");
+      else if ($("editfrom").value) form.append("from_prompt", $("editfrom").value);  // left empty: the server asks
+    } else {
+      form.append("image", await png($("editimage")), "image.png");
+      form.append("mask", await maskPng(), "mask.png");
+      form.append("wait", "false");  // the job at once: its card follows its progress, as a generation's does
+    }
     form.append("prompt", $("editprompt").value);
     if (number("editseed") !== undefined) form.append("seed", String(number("editseed")));
-    form.append("wait", "false");  // the job at once: its card follows its progress, as a generation's does
-    follow((await api("/v1/images/edits", { method: "POST", body: form })).id);
+    const path = state.kind === "video" ? "/v1/videos/edits" : "/v1/images/edits";
+    follow((await api(path, { method: "POST", body: form })).id);
   } catch (err) {
     $("editerror").textContent = err.message;
   } finally {
@@ -146,7 +182,7 @@ async function submitEdit(event) {
 }
 
 $("editfile").addEventListener("change", chooseImage);
-$("key").addEventListener("change", () => { if (edit.image && !edit.painted) showImage(); });
+$("key").addEventListener("change", () => { if (edit.file && !edit.painted) showImage(); });
 $("size").addEventListener("change", drawImage);
 for (const type of ["pointerdown", "pointermove"]) $("editmask").addEventListener(type, paint);
 for (const type of ["pointerup", "pointercancel"]) $("editmask").addEventListener(type, () => { edit.last = null; });
