@@ -36,6 +36,9 @@ source_paths = ["starflow_mlx"]
 only_mutate = ["$module"]
 pytest_add_cli_args_test_selection = [${tests%, }]
 use_git_change_detection = false
+# A process that has evaluated MLX arrays cannot evaluate any in a fork (the child hangs): plain fork isolation
+# turned every mutant a test computed into a timeout, counted as caught. The fork server forks before any runs.
+process_isolation = "forkserver"
 timeout_multiplier = 3.0  # a mutant that loops (a sampler that never converges) is cut off early: it counts as caught
 timeout_constant = 5.0
 TOML

@@ -1,0 +1,109 @@
+"""Jacobi's chunk and window sizes on videos, from upstream's rule (gaps found by mutation testing).
+
+upstream-format.md 4: a chunk is ``jacobi_block_size`` tokens, times 4 once its start is past the first video
+frame. Every other Jacobi test compares the result with sequential decoding, which any chunk size reaches, so a
+chunk that never grows, grows 5x, or grows only on videos of 3 frames or more passed them all. Here the chunks
+are listed by hand. A threshold of 1e9 stops every chunk after its first iteration (and makes the window schedule
+commit whole windows), so the list is the schedule alone.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from flow_factory import VIDEO, flow_inputs, random_flow
+from starflow_mlx.models.starflow import Layout
+from starflow_mlx.sampling.jacobi import JacobiStats, invert_jacobi
+
+FRAME = VIDEO["latent_size"] ** 2  # 4 tokens a latent frame
+
+
+@pytest.fixture(scope="module")
+def flow():
+    return random_flow(**VIDEO)
+
+
+def deep_chunks(flow, frames, schedule, block_size, threshold=1e9):
+    z, y, y_u = flow_inputs(flow, batch=1, frames=frames)
+    stats = JacobiStats()
+    flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=block_size, jacobi_threshold=threshold,
+                 jacobi_max_iter=8, jacobi_schedule=schedule, stats=stats)
+    deep = flow.config.num_blocks - 1
+    return [(c.start, c.size) for c in stats.chunks if c.block == deep], stats
+
+
+@pytest.mark.parametrize("frames,expected", [
+    # 12 tokens: starts 0..4 are not past the first frame (token 4 starts frame 1, but the chunk's first input is
+    # token 3); from 5 on, chunks of 4 x 1.
+    (3, [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 4), (9, 3)]),
+    (2, [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 3)]),  # two frames are a video too
+])
+def test_chunks_grow_4x_past_the_first_frame(flow, frames, expected):
+    chunks, stats = deep_chunks(flow, frames, "chunk", 1)
+    assert chunks == expected
+    # The frame-local shallow blocks solve every frame at once (frames are rows of the batch), each one frame long:
+    # never past their first frame, chunks of 1.
+    shallow = [(c.start, c.size) for c in stats.chunks if c.block == 0]
+    assert shallow == [(0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+def test_windows_grow_4x_past_the_first_frame(flow):
+    # Windows of 2 while they start in or at the end of the first frame (0, 2, 4), then of 8 (6 tokens left).
+    chunks, _ = deep_chunks(flow, 3, "window", 2)
+    assert chunks == [(0, 2), (2, 2), (4, 2), (6, 6)]
+
+
+def reference_window(block, rope, z, y, block_size, max_iter, frame, init):
+    """Upstream-style sliding window (jacobi.py's notes) on a video's deep block, threshold 0: a window commits its
+    leading tokens that have taken part in ``max_iter`` iterations (at least its first), so which tokens are
+    committed never depends on a residual. (a, b) come from the block's full-sequence forward pass; as in
+    test_ground_truth.reference_jacobi, positions before the window see the input they were last fed.
+    ``xf`` is x_full = [sos; tokens]: position t is fed xf[t]."""
+    zz = np.array(z, np.float64)
+    b_, n, c = zz.shape
+    xf = np.concatenate([np.zeros((b_, 1, c)), zz], axis=1)  # row 0 stands for sos: never fed to forward
+    fed = xf.copy()
+    rounds, guessed, start, windows = np.zeros(n, int), 1, 0, []
+    big = min(4 * block_size, n)
+    while start < n:
+        valid = min(block_size if start <= frame else big, n - start)
+        end = start + valid
+        lo = max(guessed, start + 1, frame + 1)  # tokens entering the window past the first frame get a first guess
+        if lo <= end:
+            xf[:, lo:end + 1] = xf[:, lo - frame:end + 1 - frame] if init == "previous" else 0.0
+        guessed = max(guessed, end + 1)
+        fed[:, start:end] = xf[:, start:end]
+        seq = np.concatenate([fed[:, 1:end + 1], np.zeros((b_, n - end, c))], axis=1)  # seq[t - 1] feeds position t
+        z_of, ld = block.forward(mx.array(seq.astype(np.float32)), y, rope, elementwise=True)
+        a = np.exp(-np.array(ld, np.float64))
+        b = seq - np.array(z_of, np.float64) * a
+        xf[:, start + 1:end + 1] = b[:, start:end] + a[:, start:end] * zz[:, start:end]
+        rounds[start:end] += 1
+        commit = next((i for i in range(1, valid) if rounds[start + i] < max_iter), valid)
+        windows.append((start, valid))
+        start += commit
+    return xf[:, 1:], windows
+
+
+@pytest.mark.parametrize("init", ["previous", "zero"])
+@pytest.mark.parametrize("max_iter", [1, 2])
+def test_window_schedule_matches_a_forward_pass_reference(init, max_iter):
+    """With max_iter 1 or 2 the tokens are committed before they converge, so the output shows every first guess
+    (the previous frame's token, or zero), every window size and every commit; sequential decoding reaches the
+    same video from any of them, so comparing with it cannot."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)  # larger weights: one or two iterations are far from exact
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=3)
+    layout = Layout(2, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    stats = JacobiStats()
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=0.0, max_iter=max_iter,
+                        schedule="window", init=init, stats=stats, compile=False)
+    expected, windows = reference_window(block, flow.rope(layout, VIDEO["txt_size"]), seq, y, 2, max_iter, FRAME, init)
+    assert [(c.start, c.size) for c in stats.chunks] == windows
+    # Cached steps against full forward passes: float32 roundings of values of order 1 (measured below 1e-6);
+    # a wrong guess, window or commit moves tokens by 1e-2 or more.
+    np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)
+    exact = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=0.0, max_iter=64,
+                          schedule="window", init=init, compile=False)
+    assert np.abs(np.array(exact) - expected).max() > 1e-2  # the early commits are visible
