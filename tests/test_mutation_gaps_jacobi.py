@@ -112,3 +112,59 @@ def test_window_schedule_matches_a_forward_pass_reference(init, max_iter):
     exact = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=0.0, max_iter=64,
                           schedule="window", init=init, compile=False)
     assert np.abs(np.array(exact) - expected).max() > 1e-2  # the early commits are visible
+
+
+def reference_chunks(block, rope, z, y, block_size, max_iter, check_every, threshold, frame, init):
+    """upstream-format.md 4's chunks on a video's deep block, with this solver's cap (a chunk of k is exact after k
+    iterations, k + 1 when its first iteration reads the previous frame) and ``check_every``. Same forward-pass
+    model as reference_window. Returns the tokens and (start, size, iterations, residual) per chunk."""
+    zz = np.array(z, np.float64)
+    b_, n, c = zz.shape
+    xf = np.concatenate([np.zeros((b_, 1, c)), zz], axis=1)
+    fed = xf.copy()
+    start, chunks = 0, []
+    while start < n:
+        valid = min(block_size if start <= frame else min(4 * block_size, n), n - start)
+        end = start + valid
+        shifted = start > frame and init == "previous"
+        if start > frame and init == "zero":
+            xf[:, start + 1:end] = 0.0  # the chunk's own inputs; its first token's input is final
+        cap = min(max_iter, valid + shifted)
+        for it in range(cap):
+            lo = start - frame if it == 0 and shifted else start  # warm start: the same span one frame earlier
+            fed[:, start:end] = xf[:, lo:lo + valid]
+            seq = np.concatenate([fed[:, 1:end + 1], np.zeros((b_, n - end, c))], axis=1)
+            z_of, ld = block.forward(mx.array(seq.astype(np.float32)), y, rope, elementwise=True)
+            a = np.exp(-np.array(ld, np.float64))
+            b = seq - np.array(z_of, np.float64) * a
+            new = b[:, start:end] + a[:, start:end] * zz[:, start:end]
+            residual = np.mean((new - xf[:, start + 1:end + 1]) ** 2) / np.mean(new**2)
+            xf[:, start + 1:end + 1] = new
+            if (it == cap - 1 or (it + 1) % check_every == 0) and residual < threshold:
+                break
+        chunks.append((start, valid, it + 1, residual))
+        start = end
+    return xf[:, 1:], chunks
+
+
+@pytest.mark.parametrize("init,threshold,max_iter,check_every,frames", [
+    ("previous", 0.0, 2, 1, 3),  # two iterations a chunk, far from exact: shows the warm start
+    ("zero", 0.0, 2, 1, 3),
+    ("zero", 0.0, 2, 1, 2),  # the last chunk is 2 tokens: its second token's input is zeroed too
+    ("previous", 1e9, 8, 3, 3),  # stops at the first check, after 3 iterations (2 where the cap comes first)
+    ("zero", 0.0, 8, 1, 3),  # stopped by the cap alone: exact
+])
+def test_chunk_schedule_matches_a_forward_pass_reference(init, threshold, max_iter, check_every, frames):
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=frames)
+    layout = Layout(2, frames, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    stats = JacobiStats()
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=threshold, max_iter=max_iter,
+                        check_every=check_every, init=init, stats=stats, compile=False)
+    expected, chunks = reference_chunks(block, flow.rope(layout, VIDEO["txt_size"]), seq, y, 2, max_iter, check_every,
+                                        threshold, FRAME, init)
+    assert [(c.start, c.size, c.iterations) for c in stats.chunks] == [ch[:3] for ch in chunks]
+    assert [c.residual for c in stats.chunks] == pytest.approx([ch[3] for ch in chunks], rel=1e-3, abs=1e-6)
+    np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)  # as in the window test
