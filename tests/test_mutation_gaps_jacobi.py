@@ -168,3 +168,51 @@ def test_chunk_schedule_matches_a_forward_pass_reference(init, threshold, max_it
     assert [(c.start, c.size, c.iterations) for c in stats.chunks] == [ch[:3] for ch in chunks]
     assert [c.residual for c in stats.chunks] == pytest.approx([ch[3] for ch in chunks], rel=1e-3, abs=1e-6)
     np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)  # as in the window test
+
+
+@pytest.mark.parametrize("schedule", ["chunk", "window"])
+def test_a_context_longer_than_the_window_keeps_only_its_last_context_frames(schedule):
+    """Frames 0-2 given, 5 in all, a window of 3 (the training length): the cache cannot hold the context and a
+    new frame, so it starts from the last ``context_frames`` given frame, at position 0. Frames 3 and 4 are then
+    those of a fresh 3-frame video whose given frame is frame 2."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    assert flow.config.num_frames == 3
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=1, frames=5)
+    long_layout, short_layout = Layout(1, 5, 2, 2, VIDEO["in_channels"], False), Layout(1, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = long_layout.to_sequence(z)
+    given = seq[:, :3 * FRAME] * 0.5
+    options = dict(block_size=2, threshold=1e-12, max_iter=64, schedule=schedule, compile=False)
+    stats = JacobiStats()
+    long = invert_jacobi(flow, block, long_layout, seq, y, 0.0, prefix=given, context_frames=1, stats=stats, **options)
+    short = invert_jacobi(flow, block, short_layout, seq[:, 2 * FRAME:], y, 0.0, prefix=given[:, 2 * FRAME:], **options)
+    np.testing.assert_array_equal(np.array(long[:, :3 * FRAME]), np.array(given))  # given frames come back as given
+    # Both converge to the same fixed point from the same inputs; float32 roundings (measured below 1e-6).
+    np.testing.assert_allclose(np.array(long[:, 3 * FRAME:]), np.array(short[:, FRAME:]), rtol=0, atol=1e-5)
+    assert stats.reencodes == 0  # the context was encoded that way from the start: no restart
+
+
+def test_the_adaptive_stop_reads_each_chunks_previous_residual(monkeypatch):
+    """The adaptive schedule stops a chunk by :func:`converged` on its last two residuals (the contraction between
+    them estimates the error still to go); the chunk schedule by upstream's rule alone, never calling it."""
+    import starflow_mlx.sampling.jacobi as jacobi
+
+    calls = []
+
+    def recording(residual, previous, threshold):
+        calls.append((residual, previous))
+        return jacobi_converged(residual, previous, threshold)
+
+    jacobi_converged = jacobi.converged
+    monkeypatch.setattr(jacobi, "converged", recording)
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    z, y, y_u = flow_inputs(flow, batch=1, frames=3)
+    options = dict(y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_block_size=4, jacobi_threshold=1e-6, jacobi_max_iter=32)
+    flow.reverse(z, y, jacobi_schedule="chunk", **options)
+    assert calls == []
+    flow.reverse(z, y, jacobi_schedule="adaptive", **options)
+    firsts = [i for i, (_, previous) in enumerate(calls) if previous is None]  # a chunk's first check
+    assert firsts and firsts[0] == 0 and len(firsts) < len(calls)
+    for i, (_, previous) in enumerate(calls):
+        if previous is not None:
+            assert previous == calls[i - 1][0]  # the same chunk's check just before
