@@ -216,3 +216,24 @@ def test_the_adaptive_stop_reads_each_chunks_previous_residual(monkeypatch):
     for i, (_, previous) in enumerate(calls):
         if previous is not None:
             assert previous == calls[i - 1][0]  # the same chunk's check just before
+
+
+@pytest.mark.parametrize("index,frames,local_window,num_frames,expected", [
+    (2, 5, None, 3, 3),  # the deep block of a video past its training length: a window of the training length
+    (2, 3, None, 3, None),  # at the training length: attends to every frame
+    (2, 2, None, 3, None),
+    (1, 5, None, 3, None),  # shallow blocks are frame-local: never a window
+    (0, 5, 4, 3, None),
+    (2, 0, None, 3, None),  # an image
+    (2, 0, 4, None, None),
+    (2, 5, 4, 3, 4),  # the config's own local window comes first
+    (2, 4, 4, 3, None),  # ... once the video is longer than it
+    (2, 9, None, None, None),  # no training length known: no window
+])
+def test_attention_window_rule(index, frames, local_window, num_frames, expected):
+    from types import SimpleNamespace
+
+    from starflow_mlx.sampling.jacobi import attention_window
+
+    model = SimpleNamespace(config=SimpleNamespace(num_blocks=3, local_attn_window=local_window, num_frames=num_frames))
+    assert attention_window(model, SimpleNamespace(index=index), SimpleNamespace(frames=frames)) == expected
