@@ -237,3 +237,20 @@ def test_attention_window_rule(index, frames, local_window, num_frames, expected
 
     model = SimpleNamespace(config=SimpleNamespace(num_blocks=3, local_attn_window=local_window, num_frames=num_frames))
     assert attention_window(model, SimpleNamespace(index=index), SimpleNamespace(frames=frames)) == expected
+
+
+def test_window_residuals_are_relative_for_tokens_below_one():
+    """A token's residual is its squared change over its squared size, also where that size is below 1 (weights and
+    noise scaled down: every token's squared norm here is 0.002 to 0.11), not the bare change."""
+    flow = random_flow(seed=4, scale=0.01, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=1, frames=3)
+    layout = Layout(1, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z) * 0.1
+    stats = JacobiStats()
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=0.0, max_iter=2, schedule="window",
+                        stats=stats, compile=False)
+    expected, windows = reference_window(block, flow.rope(layout, VIDEO["txt_size"]), seq, y, 2, 2, FRAME, "previous")
+    assert np.sum(expected**2, axis=(0, 2)).max() < 0.2
+    assert [c.residual for c in stats.chunks] == pytest.approx([w[2] for w in windows], rel=1e-3, abs=1e-6)
+    np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-6)
