@@ -113,19 +113,19 @@ def test_lora_linear_by_hand():
 
 def test_a_quantized_base_fuses_to_its_dequantized_weight_plus_the_update():
     """QLoRA: the fused layer is the base's dequantized weight plus scale * B A, quantized again with the base's
-    group size and bits (so 4-bit stays 4-bit), and keeps a bias-free base bias-free."""
+    group size and bits (so 8-bit stays 8-bit), and keeps a bias-free base bias-free."""
     rng = np.random.default_rng(1)
     linear = nn.Linear(64, 8, bias=False)
     linear.weight = mx.array(rng.normal(size=(8, 64)).astype(np.float32))
-    q = linear.to_quantized(group_size=32, bits=4)
+    q = linear.to_quantized(group_size=32, bits=8)  # not MLX's default 4: a dropped bits argument shows
     layer = LoRALinear(q, rank=2, scale=2.0)
     layer.lora_a = mx.array(rng.normal(size=(2, 64)).astype(np.float32))
     layer.lora_b = mx.array(0.1 * rng.normal(size=(8, 2)).astype(np.float32))
     fused = layer.fused()
-    assert isinstance(fused, nn.QuantizedLinear) and (fused.group_size, fused.bits) == (32, 4) and "bias" not in fused
-    target = np.array(mx.dequantize(q.weight, q.scales, q.biases, 32, 4)) + 2.0 * np.array(layer.lora_b) @ np.array(layer.lora_a)
-    requantized = mx.dequantize(*mx.quantize(mx.array(target), group_size=32, bits=4), group_size=32, bits=4)
-    got = np.array(mx.dequantize(fused.weight, fused.scales, fused.biases, 32, 4))
+    assert isinstance(fused, nn.QuantizedLinear) and (fused.group_size, fused.bits) == (32, 8) and "bias" not in fused
+    target = np.array(mx.dequantize(q.weight, q.scales, q.biases, 32, 8)) + 2.0 * np.array(layer.lora_b) @ np.array(layer.lora_a)
+    requantized = mx.dequantize(*mx.quantize(mx.array(target), group_size=32, bits=8), group_size=32, bits=8)
+    got = np.array(mx.dequantize(fused.weight, fused.scales, fused.biases, 32, 8))
     # The same float32 target quantized the same way; numpy's and MLX's sums may differ in the last bit: 1e-5.
     np.testing.assert_allclose(got, np.array(requantized), rtol=0, atol=1e-5)
 
@@ -134,7 +134,8 @@ def test_the_first_matrix_starts_like_nn_linear_and_the_second_at_zero():
     mx.random.seed(3)
     layer = LoRALinear(nn.Linear(100, 7), rank=50, scale=1.0)
     a = np.array(layer.lora_a)
-    assert a.shape == (50, 100) and np.abs(a).max() <= 0.1 and np.abs(a).max() > 0.09  # U(-1/sqrt(in), 1/sqrt(in))
+    # U(-1/sqrt(in), 1/sqrt(in)): 5000 draws reach near both ends
+    assert a.shape == (50, 100) and np.abs(a).max() <= 0.1 and a.max() > 0.09 and a.min() < -0.09
     assert np.array(layer.lora_b).shape == (7, 50) and not np.array(layer.lora_b).any()
 
 
@@ -144,8 +145,9 @@ def test_lora_scale_bounds(scale, ok):
     if ok:
         check_scale(scale)
     else:
-        with pytest.raises(AdapterError, match="between -1000 and 1000"):
+        with pytest.raises(AdapterError, match="^lora_scale must be a number between -1000 and 1000") as caught:
             check_scale(scale)
+        assert caught.value.cli_message.startswith("--lora-scale must be")
 
 
 @pytest.mark.parametrize("rank,alpha,ok", [(1, 0.0, True), (4096, None, True), (0, None, False), (4097, 1.0, False),
@@ -154,5 +156,24 @@ def test_rank_and_alpha_bounds(rank, alpha, ok):
     if ok:
         check_rank(rank, alpha)
     else:
-        with pytest.raises(AdapterError, match="rank must be between 1 and 4096" if not 1 <= rank <= 4096 else "alpha"):
+        with pytest.raises(AdapterError, match="^rank must be between 1 and 4096" if not 1 <= rank <= 4096 else
+                           "^alpha must be a number 0 or more"):
             check_rank(rank, alpha)
+
+
+def test_only_the_lora_matrices_of_the_targets_train(base):
+    """apply_lora freezes the model and unfreezes each target's A and B: not its base weights, not other layers."""
+    from mlx.utils import tree_flatten
+
+    flow = load_flow(base)
+    targets = target_paths(flow, "deep")[:3]
+    apply_lora(flow, targets, 2, 1.0)
+    trainable = {name for name, _ in tree_flatten(flow.trainable_parameters())}
+    assert trainable == {f"{path}.{m}" for path in targets for m in ("lora_a", "lora_b")}
+
+
+def test_a_target_that_is_not_a_linear_is_named(base):
+    flow = load_flow(base)
+    with pytest.raises(AdapterError, match=r"^the adapter targets blocks\.9\.attn_blocks\.0\.attention\.qkv, which this "
+                                           "model does not have as a linear layer$"):
+        apply_lora(flow, ["blocks.9.attn_blocks.0.attention.qkv"], 2, 1.0)

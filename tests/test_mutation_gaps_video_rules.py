@@ -7,6 +7,8 @@ through a converted model and check one count each; here every rule is a small t
 
 from types import SimpleNamespace
 
+from PIL import Image
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -51,7 +53,9 @@ def fake(temporal_factor=4, scale=0.6, window=None, num_frames=None):
 def test_pixel_and_latent_frames():
     pipe = fake()
     assert [VideoPipeline.pixel_frames(pipe, n) for n in (1, 2, 21)] == [1, 5, 81]
-    assert [VideoPipeline.latent_frames(pipe, n) for n in (1, 5, 9, 81)] == [1, 2, 3, 21]
+    # Upstream's (frames - 1) // 4 + 1, whole numbers, also for counts that are not 1 + 4k.
+    latents = [VideoPipeline.latent_frames(pipe, n) for n in (1, 4, 5, 6, 9, 81)]
+    assert latents == [1, 1, 2, 2, 3, 21] and all(type(n) is int for n in latents)
     assert [VideoPipeline.pixel_frames(fake(1), n) for n in (1, 3)] == [1, 3]  # pixel space: one frame a latent
 
 
@@ -76,8 +80,9 @@ def test_unscale_divides_frames_after_the_first_by_0_6():
     pipe = fake()
     pipe.temporal_scale = 0.6
     latents = mx.array(np.arange(1, 4, dtype=np.float32).reshape(1, 3, 1, 1, 1) * 0.6)
-    out = np.array(VideoPipeline.unscale(pipe, latents)).ravel()
-    np.testing.assert_allclose(out, [0.6, 2.0, 3.0], rtol=1e-6)
+    out = np.array(VideoPipeline.unscale(pipe, latents))
+    assert out.shape == (1, 3, 1, 1, 1)
+    np.testing.assert_allclose(out.ravel(), [0.6, 2.0, 3.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("count,kept", [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9)])
@@ -110,9 +115,42 @@ def test_encode_maps_uint8_to_minus_1_1_and_scales_latents_after_the_first_by_0_
     pipe = fake()
     pipe.vae, pipe.temporal_scale = RecordingVAE(), 0.6
     clip = np.stack([np.full((1, 1, 3), v, np.uint8) for v in (0, 255, 51)])[None]
-    out = np.array(VideoPipeline.encode(pipe, clip)).ravel()
-    assert pipe.vae.seen.dtype == np.float32
+    out = np.array(VideoPipeline.encode(pipe, clip))
+    assert out.shape == (1, 3, 1, 1, 1) and pipe.vae.seen.dtype == np.float32
+    out = out.ravel()
     np.testing.assert_allclose(pipe.vae.seen[0, :, 0, 0, 0], [-1.0, 1.0, 51 / 127.5 - 1], rtol=0, atol=1e-7)
     np.testing.assert_allclose(out, [-1.0, 0.6, 0.6 * (51 / 127.5 - 1)], rtol=1e-6, atol=0)
-    floats = np.array(VideoPipeline.encode(pipe, np.full((1, 2, 1, 1, 3), 0.5, np.float32))).ravel()
+    floats = np.array(VideoPipeline.encode(pipe, np.full((1, 2, 1, 1, 3), 0.5, np.float64))).ravel()
     np.testing.assert_allclose(floats, [0.5, 0.3], rtol=1e-6)  # floats in [-1, 1] are taken as they are
+    assert pipe.vae.seen.dtype == np.float32  # float64 input reaches the VAE as float32 (flow arithmetic is float32)
+
+
+def test_encode_without_an_encoder_says_what_to_convert():
+    pipe = fake()
+    pipe.vae, pipe.folder = RecordingVAE(), "models/v"
+    pipe.vae.has_encoder = False
+    with pytest.raises(ValueError, match=r"^the video VAE of models/v has no encoder: image and video conditioning need "
+                                         r"the full Wan2\.2_VAE\.pth \(convert it with its encoder\)$"):
+        VideoPipeline.encode(pipe, np.zeros((1, 1, 1, 1, 3), np.uint8))
+
+
+def test_the_rounding_warning_points_at_the_callers_line():
+    """``stacklevel``: the warning names the line that asked the pipeline for the frames, not the library."""
+    with pytest.warns(UserWarning, match="6 frames is not 1") as caught:
+        VideoPipeline.frame_count(fake(), 6)
+    assert caught[0].filename == __file__
+
+
+def test_a_clip_is_resized_with_the_pipelines_filter():
+    """Pixel-space models resize with BOX (block averages undo their own enlargement exactly); clip_pixels must pass
+    the filter on, not fall back to bilinear."""
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (1, 2, 3, 3)).astype(np.uint8)
+    big = small.repeat(2, axis=1).repeat(2, axis=2)  # each pixel enlarged to 2x2, then one pixel per block nudged
+    big[:, ::2, ::2] = np.clip(big[:, ::2, ::2].astype(int) + 40, 0, 255).astype(np.uint8)
+    pixels, _, resized = clip_pixels(big, 2, 3, resample=Image.BOX)
+    blocks = big.reshape(1, 2, 2, 3, 2, 3).astype(np.float64).mean(axis=(2, 4))
+    assert resized
+    # BOX is the 2x2 mean, rounded to uint8 by PIL: within one grey level of it (bilinear weighs the nudged pixels
+    # otherwise: several levels off).
+    np.testing.assert_allclose((pixels + 1) * 127.5, blocks, rtol=0, atol=1 + 1e-4)
