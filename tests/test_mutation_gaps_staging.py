@@ -7,13 +7,15 @@ dead writer of ours left, put a moved-aside folder back, and touch nothing else.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from starflow_mlx.io.staging import MARKER, OutputFolderError, check_output, staged_folder
+from starflow_mlx.advice import cli_message
+from starflow_mlx.io.staging import MARKER, OutputFolderError, check_output, is_ours, staged_folder
 
 
 def dead_pid() -> int:
@@ -126,3 +128,47 @@ def test_write_file_writes_whole_files_and_names_a_bad_path(tmp_path):
                                                 f"{tmp_path / 'no'} does not exist$"):
         write_file(tmp_path / "no" / "b.bin", b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]  # no temporary left beside it
+
+
+def test_check_output_messages(tmp_path):
+    afile, link = tmp_path / "file", tmp_path / "link"
+    afile.write_text("x")
+    link.symlink_to(tmp_path / "missing")
+    for path in (afile, link):
+        with pytest.raises(OutputFolderError, match=f"^output {path} exists and is not a folder: choose a new folder$"):
+            check_output(path, force=True)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "x").write_text("x")
+    with pytest.raises(OutputFolderError, match=f"^output {theirs} already exists and is not empty, and starflow-mlx did "
+                                                r"not write it: choose a new folder \(nothing in it was touched\)$"):
+        check_output(theirs, force=True)
+    mine = ours(tmp_path / "mine")
+    with pytest.raises(OutputFolderError) as caught:
+        check_output(mine)  # force is off by default
+    tail = r" to replace it \(starflow-mlx wrote it\), or choose a new folder$"
+    assert caught.match(f"^output {mine} already exists and is not empty: pass force=True" + tail)
+    assert re.match(f"^output {mine} already exists and is not empty: pass --force" + tail, cli_message(caught.value))
+    check_output(mine, force=True)
+    check_output(tmp_path / "new")  # missing: fine
+
+
+@pytest.mark.parametrize("marker,expected", [
+    (json.dumps({"written_by": "starflow-mlx"}).ljust(4096), True),  # exactly the limit
+    (json.dumps({"written_by": "another-tool"}), False),
+    (json.dumps(["written_by", "starflow-mlx"]), False),
+    ("{not json", False),
+])
+def test_which_markers_make_a_folder_ours(tmp_path, marker, expected):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / MARKER).write_text(marker)
+    assert is_ours(folder) is expected
+
+
+def test_a_marker_that_is_a_link_is_not_ours(tmp_path):
+    real = ours(tmp_path / "real")
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / MARKER).symlink_to(real / MARKER)
+    assert is_ours(real) and not is_ours(folder)
