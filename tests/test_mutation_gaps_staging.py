@@ -172,3 +172,38 @@ def test_a_marker_that_is_a_link_is_not_ours(tmp_path):
     folder.mkdir()
     (folder / MARKER).symlink_to(real / MARKER)
     assert is_ours(real) and not is_ours(folder)
+
+
+def test_sigterm_inside_the_block_exits_143_without_the_staging(tmp_path):
+    """In process (the signal tests in test_output_folder.py run a child, which mutation testing cannot see)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as caught:
+        with staged_folder(tmp_path / "out") as staging:
+            (staging / "part").write_text("x")
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert caught.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_failed_move_into_place_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """force over our folder: the old one is moved aside, then the new one moved in; if that fails, the old one
+    is back in place and the error is raised."""
+    from pathlib import Path
+
+    ours(tmp_path / "out", version="old")
+    real_rename = Path.rename
+
+    def failing(self, target):
+        if self.name.endswith(".starflow-tmp"):
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    with pytest.raises(OSError, match="disk gone"):
+        with staged_folder(tmp_path / "out", force=True) as staging:
+            (staging / "new.txt").write_text("new")
+            monkeypatch.setattr(Path, "rename", failing)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "out" / MARKER).read_text())["version"] == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
