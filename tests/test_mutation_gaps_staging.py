@@ -207,3 +207,26 @@ def test_a_failed_move_into_place_puts_the_old_folder_back(tmp_path, monkeypatch
     monkeypatch.undo()
     assert json.loads((tmp_path / "out" / MARKER).read_text())["version"] == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_cleanup_that_fails_never_fails_the_command(tmp_path, monkeypatch):
+    """Removing leftovers (a dead writer's staging, a moved-aside copy) is best effort: a removal that fails
+    (root removes anything here, so it is simulated) leaves the leftover and the write goes on."""
+    import shutil
+
+    real = shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kwargs):
+        if not ignore_errors:
+            raise OSError(f"cannot remove {path}")
+        return real(path, ignore_errors=True, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    ours(tmp_path / ".a.starflow-tmp", pid=dead_pid())
+    ours(tmp_path / ".a.starflow-old")
+    ours(tmp_path / "a")  # the sweep drops the moved-aside copy and the staging
+    ours(tmp_path / ".out.starflow-old", version="older")
+    ours(tmp_path / "out", version="old")
+    write(tmp_path / "out", force=True)  # the replace drops the leftover copy and its own
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "out"]
+    assert (tmp_path / "out" / "new.txt").exists()
