@@ -122,3 +122,24 @@ def test_a_damaged_json_header_is_named_once_with_its_reason(tmp_path):
     with pytest.raises(SafetensorsError) as caught:
         read_header(path)
     assert str(caught.value) == f"{path} has a damaged safetensors header (invalid start byte)"
+
+
+def test_a_deeply_nested_header_is_named_as_such(tmp_path):
+    from starflow_mlx.jsonconfig import MAX_DEPTH
+
+    path = build(tmp_path / "n.safetensors", b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1))
+    with pytest.raises(SafetensorsError) as caught:
+        read_header(path)
+    assert str(caught.value) == f"{path} has a damaged safetensors header (it is not a real safetensors header)"
+
+
+def test_a_file_that_cannot_be_created_raises_its_own_error(tmp_path, monkeypatch):
+    """The cleanup after a failed start must not replace the error (no temporary file exists to remove)."""
+    import starflow_mlx.convert.safetensors_stream as stream
+
+    def refuse(path, mode):
+        raise PermissionError(f"no write permission for {path}")
+
+    monkeypatch.setattr(stream, "open", refuse, raising=False)
+    with pytest.raises(PermissionError, match="no write permission"):
+        write(tmp_path / "m.safetensors", [("a", "float32", (1,), np.ones(1, np.float32))])
