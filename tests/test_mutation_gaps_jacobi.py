@@ -254,3 +254,64 @@ def test_window_residuals_are_relative_for_tokens_below_one():
     assert np.sum(expected**2, axis=(0, 2)).max() < 0.2
     assert [c.residual for c in stats.chunks] == pytest.approx([w[2] for w in windows], rel=1e-3, abs=1e-6)
     np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("window,given,expected", [(20, None, 16), (5, None, 4), (2, None, 1), (5, 1, 1), (5, 4, 4),
+                                                   (5, 0, None), (5, 5, None), (5, -1, None)])
+def test_window_context_default_and_bounds(window, given, expected):
+    from starflow_mlx.sampling.jacobi import window_context
+
+    if expected is None:
+        with pytest.raises(ValueError, match=f"^context frames must be between 1 and {window - 1}$"):
+            window_context(window, given)
+    else:
+        assert window_context(window, given) == expected  # upstream's default: 16, or all but one frame
+
+
+@pytest.mark.parametrize("residual,previous,threshold,expected", [
+    (1e-3, None, 1e-3, False),  # upstream's rule first: not below the threshold
+    (1e-4, None, 1e-3, True),  # a chunk's first check: upstream's rule alone
+    (1e-4, 0.0, 1e-3, True),  # no change before: nothing to extrapolate
+    # rho = sqrt(1e-4 / 1.6e-4) = 0.79: error still to go 1e-4 * (0.79 / 0.21)^2 = 1.42e-3.
+    (1e-4, 1.6e-4, 2e-4, False),
+    (1e-4, 1.6e-4, 1.4e-3, False),
+    (1e-4, 1.6e-4, 1.5e-3, True),
+    # rho = 1 is capped at 0.99: 1e-4 * 99^2 = 0.98.
+    (1e-4, 1e-4, 1e-3, False),
+    (1e-4, 1e-4, 0.99, True),
+])
+def test_converged_by_hand(residual, previous, threshold, expected):
+    from starflow_mlx.sampling.jacobi import converged
+
+    assert converged(residual, previous, threshold) is expected
+
+
+def test_chunk_sizer_edges():
+    from starflow_mlx.sampling.jacobi import ChunkSizer
+
+    assert ChunkSizer(2).size(16) == 1 and ChunkSizer(6).size(16) == 1 and ChunkSizer(64).size(100) == 16
+    sizer = ChunkSizer(64)
+    sizer.update(4, 2)  # 2 iterations for 4 tokens: no more than half, and fast: doubles
+    assert sizer.size(64) == 8
+    sizer.update(8, 4)  # exactly half, but 4 > max(3, 8 // 4): stays
+    assert sizer.size(64) == 8
+    sizer.update(16, 4)  # 4 <= 16 // 4: doubles
+    assert sizer.size(64) == 32
+    sizer.update(2, 2)  # more than half: halves from the chunk's own size
+    assert sizer.size(64) == 1
+    for _ in range(ChunkSizer.PROBE):
+        sizer.update(1, 1)
+    assert sizer.size(64) == 4  # probes back after PROBE single steps
+    sizer.update(4, 4)
+    sizer.update(2, 2)
+    for _ in range(ChunkSizer.PROBE - 1):
+        sizer.update(1, 1)
+    assert sizer.size(64) == 1  # the count of single steps started again at zero
+
+
+def test_stats_totals():
+    from starflow_mlx.sampling.jacobi import ChunkRecord
+
+    stats = JacobiStats(chunks=[ChunkRecord(0, 0, 4, 2, 0.1), ChunkRecord(1, 0, 3, 4, 0.1), ChunkRecord(0, 4, 2, 1, 0.1)])
+    assert stats.iterations() == 7 and stats.iterations(0) == 3 and stats.iterations(1) == 4
+    assert stats.token_evaluations() == 22 and stats.token_evaluations(0) == 10 and stats.token_evaluations(2) == 0
