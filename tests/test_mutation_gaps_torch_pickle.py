@@ -5,8 +5,9 @@ could otherwise make a few bytes ask for gigabytes); the tests elsewhere check f
 by a little, or twice as loose, passed them.
 """
 
-import torch
+import numpy as np
 import pytest
+import torch
 
 from starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint
 
@@ -52,3 +53,68 @@ def test_a_root_that_is_not_a_dict_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not hold a state dict \(found list\)$"):
         open_checkpoint(path)
 
+
+
+def rewritten(src, dst, change):
+    """A copy of the archive ``src`` with each entry passed through ``change(name, data) -> [(name, data, method)]``."""
+    import zipfile
+    import warnings
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate names are the point of one test
+        for info in zin.infolist():
+            for name, data, method in change(info.filename, zin.read(info)):
+                zout.writestr(zipfile.ZipInfo(name), data, compress_type=method)
+    return dst
+
+
+def saved(tmp_path):
+    path = tmp_path / "m.pth"
+    torch.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, path)
+    return path
+
+
+def test_a_big_endian_checkpoint_is_read_byte_swapped(tmp_path):
+    import zipfile
+
+    def to_big(name, data):
+        if name.endswith("/byteorder"):
+            data = b"big"
+        elif "/data/" in name:
+            data = np.frombuffer(data, "<f4").astype(">f4").tobytes()
+        return [(name, data, zipfile.ZIP_STORED)]
+
+    path = rewritten(saved(tmp_path), tmp_path / "big.pth", to_big)
+    with open_checkpoint(path) as ck:
+        assert ck.tensors["w"].read().tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_compressed_index_is_refused(tmp_path):
+    import zipfile
+
+    def deflate(name, data):
+        return [(name, data, zipfile.ZIP_DEFLATED if name.endswith("data.pkl") else zipfile.ZIP_STORED)]
+
+    path = rewritten(saved(tmp_path), tmp_path / "z.pth", deflate)
+    with pytest.raises(CheckpointError, match=r"data\.pkl is compressed or encrypted, which torch\.save never does$"):
+        open_checkpoint(path)
+
+
+def test_an_entry_twice_or_two_indexes_are_named(tmp_path):
+    import zipfile
+
+    def twice(name, data):
+        return [(name, data, zipfile.ZIP_STORED)] * (2 if name.endswith("/version") else 1)
+
+    path = rewritten(saved(tmp_path), tmp_path / "t.pth", twice)
+    with pytest.raises(CheckpointError, match=r"holds the entry 'm/version' twice: the archive is damaged$"):
+        open_checkpoint(path)
+
+    def two_indexes(name, data):
+        extra = [("other/data.pkl", data, zipfile.ZIP_STORED)] if name.endswith("/data.pkl") else []
+        return [(name, data, zipfile.ZIP_STORED), *extra]
+
+    path = rewritten(saved(tmp_path), tmp_path / "two.pth", two_indexes)
+    with pytest.raises(CheckpointError, match=r"is a zip archive but not a torch\.save checkpoint \(more than one "
+                                              r"data\.pkl\)$"):
+        open_checkpoint(path)
