@@ -4,6 +4,8 @@
 # The module is named by its package path (convert/ is installed as starflow_mlx/convert/). mutmut names a
 # mutant by its file's path, so it runs on a copy of the sources laid out as installed, in $MUTATION_DIR
 # (default /tmp/starflow-mutation/<module>): the checkout is never touched. One child at a time, niced.
+# MUTANTS restricts a large module to the functions that matter, as mutmut's space-separated name globs:
+#   MUTANTS='starflow_mlx.sampling.jacobi.x_invert_jacobi__mutmut_* starflow_mlx.sampling.jacobi.x_converged__mutmut_*'
 set -eu
 module=$1; shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,11 +36,16 @@ source_paths = ["starflow_mlx"]
 only_mutate = ["$module"]
 pytest_add_cli_args_test_selection = [${tests%, }]
 use_git_change_detection = false
+# A process that has evaluated MLX arrays cannot evaluate any in a fork (the child hangs): plain fork isolation
+# turned every mutant a test computed into a timeout, counted as caught. The fork server forks before any runs.
+process_isolation = "forkserver"
 timeout_multiplier = 3.0  # a mutant that loops (a sampler that never converges) is cut off early: it counts as caught
 timeout_constant = 5.0
 TOML
 cd "$work"
-nice -n 10 "$python" -m mutmut run --max-children 1 >mutmut.log 2>&1 || true
+# shellcheck disable=SC2086 # the globs are split into mutmut arguments, unexpanded by the shell (set -f)
+set -f
+nice -n 10 "$python" -m mutmut run --max-children 1 ${MUTANTS:-} >mutmut.log 2>&1 || true
 "$python" -m mutmut results --all true > results.txt 2>&1 || "$python" -m mutmut results > results.txt 2>&1
 tail -3 mutmut.log
 grep -c ': killed' results.txt | sed 's/^/killed: /' || true

@@ -95,9 +95,9 @@ def read_header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             raise SafetensorsError(f"{path} is not a readable safetensors file (bad header length)")
         raw = f.read(length)
     try:
-        header = parse_json(raw.decode("utf-8"), f"{path} header", "safetensors header")
+        header = parse_json(raw.decode("utf-8"), "it", "safetensors header")  # the path is named once, below
     except (UnicodeDecodeError, ConfigError) as exc:
-        raise SafetensorsError(f"{path} has a damaged safetensors header ({str(exc).split(': ')[-1][:80]})") from None
+        raise SafetensorsError(f"{path} has a damaged safetensors header ({str(exc).split(': ')[-1][:120]})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path} has a damaged safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
@@ -140,7 +140,7 @@ def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict
     for name, dtype, shape, _ in entries:
         if dtype not in DTYPES:
             raise ValueError(f"cannot store {name} as {dtype}")
-        if name in header:
+        if name in header or name == "__metadata__":  # without metadata too: readers take that key as metadata
             raise ValueError(f"tensor name {name} is {'reserved' if name == '__metadata__' else 'used twice'}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype][1]).itemsize
         header[name] = {"dtype": DTYPES[dtype][0], "shape": [int(n) for n in shape],
