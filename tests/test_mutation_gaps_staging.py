@@ -120,7 +120,7 @@ def test_write_file_writes_whole_files_and_names_a_bad_path(tmp_path):
 
     write_file(str(tmp_path / "a.bin"), b"abc")
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
-    write_file(tmp_path / "a.bin", b"de")  # replaces
+    write_file(tmp_path / "a.bin", b"de", overwrite=True)  # replaces only when told to
     assert (tmp_path / "a.bin").read_bytes() == b"de"
     with pytest.raises(IsADirectoryError, match=f"^output {tmp_path} is a folder: give a file name$"):
         write_file(tmp_path, b"x")
