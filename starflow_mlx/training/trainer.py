@@ -145,8 +145,8 @@ class Trainer:
         self.y_all, self.y_empty = data.features()
         self._compile()
 
-    # False where compiling costs memory: with gradient checkpointing, MLX's compiled step peaked 28-37% higher than
-    # the uncompiled one, more with every layer (tests/test_lora_memory_estimate.py's shape, 1 and 4 deep layers).
+    # False where compiling costs memory: with gradient checkpointing, MLX's compiled step peaked 28% higher than the
+    # uncompiled one (tests/test_lora_memory_estimate.py's shape, 1 and 4 deep layers).
     compiled = True
     drops_in_batch = False  # True where batch() already swaps in the empty text (captioned data: one per bucket)
 
