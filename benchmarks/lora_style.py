@@ -93,7 +93,7 @@ def memory_estimates() -> list[tuple[str, str, float]]:
 
     rows = []
     cases = [("starflow-3b", "256x256 image", 0), ("starflow-v-7b", "1 frame (an image)", 1),
-             ("starflow-v-7b", "17 frames (5 latent)", 5), ("starflow-v-7b", "81 frames (21 latent)", 21)]
+             ("starflow-v-7b", "5 frames (2 latent)", 2), ("starflow-v-7b", "17 frames (5 latent)", 5), ("starflow-v-7b", "81 frames (21 latent)", 21)]
     for name, what, frames in cases:
         config = load_config(name)
         for checkpoint in (False, True):

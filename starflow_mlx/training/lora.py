@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from starflow_mlx.advice import with_cli_message
 from starflow_mlx.config import FlowConfig
@@ -34,7 +34,7 @@ from starflow_mlx.training.data import DataError, Dataset, load_digits_split, lo
 from starflow_mlx.training.trainer import TrainConfig, Trainer, layer_activations, make_optimizer, optimizer_state
 
 QUANT_GROUP = 64
-WORKING_LAYERS = 4  # one layer's forward and backward working set, in units of its kept activations
+CHECKPOINT_KEPT = 3  # float32 values per token and channel a checkpointed layer keeps for the backward pass (measured)
 
 
 @dataclass
@@ -75,36 +75,46 @@ def base_weight_bytes(config: FlowConfig, bits: int | None, float_bytes: int) ->
     return int(total)
 
 
+def layer_working_set(tokens: int, width: int, heads: int) -> int:
+    """float32 values alive at once while one transformer layer runs forward and backward on a sequence: fitted to
+    measured LoRA steps (``benchmarks/lora_memory.py``; 256 to 3072 wide, 608 to 1152 tokens) as 42 per token and
+    channel plus 8.6 per head and pair of tokens (the attention scores and their gradients), rounded up, plus 2048
+    per token: the flow's own arithmetic around its layers, most of a step of the 64-wide demo."""
+    return 44 * tokens * width + 9 * heads * tokens * tokens + 2048 * tokens
+
+
 def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
                         frames: int = 0) -> dict[str, int]:
     """An estimate, on the generous side, of a LoRA training step's memory, in parts:
 
     ``base``: the frozen weights (:func:`base_weight_bytes`; a quantized base counts at its bits);
     ``adapter``: the LoRA matrices with their gradients and AdamW's two moments (float32);
-    ``activations``: what backpropagation keeps for the adapted blocks (:func:`layer_activations`
-    per layer, or with ``grad_checkpoint`` each layer's input), plus the working set of running one
-    layer forward and backward, taken as 4 times that layer's :func:`layer_activations` (measured
-    peaks with checkpointing were 1.8 times on the ``small`` bench shape and 3.3 times on the demo).
+    ``activations``: what backpropagation keeps for every block from the first adapted one on (the gradient
+    passes through the later ones): :func:`layer_activations` per layer, or with ``grad_checkpoint``
+    :data:`CHECKPOINT_KEPT` values per token and channel; plus the largest :func:`layer_working_set`.
     ``frames``: video clips of that many latent frames (frame-local shallow blocks attend within a frame).
     """
     frame_tokens = (config.latent_size // config.patch_size) ** 2
     deep = config.num_blocks - 1
     adapted = {"all": range(config.num_blocks), "deep": [deep], "shallow": range(deep)}[settings.blocks]
-    adapter = kept = largest = 0.0
+    first = min(adapted, default=deep)
+    adapter = kept = working = 0
     for block, layers in enumerate(config.layers_per_block):
         shapes = _linear_shapes(config, block)
         width, heads = config.block_channels(block), config.block_heads(block)
         local = frames and config.shallow_block_local and block != deep
         text = config.txt_size if config.block_sees_text(block) else 0
         sequences, tokens = (frames, frame_tokens) if local else (1, frame_tokens * max(frames, 1) + text)
-        one_layer = sequences * layer_activations(tokens, width, heads)
-        largest = max(largest, one_layer)
+        working = max(working, sequences * layer_working_set(tokens, width, heads))
         if block in adapted:
             adapter += layers * 4 * settings.rank * sum(o + i for o, i in shapes)
-            kept += layers * (sequences * tokens * width if settings.grad_checkpoint else one_layer)
+        if block >= first:
+            per_layer = (CHECKPOINT_KEPT * tokens * width if settings.grad_checkpoint
+                         else layer_activations(tokens, width, heads))
+            kept += layers * sequences * per_layer
     bits = settings.base_bits or (config.quantization or {}).get("bits")
     return {"base": base_weight_bytes(config, bits, float_bytes), "adapter": int(4 * adapter),
-            "activations": int(4 * batch * (kept + WORKING_LAYERS * largest))}
+            "activations": int(4 * batch * (kept + working))}
 
 
 def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
@@ -126,15 +136,37 @@ def check_lora_memory(config: FlowConfig, batch: int, settings: LoRASettings, fl
 
 # -- gradient checkpointing ----------------------------------------------------------------
 class CheckpointedBlock(AttentionBlock):
-    """A transformer layer that keeps only its input for the backward pass and recomputes the rest
-    (``mx.checkpoint``). Layers become this class in place, so parameter names do not change."""
+    """A transformer layer that keeps only its input for the backward pass and recomputes the rest once the
+    gradient of its output has arrived. Layers become this class in place, so parameter names do not change.
+
+    ``mx.checkpoint`` leaves MLX free to run the recomputation as soon as the backward graph is evaluated, before
+    any gradient reaches the layer: every layer's attention was then held at once (2 GB per deep layer of the 3B,
+    ``benchmarks/lora_memory.py``). Here the recomputation, the frozen weights it reads (dequantized for the BLAS)
+    included, depends on that gradient, and the gradient passed down depends on the layer's adapter gradients, so
+    each layer is recomputed, used and freed in turn."""
 
     def __call__(self, x, rope, mask="causal", cache=None):
-        def run(params, x, *tables):
-            self.update(params)
-            return AttentionBlock.__call__(self, x, tables or None, mask, cache)
+        trainable = tree_flatten(self.trainable_parameters())  # none in a block LoRA leaves frozen
+        names, params = [k for k, _ in trainable], [v for _, v in trainable]
+        frozen = [(k, v) for k, v in tree_flatten(self.parameters()) if k not in set(names)]
 
-        return mx.checkpoint(run)(self.trainable_parameters(), x, *(rope or ()))
+        def run(x, *arrays):
+            self.update(tree_unflatten(list(zip(names, arrays[:len(names)]))))
+            return AttentionBlock.__call__(self, x, arrays[len(names):] or None, mask, cache)
+
+        @mx.custom_function
+        def layer(x, *arrays):
+            return run(x, *arrays)
+
+        @layer.vjp
+        def layer_vjp(primals, cotangent, output):
+            self.update(tree_unflatten([(k, mx.depends(v, cotangent)) for k, v in frozen]))
+            late = [mx.depends(primals[0], cotangent), *primals[1:]]
+            dx, *rest = mx.vjp(lambda *a: [run(*a)], late, [cotangent])[1]
+            self.update(tree_unflatten(frozen))
+            return (mx.depends(dx, rest) if rest else dx, *rest)
+
+        return layer(x, *params, *(rope or ()))
 
 
 def checkpoint_layers(model) -> None:
@@ -191,6 +223,7 @@ class LoRATrainer(Trainer):
         apply_lora(base, self.targets, settings.rank, settings.alpha / settings.rank)
         if settings.grad_checkpoint:
             checkpoint_layers(base)
+            self.compiled = False
         self.model = base
         self.optimizer = make_optimizer(train)
         self.step = self.saved_step = 0
