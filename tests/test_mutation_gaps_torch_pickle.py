@@ -118,3 +118,66 @@ def test_an_entry_twice_or_two_indexes_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"is a zip archive but not a torch\.save checkpoint \(more than one "
                                               r"data\.pkl\)$"):
         open_checkpoint(path)
+
+
+def test_a_checkpoint_without_a_byteorder_entry_is_little_endian(tmp_path):
+    import zipfile
+
+    def drop_byteorder(name, data):  # torch before 1.12 wrote none
+        return [] if name.endswith("/byteorder") else [(name, data, zipfile.ZIP_STORED)]
+
+    with open_checkpoint(rewritten(saved(tmp_path), tmp_path / "old.pth", drop_byteorder)) as ck:
+        assert ck.tensors["w"].read().tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_an_index_at_the_top_of_the_archive_is_read(tmp_path):
+    import zipfile
+
+    def top_level(name, data):  # no folder prefix: every entry's name as torch.save writes it, less "m/"
+        return [(name.split("/", 1)[1], data, zipfile.ZIP_STORED)]
+
+    with open_checkpoint(rewritten(saved(tmp_path), tmp_path / "top.pth", top_level)) as ck:
+        assert ck.tensors["w"].read().tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_each_refusal_of_the_archive_says_exactly_what_is_wrong(tmp_path):
+    import zipfile
+
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.zeros(1)}, legacy, _use_new_zipfile_serialization=False)
+    odd = rewritten(saved(tmp_path), tmp_path / "odd.pth", lambda name, data: [
+        (name, b"middle" if name.endswith("/byteorder") else data, zipfile.ZIP_STORED)])
+    garbage = rewritten(saved(tmp_path), tmp_path / "garbage.pth", lambda name, data: [
+        (name, b"\x80\x02}q\x00(X" if name.endswith("/data.pkl") else data, zipfile.ZIP_STORED)])
+    deflated_order = rewritten(saved(tmp_path), tmp_path / "dz.pth", lambda name, data: [
+        (name, data, zipfile.ZIP_DEFLATED if name.endswith("/byteorder") else zipfile.ZIP_STORED)])
+    expected = {
+        legacy: f"{legacy} uses torch's legacy format: re-save it with "
+                "torch.save(state, path, _use_new_zipfile_serialization=True)",
+        odd: f"{odd} has an unknown byte order b'middle' (torch reads only 'little' or 'big')",
+        garbage: f"{garbage}: cannot read the checkpoint index (UnpicklingError: 'pickle data was truncated')",
+        deflated_order: f"{deflated_order}: m/byteorder is compressed or encrypted, which torch.save never does",
+    }
+    for path, line in expected.items():
+        with pytest.raises(CheckpointError) as caught:
+            open_checkpoint(path)
+        assert str(caught.value) == line
+
+
+def deep_index(levels: int) -> bytes:
+    """A pickle of ``{"k": {"k": ... {}}}`` nested ``levels`` deep, built without recursion (as a crafted file
+    would be): every dict and key pushed, then every SETITEM."""
+    return b"\x80\x02}" + b"X\x01\x00\x00\x00k}" * levels + b"s" * levels + b"."
+
+
+def test_a_state_dict_nested_too_deeply_is_one_line(tmp_path):
+    import zipfile
+
+    def deep(name, data):  # padded to 2 MB, so that the name budget (a quarter of the size) outlasts the stack
+        pad = [("m/pad", bytes(2 << 20), zipfile.ZIP_STORED)] if name.endswith("/version") else []
+        return [(name, deep_index(3000) if name.endswith("/data.pkl") else data, zipfile.ZIP_STORED), *pad]
+
+    path = rewritten(saved(tmp_path), tmp_path / "deep.pth", deep)
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(path)
+    assert str(caught.value) == f"{path}: the state dict is nested too deeply"
