@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from starflow_mlx.io.distributed import FAILED_ENV
 from starflow_mlx.io.launcher import launch, local_hosts, read_hostfile, LaunchError
 
 BIN = Path(sys.executable).parent

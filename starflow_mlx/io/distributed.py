@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from starflow_mlx.io.launcher import FAILED_ENV
+
 TIMEOUT_ENV = "STARFLOW_DISTRIBUTED_TIMEOUT"
-FAILED_ENV = "STARFLOW_LAUNCH_FAILED"  # a file that ``starflow launch`` creates when a rank has failed
 SIGN = 0x5F10  # ends each rank's row of a checked gather (World.verify)
 DEFAULT_TIMEOUT = 120.0
 # Set by mlx.launch (ring, JACCL) or by MPI: without them the process is alone and never touches the engine.

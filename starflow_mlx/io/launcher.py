@@ -27,8 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from starflow_mlx.io.distributed import FAILED_ENV
-
+FAILED_ENV = "STARFLOW_LAUNCH_FAILED"  # names the file created when a rank has failed (the ranks watch it)
 GRACE = 30.0  # seconds the other ranks get to stop by themselves after one failed
 ERROR_LINE = re.compile(r"error: rank (\d+): (.*)$")  # anywhere in a line: MLX's threads may have written before it
 LOCAL = ("127.0.0.1", "localhost")
