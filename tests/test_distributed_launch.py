@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from starflow_mlx.io.launcher import launch, local_hosts, read_hostfile, LaunchError
+from starflow_mlx.io.launcher import FAILED_ENV, LaunchError, launch, local_hosts, read_hostfile
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 120  # one command on a loaded 2-core machine; a hang fails the test instead of blocking CI
