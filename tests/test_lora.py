@@ -92,9 +92,13 @@ def test_a_few_steps_lower_the_loss_and_change_only_lora(base_folder, digits, tm
 
 
 def test_gradient_checkpointing_gives_the_same_steps(base_folder, digits, tmp_path):
-    plain = lora_trainer(base_folder, digits, steps=3, ck="a", tmp_path=tmp_path).run()
-    checkpointed = lora_trainer(base_folder, digits, steps=3, ck="b", tmp_path=tmp_path, grad_checkpoint=True).run()
-    assert np.allclose(plain, checkpointed, rtol=1e-4, atol=1e-5)
+    plain = lora_trainer(base_folder, digits, steps=3, ck="a", tmp_path=tmp_path)
+    checkpointed = lora_trainer(base_folder, digits, steps=3, ck="b", tmp_path=tmp_path, grad_checkpoint=True)
+    assert np.allclose(plain.run(), checkpointed.run(), rtol=1e-4, atol=1e-5)
+    # A compiled step would keep the recomputed activations alive (its peak measured 28% higher): the
+    # checkpointed step runs as plain Python calls, the other compiled.
+    compiled = type(mx.compile(lambda x: x))
+    assert isinstance(plain._step, compiled) and not isinstance(checkpointed._step, compiled)
 
 
 def test_adapter_round_trip_and_fuse_equal_base_plus_adapter(base_folder, digits, tmp_path):
