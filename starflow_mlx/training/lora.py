@@ -148,7 +148,8 @@ class CheckpointedBlock(AttentionBlock):
     def __call__(self, x, rope, mask="causal", cache=None):
         trainable = tree_flatten(self.trainable_parameters())  # none in a block LoRA leaves frozen
         names, params = [k for k, _ in trainable], [v for _, v in trainable]
-        frozen = [(k, v) for k, v in tree_flatten(self.parameters()) if k not in set(names)]
+        trained = set(names)
+        frozen = [(k, v) for k, v in tree_flatten(self.parameters()) if k not in trained]
 
         def run(x, *arrays):
             self.update(tree_unflatten(list(zip(names, arrays[:len(names)]))))
