@@ -189,8 +189,8 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
 
     def video_view(job: Job) -> dict:
         params = job.params
-        size = None
-        if params.get("aspect_ratio") and runner.kind == "video":
+        size = params.get("size")  # an edit's frames, as written: its clip's size, or the model's for video to video
+        if size is None and params.get("aspect_ratio") and runner.kind == "video":
             try:
                 height, width = runner.pipe.frame_size(params["aspect_ratio"])
                 size = f"{width}x{height}"
