@@ -135,3 +135,40 @@ def test_a_cancel_stops_an_inpaint_at_its_next_step(clip, tmp_path, monkeypatch,
         # Nothing left: no job folder (nor its hidden staging one), the uploads gone, no file served.
         assert [p.name for p in out.iterdir()] == [".uploads"] and not list((out / ".uploads").iterdir())
         assert httpx.get(f"{url}/v1/jobs/{job.id}").json()["status"] == "cancelled"
+
+
+def test_replace_reports_as_often_as_sampling_does():
+    """Known tokens held or not, a block reports at its start, every REPORT_EVERY tokens and at its end: where a
+    job's cancel takes effect, so an inpaint stops as soon as a generation does (blocks longer than one report here)."""
+    import mlx.core as mx
+    from flow_factory import IMAGE, flow_inputs, random_flow
+
+    flow = random_flow(**dict(IMAGE, latent_size=12))  # 144 tokens a block
+    z, y, y_u = flow_inputs(flow, batch=1)
+    sampled, replaced = [], []
+    flow.reverse(z, y, y_uncond=y_u, cfg=2.0, jacobi=False, progress=lambda *report: sampled.append(report))
+    _, inputs = flow_inversion.encode_blocks(flow, z, y, y_u, 2.0)
+    known = flow_inversion.token_mask(flow, mx.arange(z.size).reshape(z.shape) % 3 == 0)
+    flow_inversion.reverse_known(flow, z, inputs, known, y, y_u, 2.0, lambda *report: replaced.append(report))
+    assert ("block 3 (deep)", 64, 144) in sampled and replaced == sampled
+
+
+def test_a_clip_edit_reports_every_stage_a_generation_does(clip):
+    """Sampling, denoising and decoding each report (a server job's percent moves through them, and its cancel takes
+    effect in any of them); each round's blocks are stages of their own."""
+    from starflow_mlx import load_pipeline
+
+    pipe = load_pipeline("demo-video")
+    generated, inpainted = [], []
+    pipe.generate("3 moving right", seed=1, frames=5, progress=lambda label, *_: generated.append(label))
+    with pytest.warns(UserWarning, match="is read as"):  # the padded clip, at the model's size
+        pipe.inpaint(clip / "wide.mp4", clip / "mask.png", "8 moving right", rounds=2,
+                     progress=lambda label, *_: inpainted.append(label))
+    edited = []
+    pipe.edit(clip / "made.mp4", "3 moving right", "8 moving right", progress=lambda label, *_: edited.append(label))
+    stages = [s for s in dict.fromkeys(generated) if s != "text"]  # in order, once each (an edit has no text stage)
+    assert stages[-2:] == ["denoise", "frames"] and list(dict.fromkeys(edited)) == stages
+    assert list(dict.fromkeys(inpainted))[-2:] == stages[-2:]
+    blocks = [s for s in stages if s.startswith("block ")]
+    assert [s for s in dict.fromkeys(inpainted) if s.startswith("block ")] == [
+        f"{block}, round {r}/2" for r in (1, 2) for block in blocks]
