@@ -74,3 +74,25 @@ def test_frame_lists_are_bounded_before_they_are_made():
     for text in (f"0-{MAX_MASK_FRAMES}", "0-5000,0-5000", "0-99999999999999"):
         with pytest.raises(ValueError, match="give frame numbers like 0,2-4"):
             parse_frames(text)
+
+
+def test_a_file_sent_as_text_or_to_the_wrong_model_is_told_what_to_send(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    write_mp4(clip, np.zeros((5, 132, 132, 3), np.uint8), 16)
+    with started("demo-video", tmp_path / "out") as runner, serving(runner) as url:
+        # curl's -F video=clip.mp4, without the @: the path as text, once read as an unknown field.
+        res = httpx.post(f"{url}/v1/videos/edits", files={"mask": ("m.png", openai_mask(132, 132))},
+                         data={"prompt": "8 moving right", "video": "clip.mp4"})
+        assert res.status_code == 400 and res.json()["error"]["param"] == "video"
+        assert res.json()["error"]["message"] == "request: video must be a file, not text (with curl: -F video=@FILE)"
+        # An image edit sent to a video model is pointed to the video edit route, not to generation.
+        res = httpx.post(f"{url}/v1/images/edits", files={"image": ("i.png", openai_mask(132, 132))},
+                         data={"prompt": "8 moving right"})
+        assert res.status_code == 400 and res.json()["error"]["code"] == "wrong_model_kind"
+        assert res.json()["error"]["message"].endswith("use POST /v1/videos/edits")
+    with started("demo", tmp_path / "out") as runner, serving(runner) as url:
+        res = httpx.post(f"{url}/v1/images/edits", files={"mask": ("m.png", openai_mask(64, 64))},
+                         data={"prompt": "8", "image": "digit.png"})
+        assert res.status_code == 400 and res.json()["error"]["param"] == "image"
+        assert res.json()["error"]["message"] == "request: image must be a file, not text (with curl: -F image=@FILE)"
+        assert runner.listing() == []
