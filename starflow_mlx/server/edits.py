@@ -150,6 +150,14 @@ def submit_with_uploads(submit, kind: str, request, uploads: Path):
         raise
 
 
+def files_as_text(fields: dict, names: tuple[str, ...]) -> None:
+    """Refuse, by name, a file field sent as text (curl's ``-F image=photo.png``, without the ``@``), which would
+    otherwise read as an unknown field."""
+    for name in names:
+        if name in fields:
+            raise RequestError(f"request: {name} must be a file, not text (with curl: -F {name}=@FILE)", name)
+
+
 async def read_form(request, limit: int, max_files: int, expected: str) -> tuple[dict, dict]:
     """A multipart body of ``limit`` bytes at most: (its text fields, its files' bytes by field name);
     ``expected`` says in the error what the body should hold."""
@@ -185,6 +193,7 @@ def endpoint(runner, check_model, submit, answer):
         fields, files = await read_form(request, MAX_EDIT_BYTES, 2, "the image file (as OpenAI's images.edit does)")
         files = {name: data for name, (data, _) in files.items()}
         try:
+            files_as_text(fields, ("image", "mask"))
             for name in EditRequest.PATHS:
                 if name in fields:
                     raise RequestError(f"request: {name} is not a field of this endpoint", name)
@@ -200,7 +209,7 @@ def endpoint(runner, check_model, submit, answer):
             hole = regenerate_mask(image, mask)
         except RequestError as exc:
             raise ApiError(400, str(exc), "invalid_value", exc.param) from None
-        check_model(req.model, "image")
+        check_model(req.model, "image", "POST /v1/videos/edits")
         uploads = new_uploads(runner)
         storable(image).save(uploads / "image.png")
         hole.save(uploads / "mask.png")

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from starflow_mlx.server.api_error import ApiError
-from starflow_mlx.server.edits import Uploaded, image_upload, new_uploads, read_form, submit_with_uploads
+from starflow_mlx.server.edits import (Uploaded, files_as_text, image_upload, new_uploads, read_form,
+                                       submit_with_uploads)
 from starflow_mlx.server.request_types import (MAX_FRAMES, MAX_PROMPT_CHARS, RequestError, Sampling, parse_request,
                                                pick_seed)
 
@@ -166,6 +167,7 @@ def endpoint(runner, check_model, submit, answer):
     async def video_edits(request: Request):
         fields, files = await read_form(request, MAX_VIDEO_EDIT_BYTES, 2, "the video file (field video)")
         try:
+            files_as_text(fields, ("video", "mask"))
             for name in (*VideoEditRequest.PATHS, "video_name", "mask_name"):  # the endpoint's, not the client's
                 if name in fields:
                     raise RequestError(f"request: {name} is not a field of this endpoint", name)
