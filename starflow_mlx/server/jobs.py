@@ -151,9 +151,9 @@ class Job:
     def view(self) -> dict:
         """The job as the API shows it (``/v1/jobs``); file URLs are relative to the server."""
         return {"id": self.id, "object": "job", "kind": self.kind, "operation": self.operation, "model": self.model,
-                "status": self.status,
-                "progress": self.progress, "stage": self.stage, "created_at": int(self.created_at),
-                "completed_at": self.completed_at, "seconds": round(self.seconds, 3), "error": self.error,
+                "status": self.status, "progress": self.progress, "stage": self.stage,
+                "created_at": int(self.created_at), "completed_at": self.completed_at,
+                "seconds": round(self.seconds, 3), "error": self.error,
                 "warnings": list(self.warnings), "request": self.request.to_dict(), "params": dict(self.params),
                 "files": [{"name": name, "url": f"/v1/files/{self.id}/{name}",
                            "type": MEDIA_TYPES[Path(name).suffix]} for name in self.files]}
