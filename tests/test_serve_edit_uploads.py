@@ -96,3 +96,29 @@ def test_a_file_sent_as_text_or_to_the_wrong_model_is_told_what_to_send(tmp_path
         assert res.status_code == 400 and res.json()["error"]["param"] == "image"
         assert res.json()["error"]["message"] == "request: image must be a file, not text (with curl: -F image=@FILE)"
         assert runner.listing() == []
+
+
+def test_a_mask_clip_longer_than_the_clip_is_refused_without_decoding_it_all(tmp_path, monkeypatch):
+    from starflow_mlx.pipelines import video_io
+
+    clip, masks = tmp_path / "clip.mp4", tmp_path / "masks.mp4"
+    write_mp4(clip, np.zeros((5, 132, 132, 3), np.uint8), 16)
+    write_mp4(masks, np.repeat(np.arange(132)[None, :, None, None] >= 66, 40, 0).repeat(132, 2).repeat(3, 3)
+              .astype(np.uint8) * 255, 16)
+    decoded = []  # frames each read of the uploaded mask clip returned
+    read = video_io.read_video
+
+    def spy(path, **options):
+        frames, rate = read(path, **options)
+        if str(path).endswith("mask.mp4"):
+            decoded.append(len(frames))
+        return frames, rate
+
+    monkeypatch.setattr(video_io, "read_video", spy)
+    with started("demo-video", tmp_path / "out") as runner, serving(runner) as url:
+        res = httpx.post(f"{url}/v1/videos/edits", files={"video": ("clip.mp4", clip.read_bytes()), "mask": (
+            "masks.mp4", masks.read_bytes())}, data={"prompt": "8 moving right"}, timeout=600)
+        assert res.status_code == 400 and res.json()["error"]["param"] == "mask"
+        assert res.json()["error"]["message"] == ("request: the mask clip has more than the input's 5 frames (both "
+                                                  "read at 16 fps): give one mask frame per input frame")
+        assert decoded == [6]  # one past the clip's 5, not the 40 sent

@@ -219,7 +219,8 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
         from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
         from starflow_mlx.pipelines.video_io import read_video
 
-        mask, fps = read_video(mask, fps=fps or VIDEO_DEFAULTS["fps"])
+        # One frame past the input's tells a longer mask clip: the rest is never decoded (memory, for an upload).
+        mask, fps = read_video(mask, fps=fps or VIDEO_DEFAULTS["fps"], frames=frames + 1)
         rate = f" (both read at {fps:g} fps)"
     mask = np.asarray(mask)
     if mask.ndim == 4 and mask.shape[-1] in (1, 3):
@@ -232,8 +233,9 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
         raise ValueError(f"the mask clip's frames are {mask.shape[2]}x{mask.shape[1]} but the input's are "
                          f"{size[0]}x{size[1]}: give mask frames of the input's size")
     if len(mask) != frames:
-        raise ValueError(f"the mask clip has {len(mask)} frames but the input has {frames}{rate}: give one mask frame "
-                         "per input frame")
+        count = f"more than the input's {frames} frames" if len(mask) > frames else \
+            f"{len(mask)} frames but the input has {frames}"
+        raise ValueError(f"the mask clip has {count}{rate}: give one mask frame per input frame")
     return mask if mask.dtype == np.bool_ else mask >= 128
 
 
