@@ -69,7 +69,7 @@ def test_video_edit_cards_say_edit(tmp_path, browser):  # noqa: F811
         inpaint = httpx.post(f"{url}/v1/videos/edits", files={"video": video, "mask": (
             "mask.png", (tmp_path / "mask.png").read_bytes())}, data={"prompt": "8 moving right"}).json()
         page, errors = open_page(browser, url)
-        # Listed while queued or running, then followed: labelled from the first.
+        # The cards as the server lists the jobs (queued, running or done), labelled as they are made.
         page.wait_for_function("document.querySelectorAll('article.job').length === 3", timeout=TIMEOUT_MS)
         expected = [["inpaint", "edit", "8 moving right"], ["edit", "edit", "3 moving right → 8 moving right"],
                     ["generate", "", "7 moving right"]]
