@@ -44,7 +44,7 @@ def test_openai_client_edits_the_transparent_part_and_keeps_the_rest(tmp_path):
         with pytest.raises(openai.BadRequestError, match="the mask is 8x8"):
             client.images.edit(image=("digit.png", png(source), "image/png"), prompt="2",
                                mask=("m.png", png(Image.new("RGBA", (8, 8))), "image/png"))
-        with pytest.raises(openai.BadRequestError, match="not a readable image"):
+        with pytest.raises(openai.BadRequestError, match="cannot read image: not a PNG, JPEG"):
             client.images.edit(image=("digit.png", b"not a png", "image/png"), prompt="2")
         with pytest.raises(openai.BadRequestError, match="unknown class"):
             client.images.edit(image=("digit.png", png(source), "image/png"), prompt="9",

@@ -71,7 +71,7 @@ def test_an_edit_job_makes_what_the_cli_makes_and_keeps_the_known_pixels(clip, t
                      prompt="8 moving right", seed=3).json()
         assert video["object"] == "video" and video["id"].startswith("video_")
         events = httpx.get(f"{url}/v1/jobs/{video['id']}/events", headers=KEY, timeout=120).text
-        assert '"stage": "inpainting"' in events and '"status": "completed"' in events
+        assert '"stage": "inpainting' in events and '"status": "completed"' in events
         assert finished(url, video["id"])["status"] == "completed"
         inpainted = tmp_path / "inpainted.mp4"
         inpainted.write_bytes(httpx.get(f"{url}/v1/videos/{video['id']}/content", headers=KEY).content)

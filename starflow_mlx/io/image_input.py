@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import struct
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -52,10 +54,10 @@ def _ico_sizes(handle) -> list[tuple[int, int]]:
     return sizes
 
 
-def _check_size(what: str, path: Path, size: tuple[int, int]) -> None:
+def _check_size(label: str, size: tuple[int, int]) -> None:
     width, height = size
     if width * height > MAX_PIXELS:
-        raise ImageInputError(f"{what} {path} declares {width}x{height} pixels, more than the "
+        raise ImageInputError(f"{label} declares {width}x{height} pixels, more than the "
                               f"{MAX_PIXELS >> 20} megapixels accepted (a decompression bomb?)")
 
 
@@ -63,21 +65,28 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
     """The decoded image at ``path``; any problem (missing, not an image, too large) is one ImageInputError line."""
     path = Path(path)
     check_regular_file(path, what, ImageInputError, ImageInputError)
+    return decode_image(path, f"{what} {path}")
+
+
+def decode_image(source: Path | BinaryIO, label: str) -> Image.Image:
+    """The image in ``source`` (a file's path, or a seekable binary file such as an upload's bytes), checked as this
+    module says; any problem is one ImageInputError line naming ``label``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the stricter limit below applies
-            with open(path, "rb") as handle:
+            with open(source, "rb") if isinstance(source, Path) else nullcontext(source) as handle:
                 for size in _ico_sizes(handle):
-                    _check_size(what, path, size)
-            with Image.open(path, formats=FORMATS) as img:
-                _check_size(what, path, img.size)
-                img.load()
-                return ImageOps.exif_transpose(img)
+                    _check_size(label, size)
+                handle.seek(0)
+                with Image.open(handle, formats=FORMATS) as img:
+                    _check_size(label, img.size)
+                    img.load()
+                    return ImageOps.exif_transpose(img)
     except ImageInputError:
         raise
     except UnidentifiedImageError:
-        raise ImageInputError(f"cannot read {what} {path}: not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} "
+        raise ImageInputError(f"cannot read {label}: not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} "
                               "image, or damaged") from None
     except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise ImageInputError(f"cannot read {what} {path} ({reason})") from None
+        raise ImageInputError(f"cannot read {label} ({reason})") from None

@@ -103,10 +103,10 @@ def _reverse(pipe, z: mx.array, prompt: str, cfg: float, ratio: str, fps: int, j
     return x, y
 
 
-def denoise(pipe, x: mx.array, y: mx.array) -> mx.array:
-    """The cleanup generation applies to the flow's (noisy) samples."""
+def denoise(pipe, x: mx.array, y: mx.array, progress=None) -> mx.array:
+    """The cleanup generation applies to the flow's (noisy) samples (a clip's reports to ``progress``)."""
     if pipe.VIDEO:
-        return pipe.denoise(x, y, lambda *a, **k: None)
+        return pipe.denoise(x, y, progress or (lambda *a, **k: None))
     if pipe.has_finetuned_decoder:
         return x
     x = score_denoise(pipe.flow, x, y, pipe.config.noise_std)
@@ -114,13 +114,14 @@ def denoise(pipe, x: mx.array, y: mx.array) -> mx.array:
     return x
 
 
-def to_output(pipe, x: mx.array):
-    """Flow data -> what ``generate`` returns: a PIL image, or uint8 frames (T, H, W, 3)."""
+def to_output(pipe, x: mx.array, progress=None):
+    """Flow data -> what ``generate`` returns: a PIL image, or uint8 frames (T, H, W, 3) (a clip's decode reports to
+    ``progress``)."""
     from starflow_mlx.pipelines.settings import check_finite
 
     check_finite(x)
     if pipe.VIDEO:
-        return np.concatenate(list(pipe.decode_frames(x)), axis=1)[0]
+        return np.concatenate(list(pipe.decode_frames(x, progress)), axis=1)[0]
     return pipe.decode(x)[0]
 
 
@@ -162,7 +163,7 @@ def edit(pipe, source, source_prompt: str, prompt: str, *, strength: float = 0.0
     inverted = invert(pipe, source, source_prompt, cfg, fps)
     z = mix_noise(inverted.noise, strength, seed)
     x, y = _reverse(pipe, z, prompt, cfg, inverted.aspect_ratio, inverted.fps, jacobi, progress)
-    return to_output(pipe, denoise(pipe, x, y))
+    return to_output(pipe, denoise(pipe, x, y, progress), progress)
 
 
 # -- inpainting ---------------------------------------------------------------------------------
@@ -218,7 +219,8 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
         from starflow_mlx.pipelines.settings import VIDEO_DEFAULTS
         from starflow_mlx.pipelines.video_io import read_video
 
-        mask, fps = read_video(mask, fps=fps or VIDEO_DEFAULTS["fps"])
+        # One frame past the input's tells a longer mask clip: the rest is never decoded (memory, for an upload).
+        mask, fps = read_video(mask, fps=fps or VIDEO_DEFAULTS["fps"], frames=frames + 1)
         rate = f" (both read at {fps:g} fps)"
     mask = np.asarray(mask)
     if mask.ndim == 4 and mask.shape[-1] in (1, 3):
@@ -231,8 +233,9 @@ def hole_frames(mask, size: tuple[int, int], frames: int, fps: int | None = None
         raise ValueError(f"the mask clip's frames are {mask.shape[2]}x{mask.shape[1]} but the input's are "
                          f"{size[0]}x{size[1]}: give mask frames of the input's size")
     if len(mask) != frames:
-        raise ValueError(f"the mask clip has {len(mask)} frames but the input has {frames}{rate}: give one mask frame "
-                         "per input frame")
+        count = f"more than the input's {frames} frames" if len(mask) > frames else \
+            f"{len(mask)} frames but the input has {frames}"
+        raise ValueError(f"the mask clip has {count}{rate}: give one mask frame per input frame")
     return mask if mask.dtype == np.bool_ else mask >= 128
 
 
@@ -300,27 +303,39 @@ def inpaint(pipe, source, mask, prompt: str, *, method: str = "replace", rounds:
     noise = mx.random.normal(known_x.shape, key=mx.random.key(seed))
     x = inpaint_data(pipe.flow, known_x, data_hole, noise, y, y_u, cfg, method, rounds, _sampler(jacobi, pipe),
                      progress)
-    made = to_output(pipe, denoise(pipe, x, y))
+    made = to_output(pipe, denoise(pipe, x, y, progress), progress)
     return _paste(pixels, made, hole, pipe.VIDEO)
 
 
 def inpaint_data(flow, known: mx.array, hole: mx.array, noise: mx.array, y, y_uncond, cfg: float,
                  method: str = "replace", rounds: int = 1, jacobi: bool = False, progress=None) -> mx.array:
     """Inpainting on the flow's data (batched): ``known`` data, ``hole`` (bool, data-shaped: True = regenerate),
-    ``noise`` for the hole. Returns the flow's sample (not denoised, known part not yet pasted back)."""
+    ``noise`` for the hole. Returns the flow's sample (not denoised, known part not yet pasted back).
+
+    ``progress(label, done, total)`` hears every round's blocks as sampling reports them (each its own stage:
+    ``block 2 (deep), round 1/3``), so ``rounds`` times the model's blocks in all."""
     tokens_known = flow_inversion.token_mask(flow, mx.logical_not(hole))
     x = _composite(known, mx.zeros_like(known), hole)  # mid-grey (zero latents) in the hole to start
-    for _ in range(rounds):
+    for r in range(rounds):
         filled = _composite(known, x, hole)
+        report = _round_progress(progress, r, rounds)
         if method == "replace":
             _, inputs = flow_inversion.encode_blocks(flow, filled, y, y_uncond, cfg)
-            x = flow_inversion.reverse_known(flow, noise, inputs, tokens_known, y, y_uncond, cfg)
+            x = flow_inversion.reverse_known(flow, noise, inputs, tokens_known, y, y_uncond, cfg, report)
         else:
             z = flow_inversion.encode(flow, filled, y, y_uncond, cfg)
             z = mx.where(flow._unpatchify(tokens_known), z, noise)
-            x = flow.reverse(z, y, y_uncond=y_uncond, cfg=cfg, jacobi=jacobi, progress=progress)
+            x = flow.reverse(z, y, y_uncond=y_uncond, cfg=cfg, jacobi=jacobi, progress=report)
         mx.eval(x)
     return x
+
+
+def _round_progress(progress, r: int, rounds: int):
+    """``progress`` with the round in each stage's name: a later round's blocks are stages of their own, not the
+    first round's run again."""
+    if progress is None or rounds == 1:
+        return progress
+    return lambda label, done, total, **info: progress(f"{label}, round {r + 1}/{rounds}", done, total, **info)
 
 
 def _source_pixels(pipe, source, fps: int | None) -> tuple[np.ndarray, int]:

@@ -22,6 +22,7 @@ from starflow_mlx.models.kv_cache import KVCache
 from starflow_mlx.models.starflow import STARFlow
 from starflow_mlx.models.tarflow import MetaBlock
 from starflow_mlx.sampling.guidance import guide
+from starflow_mlx.sampling.sequential import REPORT_EVERY
 from starflow_mlx.sampling.stepper import ChunkStepper
 
 
@@ -77,11 +78,13 @@ def token_mask(flow: STARFlow, mask: mx.array) -> mx.array:
 
 
 def reverse_known(flow: STARFlow, z: mx.array, known: list[mx.array | None], mask: mx.array,
-                  y: mx.array | None = None, y_uncond: mx.array | None = None, cfg: float = 0.0) -> mx.array:
+                  y: mx.array | None = None, y_uncond: mx.array | None = None, cfg: float = 0.0,
+                  progress=None) -> mx.array:
     """Noise -> data, every block inverted token by token with the known tokens held.
 
     ``known``: each block's input for an image whose known part is right (:func:`encode_blocks`);
-    ``mask``: :func:`token_mask` of the known part.
+    ``mask``: :func:`token_mask` of the known part. ``progress(label, done, total)`` is called as the sampler calls
+    it: ``(0, total)`` as a block starts, then every ``REPORT_EVERY`` tokens and at its end.
     """
     flow._check_input(z, "z")
     x = flow._patchify(z.astype(mx.float32))
@@ -94,14 +97,19 @@ def reverse_known(flow: STARFlow, z: mx.array, known: list[mx.array | None], mas
         def order(grid):
             return layout.permute(layout.to_sequence(grid), block.flips, flow._in_frame)
 
+        label = f"block {block.index}" + (" (deep)" if block is flow.blocks[-1] else "")
+        report = (lambda done, total, label=label: progress(label, done, total)) if progress else None
+        seq = order(x)
+        if report:
+            report(0, seq.shape[1])  # before the block's first token, as the sampler reports
         cos, sin = flow.rope(layout, text_len)
-        out = _invert_known(block, order(x), order(known[block.index]), order(mask), y_block, weight, cos, sin)
+        out = _invert_known(block, seq, order(known[block.index]), order(mask), y_block, weight, cos, sin, report)
         x = layout.to_grid(layout.permute(out, block.flips, flow._in_frame))
     return flow._unpatchify(x)
 
 
 def _invert_known(block: MetaBlock, z: mx.array, known: mx.array, mask: mx.array, y: mx.array | None, cfg: float,
-                  cos: mx.array, sin: mx.array) -> mx.array:
+                  cos: mx.array, sin: mx.array, on_token=None) -> mx.array:
     """One block solved token by token (as the sequential sampler does), known tokens replacing computed ones."""
     def doubled(v):
         return mx.concatenate([v, v], axis=0) if cfg > 0 else v
@@ -124,4 +132,6 @@ def _invert_known(block: MetaBlock, z: mx.array, known: mx.array, mask: mx.array
         prev = mx.where(mm[:, t: t + 1], kk[:, t: t + 1], new)
         tokens.append(prev)
         mx.async_eval(prev, *cache.state())
+        if on_token is not None and (t + 1 == n or (t + 1) % REPORT_EVERY == 0):
+            on_token(t + 1, n)
     return mx.concatenate(tokens, axis=1)[: z.shape[0]]

@@ -10,6 +10,8 @@ from starflow_mlx.models.tarflow import MetaBlock
 from starflow_mlx.sampling.frames import FrameHook
 from starflow_mlx.sampling.stepper import ChunkStepper
 
+REPORT_EVERY = 64  # tokens between progress reports: each report is also where a server job's cancel takes effect
+
 
 def invert_sequential(
     block: MetaBlock,
@@ -73,7 +75,7 @@ def invert_sequential(
         mx.async_eval(prev, *cache.state())
         if hook is not None:
             hook.add(prev)
-        if on_token is not None and (t + 1 == n or (t + 1) % 64 == 0):
+        if on_token is not None and (t + 1 == n or (t + 1) % REPORT_EVERY == 0):
             on_token(t + 1, n)
     x = mx.concatenate(tokens, axis=1)
     return x[: z.shape[0]]

@@ -73,13 +73,13 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
         return job
 
     def check_model(name: str | None, kind: str, other_use: str | None = None) -> None:
-        """Refuse another model's name, or a model of the other kind (``other_use``: the route an image model
-        takes instead, when not /v1/images/generations)."""
+        """Refuse another model's name, or a model of the other kind (``other_use``: the route the served model
+        takes instead, when not its generations route)."""
         if name is not None and name not in (model_id, str(runner.model)):
             raise ApiError(404, f"model {name[:64]!r} is not served here: this server runs {model_id}",
                            "model_not_found", "model")
         if runner.kind != kind:
-            other = "POST /v1/videos" if runner.kind == "video" else other_use or "POST /v1/images/generations"
+            other = other_use or ("POST /v1/videos" if runner.kind == "video" else "POST /v1/images/generations")
             raise ApiError(400, f"{model_id} makes {runner.kind}s, not {kind}s: use {other}", "wrong_model_kind",
                            "model")
 
@@ -189,8 +189,8 @@ def create_app(runner: JobRunner, api_key: str | None = None, allowed_hosts=(), 
 
     def video_view(job: Job) -> dict:
         params = job.params
-        size = None
-        if params.get("aspect_ratio") and runner.kind == "video":
+        size = params.get("size")  # an edit's frames, as written: its clip's size, or the model's for video to video
+        if size is None and params.get("aspect_ratio") and runner.kind == "video":
             try:
                 height, width = runner.pipe.frame_size(params["aspect_ratio"])
                 size = f"{width}x{height}"

@@ -26,6 +26,7 @@ from starflow_mlx.server.request_types import ImageRequest, RequestError, parse_
 
 MAX_EDIT_BYTES = 32 << 20  # two uploaded images and the form's fields
 UPLOADS = ".uploads"  # under the output folder; a job's uploads are removed when it has run
+PNG_MODES = ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")  # PIL's modes a PNG holds as they are
 
 
 class Uploaded:
@@ -51,6 +52,7 @@ class EditRequest(Uploaded, ImageRequest):
     method: str = field(default="replace", metadata={"choices": ("replace", "resample")})
     image_file: str = field(default="", metadata={"max_len": 4096})  # set by the endpoint, not the client
     mask_file: str = field(default="", metadata={"max_len": 4096})
+    operation = "inpaint"  # what the job does, as its files record it
 
     @staticmethod
     def run_job(pipe, model: str, request: "EditRequest", folder: Path, update, cancelled):
@@ -60,21 +62,23 @@ class EditRequest(Uploaded, ImageRequest):
         from starflow_mlx.pipelines.image_files import save_images
         from starflow_mlx.pipelines.inversion import DEFAULT_ROUNDS, guidance
         from starflow_mlx.pipelines.video_io import file_sha256
-        from starflow_mlx.server.generation import JobCancelled
+        from starflow_mlx.server.generation import IMAGE_WEIGHTS, Progress, sampling_blocks
 
         try:
             source, mask = Image.open(request.image_file), Image.open(request.mask_file)
             seed, cfg = pick_seed(request.seed), guidance(pipe, request.cfg)
+            rounds = DEFAULT_ROUNDS[request.method]
             params = dict(operation="inpaint", prompt=request.prompt, seed=seed, cfg=cfg, method=request.method,
-                          rounds=DEFAULT_ROUNDS[request.method], model=model_record(model),
-                          source_sha256=file_sha256(request.image_file), mask_sha256=file_sha256(request.mask_file),
-                          version=__version__)
+                          rounds=rounds, model=model_record(model), source_sha256=file_sha256(request.image_file),
+                          mask_sha256=file_sha256(request.mask_file), version=__version__)
+            # Every round samples every block: the cancel takes effect at the next report, as a generation's does.
+            progress = Progress(sampling_blocks(pipe) * rounds, request.n, 1, IMAGE_WEIGHTS, lambda percent, stage:
+                                update(percent, f"inpainting image {progress.first + 1}/{request.n}: {stage}"), cancelled)
             paths = []
             for i in range(request.n):
-                if cancelled():
-                    raise JobCancelled()
-                update(int(100 * i / request.n), f"image {i + 1}/{request.n}")
-                out = pipe.inpaint(source, mask, request.prompt, method=request.method, seed=seed + i, cfg=cfg)
+                progress.next_batch(i)
+                out = pipe.inpaint(source, mask, request.prompt, method=request.method, rounds=rounds, seed=seed + i,
+                                   cfg=cfg, progress=progress)
                 path = folder / f"edit-seed{seed}-{i:03d}.png"
                 save_images([(out, path, dict(params, seed=seed + i, index=i))])
                 paths.append(path)
@@ -84,20 +88,20 @@ class EditRequest(Uploaded, ImageRequest):
 
 
 def image_upload(data: bytes, name: str) -> Image.Image:
-    """An uploaded image, bounded as ``open_image`` bounds files."""
-    from starflow_mlx.io.image_input import MAX_PIXELS
+    """An uploaded image, read as ``starflow edit`` reads a file (its formats, its pixel bound, upright as its EXIF
+    says): RequestError naming the field otherwise."""
+    from starflow_mlx.io.image_input import ImageInputError, decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise RequestError(f"request: {name} declares {img.width}x{img.height} pixels, more than accepted",
-                                   name)
-            img.load()
-            return img.copy()
-    except RequestError:
-        raise
-    except Exception:  # PIL's many errors for a file that is not an image
-        raise RequestError(f"request: {name} is not a readable image (PNG, JPEG or WebP)", name) from None
+        return decode_image(io.BytesIO(data), name)
+    except ImageInputError as exc:
+        raise RequestError(f"request: {exc}", name) from None
+
+
+def storable(image: Image.Image) -> Image.Image:
+    """``image`` in a mode a PNG holds: a CMYK JPEG or a float TIFF as RGB, the colours the model would read from it
+    (its alpha has been read into the mask already)."""
+    return image if image.mode in PNG_MODES else image.convert("RGB")
 
 
 def regenerate_mask(image: Image.Image, mask: Image.Image | None) -> Image.Image:
@@ -146,6 +150,14 @@ def submit_with_uploads(submit, kind: str, request, uploads: Path):
         raise
 
 
+def files_as_text(fields: dict, names: tuple[str, ...]) -> None:
+    """Refuse, by name, a file field sent as text (curl's ``-F image=photo.png``, without the ``@``), which would
+    otherwise read as an unknown field."""
+    for name in names:
+        if name in fields:
+            raise RequestError(f"request: {name} must be a file, not text (with curl: -F {name}=@FILE)", name)
+
+
 async def read_form(request, limit: int, max_files: int, expected: str) -> tuple[dict, dict]:
     """A multipart body of ``limit`` bytes at most: (its text fields, its files' bytes by field name);
     ``expected`` says in the error what the body should hold."""
@@ -181,6 +193,7 @@ def endpoint(runner, check_model, submit, answer):
         fields, files = await read_form(request, MAX_EDIT_BYTES, 2, "the image file (as OpenAI's images.edit does)")
         files = {name: data for name, (data, _) in files.items()}
         try:
+            files_as_text(fields, ("image", "mask"))
             for name in EditRequest.PATHS:
                 if name in fields:
                     raise RequestError(f"request: {name} is not a field of this endpoint", name)
@@ -196,9 +209,9 @@ def endpoint(runner, check_model, submit, answer):
             hole = regenerate_mask(image, mask)
         except RequestError as exc:
             raise ApiError(400, str(exc), "invalid_value", exc.param) from None
-        check_model(req.model, "image")
+        check_model(req.model, "image", "POST /v1/videos/edits")
         uploads = new_uploads(runner)
-        image.save(uploads / "image.png")
+        storable(image).save(uploads / "image.png")
         hole.save(uploads / "mask.png")
         req.image_file, req.mask_file = str(uploads / "image.png"), str(uploads / "mask.png")
         return await answer(request, req, submit_with_uploads(submit, "image", req, uploads))

@@ -68,6 +68,7 @@ class ShownParams(JSONConfig):
     frames: int | None = field(default=None, metadata={"min": 1, "max": MAX_FRAMES})
     fps: int | None = field(default=None, metadata={"min": 1, "max": 120})
     aspect_ratio: str | None = field(default=None, metadata={"choices": (None, *ASPECT_RATIOS)})
+    size: str | None = field(default=None, metadata={"max_len": 32})  # an edited clip's, as written
 
 
 @dataclass(kw_only=True)
@@ -141,11 +142,18 @@ class Job:
             setattr(self, name, value)
         self.version += 1
 
+    @property
+    def operation(self) -> str:
+        """generate, edit (a source remade under another prompt) or inpaint (a masked part regenerated): its record's
+        once it has run (a restored request no longer knows its mask), else its request's."""
+        return self.params.get("operation") or getattr(self.request, "operation", "generate")
+
     def view(self) -> dict:
         """The job as the API shows it (``/v1/jobs``); file URLs are relative to the server."""
-        return {"id": self.id, "object": "job", "kind": self.kind, "model": self.model, "status": self.status,
-                "progress": self.progress, "stage": self.stage, "created_at": int(self.created_at),
-                "completed_at": self.completed_at, "seconds": round(self.seconds, 3), "error": self.error,
+        return {"id": self.id, "object": "job", "kind": self.kind, "operation": self.operation, "model": self.model,
+                "status": self.status, "progress": self.progress, "stage": self.stage,
+                "created_at": int(self.created_at), "completed_at": self.completed_at,
+                "seconds": round(self.seconds, 3), "error": self.error,
                 "warnings": list(self.warnings), "request": self.request.to_dict(), "params": dict(self.params),
                 "files": [{"name": name, "url": f"/v1/files/{self.id}/{name}",
                            "type": MEDIA_TYPES[Path(name).suffix]} for name in self.files]}

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from starflow_mlx.server.api_error import ApiError
-from starflow_mlx.server.edits import Uploaded, image_upload, new_uploads, read_form, submit_with_uploads
+from starflow_mlx.server.edits import (Uploaded, files_as_text, image_upload, new_uploads, read_form,
+                                       submit_with_uploads)
 from starflow_mlx.server.request_types import (MAX_FRAMES, MAX_PROMPT_CHARS, RequestError, Sampling, parse_request,
                                                pick_seed)
 
@@ -44,6 +45,11 @@ class VideoEditRequest(Uploaded, Sampling):
     video_name: str = field(default="", metadata={"max_len": 4096})  # the client's file names, for the metadata
     mask_name: str | None = field(default=None, metadata={"max_len": 4096})
 
+    @property
+    def operation(self) -> str:
+        """What the job does, as its mp4 records it."""
+        return "inpaint" if self.mask_file is not None else "edit"
+
     @staticmethod
     def run_job(pipe, model: str, request: "VideoEditRequest", folder: Path, update, cancelled):
         """The edit as ``starflow edit`` makes it, into ``folder`` (the JobRunner's hook for requests that bring
@@ -65,8 +71,12 @@ class VideoEditRequest(Uploaded, Sampling):
                        cfg=guidance(pipe, request.cfg), method=method, rounds=DEFAULT_ROUNDS.get(method),
                        fps=request.fps, jacobi=bool(request.jacobi),
                        mask_frames=parse_frames(request.mask_frames, "mask_frames") if request.mask_frames else None)
-            options = dict(seed=job["seed"], cfg=job["cfg"], fps=job["fps"], jacobi=job["jacobi"],
-                           progress=Progress(sampling_blocks(pipe), 1, 1, VIDEO_WEIGHTS, update, cancelled))
+            # An inpaint samples every block once a round: the cancel takes effect at the next report in any of them.
+            blocks = sampling_blocks(pipe) * (job["rounds"] or 1)
+            word = "inpainting" if inpaint else "editing"
+            progress = Progress(blocks, 1, 1, VIDEO_WEIGHTS, lambda percent, stage: update(percent, f"{word}: {stage}"),
+                                cancelled)
+            options = dict(seed=job["seed"], cfg=job["cfg"], fps=job["fps"], jacobi=job["jacobi"], progress=progress)
             update(0, "inpainting" if inpaint else "inverting")
             if inpaint:
                 frames = pipe.inpaint(request.video_file, request.mask_file, request.prompt, method=method,
@@ -82,8 +92,9 @@ class VideoEditRequest(Uploaded, Sampling):
             fps = job["fps"] or VIDEO_DEFAULTS["fps"]
             path = folder / f"{file_stem(request.prompt, job['seed'])}-edit.mp4"
             write_mp4(path, frames, fps, meta)
-            # The job's record holds plain values: the frame list as it was sent; frames and fps as written.
-            return [path], dict(meta, mask_frames=request.mask_frames, frames=len(frames), fps=fps)
+            # The job's record holds plain values: the frame list as it was sent; frames, fps and size as written.
+            return [path], dict(meta, mask_frames=request.mask_frames, frames=len(frames), fps=fps,
+                                size=f"{frames.shape[2]}x{frames.shape[1]}")
         finally:
             shutil.rmtree(request.uploads, ignore_errors=True)
 
@@ -156,6 +167,7 @@ def endpoint(runner, check_model, submit, answer):
     async def video_edits(request: Request):
         fields, files = await read_form(request, MAX_VIDEO_EDIT_BYTES, 2, "the video file (field video)")
         try:
+            files_as_text(fields, ("video", "mask"))
             for name in (*VideoEditRequest.PATHS, "video_name", "mask_name"):  # the endpoint's, not the client's
                 if name in fields:
                     raise RequestError(f"request: {name} is not a field of this endpoint", name)

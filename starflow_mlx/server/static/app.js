@@ -51,10 +51,20 @@ function card(job) {
   el = document.createElement("article");
   el.className = "job";
   el.id = `job-${job.id}`;
-  el.innerHTML = `<header><span class="prompt"></span><button type="button">Cancel</button></header>
+  el.innerHTML = `<header><span><span class="operation"></span><span class="prompt"></span></span>
+    <button type="button">Cancel</button></header>
     <progress max="100" value="0"></progress><div class="meta"></div><div class="error"></div>
     <div class="gallery"></div>`;
-  el.querySelector(".prompt").textContent = job.request.prompt;
+  // An edit says so (and what it edits from); a generation shows its prompt alone.
+  el.dataset.operation = job.operation;
+  if (job.operation !== "generate") {
+    const label = el.querySelector(".operation");
+    label.textContent = "edit";
+    label.title = job.operation === "inpaint" ? "an edit: the masked part regenerated, the rest kept"
+      : "an edit: the source remade under the prompt";
+  }
+  el.querySelector(".prompt").textContent = job.request.from_prompt
+    ? `${job.request.from_prompt} → ${job.request.prompt}` : job.request.prompt;
   el.querySelector("button").addEventListener("click", () => remove(job.id));
   $("jobs").prepend(el);
   return el;
