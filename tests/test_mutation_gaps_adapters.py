@@ -119,10 +119,15 @@ def test_a_config_with_bad_targets_is_refused_naming_its_file(base, tmp_path, ta
     with pytest.raises(AdapterError) as refused:
         load_flow(base, lora=[make_adapter(base, tmp_path / "b", rank=2, alpha=2.0), folder])
     assert str(refused.value) == f"{folder / ADAPTER_CONFIG}: {reason}"
-    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "rank": 0}))  # a field's check names it the same way
+
+
+def test_a_damaged_config_is_refused_with_the_config_reader_s_line(base, tmp_path):
+    folder = make_adapter(base, tmp_path / "a", rank=2, alpha=2.0)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "rank": 0}))
     with pytest.raises(AdapterError, match=f"^{folder / ADAPTER_CONFIG}: rank must be at least 1, got 0$"):
         read_adapter_config(folder)
-    (folder / ADAPTER_CONFIG).write_text("{")  # and a message that names the file itself is kept whole
+    (folder / ADAPTER_CONFIG).write_text("{")
     with pytest.raises(AdapterError, match=f"^LoRA adapter config {folder / ADAPTER_CONFIG} is not valid JSON"):
         read_adapter_config(folder)
 
@@ -162,6 +167,14 @@ def test_load_adapter_scales_by_alpha_over_rank_by_default(base, tmp_path):
     load_adapter(flow, folder)
     layers = dict(lora_layers(flow))
     assert layers and all(layer.scale == 1.5 for layer in layers.values())
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 1e4])
+def test_load_adapter_checks_its_own_scale(base, tmp_path, scale):
+    """load_flow checks every scale first; load_adapter, called on its own, must too."""
+    folder = make_adapter(base, tmp_path / "a", rank=2, alpha=2.0)
+    with pytest.raises(AdapterError, match="^lora_scale must be a number between -1000 and 1000"):
+        load_adapter(load_flow(base), folder, scale)
 
 
 def test_weights_that_do_not_match_the_adapter_config_name_adapter_json(base, tmp_path):
