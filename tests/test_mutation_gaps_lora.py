@@ -237,7 +237,8 @@ def test_linear_dims_of_float_and_quantized_layers(bits):
     layer = nn.Linear(64, 8)
     if bits:
         layer = layer.to_quantized(group_size=32, bits=bits)
-    assert linear_dims(layer) == (8, 64)
+    dims = linear_dims(layer)
+    assert dims == (8, 64) and all(type(d) is int for d in dims)  # shapes: 64.0 would not do
 
 
 def test_target_paths_of_each_block_choice(base):
