@@ -13,8 +13,12 @@ import pytest
 from flow_factory import IMAGE, random_flow, save_flow
 from starflow_mlx.io.adapters import load_adapter, load_adapters, save_adapter
 from starflow_mlx.io.loading import load_flow
+from starflow_mlx.advice import cli_message
+from starflow_mlx.config import FlowConfig
+from starflow_mlx.jsonconfig import ConfigError
 from starflow_mlx.models.lora import (ADAPTER_WEIGHTS, AdapterConfig, AdapterError, LoRALinear, apply_lora,
-                                      base_identity, check_rank, check_scale, fuse_lora, lora_layers, target_paths)
+                                      base_identity, check_blocks, check_rank, check_scale, fuse_lora, lora_layers,
+                                      target_paths)
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +181,106 @@ def test_a_target_that_is_not_a_linear_is_named(base):
     with pytest.raises(AdapterError, match=r"^the adapter targets blocks\.9\.attn_blocks\.0\.attention\.qkv, which this "
                                            "model does not have as a linear layer$"):
         apply_lora(flow, ["blocks.9.attn_blocks.0.attention.qkv"], 2, 1.0)
+
+
+# -- The rest of the module: the config's target check, block choice, base identity, layer paths and sizes ------
+
+
+def test_the_first_target_that_is_not_a_flow_linear_is_named_cut_at_80_characters():
+    good = "blocks.0.attn_blocks.0.attention.qkv"
+    for bad, shown in ((["x" * 100, "y"], "x" * 80), ([good + ".weight"], good + ".weight")):
+        with pytest.raises(ConfigError) as refused:
+            AdapterConfig(rank=2, alpha=2.0, targets=[good, *bad], base_hash="x")
+        assert str(refused.value) == (f"LoRA adapter config: target {shown!r} is not an attention or MLP linear of "
+                                      "a flow")
+    long = "blocks." + "1" * 100 + ".attn_blocks.0.attention.qkv"
+    for twice, shown in (([good, "blocks.1.attn_blocks.0.mlp.main.0", good], good), ([long, long], long[:80])):
+        with pytest.raises(ConfigError) as refused:
+            AdapterConfig(rank=2, alpha=2.0, targets=twice, base_hash="x")
+        assert str(refused.value) == f"LoRA adapter config: target {shown!r} is listed more than once"
+    with pytest.raises(ConfigError) as refused:
+        AdapterConfig(rank=2, alpha=2.0, targets=[], base_hash="x")
+    assert str(refused.value) == "LoRA adapter config: targets is empty: the adapter changes nothing"
+
+
+def test_an_unknown_block_choice_names_the_choices():
+    with pytest.raises(AdapterError) as refused:
+        check_blocks("top")
+    assert str(refused.value) == "blocks must be deep, shallow or all, got 'top'"
+    assert cli_message(refused.value) == "--lora-blocks must be deep, shallow or all, got 'top'"
+    for blocks in ("deep", "shallow", "all"):
+        check_blocks(blocks)
+
+
+def test_base_identity_is_the_sorted_architecture_hash_ignoring_storage_and_sampling():
+    """The hash adapters already on disk carry: sha256 of the architecture's JSON with sorted keys, 16 hex digits;
+    dtype, quantization, default guidance and extras do not change it, an architecture field does."""
+    import dataclasses
+    import hashlib
+    import json
+
+    config = FlowConfig(**IMAGE)
+    arch = {k: v for k, v in config.to_dict().items() if k not in ("dtype", "quantization", "cfg", "extra")}
+    digest, shape = base_identity(config)
+    assert digest == hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    assert shape == "channels 64, layers [1, 0, 1, 2], 4x4"
+    stored = dataclasses.replace(config, dtype="float16", cfg=3.0, extra={"note": 1},
+                                 quantization={"bits": 4, "group_size": 64})
+    assert base_identity(stored)[0] == digest
+    assert base_identity(dataclasses.replace(config, channels=96))[0] != digest
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_linear_dims_of_float_and_quantized_layers(bits):
+    from starflow_mlx.models.lora import linear_dims
+
+    layer = nn.Linear(64, 8)
+    if bits:
+        layer = layer.to_quantized(group_size=32, bits=bits)
+    dims = linear_dims(layer)
+    assert dims == (8, 64) and all(type(d) is int for d in dims)  # shapes: 64.0 would not do
+
+
+def test_target_paths_of_each_block_choice(base):
+    """IMAGE has layers [1, 0, 1, 2]: the deep block is blocks.3, the others 0 and 2 (1 is empty)."""
+    flow = load_flow(base)
+    linears = ("attention.qkv", "attention.proj", "mlp.main.0", "mlp.main.2")
+    paths = {block: {f"blocks.{block}.attn_blocks.{i}.{name}" for i in range(n) for name in linears}
+             for block, n in ((0, 1), (2, 1), (3, 2))}
+    assert set(target_paths(flow, "deep")) == paths[3]
+    assert set(target_paths(flow, "shallow")) == paths[0] | paths[2]
+    assert set(target_paths(flow, "all")) == paths[0] | paths[2] | paths[3]
+
+
+def test_modules_are_found_and_replaced_by_path_in_lists_and_attributes(base):
+    from starflow_mlx.models.lora import _get, _set
+
+    flow = load_flow(base)
+    assert _get(flow, "blocks.0.attn_blocks.0.mlp.main.0") is flow.blocks[0].attn_blocks[0].mlp.main[0]
+    assert _get(flow, "blocks.3.attn_blocks.1.attention.qkv") is flow.blocks[3].attn_blocks[1].attention.qkv
+    for missing in ("blocks.9.attn_blocks.0.attention.qkv", "blocks.x.attn_blocks.0.attention.qkv",
+                    "blocks.0.attn_blocks.0.attention.nothing", "nothing.at.all"):
+        assert _get(flow, missing) is None, missing
+    new, other = nn.Linear(2, 2), nn.Linear(3, 3)
+    _set(flow, "blocks.0.attn_blocks.0.mlp.main.2", new)  # an item of a list
+    _set(flow, "blocks.2.attn_blocks.0.attention.proj", other)  # an attribute
+    assert flow.blocks[0].attn_blocks[0].mlp.main[2] is new and flow.blocks[2].attn_blocks[0].attention.proj is other
+
+
+def test_lora_weights_and_trainable_count_name_and_count_only_a_and_b(base):
+    from starflow_mlx.models.lora import linear_dims, lora_weights, trainable_count
+
+    flow = load_flow(base)
+    targets = target_paths(flow, "shallow")[:3]
+    dims = {path: linear_dims(_module(flow, path)) for path in targets}
+    apply_lora(flow, targets, 3, 1.0)
+    weights = lora_weights(flow)
+    assert set(weights) == {f"{p}.{m}" for p in targets for m in ("lora_a", "lora_b")}
+    for path, (out_dims, in_dims) in dims.items():
+        assert weights[f"{path}.lora_a"].shape == (3, in_dims) and weights[f"{path}.lora_b"].shape == (out_dims, 3)
+    assert trainable_count(flow) == sum(3 * (o + i) for o, i in dims.values())
+    assert [p for p, _ in lora_layers(flow)] == [p for p, _ in flow.named_modules() if p in dims]
+
+
+def _module(flow, path):
+    return dict(flow.named_modules())[path]

@@ -89,8 +89,9 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
             raise AdapterError(f"{folder} has no {name}: it is not a complete LoRA adapter (train it again)")
     try:
         return AdapterConfig.load(folder / ADAPTER_CONFIG)
-    except ConfigError as exc:
-        raise AdapterError(str(exc)) from None
+    except ConfigError as exc:  # the config's own checks (of its targets) cannot know the file: name it here
+        message = str(exc).removeprefix(f"{AdapterConfig.LABEL}: ")
+        raise AdapterError(message if message == str(exc) else f"{folder / ADAPTER_CONFIG}: {message}") from None
 
 
 def check_base(config: AdapterConfig, flow_config: FlowConfig, where: str) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,9 @@ class AdapterConfig(JSONConfig):
             raise ConfigError(f"{self.LABEL}: target {bad[0][:80]!r} is not an attention or MLP linear of a flow")
         if not self.targets:
             raise ConfigError(f"{self.LABEL}: targets is empty: the adapter changes nothing")
+        twice = [t for t, n in Counter(self.targets).items() if n > 1]  # else refused later as "not a linear layer"
+        if twice:
+            raise ConfigError(f"{self.LABEL}: target {twice[0][:80]!r} is listed more than once")
 
     @property
     def scale(self) -> float:
