@@ -106,16 +106,20 @@ def test_a_folder_missing_either_file_names_it(tmp_path, present, missing):
     assert str(refused.value) == f"{tmp_path} has no {missing}: it is not a complete LoRA adapter (train it again)"
 
 
-@pytest.mark.parametrize("targets, reason", [
-    (["text_encoder.weight"], "target 'text_encoder.weight' is not an attention or MLP linear of a flow"),
-    ([TARGET, "blocks.3.attn_blocks.0.mlp.main.0", TARGET], f"target {TARGET!r} is listed more than once"),
+@pytest.mark.parametrize("change, reason", [
+    ({"targets": ["text_encoder.weight"]}, "target 'text_encoder.weight' is not an attention or MLP linear of a flow"),
+    ({"targets": [TARGET, "blocks.3.attn_blocks.0.mlp.main.0", TARGET]}, f"target {TARGET!r} is listed more than once"),
+    ({"format": 2}, "format 2 is not the format 1 this starflow-mlx reads: update starflow-mlx, or train the adapter "
+                    "again with this one"),
 ])
-def test_a_config_with_bad_targets_is_refused_naming_its_file(base, tmp_path, targets, reason):
+def test_a_config_with_bad_targets_is_refused_naming_its_file(base, tmp_path, change, reason):
     """Checked by the config itself, after its fields: the file is named all the same, as for any other field (with
-    several adapters the line says which one). A repeated target was refused as "not a linear layer" of the model."""
+    several adapters the line says which one). A repeated target was refused as "not a linear layer" of the model;
+    a later format loaded as this one."""
     folder = make_adapter(base, tmp_path / "a", rank=2, alpha=2.0)
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "targets": targets}))
+    assert config["format"] == 1
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, **change}))
     with pytest.raises(AdapterError) as refused:
         load_flow(base, lora=[make_adapter(base, tmp_path / "b", rank=2, alpha=2.0), folder])
     assert str(refused.value) == f"{folder / ADAPTER_CONFIG}: {reason}"

@@ -40,6 +40,9 @@ _TARGET = re.compile(r"blocks\.(\d+)\.attn_blocks\.\d+\.(attention\.(qkv|proj)|m
 _NOT_IDENTITY = ("dtype", "quantization", "cfg", "extra")
 
 
+ADAPTER_FORMAT = 1  # the adapter.json layout; a reader refuses any other
+
+
 class AdapterError(ValueError):
     """A LoRA adapter is missing, damaged, or made for another model."""
 
@@ -55,10 +58,13 @@ class AdapterConfig(JSONConfig):
     blocks: str = field(default="deep", metadata={"choices": BLOCK_CHOICES})
     base_shape: str = field(default="", metadata={"max_len": 1000})  # for messages: "channels 64, layers [2, 2, 4]"
     source: dict[str, Any] = field(default_factory=dict)  # how it was trained (base name, data, steps, bits/dim)
-    format: int = 1
+    format: int = ADAPTER_FORMAT
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.format != ADAPTER_FORMAT:  # a later layout read as this one would load the wrong matrices silently
+            raise ConfigError(f"{self.LABEL}: format {self.format!r} is not the format {ADAPTER_FORMAT} this "
+                              f"starflow-mlx reads: update starflow-mlx, or train the adapter again with this one")
         bad = [t for t in self.targets if not _TARGET.fullmatch(t)]
         if bad:
             raise ConfigError(f"{self.LABEL}: target {bad[0][:80]!r} is not an attention or MLP linear of a flow")
