@@ -181,3 +181,116 @@ def test_a_state_dict_nested_too_deeply_is_one_line(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         open_checkpoint(path)
     assert str(caught.value) == f"{path}: the state dict is nested too deeply"
+
+
+def index_file(path, payload: bytes):
+    """``payload`` as the data.pkl of an archive laid out as torch.save lays it out."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("m/data.pkl", payload)
+        zf.writestr("m/byteorder", "little")
+    return path
+
+
+def refusal(path) -> str:
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(path)
+    return str(caught.value)
+
+
+# Tuples nested ``levels`` deep (the innermost empty), each written with one kind of tuple operation, around memo
+# and stack operations the scan must follow as the unpickler does: each kind must count its level.
+LEVELS = {
+    "TUPLE1": lambda n: b")" + b"\x85" * (n - 1),
+    "TUPLE2": lambda n: b")" + b"N\x86" * (n - 1),
+    "TUPLE3": lambda n: b")" + b"NN\x87" * (n - 1),
+    "TUPLE": lambda n: b"(" * (n - 1) + b")" + b"t" * (n - 1),
+    "PUT, GET": lambda n: b")" + b"".join(b"p%d\n0g%d\n\x85" % (i, i) for i in range(n - 1)),
+    "BINPUT, BINGET": lambda n: b")" + b"q\x000h\x00\x85" * (n - 1),
+    "LONG_BINPUT, LONG_BINGET": lambda n: b")" + b"r\x00\x01\x00\x000j\x00\x01\x00\x00\x85" * (n - 1),
+    "MEMOIZE": lambda n: b")" + b"".join(b"\x940h%c\x85" % i for i in range(n - 1)) if n <= 257 else None,
+    "DUP": lambda n: b")" + b"2\x85\x86" * ((n - 1) // 2) + b"\x85" * ((n - 1) % 2),  # (x, (x,)): the copy's level
+    "POP of a mark": lambda n: b")" + b"(0\x85" * (n - 1),
+    "BUILD": lambda n: b")" + b"Nb\x85" * (n - 1),
+    # REDUCE's arguments are a tuple around the data _rebuild_parameter returns: the scan counts that level too.
+    "REDUCE": lambda n: b"ctorch._utils\n_rebuild_parameter\n)" + b"\x85" * (n // 2 - 1) + b"R"
+                        + b"\x85" * (n - n // 2),
+    "OBJ": lambda n: b"(ctorch._utils\n_rebuild_parameter\n)" + b"\x85" * (n // 2 - 1) + b"o"
+                     + b"\x85" * (n - n // 2),
+    "INST": lambda n: b"()" + b"\x85" * (n // 2 - 1) + b"itorch._utils\n_rebuild_parameter\n"
+                      + b"\x85" * (n - n // 2),
+}
+
+
+def nested(levels: int, kind: str) -> bytes:
+    # MEMOIZE numbers its entries itself: past 256 levels its BINGET runs out of indexes, so it nests 200 levels
+    # below the first 801 others (its own count is still checked: a MEMOIZE the scan skips loses the memo).
+    if kind == "MEMOIZE":
+        return b"\x80\x04}X\x01\x00\x00\x00k" + LEVELS[kind](200) + b"\x85" * (levels - 200) + b"s."
+    return b"\x80\x02}X\x01\x00\x00\x00k" + LEVELS[kind](levels) + b"s."
+
+
+def tuple_levels(value) -> int:
+    """How deep tuples nest in ``value`` (walked level by level: a recursive walk would hit Python's limit)."""
+    levels, current = 0, [value]
+    while any(isinstance(v, tuple) for v in current):
+        levels += 1
+        current = list({id(item): item for v in current if isinstance(v, tuple) for item in v}.values())
+    return levels
+
+
+@pytest.mark.parametrize("kind", sorted(LEVELS))
+def test_tuples_nest_up_to_1000_levels_and_no_further(tmp_path, kind):
+    from starflow_mlx.convert.torch_pickle import MAX_NESTING
+
+    assert MAX_NESTING == 1000
+    with open_checkpoint(index_file(tmp_path / "ok.pth", nested(1000, kind))) as ck:
+        assert tuple_levels(ck.extras["k"]) == 1000 - (kind == "REDUCE")
+    path = index_file(tmp_path / "deep.pth", nested(1001, kind))
+    assert refusal(path) == f"{path}: the checkpoint index is nested too deeply"
+
+
+def test_a_key_of_a_million_nested_tuples_is_refused_not_a_crash(tmp_path):
+    # Hashing it as a dict key recursed in C until the process died (SIGSEGV): run where a crash shows as one.
+    import subprocess
+    import sys
+
+    path = index_file(tmp_path / "deep.pth", b"\x80\x02}X\x01\x00\x00\x00k" + b"\x85" * 1_000_000 + b"K\x01s.")
+    code = ("import sys\nfrom starflow_mlx.convert.torch_pickle import CheckpointError, open_checkpoint\n"
+            "try:\n    open_checkpoint(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout) == (0, f"{path}: the checkpoint index is nested too deeply\n"), run.stderr
+
+
+def test_the_unpickler_recursing_is_refused_in_one_line(tmp_path):
+    # A state dict's BUILD names what it sets: naming a frozenset nested 5000 deep recurses past Python's limit.
+    path = index_file(tmp_path / "deep.pth", b"\x80\x04}X\x01\x00\x00\x00wccollections\nOrderedDict\n)R}"
+                      + b"(" * 5000 + b"\x91" * 5000 + b"K\x01sbs.")
+    assert refusal(path) == f"{path}: the checkpoint index is nested too deeply"
+
+
+def test_torch_size_holds_only_ints(tmp_path):
+    # With ``tuple`` as torch.Size, a list of tuples 1000 deep became a tuple 1001 deep, past the scan.
+    path = index_file(tmp_path / "s.pth", b"\x80\x02}X\x01\x00\x00\x00kctorch\nSize\n](K\x01\x85e\x85Rs.")
+    assert refusal(path) == "checkpoint makes a torch.Size of [(1,)], which is not a tuple of integers"
+    path = index_file(tmp_path / "t.pth", b"\x80\x02}X\x01\x00\x00\x00kctorch\nSize\nK\x01K\x01\x85\x86\x85Rs.")
+    assert refusal(path) == "checkpoint makes a torch.Size of (1, (1,)), which is not a tuple of integers"
+    with open_checkpoint(index_file(tmp_path / "ok.pth", b"\x80\x02}X\x01\x00\x00\x00kctorch\nSize\n"
+                                                         b"K\x02K\x03\x86\x85Rs.")) as ck:
+        assert ck.extras == {"k": (2, 3)}
+
+
+def test_a_pickle_the_scan_cannot_follow_gets_the_unpicklers_own_refusal(tmp_path):
+    missing = index_file(tmp_path / "memo.pth", b"\x80\x02}X\x01\x00\x00\x00kh\x07s.")
+    unmarked = index_file(tmp_path / "mark.pth", b"\x80\x02}X\x01\x00\x00\x00kts.")
+    assert refusal(missing) == (f"{missing}: cannot read the checkpoint index "
+                                "(UnpicklingError: 'Memo value not found at index 7')")
+    assert refusal(unmarked) == f"{unmarked}: cannot read the checkpoint index (UnpicklingError: 'could not find MARK')"
+
+
+def test_past_what_the_scan_can_parse_the_unpickler_reads_nothing(tmp_path):
+    # pickle reads INT's text in any base, the scan (pickletools) only in base 10: had the unpickler read on, the
+    # tuples after it would nest unchecked (a dict key 1001 deep here; a million crashes the process).
+    path = index_file(tmp_path / "hex.pth", b"\x80\x02}X\x01\x00\x00\x00kI0x10\n0" + b"\x85" * 1001 + b"K\x01s.")
+    assert refusal(path) == f"{path}: cannot read the checkpoint index (EOFError: 'Ran out of input')"
