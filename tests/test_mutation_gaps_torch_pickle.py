@@ -29,6 +29,31 @@ def test_the_name_budget_of_a_small_file_is_4096(tmp_path):
         open_checkpoint(shared_names(tmp_path, 17, 240))  # 4097 names
 
 
+def test_the_name_budget_of_a_larger_file_is_a_quarter_of_its_size(tmp_path):
+    import zipfile
+
+    keys, values = 50, 119
+    names = keys * (values + 1)  # 6000 one-unit names: a budget of 6000 needs a file of 24000 to 24003 bytes
+    src = shared_names(tmp_path, keys, values)
+
+    def padded(size):
+        """``src`` with one more stored entry (outside data/, so never read), grown to make the file ``size`` bytes:
+        a stored entry's bytes add to the file one for one."""
+        def pad(length):
+            def change(name, data):
+                extra = [(name.replace("/version", "/pad"), bytes(length))] if name.endswith("/version") else []
+                return [(n, d, zipfile.ZIP_STORED) for n, d in [(name, data), *extra]]
+            return rewritten(src, tmp_path / f"pad{length}.pth", change)
+        path = pad(size - pad(0).stat().st_size)
+        assert path.stat().st_size == size
+        return path
+
+    with open_checkpoint(padded(4 * names)) as ck:  # exactly at the budget (a fifth of the size would be 4800)
+        assert len(ck.extras) == keys * values
+    with pytest.raises(CheckpointError, match=r"expands to more names than a 23999-byte file can hold"):
+        open_checkpoint(padded(4 * names - 1))  # one short (a third of the size would be 7999)
+
+
 def expanded(tmp_path, elements):
     path = tmp_path / str(elements) / "m.pth"  # one file name: torch.save writes it into the archive
     path.parent.mkdir()
