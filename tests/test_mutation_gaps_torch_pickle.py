@@ -319,3 +319,104 @@ def test_past_what_the_scan_can_parse_the_unpickler_reads_nothing(tmp_path):
     # tuples after it would nest unchecked (a dict key 1001 deep here; a million crashes the process).
     path = index_file(tmp_path / "hex.pth", b"\x80\x02}X\x01\x00\x00\x00kI0x10\n0" + b"\x85" * 1001 + b"K\x01s.")
     assert refusal(path) == f"{path}: cannot read the checkpoint index (EOFError: 'Ran out of input')"
+
+
+def text(s: str) -> bytes:
+    return b"X" + len(s).to_bytes(4, "little") + s.encode()
+
+
+def with_state(state: bytes) -> bytes:
+    """A state dict ``{"w": OrderedDict()}`` whose OrderedDict gets ``state`` by BUILD, as torch gives _metadata."""
+    return b"\x80\x02}" + text("w") + b"ccollections\nOrderedDict\n)R" + state + b"bs."
+
+
+def test_a_state_dict_keeps_only_its_metadata_out_of_the_way(tmp_path):
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp_path / "linear.pth")  # torch's own _metadata BUILD
+    with open_checkpoint(tmp_path / "linear.pth") as ck:
+        assert sorted(ck.tensors) == ["bias", "weight"] and ck.extras == {}
+    metadata = b"}" + text("_metadata") + b"}s"
+    for state in (metadata, b"(" + metadata + b"Nt", b"(N" + metadata + b"t"):  # dict, (dict, slots), (None, slots)
+        with open_checkpoint(index_file(tmp_path / "ok.pth", with_state(state))) as ck:
+            assert ck.tensors == {} and ck.extras == {}
+
+
+def test_any_other_state_on_a_state_dict_is_named(tmp_path):
+    refusals = {
+        b"}(" + text("b") + b"K\x01" + text("a") + b"K\x02u": "'a'",  # the first in order of two
+        b"(N}" + text("items") + b"K\x01st": "'items'",
+        b"K\x05": "'int'",
+    }
+    for state, named in refusals.items():
+        path = index_file(tmp_path / "bad.pth", with_state(state))
+        assert refusal(path) == (f"refusing to load checkpoint: it sets {named} on a dictionary, "
+                                 "which a state dict never holds")
+
+
+def test_bytes_in_another_codec_name_it(tmp_path):
+    one_argument = index_file(tmp_path / "one.pth", b"\x80\x02}" + text("k") + b"c_codecs\nencode\n" + text("x")
+                              + b"\x85Rs.")
+    assert refusal(one_argument) == "refusing to load checkpoint: it encodes data with the 'utf-8' codec"
+
+
+def central_entry(data: bytes, name: bytes) -> int:
+    """Where the zip's central directory describes the entry ``name``."""
+    entry = data.index(b"PK\x01\x02")
+    while data[entry + 46:entry + 46 + len(name)] != name:
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    return entry
+
+
+def test_a_compressed_or_encrypted_storage_is_refused_when_read(tmp_path):
+    import zipfile
+
+    deflated = rewritten(saved(tmp_path), tmp_path / "z.pth", lambda name, data: [
+        (name, data, zipfile.ZIP_DEFLATED if "/data/" in name else zipfile.ZIP_STORED)])
+    flagged = tmp_path / "e.pth"  # stored, but flagged encrypted (zipfile writes no flag: set it by hand)
+    data = bytearray(saved(tmp_path).read_bytes())
+    data[central_entry(data, b"m/data/0") + 8] |= 1
+    flagged.write_bytes(bytes(data))
+    for path in (deflated, flagged):
+        with open_checkpoint(path) as ck:
+            with pytest.raises(CheckpointError) as caught:
+                ck.tensors["w"].read()
+        assert str(caught.value) == f"{path}: storage 0 is compressed or encrypted, which torch.save never does"
+
+
+def test_a_storage_entry_is_found_past_its_local_header(tmp_path):
+    import zipfile
+
+    wide = tmp_path / "wide.pth"  # a local extra field of 40000 bytes: past 32767, read as unsigned
+    with zipfile.ZipFile(saved(tmp_path)) as zin, zipfile.ZipFile(wide, "w") as zout:
+        for info in zin.infolist():
+            out = zipfile.ZipInfo(info.filename)
+            if "/data/" in info.filename:
+                out.extra = b"\xfe\xca" + (40000 - 4).to_bytes(2, "little") + bytes(40000 - 4)
+            zout.writestr(out, zin.read(info))
+    with open_checkpoint(wide) as ck:
+        assert ck.tensors["w"].read().tolist() == [[0, 1, 2], [3, 4, 5]]
+
+    with open_checkpoint(saved(tmp_path)) as ck:
+        offset = ck._members["0"].header_offset
+    data = bytearray(saved(tmp_path).read_bytes())
+    data[offset:offset + 4] = b"PK\x05\x06"  # the local header's signature damaged, its length whole
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with open_checkpoint(damaged) as ck:
+        with pytest.raises(CheckpointError) as caught:
+            ck.tensors["w"].read()
+    assert str(caught.value) == f"{damaged}: damaged zip entry for storage 0"
+
+
+def test_a_storage_running_past_the_end_of_the_file_names_itself(tmp_path):
+    import struct
+
+    path = tmp_path / "v.pth"
+    torch.save({"row": torch.arange(6, dtype=torch.float32).reshape(2, 3)[1]}, path)  # a view: checked in chunks
+    data = bytearray(path.read_bytes())
+    entry = central_entry(data, b"v/data/0")
+    data[entry + 20:entry + 28] = struct.pack("<II", 10_000_000, 10_000_000)  # it claims 10 MB
+    path.write_bytes(bytes(data))
+    with open_checkpoint(path) as ck:
+        with pytest.raises(CheckpointError) as caught:
+            ck.tensors["row"].read()
+    assert str(caught.value) == f"{path}: tensor storage 0 is truncated (file ends early)"
