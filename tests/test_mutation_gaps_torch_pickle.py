@@ -238,6 +238,10 @@ LEVELS = {
     "DUP": lambda n: b")" + b"2\x85\x86" * ((n - 1) // 2) + b"\x85" * ((n - 1) % 2),  # (x, (x,)): the copy's level
     "POP of a mark": lambda n: b")" + b"(0\x85" * (n - 1),
     "BUILD": lambda n: b")" + b"Nb\x85" * (n - 1),
+    # Operations that fill a container below their mark: the container stays, and the tuple below it counts.
+    "APPENDS": lambda n: b")" + b"\x85" * (n - 2) + b"](K\x01e\x86",
+    "SETITEMS": lambda n: b")" + b"\x85" * (n - 2) + b"}(K\x01K\x02u\x86",
+    "ADDITEMS": lambda n: b")" + b"\x85" * (n - 2) + b"\x8f(K\x01\x90\x86",
     # REDUCE's arguments are a tuple around the data _rebuild_parameter returns: the scan counts that level too.
     "REDUCE": lambda n: b"ctorch._utils\n_rebuild_parameter\n)" + b"\x85" * (n // 2 - 1) + b"R"
                         + b"\x85" * (n - n // 2),
