@@ -424,3 +424,73 @@ def test_a_storage_running_past_the_end_of_the_file_names_itself(tmp_path):
         with pytest.raises(CheckpointError) as caught:
             ck.tensors["row"].read()
     assert str(caught.value) == f"{path}: tensor storage 0 is truncated (file ends early)"
+
+
+def test_tied_weights_are_not_views_larger_than_their_storage(tmp_path):
+    tied = torch.zeros(150_000)  # 600 kB under three names: 1.8 MB read, more than the file plus 1 MiB
+    torch.save({"a": tied, "b": tied, "c": tied}, tmp_path / "tied.pth")
+    with open_checkpoint(tmp_path / "tied.pth") as ck:
+        assert sorted(ck.tensors) == ["a", "b", "c"] and ck.tensors["c"].read().shape == (150_000,)
+
+
+def test_byte_views_may_expand_to_exactly_the_file_size_plus_one_mib(tmp_path):
+    def expanded_bytes(elements):  # one stored byte, a view of ``elements`` bytes: the budget is met exactly
+        path = tmp_path / str(elements) / "m.pth"
+        path.parent.mkdir()
+        torch.save({"w": torch.zeros(1, dtype=torch.uint8).expand(elements)}, path)
+        return path
+
+    size = expanded_bytes(200_000).stat().st_size
+    with open_checkpoint(expanded_bytes(size + (1 << 20))) as ck:
+        assert ck.tensors["w"].shape == (size + (1 << 20),)
+    with pytest.raises(CheckpointError, match="is a view far larger than its storage"):
+        open_checkpoint(expanded_bytes(size + (1 << 20) + 1))
+
+
+def test_a_dimension_of_one_or_a_view_from_a_storages_start_is_read(tmp_path):
+    whole = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    torch.save({"row": whole[:1], "first": whole[0]}, tmp_path / "v.pth")  # both read 12 of the 24 stored bytes
+    with open_checkpoint(tmp_path / "v.pth") as ck:
+        assert ck.tensors["row"].read().tolist() == [[0, 1, 2]] and ck.tensors["first"].read().tolist() == [0, 1, 2]
+
+
+LONG = "n" * 200  # a tensor name longer than any message shows: cut to 120 characters
+CUT = "n" * 117 + "..."
+
+
+def tensor_index(name: str, numel: int, shape: int) -> bytes:
+    """The index of ``{name: float32 tensor of ``shape`` elements}`` on storage "0" of ``numel`` elements."""
+    return (b"\x80\x02}" + text(name) + b"ctorch._utils\n_rebuild_tensor_v2\n((" + text("storage")
+            + b"ctorch\nFloatStorage\n" + text("0") + text("cpu") + b"J" + numel.to_bytes(4, "little") + b"tQK\x00J"
+            + shape.to_bytes(4, "little") + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs.")
+
+
+def test_messages_about_a_tensor_cut_its_name(tmp_path):
+    import struct
+    import zipfile
+
+    view = tmp_path / "view.pth"
+    torch.save({LONG: torch.zeros(1).expand(2_000_000)}, view)
+    assert refusal(view) == (f"{view}: tensor {CUT} (2000000,) is a view far larger than its storage (stride 0 or "
+                             "overlapping): save it with .contiguous()")
+
+    def checkpoint(path, numel, shape, stored):
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("m/data.pkl", tensor_index(LONG, numel, shape))
+            zf.writestr("m/data/0", bytes(stored))
+        return path
+
+    short = checkpoint(tmp_path / "short.pth", 1000, 1000, 100)  # the entry holds 100 of the 4000 bytes
+    with open_checkpoint(short) as ck, pytest.raises(CheckpointError) as caught:
+        ck.tensors[LONG].read()
+    assert str(caught.value) == (f"{short}: tensor {CUT} needs bytes 0..4000 of storage '0', which holds 100 "
+                                 "(truncated checkpoint?)")
+
+    cut = checkpoint(tmp_path / "cut.pth", 2_500_000, 2_500_000, 24)
+    data = bytearray(cut.read_bytes())
+    entry = central_entry(data, b"m/data/0")
+    data[entry + 20:entry + 28] = struct.pack("<II", 10_000_000, 10_000_000)  # 10 MB claimed, the file far shorter
+    cut.write_bytes(bytes(data))
+    with open_checkpoint(cut) as ck, pytest.raises(CheckpointError) as caught:
+        ck.tensors[LONG].read()
+    assert str(caught.value) == f"{cut}: tensor {CUT} is truncated (file ends early)"
