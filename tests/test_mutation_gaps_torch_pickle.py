@@ -227,7 +227,7 @@ def refusal(path) -> str:
 # Tuples nested ``levels`` deep (the innermost empty), each written with one kind of tuple operation, around memo
 # and stack operations the scan must follow as the unpickler does: each kind must count its level.
 LEVELS = {
-    "TUPLE1": lambda n: b")" + b"\x85" * (n - 1),
+    "TUPLE1": lambda n: b"K\x00" + b"\x85" * n,  # around an int, which counts 0
     "TUPLE2": lambda n: b")" + b"N\x86" * (n - 1),
     "TUPLE3": lambda n: b")" + b"NN\x87" * (n - 1),
     "TUPLE": lambda n: b"(" * (n - 1) + b")" + b"t" * (n - 1),
@@ -249,6 +249,7 @@ LEVELS = {
                      + b"\x85" * (n - n // 2),
     "INST": lambda n: b"()" + b"\x85" * (n // 2 - 1) + b"itorch._utils\n_rebuild_parameter\n"
                       + b"\x85" * (n - n // 2),
+    "INST of nothing": lambda n: b"(icollections\nOrderedDict\n" + b"\x85" * n,  # a dict, which counts 0
 }
 
 
@@ -494,3 +495,111 @@ def test_messages_about_a_tensor_cut_its_name(tmp_path):
     with open_checkpoint(cut) as ck, pytest.raises(CheckpointError) as caught:
         ck.tensors[LONG].read()
     assert str(caught.value) == f"{cut}: tensor {CUT} is truncated (file ends early)"
+
+
+def test_a_damaged_storage_names_itself(tmp_path):
+    data = bytearray(saved(tmp_path).read_bytes())
+    at = data.index(np.arange(6, dtype=np.float32).tobytes())
+    data[at + 5] ^= 1  # one bit of the stored values: the entry's CRC no longer matches
+    path = tmp_path / "flip.pth"
+    path.write_bytes(bytes(data))
+    with open_checkpoint(path) as ck, pytest.raises(CheckpointError) as caught:
+        ck.tensors["w"].read()
+    assert str(caught.value) == (f"{path}: storage '0' fails its checksum: the file is damaged "
+                                 "(download or copy it again)")
+
+
+def signed(value: int) -> bytes:
+    return b"J" + value.to_bytes(4, "little", signed=True)
+
+
+def storage_ref(kind: bytes = b"ctorch\nFloatStorage\n", key: str = "0", numel: bytes = b"K\x06") -> bytes:
+    return b"(" + text("storage") + kind + text(key) + text("cpu") + numel + b"tQ"
+
+
+def rebuilt(storage: bytes = storage_ref(), offset: bytes = b"K\x00", size: bytes = b"K\x06\x85",
+            stride: bytes = b"K\x01\x85", dtype: bytes | None = None) -> bytes:
+    """An index of one tensor ``w`` rebuilt as torch does: by _rebuild_tensor_v2, or by v3 with ``dtype``."""
+    version, tail = (b"v2", b"") if dtype is None else (b"v3", b"ccollections\nOrderedDict\n)R" + dtype)
+    return (b"\x80\x02}" + text("w") + b"ctorch._utils\n_rebuild_tensor_" + version + b"\n(" + storage + offset
+            + size + stride + b"\x89" + (tail if dtype else b"ccollections\nOrderedDict\n)R") + b"tRs.")
+
+
+def test_each_refusal_of_a_tensor_says_exactly_what_is_wrong(tmp_path):
+    import zipfile
+
+    untyped = b"ctorch\nUntypedStorage\n"
+    cases = {
+        "not a storage": (rebuilt(storage=b"K\x05"),
+                          "checkpoint rebuilds a tensor from something that is not a storage"),
+        "two dtypes": (rebuilt(dtype=b"ctorch\nint32\n"), "checkpoint rebuilds a int32 tensor from a float32 storage"),
+        "no dtype": (rebuilt(storage=storage_ref(untyped, numel=b"K\x18")),
+                     "checkpoint rebuilds a None tensor from a untyped storage"),
+        "shape": (rebuilt(size=signed(-1) + b"\x85"), "checkpoint rebuilds a tensor with a bad shape: (-1,)"),
+        "offset": (rebuilt(offset=signed(-1)), "checkpoint rebuilds a tensor with a bad storage offset: (-1,)"),
+        "missing storage": (rebuilt(storage=storage_ref(key="9")),
+                            "checkpoint references storage '9', which the archive does not contain"),
+        "storage size": (rebuilt(storage=storage_ref(numel=signed(-1))), "checkpoint gives storage '0' a bad size -1"),
+        "class": (b"\x80\x02}" + text("w") + b"c" + b"m" * 100 + b"\n" + b"n" * 100 + b"\ns.",
+                  f"refusing to load checkpoint: it references {'m' * 57}....{'n' * 57}..., which is not a tensor "
+                  "or plain container"),
+    }
+    for name, (index, line) in cases.items():
+        path = tmp_path / f"{name}.pth"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("m/data.pkl", index)
+            zf.writestr("m/data/0", bytes(24))
+        assert refusal(path) == line, name
+
+
+def test_an_untyped_storage_counts_its_size_in_bytes(tmp_path):
+    import zipfile
+
+    # 12 bytes of storage under a float32 tensor of 6 (24 bytes): refused when read, though the entry holds 24.
+    path = tmp_path / "u.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("m/data.pkl", rebuilt(storage=storage_ref(b"ctorch\nUntypedStorage\n", numel=b"K\x0c"),
+                                          dtype=b"ctorch\nfloat32\n"))
+        zf.writestr("m/data/0", np.arange(6, dtype=np.float32).tobytes())
+    with open_checkpoint(path) as ck, pytest.raises(CheckpointError) as caught:
+        ck.tensors["w"].read()
+    assert str(caught.value) == (f"{path}: tensor w needs bytes 0..24 of storage '0', which holds 12 "
+                                 "(truncated checkpoint?)")
+
+
+def test_names_of_16_characters_count_two_units_of_the_budget(tmp_path):
+    # 16 keys "k10".."k25" (1 unit each) sharing 127 names of 12 characters: "k10.v00000000001" is 16 long, 2 units.
+    shared = {f"v{j:011d}": j for j in range(127)}
+
+    def names(extra):
+        path = tmp_path / f"n{extra}.pth"
+        torch.save({**{f"k{i}": shared for i in range(10, 26)}, **{f"e{i}": i for i in range(extra)}}, path)
+        assert path.stat().st_size < 4 * 4096  # so the budget is its floor, 4096
+        return path
+
+    with open_checkpoint(names(16)) as ck:  # 16 + 16 * 127 * 2 + 16 = 4096 units
+        assert len(ck.extras) == 16 * 127 + 16
+    path = names(17)
+    assert refusal(path) == (f"{path} expands to more names than a {path.stat().st_size}-byte file can hold "
+                             "(shared sub-dictionaries?): it is not a real checkpoint")
+
+
+def test_two_entries_of_one_long_name_are_named_cut(tmp_path):
+    torch.save({LONG + ".b": 1, LONG: {"b": 2}}, tmp_path / "two.pth")
+    assert refusal(tmp_path / "two.pth") == (f"{tmp_path / 'two.pth'} holds two entries named {CUT} (as 'a.b' and "
+                                             "{'a': {'b': ...}}?): refusing to drop one")
+
+
+def test_an_encrypted_index_or_a_long_entry_name_is_refused_in_one_line(tmp_path):
+    import zipfile
+
+    data = bytearray(saved(tmp_path).read_bytes())
+    data[central_entry(data, b"m/data.pkl") + 8] |= 1  # flagged encrypted: refused before zipfile asks a password
+    flagged = tmp_path / "e.pth"
+    flagged.write_bytes(bytes(data))
+    assert refusal(flagged) == f"{flagged}: m/data.pkl is compressed or encrypted, which torch.save never does"
+
+    folder = "f" * 150  # the archive's folder names every entry: a compressed one is named cut to 120 characters
+    deep = rewritten(saved(tmp_path), tmp_path / "long.pth", lambda name, data: [
+        (folder + name[1:], data, zipfile.ZIP_DEFLATED if name.endswith("/byteorder") else zipfile.ZIP_STORED)])
+    assert refusal(deep) == f"{deep}: {'f' * 117}... is compressed or encrypted, which torch.save never does"
