@@ -540,6 +540,8 @@ def test_each_refusal_of_a_tensor_says_exactly_what_is_wrong(tmp_path):
         "missing storage": (rebuilt(storage=storage_ref(key="9")),
                             "checkpoint references storage '9', which the archive does not contain"),
         "storage size": (rebuilt(storage=storage_ref(numel=signed(-1))), "checkpoint gives storage '0' a bad size -1"),
+        "reference": (rebuilt(storage=text("os.system") + b"Q"),
+                      "refusing to load checkpoint: unexpected persistent reference 'os.system'"),
         "class": (b"\x80\x02}" + text("w") + b"c" + b"m" * 100 + b"\n" + b"n" * 100 + b"\ns.",
                   f"refusing to load checkpoint: it references {'m' * 57}....{'n' * 57}..., which is not a tensor "
                   "or plain container"),
@@ -603,3 +605,44 @@ def test_an_encrypted_index_or_a_long_entry_name_is_refused_in_one_line(tmp_path
     deep = rewritten(saved(tmp_path), tmp_path / "long.pth", lambda name, data: [
         (folder + name[1:], data, zipfile.ZIP_DEFLATED if name.endswith("/byteorder") else zipfile.ZIP_STORED)])
     assert refusal(deep) == f"{deep}: {'f' * 117}... is compressed or encrypted, which torch.save never does"
+
+
+class Meter:
+    """A checkpoint's open file that counts the bytes read, and hands them over at most ``piece`` at a time (as a
+    pipe or a network file system may)."""
+
+    def __init__(self, file, piece: int):
+        self.file, self.piece, self.count = file, piece, 0
+
+    def seek(self, position):
+        return self.file.seek(position)
+
+    def read(self, size=-1):
+        data = self.file.read(size)
+        self.count += len(data)
+        return data
+
+    def readinto(self, view):
+        n = self.file.readinto(view[: self.piece])
+        self.count += n
+        return n
+
+    @property
+    def closed(self):
+        return self.file.closed
+
+    def close(self):
+        self.file.close()
+
+
+def test_a_tensor_read_reads_its_entry_header_and_its_bytes_once(tmp_path):
+    whole = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    torch.save({"big": torch.arange(1000, dtype=torch.float32), "row": whole[1], "first": whole[0]}, tmp_path / "m.pth")
+    with open_checkpoint(tmp_path / "m.pth") as ck:
+        ck._file = meter = Meter(ck._file, piece=7)
+        assert ck.tensors["big"].read().tolist() == list(range(1000))
+        assert meter.count == 30 + 4000  # the entry's local header, then the tensor (its CRC checked as it is read)
+        assert ck.tensors["row"].read().tolist() == [3, 4, 5]
+        assert meter.count == 30 + 4000 + 30 + 24 + 12  # a part of a storage: the whole entry checked once first
+        assert ck.tensors["first"].read().tolist() == [0, 1, 2]
+        assert meter.count == 30 + 4000 + 30 + 24 + 12 + 12  # the same storage again: its bytes only
