@@ -1,8 +1,9 @@
-"""The ``.pth`` reader's size bounds at their edges (gaps found by mutation testing).
+"""The ``.pth`` reader's bounds at their edges and its refusals word for word (gaps found by mutation testing).
 
 A checkpoint's names and view sizes are bounded by its file size (shared sub-dictionaries and stride-0 views
-could otherwise make a few bytes ask for gigabytes); the tests elsewhere check far past the bounds, so a bound off
-by a little, or twice as loose, passed them.
+could otherwise make a few bytes ask for gigabytes), and its tuples by a nesting depth (hashing a deeper one
+crashes the process); the tests elsewhere check far past the bounds, so a bound off by a little, or twice as
+loose, passed them. Each refusal is pinned whole, so a message that loses its subject or its advice fails here.
 """
 
 import numpy as np
