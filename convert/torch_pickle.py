@@ -19,6 +19,7 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -106,6 +107,13 @@ def _rebuild_parameter(data, *_ignored):
     return data
 
 
+def _size(values):
+    """``torch.Size``, which holds only ints: no other tuple can be made from a list's items (see _nesting)."""
+    if not isinstance(values, tuple) or not all(isinstance(v, int) for v in values):
+        raise CheckpointError(f"checkpoint makes a torch.Size of {shown(values)}, which is not a tuple of integers")
+    return values
+
+
 def _encode(text, encoding="utf-8"):
     """Protocol 2 pickles bytes as ``_codecs.encode(text, "latin1")``; no other codec is needed."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -153,7 +161,7 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter_with_state"): _Frozen(_rebuild_parameter),
     ("torch.storage", "UntypedStorage"): TorchType("storage", None),
     ("torch", "UntypedStorage"): TorchType("storage", None),
-    ("torch", "Size"): tuple,
+    ("torch", "Size"): _Frozen(_size),
     ("collections", "OrderedDict"): _StateDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
@@ -162,6 +170,58 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     **{("torch", name): TorchType("storage", dtype) for name, dtype in STORAGES.items()},
     **{("torch", name): TorchType("dtype", name) for name in NUMPY},
 }
+
+
+# Hashing a tuple (a dict key, a set member) recurses in C, past Python's recursion limit: a crafted index of a
+# million nested tuples crashes the process. Tuples in a checkpoint nest a few levels; this bound keeps C's stack
+# far from its end, even in a thread.
+MAX_NESTING = 1000
+_TUPLES = {"EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
+_CALLS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "BUILD"}  # results made from (or being) their operands
+
+
+def _nesting(index: bytes) -> bytes:
+    """``index`` up to the first operation this scan cannot follow, checked to nest no tuple past MAX_NESTING.
+
+    The scan plays the pickle's stack with, for each value, how deep tuples nest through it: a tuple one more
+    than its deepest item, a call's result as deep as its operands (``_rebuild_parameter`` returns one), all else
+    0 (hashing stops at a list, dict or set, and no allowed callable makes a tuple of their items). Where the scan
+    stops, at a malformed operation, the unpickler gets only the bytes read so far: it refuses there too, with
+    its own message, and runs nothing unchecked."""
+    stream = io.BytesIO(index)
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[Any, int] = {}
+    try:
+        for op, arg, _position in pickletools.genops(stream):
+            if op.name == "MARK":
+                marks.append(len(stack))
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1]
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif op.name == "DUP":
+                stack.append(stack[-1])
+            elif op.name == "POP" and marks and marks[-1] == len(stack):  # as the unpickler: POP drops a bare mark
+                marks.pop()
+            else:
+                before = op.stack_before
+                start = (marks.pop() - before.index(pickletools.markobject) if pickletools.markobject in before
+                         else len(stack) - len(before))
+                if start < 0:
+                    raise IndexError("stack underflow")
+                taken, stack[start:] = stack[start:], []
+                if op.name in _TUPLES:
+                    stack.append(1 + max(taken, default=0))
+                    if stack[-1] > MAX_NESTING:
+                        raise RecursionError  # refused by _load_index as an index nested too deeply
+                elif op.name in _CALLS:
+                    stack.append(max(taken, default=0))
+                else:
+                    stack.extend(0 for _ in op.stack_after)
+    except (ValueError, IndexError, KeyError):
+        return index[: stream.tell()]
+    return index
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -285,7 +345,7 @@ class TorchCheckpoint:
                                           "only 'little' or 'big')")
                 self._swap = order == b"big"
                 index = self._read_small(archive, pkl[0])  # read whole, so zipfile checks its CRC
-                root = _SafeUnpickler(io.BytesIO(index), self._members).load()
+                root = _SafeUnpickler(io.BytesIO(_nesting(index)), self._members).load()
         except CheckpointError:
             raise
         except RecursionError:

@@ -33,9 +33,10 @@ ALLOWED = {
         "float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "complex128",
         "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool")),
 }
-# The only real Python objects a pickle may reach: immutable types whose call builds plain data.
-REAL_OBJECTS = {("torch", "Size"): tuple, ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-                ("builtins", "complex"): complex}
+# The only real Python objects a pickle may reach: immutable types whose call builds plain data. torch.Size is a
+# stand-in that takes only ints: ``tuple`` itself would nest a list's tuples one level deeper per call, past the
+# reader's scan of tuple nesting (hashing a deep tuple crashes the process).
+REAL_OBJECTS = {("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex}
 # OrderedDict is a subclass whose BUILD accepts only torch's _metadata (a state dict's only attribute).
 STAND_INS = {("collections", "OrderedDict"): torch_pickle._StateDict}
 
