@@ -76,13 +76,14 @@ def base_weight_bytes(config: FlowConfig, bits: int | None, float_bytes: int) ->
     return int(total)
 
 
-def layer_working_set(tokens: int, width: int, heads: int) -> int:
+def layer_working_set(tokens: int, width: int, heads: int, grouped: bool = False) -> int:
     """float32 values alive at once while one transformer layer runs forward and backward on a sequence: fitted to
     measured LoRA steps (``benchmarks/lora_memory.py``; 256 to 3072 wide, 608 to 1152 tokens) as 42 per token and
     channel plus 8.6 per head and pair of tokens (the attention scores and their gradients), rounded up, plus 2048
-    per token: the flow's own arithmetic around its layers, most of a step of the 64-wide demo. ``heads``: those
-    whose scores are alive at once (a checkpointed layer's group, :func:`~starflow_mlx.training.head_groups.heads_at_once`)."""
-    return 44 * tokens * width + 9 * heads * tokens * tokens + 2048 * tokens
+    per token: the flow's own arithmetic around its layers, most of a step of the 64-wide demo. ``grouped``: the
+    attention goes ``heads`` at a time (:mod:`~starflow_mlx.training.head_groups`), measured at 10.6 per head of a
+    group and pair of tokens (the 7B's deep layer at 1,856 tokens, 19 heads a group), counted as 12."""
+    return 44 * tokens * width + (12 if grouped else 9) * heads * tokens * tokens + 2048 * tokens
 
 
 def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
@@ -109,7 +110,7 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
         text = config.txt_size if config.block_sees_text(block) else 0
         sequences, tokens = (frames, frame_tokens) if local else (1, frame_tokens * max(frames, 1) + text)
         alive = heads_at_once(heads, config.block_kv_heads(block), tokens, tokens) if settings.grad_checkpoint else heads
-        working = max(working, sequences * layer_working_set(tokens, width, alive))
+        working = max(working, sequences * layer_working_set(tokens, width, alive, alive < heads))
         if block in adapted:
             adapter += layers * 4 * settings.rank * sum(o + i for o, i in shapes)
         if block >= first:
