@@ -85,11 +85,11 @@ def test_a_checkpointed_flow_gets_the_same_lora_gradients_a_group_at_a_time(monk
 
 
 def test_a_step_attending_a_head_at_a_time_stays_within_the_estimate(monkeypatch):
-    """576 + 32 tokens over 8 heads of 32 channels: every head's scores alive at once would take about twice the
-    estimate, which counts one head's."""
+    """1024 + 32 tokens over 8 heads of 32 channels: every group's scores alive at once (the groups not made to wait
+    for each other) measured 1.5 times the estimate, which counts one head's."""
     config = FlowConfig(**{k: v for k, v in NAMED["starflow-3b"].items() if k not in EXTRA} | dict(
-        channels=256, head_dim=32, latent_size=24, txt_size=32, txt_dim=64, layers_per_block=[1, 2]))
-    monkeypatch.setattr(head_groups, "SCORE_BYTES", per_head(576 + 32))
+        channels=256, head_dim=32, latent_size=32, txt_size=32, txt_dim=64, layers_per_block=[1, 2]))
+    monkeypatch.setattr(head_groups, "SCORE_BYTES", per_head(1024 + 32))
     settings = LoRASettings(rank=8, alpha=16.0, blocks="deep", base_bits=4, grad_checkpoint=True)
     estimate = sum(lora_training_bytes(config, 1, settings).values())
     assert measure_step(config, settings)["peak"] <= estimate

@@ -81,9 +81,12 @@ def layer_working_set(tokens: int, width: int, heads: int, grouped: bool = False
     measured LoRA steps (``benchmarks/lora_memory.py``; 256 to 3072 wide, 608 to 1152 tokens) as 42 per token and
     channel plus 8.6 per head and pair of tokens (the attention scores and their gradients), rounded up, plus 2048
     per token: the flow's own arithmetic around its layers, most of a step of the 64-wide demo. ``grouped``: the
-    attention goes ``heads`` at a time (:mod:`~starflow_mlx.training.head_groups`), measured at 10.6 per head of a
-    group and pair of tokens (the 7B's deep layer at 1,856 tokens, 19 heads a group), counted as 12."""
-    return 44 * tokens * width + (12 if grouped else 9) * heads * tokens * tokens + 2048 * tokens
+    attention goes ``heads`` at a time (:mod:`~starflow_mlx.training.head_groups`); fitted to the 7B's deep layer at
+    1,856 and 3,456 tokens (19 and 5 heads a group) as 70 per token and channel and 8.0 per head of a group and pair
+    of tokens, rounded up."""
+    if grouped:
+        return 72 * tokens * width + 9 * heads * tokens * tokens + 2048 * tokens
+    return 44 * tokens * width + 9 * heads * tokens * tokens + 2048 * tokens
 
 
 def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, float_bytes: int = 4,
