@@ -1,6 +1,6 @@
 """Checkpointed LoRA layers attend a group of heads at a time: the same outputs and gradients as all heads at once,
 and a step's memory within the estimate that counts one group's scores (the peak comparison at the 7B's shapes is
-in benchmarks/README.md, "Memory of a LoRA step")."""
+in benchmarks/README.md, "Attention a group of heads at a time")."""
 
 import mlx.core as mx
 import mlx.nn as nn

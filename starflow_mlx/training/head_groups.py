@@ -2,7 +2,7 @@
 
 Every head's float32 scores (and, in the backward pass, their softmax and gradients) alive at once are what a
 checkpointed layer's working set grows with: at STARFlow-V's 3,456 tokens of a 5-frame clip, 64 heads of scores are
-3.1 GB an array. Here the heads go through :func:`~starflow_mlx.models.layers.attention` and its gradient in
+2.85 GB an array. Here the heads go through :func:`~starflow_mlx.models.layers.attention` and its gradient in
 groups whose scores hold at most :data:`SCORE_BYTES`, each group's inputs made to depend on the previous group's
 result so MLX computes and frees them one after another. The gradients are the unchunked ones: the same operations
 on slices of the heads.
