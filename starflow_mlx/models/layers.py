@@ -160,6 +160,8 @@ def make_norm(kind: str, dims: int) -> nn.Module:
 
 
 class Attention(nn.Module):
+    attend = staticmethod(attention)  # a checkpointed training layer's goes a group of heads at a time
+
     def __init__(
         self,
         channels: int,
@@ -209,7 +211,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.write(k, v)
-        out = attention(q, k, v, self.scale, mask)
+        out = self.attend(q, k, v, self.scale, mask)
         out = self.proj(out.transpose(0, 2, 1, 3).reshape(B, T, q_size))
         if "post_norm" in self:
             out = self.post_norm(out)

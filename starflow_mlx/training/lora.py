@@ -30,6 +30,7 @@ from starflow_mlx.io.adapters import save_adapter
 from starflow_mlx.models.lora import BLOCK_CHOICES, MAX_RANK, AdapterConfig, AdapterError, apply_lora, base_identity, check_rank, lora_weights, target_paths
 from starflow_mlx.io.staging import staged_folder
 from starflow_mlx.training.captions import CaptionedDataset
+from starflow_mlx.training.head_groups import GroupedAttention, heads_at_once
 from starflow_mlx.training.data import DataError, Dataset, load_digits_split, load_image_folder
 from starflow_mlx.training.trainer import TrainConfig, Trainer, layer_activations, make_optimizer, optimizer_state
 
@@ -75,11 +76,16 @@ def base_weight_bytes(config: FlowConfig, bits: int | None, float_bytes: int) ->
     return int(total)
 
 
-def layer_working_set(tokens: int, width: int, heads: int) -> int:
+def layer_working_set(tokens: int, width: int, heads: int, grouped: bool = False) -> int:
     """float32 values alive at once while one transformer layer runs forward and backward on a sequence: fitted to
     measured LoRA steps (``benchmarks/lora_memory.py``; 256 to 3072 wide, 608 to 1152 tokens) as 42 per token and
     channel plus 8.6 per head and pair of tokens (the attention scores and their gradients), rounded up, plus 2048
-    per token: the flow's own arithmetic around its layers, most of a step of the 64-wide demo."""
+    per token: the flow's own arithmetic around its layers, most of a step of the 64-wide demo. ``grouped``: the
+    attention goes ``heads`` at a time (:mod:`~starflow_mlx.training.head_groups`); fitted to the 7B's deep layer at
+    1,856 and 3,456 tokens (19 and 5 heads a group) as 70 per token and channel and 8.0 per head of a group and pair
+    of tokens, rounded up."""
+    if grouped:
+        return 72 * tokens * width + 9 * heads * tokens * tokens + 2048 * tokens
     return 44 * tokens * width + 9 * heads * tokens * tokens + 2048 * tokens
 
 
@@ -91,7 +97,8 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
     ``adapter``: the LoRA matrices with their gradients and AdamW's two moments (float32);
     ``activations``: what backpropagation keeps for every block from the first adapted one on (the gradient
     passes through the later ones): :func:`layer_activations` per layer, or with ``grad_checkpoint``
-    :data:`CHECKPOINT_KEPT` values per token and channel; plus the largest :func:`layer_working_set`.
+    :data:`CHECKPOINT_KEPT` values per token and channel; plus the largest :func:`layer_working_set` (with
+    ``grad_checkpoint``, of one group of attention heads).
     ``frames``: video clips of that many latent frames (frame-local shallow blocks attend within a frame).
     """
     frame_tokens = (config.latent_size // config.patch_size) ** 2
@@ -105,7 +112,8 @@ def lora_training_bytes(config: FlowConfig, batch: int, settings: LoRASettings, 
         local = frames and config.shallow_block_local and block != deep
         text = config.txt_size if config.block_sees_text(block) else 0
         sequences, tokens = (frames, frame_tokens) if local else (1, frame_tokens * max(frames, 1) + text)
-        working = max(working, sequences * layer_working_set(tokens, width, heads))
+        alive = heads_at_once(heads, config.block_kv_heads(block), tokens, tokens) if settings.grad_checkpoint else heads
+        working = max(working, sequences * layer_working_set(tokens, width, alive, alive < heads))
         if block in adapted:
             adapter += layers * 4 * settings.rank * sum(o + i for o, i in shapes)
         if block >= first:
@@ -171,9 +179,12 @@ class CheckpointedBlock(AttentionBlock):
 
 
 def checkpoint_layers(model) -> None:
+    """Checkpointed layers whose attention goes a group of heads at a time (its scores were then most of what a
+    layer's recomputation held)."""
     for block in model.blocks:
         for layer in getattr(block, "attn_blocks", []):
             layer.__class__ = CheckpointedBlock
+            layer.attention.__class__ = GroupedAttention
 
 
 # -- data ----------------------------------------------------------------------------------
