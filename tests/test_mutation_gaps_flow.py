@@ -12,8 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from flow_factory import IMAGE, NOTEXT, VIDEO, flow_inputs, random_flow
+from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, flow_inputs, random_flow
 from starflow_mlx.models.kv_cache import KVCache
+from starflow_mlx.sampling.guidance import guide
+from starflow_mlx.sampling.sequential import invert_sequential
 
 
 def numpy_head(block, h, soft_clip, use_softplus):
@@ -120,3 +122,126 @@ def test_block_width_is_what_the_core_ml_export_reads():
     widths = [b.channels for b in flow.blocks if not b.is_identity]
     assert widths == [64, 64, 64, 96]
     assert [b.proj_in.weight.shape[0] for b in flow.blocks if not b.is_identity] == widths
+
+
+# -- sequential inversion against the block's own forward pass ---------------------------------------------------
+
+def reference_sequential(block, z, y, cos, sin, cfg=0.0, prefix=None, frame_size=0, window=None, context_frames=1):
+    """Token by token, each token's (a, b) from a whole forward pass (``block.affine``) over the tokens the sampler's
+    cache would hold: no cache, no compiled step. A window of ``window`` frames restarts, when full, from the last
+    ``context_frames`` frames as a fresh sequence (rotary positions from 0 again); a prefix longer than the window
+    allows is cut the same way."""
+    n = z.shape[1]
+    text_len = y.shape[1] if block.sees_text and y is not None else 0
+    span = n if window is None else min(n, window * frame_size)
+    keep = context_frames * frame_size
+    x = np.zeros(z.shape, np.float32)
+    first = shift = 0
+    if prefix is not None:
+        first = prefix.shape[1]
+        x[:, :first] = np.array(prefix)
+        shift = 0 if first + frame_size <= span else first - keep
+    for t in range(first, n):
+        if t - shift == span:
+            shift = t - keep
+        seq = mx.array(x[:, shift : t + 1])  # token t itself is a placeholder: causal, it predicts nothing here
+        length = text_len + seq.shape[1]
+        rope = (cos[:length], sin[:length])
+        if cfg > 0:
+            a, b = block.affine(mx.concatenate([seq, seq]), y, rope)
+            a, b = guide(a[:, -1], b[:, -1], cfg)
+        else:
+            a, b = block.affine(seq, y, rope)
+            a, b = a[:, -1], b[:, -1]
+        x[:, t] = np.array(z[:, t] * a[: z.shape[0]] + b[: z.shape[0]])
+    return x
+
+
+def image_block(fields, index=-1, seed=6):
+    flow = random_flow(seed, **fields)
+    z, y, y_u = flow_inputs(flow, batch=2)
+    block = flow.blocks[index]
+    layout = flow._layout(z, block.index)
+    text_len = y.shape[1] if block.sees_text else 0
+    cos, sin = flow.rope(layout, text_len)
+    return block, layout.to_sequence(z), y, y_u, cos, sin
+
+
+def test_sequential_with_its_defaults_matches_the_forward_pass():
+    # No cfg argument: unguided, the batch as given (a default that guides doubles the batch against y's rows).
+    block, z, y, _, cos, sin = image_block(IMAGE)
+    got = invert_sequential(block, z, y, cos, sin)
+    np.testing.assert_allclose(np.array(got), reference_sequential(block, z, y, cos, sin), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [0.5, 1.0, 2.5])
+@pytest.mark.parametrize("fields", [IMAGE, OPTIONS], ids=["sos", "no-sos"])
+def test_guided_sequential_matches_the_forward_pass(fields, cfg):
+    # Any weight above 0 guides, those up to 1 included (upstream's vectors use 1.5 and 2.5).
+    block, z, y, y_u, cos, sin = image_block(fields)
+    y2 = mx.concatenate([y, y_u])
+    got = invert_sequential(block, z, y2, cos, sin, cfg)
+    want = reference_sequential(block, z, y2, cos, sin, cfg)
+    np.testing.assert_allclose(np.array(got), want, atol=2e-5, rtol=1e-4)
+    unguided = reference_sequential(block, z, y, cos, sin)
+    assert np.abs(want - unguided).max() > 1e-3  # the guidance shows
+
+
+def test_a_block_without_text_samples_the_same_when_given_text():
+    block, z, y, _, cos, sin = image_block(IMAGE, index=0)
+    assert not block.sees_text
+    with_text = invert_sequential(block, z, y, cos, sin)
+    assert mx.array_equal(with_text, invert_sequential(block, z, None, cos, sin))
+    np.testing.assert_allclose(np.array(with_text), reference_sequential(block, z, None, cos, sin), atol=2e-5,
+                               rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def video_deep():
+    flow = random_flow(8, **{**VIDEO, "num_frames": 2})
+    z, y, y_u = flow_inputs(flow, batch=2, frames=5)
+    block = flow.blocks[-1]
+    layout = flow._layout(z, block.index)
+    cos, sin = flow.rope(layout, y.shape[1])
+    return block, layout.to_sequence(z), y, y_u, cos, sin, layout.frame_size
+
+
+@pytest.mark.parametrize("known", [0, 1, 3])
+def test_the_window_slides_from_one_context_frame_by_default(video_deep, known):
+    # 5 frames through a window of 2: full at frame 2, it restarts from the last frame (context_frames' default, 1)
+    # at positions 0..; a known prefix of 3 frames is cut to its last frame before the first step.
+    block, z, y, _, cos, sin, frame = video_deep
+    prefix = z[:, : known * frame] + 0.5 if known else None  # any known tokens, not the sample's own
+    got = invert_sequential(block, z, y, cos, sin, prefix=prefix, frame_size=frame, window=2)
+    want = reference_sequential(block, z, y, cos, sin, prefix=prefix, frame_size=frame, window=2)
+    np.testing.assert_allclose(np.array(got), want, atol=5e-5, rtol=1e-4)
+    if known:
+        assert mx.array_equal(got[:, : known * frame], prefix)
+
+
+def test_one_known_token_is_context_enough(video_deep):
+    block, z, y, _, cos, sin, frame = video_deep
+    prefix = z[:, :1] + 0.5
+    got = invert_sequential(block, z, y, cos, sin, prefix=prefix, frame_size=frame, window=2)
+    want = reference_sequential(block, z, y, cos, sin, prefix=prefix, frame_size=frame, window=2)
+    np.testing.assert_allclose(np.array(got), want, atol=5e-5, rtol=1e-4)
+
+
+MESSAGE = "context needs a start-of-sequence token and must be shorter than the sequence"
+
+
+@pytest.mark.parametrize("length", [0, "n"])
+def test_known_tokens_must_leave_something_to_sample(video_deep, length):
+    block, z, y, _, cos, sin, frame = video_deep
+    prefix = z[:, : z.shape[1] if length == "n" else length]
+    with pytest.raises(ValueError) as error:
+        invert_sequential(block, z, y, cos, sin, prefix=prefix, frame_size=frame)
+    assert str(error.value) == MESSAGE
+
+
+def test_known_tokens_need_a_start_token():
+    # Without SOS token 0 passes through, so the cache cannot be primed with known tokens.
+    block, z, y, _, cos, sin = image_block(OPTIONS)
+    with pytest.raises(ValueError) as error:
+        invert_sequential(block, z, y, cos, sin, prefix=z[:, :2])
+    assert str(error.value) == MESSAGE
