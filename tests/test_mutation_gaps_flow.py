@@ -245,3 +245,32 @@ def test_known_tokens_need_a_start_token():
     with pytest.raises(ValueError) as error:
         invert_sequential(block, z, y, cos, sin, prefix=z[:, :2])
     assert str(error.value) == MESSAGE
+
+
+def test_guided_frames_reach_the_hook_in_order_known_ones_first(video_deep):
+    # cfg 0.5 with a known first frame: both halves of the doubled batch start from it; the hook gets each of the
+    # 5 frames once, in order, as the conditional half, and they are the sample's frames.
+    block, z, y, y_u, cos, sin, frame = video_deep
+    y2, prefix = mx.concatenate([y, y_u]), z[:, :frame] + 0.5
+    calls = []
+    got = invert_sequential(block, z, y2, cos, sin, 0.5, prefix=prefix, frame_size=frame, window=2,
+                            on_frame=lambda t, tokens: calls.append((t, np.array(tokens))))
+    want = reference_sequential(block, z, y2, cos, sin, 0.5, prefix=prefix, frame_size=frame, window=2)
+    np.testing.assert_allclose(np.array(got), want, atol=5e-5, rtol=1e-4)
+    assert [t for t, _ in calls] == [0, 1, 2, 3, 4]
+    assert all(tokens.shape == (2, frame, z.shape[-1]) for _, tokens in calls)
+    np.testing.assert_array_equal(np.concatenate([tokens for _, tokens in calls], axis=1), np.array(got))
+
+
+@pytest.mark.parametrize("known", [0, 3])
+def test_progress_every_64_tokens_and_at_the_end(known):
+    flow = random_flow(1, **{**NOTEXT, "latent_size": 9})  # 81 tokens
+    z, _, _ = flow_inputs(flow, batch=1)
+    block = flow.blocks[-1]
+    layout = flow._layout(z, block.index)
+    cos, sin = flow.rope(layout, 0)
+    seq = layout.to_sequence(z)
+    calls = []
+    invert_sequential(block, seq, None, cos, sin, on_token=lambda done, total: calls.append((done, total)),
+                      prefix=seq[:, :known] if known else None)
+    assert calls == [(64, 81), (81, 81)]
