@@ -274,3 +274,32 @@ def test_progress_every_64_tokens_and_at_the_end(known):
     invert_sequential(block, seq, None, cos, sin, on_token=lambda done, total: calls.append((done, total)),
                       prefix=seq[:, :known] if known else None)
     assert calls == [(64, 81), (81, 81)]
+
+
+# -- STARFlow's per-block arithmetic (models/starflow.py) ----------------------------------------------------------
+
+@pytest.mark.parametrize("lead", [(2,), (2, 3)], ids=["image", "video"])
+def test_patches_by_hand(lead):
+    # Token (i, j) holds pixels (i p + p1, j p + p2) in the order p1, p2, channel (upstream's patchify); every config
+    # of upstream's vectors has patch size 1, where both are the identity.
+    p, c = 2, 3
+    flow = random_flow(1, **{**NOTEXT, "in_channels": c, "patch_size": p, "latent_size": 2})
+    x = np.random.default_rng(0).normal(size=(*lead, 4, 6, c)).astype(np.float32)
+    want = np.zeros((*lead, 2, 3, p * p * c), np.float32)
+    for i in range(2):
+        for j in range(3):
+            for p1 in range(p):
+                for p2 in range(p):
+                    want[..., i, j, (p1 * p + p2) * c : (p1 * p + p2 + 1) * c] = x[..., i * p + p1, j * p + p2, :]
+    patches = flow._patchify(mx.array(x))
+    np.testing.assert_array_equal(np.array(patches), want)
+    np.testing.assert_array_equal(np.array(flow._unpatchify(mx.array(want))), x)
+
+
+@pytest.mark.parametrize("method,name", [("forward", "x"), ("log_prob", "x"), ("log_prob_tokens", "x"),
+                                         ("log_prob_frames", "x"), ("reverse", "z")])
+def test_a_wrong_shape_is_refused_naming_the_argument(method, name):
+    flow = random_flow(1, **NOTEXT)
+    with pytest.raises(ValueError) as error:
+        getattr(flow, method)(mx.zeros((2, 4, 4, 3)))
+    assert str(error.value) == f"{name} must be channels-last (B, H, W, 1) or (B, T, H, W, 1), got (2, 4, 4, 3)"
