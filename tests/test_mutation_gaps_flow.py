@@ -369,3 +369,16 @@ def test_progress_is_labelled_per_block_deep_first():
     flow.reverse(z, y, progress=lambda label, done, total, **info: calls.append((label, done, total)))
     assert calls == [("block 3 (deep)", 0, 16), ("block 3 (deep)", 16, 16), ("block 2", 0, 16), ("block 2", 16, 16),
                      ("block 0", 0, 16), ("block 0", 16, 16)]
+
+
+def test_jacobi_progress_is_labelled_per_block_with_its_chunks():
+    flow = random_flow(9, **IMAGE)
+    z, y, _ = flow_inputs(flow, batch=1)
+    calls = []
+    flow.reverse(z, y, jacobi=True, jacobi_block_size=8, jacobi_threshold=1e-9, jacobi_max_iter=3,
+                 progress=lambda label, done, total, **info: calls.append((label, done, total, sorted(info))))
+    for label in ("block 3 (deep)", "block 2", "block 0"):
+        mine = [c[1:] for c in calls if c[0] == label]
+        # The bar starts at 0, then one call per chunk of 8 with its iterations and residual.
+        assert [m[:2] for m in mine] == [(0, 16), (8, 16), (16, 16)]
+        assert [m[2] for m in mine] == [[], ["iterations", "residual"], ["iterations", "residual"]]
