@@ -382,3 +382,20 @@ def test_jacobi_progress_is_labelled_per_block_with_its_chunks():
         # The bar starts at 0, then one call per chunk of 8 with its iterations and residual.
         assert [m[:2] for m in mine] == [(0, 16), (8, 16), (16, 16)]
         assert [m[2] for m in mine] == [[], ["iterations", "residual"], ["iterations", "residual"]]
+
+
+def test_a_long_video_without_a_start_token_is_refused():
+    flow = random_flow(1, **{**VIDEO, "sos": False, "num_frames": 2})
+    z, y, _ = flow_inputs(flow, batch=1, frames=3)
+    with pytest.raises(ValueError) as error:
+        flow.reverse(z, y)
+    assert str(error.value) == "a video longer than the model's window needs a start-of-sequence token to slide it"
+
+
+def test_a_long_videos_context_defaults_to_all_but_one_frame_of_the_window():
+    # Upstream's default: min(16, window - 1) frames re-encoded; with a window of 3, that is 2 (not 1).
+    flow = random_flow(3, **{**VIDEO, "num_frames": 3})
+    z, y, _ = flow_inputs(flow, batch=1, frames=5)
+    default = flow.reverse(z, y)
+    assert mx.array_equal(default, flow.reverse(z, y, context_frames=2))
+    assert float(mx.abs(default - flow.reverse(z, y, context_frames=1)).max()) > 1e-3
