@@ -16,6 +16,7 @@ from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, flow_inputs, random_flow
 from starflow_mlx.models.kv_cache import KVCache
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.guidance import guide
+from starflow_mlx.sampling.jacobi import JacobiStats
 from starflow_mlx.sampling.sequential import invert_sequential
 
 
@@ -399,3 +400,20 @@ def test_a_long_videos_context_defaults_to_all_but_one_frame_of_the_window():
     default = flow.reverse(z, y)
     assert mx.array_equal(default, flow.reverse(z, y, context_frames=2))
     assert float(mx.abs(default - flow.reverse(z, y, context_frames=1)).max()) > 1e-3
+
+
+@pytest.mark.parametrize("scale", [0.2, 0.4])
+def test_jacobi_defaults_are_upstreams(scale):
+    # Chunks of 64, threshold 0.005, at most 32 iterations (upstream's sample.py). 81 tokens make a chunk of 64;
+    # the weights at 0.2 make the threshold decide the iterations (6 and 29 here), at 0.4 the cap (32).
+    flow = random_flow(1, scale=scale, **{**NOTEXT, "latent_size": 9})
+    z, _, _ = flow_inputs(flow, batch=1)
+    runs = []
+    for options in ({}, dict(jacobi_block_size=64, jacobi_threshold=0.005, jacobi_max_iter=32)):
+        stats = JacobiStats()
+        flow.reverse(z, jacobi=True, stats=stats, **options)
+        runs.append([(c.block, c.start, c.size, c.iterations) for c in stats.chunks])
+    assert runs[0] == runs[1]
+    assert [c[1:3] for c in runs[0]] == [(0, 64), (64, 17)] * 2
+    iterations = [c[3] for c in runs[0]]
+    assert (max(iterations) == 32) if scale == 0.4 else (2 < max(iterations) < 32)
