@@ -417,3 +417,16 @@ def test_jacobi_defaults_are_upstreams(scale):
     assert [c[1:3] for c in runs[0]] == [(0, 64), (64, 17)] * 2
     iterations = [c[3] for c in runs[0]]
     assert (max(iterations) == 32) if scale == 0.4 else (2 < max(iterations) < 32)
+
+
+def test_refusals_of_reverse_name_what_is_missing():
+    flow = random_flow(1, **IMAGE)
+    z, y, _ = flow_inputs(flow, batch=1)
+    with pytest.raises(ValueError) as error:
+        flow.reverse(z, y, cfg=1.5)
+    assert str(error.value) == "cfg > 0 needs y_uncond (the features of the empty prompt)"
+    no_sos = random_flow(1, **OPTIONS)
+    with pytest.raises(ValueError) as error:
+        no_sos.reverse(z, y, jacobi=True)
+    assert str(error.value) == "Jacobi sampling needs a model with a start-of-sequence token (sos)"
+
