@@ -430,3 +430,14 @@ def test_refusals_of_reverse_name_what_is_missing():
         no_sos.reverse(z, y, jacobi=True)
     assert str(error.value) == "Jacobi sampling needs a model with a start-of-sequence token (sos)"
 
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3])
+def test_an_in_frame_flip_reverses_each_frame_by_hand(frames):
+    # A two-frame video is flipped inside each frame too (the golden and ground-truth videos have 3 frames).
+    layout = Layout(2, frames, 2, 3, 4, False)
+    seq = np.random.default_rng(1).normal(size=(2, frames * 6, 4)).astype(np.float32)
+    order = np.concatenate([f * 6 + np.arange(6)[::-1] for f in range(frames)])
+    np.testing.assert_array_equal(np.array(layout.permute(mx.array(seq), True, True)), seq[:, order])
+    np.testing.assert_array_equal(np.array(layout.permute(mx.array(seq), True, False)), seq[:, ::-1])
+    np.testing.assert_array_equal(np.array(layout.permute(mx.array(seq), False, True)), seq)
