@@ -307,10 +307,11 @@ def test_a_wrong_shape_is_refused_naming_the_argument(method, name):
     assert str(error.value) == f"{name} must be channels-last (B, H, W, 1) or (B, T, H, W, 1), got (2, 4, 4, 3)"
 
 
-def test_frame_densities_follow_the_chain_rule():
+@pytest.mark.parametrize("layers", [[1, 1, 1, 2], [1, 1, 2]], ids=["deep-in-order", "deep-flipped-in-frame"])
+def test_frame_densities_follow_the_chain_rule(layers):
     # Frame-local shallow blocks and a temporally causal deep block: the first k frames' entries add up to the
     # density of the clip cut to k frames, computed by the whole-sample log_prob (no per-element path).
-    flow = random_flow(4, **VIDEO)
+    flow = random_flow(4, **{**VIDEO, "layers_per_block": layers})
     x, y, _ = flow_inputs(flow, batch=2, frames=3, seed=5)
     frames = flow.log_prob_frames(x, y)
     assert frames.shape == (2, 3) and frames.dtype == mx.float32
@@ -441,3 +442,24 @@ def test_an_in_frame_flip_reverses_each_frame_by_hand(frames):
     np.testing.assert_array_equal(np.array(layout.permute(mx.array(seq), True, True)), seq[:, order])
     np.testing.assert_array_equal(np.array(layout.permute(mx.array(seq), True, False)), seq[:, ::-1])
     np.testing.assert_array_equal(np.array(layout.permute(mx.array(seq), False, True)), seq)
+
+
+def test_token_densities_by_hand():
+    # Each block's per-element log-det is put back where its token sits in the grid (blocks 0 and 2 flip): numpy
+    # flips, block by block, then the Gaussian prior of the final noise.
+    flow = random_flow(9, **IMAGE)
+    x, y, _ = flow_inputs(flow, batch=2, seed=3)
+    b, h, w, c = x.shape
+    seq = np.array(x).reshape(b, h * w, c)
+    logdet = np.zeros_like(seq)
+    for block in flow.blocks:
+        if block.is_identity:
+            continue
+        text = block.sees_text
+        rope = flow.rope(Layout(b, 0, h, w, c, False), y.shape[1] if text else 0)
+        order = np.arange(h * w)[::-1] if block.flips else np.arange(h * w)
+        z, ld = block.forward(mx.array(np.ascontiguousarray(seq[:, order])), y if text else None, rope,
+                              elementwise=True)
+        seq[:, order], logdet[:, order] = np.array(z), logdet[:, order] + np.array(ld)
+    want = (-0.5 * seq**2 - 0.5 * math.log(2 * math.pi) + logdet).sum(axis=-1).reshape(b, h, w)
+    np.testing.assert_allclose(np.array(flow.log_prob_tokens(x, y)), want, rtol=1e-5, atol=1e-5)
