@@ -463,3 +463,19 @@ def test_token_densities_by_hand():
         seq[:, order], logdet[:, order] = np.array(z), logdet[:, order] + np.array(ld)
     want = (-0.5 * seq**2 - 0.5 * math.log(2 * math.pi) + logdet).sum(axis=-1).reshape(b, h, w)
     np.testing.assert_allclose(np.array(flow.log_prob_tokens(x, y)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reverse_passes_the_jacobi_check_interval_and_schedule_on():
+    flow = random_flow(9, scale=0.2, **IMAGE)
+    z, y, _ = flow_inputs(flow, batch=1)
+
+    def chunks(**options):
+        stats = JacobiStats()
+        flow.reverse(z, y, jacobi=True, jacobi_threshold=1e-4, jacobi_max_iter=64, stats=stats, **options)
+        return [(c.block, c.start, c.size, c.iterations) for c in stats.chunks]
+
+    # Checked every 3 iterations, a chunk stops at a multiple of 3 (block 0 converges at 7 when checked each time).
+    every = chunks(jacobi_block_size=16, jacobi_check_every=3)
+    assert all(c[3] % 3 == 0 for c in every) and every != chunks(jacobi_block_size=16)
+    # The window schedule slides by the tokens it commits: its windows start one token apart at first.
+    assert [c[1] for c in chunks(jacobi_block_size=4, jacobi_schedule="window")][:3] == [0, 1, 2]
