@@ -1,9 +1,12 @@
-"""The flow step (models/tarflow.py, sampling/sequential.py): gaps found by mutation testing.
+"""The flow step (models/tarflow.py, sampling/sequential.py, models/starflow.py): gaps found by mutation testing.
 
 The golden upstream vectors pin a TARFlow block's arithmetic for the options upstream's tests use (soft clip 0 or
-4, softplus or exp, with or without SOS). What they could not see: a soft clip below 1, a block without text
-given text anyway, the pipeline-parallel stage hooks (run only across processes), the cache's dtype and bits,
-and the block width the Core ML export reads. Values are computed here by numpy where there is arithmetic.
+4, softplus or exp, with or without SOS, guidance 1.5 and 2.5, 3-frame videos). What they could not see: a soft
+clip below 1, guidance at weights up to 1, text given to a block without it, the pipeline-parallel stage hooks
+(run only across processes), the cache's dtype and bits, the sampler's defaults, frame hook and progress, the
+per-token and per-frame densities, a 2-frame in-frame flip, the exact refusals. Values are computed another way
+where there is arithmetic: numpy for the head, patches, flips and densities, and for sampling a forward-pass
+reference (each token from ``block.affine`` over the tokens the cache would hold: no cache, no compiled step).
 """
 
 import math
@@ -11,8 +14,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from flow_factory import IMAGE, NOTEXT, OPTIONS, VIDEO, flow_inputs, random_flow
+
 from starflow_mlx.models.kv_cache import KVCache
 from starflow_mlx.models.starflow import Layout
 from starflow_mlx.sampling.guidance import guide
@@ -410,7 +413,7 @@ def test_jacobi_defaults_are_upstreams(scale):
     flow = random_flow(1, scale=scale, **{**NOTEXT, "latent_size": 9})
     z, _, _ = flow_inputs(flow, batch=1)
     runs = []
-    for options in ({}, dict(jacobi_block_size=64, jacobi_threshold=0.005, jacobi_max_iter=32)):
+    for options in ({}, {"jacobi_block_size": 64, "jacobi_threshold": 0.005, "jacobi_max_iter": 32}):
         stats = JacobiStats()
         flow.reverse(z, jacobi=True, stats=stats, **options)
         runs.append([(c.block, c.start, c.size, c.iterations) for c in stats.chunks])
