@@ -53,17 +53,19 @@ def test_windows_grow_4x_past_the_first_frame(flow):
     assert chunks == [(0, 2), (2, 2), (4, 2), (6, 6)]
 
 
-def reference_window(block, rope, z, y, block_size, max_iter, frame, init):
+def reference_window(block, rope, z, y, block_size, max_iter, frame, init, prefix=None):
     """Upstream-style sliding window (jacobi.py's notes) on a video's deep block, threshold 0: a window commits its
     leading tokens that have taken part in ``max_iter`` iterations (at least its first), so which tokens are
     committed never depends on a residual. (a, b) come from the block's full-sequence forward pass; as in
     test_ground_truth.reference_jacobi, positions before the window see the input they were last fed.
-    ``xf`` is x_full = [sos; tokens]: position t is fed xf[t]."""
+    ``xf`` is x_full = [sos; tokens]: position t is fed xf[t]. ``prefix``: known first tokens, kept as they are."""
     zz = np.array(z, np.float64)
     b_, n, c = zz.shape
     xf = np.concatenate([np.zeros((b_, 1, c)), zz], axis=1)  # row 0 stands for sos: never fed to forward
+    start = 0 if prefix is None else prefix.shape[1]
+    xf[:, 1:start + 1] = np.array(prefix, np.float64) if start else 0.0
     fed = xf.copy()
-    rounds, guessed, start, windows = np.zeros(n, int), 1, 0, []
+    rounds, guessed, windows = np.zeros(n, int), start + 1, []
     big = min(4 * block_size, n)
     while start < n:
         valid = min(block_size if start <= frame else big, n - start)
@@ -315,3 +317,143 @@ def test_stats_totals():
     stats = JacobiStats(chunks=[ChunkRecord(0, 0, 4, 2, 0.1), ChunkRecord(1, 0, 3, 4, 0.1), ChunkRecord(0, 4, 2, 1, 0.1)])
     assert stats.iterations() == 7 and stats.iterations(0) == 3 and stats.iterations(1) == 4
     assert stats.token_evaluations() == 22 and stats.token_evaluations(0) == 10 and stats.token_evaluations(2) == 0
+
+
+def test_defaults_are_upstreams(monkeypatch):
+    """upstream-format.md 4: block size 64, threshold 0.005, 32 iterations; upstream's chunks, warm start, a check
+    every iteration, and the step compiled. ``flow.reverse`` passes its own (the same) values, so only direct
+    callers see these. 81 tokens: a chunk of 64, then 17."""
+    from flow_factory import IMAGE
+
+    import starflow_mlx.sampling.jacobi as jacobi
+
+    flow = random_flow(**{**IMAGE, "latent_size": 9})
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 9, 9, IMAGE["in_channels"], False)
+    seq = layout.to_sequence(z)
+    defaults, upstream = JacobiStats(), JacobiStats()
+    invert_jacobi(flow, block, layout, seq, y, 0.0, stats=defaults)
+    invert_jacobi(flow, block, layout, seq, y, 0.0, stats=upstream, block_size=64, threshold=0.005, max_iter=32,
+                  check_every=1, schedule="chunk", init="previous")
+    chunks = [(c.start, c.size, c.iterations) for c in defaults.chunks]
+    assert chunks == [(c.start, c.size, c.iterations) for c in upstream.chunks]
+    assert [c[:2] for c in chunks] == [(0, 64), (64, 17)] and all(1 < c[2] < 17 and c[2] % 2 for c in chunks)
+    assert 0 < defaults.traces[block.index] < defaults.iterations()  # compiled: traced once per shape, not per step
+
+    class NeverConverges(jacobi.ChunkStepper):  # a block that contracts too slowly: only the cap stops a chunk
+        def __call__(self, *args):
+            new, _, per_token = super().__call__(*args)
+            return new, mx.array(1.0), per_token
+
+    monkeypatch.setattr(jacobi, "ChunkStepper", NeverConverges)
+    capped = JacobiStats()
+    invert_jacobi(flow, block, layout, seq, y, 0.0, stats=capped)
+    assert [(c.size, c.iterations) for c in capped.chunks] == [(64, 32), (17, 17)]
+
+
+@pytest.mark.parametrize("sos,options,message", [
+    (False, {}, "Jacobi sampling needs a start-of-sequence token"),
+    (True, dict(block_size=0), "jacobi block size, max iterations and check interval must be positive"),
+    (True, dict(max_iter=0), "jacobi block size, max iterations and check interval must be positive"),
+    (True, dict(check_every=0), "jacobi block size, max iterations and check interval must be positive"),
+    (True, dict(schedule="fast"), "unknown Jacobi schedule 'fast': use chunk or window or adaptive"),
+    (True, dict(init="noise"), "unknown Jacobi first guess 'noise': use previous or zero"),
+])
+def test_argument_checks_each_alone_with_their_exact_line(sos, options, message):
+    """Each bad value alone is refused (not only with another one), before anything is computed, with its line."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        invert_jacobi(None, SimpleNamespace(use_sos=sos), None, None, None, 0.0, **options)
+
+
+def window_reports(windows, n):
+    """What the window schedule reports after each window: (tokens final, n, iterations the last of them took part
+    in, the committed tokens' worst residual), from the reference's (start, size, worst) list."""
+    rounds, reports = np.zeros(n, int), []
+    for i, (start, size, worst) in enumerate(windows):
+        rounds[start:start + size] += 1
+        done = windows[i + 1][0] if i + 1 < len(windows) else n
+        reports.append((done, n, rounds[done - 1], worst))
+    return reports
+
+
+@pytest.mark.parametrize("schedule", ["chunk", "window"])
+def test_progress_reports_match_a_forward_pass_reference(schedule):
+    """``on_chunk(done, total, iterations=, residual=)`` (the progress line's "3 it, residual 1.0e-03") after every
+    chunk or window, from the same references as the schedules above."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=3)
+    layout = Layout(2, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    n = seq.shape[1]
+    calls = []
+    invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=0.0, max_iter=2, schedule=schedule,
+                  compile=False, on_chunk=lambda done, total, **info: calls.append((done, total, info)))
+    rope = flow.rope(layout, VIDEO["txt_size"])
+    if schedule == "chunk":
+        _, chunks = reference_chunks(block, rope, seq, y, 2, 2, 1, 0.0, FRAME, "previous")
+        expected = [(start + size, n, its, res) for start, size, its, res in chunks]
+    else:
+        expected = window_reports(reference_window(block, rope, seq, y, 2, 2, FRAME, "previous")[1], n)
+    assert [(d, t, info["iterations"]) for d, t, info in calls] == [e[:3] for e in expected]
+    assert [info["residual"] for *_, info in calls] == pytest.approx([e[3] for e in expected], rel=1e-3, abs=1e-6)
+
+
+def test_window_schedule_after_known_frames_matches_a_forward_pass_reference():
+    """Frame 0 known: the window starts at token 4, past the first frame, so its tokens (the first unknown one
+    included) start from the previous frame's; two iterations a token keep those guesses visible."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=3)
+    layout = Layout(2, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    given = seq[:, :FRAME] * 0.5
+    stats = JacobiStats()
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, prefix=given, block_size=2, threshold=0.0, max_iter=2,
+                        schedule="window", stats=stats, compile=False)
+    expected, windows = reference_window(block, flow.rope(layout, VIDEO["txt_size"]), seq, y, 2, 2, FRAME,
+                                         "previous", prefix=given)
+    assert [(c.start, c.size) for c in stats.chunks] == [w[:2] for w in windows] and windows[0][0] == FRAME
+    np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)  # as in the window test
+
+
+@pytest.mark.parametrize("known", [0, 2, 3 * FRAME])
+def test_context_must_be_whole_frames_and_shorter_than_the_video(known):
+    """No known token, part of a frame, or the whole video: refused with the line that says which."""
+    flow = random_flow(**VIDEO)
+    z, y, _ = flow_inputs(flow, batch=1, frames=3)
+    layout = Layout(1, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    with pytest.raises(ValueError, match=rf"^context must be whole frames and shorter than the video, got {known} of "
+                                         rf"{3 * FRAME} tokens$"):
+        invert_jacobi(flow, flow.blocks[-1], layout, seq, y, 0.0, prefix=seq[:, :known], compile=False)
+
+
+@pytest.mark.parametrize("scale,sizes", [(0.01, [4, 8, 4]), (0.03, [4, 2] + [1] * 8 + [2])])
+def test_adaptive_chunks_are_sized_from_the_iterations_the_last_one_took(scale, sizes):
+    """Each chunk's size is ChunkSizer's answer after the block's previous chunks (their sizes and iterations),
+    never past the tokens left: small weights converge in 2 iterations and the chunks double (up to the 4 tokens
+    left); larger ones take 3 for 4 tokens, and the chunks halve down to single steps, then probe with 2."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.sampling.jacobi import ChunkSizer
+
+    flow = random_flow(seed=4, scale=scale, **IMAGE)
+    z, y, y_u = flow_inputs(flow, batch=1)
+    stats = JacobiStats()
+    flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_schedule="adaptive", jacobi_block_size=16,
+                 jacobi_threshold=1e-3, jacobi_max_iter=32, stats=stats)
+    n = IMAGE["latent_size"] ** 2
+    blocks = sorted({c.block for c in stats.chunks})
+    assert len(blocks) == 3
+    for b in blocks:
+        chunks = [c for c in stats.chunks if c.block == b]
+        assert [c.size for c in chunks] == sizes
+        sizer, start = ChunkSizer(16), 0
+        for c in chunks:
+            assert (c.start, c.size) == (start, min(sizer.size(16), n - start))
+            sizer.update(c.size, c.iterations)
+            start += c.size
