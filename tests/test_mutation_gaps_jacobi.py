@@ -53,10 +53,10 @@ def test_windows_grow_4x_past_the_first_frame(flow):
     assert chunks == [(0, 2), (2, 2), (4, 2), (6, 6)]
 
 
-def reference_window(block, rope, z, y, block_size, max_iter, frame, init, prefix=None):
+def reference_window(block, rope, z, y, block_size, max_iter, frame, init, prefix=None, threshold=0.0):
     """Upstream-style sliding window (jacobi.py's notes) on a video's deep block, threshold 0: a window commits its
     leading tokens that have taken part in ``max_iter`` iterations (at least its first), so which tokens are
-    committed never depends on a residual. (a, b) come from the block's full-sequence forward pass; as in
+    committed never depends on a residual (with ``threshold``, also those whose own residual is below it). (a, b) come from the block's full-sequence forward pass; as in
     test_ground_truth.reference_jacobi, positions before the window see the input they were last fed.
     ``xf`` is x_full = [sos; tokens]: position t is fed xf[t]. ``prefix``: known first tokens, kept as they are."""
     zz = np.array(z, np.float64)
@@ -83,8 +83,9 @@ def reference_window(block, rope, z, y, block_size, max_iter, frame, init, prefi
         res = np.sum((new - xf[:, start + 1:end + 1]) ** 2, axis=(0, 2)) / np.sum(new**2, axis=(0, 2))  # each token's
         xf[:, start + 1:end + 1] = new
         rounds[start:end] += 1
-        commit = next((i for i in range(1, valid) if rounds[start + i] < max_iter), valid)
-        windows.append((start, valid, res[:commit].max()))  # a window reports its committed tokens' worst residual
+        commit = next((i for i in range(1, valid) if res[i] >= threshold and rounds[start + i] < max_iter), valid)
+        # A window reports its committed tokens' worst residual; each token's own residual is kept to show margins.
+        windows.append((start, valid, res[:commit].max(), res))
         start += commit
     return xf[:, 1:], windows
 
@@ -370,9 +371,9 @@ def test_argument_checks_each_alone_with_their_exact_line(sos, options, message)
 
 def window_reports(windows, n):
     """What the window schedule reports after each window: (tokens final, n, iterations the last of them took part
-    in, the committed tokens' worst residual), from the reference's (start, size, worst) list."""
+    in, the committed tokens' worst residual), from the reference's windows."""
     rounds, reports = np.zeros(n, int), []
-    for i, (start, size, worst) in enumerate(windows):
+    for i, (start, size, worst, _) in enumerate(windows):
         rounds[start:start + size] += 1
         done = windows[i + 1][0] if i + 1 < len(windows) else n
         reports.append((done, n, rounds[done - 1], worst))
@@ -457,3 +458,46 @@ def test_adaptive_chunks_are_sized_from_the_iterations_the_last_one_took(scale, 
             assert (c.start, c.size) == (start, min(sizer.size(16), n - start))
             sizer.update(c.size, c.iterations)
             start += c.size
+
+
+def test_one_known_frame_of_one_token_with_guidance_not_above_one():
+    """Frames of one token (a 1x1 latent): one known token is a whole frame. With guidance 1.0 and two samples the
+    known tokens are doubled for the unguided half as for any positive scale. Jacobi to convergence equals
+    sequential decoding from the same known frame (sampling/sequential.py, its own prefix rule)."""
+    from starflow_mlx.sampling.sequential import invert_sequential
+
+    flow = random_flow(**{**VIDEO, "latent_size": 1})
+    block = flow.blocks[-1]
+    z, y, y_u = flow_inputs(flow, batch=2, frames=3)
+    layout = Layout(2, 3, 1, 1, VIDEO["in_channels"], False)
+    seq, text = layout.to_sequence(z), mx.concatenate([y, y_u])
+    given = seq[:, :1] * 0.5
+    out = invert_jacobi(flow, block, layout, seq, text, 1.0, prefix=given, block_size=2, threshold=1e-12,
+                        max_iter=64, compile=False)
+    cos, sin = flow.rope(layout, VIDEO["txt_size"])
+    expected = invert_sequential(block, seq, text, cos, sin, 1.0, prefix=given, frame_size=1)
+    np.testing.assert_array_equal(np.array(out[:, :1]), np.array(given))
+    np.testing.assert_allclose(np.array(out), np.array(expected), rtol=0, atol=1e-5)
+
+
+def test_window_commits_by_residual_match_a_forward_pass_reference():
+    """With a threshold the window commits its leading tokens whose own residual is below it, so every residual
+    counts, that of a token entering the window at its last position too (measured against its first guess, the
+    previous frame's token, not the noise it stood for: here that changes which tokens the windows commit). Two
+    frames are a video too: past the first frame, tokens start from the previous frame."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=2)
+    layout = Layout(2, 2, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    threshold = 0.5
+    stats = JacobiStats()
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=threshold, max_iter=4,
+                        schedule="window", stats=stats, compile=False)
+    expected, windows = reference_window(block, flow.rope(layout, VIDEO["txt_size"]), seq, y, 2, 4, FRAME,
+                                         "previous", threshold=threshold)
+    residuals = np.concatenate([w[3] for w in windows])
+    assert np.abs(np.log(residuals / threshold)).min() > 0.03  # none so close to the threshold that rounding decides
+    assert [(c.start, c.size) for c in stats.chunks] == [w[:2] for w in windows]
+    assert [c.residual for c in stats.chunks] == pytest.approx([w[2] for w in windows], rel=1e-3, abs=1e-6)
+    np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)
