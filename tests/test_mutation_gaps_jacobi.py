@@ -501,3 +501,28 @@ def test_window_commits_by_residual_match_a_forward_pass_reference():
     assert [(c.start, c.size) for c in stats.chunks] == [w[:2] for w in windows]
     assert [c.residual for c in stats.chunks] == pytest.approx([w[2] for w in windows], rel=1e-3, abs=1e-6)
     np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)
+
+
+def test_trace_counts_add_up_over_calls_sharing_the_stats():
+    """``stats.traces[block]``: the compiled-step traces of the calls that filled ``stats``, added up (a frame-local
+    block is inverted once per frame), not counting those of earlier calls. A new guidance scale traces the guided
+    block again."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.sampling.stepper import compiled_steps
+
+    flow = random_flow(**IMAGE)
+    z, y, y_u = flow_inputs(flow)
+    blocks = [b for b in flow.blocks if not b.is_identity]
+    options = dict(y_uncond=y_u, jacobi=True, jacobi_block_size=3)
+    flow.reverse(z, y, cfg=1.0, **options)  # traced before: not this run's
+    before = {b.index: compiled_steps(b).traces for b in blocks}
+    assert all(before.values())
+    stats = JacobiStats()
+    flow.reverse(z, y, cfg=1.5, stats=stats, **options)
+    first = dict(stats.traces)
+    flow.reverse(z, y, cfg=2.0, stats=stats, **options)
+    assert stats.traces == {b.index: compiled_steps(b).traces - before[b.index] for b in blocks}
+    # The deep block is the only guided one (cond_top_only); the others run unguided and reuse the first call's.
+    deep = flow.blocks[-1].index
+    assert all(first[i] == stats.traces[i] == 0 for i in first if i != deep) and 0 < first[deep] < stats.traces[deep]
