@@ -526,3 +526,54 @@ def test_trace_counts_add_up_over_calls_sharing_the_stats():
     # The deep block is the only guided one (cond_top_only); the others run unguided and reuse the first call's.
     deep = flow.blocks[-1].index
     assert all(first[i] == stats.traces[i] == 0 for i in first if i != deep) and 0 < first[deep] < stats.traces[deep]
+
+
+def test_every_window_is_padded_to_one_shape():
+    """Threshold 0: the window moves one token an iteration and shrinks at the end (3, 2, 1 tokens left); padded
+    to the block size, its steps share a trace wherever the keys they may read round up to the same length."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.models.kv_cache import visible_length
+
+    flow = random_flow(**IMAGE)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 4, 4, IMAGE["in_channels"], False)
+    stats = JacobiStats()
+    invert_jacobi(flow, block, layout, layout.to_sequence(z), y, 0.0, block_size=4, threshold=0.0, max_iter=64,
+                  schedule="window", stats=stats)
+    assert [(c.start, c.size) for c in stats.chunks][-4:] == [(12, 4), (13, 3), (14, 2), (15, 1)]
+    text = IMAGE["txt_size"]
+    assert stats.traces[block.index] == len({visible_length(text + c.start + 4, text + 16 + 4) for c in stats.chunks})
+
+
+def test_without_compile_every_step_runs_the_python_step():
+    """``compile=False`` (for debugging the step): nothing is compiled, so every step is a trace of its own."""
+    from flow_factory import IMAGE
+
+    flow = random_flow(**IMAGE)
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 4, 4, IMAGE["in_channels"], False)
+    stats = JacobiStats()
+    invert_jacobi(flow, flow.blocks[-1], layout, layout.to_sequence(z), y, 0.0, block_size=4, stats=stats,
+                  compile=False)
+    assert stats.traces[flow.blocks[-1].index] == stats.iterations() > len(stats.chunks)
+
+
+def test_a_block_that_does_not_see_the_text_ignores_it():
+    """cond_top_only: the first inverted shallow block has no text. Given text anyway, it solves the same equations
+    as sequential decoding without text (no text positions in its cache or RoPE)."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.sampling.sequential import invert_sequential
+
+    flow = random_flow(**IMAGE)
+    block = flow.blocks[0]
+    assert not block.sees_text
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 4, 4, IMAGE["in_channels"], False)
+    seq = layout.to_sequence(z)
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=4, threshold=1e-12, max_iter=64, compile=False)
+    cos, sin = flow.rope(layout, 0)
+    np.testing.assert_allclose(np.array(out), np.array(invert_sequential(block, seq, None, cos, sin)), rtol=0,
+                               atol=1e-5)
