@@ -380,27 +380,36 @@ def window_reports(windows, n):
     return reports
 
 
+@pytest.mark.parametrize("hook", [False, True])
 @pytest.mark.parametrize("schedule", ["chunk", "window"])
-def test_progress_reports_match_a_forward_pass_reference(schedule):
+def test_progress_reports_match_a_forward_pass_reference(schedule, hook):
     """``on_chunk(done, total, iterations=, residual=)`` (the progress line's "3 it, residual 1.0e-03") after every
-    chunk or window, from the same references as the schedules above."""
+    chunk or window, from the same references as the schedules above; the same with a frame hook (which passes
+    them on), whose frames are the reference's."""
     flow = random_flow(seed=4, scale=0.1, **VIDEO)
     block = flow.blocks[-1]
     z, y, _ = flow_inputs(flow, batch=2, frames=3)
     layout = Layout(2, 3, 2, 2, VIDEO["in_channels"], False)
     seq = layout.to_sequence(z)
     n = seq.shape[1]
-    calls = []
+    calls, frames = [], []
+    on_frame = (lambda t, tokens: frames.append((t, np.array(tokens)))) if hook else None
     invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=0.0, max_iter=2, schedule=schedule,
-                  compile=False, on_chunk=lambda done, total, **info: calls.append((done, total, info)))
+                  compile=False, on_chunk=lambda done, total, **info: calls.append((done, total, info)),
+                  on_frame=on_frame)
     rope = flow.rope(layout, VIDEO["txt_size"])
     if schedule == "chunk":
-        _, chunks = reference_chunks(block, rope, seq, y, 2, 2, 1, 0.0, FRAME, "previous")
+        tokens, chunks = reference_chunks(block, rope, seq, y, 2, 2, 1, 0.0, FRAME, "previous")
         expected = [(start + size, n, its, res) for start, size, its, res in chunks]
     else:
-        expected = window_reports(reference_window(block, rope, seq, y, 2, 2, FRAME, "previous")[1], n)
+        tokens, windows = reference_window(block, rope, seq, y, 2, 2, FRAME, "previous")
+        expected = window_reports(windows, n)
     assert [(d, t, info["iterations"]) for d, t, info in calls] == [e[:3] for e in expected]
     assert [info["residual"] for *_, info in calls] == pytest.approx([e[3] for e in expected], rel=1e-3, abs=1e-6)
+    if hook:
+        assert [t for t, _ in frames] == [0, 1, 2]
+        for t, got in frames:
+            np.testing.assert_allclose(got, tokens[:, t * FRAME:(t + 1) * FRAME], rtol=0, atol=1e-5)
 
 
 def test_window_schedule_after_known_frames_matches_a_forward_pass_reference():
