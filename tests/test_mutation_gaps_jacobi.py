@@ -326,7 +326,7 @@ def test_defaults_are_upstreams(monkeypatch):
     callers see these. 81 tokens: a chunk of 64, then 17."""
     from flow_factory import IMAGE
 
-    import starflow_mlx.sampling.jacobi as jacobi
+    from starflow_mlx.sampling import jacobi
 
     flow = random_flow(**{**IMAGE, "latent_size": 9})
     block = flow.blocks[-1]
