@@ -339,6 +339,8 @@ def test_defaults_are_upstreams(monkeypatch):
                   check_every=1, schedule="chunk", init="previous")
     chunks = [(c.start, c.size, c.iterations) for c in defaults.chunks]
     assert chunks == [(c.start, c.size, c.iterations) for c in upstream.chunks]
+    # Stopped by the threshold (more than one iteration, fewer than the cap) after an odd count, which a check
+    # every second iteration would not see.
     assert [c[:2] for c in chunks] == [(0, 64), (64, 17)] and all(1 < c[2] < 17 and c[2] % 2 for c in chunks)
     assert 0 < defaults.traces[block.index] < defaults.iterations()  # compiled: traced once per shape, not per step
 
