@@ -53,17 +53,19 @@ def test_windows_grow_4x_past_the_first_frame(flow):
     assert chunks == [(0, 2), (2, 2), (4, 2), (6, 6)]
 
 
-def reference_window(block, rope, z, y, block_size, max_iter, frame, init):
+def reference_window(block, rope, z, y, block_size, max_iter, frame, init, prefix=None, threshold=0.0):
     """Upstream-style sliding window (jacobi.py's notes) on a video's deep block, threshold 0: a window commits its
     leading tokens that have taken part in ``max_iter`` iterations (at least its first), so which tokens are
-    committed never depends on a residual. (a, b) come from the block's full-sequence forward pass; as in
+    committed never depends on a residual (with ``threshold``, also those whose own residual is below it). (a, b) come from the block's full-sequence forward pass; as in
     test_ground_truth.reference_jacobi, positions before the window see the input they were last fed.
-    ``xf`` is x_full = [sos; tokens]: position t is fed xf[t]."""
+    ``xf`` is x_full = [sos; tokens]: position t is fed xf[t]. ``prefix``: known first tokens, kept as they are."""
     zz = np.array(z, np.float64)
     b_, n, c = zz.shape
     xf = np.concatenate([np.zeros((b_, 1, c)), zz], axis=1)  # row 0 stands for sos: never fed to forward
+    start = 0 if prefix is None else prefix.shape[1]
+    xf[:, 1:start + 1] = np.array(prefix, np.float64) if start else 0.0
     fed = xf.copy()
-    rounds, guessed, start, windows = np.zeros(n, int), 1, 0, []
+    rounds, guessed, windows = np.zeros(n, int), start + 1, []
     big = min(4 * block_size, n)
     while start < n:
         valid = min(block_size if start <= frame else big, n - start)
@@ -81,8 +83,9 @@ def reference_window(block, rope, z, y, block_size, max_iter, frame, init):
         res = np.sum((new - xf[:, start + 1:end + 1]) ** 2, axis=(0, 2)) / np.sum(new**2, axis=(0, 2))  # each token's
         xf[:, start + 1:end + 1] = new
         rounds[start:end] += 1
-        commit = next((i for i in range(1, valid) if rounds[start + i] < max_iter), valid)
-        windows.append((start, valid, res[:commit].max()))  # a window reports its committed tokens' worst residual
+        commit = next((i for i in range(1, valid) if res[i] >= threshold and rounds[start + i] < max_iter), valid)
+        # A window reports its committed tokens' worst residual; each token's own residual is kept to show margins.
+        windows.append((start, valid, res[:commit].max(), res))
         start += commit
     return xf[:, 1:], windows
 
@@ -315,3 +318,273 @@ def test_stats_totals():
     stats = JacobiStats(chunks=[ChunkRecord(0, 0, 4, 2, 0.1), ChunkRecord(1, 0, 3, 4, 0.1), ChunkRecord(0, 4, 2, 1, 0.1)])
     assert stats.iterations() == 7 and stats.iterations(0) == 3 and stats.iterations(1) == 4
     assert stats.token_evaluations() == 22 and stats.token_evaluations(0) == 10 and stats.token_evaluations(2) == 0
+
+
+def test_defaults_are_upstreams(monkeypatch):
+    """upstream-format.md 4: block size 64, threshold 0.005, 32 iterations; upstream's chunks, warm start, a check
+    every iteration, and the step compiled. ``flow.reverse`` passes its own (the same) values, so only direct
+    callers see these. 81 tokens: a chunk of 64, then 17."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.sampling import jacobi
+
+    flow = random_flow(**{**IMAGE, "latent_size": 9})
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 9, 9, IMAGE["in_channels"], False)
+    seq = layout.to_sequence(z)
+    defaults, upstream = JacobiStats(), JacobiStats()
+    invert_jacobi(flow, block, layout, seq, y, 0.0, stats=defaults)
+    invert_jacobi(flow, block, layout, seq, y, 0.0, stats=upstream, block_size=64, threshold=0.005, max_iter=32,
+                  check_every=1, schedule="chunk", init="previous")
+    chunks = [(c.start, c.size, c.iterations) for c in defaults.chunks]
+    assert chunks == [(c.start, c.size, c.iterations) for c in upstream.chunks]
+    # Stopped by the threshold (more than one iteration, fewer than the cap) after an odd count, which a check
+    # every second iteration would not see.
+    assert [c[:2] for c in chunks] == [(0, 64), (64, 17)] and all(1 < c[2] < 17 and c[2] % 2 for c in chunks)
+    assert 0 < defaults.traces[block.index] < defaults.iterations()  # compiled: traced once per shape, not per step
+
+    class NeverConverges(jacobi.ChunkStepper):  # a block that contracts too slowly: only the cap stops a chunk
+        def __call__(self, *args):
+            new, _, per_token = super().__call__(*args)
+            return new, mx.array(1.0), per_token
+
+    monkeypatch.setattr(jacobi, "ChunkStepper", NeverConverges)
+    capped = JacobiStats()
+    invert_jacobi(flow, block, layout, seq, y, 0.0, stats=capped)
+    assert [(c.size, c.iterations) for c in capped.chunks] == [(64, 32), (17, 17)]
+
+
+@pytest.mark.parametrize("sos,options,message", [
+    (False, {}, "Jacobi sampling needs a start-of-sequence token"),
+    (True, dict(block_size=0), "jacobi block size, max iterations and check interval must be positive"),
+    (True, dict(max_iter=0), "jacobi block size, max iterations and check interval must be positive"),
+    (True, dict(check_every=0), "jacobi block size, max iterations and check interval must be positive"),
+    (True, dict(schedule="fast"), "unknown Jacobi schedule 'fast': use chunk or window or adaptive"),
+    (True, dict(init="noise"), "unknown Jacobi first guess 'noise': use previous or zero"),
+])
+def test_argument_checks_each_alone_with_their_exact_line(sos, options, message):
+    """Each bad value alone is refused (not only with another one), before anything is computed, with its line."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        invert_jacobi(None, SimpleNamespace(use_sos=sos), None, None, None, 0.0, **options)
+
+
+def window_reports(windows, n):
+    """What the window schedule reports after each window: (tokens final, n, iterations the last of them took part
+    in, the committed tokens' worst residual), from the reference's windows."""
+    rounds, reports = np.zeros(n, int), []
+    for i, (start, size, worst, _) in enumerate(windows):
+        rounds[start:start + size] += 1
+        done = windows[i + 1][0] if i + 1 < len(windows) else n
+        reports.append((done, n, rounds[done - 1], worst))
+    return reports
+
+
+@pytest.mark.parametrize("hook", [False, True])
+@pytest.mark.parametrize("schedule", ["chunk", "window"])
+def test_progress_reports_match_a_forward_pass_reference(schedule, hook):
+    """``on_chunk(done, total, iterations=, residual=)`` (the progress line's "3 it, residual 1.0e-03") after every
+    chunk or window, from the same references as the schedules above; the same with a frame hook (which passes
+    them on), whose frames are the reference's."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=3)
+    layout = Layout(2, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    n = seq.shape[1]
+    calls, frames = [], []
+    on_frame = (lambda t, tokens: frames.append((t, np.array(tokens)))) if hook else None
+    invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=0.0, max_iter=2, schedule=schedule,
+                  compile=False, on_chunk=lambda done, total, **info: calls.append((done, total, info)),
+                  on_frame=on_frame)
+    rope = flow.rope(layout, VIDEO["txt_size"])
+    if schedule == "chunk":
+        tokens, chunks = reference_chunks(block, rope, seq, y, 2, 2, 1, 0.0, FRAME, "previous")
+        expected = [(start + size, n, its, res) for start, size, its, res in chunks]
+    else:
+        tokens, windows = reference_window(block, rope, seq, y, 2, 2, FRAME, "previous")
+        expected = window_reports(windows, n)
+    assert [(d, t, info["iterations"]) for d, t, info in calls] == [e[:3] for e in expected]
+    assert [info["residual"] for *_, info in calls] == pytest.approx([e[3] for e in expected], rel=1e-3, abs=1e-6)
+    if hook:
+        assert [t for t, _ in frames] == [0, 1, 2]
+        for t, got in frames:
+            np.testing.assert_allclose(got, tokens[:, t * FRAME:(t + 1) * FRAME], rtol=0, atol=1e-5)
+
+
+def test_window_schedule_after_known_frames_matches_a_forward_pass_reference():
+    """Frame 0 known: the window starts at token 4, past the first frame, so its tokens (the first unknown one
+    included) start from the previous frame's; two iterations a token keep those guesses visible."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=3)
+    layout = Layout(2, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    given = seq[:, :FRAME] * 0.5
+    stats = JacobiStats()
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, prefix=given, block_size=2, threshold=0.0, max_iter=2,
+                        schedule="window", stats=stats, compile=False)
+    expected, windows = reference_window(block, flow.rope(layout, VIDEO["txt_size"]), seq, y, 2, 2, FRAME,
+                                         "previous", prefix=given)
+    assert [(c.start, c.size) for c in stats.chunks] == [w[:2] for w in windows] and windows[0][0] == FRAME
+    np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)  # as in the window test
+
+
+@pytest.mark.parametrize("known", [0, 2, 3 * FRAME])
+def test_context_must_be_whole_frames_and_shorter_than_the_video(known):
+    """No known token, part of a frame, or the whole video: refused with the line that says which."""
+    flow = random_flow(**VIDEO)
+    z, y, _ = flow_inputs(flow, batch=1, frames=3)
+    layout = Layout(1, 3, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    with pytest.raises(ValueError, match=rf"^context must be whole frames and shorter than the video, got {known} of "
+                                         rf"{3 * FRAME} tokens$"):
+        invert_jacobi(flow, flow.blocks[-1], layout, seq, y, 0.0, prefix=seq[:, :known], compile=False)
+
+
+@pytest.mark.parametrize("scale,sizes", [(0.01, [4, 8, 4]), (0.03, [4, 2] + [1] * 8 + [2])])
+def test_adaptive_chunks_are_sized_from_the_iterations_the_last_one_took(scale, sizes):
+    """Each chunk's size is ChunkSizer's answer after the block's previous chunks (their sizes and iterations),
+    never past the tokens left: small weights converge in 2 iterations and the chunks double (up to the 4 tokens
+    left); larger ones take 3 for 4 tokens, and the chunks halve down to single steps, then probe with 2."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.sampling.jacobi import ChunkSizer
+
+    flow = random_flow(seed=4, scale=scale, **IMAGE)
+    z, y, y_u = flow_inputs(flow, batch=1)
+    stats = JacobiStats()
+    flow.reverse(z, y, y_uncond=y_u, cfg=1.0, jacobi=True, jacobi_schedule="adaptive", jacobi_block_size=16,
+                 jacobi_threshold=1e-3, jacobi_max_iter=32, stats=stats)
+    n = IMAGE["latent_size"] ** 2
+    blocks = sorted({c.block for c in stats.chunks})
+    assert len(blocks) == 3
+    for b in blocks:
+        chunks = [c for c in stats.chunks if c.block == b]
+        assert [c.size for c in chunks] == sizes
+        sizer, start = ChunkSizer(16), 0
+        for c in chunks:
+            assert (c.start, c.size) == (start, min(sizer.size(16), n - start))
+            sizer.update(c.size, c.iterations)
+            start += c.size
+
+
+def test_one_known_frame_of_one_token_with_guidance_not_above_one():
+    """Frames of one token (a 1x1 latent): one known token is a whole frame. With guidance 1.0 and two samples the
+    known tokens are doubled for the unguided half as for any positive scale. Jacobi to convergence equals
+    sequential decoding from the same known frame (sampling/sequential.py, its own prefix rule)."""
+    from starflow_mlx.sampling.sequential import invert_sequential
+
+    flow = random_flow(**{**VIDEO, "latent_size": 1})
+    block = flow.blocks[-1]
+    z, y, y_u = flow_inputs(flow, batch=2, frames=3)
+    layout = Layout(2, 3, 1, 1, VIDEO["in_channels"], False)
+    seq, text = layout.to_sequence(z), mx.concatenate([y, y_u])
+    given = seq[:, :1] * 0.5
+    out = invert_jacobi(flow, block, layout, seq, text, 1.0, prefix=given, block_size=2, threshold=1e-12,
+                        max_iter=64, compile=False)
+    cos, sin = flow.rope(layout, VIDEO["txt_size"])
+    expected = invert_sequential(block, seq, text, cos, sin, 1.0, prefix=given, frame_size=1)
+    np.testing.assert_array_equal(np.array(out[:, :1]), np.array(given))
+    np.testing.assert_allclose(np.array(out), np.array(expected), rtol=0, atol=1e-5)
+
+
+def test_window_commits_by_residual_match_a_forward_pass_reference():
+    """With a threshold the window commits its leading tokens whose own residual is below it, so every residual
+    counts, that of a token entering the window at its last position too (measured against its first guess, the
+    previous frame's token, not the noise it stood for: here that changes which tokens the windows commit). Two
+    frames are a video too: past the first frame, tokens start from the previous frame."""
+    flow = random_flow(seed=4, scale=0.1, **VIDEO)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=2, frames=2)
+    layout = Layout(2, 2, 2, 2, VIDEO["in_channels"], False)
+    seq = layout.to_sequence(z)
+    threshold = 0.5
+    stats = JacobiStats()
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=2, threshold=threshold, max_iter=4,
+                        schedule="window", stats=stats, compile=False)
+    expected, windows = reference_window(block, flow.rope(layout, VIDEO["txt_size"]), seq, y, 2, 4, FRAME,
+                                         "previous", threshold=threshold)
+    residuals = np.concatenate([w[3] for w in windows])
+    assert np.abs(np.log(residuals / threshold)).min() > 0.03  # none so close to the threshold that rounding decides
+    assert [(c.start, c.size) for c in stats.chunks] == [w[:2] for w in windows]
+    assert [c.residual for c in stats.chunks] == pytest.approx([w[2] for w in windows], rel=1e-3, abs=1e-6)
+    np.testing.assert_allclose(np.array(out), expected, rtol=0, atol=1e-5)
+
+
+def test_trace_counts_add_up_over_calls_sharing_the_stats():
+    """``stats.traces[block]``: the compiled-step traces of the calls that filled ``stats``, added up (a frame-local
+    block is inverted once per frame), not counting those of earlier calls. A new guidance scale traces the guided
+    block again."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.sampling.stepper import compiled_steps
+
+    flow = random_flow(**IMAGE)
+    z, y, y_u = flow_inputs(flow)
+    blocks = [b for b in flow.blocks if not b.is_identity]
+    options = dict(y_uncond=y_u, jacobi=True, jacobi_block_size=3)
+    flow.reverse(z, y, cfg=1.0, **options)  # traced before: not this run's
+    before = {b.index: compiled_steps(b).traces for b in blocks}
+    assert all(before.values())
+    stats = JacobiStats()
+    flow.reverse(z, y, cfg=1.5, stats=stats, **options)
+    first = dict(stats.traces)
+    flow.reverse(z, y, cfg=2.0, stats=stats, **options)
+    assert stats.traces == {b.index: compiled_steps(b).traces - before[b.index] for b in blocks}
+    # The deep block is the only guided one (cond_top_only); the others run unguided and reuse the first call's.
+    deep = flow.blocks[-1].index
+    assert all(first[i] == stats.traces[i] == 0 for i in first if i != deep) and 0 < first[deep] < stats.traces[deep]
+
+
+def test_every_window_is_padded_to_one_shape():
+    """Threshold 0: the window moves one token an iteration and shrinks at the end (3, 2, 1 tokens left); padded
+    to the block size, its steps share a trace wherever the keys they may read round up to the same length."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.models.kv_cache import visible_length
+
+    flow = random_flow(**IMAGE)
+    block = flow.blocks[-1]
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 4, 4, IMAGE["in_channels"], False)
+    stats = JacobiStats()
+    invert_jacobi(flow, block, layout, layout.to_sequence(z), y, 0.0, block_size=4, threshold=0.0, max_iter=64,
+                  schedule="window", stats=stats)
+    assert [(c.start, c.size) for c in stats.chunks][-4:] == [(12, 4), (13, 3), (14, 2), (15, 1)]
+    text = IMAGE["txt_size"]
+    assert stats.traces[block.index] == len({visible_length(text + c.start + 4, text + 16 + 4) for c in stats.chunks})
+
+
+def test_without_compile_every_step_runs_the_python_step():
+    """``compile=False`` (for debugging the step): nothing is compiled, so every step is a trace of its own."""
+    from flow_factory import IMAGE
+
+    flow = random_flow(**IMAGE)
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 4, 4, IMAGE["in_channels"], False)
+    stats = JacobiStats()
+    invert_jacobi(flow, flow.blocks[-1], layout, layout.to_sequence(z), y, 0.0, block_size=4, stats=stats,
+                  compile=False)
+    assert stats.traces[flow.blocks[-1].index] == stats.iterations() > len(stats.chunks)
+
+
+def test_a_block_that_does_not_see_the_text_ignores_it():
+    """cond_top_only: the first inverted shallow block has no text. Given text anyway, it solves the same equations
+    as sequential decoding without text (no text positions in its cache or RoPE)."""
+    from flow_factory import IMAGE
+
+    from starflow_mlx.sampling.sequential import invert_sequential
+
+    flow = random_flow(**IMAGE)
+    block = flow.blocks[0]
+    assert not block.sees_text
+    z, y, _ = flow_inputs(flow, batch=1)
+    layout = Layout(1, 0, 4, 4, IMAGE["in_channels"], False)
+    seq = layout.to_sequence(z)
+    out = invert_jacobi(flow, block, layout, seq, y, 0.0, block_size=4, threshold=1e-12, max_iter=64, compile=False)
+    cos, sin = flow.rope(layout, 0)
+    np.testing.assert_allclose(np.array(out), np.array(invert_sequential(block, seq, None, cos, sin)), rtol=0,
+                               atol=1e-5)
