@@ -94,6 +94,13 @@ def rewritten(src, dst, change):
     return dst
 
 
+def read_refusal(path, name) -> str:
+    """The line reading tensor ``name`` of the checkpoint at ``path`` is refused with."""
+    with open_checkpoint(path) as ck, pytest.raises(CheckpointError) as caught:
+        ck.tensors[name].read()
+    return str(caught.value)
+
+
 def saved(tmp_path):
     path = tmp_path / "m.pth"
     torch.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, path)
@@ -382,10 +389,7 @@ def test_a_compressed_or_encrypted_storage_is_refused_when_read(tmp_path):
     data[central_entry(data, b"m/data/0") + 8] |= 1
     flagged.write_bytes(bytes(data))
     for path in (deflated, flagged):
-        with open_checkpoint(path) as ck:
-            with pytest.raises(CheckpointError) as caught:
-                ck.tensors["w"].read()
-        assert str(caught.value) == f"{path}: storage 0 is compressed or encrypted, which torch.save never does"
+        assert read_refusal(path, "w") == f"{path}: storage 0 is compressed or encrypted, which torch.save never does"
 
 
 def test_a_storage_entry_is_found_past_its_local_header(tmp_path):
@@ -407,10 +411,7 @@ def test_a_storage_entry_is_found_past_its_local_header(tmp_path):
     data[offset:offset + 4] = b"PK\x05\x06"  # the local header's signature damaged, its length whole
     damaged = tmp_path / "damaged.pth"
     damaged.write_bytes(bytes(data))
-    with open_checkpoint(damaged) as ck:
-        with pytest.raises(CheckpointError) as caught:
-            ck.tensors["w"].read()
-    assert str(caught.value) == f"{damaged}: damaged zip entry for storage 0"
+    assert read_refusal(damaged, "w") == f"{damaged}: damaged zip entry for storage 0"
 
 
 def test_a_storage_running_past_the_end_of_the_file_names_itself(tmp_path):
@@ -422,10 +423,7 @@ def test_a_storage_running_past_the_end_of_the_file_names_itself(tmp_path):
     entry = central_entry(data, b"v/data/0")
     data[entry + 20:entry + 28] = struct.pack("<II", 10_000_000, 10_000_000)  # it claims 10 MB
     path.write_bytes(bytes(data))
-    with open_checkpoint(path) as ck:
-        with pytest.raises(CheckpointError) as caught:
-            ck.tensors["row"].read()
-    assert str(caught.value) == f"{path}: tensor storage 0 is truncated (file ends early)"
+    assert read_refusal(path, "row") == f"{path}: tensor storage 0 is truncated (file ends early)"
 
 
 def test_tied_weights_are_not_views_larger_than_their_storage(tmp_path):
@@ -483,9 +481,7 @@ def test_messages_about_a_tensor_cut_its_name(tmp_path):
         return path
 
     short = checkpoint(tmp_path / "short.pth", 1000, 1000, 100)  # the entry holds 100 of the 4000 bytes
-    with open_checkpoint(short) as ck, pytest.raises(CheckpointError) as caught:
-        ck.tensors[LONG].read()
-    assert str(caught.value) == (f"{short}: tensor {CUT} needs bytes 0..4000 of storage '0', which holds 100 "
+    assert read_refusal(short, LONG) == (f"{short}: tensor {CUT} needs bytes 0..4000 of storage '0', which holds 100 "
                                  "(truncated checkpoint?)")
 
     cut = checkpoint(tmp_path / "cut.pth", 2_500_000, 2_500_000, 24)
@@ -493,9 +489,7 @@ def test_messages_about_a_tensor_cut_its_name(tmp_path):
     entry = central_entry(data, b"m/data/0")
     data[entry + 20:entry + 28] = struct.pack("<II", 10_000_000, 10_000_000)  # 10 MB claimed, the file far shorter
     cut.write_bytes(bytes(data))
-    with open_checkpoint(cut) as ck, pytest.raises(CheckpointError) as caught:
-        ck.tensors[LONG].read()
-    assert str(caught.value) == f"{cut}: tensor {CUT} is truncated (file ends early)"
+    assert read_refusal(cut, LONG) == f"{cut}: tensor {CUT} is truncated (file ends early)"
 
 
 def test_a_damaged_storage_names_itself(tmp_path):
@@ -504,9 +498,7 @@ def test_a_damaged_storage_names_itself(tmp_path):
     data[at + 5] ^= 1  # one bit of the stored values: the entry's CRC no longer matches
     path = tmp_path / "flip.pth"
     path.write_bytes(bytes(data))
-    with open_checkpoint(path) as ck, pytest.raises(CheckpointError) as caught:
-        ck.tensors["w"].read()
-    assert str(caught.value) == (f"{path}: storage '0' fails its checksum: the file is damaged "
+    assert read_refusal(path, "w") == (f"{path}: storage '0' fails its checksum: the file is damaged "
                                  "(download or copy it again)")
 
 
@@ -564,9 +556,7 @@ def test_an_untyped_storage_counts_its_size_in_bytes(tmp_path):
         zf.writestr("m/data.pkl", rebuilt(storage=storage_ref(b"ctorch\nUntypedStorage\n", numel=b"K\x0c"),
                                           dtype=b"ctorch\nfloat32\n"))
         zf.writestr("m/data/0", np.arange(6, dtype=np.float32).tobytes())
-    with open_checkpoint(path) as ck, pytest.raises(CheckpointError) as caught:
-        ck.tensors["w"].read()
-    assert str(caught.value) == (f"{path}: tensor w needs bytes 0..24 of storage '0', which holds 12 "
+    assert read_refusal(path, "w") == (f"{path}: tensor w needs bytes 0..24 of storage '0', which holds 12 "
                                  "(truncated checkpoint?)")
 
 
