@@ -8,6 +8,7 @@ plain loops, never with the functions under test. Grids are not square, so rows 
 from __future__ import annotations
 
 import math
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -129,6 +130,27 @@ def test_padded_rows_do_not_turn_and_each_shape_has_its_table():
     np.testing.assert_array_equal(np.array(cos[10:]), np.ones((3, 48)))
     np.testing.assert_array_equal(np.array(sin[10:]), np.zeros((3, 48)))
     assert model.rope(layout, 4, pad=3)[0] is cos and model.rope(layout, 2)[0].shape == (2 + 6, 48)
+
+
+def test_padded_tables_can_be_read_from_another_thread():
+    """The pipelining worker reads the cached tables from its own thread, where MLX cannot evaluate work
+    still queued on this thread's stream: the padded tables must be concrete when cached."""
+    cos, sin = flow(4).rope(Layout(1, 0, 2, 3, 2, False), 4, pad=3)
+    read = {}
+
+    def worker():
+        try:
+            read["tables"] = np.array(cos), np.array(sin)
+        except RuntimeError as error:
+            read["error"] = str(error)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert "error" not in read, read.get("error")
+    angles = expected_angles(expected_positions(2, 3, 0, 4, 6, True), 48, True)
+    np.testing.assert_allclose(read["tables"][0][:10], np.cos(angles), atol=2e-6)
+    np.testing.assert_allclose(read["tables"][1][:10], np.sin(angles), atol=2e-6)
 
 
 def test_video_needs_text_rotary_dims():
