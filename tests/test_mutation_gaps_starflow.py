@@ -1,8 +1,9 @@
-"""STARFlow's input checks and known first frames (models/starflow.py): gaps found by mutation testing.
+"""STARFlow's input checks, known first frames and denoiser (models/starflow.py): gaps found by mutation testing.
 
 What the other tests could not see: a height or width check that looks at one side only (or the wrong axis), the
 exact refusals of bad context frames (naming ``context``), a context of zero frames, which flow layouts may take
-context, and the context of a deep block flipped inside frames. The context
+context, the context of a deep block flipped inside frames, the denoiser's refusals and its images (which must not
+be read as frames). The context
 tokens are checked against the deep block's input of the whole clip, flipped inside frames with numpy.
 """
 
@@ -93,3 +94,27 @@ def test_context_is_the_deep_blocks_input_and_reproduces_the_sample(fields):
     np.testing.assert_allclose(np.array(tokens), want, atol=1e-5, rtol=1e-5)
     again = flow.reverse(z, y, context=x[:, :2])
     np.testing.assert_allclose(np.array(again), np.array(x), atol=2e-4, rtol=1e-4)
+
+
+def test_a_model_without_a_denoiser_says_so():
+    flow = random_flow(1, **NOTEXT)
+    with pytest.raises(ValueError) as error:
+        flow.denoiser(mx.zeros((1, 4, 4, 1)))
+    assert str(error.value) == "this model has no learnable denoiser (learnable_self_denoiser is off)"
+
+
+def test_a_wrong_shape_for_the_denoiser_is_refused_naming_x(video):
+    flow, _, y = video
+    with pytest.raises(ValueError) as error:
+        flow.denoiser(mx.zeros((1, 2, 2, 3)), y[:1])
+    assert str(error.value) == "x must be channels-last (B, H, W, 4) or (B, T, H, W, 4), got (1, 2, 2, 3)"
+
+
+@pytest.mark.parametrize("fields", [VIDEO, {**VIDEO, "temporal_causal": 0, "shallow_block_local": False}],
+                         ids=["frame-causal", "whole-clip"])
+def test_the_denoiser_sees_an_image_as_a_one_frame_video(fields):
+    # An image has no frame axis: read as one, its rows would be taken for frames.
+    flow = random_flow(2, **{**fields, "latent_size": 4})
+    z, y, _ = flow_inputs(flow, batch=2)
+    image = flow.denoiser(z, y)
+    np.testing.assert_array_equal(np.array(image), np.array(flow.denoiser(z[:, None], y)[:, 0]))
