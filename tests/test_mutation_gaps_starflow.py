@@ -3,8 +3,8 @@
 What the other tests could not see: a height or width check that looks at one side only (or the wrong axis), the
 exact refusals of bad context frames (naming ``context``), a context of zero frames, which flow layouts may take
 context, the context of a deep block flipped inside frames, the denoiser's refusals and its images (which must not
-be read as frames). The context
-tokens are checked against the deep block's input of the whole clip, flipped inside frames with numpy.
+be read as frames). The context tokens are checked against the deep block's input of the whole clip, flipped
+inside frames with numpy.
 """
 
 import mlx.core as mx
