@@ -103,6 +103,13 @@ def test_a_model_without_a_denoiser_says_so():
     assert str(error.value) == "this model has no learnable denoiser (learnable_self_denoiser is off)"
 
 
+def test_a_text_conditioned_denoiser_needs_text(video):
+    flow, z, _ = video
+    with pytest.raises(ValueError) as error:
+        flow.denoiser(z)
+    assert str(error.value) == "this denoiser is text-conditioned: pass y"
+
+
 def test_a_wrong_shape_for_the_denoiser_is_refused_naming_x(video):
     flow, _, y = video
     with pytest.raises(ValueError) as error:
@@ -110,8 +117,9 @@ def test_a_wrong_shape_for_the_denoiser_is_refused_naming_x(video):
     assert str(error.value) == "x must be channels-last (B, H, W, 4) or (B, T, H, W, 4), got (1, 2, 2, 3)"
 
 
-@pytest.mark.parametrize("fields", [VIDEO, {**VIDEO, "temporal_causal": 0, "shallow_block_local": False}],
-                         ids=["frame-causal", "whole-clip"])
+@pytest.mark.parametrize("fields", [VIDEO, {**VIDEO, "temporal_causal": 0, "shallow_block_local": False},
+                                    {**VIDEO, "conditional_denoiser": False}],
+                         ids=["frame-causal", "whole-clip", "without-text"])
 def test_the_denoiser_sees_an_image_as_a_one_frame_video(fields):
     # An image has no frame axis: read as one, its rows would be taken for frames.
     flow = random_flow(2, **{**fields, "latent_size": 4})
