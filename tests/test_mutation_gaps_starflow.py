@@ -126,3 +126,13 @@ def test_the_denoiser_sees_an_image_as_a_one_frame_video(fields):
     z, y, _ = flow_inputs(flow, batch=2)
     image = flow.denoiser(z, y)
     np.testing.assert_array_equal(np.array(image), np.array(flow.denoiser(z[:, None], y)[:, 0]))
+
+
+def test_a_deep_block_without_layers_is_still_a_block():
+    # Only shallow blocks without layers are skipped: the deep block keeps its input and output maps (and head).
+    flow = random_flow(1, **{**NOTEXT, "layers_per_block": [0, 0]})
+    assert [b.is_identity for b in flow.blocks] == [True, False]
+    x = mx.random.normal((2, 4, 4, 1), key=mx.random.key(0))
+    z, logdet = flow.forward(x)
+    assert float(mx.abs(z - x).max()) > 1e-2 and float(mx.abs(logdet).min()) > 1e-2
+    np.testing.assert_allclose(np.array(flow.reverse(z)), np.array(x), atol=1e-4)
