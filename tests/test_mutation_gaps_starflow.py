@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 from flow_factory import NOTEXT, VIDEO, flow_inputs, random_flow
 
+from starflow_mlx.config import FlowConfig
+from starflow_mlx.jsonconfig import ConfigError
+
 PATCHED = {**NOTEXT, "in_channels": 3, "patch_size": 2, "latent_size": 2}
 
 
@@ -128,10 +131,16 @@ def test_the_denoiser_sees_an_image_as_a_one_frame_video(fields):
     np.testing.assert_array_equal(np.array(image), np.array(flow.denoiser(z[:, None], y)[:, 0]))
 
 
-def test_a_deep_block_without_layers_is_still_a_block():
-    # Only shallow blocks without layers are skipped: the deep block keeps its input and output maps (and head).
-    flow = random_flow(1, **{**NOTEXT, "layers_per_block": [0, 0]})
+def test_only_shallow_blocks_without_layers_are_skipped():
+    flow = random_flow(1, **{**NOTEXT, "layers_per_block": [0, 1]})
     assert [b.is_identity for b in flow.blocks] == [True, False]
     x = mx.random.normal((2, 4, 4, 1), key=mx.random.key(0))
     z, logdet = flow.forward(x)
     assert float(mx.abs(z - x).max()) > 1e-2 and float(mx.abs(logdet).min()) > 1e-2
+
+
+def test_a_deep_block_without_layers_is_refused():
+    # It used to be built, and then sampling failed on its empty cache (IndexError).
+    with pytest.raises(ConfigError) as error:
+        FlowConfig(**{**NOTEXT, "layers_per_block": [1, 0]})
+    assert str(error.value) == "layers_per_block ends in 0: the deep (last) block needs at least one layer"
