@@ -3,7 +3,7 @@
 What the other tests could not see: a height or width check that looks at one side only (or the wrong axis), the
 exact refusals of bad context frames (naming ``context``), a context of zero frames, which flow layouts may take
 context, the context of a deep block flipped inside frames, the denoiser's refusals and its images (which must not
-be read as frames). The context tokens are checked against the deep block's input of the whole clip, flipped
+be read as frames), the text refusals, when frames can be pipelined. The context tokens are checked against the deep block's input of the whole clip, flipped
 inside frames with numpy.
 """
 
@@ -144,3 +144,22 @@ def test_a_deep_block_without_layers_is_refused():
     with pytest.raises(ConfigError) as error:
         FlowConfig(**{**NOTEXT, "layers_per_block": [1, 0]})
     assert str(error.value) == "layers_per_block ends in 0: the deep (last) block needs at least one layer"
+
+
+def test_text_of_the_wrong_width_or_none_is_refused_naming_the_block(video):
+    flow, z, y = video
+    with pytest.raises(ValueError) as error:
+        flow.forward(z)
+    assert str(error.value) == "block 3 is text-conditioned: pass y (B, L, 24)"
+    with pytest.raises(ValueError) as error:
+        flow.forward(z, y[..., :23])
+    assert str(error.value) == "y must be (B, L, 24) text features, got (2, 6, 23)"
+
+
+@pytest.mark.parametrize("layers,per_frame", [([1, 1, 1, 2], True), ([1, 1, 2], False)])
+def test_frames_are_pipelined_unless_the_deep_block_flips_the_whole_clip(layers, per_frame):
+    # Without in-frame flips (temporal_causal 0) a deep block that flips reverses the clip: its first frame out is
+    # the last one, so the shallow blocks cannot start on it. The 4-block flow's deep block does not flip.
+    flow = random_flow(1, **{**VIDEO, "temporal_causal": 0, "layers_per_block": layers})
+    assert flow.blocks[-1].flips is not per_frame
+    assert flow._frames_pipeline(mx.zeros((1, 3, 2, 2, 4))) is per_frame
