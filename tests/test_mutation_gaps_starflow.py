@@ -1,10 +1,10 @@
-"""STARFlow's input checks, known first frames and denoiser (models/starflow.py): gaps found by mutation testing.
+"""STARFlow's checks, known first frames, denoiser and blocks (models/starflow.py): gaps found by mutation testing.
 
 What the other tests could not see: a height or width check that looks at one side only (or the wrong axis), the
-exact refusals of bad context frames (naming ``context``), a context of zero frames, which flow layouts may take
-context, the context of a deep block flipped inside frames, the denoiser's refusals and its images (which must not
-be read as frames), the text refusals, when frames can be pipelined. The context tokens are checked against the deep block's input of the whole clip, flipped
-inside frames with numpy.
+exact refusals of bad context frames (naming ``context``) and of text, a context of zero frames, which flow layouts
+may take context, the context of a deep block flipped inside frames, the denoiser's refusals and its images (which
+must not be read as frames), which blocks without layers are skipped, when frames can be pipelined. The context
+tokens are checked against the deep block's input of the whole clip, flipped inside frames with numpy.
 """
 
 import mlx.core as mx
