@@ -107,6 +107,8 @@ class FlowConfig(JSONConfig):
         super().__post_init__()
         if not self.layers_per_block:
             raise ConfigError("layers_per_block is empty: a flow needs at least one block")
+        if self.layers_per_block[-1] == 0:  # only shallow blocks may be skipped: the deep block holds the cache
+            raise ConfigError("layers_per_block ends in 0: the deep (last) block needs at least one layer")
         if sum(self.layers_per_block) > MAX_LAYERS:
             raise ConfigError(f"layers_per_block adds up to {sum(self.layers_per_block)} layers, "
                               f"more than {MAX_LAYERS}: not a real STARFlow model")
