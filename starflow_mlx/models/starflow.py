@@ -298,6 +298,20 @@ class STARFlow(nn.Module):
         """Whether the shallow blocks can take the deep block's output frame by frame."""
         return x.ndim == 5 and self.config.shallow_block_local and (not self.blocks[-1].flips or self._in_frame)
 
+    def block_progress(self, block: MetaBlock, progress: Callable | None, total: int) -> Callable | None:
+        """``progress(label, done, total, **info)`` as one block's ``report(done, total, **info)``, labelled
+        ``block 3 (deep)``; None without ``progress``. It reports 0 of ``total`` at once: the block's bar (and its
+        clock) starts before its first token."""
+        if progress is None:
+            return None
+        label = f"block {block.index}" + (" (deep)" if block is self.blocks[-1] else "")
+
+        def report(done: int, total: int, **info) -> None:
+            progress(label, done, total, **info)
+
+        report(0, total)
+        return report
+
     def _invert_block(self, block: MetaBlock, x: mx.array, known: mx.array | None, solver: dict,
                       on_frame: Callable[[int, mx.array], None] | None = None) -> mx.array:
         """Invert one block on the grid ``x``; ``known``: its first tokens, already final (block order)."""
@@ -311,10 +325,7 @@ class STARFlow(nn.Module):
         if guided:
             y_block = mx.concatenate([y_block, solver["y_uncond"].astype(y_block.dtype)], axis=0)
         seq = layout.permute(layout.to_sequence(x), block.flips, self._in_frame)
-        label = f"block {block.index}" + (" (deep)" if block is self.blocks[-1] else "")
-        report = (lambda done, total, label=label, **info: progress(label, done, total, **info)) if progress else None
-        if report:
-            report(0, seq.shape[1])  # the block's bar (and its clock) starts before its first chunk
+        report = self.block_progress(block, progress, seq.shape[1])
         if solver["jacobi"]:
             # Jacobi's products are large (a chunk of tokens per step): the BLAS may thread them, and they are
             # evaluated inside so that every one of them runs with the same thread count.

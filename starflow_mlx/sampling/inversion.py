@@ -97,11 +97,8 @@ def reverse_known(flow: STARFlow, z: mx.array, known: list[mx.array | None], mas
         def order(grid):
             return layout.permute(layout.to_sequence(grid), block.flips, flow._in_frame)
 
-        label = f"block {block.index}" + (" (deep)" if block is flow.blocks[-1] else "")
-        report = (lambda done, total, label=label: progress(label, done, total)) if progress else None
         seq = order(x)
-        if report:
-            report(0, seq.shape[1])  # before the block's first token, as the sampler reports
+        report = flow.block_progress(block, progress, seq.shape[1])  # as the sampler reports
         cos, sin = flow.rope(layout, text_len)
         out = _invert_known(block, seq, order(known[block.index]), order(mask), y_block, weight, cos, sin, report)
         x = layout.to_grid(layout.permute(out, block.flips, flow._in_frame))

@@ -68,7 +68,7 @@ class EditRequest(Uploaded, ImageRequest):
             source, mask = Image.open(request.image_file), Image.open(request.mask_file)
             seed, cfg = pick_seed(request.seed), guidance(pipe, request.cfg)
             rounds = DEFAULT_ROUNDS[request.method]
-            params = dict(operation="inpaint", prompt=request.prompt, seed=seed, cfg=cfg, method=request.method,
+            params = dict(operation=request.operation, prompt=request.prompt, seed=seed, cfg=cfg, method=request.method,
                           rounds=rounds, model=model_record(model), source_sha256=file_sha256(request.image_file),
                           mask_sha256=file_sha256(request.mask_file), version=__version__)
             # Every round samples every block: the cancel takes effect at the next report, as a generation's does.

@@ -66,7 +66,7 @@ class VideoEditRequest(Uploaded, Sampling):
         try:
             inpaint = request.mask_file is not None
             method = (request.method or "replace") if inpaint else None
-            job = dict(operation="inpaint" if inpaint else "edit", source_prompt=request.from_prompt,
+            job = dict(operation=request.operation, source_prompt=request.from_prompt,
                        prompt=request.prompt, strength=request.strength or 0.0, seed=pick_seed(request.seed),
                        cfg=guidance(pipe, request.cfg), method=method, rounds=DEFAULT_ROUNDS.get(method),
                        fps=request.fps, jacobi=bool(request.jacobi),
